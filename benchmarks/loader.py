@@ -1,0 +1,135 @@
+"""Loader throughput: images/s per worker process, this loader vs a naive webdataset pipeline, same shards.
+
+  python benchmarks/loader.py [--images 240] [--repeats 3] [--out benchmarks/RESULTS.md]
+
+Sources: (a) ~1024-pixel JPEGs, (b) ~300-pixel JPEGs; 256x256 training crops from both.
+Naive: wds.WebDataset(...).decode("pil") + torchvision Resize/RandomCrop/Flip/ToTensor/Normalize per sample (floats
+leave the worker). Ours: ImageStream (draft-mode JPEG decode, crop+resize in one PIL call, uint8 batches).
+Both run in one process (num_workers=0), so the figure is per worker process. Each repeat times the naive loader
+and ours back to back (so drift in machine load hits both); the ratio is the median of the per-repeat ratios.
+Images are scikit-image's photographs resized to the source size with sigma=3 Gaussian noise (sensor-like), JPEG q90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.data.loader import ImageStream, collate  # noqa: E402
+
+RES = 256
+BATCH = 16
+
+
+def photo_like(side: int, seed: int) -> Image.Image:
+    """A photo-like image: a real scikit-image photograph when available, re-cropped, plus smooth noise."""
+    rng = np.random.default_rng(seed)
+    try:
+        import skimage.data as d
+
+        base = [d.astronaut, d.coffee, d.rocket, d.chelsea, d.hubble_deep_field][seed % 5]()
+        img = Image.fromarray(base)
+    except Exception:
+        img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    w, h = side, int(side * rng.uniform(0.7, 1.0))
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+    noise = rng.normal(0, 3, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+
+
+def make_shards(folder: Path, side: int, n: int, per_shard: int = 40) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for s in range(0, n, per_shard):
+        path = folder / f"b-{s // per_shard:06d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for i in range(s, min(n, s + per_shard)):
+                buf = io.BytesIO()
+                photo_like(side, i).save(buf, format="JPEG", quality=90)
+                info = tarfile.TarInfo(f"{i:06d}.jpg")
+                info.size = buf.tell()
+                tf.addfile(info, io.BytesIO(buf.getvalue()))
+        urls.append(str(path))
+    return urls
+
+
+def naive_loader(urls):
+    tf = transforms.Compose([
+        transforms.Resize(RES), transforms.RandomCrop(RES), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3),
+    ])
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").map(lambda s: tf(s["jpg"]))
+    return DataLoader(ds, batch_size=BATCH, num_workers=0)
+
+
+def our_loader(urls):
+    ds = ImageStream(urls, mode="train", resolution=RES, crop="random", flip=True, shuffle_buffer=0)
+    return DataLoader(ds, batch_size=BATCH, num_workers=0, collate_fn=collate)
+
+
+def images_per_second(make, urls, n_images: int) -> float:
+    loader = make(urls)
+    seen, start = 0, time.perf_counter()
+    for batch in loader:
+        x = batch["image"] if isinstance(batch, dict) else batch
+        seen += x.shape[0]
+        if seen >= n_images:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=240, help="images per measurement")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="", help="append a results section to this markdown file")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, side in (("(a) ~1024-px JPEG sources", 1024), ("(b) ~300-px JPEG sources", 300)):
+            urls = make_shards(Path(tmp) / str(side), side, args.images)
+            naive, ours = [], []
+            for _ in range(args.repeats):
+                naive.append(images_per_second(naive_loader, urls, args.images))
+                ours.append(images_per_second(our_loader, urls, args.images))
+            n, o = statistics.median(naive), statistics.median(ours)
+            ratio = statistics.median(b / a for a, b in zip(naive, ours))
+            rows.append((label, n, o, ratio))
+            print(f"{label}: naive {n:7.1f} img/s   firststage {o:7.1f} img/s   ratio {ratio:.2f}x", flush=True)
+    if args.out:
+        cpu = platform.processor() or platform.machine()
+        try:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        lines = [
+            f"\n## Loader throughput ({date.today().isoformat()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__})\n",
+            f"`python benchmarks/loader.py --images {args.images} --repeats {args.repeats}`: 256x256 training crops, "
+            f"batches of {BATCH}, one process, median of {args.repeats} interleaved repeats.\n",
+            "| source | naive webdataset (img/s) | firststage (img/s) | ratio |",
+            "|---|---:|---:|---:|",
+        ] + [f"| {label} | {n:.1f} | {o:.1f} | {r:.2f}x |" for label, n, o, r in rows]
+        with open(args.out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

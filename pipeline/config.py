@@ -1,0 +1,417 @@
+"""The one typed schema for every firststage config.
+
+A config is a YAML file (one per experiment in configs/) loaded into the nested dataclasses below, then dotted
+overrides from the command line (`train.max_steps=100 loss.kl.weight=1e-6`). A YAML file may start from another with
+`base: kl-f8` (a preset name or a path), so a derived run is a preset plus a few keys.
+
+Every mistake is a ConfigError with one line that names the key: a misspelt key (with the closest valid one), a
+wrong type, a value out of range or not among the allowed choices. Validation happens at load time, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _f(default, help: str = "", min: float | None = None, max: float | None = None, **kw):
+    """A documented field with an optional range, checked by `validate`."""
+    meta = {"help": help, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=type(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    train: str = _f("", "training shards: brace pattern, folder, list file or manifest.json")
+    val: str = _f("", "held-out shards for validation and reconstruction grids (same forms as train)")
+    resolution: int = _f(256, "crop size fed to the model (pixels, square)", min=8)
+    crop: Literal["random", "random-resized", "center"] = _f("random", "training crop")
+    random_resized_scale: list[float] = _f([0.5, 1.0], "area fraction range for crop=random-resized")
+    flip: bool = _f(True, "random horizontal flip in training")
+    shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer of each loader worker", min=0)
+    num_workers: int = _f(4, "loader worker processes per rank", min=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+@dataclass
+class CodebookConfig:
+    size: int = _f(16384, "number of codes", min=2)
+    dim: int = _f(0, "code dimension; 0 means latent_channels", min=0)
+    beta: float = _f(0.25, "commitment weight (VQ-VAE, van den Oord et al. 2017)", min=0.0)
+    update: Literal["loss", "ema"] = _f("ema", "codebook learned by the codebook loss or by EMA of assignments")
+    ema_decay: float = _f(0.99, "EMA decay of code statistics", min=0.0, max=1.0)
+    cosine: bool = _f(False, "l2-normalise codes and encodings (cosine-similarity lookup)")
+    restart_dead: bool = _f(True, "restart codes unused for `dead_after` steps from recent encoder outputs")
+    dead_after: int = _f(100, "steps without an assignment after which a code counts as dead", min=1)
+    usage_window: int = _f(100, "steps over which codebook usage is measured", min=1)
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["kl", "vq"] = _f("kl", "KL autoencoder (AutoencoderKL) or VQ autoencoder (VQModel)")
+    in_channels: int = _f(3, "image channels", min=1)
+    block_out_channels: list[int] = _f([128, 256, 512, 512], "channels per resolution level; downsampling factor is 2**(levels-1)")
+    layers_per_block: int = _f(2, "resnet layers per level", min=1)
+    latent_channels: int = _f(4, "channels of the latent", min=1)
+    mid_block_attention: bool = _f(True, "self-attention in the middle block")
+    norm_num_groups: int = _f(32, "GroupNorm groups; must divide every entry of block_out_channels", min=1)
+    scaling_factor: float = _f(0.18215, "latent scale so that scaled latents have unit variance (diffusers convention)")
+    shift_factor: Optional[float] = _f(None, "latent shift subtracted before scaling (SD3/FLUX convention); null for none")
+    codebook: CodebookConfig = _f(CodebookConfig(), "VQ codebook (kind: vq only)")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------- loss
+@dataclass
+class ReconstructionConfig:
+    type: Literal["l1", "l2"] = _f("l1", "pixel loss")
+    weight: float = _f(1.0, "weight of the pixel loss", min=0.0)
+    learned_logvar: bool = _f(False, "learned scalar log-variance: rec / exp(logvar) + logvar (LDM 'nll' form)")
+    logvar_init: float = _f(0.0, "initial value of the learned log-variance")
+
+
+@dataclass
+class PerceptualConfig:
+    weight: float = _f(1.0, "LPIPS weight; 0 turns it off", min=0.0)
+    net: Literal["vgg", "alex"] = _f("vgg", "LPIPS backbone")
+    backbone: Literal["pretrained", "random"] = _f(
+        "pretrained", "ImageNet backbone weights from TORCH_HOME, or random (tests only: meaningless as a loss)"
+    )
+
+
+@dataclass
+class KLConfig:
+    weight: float = _f(1.0e-6, "beta: KL weight (SD VAE: 1e-6)", min=0.0)
+    schedule: Literal["constant", "linear", "cyclical"] = _f("constant", "beta schedule (KL annealing)")
+    warmup_steps: int = _f(0, "linear: steps from 0 to weight", min=0)
+    cycle_steps: int = _f(10000, "cyclical: length of one cycle (Fu et al. 2019)", min=1)
+    cycle_ramp: float = _f(0.5, "cyclical: fraction of each cycle spent ramping up", min=0.0, max=1.0)
+    free_bits: float = _f(0.0, "per-channel KL floor in nats below which KL is not penalised", min=0.0)
+
+
+@dataclass
+class AdversarialConfig:
+    enabled: bool = _f(False, "train a PatchGAN discriminator")
+    weight: float = _f(0.5, "base weight of the generator's adversarial term", min=0.0)
+    start_step: int = _f(50001, "step at which the discriminator starts", min=0)
+    loss: Literal["hinge", "non-saturating"] = _f("hinge", "discriminator / generator loss")
+    adaptive_weight: bool = _f(True, "scale by ||grad L_rec|| / (||grad L_gan|| + 1e-4) at the decoder's last layer")
+    disc_layers: int = _f(3, "PatchGAN depth (strided conv layers)", min=1)
+    disc_channels: int = _f(64, "PatchGAN width of the first layer", min=1)
+    r1_weight: float = _f(0.0, "R1 gradient penalty on real images", min=0.0)
+    lecam_weight: float = _f(0.0, "LeCam regularisation (Tseng et al. 2021)", min=0.0)
+    lecam_decay: float = _f(0.99, "EMA decay of LeCam anchors", min=0.0, max=1.0)
+
+
+@dataclass
+class VQLossConfig:
+    codebook_weight: float = _f(1.0, "weight of codebook + commitment terms", min=0.0)
+
+
+@dataclass
+class LossConfig:
+    reconstruction: ReconstructionConfig = _f(ReconstructionConfig())
+    perceptual: PerceptualConfig = _f(PerceptualConfig())
+    kl: KLConfig = _f(KLConfig())
+    adversarial: AdversarialConfig = _f(AdversarialConfig())
+    vq: VQLossConfig = _f(VQLossConfig())
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(100000, "optimizer steps", min=1)
+    batch_size: int = _f(8, "samples per device per micro-step", min=1)
+    grad_accum: int = _f(1, "micro-steps per optimizer step", min=1)
+    lr: float = _f(4.5e-6, "autoencoder learning rate (see lr_scale)", min=0.0)
+    disc_lr: float = _f(0.0, "discriminator learning rate; 0 means the same as lr", min=0.0)
+    lr_scale: Literal["absolute", "per_sample"] = _f(
+        "per_sample", "per_sample: lr is multiplied by the global batch (LDM convention); absolute: used as is"
+    )
+    lr_schedule: Literal["constant", "cosine"] = _f("constant", "after warm-up")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up", min=0)
+    betas: list[float] = _f([0.5, 0.9], "AdamW betas (LDM autoencoders use 0.5, 0.9)")
+    weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
+    grad_clip: float = _f(1.0, "max global grad norm; 0 turns clipping off", min=0.0)
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = _f("auto", "auto: bf16 where the GPU has it, else fp32")
+    ema_decay: float = _f(0.999, "EMA decay of autoencoder weights; 0 turns EMA off", min=0.0, max=1.0)
+    ema_every: int = _f(1, "update EMA every N steps", min=1)
+    channels_last: bool = _f(True, "channels_last memory format on CUDA")
+    compile: bool = _f(False, "torch.compile the autoencoder")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the autoencoder")
+    tf32: bool = _f(True, "allow TF32 matmuls and convolutions on CUDA")
+    checkpoint_every: int = _f(5000, "steps between checkpoints", min=1)
+    keep_checkpoints: int = _f(3, "newest checkpoints kept", min=1)
+    log_every: int = _f(50, "steps between logged scalars", min=1)
+    image_every: int = _f(1000, "steps between reconstruction grids", min=1)
+    val_every: int = _f(5000, "steps between validations (needs data.val)", min=1)
+    val_samples: int = _f(256, "samples per validation", min=1)
+    max_bad_steps: int = _f(10, "consecutive NaN/Inf steps before the run stops", min=1)
+    init_from: str = _f("", "initial weights: a diffusers folder or a firststage checkpoint / run folder")
+    freeze_encoder: bool = _f(False, "train the decoder only (keeps an existing latent space valid)")
+    tracker: Literal["tensorboard", "wandb", "none"] = _f("tensorboard", "logging backend")
+
+
+# ------------------------------------------------------------------------------------------ evaluate and encode
+@dataclass
+class EvaluateConfig:
+    num_samples: int = _f(5000, "samples evaluated", min=1)
+    batch_size: int = _f(16, "per device", min=1)
+    iwae_k: int = _f(16, "importance samples for the IWAE bound", min=1)
+    likelihood_samples: int = _f(64, "samples used for the ELBO/IWAE bounds (costly)", min=0)
+    active_unit_threshold: float = _f(0.01, "a latent unit is active when Var_x(E[z|x]) exceeds this", min=0.0)
+
+
+@dataclass
+class EncodeConfig:
+    batch_size: int = _f(32, "per device", min=1)
+    shard_size: int = _f(10000, "samples per latent shard", min=1)
+    store: Literal["moments", "mean", "sample"] = _f(
+        "moments", "moments: mean and logvar (sample later); mean: posterior mean; sample: one draw"
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = _f("float16", "dtype of stored latents")
+    crop: Literal["center", "none"] = _f("center", "center crop to data.resolution, or encode at native size")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/default", "run folder: config.yaml, checkpoints/, samples/, logs/")
+    seed: int = _f(0, "global seed")
+    data: DataConfig = _f(DataConfig())
+    model: ModelConfig = _f(ModelConfig())
+    loss: LossConfig = _f(LossConfig())
+    train: TrainConfig = _f(TrainConfig())
+    evaluate: EvaluateConfig = _f(EvaluateConfig())
+    encode: EncodeConfig = _f(EncodeConfig())
+
+
+# ------------------------------------------------------------------------------------------------ building it
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (converted where lossless) or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-6` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{k}{hint}")
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def _check_ranges(obj, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key + ".")
+            continue
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if lo is not None and value < lo:
+                raise ConfigError(f"{key}: must be >= {lo}, got {value!r}")
+            if hi is not None and value > hi:
+                raise ConfigError(f"{key}: must be <= {hi}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Ranges from field metadata, then the checks that relate several keys."""
+    _check_ranges(cfg)
+    m = cfg.model
+    if len(m.block_out_channels) < 1:
+        raise ConfigError("model.block_out_channels: needs at least one level")
+    bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
+    if bad:
+        raise ConfigError(
+            f"model.block_out_channels: {bad} not divisible by model.norm_num_groups={m.norm_num_groups}"
+        )
+    if cfg.data.resolution % m.downsampling_factor:
+        raise ConfigError(
+            f"data.resolution: {cfg.data.resolution} is not a multiple of the downsampling factor "
+            f"{m.downsampling_factor} (2**(len(model.block_out_channels)-1))"
+        )
+    lo_hi = cfg.data.random_resized_scale
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        raise ConfigError(f"data.random_resized_scale: expected [min, max] with 0 < min <= max <= 1, got {lo_hi}")
+    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas: expected two values in [0, 1), got {cfg.train.betas}")
+    if m.kind == "kl" and m.shift_factor is not None and not isinstance(m.shift_factor, float):
+        raise ConfigError(f"model.shift_factor: expected a float or null, got {m.shift_factor!r}")
+    return cfg
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A preset name (`kl-f8`) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    presets = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(str(name_or_path), presets, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"no config file or preset named {name_or_path!r} (presets: {', '.join(presets)}){hint}")
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = resolve_config_path(base) if not (path.parent / str(base)).is_file() else path.parent / str(base)
+    return merge_dicts(_read_yaml(parent, seen + (path.resolve(),)), data)
+
+
+def merge_dicts(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b.c=value` strings into a nested dict; values parsed as YAML scalars (`true`, `1e-6`, `[1,2]`)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
+        node[leaf] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset or YAML file, apply dotted overrides, validate. Raises ConfigError with one line."""
+    data = _read_yaml(resolve_config_path(path)) if path else {}
+    data = merge_dicts(data, parse_overrides(overrides or []))
+    return validate(_build(Config, data))
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_build(Config, data))
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every key, defaults included) so a run is reproducible from its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf key, for `--help` listings and docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            rows += describe_fields(type(default), prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,1 @@
+"""Data: shard writing (prepare), the streaming loader, image transforms."""

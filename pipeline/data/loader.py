@@ -1,0 +1,270 @@
+"""The streaming image loader, built on webdataset's tar reading.
+
+Two modes:
+  * train: an endless stream. Each (rank, worker) draws shards at random with its own seed (seed, rank, worker,
+    epoch), so no two ranks read the same order and a resumed run does not replay the start. Samples pass a shuffle
+    buffer, then a random (or random-resized) crop and a flip. Training is counted in steps, so ranks with unequal
+    shard counts can never hang waiting for each other.
+  * eval (evaluation and encoding): every sample exactly once across all ranks and workers, in a deterministic
+    order. Shards are dealt to (rank, worker) slots round-robin; with fewer shards than slots, every slot reads
+    every shard and keeps samples i with i % slots == slot.
+
+Only image members are decoded (PIL, draft mode), captions are read as text; webdataset's default decoders, which
+unpickle `.pyd`/`.pickle` members, are never used. Batches leave the workers as uint8 [B, 3, H, W] tensors in
+channels_last memory; `to_model_input` turns them into floats in [-1, 1] on the device.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import warnings
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.utils import make_seed
+
+from pipeline.data.images import CAPTION_EXTS, IMAGE_EXTS, BadImage, to_array
+from pipeline.data.shards import MANIFEST, read_manifest
+from pipeline.errors import UserError
+
+
+def resolve_shards(spec) -> list[str]:
+    """Shard URLs from a brace pattern, a folder, a manifest.json, a text file listing shards, or a list of these."""
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in resolve_shards(s)]
+    spec = str(spec)
+    if not spec:
+        raise UserError("no shards given (data.train / data.val / --data is empty)")
+    if "://" in spec or spec.startswith("pipe:"):
+        return list(braceexpand.braceexpand(spec))
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if (p / MANIFEST).is_file():
+            return resolve_shards(p / MANIFEST)
+        parts = sorted(p.glob("manifest.part-*-of-*.json"))
+        if parts:
+            return [str(p / s["name"]) for m in parts for s in read_manifest(m)["shards"]]
+        found = sorted(str(f) for f in p.glob("*.tar"))
+        if not found:
+            raise UserError(f"{spec}: folder holds no .tar shards and no manifest.json")
+        return found
+    if p.is_file() and p.suffix == ".json":
+        m = read_manifest(p)
+        return [str(p.parent / s["name"]) for s in m["shards"] if s.get("samples", 1) > 0]
+    if p.is_file() and p.suffix != ".tar":
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return [u if os.path.isabs(u) or "://" in u else str(p.parent / u) for u in lines]
+    urls = []
+    for s in braceexpand.braceexpand(spec):
+        urls += sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
+    missing = [u for u in urls if not os.path.exists(u)]
+    if not urls or missing:
+        raise UserError(f"shard not found: {missing[0] if missing else spec}")
+    return urls
+
+
+def _worker_slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class _SkipCounter:
+    """Counts undecodable samples in one worker and warns at 1, 10, 100, ... so logs stay readable."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, where: str, err: Exception) -> None:
+        self.count += 1
+        if self.count & (self.count - 1) == 0 or self.count % 1000 == 0:  # powers of two, then every 1000
+            warnings.warn(f"skipped {self.count} undecodable sample(s) in this loader worker; latest: {where}: {err}")
+
+
+def _warn_and_continue(exn: Exception) -> bool:
+    warnings.warn(f"skipping unreadable shard data: {exn!r}")
+    return True
+
+
+class ImageStream(IterableDataset):
+    """Samples as dicts: `image` (uint8 HxWx3 tensor), `__key__`, `__url__`, and `txt` / `json` captions if present.
+
+    In train mode only `image` is kept, to keep inter-process traffic small."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        mode: str = "train",
+        resolution: int | None = 256,
+        crop: str | None = None,
+        flip: bool = True,
+        scale: tuple[float, float] = (0.5, 1.0),
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+    ):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be train or eval, got {mode}")
+        if not urls:
+            raise UserError("no shards to read")
+        self.urls = list(urls)
+        crop = crop or ("random" if mode == "train" else "center")
+        if mode == "eval" and crop not in ("center", "none"):
+            raise ValueError(f"eval mode crops 'center' or 'none', got {crop!r}")
+        self.mode, self.resolution, self.crop, self.flip = mode, resolution, crop, flip
+        self.scale = tuple(scale)
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, epoch
+        self.skipped = _SkipCounter()
+
+    # -- reading
+    def _samples(self, urls):
+        """Samples of each shard in turn; each shard file is closed as soon as it is read."""
+        for url in urls:
+            try:
+                stream = gopen(url)
+            except Exception as e:
+                _warn_and_continue(e)
+                continue
+            try:
+                files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=_warn_and_continue))
+                yield from group_by_keys(files, handler=_warn_and_continue)
+            except Exception as e:  # a tar broken mid-way: keep what was read, go on with the next shard
+                _warn_and_continue(e)
+            finally:
+                stream.close()
+
+    def _decode(self, sample: dict, rng: random.Random | None, train: bool):
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        if ext is None:
+            self.skipped(where, BadImage("no image member"))
+            return None
+        try:
+            arr = to_array(sample[ext], self.resolution, self.crop, rng, self.flip and train, self.scale)
+        except BadImage as e:
+            self.skipped(where, e)
+            return None
+        image = torch.from_numpy(arr)
+        if train:
+            return {"image": image}
+        out = {"image": image, "__key__": sample["__key__"], "__url__": sample["__url__"]}
+        for cap in CAPTION_EXTS:
+            if cap in sample:
+                out[cap] = sample[cap].decode("utf-8", errors="replace")
+        return out
+
+    # -- modes
+    def _train_iter(self):
+        worker, num_workers = _worker_slot()
+        rng = random.Random(make_seed(self.seed, self.rank, worker, self.epoch))
+        buffer: list = []
+
+        def endless_urls():
+            while True:
+                yield rng.choice(self.urls)
+
+        for sample in self._samples(endless_urls()):
+            if self.shuffle_buffer > 1:
+                buffer.append(sample)
+                if len(buffer) < self.shuffle_buffer:
+                    continue
+                i = rng.randrange(len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                sample = buffer.pop()
+            out = self._decode(sample, rng, train=True)
+            if out is not None:
+                yield out
+
+    def _eval_iter(self):
+        worker, num_workers = _worker_slot()
+        slots = self.world_size * num_workers
+        slot = self.rank * num_workers + worker
+        if len(self.urls) >= slots:
+            stream = self._samples(self.urls[slot::slots])
+        else:
+            stream = (s for i, s in enumerate(self._samples(self.urls)) if i % slots == slot)
+        for sample in stream:
+            out = self._decode(sample, None, train=False)
+            if out is not None:
+                yield out
+
+    def __iter__(self):
+        return self._train_iter() if self.mode == "train" else self._eval_iter()
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack uint8 HxWx3 images into [B, 3, H, W] (channels_last memory); keep metadata as lists."""
+    images = torch.stack([s["image"] for s in samples]).permute(0, 3, 1, 2)
+    batch = {"image": images}
+    for k in samples[0]:
+        if k != "image":
+            batch[k] = [s.get(k) for s in samples]
+    return batch
+
+
+def to_model_input(images: torch.Tensor, device=None, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float in [-1, 1] on the device (conversion after the host-to-device copy)."""
+    x = images.to(device, non_blocking=True) if device is not None else images
+    return x.to(dtype).div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Model output in [-1, 1] -> uint8 (rounded, clamped)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def make_loader(
+    spec,
+    mode: str,
+    batch_size: int,
+    num_workers: int = 0,
+    *,
+    resolution: int | None = 256,
+    crop: str | None = None,
+    flip: bool = True,
+    scale=(0.5, 1.0),
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    drop_last: bool | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    urls = resolve_shards(spec)
+    ds = ImageStream(
+        urls, mode, resolution, crop, flip, scale, shuffle_buffer, seed, rank, world_size, epoch
+    )
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=(mode == "train") if drop_last is None else drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def manifest_total(spec) -> int | None:
+    """Sample count from a manifest, when the spec points at one (used to warn about too-large requests)."""
+    p = Path(str(spec)).expanduser()
+    if p.is_dir() and (p / MANIFEST).is_file():
+        p = p / MANIFEST
+    if p.is_file() and p.suffix == ".json":
+        try:
+            return int(json.loads(p.read_text()).get("total"))
+        except (ValueError, TypeError, json.JSONDecodeError):
+            return None
+    return None

@@ -1,0 +1,152 @@
+"""Webdataset shard files and their manifest.
+
+A shard is a plain POSIX tar whose members are `{key}.{ext}`; members of one sample are adjacent. Shards are written
+under a temporary name and renamed when closed, so a file named `*.tar` is always complete. `manifest.json` beside
+the shards lists them with their sample counts and every input that was skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename: readers never see a half file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+class ShardWriter:
+    """Write samples (dicts of extension -> bytes, plus `__key__`) into one tar, atomically on close."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+        self._mtime = time.time()
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        if "." in key.rsplit("/", 1)[-1]:
+            raise ValueError(f"sample key {key!r} contains a dot: webdataset would split it")
+        for ext, data in sample.items():
+            if ext.startswith("__"):
+                continue
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = self._mtime
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.abort() if exc_type else self.close()
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete `.name.tmp` leftovers of a killed run; returns how many."""
+    n = 0
+    for p in Path(folder).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------- manifests
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"manifest not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "shards" not in data:
+        raise UserError(f"{path}: not a firststage manifest (no 'shards' list)")
+    return data
+
+
+def part_manifest_name(part: int, num_parts: int) -> str:
+    return f"manifest.part-{part:05d}-of-{num_parts:05d}.json"
+
+
+def merge_manifests(folder: str | Path, write: bool = True) -> dict:
+    """Join the part manifests of a `--part K/N` run into one manifest.json; every part must be present."""
+    folder = Path(folder)
+    parts = sorted(folder.glob("manifest.part-*-of-*.json"))
+    if not parts:
+        raise UserError(f"no part manifests (manifest.part-K-of-N.json) in {folder}")
+    manifests = [read_manifest(p) for p in parts]
+    counts = {m.get("num_parts") for m in manifests}
+    if len(counts) != 1:
+        raise UserError(f"{folder}: part manifests disagree on the number of parts: {sorted(map(str, counts))}")
+    (num_parts,) = counts
+    have = {m.get("part") for m in manifests}
+    missing = sorted(set(range(num_parts)) - have)
+    if missing:
+        raise UserError(f"{folder}: parts {missing} of {num_parts} have no manifest yet (not finished?)")
+    merged = combine_manifests(manifests)
+    merged["parts"] = num_parts
+    if write:
+        atomic_write_json(folder / MANIFEST, merged)
+    return merged
+
+
+def combine_manifests(manifests: Iterable[dict]) -> dict:
+    manifests = list(manifests)
+    out = {k: v for k, v in manifests[0].items() if k not in ("part", "num_parts")}
+    out["shards"] = [s for m in manifests for s in m["shards"]]
+    out["total"] = sum(s["samples"] for s in out["shards"])
+    out["skipped"] = [s for m in manifests for s in m.get("skipped", [])]
+    out["skipped_count"] = len(out["skipped"])
+    out["inputs"] = sum(m.get("inputs", 0) for m in manifests)
+    sizes: dict = {}
+    for m in manifests:
+        for k, v in m.get("output_sizes", {}).items():
+            sizes[k] = sizes.get(k, 0) + v
+    out["output_sizes"] = dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
+    shorter = [m["input_shorter_side"] for m in manifests if m.get("input_shorter_side")]
+    if shorter:
+        out["input_shorter_side"] = {
+            "min": min(s["min"] for s in shorter),
+            "max": max(s["max"] for s in shorter),
+        }
+    return out

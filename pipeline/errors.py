@@ -1,0 +1,9 @@
+"""Errors that mean "the user asked for something wrong", reported as one line, never a traceback."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, paths, data). Stages print it as one line and exit 2."""
+
+
+class ConfigError(UserError):
+    """A config key, type or value that the schema rejects."""

@@ -1,0 +1,1 @@
+"""One module per stage; each is a thin main(): parse args -> load config -> call pipeline -> report."""
