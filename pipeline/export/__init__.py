@@ -1,0 +1,1 @@
+"""Exporters: diffusers folders (and, later, single-file and encoder-only)."""

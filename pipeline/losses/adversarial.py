@@ -1,0 +1,53 @@
+"""Adversarial terms for the PatchGAN: discriminator and generator losses, the adaptive weight of
+taming-transformers / LDM, and the optional R1 (Mescheder et al. 2018) and LeCam (Tseng et al. 2021) regularisers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    if kind == "non-saturating":
+        return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+    raise ValueError(f"adversarial loss must be hinge or non-saturating, got {kind!r}")
+
+
+def generator_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "hinge":
+        return -logits_fake.mean()
+    return F.softplus(-logits_fake).mean()
+
+
+def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """||grad L_rec|| / (||grad L_gan|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4], detached.
+
+    Balances the two gradients where they meet (Esser et al. 2021, eq. 7)."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def r1_penalty(logits_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """E ||grad_x D(x)||^2 on real images; `real` must require grad when D is run."""
+    (grad,) = torch.autograd.grad(logits_real.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+class LeCam(nn.Module):
+    """LeCam regulariser: keeps D's outputs near EMA anchors of the other class's outputs."""
+
+    def __init__(self, decay: float = 0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.ema_real.mul_(self.decay).add_(logits_real.float().mean(), alpha=1 - self.decay)
+            self.ema_fake.mul_(self.decay).add_(logits_fake.float().mean(), alpha=1 - self.decay)
+        return (F.relu(logits_real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - logits_fake).pow(2).mean())

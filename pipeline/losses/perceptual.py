@@ -1,0 +1,84 @@
+"""LPIPS perceptual loss (Zhang et al. 2018) from the `lpips` package.
+
+The linear heads ship inside the package. The backbone's ImageNet weights are torchvision's files
+(vgg16-397923af.pth, alexnet-owt-7be5be79.pth) in torch hub's cache ($TORCH_HOME/hub/checkpoints). We load them
+ourselves with `torch.load(weights_only=True)` (no pickle code runs); when the file is missing we try to download it
+once, and if that fails we stop with one message naming the file, where to put it, and the test-only option
+`loss.perceptual.backbone: random`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+BACKBONE_URLS = {
+    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+}
+
+
+def backbone_path(net: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(BACKBONE_URLS[net])
+
+
+def _fetch_backbone(net: str) -> Path:
+    path = backbone_path(net)
+    if path.is_file():
+        return path
+    url = BACKBONE_URLS[net]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=False)
+    except Exception as e:
+        raise UserError(
+            f"LPIPS needs the ImageNet {net} backbone weights {path.name}, which are not in {path.parent} and could "
+            f"not be downloaded ({type(e).__name__}); copy {url} to {path} (or set TORCH_HOME), or run with "
+            f"loss.perceptual.backbone=random (tests only) or loss.perceptual.weight=0"
+        ) from None
+    return path
+
+
+def _load_backbone(lp: nn.Module, net: str) -> None:
+    """Copy torchvision's `features.{i}.*` tensors into lpips' `slice{k}.{i}.*` modules."""
+    state = torch.load(_fetch_backbone(net), map_location="cpu", weights_only=True)
+    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    target = {}
+    for name, _ in lp.net.named_parameters():
+        _, index_param = name.split(".", 1)  # slice3.12.weight -> 12.weight
+        if index_param not in features:
+            raise UserError(f"{backbone_path(net)} does not look like torchvision's {net} weights (no {index_param})")
+        target[name] = features[index_param]
+    lp.net.load_state_dict(target, strict=True)
+
+
+class Perceptual(nn.Module):
+    """LPIPS distance per sample [B] between images in [-1, 1]; frozen, gradients flow to the inputs."""
+
+    def __init__(self, net: str = "vgg", backbone: str = "pretrained"):
+        super().__init__()
+        import lpips
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` argument inside lpips
+            self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        if backbone == "pretrained":
+            _load_backbone(self.lpips, net)
+        else:
+            warnings.warn(
+                "LPIPS with a randomly initialised backbone (loss.perceptual.backbone=random): meant for tests only, "
+                "it is not a perceptual loss"
+            )
+        self.lpips.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # dropout / batch statistics stay frozen
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lpips(x, y, normalize=False).flatten()

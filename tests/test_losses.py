@@ -1,0 +1,161 @@
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from pipeline.config import KLConfig, load_config
+from pipeline.errors import UserError
+from pipeline.losses import FirstStageObjective
+from pipeline.losses import perceptual as perceptual_mod
+from pipeline.losses.adversarial import adaptive_weight, discriminator_loss, generator_loss
+from pipeline.losses.kl import kl_loss, kl_per_channel, kl_weight
+from pipeline.models import build_autoencoder, last_decoder_layer, run_autoencoder
+
+
+def test_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mean, logvar = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
+    ref = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).flatten(1).sum(1).mean()
+    assert torch.allclose(kl_loss(mean, logvar), ref, rtol=1e-5)
+    per_channel = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).mean((0, 2, 3))
+    assert torch.allclose(kl_per_channel(mean, logvar), per_channel, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg, step, expected", [
+    (KLConfig(weight=1e-3, schedule="constant"), 0, 1e-3),
+    (KLConfig(weight=1e-3, schedule="linear", warmup_steps=100), 0, 0.0),
+    (KLConfig(weight=1e-3, schedule="linear", warmup_steps=100), 25, 2.5e-4),
+    (KLConfig(weight=1e-3, schedule="linear", warmup_steps=100), 100, 1e-3),
+    (KLConfig(weight=1e-3, schedule="linear", warmup_steps=100), 5000, 1e-3),
+    (KLConfig(weight=1.0, schedule="cyclical", cycle_steps=100, cycle_ramp=0.5), 0, 0.0),
+    (KLConfig(weight=1.0, schedule="cyclical", cycle_steps=100, cycle_ramp=0.5), 25, 0.5),
+    (KLConfig(weight=1.0, schedule="cyclical", cycle_steps=100, cycle_ramp=0.5), 60, 1.0),
+    (KLConfig(weight=1.0, schedule="cyclical", cycle_steps=100, cycle_ramp=0.5), 110, 0.2),
+    (KLConfig(weight=1.0, schedule="cyclical", cycle_steps=100, cycle_ramp=0.5), 199, 1.0),
+])
+def test_kl_schedules(cfg, step, expected):
+    assert kl_weight(step, cfg) == pytest.approx(expected)
+
+
+def test_free_bits_zeroes_gradient_of_channels_under_floor():
+    mean = torch.zeros(2, 3, 4, 4)
+    mean[:, 0] = 3.0  # channel 0: KL 4.5 nats per element, far above the floor
+    mean[:, 1] = 0.1  # channel 1: KL 0.005, under the floor
+    mean.requires_grad_(True)
+    logvar = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    kl_loss(mean, logvar, free_bits=0.5).backward()
+    assert mean.grad[:, 0].abs().sum() > 0
+    assert mean.grad[:, 1].abs().sum() == 0 and mean.grad[:, 2].abs().sum() == 0
+    assert logvar.grad[:, 1:].abs().sum() == 0
+    # with no floor every channel gets a gradient
+    mean.grad = None
+    kl_loss(mean, logvar, free_bits=0.0).backward()
+    assert mean.grad[:, 1].abs().sum() > 0
+
+
+def test_adaptive_weight_matches_hand_computation():
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(2, 2, 5, 5)
+    y = layer(x)
+    rec = (y - 1).abs().sum()
+    gan = -(y * 0.3).mean()
+    w = adaptive_weight(rec, gan, layer.weight)
+    # by hand: d|y-1|/dW and d(-0.3 mean y)/dW as explicit convolution gradients
+    g_rec = torch.nn.grad.conv2d_weight(x, layer.weight.shape, torch.sign(y - 1).detach(), padding=1)
+    g_gan = torch.nn.grad.conv2d_weight(x, layer.weight.shape, torch.full_like(y, -0.3 / y.numel()), padding=1)
+    expected = g_rec.norm() / (g_gan.norm() + 1e-4)
+    assert torch.allclose(w, expected, rtol=1e-5)
+    assert not w.requires_grad
+
+
+def test_adaptive_weight_clamped():
+    p = torch.nn.Parameter(torch.ones(3))
+    w = adaptive_weight((p * 1e9).sum(), (p * 0).sum() + 0 * p.sum(), p)
+    assert w.item() == 1e4
+
+
+def test_gan_losses():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    assert discriminator_loss(real, fake, "hinge").item() == pytest.approx(0.5 * (0.25 + 0.75))
+    assert generator_loss(fake, "hinge").item() == pytest.approx(0.75)
+    assert discriminator_loss(real, fake, "non-saturating").item() > 0
+
+
+def objective(kind="kl", *over):
+    cfg = load_config("tiny", [f"model.kind={kind}", "loss.perceptual.weight=0.5", *over])
+    torch.manual_seed(0)
+    model = build_autoencoder(cfg.model, 32)
+    with pytest.warns(UserWarning, match="random"):
+        obj = FirstStageObjective(cfg.loss, cfg.model.kind)
+    return model, obj, cfg
+
+
+def test_objective_kl_terms_sum_to_total():
+    model, obj, cfg = objective("kl", "loss.kl.weight=0.01")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = run_autoencoder(model, x)
+    total, t = obj.generator_loss(x, out, step=10, last_layer=last_decoder_layer(model))
+    assert torch.allclose(total, t["nll"] + 0.01 * t["kl"])
+    # LDM convention: per-pixel (|x - x_rec| + 0.5 LPIPS) summed over pixels, averaged over the batch
+    per_pixel = (x - out.reconstruction).abs().mean() + 0.5 * t["lpips"]
+    assert torch.allclose(t["nll"], per_pixel * 3 * 32 * 32, rtol=1e-4)
+    assert t["kl_per_channel"].shape == (cfg.model.latent_channels,)
+    total.backward()
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0  # LPIPS and pixel terms reach the encoder
+
+
+def test_objective_learned_logvar():
+    model, obj, _ = objective("kl", "loss.reconstruction.learned_logvar=true", "loss.reconstruction.logvar_init=1.0")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = run_autoencoder(model, x)
+    total, t = obj.generator_loss(x, out, step=0)
+    total.backward()
+    assert obj.logvar.grad is not None and obj.generator_parameters() == [obj.logvar]
+
+
+def test_objective_gan_starts_at_start_step_and_vq_terms():
+    model, obj, _ = objective("vq", "loss.adversarial.enabled=true", "loss.adversarial.start_step=5",
+                              "loss.adversarial.r1_weight=1.0", "loss.adversarial.lecam_weight=0.1")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = run_autoencoder(model, x)
+    _, before = obj.generator_loss(x, out, step=4, last_layer=last_decoder_layer(model))
+    assert "g" not in before and "vq" in before and "perplexity" in before
+    total, after = obj.generator_loss(x, out, step=5, last_layer=last_decoder_layer(model))
+    assert "g" in after and after["gan_weight"] > 0
+    assert torch.allclose(total, after["nll"] + after["vq"] + after["gan_weight"] * after["g"], rtol=1e-5)
+    d, dt = obj.discriminator_loss(x, out.reconstruction, step=5)
+    d.backward()
+    assert torch.isfinite(d) and {"r1", "lecam", "logits_real"} <= set(dt)
+    assert all(p.grad is not None for p in obj.discriminator.parameters() if p.requires_grad)
+
+
+def test_missing_lpips_weights_give_one_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(url, dst, **kw):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(perceptual_mod.torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(UserError) as e:
+        perceptual_mod.Perceptual("vgg", "pretrained")
+    msg = str(e.value)
+    assert "vgg16-397923af.pth" in msg and str(tmp_path) in msg and "loss.perceptual.backbone=random" in msg
+    assert "\n" not in msg
+
+
+def test_lpips_backbone_loads_from_torch_cache_without_pickle(tmp_path, monkeypatch):
+    """A torchvision-format file in TORCH_HOME is loaded (weights_only) into lpips' slices, tensor for tensor."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(1)
+    features = {k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")}
+    path = perceptual_mod.backbone_path("alex")
+    path.parent.mkdir(parents=True)
+    torch.save(features, path)
+    p = perceptual_mod.Perceptual("alex", "pretrained")
+    got = dict(p.lpips.net.named_parameters())
+    assert torch.equal(got["slice1.0.weight"], features["features.0.weight"])
+    assert torch.equal(got["slice5.10.bias"], features["features.10.bias"])
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert p(x, x).item() == pytest.approx(0.0, abs=1e-6)
