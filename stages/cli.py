@@ -10,6 +10,7 @@ import sys
 
 STAGES = {
     "prepare": "images, lists or tar shards -> resized webdataset shards + manifest.json",
+    "train": "train a KL or VQ autoencoder (accelerate: CPU, one GPU, many nodes); resumable",
     "demo": "the whole pipeline on scikit-image's photos with the tiny preset (CPU, minutes)",
     "config": "print the resolved config of a preset/file with overrides, or every key (--keys)",
 }

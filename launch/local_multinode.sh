@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Two "nodes" on one machine: two accelerate launchers (machine rank 0 and 1) on the loopback address, CPU and
+# gloo, so multi-node launching is exercised without a cluster.
+#   bash launch/local_multinode.sh stages.train --config tiny data.train=demo/shards output_dir=runs/mn
+#   NPROC_PER_NODE=2 bash launch/local_multinode.sh path/to/script.py ...
+# (accelerate 1.15 on a machine without GPUs: `--cpu` would start lone processes; ACCELERATE_USE_CPU=1 with
+#  --multi_gpu gives a real gloo process group.)
+set -euo pipefail
+target=${1:?usage: local_multinode.sh MODULE|SCRIPT.py [args...]}
+shift
+nproc=${NPROC_PER_NODE:-1}
+port=${MASTER_PORT:-$((29500 + RANDOM % 2000))}
+export ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [[ $target == *.py ]]; then run=("$target"); else run=(-m "$target"); fi
+pids=()
+for rank in 0 1; do
+  accelerate launch --multi_gpu --num_machines 2 --machine_rank "$rank" --num_processes $((2 * nproc)) \
+    --main_process_ip 127.0.0.1 --main_process_port "$port" --rdzv_backend static --same_network \
+    --mixed_precision no --dynamo_backend no "${run[@]}" "$@" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"

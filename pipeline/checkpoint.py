@@ -1,0 +1,196 @@
+"""Checkpoints: one folder per step that holds everything needed to resume and describes itself.
+
+  run/checkpoints/step-00005000/
+      autoencoder.safetensors   ema.safetensors   objective.safetensors   (tensors: safetensors, never pickle)
+      optimizer.pt  optimizer_d.pt  schedulers.pt  scaler.pt  rng-rank{r}.pt   (torch.load(weights_only=True))
+      trainer.json  config.yaml
+
+A checkpoint is written under `.step-XXXXXXXX.tmp/` and renamed when every rank has written its part, so a folder
+named `step-*` is always complete: a run killed during a save resumes from the previous one. Weights load from a run
+folder (newest checkpoint, EMA by default), one checkpoint folder, or a diffusers folder; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import Config, config_from_dict, load_config, merge_dicts, parse_overrides
+from pipeline.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f".step-{step:08d}.tmp"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / "trainer.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_resume_path(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def commit_checkpoint(staging: Path, final: Path) -> None:
+    if final.exists():  # the same step saved again (a rerun that got no further): replace it
+        shutil.rmtree(final)
+    staging.rename(final)
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints, and stale staging folders of killed saves."""
+    root = Path(run_dir) / CHECKPOINTS
+    removed = []
+    for p in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    for p in root.glob(".step-*.tmp") if root.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def save_object(path: Path, obj) -> None:
+    torch.save(obj, path)
+
+
+def load_object(path: Path):
+    """Optimizer / scheduler / RNG state: plain containers of tensors and numbers; never executes pickled code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / "trainer.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ loading models
+def _is_diffusers_folder(p: Path) -> bool:
+    if not (p / "config.json").is_file():
+        return False
+    try:
+        return json.loads((p / "config.json").read_text()).get("_class_name") in ("AutoencoderKL", "VQModel")
+    except json.JSONDecodeError:
+        return False
+
+
+def resolve_model_path(path: str | Path) -> tuple[str, Path]:
+    """('checkpoint', folder) or ('diffusers', folder), from a run folder, a checkpoint folder or a diffusers
+    folder (also its `vae/` subfolder, as in a Stable Diffusion pipeline folder)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"--model {path}: no such folder")
+    if (p / "autoencoder.safetensors").is_file() and (p / "config.yaml").is_file():
+        return "checkpoint", p
+    if (p / CHECKPOINTS).is_dir():
+        latest = find_resume_path(p)
+        if latest is None:
+            raise UserError(f"--model {path}: run folder has no complete checkpoint yet")
+        return "checkpoint", latest
+    if _is_diffusers_folder(p):
+        return "diffusers", p
+    if _is_diffusers_folder(p / "vae"):
+        return "diffusers", p / "vae"
+    raise UserError(
+        f"--model {path}: not an autoencoder (expected a firststage run or checkpoint folder, or a diffusers "
+        f"AutoencoderKL/VQModel folder with config.json)"
+    )
+
+
+def load_autoencoder(path: str | Path, ema: bool = True, overrides: list[str] | None = None):
+    """-> (model, Config). A checkpoint rebuilds the model from its own config.yaml; a diffusers folder loads with
+    diffusers (safetensors only) and gets a Config describing it."""
+    from diffusers import AutoencoderKL, VQModel
+
+    from pipeline.models.autoencoder import build_autoencoder
+
+    kind, folder = resolve_model_path(path)
+    if kind == "checkpoint":
+        cfg = load_config(folder / "config.yaml", overrides)
+        model = build_autoencoder(cfg.model, cfg.data.resolution)
+        weights = folder / ("ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else "autoencoder.safetensors")
+        model.load_state_dict(load_tensors(weights), strict=True)
+        return model, cfg
+    cls = VQModel if json.loads((folder / "config.json").read_text())["_class_name"] == "VQModel" else AutoencoderKL
+    try:
+        model = cls.from_pretrained(folder, use_safetensors=True)
+    except (OSError, EnvironmentError) as e:
+        raise UserError(f"--model {path}: cannot load diffusers weights ({str(e).splitlines()[0]})") from None
+    return model, config_for_diffusers(model, overrides)
+
+
+def config_for_diffusers(model, overrides: list[str] | None = None) -> Config:
+    """A Config whose model section describes a diffusers autoencoder (for evaluate / encode / init)."""
+    c = model.config
+    model_section = {
+        "kind": "vq" if c.get("_class_name") == "VQModel" or hasattr(model, "quantize") else "kl",
+        "in_channels": c["in_channels"],
+        "block_out_channels": list(c["block_out_channels"]),
+        "layers_per_block": c["layers_per_block"],
+        "latent_channels": c["latent_channels"],
+        "norm_num_groups": c["norm_num_groups"],
+        "scaling_factor": float(c.get("scaling_factor") or 1.0),
+        "mid_block_attention": bool(c.get("mid_block_add_attention", True)),
+    }
+    if c.get("shift_factor") is not None:
+        model_section["shift_factor"] = float(c["shift_factor"])
+    f = 2 ** (len(model_section["block_out_channels"]) - 1)
+    size = int(c.get("sample_size") or 256)
+    data = {"resolution": size if size % f == 0 else 256}
+    return config_from_dict(merge_dicts({"model": model_section, "data": data}, parse_overrides(overrides or [])))
+
+
+def load_weights_into(model, path: str | Path, ema: bool = True) -> str:
+    """Initialise `model` from a run / checkpoint / diffusers folder (fine-tuning). Shapes must match the config."""
+    kind, folder = resolve_model_path(path)
+    if kind == "checkpoint":
+        name = "ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else "autoencoder.safetensors"
+        state = load_tensors(folder / name)
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"train.init_from {path}: no .safetensors weights in {folder}")
+        state = {}
+        for f in files:
+            state.update(load_tensors(f))
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise UserError(
+                f"train.init_from {path}: {k} has shape {tuple(v.shape)} but the config's model has "
+                f"{tuple(own[k].shape)}; set model.* to match the weights"
+            )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    quantizer_stats = ("quantize.cluster_size", "quantize.embed_sum", "quantize.last_used", "quantize.steps", "quantize.restarts")
+    missing = [k for k in missing if k not in quantizer_stats]
+    if missing or unexpected:
+        bad = (missing or unexpected)[0]
+        raise UserError(
+            f"train.init_from {path}: weights do not fit the config's model "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {bad})"
+        )
+    return str(folder)

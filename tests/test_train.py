@@ -1,0 +1,188 @@
+"""The train stage: loss falls, distributed runs agree, kill/preempt/resume, NaN steps, early config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, make_shards
+from pipeline.checkpoint import find_resume_path, list_checkpoints, read_trainer_state
+from pipeline.losses.objective import FirstStageObjective
+
+TINY = ["--config", "tiny", "data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=16"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    make_shards(d, num_shards=4, per_shard=16, size=(48, 40))
+    return str(d)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in rows]
+
+
+def train_inprocess(*args):
+    from stages.train import run
+
+    return run([*TINY, *args])
+
+
+def test_tiny_model_trains_and_loss_falls(shards, tmp_path):
+    run = tmp_path / "run"
+    tr = train_inprocess(f"data.train={shards}", f"output_dir={run}", "train.max_steps=40", "train.log_every=5",
+                         "train.image_every=20", "train.checkpoint_every=20")
+    hist = losses(run)
+    assert tr.state.step == 40 and [s for s, _ in hist] == list(range(5, 45, 5))
+    first, last = sum(l for _, l in hist[:2]) / 2, sum(l for _, l in hist[-2:]) / 2
+    assert last < 0.95 * first, hist
+    # the run folder holds what a user and a resume need
+    assert (run / "config.yaml").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-00000020.png", "step-00000040.png"]
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000020", "step-00000040"]
+    ck = find_resume_path(run)
+    assert {"autoencoder.safetensors", "ema.safetensors", "optimizer.pt", "config.yaml", "trainer.json",
+            "rng-rank0.pt"} <= {p.name for p in ck.iterdir()}
+
+
+def test_vq_with_gan_r1_lecam_and_learned_logvar_runs(shards, tmp_path):
+    tr = train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "model.kind=vq",
+                         "train.max_steps=4", "train.log_every=2", "loss.adversarial.enabled=true",
+                         "loss.adversarial.start_step=2", "loss.adversarial.r1_weight=0.1",
+                         "loss.adversarial.lecam_weight=0.1", "loss.reconstruction.learned_logvar=true",
+                         "train.grad_accum=2")
+    assert tr.state.step == 4 and tr.state.skipped_steps == 0
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "train/g" not in rows[0] and "train/d_loss" in rows[1] and "train/codebook_usage" in rows[1]
+    assert tr.objective.logvar.item() != 0.0
+
+
+def test_nan_step_is_skipped_and_counted(shards, tmp_path, monkeypatch):
+    real = FirstStageObjective.generator_loss
+    calls = {"n": 0}
+
+    def poisoned(self, x, out, step, last_layer=None):
+        total, terms = real(self, x, out, step, last_layer)
+        calls["n"] += 1
+        return (total * float("nan"), terms) if calls["n"] == 3 else (total, terms)
+
+    monkeypatch.setattr(FirstStageObjective, "generator_loss", poisoned)
+    tr = train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=6",
+                         "train.log_every=3")
+    assert tr.state.step == 6 and tr.state.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in tr.unwrapped.parameters())
+    assert read_trainer_state(find_resume_path(tmp_path / "run"))["skipped_steps"] == 1
+
+
+def test_too_many_bad_steps_stop_with_last_checkpoint(shards, tmp_path, monkeypatch):
+    real = FirstStageObjective.generator_loss
+
+    def poisoned(self, x, out, step, last_layer=None):
+        total, terms = real(self, x, out, step, last_layer)
+        return (total * float("inf"), terms) if step >= 2 else (total, terms)
+
+    monkeypatch.setattr(FirstStageObjective, "generator_loss", poisoned)
+    from stages.train import Diverged
+
+    with pytest.raises(Diverged, match=r"3 non-finite steps in a row.*step-00000002"):
+        train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=10",
+                        "train.checkpoint_every=2", "train.max_bad_steps=3")
+
+
+def launch(*args, report, nproc=2):
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29611",
+           str(ROOT / "tests" / "scripts" / "train_report.py"), str(report), *TINY, *args]
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+
+
+def read_reports(report: Path, n: int) -> list[dict]:
+    reps = [json.loads((report / f"rank{r}.json").read_text()) for r in range(n)]
+    assert [r["world_size"] for r in reps] == [n] * n
+    return reps
+
+
+def test_two_process_cpu_run_ends_with_identical_weights(shards, tmp_path):
+    r = launch(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=4", "train.log_every=2",
+               "loss.adversarial.enabled=true", "loss.adversarial.start_step=0", report=tmp_path / "rep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_reports(tmp_path / "rep", 2)
+    assert a["step"] == b["step"] == 4
+    assert a["autoencoder"] == b["autoencoder"] and a["ema"] == b["ema"] and a["objective"] == b["objective"]
+
+
+def test_two_node_local_run_ends_with_identical_weights(shards, tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "launch" / "local_multinode.sh"),
+                        str(ROOT / "tests" / "scripts" / "train_report.py"), str(tmp_path / "rep"), *TINY,
+                        f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=3"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_reports(tmp_path / "rep", 2)
+    assert a["autoencoder"] == b["autoencoder"] and a["step"] == 3
+
+
+def start_train(shards, run, *args):
+    cmd = [sys.executable, "-m", "stages.train", *TINY, f"data.train={shards}", f"output_dir={run}", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_then_resume_auto_continues_steps_and_loss(shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["train.max_steps=60", "train.checkpoint_every=10", "train.log_every=5", "train.keep_checkpoints=5"]
+    proc = start_train(shards, run, *args)
+    wait_for(lambda: len(list_checkpoints(run)) >= 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = read_trainer_state(find_resume_path(run))["step"]
+    assert 30 <= killed_at < 60
+    before = losses(run)
+    r = subprocess.run([sys.executable, "-m", "stages.train", *TINY, f"data.train={shards}", f"output_dir={run}",
+                        *args, "--resume", "auto"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"steps {killed_at}->60" in r.stdout
+    after = [(s, l) for s, l in losses(run)[len(before):]]
+    assert after[0][0] == killed_at + 5  # the step count continues
+    initial = before[0][1]
+    progress = initial - min(l for s, l in before if s <= killed_at)
+    assert after[0][1] < initial - 0.5 * progress, (before, after)  # no jump back to the initial loss
+
+
+def test_sigterm_saves_and_exits_with_preempted_code(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = start_train(shards, run, "train.max_steps=100000", "train.log_every=2", "train.checkpoint_every=100000")
+    wait_for(lambda: (run / "metrics.jsonl").is_file(), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    ck = find_resume_path(run)
+    assert ck is not None and read_trainer_state(ck)["step"] >= 2
+    assert "preempted" in out and "--resume auto" in out
+
+
+def test_wrong_config_key_fails_before_any_work(shards, tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "stages.cli", "train", *TINY, f"data.train={shards}",
+                        f"output_dir={run}", "train.max_stesp=3"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and "did you mean train.max_steps" in r.stderr and "Traceback" not in r.stderr
+    assert not run.exists()
