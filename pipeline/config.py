@@ -311,6 +311,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.random_resized_scale: expected [min, max] with 0 < min <= max <= 1, got {lo_hi}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"train.betas: expected two values in [0, 1), got {cfg.train.betas}")
+    if cfg.train.mixed_precision == "fp16" and cfg.loss.adversarial.enabled:
+        raise ConfigError(
+            "train.mixed_precision: fp16 with loss.adversarial.enabled is not supported (two optimisers share one "
+            "loss scaler); use bf16 or no"
+        )
     if m.kind == "kl" and m.shift_factor is not None and not isinstance(m.shift_factor, float):
         raise ConfigError(f"model.shift_factor: expected a float or null, got {m.shift_factor!r}")
     return cfg

@@ -1,6 +1,7 @@
 """firststage demo: the whole pipeline on the embedded default, on a CPU, in a few minutes.
 
-scikit-image's colour photographs -> prepare (shards + manifest) -> the streaming loader -> train the `tiny` preset.
+scikit-image's colour photographs -> prepare (shards + manifest) -> train the `tiny` preset (resumable run folder
+with checkpoints, reconstruction grids and TensorBoard logs).
   bash launch/demo.sh                 # set up, then this
   python -m stages.demo --output demo --steps 200
 """
@@ -52,19 +53,25 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="firststage demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="demo", help="folder for everything the demo writes (default demo/)")
+    p.add_argument("--steps", type=int, default=150, help="training steps of the tiny model (default 150)")
     args = p.parse_args(argv)
     out = Path(args.output)
     start = time.time()
 
-    from pipeline.data.loader import make_loader
     from pipeline.data.prepare import PrepareOptions, prepare
 
     n = write_demo_images(out / "images")
     manifest = prepare([str(out / "images")], out / "shards", PrepareOptions(size=128, shard_size=4, workers=2))
     print(f"demo: prepare: {n} photos -> {manifest['total']} samples in {len(manifest['shards'])} shards "
           f"({out / 'shards'}), skipped {manifest['skipped_count']}")
-    batch = next(iter(make_loader(str(out / "shards"), "train", batch_size=8, num_workers=2, resolution=64)))
-    print(f"demo: loader: a training batch of {tuple(batch['image'].shape)} {batch['image'].dtype} crops")
+    from stages.train import run as train
+
+    tr = train(["--config", "tiny", f"data.train={out / 'shards'}", f"output_dir={out / 'run'}",
+                f"train.max_steps={args.steps}", "train.checkpoint_every=50", "train.image_every=50",
+                "train.log_every=10", "--resume", "auto"])
+    grids = sorted((out / "run" / "samples").glob("*.png"))
+    print(f"demo: train: {tr.state.step} steps; checkpoints in {out / 'run' / 'checkpoints'}, "
+          f"newest reconstruction grid {grids[-1] if grids else 'none'}")
     print(f"demo: done in {time.time() - start:.1f}s; outputs in {out}/")
 
 

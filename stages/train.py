@@ -287,8 +287,9 @@ def save_checkpoint(tr: Trainer) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def train_step(tr: Trainer, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """One optimizer step (grad_accum micro-steps happen across calls via accelerate). Returns (terms, bad flag)."""
+def train_step(tr: Trainer, images: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One micro-step (grad_accum of them make an optimizer step, via accelerate).
+    Returns (terms, non-finite loss or gradient, non-finite loss)."""
     acc, cfg, step = tr.accelerator, tr.cfg, tr.state.step
     x = to_model_input(images, acc.device)
     if torch.cuda.is_available() and cfg.train.channels_last:
@@ -308,7 +309,8 @@ def train_step(tr: Trainer, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
         if acc.sync_gradients:
             average_across_ranks([p.grad for p in tr.objective.generator_parameters()], acc)
         grad_norm = _grad_norm(tr.opt, cfg.train.grad_clip, acc)
-        bad = ~torch.isfinite(grad_norm) | ~torch.isfinite(loss.detach())
+        bad_loss = ~torch.isfinite(loss.detach())
+        bad = ~torch.isfinite(grad_norm) | bad_loss
         terms["grad_norm"] = grad_norm
 
     if gan:
@@ -322,7 +324,7 @@ def train_step(tr: Trainer, images: torch.Tensor) -> tuple[dict, torch.Tensor]:
         bad = bad | ~torch.isfinite(d_norm)
         terms.update(d_terms)
         terms["grad_norm_d"] = d_norm
-    return terms, bad
+    return terms, bad, bad_loss
 
 
 def average_across_ranks(tensors: list, acc) -> None:
@@ -343,16 +345,20 @@ def _grad_norm(opt, clip: float, acc) -> torch.Tensor:
     params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if not params or not acc.sync_gradients:
         return torch.zeros((), device=acc.device)
-    return acc.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    if acc.scaler is not None:  # fp16: unscale this optimizer only (accelerate's clip unscales all of them)
+        acc.unscale_gradients(optimizer=opt)
+    return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
 
 
-def apply_or_skip(tr: Trainer, bad: torch.Tensor, stop: bool) -> tuple[bool, bool]:
-    """One host sync per step: all ranks agree whether to step (finite grads) and whether to stop (SIGTERM)."""
+def apply_or_skip(tr: Trainer, bad: torch.Tensor, bad_loss: torch.Tensor, stop: bool) -> tuple[bool, bool, bool]:
+    """One host sync per step: all ranks agree whether to step (finite loss and grads), whether the loss itself
+    was non-finite, and whether to stop (SIGTERM). Returns (stepped, loss non-finite, stop)."""
     acc = tr.accelerator
-    flags = torch.stack([bad.float().reshape(()), torch.tensor(float(stop), device=bad.device)])
+    flags = torch.stack([bad.float().reshape(()), bad_loss.float().reshape(()),
+                         torch.tensor(float(stop), device=bad.device)])
     if acc.num_processes > 1:
         flags = acc.reduce(flags, "max")
-    bad_any, stop_any = (bool(v) for v in flags.tolist())
+    bad_any, loss_bad, stop_any = (bool(v) for v in flags.tolist())
     gan = tr.objective.gan_active(tr.state.step)
     if bad_any:
         if acc.scaler is not None:  # fp16: let the scaler see the overflow, skip, and lower the loss scale
@@ -360,7 +366,7 @@ def apply_or_skip(tr: Trainer, bad: torch.Tensor, stop: bool) -> tuple[bool, boo
         tr.opt.zero_grad(set_to_none=True)
         if tr.opt_d is not None:
             tr.opt_d.zero_grad(set_to_none=True)
-        return False, stop_any
+        return False, loss_bad, stop_any
     tr.opt.step()
     tr.sched.step()
     tr.opt.zero_grad(set_to_none=True)
@@ -368,7 +374,7 @@ def apply_or_skip(tr: Trainer, bad: torch.Tensor, stop: bool) -> tuple[bool, boo
         tr.opt_d.step()
         tr.opt_d.zero_grad(set_to_none=True)
         tr.sched_d.step()
-    return True, stop_any
+    return True, False, stop_any
 
 
 # ------------------------------------------------------------------------------------------------ fit
@@ -385,16 +391,28 @@ def fit(tr: Trainer) -> State:
     tr.model.train()
     while st.step < cfg.train.max_steps:
         bad = torch.zeros((), dtype=torch.bool, device=acc.device)
-        for _ in range(cfg.train.grad_accum):
-            batch = next(data)
-            if tr.fixed_batch is None:
-                tr.fixed_batch = batch["image"][:8].clone()
-            terms, micro_bad = train_step(tr, batch["image"])
-            bad = bad | micro_bad
-        stepped, stop = apply_or_skip(tr, bad, st.stop_requested)
+        bad_loss = bad.clone()
+        try:
+            for _ in range(cfg.train.grad_accum):
+                batch = next(data)
+                if tr.fixed_batch is None:
+                    tr.fixed_batch = batch["image"][:8].clone()
+                terms, micro_bad, micro_bad_loss = train_step(tr, batch["image"])
+                bad, bad_loss = bad | micro_bad, bad_loss | micro_bad_loss
+        except RuntimeError:
+            # SLURM sends SIGTERM to every process: loader workers may die before the main process reaches the
+            # step boundary. The step in flight is dropped; the last completed one is saved.
+            if not st.stop_requested:
+                raise
+            save_checkpoint(tr)
+            bar.close()
+            return st
+        stepped, loss_bad, stop = apply_or_skip(tr, bad, bad_loss, st.stop_requested)
         if not stepped:
-            st.bad_steps += 1
             st.skipped_steps += 1
+            if acc.scaler is not None and not loss_bad:
+                continue  # fp16 gradient overflow: the loss scaler lowers its scale and the step is retried
+            st.bad_steps += 1
             print0(acc, f"train: step {st.step}: non-finite loss or gradient, step skipped "
                       f"({st.bad_steps} in a row, {st.skipped_steps} in all)")
             if st.bad_steps >= cfg.train.max_bad_steps:

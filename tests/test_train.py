@@ -133,7 +133,8 @@ def test_two_node_local_run_ends_with_identical_weights(shards, tmp_path):
 
 def start_train(shards, run, *args):
     cmd = [sys.executable, "-m", "stages.train", *TINY, f"data.train={shards}", f"output_dir={run}", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def wait_for(predicate, proc, timeout=120):
@@ -169,10 +170,12 @@ def test_sigkill_then_resume_auto_continues_steps_and_loss(shards, tmp_path):
 
 
 def test_sigterm_saves_and_exits_with_preempted_code(shards, tmp_path):
+    """As SLURM preempts: SIGTERM to every process of the job, loader workers included."""
     run = tmp_path / "run"
-    proc = start_train(shards, run, "train.max_steps=100000", "train.log_every=2", "train.checkpoint_every=100000")
+    proc = start_train(shards, run, "train.max_steps=100000", "train.log_every=2", "train.checkpoint_every=100000",
+                       "data.num_workers=2")
     wait_for(lambda: (run / "metrics.jsonl").is_file(), proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
     ck = find_resume_path(run)

@@ -223,13 +223,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    """Workers leave SIGTERM to the main process, which saves a checkpoint before exiting (preemption)."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def make_loader(
     spec,
     mode: str,
@@ -261,7 +254,6 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=_ignore_sigterm,
     )
 
 
