@@ -179,6 +179,10 @@ class EvaluateConfig:
     iwae_k: int = _f(16, "importance samples for the IWAE bound", min=1)
     likelihood_samples: int = _f(64, "samples used for the ELBO/IWAE bounds (costly)", min=0)
     active_unit_threshold: float = _f(0.01, "a latent unit is active when Var_x(E[z|x]) exceeds this", min=0.0)
+    decoder_sigma: float = _f(
+        0.0, "scale of the discretised Gaussian decoder likelihood in [-1, 1] units; 0: learned (ML over the data)",
+        min=0.0,
+    )
 
 
 @dataclass

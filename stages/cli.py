@@ -11,6 +11,7 @@ import sys
 STAGES = {
     "prepare": "images, lists or tar shards -> resized webdataset shards + manifest.json",
     "train": "train a KL or VQ autoencoder (accelerate: CPU, one GPU, many nodes); resumable",
+    "evaluate": "PSNR, SSIM, LPIPS, rFID, KL, active units, ELBO/IWAE, codebook use, latent scaling of a model",
     "demo": "the whole pipeline on scikit-image's photos with the tiny preset (CPU, minutes)",
     "config": "print the resolved config of a preset/file with overrides, or every key (--keys)",
 }

@@ -1,7 +1,7 @@
 """firststage demo: the whole pipeline on the embedded default, on a CPU, in a few minutes.
 
 scikit-image's colour photographs -> prepare (shards + manifest) -> train the `tiny` preset (resumable run folder
-with checkpoints, reconstruction grids and TensorBoard logs).
+with checkpoints, reconstruction grids and TensorBoard logs) -> evaluate it (eval.json / eval.md).
   bash launch/demo.sh                 # set up, then this
   python -m stages.demo --output demo --steps 200
 """
@@ -72,6 +72,10 @@ def main(argv=None) -> None:
     grids = sorted((out / "run" / "samples").glob("*.png"))
     print(f"demo: train: {tr.state.step} steps; checkpoints in {out / 'run' / 'checkpoints'}, "
           f"newest reconstruction grid {grids[-1] if grids else 'none'}")
+    from stages.evaluate import main as evaluate
+
+    # no LPIPS backbone weights ship with the demo: its LPIPS rows say so instead of a number
+    evaluate(["--model", str(out / "run"), "--data", str(out / "shards"), "evaluate.num_samples=64"])
     print(f"demo: done in {time.time() - start:.1f}s; outputs in {out}/")
 
 

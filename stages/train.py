@@ -16,6 +16,7 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,10 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, config_to_dict, load_config, save_config
-from pipeline.data.loader import make_loader, resolve_shards, to_model_input, to_uint8
+from pipeline.data.loader import make_loader, plan_subset, resolve_shards, to_model_input, to_uint8
 from pipeline.errors import UserError
 from pipeline.losses import FirstStageObjective
-from pipeline.metrics import psnr, ssim
+from pipeline.metrics.evaluator import EvalOptions, Evaluator
 from pipeline.models import build_autoencoder, is_vq, last_decoder_layer
 from pipeline.train.ema import EMA
 from pipeline.train.module import TrainableAutoencoder, save_grid
@@ -46,7 +47,10 @@ class Diverged(UserError):
 def print0(acc, msg: str) -> None:
     """Once per job (global rank 0), not once per node."""
     if acc.is_main_process:
-        print(msg, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(msg)  # above the progress bar, not through it
+        sys.stdout.flush()
 
 
 @dataclass
@@ -217,9 +221,10 @@ def setup(cfg: Config, resume: str | None) -> Trainer:
     )
     val_loader = None
     if cfg.data.val:
+        val_urls, val_limits, _ = plan_subset(cfg.data.val, cfg.train.val_samples)
         val_loader = lambda: make_loader(  # noqa: E731 (rebuilt for each validation: eval streams end)
-            cfg.data.val, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
-            rank=accelerator.process_index, world_size=accelerator.num_processes,
+            val_urls, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
+            rank=accelerator.process_index, world_size=accelerator.num_processes, limits=val_limits,
         )
     tr = Trainer(cfg, run_dir, accelerator, module, objective, disc, opt, opt_d, sched, sched_d, ema, loader,
                  state, val_loader=val_loader)
@@ -498,41 +503,33 @@ def write_grid(tr: Trainer) -> None:
 
 @torch.no_grad()
 def validate(tr: Trainer) -> dict:
-    """PSNR, SSIM, LPIPS (when the objective has it), KL on up to train.val_samples held-out samples, all ranks."""
-    acc, vae = tr.accelerator, tr.unwrapped.vae
+    """The evaluate stage's metrics (PSNR, SSIM, LPIPS when the objective has it, KL, active units, codebook use;
+    no likelihood bounds) on the first train.val_samples held-out samples, split across ranks."""
+    acc, vae, cfg = tr.accelerator, tr.unwrapped.vae, tr.cfg
+    perceptual = {cfg.loss.perceptual.net: tr.objective.perceptual} if tr.objective.perceptual is not None else {}
+    opts = EvalOptions(likelihood_samples=0, num_samples=cfg.train.val_samples,
+                       active_threshold=cfg.evaluate.active_unit_threshold)
+    ev = Evaluator(vae, opts, perceptual, cfg.data.resolution, acc.device)
     vae.eval()
-    sums = torch.zeros(5, device=acc.device, dtype=torch.float64)  # n, psnr, ssim, lpips, kl
-    seen, limit = 0, -(-tr.cfg.train.val_samples // acc.num_processes)  # this rank's share
     for batch in tr.val_loader():
-        if seen >= limit:
-            break
-        imgs = batch["image"][: limit - seen]
-        seen += imgs.shape[0]
-        x = to_model_input(imgs, acc.device)
-        from pipeline.models import run_autoencoder
-
-        out = run_autoencoder(vae, x, sample_posterior=False)
-        rec8 = to_uint8(out.reconstruction)
-        sums[0] += imgs.shape[0]
-        sums[1] += psnr(imgs.to(acc.device), rec8).clamp(max=100).sum()
-        sums[2] += ssim(imgs.to(acc.device), rec8).sum()
-        if tr.objective.perceptual is not None:
-            sums[3] += tr.objective.perceptual(x, out.reconstruction.float()).double().sum()
-        if out.mean is not None:
-            from pipeline.losses.kl import kl_per_sample
-
-            sums[4] += kl_per_sample(out.mean, out.logvar).double().sum()
+        ev.add(batch["image"], batch["__key__"])
     vae.train()
-    if acc.num_processes > 1:
-        sums = acc.reduce(sums, "sum")
-    n = max(sums[0].item(), 1)
-    metrics = {"val/psnr": sums[1].item() / n, "val/ssim": sums[2].item() / n, "val/kl": sums[4].item() / n}
-    if tr.objective.perceptual is not None:
-        metrics["val/lpips"] = sums[3].item() / n
-    if is_vq(vae):
-        metrics["val/codebook_usage"] = vae.quantize.usage().item()
+
+    def reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        average_across_ranks(tensors, acc)  # a mean over ranks; times the world size it is the sum
+        return [t * acc.num_processes for t in tensors]
+
+    res = ev.finalize(reduce)
+    metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"]}
+    metrics.update({f"val/lpips_{k}": res[f"lpips_{k}"] for k in perceptual})
+    if "kl_per_sample" in res:
+        metrics["val/kl"] = res["kl_per_sample"]
+        metrics["val/active_units"] = res["active_units"]["active_units"]
+    if "codebook" in res:
+        metrics["val/codebook_usage"] = res["codebook"]["usage"]
     acc.log(metrics, step=tr.state.step)
-    print0(acc, "validate: step {}: ".format(tr.state.step) + ", ".join(f"{k[4:]} {v:.4g}" for k, v in metrics.items()))
+    print0(acc, f"validate: step {tr.state.step}, {res['samples']} samples: "
+           + ", ".join(f"{k[4:]} {v:.4g}" for k, v in metrics.items()))
     return metrics
 
 
@@ -568,12 +565,12 @@ def run(argv=None) -> Trainer:
         st = fit(tr)
     finally:
         acc.end_training()
-    first = tr.state.history[0][1] if tr.state.history else float("nan")
-    last = tr.state.history[-1][1] if tr.state.history else float("nan")
+    hist = tr.state.history
+    loss = f"loss {hist[0][1]:.4g} -> {hist[-1][1]:.4g}" if hist else "loss not logged (train.log_every > steps run)"
     if st.stop_requested:
         print0(acc, f"train: preempted at step {st.step}; saved {st.last_checkpoint}; rerun with --resume auto")
         raise SystemExit(EXIT_PREEMPTED)
-    print0(acc, f"train: steps {start_step}->{st.step}, {st.samples} samples seen, loss {first:.4g} -> {last:.4g}, "
+    print0(acc, f"train: steps {start_step}->{st.step}, {st.samples} samples seen, {loss}, "
               f"{st.skipped_steps} non-finite steps skipped; wrote {st.last_checkpoint or 'no checkpoint'} "
               f"(run folder {tr.run_dir})")
     return tr

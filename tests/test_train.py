@@ -189,3 +189,34 @@ def test_wrong_config_key_fails_before_any_work(shards, tmp_path):
                         f"output_dir={run}", "train.max_stesp=3"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "did you mean train.max_steps" in r.stderr and "Traceback" not in r.stderr
     assert not run.exists()
+
+
+def test_finetune_from_diffusers_folder_with_frozen_encoder(shards, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.export.diffusers import save_diffusers
+    from pipeline.models import build_autoencoder
+
+    cfg = load_config("tiny")
+    torch.manual_seed(123)
+    start = build_autoencoder(cfg.model, 32)
+    save_diffusers(start, tmp_path / "sd-vae")
+    tr = train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=3",
+                         f"train.init_from={tmp_path / 'sd-vae'}", "train.freeze_encoder=true")
+    after = tr.unwrapped.vae.state_dict()
+    before = start.state_dict()
+    enc = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in before if k.startswith("decoder.") and k.endswith("weight")]
+    assert all(torch.equal(before[k], after[k].cpu()) for k in enc)  # the latent space is untouched
+    assert any(not torch.equal(before[k], after[k].cpu()) for k in dec)  # the decoder trained
+
+
+def test_init_from_with_mismatched_shapes_is_a_clear_error(shards, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import UserError
+    from pipeline.export.diffusers import save_diffusers
+    from pipeline.models import build_autoencoder
+
+    save_diffusers(build_autoencoder(load_config("tiny", ["model.latent_channels=8"]).model, 32), tmp_path / "other")
+    with pytest.raises(UserError, match="has shape .* but the config's model has"):
+        train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                        f"train.init_from={tmp_path / 'other'}")

@@ -55,14 +55,6 @@ def open_image(data: bytes, min_shorter_side: int | None = None) -> Image.Image:
     return img
 
 
-def source_format(data: bytes) -> str | None:
-    """PIL's format name of encoded bytes without decoding pixels (None if unknown)."""
-    try:
-        return Image.open(io.BytesIO(data)).format
-    except Exception:
-        return None
-
-
 def target_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
     """Output size for the prepare stage's resize modes; never upscales except to fill a center crop."""
     if mode == "center-crop":

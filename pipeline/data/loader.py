@@ -17,7 +17,6 @@ channels_last memory; `to_model_input` turns them into floats in [-1, 1] on the 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import random
 import warnings
@@ -111,6 +110,7 @@ class ImageStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         epoch: int = 0,
+        limits: dict[str, int] | None = None,
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be train or eval, got {mode}")
@@ -124,6 +124,7 @@ class ImageStream(IterableDataset):
         self.scale = tuple(scale)
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
+        self.limits = limits or {}  # eval: read at most this many samples of a shard (a fixed subset)
         self.skipped = _SkipCounter()
 
     # -- reading
@@ -137,7 +138,11 @@ class ImageStream(IterableDataset):
                 continue
             try:
                 files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=_warn_and_continue))
-                yield from group_by_keys(files, handler=_warn_and_continue)
+                limit = self.limits.get(url)
+                for i, sample in enumerate(group_by_keys(files, handler=_warn_and_continue)):
+                    if limit is not None and i >= limit:
+                        break
+                    yield sample
             except Exception as e:  # a tar broken mid-way: keep what was read, go on with the next shard
                 _warn_and_continue(e)
             finally:
@@ -240,10 +245,11 @@ def make_loader(
     epoch: int = 0,
     drop_last: bool | None = None,
     pin_memory: bool = False,
+    limits: dict[str, int] | None = None,
 ) -> DataLoader:
-    urls = resolve_shards(spec)
+    urls = list(spec) if limits is not None else resolve_shards(spec)  # a planned subset is already resolved
     ds = ImageStream(
-        urls, mode, resolution, crop, flip, scale, shuffle_buffer, seed, rank, world_size, epoch
+        urls, mode, resolution, crop, flip, scale, shuffle_buffer, seed, rank, world_size, epoch, limits
     )
     return DataLoader(
         ds,
@@ -257,14 +263,40 @@ def make_loader(
     )
 
 
-def manifest_total(spec) -> int | None:
-    """Sample count from a manifest, when the spec points at one (used to warn about too-large requests)."""
+def shard_sample_counts(spec) -> dict[str, int]:
+    """Samples per shard: from the manifest when the spec is a prepared folder or manifest, else by listing tars."""
+    import tarfile
+
     p = Path(str(spec)).expanduser()
-    if p.is_dir() and (p / MANIFEST).is_file():
-        p = p / MANIFEST
-    if p.is_file() and p.suffix == ".json":
+    manifest = p / MANIFEST if p.is_dir() else p
+    if manifest.is_file() and manifest.suffix == ".json":
+        m = read_manifest(manifest)
+        return {str(manifest.parent / s["name"]): int(s["samples"]) for s in m["shards"] if s.get("samples", 1) > 0}
+    counts = {}
+    for url in resolve_shards(spec):
+        keys = set()
         try:
-            return int(json.loads(p.read_text()).get("total"))
-        except (ValueError, TypeError, json.JSONDecodeError):
-            return None
-    return None
+            with tarfile.open(url) as tf:
+                for name in tf.getnames():
+                    base = name.rsplit("/", 1)[-1]
+                    if "." in base and not base.startswith("__"):
+                        keys.add(name[: len(name) - len(base)] + base.split(".", 1)[0])
+        except (tarfile.TarError, OSError):
+            pass
+        counts[url] = len(keys)
+    return counts
+
+
+def plan_subset(spec, num_samples: int) -> tuple[list[str], dict[str, int], int]:
+    """The first `num_samples` samples in shard order: (urls, per-shard limits, samples planned). The same subset
+    whatever the number of ranks and workers that read it."""
+    counts = shard_sample_counts(spec)
+    urls, limits, total = [], {}, 0
+    for url, n in counts.items():
+        if total >= num_samples:
+            break
+        take = min(n, num_samples - total)
+        urls.append(url)
+        limits[url] = take
+        total += take
+    return urls, limits, total

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -48,7 +47,3 @@ def kl_weight(step: int, cfg: KLConfig) -> float:
         pos = (step % cfg.cycle_steps) / cfg.cycle_steps
         return w * min(1.0, pos / cfg.cycle_ramp) if cfg.cycle_ramp > 0 else w
     return w
-
-
-def gaussian_entropy_nats(logvar: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (logvar.float() + math.log(2 * math.pi * math.e))

@@ -65,8 +65,9 @@ class Perceptual(nn.Module):
         super().__init__()
         import lpips
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` argument inside lpips
+            torch.manual_seed(0)  # the random backbone is the same in every process and every run
             self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         if backbone == "pretrained":
             _load_backbone(self.lpips, net)

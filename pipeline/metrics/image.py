@@ -8,7 +8,6 @@ data_range=255, channel_axis=...)`.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,3 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     cov = blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
-
-
-def psnr_from_mse(mse: float) -> float:
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)

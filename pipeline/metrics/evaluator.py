@@ -1,0 +1,171 @@
+"""Accumulate evaluation metrics over batches, on any number of ranks, with results independent of that number.
+
+Every statistic is a float64 sum (or count) that is all-reduced once at the end; the posterior noise of each image
+comes from a generator seeded by its sample key; the likelihood subset is chosen by a hash of the key. So 1 and N
+processes give the same numbers up to float rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pipeline.data.loader import to_model_input, to_uint8
+from pipeline.losses.kl import kl_elements, kl_per_sample
+from pipeline.metrics.image import psnr, ssim
+from pipeline.metrics.latent import MomentSums, active_units, latent_statistics
+from pipeline.metrics.likelihood import bits_per_dim, importance_log_weights, iwae_from_log_weights
+from pipeline.models.autoencoder import decode_latents, encode_moments, is_vq, run_autoencoder
+
+
+@dataclass
+class EvalOptions:
+    iwae_k: int = 16
+    likelihood_samples: int = 64  # images for the ELBO / IWAE bounds (each costs k decodes)
+    num_samples: int = 5000  # images evaluated (for the likelihood subset's sampling rate)
+    decoder_sigma: float = 0.0  # 0: learned (maximum-likelihood global sigma over the evaluated data)
+    active_threshold: float = 0.01
+
+
+def key_seed(key: str) -> int:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
+def key_generator(key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(key_seed(key))
+
+
+class Evaluator:
+    def __init__(self, model, opts: EvalOptions, perceptual: dict, resolution: int, device="cpu", fid=None):
+        """perceptual: name -> LPIPS module, or name -> reason string when it could not be loaded.
+        Every sum exists from the start, so ranks that receive no images still join the same reductions."""
+        self.model, self.opts, self.device, self.fid = model, opts, device, fid
+        self.perceptual = perceptual
+        self.vq = is_vq(model)
+        c = model.config
+        f = 2 ** (len(c.block_out_channels) - 1)
+        latent_c = model.quantize.dim if self.vq else c.latent_channels
+        self.image_dims = c.in_channels * resolution * resolution
+        names = ["n", "psnr", "ssim", "sq_err"] + [f"lpips_{k}" for k, v in perceptual.items() if not isinstance(v, str)]
+        self.sums = {k: torch.zeros((), dtype=torch.float64) for k in names}
+        if not self.vq:
+            self.sums["kl"] = torch.zeros((), dtype=torch.float64)
+            self.sums["kl_channel"] = torch.zeros(c.latent_channels, dtype=torch.float64)
+        self.au = MomentSums((c.latent_channels, resolution // f, resolution // f)) if not self.vq else None
+        self.ch = MomentSums((latent_c,))
+        self.all = MomentSums(())
+        self.buffered: list[tuple] = []  # likelihood subset: (x, mean, logvar, keys), bounds computed at the end
+        self.code_counts = torch.zeros(model.quantize.num_codes, dtype=torch.float64) if self.vq else None
+        self.grid: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _add(self, name: str, value: torch.Tensor, per_channel: bool = False) -> None:
+        v = value.detach().double().cpu()
+        self.sums[name] = self.sums[name] + (v.sum(0) if per_channel else v.sum())
+
+    @torch.no_grad()
+    def add(self, images: torch.Tensor, keys: list[str]) -> None:
+        images = images.to(self.device)
+        x = to_model_input(images)
+        n = images.shape[0]
+        if self.vq:
+            out = run_autoencoder(self.model, x)
+            rec = out.reconstruction
+            self.code_counts += torch.bincount(out.codes.flatten(), minlength=self.model.quantize.num_codes).double().cpu()
+            z = out.latents
+        else:
+            mean, logvar = encode_moments(self.model, x)
+            rec = decode_latents(self.model, mean)  # reconstruction from the posterior mean (the mode)
+            self._add("kl", kl_per_sample(mean, logvar))
+            self._add("kl_channel", kl_elements(mean, logvar).sum((2, 3)), per_channel=True)
+            self.au.add(mean)
+            eps = torch.stack([torch.randn(mean.shape[1:], generator=key_generator(k)) for k in keys]).to(mean)
+            z = mean + torch.exp(0.5 * logvar) * eps  # what a diffusion model trained on samples sees
+            rate = self.opts.likelihood_samples / max(1, self.opts.num_samples)
+            chosen = [i for i, k in enumerate(keys) if (key_seed(k) % 1_000_003) / 1_000_003 < rate]
+            if chosen:
+                idx = torch.tensor(chosen)
+                self.buffered.append((x[idx].cpu(), mean[idx].cpu(), logvar[idx].cpu(), [keys[i] for i in chosen]))
+        rec8 = to_uint8(rec)
+        self._add("n", torch.tensor(float(n)))
+        self._add("psnr", psnr(images, rec8).clamp(max=100.0))
+        self._add("ssim", ssim(images, rec8))
+        self._add("sq_err", (x.double() - rec.double().clamp(-1, 1)).pow(2).flatten(1).mean(1))
+        for name, lp in self.perceptual.items():
+            if not isinstance(lp, str):
+                self._add(f"lpips_{name}", lp(x, rec.float()))
+        zc = z.detach().double().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        self.ch.add(zc)
+        self.all.add(zc.reshape(-1))
+        if self.fid is not None:
+            self.fid.update(images, real=True)
+            self.fid.update(rec8, real=False)
+        if self.grid is None:
+            self.grid = (images[:8].cpu(), rec8[:8].cpu())
+
+    @torch.no_grad()
+    def _likelihood(self, sigma: float) -> None:
+        decode = lambda z: decode_latents(self.model, z.to(self.device))  # noqa: E731
+        k = self.opts.iwae_k
+        ks = sorted({1, *[2**i for i in range(1, 20) if 2**i < k], k})
+        self.sums = {name: torch.zeros((), dtype=torch.float64) for name in ["lik_n", "elbo"] + [f"iwae_{kk}" for kk in ks]}
+        for x, mean, logvar, keys in self.buffered:
+            gens = [key_generator("iwae/" + key) for key in keys]
+            log_w = importance_log_weights(decode, x.to(self.device), mean.to(self.device), logvar.to(self.device),
+                                           k, sigma, gens).cpu()
+            self._add("lik_n", torch.tensor(float(x.shape[0])))
+            self._add("elbo", log_w.mean(1))
+            for kk in ks:
+                self._add(f"iwae_{kk}", iwae_from_log_weights(log_w, kk))
+
+    def finalize(self, reduce: Callable[[list[torch.Tensor]], list[torch.Tensor]] = lambda t: t) -> dict:
+        """`reduce` sums a list of tensors across ranks (identity in one process). Returns the results dict."""
+        names = sorted(self.sums)
+        reduced = reduce([self.sums[k] for k in names])
+        sums = dict(zip(names, reduced))
+        n = float(sums["n"])
+        if n == 0:
+            return {"samples": 0}
+        res = {"samples": int(n), "psnr": float(sums["psnr"]) / n, "ssim": float(sums["ssim"]) / n}
+        for name, lp in self.perceptual.items():
+            res[f"lpips_{name}"] = float(sums[f"lpips_{name}"]) / n if not isinstance(lp, str) else f"not computed: {lp}"
+        # latent statistics
+        ch, al = reduce(self.ch.tensors()), reduce(self.all.tensors())
+        self.ch.n, self.ch.s, self.ch.ss = ch
+        self.all.n, self.all.s, self.all.ss = al
+        res["latents"] = latent_statistics(self.ch, self.all)
+        if self.vq:
+            counts = reduce([self.code_counts])[0]
+            p = counts / counts.sum().clamp(min=1)
+            res["codebook"] = {
+                "size": int(counts.numel()),
+                "used": int((counts > 0).sum()),
+                "usage": float((counts > 0).double().mean()),
+                "dead_codes": int((counts == 0).sum()),
+                "perplexity": float(torch.exp(-(p * torch.log(p + 1e-12)).sum())),
+            }
+            return res
+        res["kl_per_sample"] = float(sums["kl"]) / n
+        res["kl_per_channel"] = [round(float(v) / n, 6) for v in sums["kl_channel"]]
+        self.au.n, self.au.s, self.au.ss = reduce(self.au.tensors())
+        res["active_units"] = active_units(self.au.var(), self.opts.active_threshold)
+        mse = float(sums["sq_err"]) / n
+        sigma = self.opts.decoder_sigma or max(math.sqrt(mse), 1e-3)
+        self._likelihood(sigma)
+        names = sorted(self.sums)
+        lik = dict(zip(names, reduce([self.sums[k] for k in names])))
+        m = float(lik["lik_n"])
+        if m > 0:
+            bounds = {"elbo": float(lik["elbo"]) / m}
+            bounds.update({k: float(v) / m for k, v in lik.items() if k.startswith("iwae_")})
+            kind = "learned" if not self.opts.decoder_sigma else "fixed"
+            res["likelihood"] = {
+                "decoder": f"discretised Gaussian, sigma {sigma:.5g} ({kind}) in [-1, 1] units, 8-bit bins",
+                "samples": int(m),
+                "nats_per_image": bounds,
+                "bits_per_dim": {k: bits_per_dim(v, self.image_dims) for k, v in bounds.items()},
+            }
+        return res

@@ -1,0 +1,164 @@
+"""The evaluate stage and its metrics."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from conftest import ROOT, make_shards, write_tar
+from pipeline.metrics import psnr, ssim
+from pipeline.metrics.latent import MomentSums, active_units, latent_statistics
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+TINY = ["--config", "tiny", "data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=16"]
+
+
+def test_psnr_ssim_agree_with_scikit_image():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 3, 37, 45), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
+    ours_p, ours_s = psnr(torch.from_numpy(a), torch.from_numpy(b)), ssim(torch.from_numpy(a), torch.from_numpy(b))
+    for i in range(3):
+        ref_p = peak_signal_noise_ratio(a[i], b[i], data_range=255)
+        ref_s = structural_similarity(a[i].transpose(1, 2, 0), b[i].transpose(1, 2, 0), gaussian_weights=True,
+                                      sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=2)
+        assert ours_p[i].item() == pytest.approx(ref_p, abs=1e-9)
+        assert ours_s[i].item() == pytest.approx(ref_s, abs=1e-9)
+
+
+def test_active_units_count_a_collapsed_channel_as_inactive():
+    torch.manual_seed(0)
+    means = torch.randn(200, 3, 2, 2)
+    means[:, 1] = 0.7  # collapsed: the posterior mean ignores x
+    means[:, 2] *= 0.05  # variance 0.0025 < 0.01: inactive too
+    sums = MomentSums((3, 2, 2))
+    for chunk in means.split(32):
+        sums.add(chunk)
+    au = active_units(sums.var(), 0.01)
+    assert au["active_units"] == 4 and au["latent_dims"] == 12
+    assert au["active_fraction_per_channel"] == [1.0, 0.0, 0.0]
+
+
+def test_scaling_factor_from_latents_of_known_std():
+    torch.manual_seed(0)
+    z = torch.randn(20000, 4) * 2.5 + 0.3
+    ch, al = MomentSums((4,)), MomentSums(())
+    for chunk in z.split(1000):
+        ch.add(chunk)
+        al.add(chunk.reshape(-1))
+    stats = latent_statistics(ch, al)
+    assert stats["scaling_factor"] == pytest.approx(1 / 2.5, rel=0.01)
+    assert stats["shift_factor"] == pytest.approx(0.3, abs=0.03)
+    assert stats["channel_std"] == pytest.approx([2.5] * 4, rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny KL model trained for a few dozen steps, and held-out shards."""
+    from stages.train import run
+
+    root = tmp_path_factory.mktemp("eval")
+    make_shards(root / "train", 4, 16, size=(48, 40))
+    make_shards(root / "val", 5, 4, size=(40, 40), prefix="val")
+    run([*TINY, f"data.train={root / 'train'}", f"output_dir={root / 'run'}", "train.max_steps=40",
+         "train.log_every=10", "train.checkpoint_every=40"])
+    return root
+
+
+def evaluate(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "stages.cli", "evaluate", "--lpips-backbone", "random", *map(str, args)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_iwae_bound_is_at_least_elbo_and_tightens_with_k(trained):
+    out = trained / "e1"
+    r = evaluate("--model", trained / "run", "--data", trained / "val", "--output", out,
+                 "evaluate.iwae_k=16", "evaluate.likelihood_samples=20")
+    res = json.loads((out / "eval.json").read_text())
+    nats = res["likelihood"]["nats_per_image"]
+    assert res["likelihood"]["samples"] == 20
+    assert nats["iwae_16"] >= nats["elbo"]
+    assert nats["iwae_16"] > nats["iwae_4"] > nats["iwae_1"]
+    bpd = res["likelihood"]["bits_per_dim"]
+    assert bpd["iwae_16"] < bpd["elbo"]  # tighter bound, fewer bits
+    assert res["active_units"]["latent_dims"] == 4 * 8 * 8
+    assert res["lpips_vgg"] >= 0 and isinstance(res["rfid"], str) and res["rfid"].startswith("not computed")
+    assert (out / "eval.md").read_text().count("|") > 20 and (out / "eval_grid.png").is_file()
+    assert "| PSNR (dB) |" in r.stdout
+
+
+def test_one_and_two_processes_give_the_same_numbers(trained):
+    evaluate("--model", trained / "run", "--data", trained / "val", "--output", trained / "p1", "--num-samples", "17")
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", "29633", "-m", "stages.evaluate",
+           "--lpips-backbone", "random", "--model", str(trained / "run"), "--data", str(trained / "val"),
+           "--output", str(trained / "p2"), "--num-samples", "17"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 process(es)" in r.stdout
+    one = json.loads((trained / "p1" / "eval.json").read_text())
+    two = json.loads((trained / "p2" / "eval.json").read_text())
+    assert one["samples"] == two["samples"] == 17
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, prefix + k + ".")
+            elif isinstance(v, list):
+                for i, x in enumerate(v):
+                    yield f"{prefix}{k}[{i}]", x
+            else:
+                yield prefix + k, v
+
+    a, b = dict(flat(one)), dict(flat(two))
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], float):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+        elif k not in ("data", "model"):
+            assert a[k] == b[k], k
+
+
+def test_plain_diffusers_folder_evaluates(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(16, 32), norm_num_groups=8, latent_channels=4, sample_size=32)
+    vae.save_pretrained(tmp_path / "vae")
+    make_shards(tmp_path / "data", 2, 3, size=(40, 40))
+    evaluate("--model", tmp_path / "vae", "--data", tmp_path / "data", "data.resolution=32", "data.num_workers=0")
+    res = json.loads((tmp_path / "vae" / "eval.json").read_text())
+    assert res["samples"] == 6 and res["active_units"]["latent_dims"] == 4 * 16 * 16
+    assert res["latents"]["scaling_factor"] > 0
+
+
+def test_vq_model_reports_codebook(trained, tmp_path):
+    from stages.train import run
+
+    run([*TINY, f"data.train={trained / 'train'}", f"output_dir={tmp_path / 'vq'}", "model.kind=vq",
+         "train.max_steps=4", "train.checkpoint_every=4"])
+    evaluate("--model", tmp_path / "vq", "--data", trained / "val")
+    cb = json.loads((tmp_path / "vq" / "eval.json").read_text())["codebook"]
+    assert cb["size"] == 256 and cb["used"] + cb["dead_codes"] == 256 and cb["perplexity"] >= 1
+
+
+def test_bad_inputs(trained, tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    r = evaluate("--model", tmp_path / "notamodel", "--data", trained / "val", check=False)
+    assert r.returncode == 2 and "not an autoencoder" in r.stderr and "Traceback" not in r.stderr
+    write_tar(tmp_path / "noimg.tar", [{"__key__": "a", "txt": b"caption only"}])
+    r = evaluate("--model", trained / "run", "--data", tmp_path / "noimg.tar", "--output", tmp_path / "o", check=False)
+    assert r.returncode == 2 and "no decodable images" in r.stderr
+    r = evaluate("--model", trained / "run", "--data", trained / "val", "--num-samples", "1000", "--output",
+                 tmp_path / "o2")
+    assert "asked for 1000 samples, the data holds 20; evaluating 20" in r.stderr
+    assert json.loads((tmp_path / "o2" / "eval.json").read_text())["samples"] == 20
