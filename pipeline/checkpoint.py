@@ -13,10 +13,12 @@ folder (newest checkpoint, EMA by default), one checkpoint folder, or a diffuser
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -82,6 +84,31 @@ def save_object(path: Path, obj) -> None:
 def load_object(path: Path):
     """Optimizer / scheduler / RNG state: plain containers of tensors and numbers; never executes pickled code."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and plain numbers (loadable with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(mt),
+        "python_version": version,
+        "python_gauss": gauss,
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def read_trainer_state(ckpt: Path) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import sys
@@ -105,29 +104,6 @@ def make_scheduler(opt, cfg: Config, offset: int = 0):
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s + offset, t.warmup_steps, t.max_steps, t.lr_schedule)
     )
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 @dataclass
@@ -247,7 +223,7 @@ def restore(path: Path, module, objective, ema, opt, opt_d, state: State, accele
     state.last_checkpoint = str(path)
     rng_file = path / f"rng-rank{accelerator.process_index}.pt"
     if rng_file.is_file():
-        set_rng_state(ckpt.load_object(rng_file))
+        ckpt.set_rng_state(ckpt.load_object(rng_file))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(ckpt.load_object(path / "scaler.pt"))
 
@@ -264,7 +240,7 @@ def save_checkpoint(tr: Trainer) -> Path:
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     acc.wait_for_everyone()
-    ckpt.save_object(staging / f"rng-rank{acc.process_index}.pt", rng_state())
+    ckpt.save_object(staging / f"rng-rank{acc.process_index}.pt", ckpt.rng_state())
     if acc.is_main_process:
         vae = tr.unwrapped.vae
         ckpt.save_tensors(staging / "autoencoder.safetensors", vae.state_dict())
