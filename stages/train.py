@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, config_to_dict, load_config, save_config
@@ -29,7 +31,7 @@ from pipeline.data.loader import make_loader, plan_subset, resolve_shards, to_mo
 from pipeline.errors import UserError
 from pipeline.losses import FirstStageObjective
 from pipeline.metrics.evaluator import EvalOptions, Evaluator
-from pipeline.models import build_autoencoder, is_vq, last_decoder_layer
+from pipeline.models import build_autoencoder, is_vq, last_decoder_layer, run_autoencoder
 from pipeline.train.ema import EMA
 from pipeline.train.module import TrainableAutoencoder, save_grid
 from pipeline.train.schedules import base_learning_rate, lr_factor
@@ -46,8 +48,6 @@ class Diverged(UserError):
 def print0(acc, msg: str) -> None:
     """Once per job (global rank 0), not once per node."""
     if acc.is_main_process:
-        from tqdm import tqdm
-
         tqdm.write(msg)  # above the progress bar, not through it
         sys.stdout.flush()
 
@@ -235,8 +235,6 @@ def save_checkpoint(tr: Trainer) -> Path:
     staging, final = ckpt.staging_dir(tr.run_dir, step), ckpt.checkpoint_dir(tr.run_dir, step)
     if acc.is_main_process:
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     acc.wait_for_everyone()
@@ -360,8 +358,6 @@ def apply_or_skip(tr: Trainer, bad: torch.Tensor, bad_loss: torch.Tensor, stop: 
 
 # ------------------------------------------------------------------------------------------------ fit
 def fit(tr: Trainer) -> State:
-    from tqdm import tqdm
-
     acc, cfg, st = tr.accelerator, tr.cfg, tr.state
     global_batch = cfg.train.batch_size * acc.num_processes
     bar = tqdm(total=cfg.train.max_steps, initial=st.step, disable=not acc.is_main_process, unit="step",
@@ -463,18 +459,13 @@ def write_grid(tr: Trainer) -> None:
     was_training = vae.training
     vae.eval()
     x = to_model_input(tr.fixed_batch, tr.accelerator.device)
-    from pipeline.models import run_autoencoder
-
     with tr.accelerator.autocast():
         rec = run_autoencoder(vae, x, sample_posterior=False).reconstruction
     vae.train(was_training)
-    path = save_grid(tr.fixed_batch, to_uint8(rec), tr.run_dir / "samples" / f"step-{tr.state.step:08d}.png")
+    grid = save_grid(tr.fixed_batch, to_uint8(rec), tr.run_dir / "samples" / f"step-{tr.state.step:08d}.png")
     for tracker in tr.accelerator.trackers:
         if tracker.name == "tensorboard":
-            import numpy as _np
-            from PIL import Image
-
-            tracker.writer.add_image("reconstructions", _np.asarray(Image.open(path)), tr.state.step, dataformats="HWC")
+            tracker.writer.add_image("reconstructions", grid, tr.state.step, dataformats="HWC")
 
 
 @torch.no_grad()
@@ -567,8 +558,6 @@ def main(argv=None) -> None:
     try:
         run(argv)
     except Diverged as e:
-        import sys
-
         print(f"firststage train: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_DIVERGED) from None
 

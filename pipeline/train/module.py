@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -41,8 +42,9 @@ class TrainableAutoencoder(nn.Module):
         return run_autoencoder(self.vae, x)
 
 
-def save_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> Path:
-    """uint8 [B, 3, H, W] inputs above their reconstructions, as one PNG (written atomically)."""
+def save_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> np.ndarray:
+    """uint8 [B, 3, H, W] inputs above their reconstructions, as one PNG (written atomically); returns the HxWx3
+    grid so callers can log it without reading the file back."""
     top = torch.cat(list(inputs.cpu()), dim=2)
     bottom = torch.cat(list(reconstructions.cpu()), dim=2)
     grid = torch.cat([top, bottom], dim=1).permute(1, 2, 0).contiguous().numpy()
@@ -51,4 +53,4 @@ def save_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, path: str | P
     tmp = path.with_name("." + path.name + ".tmp")
     Image.fromarray(grid).save(tmp, format="PNG")
     tmp.replace(path)
-    return path
+    return grid
