@@ -148,6 +148,11 @@ def resolve_model_path(path: str | Path) -> tuple[str, Path]:
     )
 
 
+def checkpoint_weights(folder: Path, ema: bool = True) -> Path:
+    """The EMA weights of a checkpoint when asked for and present, else its raw weights."""
+    return folder / ("ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else "autoencoder.safetensors")
+
+
 def load_autoencoder(path: str | Path, ema: bool = True, overrides: list[str] | None = None):
     """-> (model, Config). A checkpoint rebuilds the model from its own config.yaml; a diffusers folder loads with
     diffusers (safetensors only) and gets a Config describing it."""
@@ -159,8 +164,7 @@ def load_autoencoder(path: str | Path, ema: bool = True, overrides: list[str] | 
     if kind == "checkpoint":
         cfg = load_config(folder / "config.yaml", overrides)
         model = build_autoencoder(cfg.model, cfg.data.resolution)
-        weights = folder / ("ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else "autoencoder.safetensors")
-        model.load_state_dict(load_tensors(weights), strict=True)
+        model.load_state_dict(load_tensors(checkpoint_weights(folder, ema)), strict=True)
         return model, cfg
     cls = VQModel if json.loads((folder / "config.json").read_text())["_class_name"] == "VQModel" else AutoencoderKL
     try:
@@ -195,8 +199,7 @@ def load_weights_into(model, path: str | Path, ema: bool = True) -> str:
     """Initialise `model` from a run / checkpoint / diffusers folder (fine-tuning). Shapes must match the config."""
     kind, folder = resolve_model_path(path)
     if kind == "checkpoint":
-        name = "ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else "autoencoder.safetensors"
-        state = load_tensors(folder / name)
+        state = load_tensors(checkpoint_weights(folder, ema))
     else:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
@@ -212,7 +215,9 @@ def load_weights_into(model, path: str | Path, ema: bool = True) -> str:
                 f"{tuple(own[k].shape)}; set model.* to match the weights"
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
-    quantizer_stats = ("quantize.cluster_size", "quantize.embed_sum", "quantize.last_used", "quantize.steps", "quantize.restarts")
+    # a diffusers VQModel folder has no training statistics for our quantizer: they start fresh
+    quantize = getattr(model, "quantize", None)
+    quantizer_stats = {f"quantize.{n}" for n, _ in quantize.named_buffers()} if quantize is not None else set()
     missing = [k for k in missing if k not in quantizer_stats]
     if missing or unexpected:
         bad = (missing or unexpected)[0]

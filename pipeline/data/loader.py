@@ -267,6 +267,8 @@ def shard_sample_counts(spec) -> dict[str, int]:
     """Samples per shard: from the manifest when the spec is a prepared folder or manifest, else by listing tars."""
     import tarfile
 
+    from pipeline.data.prepare import split_key  # webdataset's key rule, one definition
+
     p = Path(str(spec)).expanduser()
     manifest = p / MANIFEST if p.is_dir() else p
     if manifest.is_file() and manifest.suffix == ".json":
@@ -278,9 +280,9 @@ def shard_sample_counts(spec) -> dict[str, int]:
         try:
             with tarfile.open(url) as tf:
                 for name in tf.getnames():
-                    base = name.rsplit("/", 1)[-1]
-                    if "." in base and not base.startswith("__"):
-                        keys.add(name[: len(name) - len(base)] + base.split(".", 1)[0])
+                    ks = split_key(name)
+                    if ks is not None and not ks[0].startswith("__"):
+                        keys.add(ks[0])
         except (tarfile.TarError, OSError):
             pass
         counts[url] = len(keys)
