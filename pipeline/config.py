@@ -187,13 +187,21 @@ class EvaluateConfig:
 
 @dataclass
 class EncodeConfig:
-    batch_size: int = _f(32, "per device", min=1)
-    shard_size: int = _f(10000, "samples per latent shard", min=1)
+    batch_size: int = _f(32, "images per device per encoder call", min=1)
     store: Literal["moments", "mean", "sample"] = _f(
-        "moments", "moments: mean and logvar (sample later); mean: posterior mean; sample: one draw"
+        "moments", "moments: posterior mean and logvar (the diffusion trainer samples fresh noise); mean; sample: one draw"
     )
-    dtype: Literal["float16", "bfloat16", "float32"] = _f("float16", "dtype of stored latents")
-    crop: Literal["center", "none"] = _f("center", "center crop to data.resolution, or encode at native size")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = _f(
+        "auto", "dtype of stored latents; auto: bfloat16 on GPUs that have it, else float32"
+    )
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = _f(
+        "auto", "autocast of the encoder; auto: bf16 on GPUs that have it, else full precision"
+    )
+    flip: bool = _f(False, "also store the latents of the horizontally flipped image (*_flip)")
+    buckets: str = _f(
+        "none", "none: square data.resolution crops; auto: aspect-ratio buckets of about data.resolution^2 pixels; "
+        "or WxH,WxH,..."
+    )
 
 
 @dataclass
@@ -407,11 +415,11 @@ def config_to_dict(cfg) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every key, defaults included) so a run is reproducible from its folder."""
+    from pipeline.io import atomic_write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:

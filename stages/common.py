@@ -1,4 +1,4 @@
-"""What every stage shares: config arguments, one-line user errors, a rank-0 print."""
+"""What every stage shares: config arguments, one-line user errors, and the rank logic (print once, all-reduce)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,53 @@ import sys
 from pipeline.errors import UserError
 
 
+def is_main_process() -> bool:
+    """Global rank 0 (RANK unset or 0), also before any process group exists."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def print0(*args, **kwargs) -> None:
-    """Print on the main process only (RANK/LOCAL_RANK unset or 0)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
+    """Print once per job (global rank 0), not once per process; above a tqdm bar when one is running."""
+    if is_main_process():
+        from tqdm import tqdm
+
+        file = kwargs.pop("file", sys.stdout)
+        tqdm.write(" ".join(str(a) for a in args), file=file, **kwargs)
+        file.flush()
+
+
+def all_reduce(tensors: list, op: str = "sum", device=None) -> list:
+    """Reduce a list of tensors across all processes in one flat all-reduce (sum, mean or max); returns new
+    tensors on their original devices. Identity in a single process."""
+    import torch
+    import torch.distributed as dist
+
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [t.clone() for t in tensors]
+    device = device or tensors[0].device
+    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64 if t.dtype == torch.float64 else torch.float32)
+                      for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if op == "mean":
+        flat /= dist.get_world_size()
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t).to(t.device, t.dtype))
+        offset += t.numel()
+    return out
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """'auto' -> bf16 on a GPU that has it, else 'no'."""
+    import torch
+
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:

@@ -1,7 +1,6 @@
 """The evaluate stage and its metrics."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,12 +9,10 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from conftest import ROOT, make_shards, write_tar
+from helpers import ENV, ROOT, TINY, accelerate_launch, make_shards, write_tar
 from pipeline.metrics import psnr, ssim
 from pipeline.metrics.latent import MomentSums, active_units, latent_statistics
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TINY = ["--config", "tiny", "data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=16"]
 
 
 def test_psnr_ssim_agree_with_scikit_image():
@@ -97,11 +94,8 @@ def test_iwae_bound_is_at_least_elbo_and_tightens_with_k(trained):
 
 def test_one_and_two_processes_give_the_same_numbers(trained):
     evaluate("--model", trained / "run", "--data", trained / "val", "--output", trained / "p1", "--num-samples", "17")
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", "29633", "-m", "stages.evaluate",
-           "--lpips-backbone", "random", "--model", str(trained / "run"), "--data", str(trained / "val"),
-           "--output", str(trained / "p2"), "--num-samples", "17"]
-    r = subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    r = accelerate_launch("stages.evaluate", "--lpips-backbone", "random", "--model", trained / "run", "--data",
+                          trained / "val", "--output", trained / "p2", "--num-samples", "17", module=True, port=29633)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 2 process(es)" in r.stdout
     one = json.loads((trained / "p1" / "eval.json").read_text())

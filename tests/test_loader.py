@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import image_bytes, make_shards, random_image, write_tar
+from helpers import image_bytes, make_shards, random_image, write_tar
 from pipeline.data.loader import ImageStream, make_loader, resolve_shards, to_model_input, to_uint8
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.errors import UserError

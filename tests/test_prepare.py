@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from conftest import ROOT, image_bytes, make_shards, random_image, write_images, write_tar
+from helpers import ROOT, image_bytes, make_shards, random_image, write_images, write_tar
 from pipeline.data.prepare import PrepareOptions, list_sources, plan_part, prepare, write_shard, shard_name
 from pipeline.errors import UserError
 

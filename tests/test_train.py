@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_shards
+from helpers import ENV, ROOT, TINY, accelerate_launch, make_shards
 from pipeline.checkpoint import find_resume_path, list_checkpoints, read_trainer_state
 from pipeline.losses.objective import FirstStageObjective
 
-TINY = ["--config", "tiny", "data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=16"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +98,7 @@ def test_too_many_bad_steps_stop_with_last_checkpoint(shards, tmp_path, monkeypa
 
 
 def launch(*args, report, nproc=2):
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29611",
-           str(ROOT / "tests" / "scripts" / "train_report.py"), str(report), *TINY, *args]
-    return subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    return accelerate_launch(str(ROOT / "tests" / "scripts" / "train_report.py"), report, *TINY, *args, nproc=nproc)
 
 
 def read_reports(report: Path, n: int) -> list[dict]:

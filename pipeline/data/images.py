@@ -105,10 +105,36 @@ def crop_box_train(w: int, h: int, crop: str, scale: tuple[float, float], rng: r
     return left, top, left + side, top + side
 
 
-def crop_box_center(w: int, h: int):
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return left, top, left + s, top + s
+def crop_box_center(w: int, h: int, aspect: float = 1.0):
+    """The largest centered box of aspect ratio `aspect` (width / height) inside a w x h image, in its pixels."""
+    bw, bh = (w, max(1, round(w / aspect))) if w / h <= aspect else (max(1, round(h * aspect)), h)
+    bw, bh = min(bw, w), min(bh, h)
+    left, top = (w - bw) // 2, (h - bh) // 2
+    return left, top, left + bw, top + bh
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone. Raises BadImage."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception:
+        raise BadImage("not an image (unrecognised format)") from None
+
+
+def crop_to(data: bytes, width: int, height: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int, int, int]]:
+    """Resize to cover width x height and center-crop (the encode stage's fixed-square and bucket policy).
+    Returns (uint8 HxWx3 array, the image's own (width, height), crop box (l, t, r, b) in its pixels)."""
+    w, h = image_size(data)
+    box = crop_box_center(w, h, width / height)
+    need = math.ceil(min(w, h) * width / (box[2] - box[0]))  # shorter side the (draft) decode must keep
+    img = open_image(data, min_shorter_side=need)
+    if img.size == (w, h) and (box[2] - box[0], box[3] - box[1]) == (width, height):
+        return np.array(img.crop(box)), (w, h), box
+    sx, sy = img.width / w, img.height / h  # a JPEG draft decode is smaller than the header says
+    scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return np.array(img.resize((width, height), CROP_RESAMPLE, box=scaled, reducing_gap=3.0)), (w, h), box
 
 
 def to_array(
@@ -123,11 +149,14 @@ def to_array(
     crop='none', the full image. Crop and resize happen in one PIL call on the (draft-decoded) image."""
     if crop == "none" or resolution is None:
         return np.array(open_image(data))
+    if crop == "center":  # the same pixels the encode stage feeds the model
+        arr = crop_to(data, resolution, resolution)[0]
+        return np.ascontiguousarray(arr[:, ::-1]) if flip and rng is not None and rng.random() < 0.5 else arr
     # random-resized crops cover as little as scale[0] of the area: decode large enough that they stay sharp
     need = resolution if crop != "random-resized" else math.ceil(resolution / math.sqrt(scale[0]))
     img = open_image(data, min_shorter_side=need)
     w, h = img.size
-    box = crop_box_center(w, h) if crop == "center" else crop_box_train(w, h, crop, scale, rng)
+    box = crop_box_train(w, h, crop, scale, rng)
     if box[2] - box[0] == resolution and box[3] - box[1] == resolution:
         img = img.crop(box)
     else:

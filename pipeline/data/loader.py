@@ -31,7 +31,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.utils import make_seed
 
 from pipeline.data.images import CAPTION_EXTS, IMAGE_EXTS, BadImage, to_array
-from pipeline.data.shards import MANIFEST, read_manifest
+from pipeline.data.shards import MANIFEST, read_manifest, split_key
 from pipeline.errors import UserError
 
 
@@ -70,7 +70,7 @@ def resolve_shards(spec) -> list[str]:
     return urls
 
 
-def _worker_slot() -> tuple[int, int]:
+def worker_slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
@@ -92,7 +92,91 @@ def _warn_and_continue(exn: Exception) -> bool:
     return True
 
 
-class ImageStream(IterableDataset):
+def read_samples(urls, limits: dict[str, int] | None = None, handler=None):
+    """Raw samples (ext -> bytes, `__key__`, `__url__`) of each shard in turn; each shard file is closed as soon as
+    it is read. A broken member or tail is passed to `handler` (default: warn) and reading goes on."""
+    handler = handler or _warn_and_continue
+    for url in urls:
+        try:
+            stream = gopen(url)
+        except Exception as e:
+            handler(e)
+            continue
+        try:
+            files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=handler))
+            limit = (limits or {}).get(url)
+            for i, sample in enumerate(group_by_keys(files, handler=handler)):
+                if limit is not None and i >= limit:
+                    break
+                yield sample
+        except Exception as e:  # a tar broken mid-way: keep what was read, go on with the next shard
+            handler(e)
+        finally:
+            stream.close()
+
+
+class ShardStream(IterableDataset):
+    """Raw samples (dicts of extension -> bytes, `__key__`, `__url__`) of tar shards, in one of two modes:
+    train (endless, resampled shards, shuffle buffer, seeded per rank / worker / epoch) or eval (every sample exactly
+    once across ranks and workers, in shard order). Subclasses turn a raw sample into what they yield (`decode`)."""
+
+    def __init__(self, urls: list[str], mode: str = "train", shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, epoch: int = 0, limits: dict[str, int] | None = None):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be train or eval, got {mode}")
+        if not urls:
+            raise UserError("no shards to read")
+        self.urls, self.mode = list(urls), mode
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, epoch
+        self.limits = limits or {}  # eval: read at most this many samples of a shard (a fixed subset)
+        self.skipped = _SkipCounter()
+
+    def decode(self, sample: dict, rng: random.Random | None, train: bool):
+        raise NotImplementedError
+
+    def _samples(self, urls):
+        return read_samples(urls, self.limits)
+
+    def _train_iter(self):
+        worker, num_workers = worker_slot()
+        rng = random.Random(make_seed(self.seed, self.rank, worker, self.epoch))
+        buffer: list = []
+
+        def endless_urls():
+            while True:
+                yield rng.choice(self.urls)
+
+        for sample in self._samples(endless_urls()):
+            if self.shuffle_buffer > 1:
+                buffer.append(sample)
+                if len(buffer) < self.shuffle_buffer:
+                    continue
+                i = rng.randrange(len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                sample = buffer.pop()
+            out = self.decode(sample, rng, train=True)
+            if out is not None:
+                yield out
+
+    def _eval_iter(self):
+        worker, num_workers = worker_slot()
+        slots = self.world_size * num_workers
+        slot = self.rank * num_workers + worker
+        if len(self.urls) >= slots:
+            stream = self._samples(self.urls[slot::slots])
+        else:
+            stream = (s for i, s in enumerate(self._samples(self.urls)) if i % slots == slot)
+        for sample in stream:
+            out = self.decode(sample, None, train=False)
+            if out is not None:
+                yield out
+
+    def __iter__(self):
+        return self._train_iter() if self.mode == "train" else self._eval_iter()
+
+
+class ImageStream(ShardStream):
     """Samples as dicts: `image` (uint8 HxWx3 tensor), `__key__`, `__url__`, and `txt` / `json` captions if present.
 
     In train mode only `image` is kept, to keep inter-process traffic small."""
@@ -112,44 +196,15 @@ class ImageStream(IterableDataset):
         epoch: int = 0,
         limits: dict[str, int] | None = None,
     ):
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be train or eval, got {mode}")
-        if not urls:
-            raise UserError("no shards to read")
-        self.urls = list(urls)
+        super().__init__(urls, mode, shuffle_buffer, seed, rank, world_size, epoch, limits)
         crop = crop or ("random" if mode == "train" else "center")
         if mode == "eval" and crop not in ("center", "none"):
             raise ValueError(f"eval mode crops 'center' or 'none', got {crop!r}")
-        self.mode, self.resolution, self.crop, self.flip = mode, resolution, crop, flip
+        self.resolution, self.crop, self.flip = resolution, crop, flip
         self.scale = tuple(scale)
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, epoch
-        self.limits = limits or {}  # eval: read at most this many samples of a shard (a fixed subset)
-        self.skipped = _SkipCounter()
 
-    # -- reading
-    def _samples(self, urls):
-        """Samples of each shard in turn; each shard file is closed as soon as it is read."""
-        for url in urls:
-            try:
-                stream = gopen(url)
-            except Exception as e:
-                _warn_and_continue(e)
-                continue
-            try:
-                files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=_warn_and_continue))
-                limit = self.limits.get(url)
-                for i, sample in enumerate(group_by_keys(files, handler=_warn_and_continue)):
-                    if limit is not None and i >= limit:
-                        break
-                    yield sample
-            except Exception as e:  # a tar broken mid-way: keep what was read, go on with the next shard
-                _warn_and_continue(e)
-            finally:
-                stream.close()
-
-    def _decode(self, sample: dict, rng: random.Random | None, train: bool):
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    def decode(self, sample: dict, rng: random.Random | None, train: bool):
+        ext = image_member(sample)
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         if ext is None:
             self.skipped(where, BadImage("no image member"))
@@ -168,43 +223,10 @@ class ImageStream(IterableDataset):
                 out[cap] = sample[cap].decode("utf-8", errors="replace")
         return out
 
-    # -- modes
-    def _train_iter(self):
-        worker, num_workers = _worker_slot()
-        rng = random.Random(make_seed(self.seed, self.rank, worker, self.epoch))
-        buffer: list = []
 
-        def endless_urls():
-            while True:
-                yield rng.choice(self.urls)
-
-        for sample in self._samples(endless_urls()):
-            if self.shuffle_buffer > 1:
-                buffer.append(sample)
-                if len(buffer) < self.shuffle_buffer:
-                    continue
-                i = rng.randrange(len(buffer))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                sample = buffer.pop()
-            out = self._decode(sample, rng, train=True)
-            if out is not None:
-                yield out
-
-    def _eval_iter(self):
-        worker, num_workers = _worker_slot()
-        slots = self.world_size * num_workers
-        slot = self.rank * num_workers + worker
-        if len(self.urls) >= slots:
-            stream = self._samples(self.urls[slot::slots])
-        else:
-            stream = (s for i, s in enumerate(self._samples(self.urls)) if i % slots == slot)
-        for sample in stream:
-            out = self._decode(sample, None, train=False)
-            if out is not None:
-                yield out
-
-    def __iter__(self):
-        return self._train_iter() if self.mode == "train" else self._eval_iter()
+def image_member(sample: dict) -> str | None:
+    """The extension of a sample's image member (the first of IMAGE_EXTS present), or None."""
+    return next((e for e in IMAGE_EXTS if e in sample), None)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -266,8 +288,6 @@ def make_loader(
 def shard_sample_counts(spec) -> dict[str, int]:
     """Samples per shard: from the manifest when the spec is a prepared folder or manifest, else by listing tars."""
     import tarfile
-
-    from pipeline.data.prepare import split_key  # webdataset's key rule, one definition
 
     p = Path(str(spec)).expanduser()
     manifest = p / MANIFEST if p.is_dir() else p

@@ -40,13 +40,13 @@ from pipeline.data.shards import (
     ShardWriter,
     atomic_write_json,
     part_manifest_name,
-    remove_stale_temporaries,
+    split_key,
 )
+from pipeline.io import remove_stale_temporaries
 from pipeline.errors import UserError
 
 FORMATS = ("jpg", "webp", "keep")
 PROGRESS_DIR = ".progress"
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split (first dot of basename)
 
 
 @dataclass
@@ -93,11 +93,6 @@ def parse_part(text: str) -> tuple[int, int]:
 #   ("file", key, image_path, {caption_ext: path})
 #   ("tar",  key, tar_path,   {ext: (offset, size)})
 #   ("bad",  key, where,      reason)                 -- found broken while listing; recorded as skipped
-
-
-def split_key(name: str) -> tuple[str, str] | None:
-    m = _KEY_RE.match(name)
-    return (m.group(1), m.group(2).lower()) if m else None
 
 
 def _sanitize_key(rel: str) -> str:

@@ -1,6 +1,6 @@
 """Webdataset shard files and their manifest.
 
-A shard is a plain POSIX tar whose members are `{key}.{ext}`; members of one sample are adjacent. Shards are written
+A shard is a plain POSIX (PAX) tar whose members are `{key}.{ext}`; members of one sample are adjacent. Shards are written
 under a temporary name and renamed when closed, so a file named `*.tar` is always complete. `manifest.json` beside
 the shards lists them with their sample counts and every input that was skipped, with the reason.
 """
@@ -8,31 +8,24 @@ the shards lists them with their sample counts and every input that was skipped,
 from __future__ import annotations
 
 import io
-import json
 import os
+import re
 import tarfile
 import time
 from pathlib import Path
 from typing import Iterable
 
 from pipeline.errors import UserError
+from pipeline.io import atomic_write_json, read_json, temporary_name
 
 MANIFEST = "manifest.json"
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split (first dot of basename)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename: readers never see a half file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+def split_key(name: str) -> tuple[str, str] | None:
+    """A tar member name -> (sample key, extension), as webdataset groups members into samples."""
+    m = _KEY_RE.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
 
 
 class ShardWriter:
@@ -40,9 +33,9 @@ class ShardWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.tmp = temporary_name(self.path)
         self._file = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # no 100-character name limit
         self.count = 0
         self._mtime = time.time()
 
@@ -62,16 +55,26 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
-    def close(self) -> None:
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+    def seal(self) -> None:
+        """Finish the tar under its temporary name and fsync it (a record can then be written before commit)."""
+        if not self._file.closed:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+    def commit(self) -> None:
+        """Rename to the final name: from here on the shard counts as complete."""
         os.replace(self.tmp, self.path)
 
+    def close(self) -> None:
+        self.seal()
+        self.commit()
+
     def abort(self) -> None:
-        self._tar.close()
-        self._file.close()
+        if not self._file.closed:
+            self._tar.close()
+            self._file.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self):
@@ -81,25 +84,10 @@ class ShardWriter:
         self.abort() if exc_type else self.close()
 
 
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete `.name.tmp` leftovers of a killed run; returns how many."""
-    n = 0
-    for p in Path(folder).glob(".*.tmp"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
-
-
 # ---------------------------------------------------------------------------------------------------- manifests
 def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"manifest not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or "shards" not in data:
+    data = read_json(path, "manifest")
+    if "shards" not in data:
         raise UserError(f"{path}: not a firststage manifest (no 'shards' list)")
     return data
 

@@ -59,7 +59,7 @@ class Evaluator:
         self.ch = MomentSums((latent_c,))
         self.all = MomentSums(())
         self.buffered: list[tuple] = []  # likelihood subset: (x, mean, logvar, keys), bounds computed at the end
-        self.code_counts = torch.zeros(model.quantize.num_codes, dtype=torch.float64) if self.vq else None
+        self.code_counts = torch.zeros(model.quantize.n_e, dtype=torch.float64) if self.vq else None
         self.grid: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _add(self, name: str, value: torch.Tensor, per_channel: bool = False) -> None:
@@ -74,7 +74,7 @@ class Evaluator:
         if self.vq:
             out = run_autoencoder(self.model, x)
             rec = out.reconstruction
-            self.code_counts += torch.bincount(out.codes.flatten(), minlength=self.model.quantize.num_codes).double().cpu()
+            self.code_counts += torch.bincount(out.codes.flatten(), minlength=self.model.quantize.n_e).double().cpu()
             z = out.latents
         else:
             mean, logvar = encode_moments(self.model, x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pipeline.io import atomic_write_bytes
 from pipeline.models.autoencoder import AutoencoderOutput, is_vq, run_autoencoder
 
 
@@ -50,7 +52,7 @@ def save_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, path: str | P
     grid = torch.cat([top, bottom], dim=1).permute(1, 2, 0).contiguous().numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
     return grid

@@ -1,0 +1,361 @@
+"""Encoding image shards into latent shards: the loader stream, the encoder step and the shard writer.
+
+Exactly once without a coordinator: every input shard gives one output shard with the same base name, written
+under a temporary name; its record (records/NAME.json) is written next, then the tar is renamed. A shard counts as
+done only when both exist with the folder's settings, so a rerun after a kill at any moment redoes exactly the
+shards that were not finished. The work inside one shard is deterministic (the same batches, the same noise per
+key), so the output does not depend on how many processes or loader workers ran.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline.data.images import IMAGE_EXTS, BadImage, crop_to, image_size
+from pipeline.data.loader import image_member, read_samples, to_model_input, worker_slot
+from pipeline.data.shards import ShardWriter
+from pipeline.io import atomic_write_json
+from pipeline.latents.buckets import nearest_bucket, size_name
+from pipeline.latents.format import (
+    IDENTITY_KEYS,
+    LATENT_EXT,
+    META_EXT,
+    SOURCE_META_EXT,
+    keys_checksum,
+    record_path,
+)
+from pipeline.metrics.evaluator import key_generator
+from pipeline.models.autoencoder import encode_moments, is_vq
+
+STORE_TENSORS = {"moments": ("mean", "logvar"), "mean": ("mean",), "sample": ("sample",)}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def stored_tensors(kind: str, store: str, flip: bool) -> list[str]:
+    names = ["codes"] if kind == "vq" else list(STORE_TENSORS[store])
+    return names + [f"{n}_flip" for n in names] if flip else names
+
+
+def shard_name(url: str) -> str:
+    return Path(url).name
+
+
+# ------------------------------------------------------------------------------------------------ the stream
+class EncodeStream(IterableDataset):
+    """Whole input shards per loader worker. Yields batches of one shard and one bucket (no padding), then, after a
+    shard's last batch, an end marker carrying the samples it skipped and why."""
+
+    def __init__(self, urls: list[str], resolution: int, buckets: list[tuple[int, int]] | None, batch_size: int):
+        self.urls, self.resolution, self.buckets, self.batch_size = list(urls), resolution, buckets, batch_size
+
+    def __iter__(self):
+        worker, num_workers = worker_slot()
+        for url in self.urls[worker::num_workers]:
+            yield from self._shard(url)
+
+    def _shard(self, url: str):
+        name = shard_name(url)
+        pending: dict[tuple[int, int], list] = collections.defaultdict(list)
+        skipped: list[dict] = []
+        inputs = 0
+
+        def broken(e: Exception) -> bool:
+            skipped.append({"shard": name, "key": "", "reason": f"broken tar data ({type(e).__name__}: {e})"})
+            return True
+
+        for sample in read_samples([url], handler=broken):
+            inputs += 1
+            key = sample["__key__"]
+            try:
+                ext = image_member(sample)
+                if ext is None:
+                    raise BadImage("no image member")
+                w, h = image_size(sample[ext])
+                target = nearest_bucket(w, h, self.buckets) if self.buckets else (self.resolution, self.resolution)
+                arr, _, box = crop_to(sample[ext], *target)
+            except BadImage as e:
+                skipped.append({"shard": name, "key": key, "reason": str(e)})
+                continue
+            scale = target[0] / (box[2] - box[0])
+            meta = {"original_size": [w, h], "crop_box": list(box), "size": list(target),
+                    "crop_top_left": [round(box[1] * scale), round(box[0] * scale)],
+                    "bucket": size_name(target) if self.buckets else None, "shard": name}
+            extras = {}
+            for k, v in sample.items():
+                if k.startswith("__") or k in IMAGE_EXTS:
+                    continue
+                extras[SOURCE_META_EXT if k == META_EXT else k] = v
+            pending[target].append((key, arr, meta, extras))
+            if len(pending[target]) == self.batch_size:
+                yield self._batch(url, pending.pop(target))
+        for target in sorted(pending):
+            yield self._batch(url, pending[target])
+        yield {"shard": url, "end": True, "skipped": skipped, "inputs": inputs}
+
+    @staticmethod
+    def _batch(url: str, items: list) -> dict:
+        keys, arrays, metas, extras = zip(*items)
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return {"shard": url, "end": False, "images": images, "keys": list(keys), "meta": list(metas),
+                "extras": list(extras)}
+
+
+# ------------------------------------------------------------------------------------------------ the model
+@dataclass
+class EncodeSettings:
+    kind: str  # kl | vq
+    store: str  # moments | mean | sample
+    dtype: str  # float32 | float16 | bfloat16
+    flip: bool
+    autocast: torch.dtype | None = None  # bf16 / fp16 autocast on GPU, None for full precision
+    channels_last: bool = False
+
+    def tensor_dtype(self, name: str, num_codes: int = 0) -> torch.dtype:
+        if name.startswith("codes"):
+            return torch.int16 if num_codes <= 2**15 else torch.int32
+        return DTYPES[self.dtype]
+
+
+@torch.inference_mode()
+def encode_batch(model, images: torch.Tensor, keys: list[str], s: EncodeSettings, device) -> dict:
+    """uint8 [B, 3, H, W] -> {name: CPU tensor [B, ...] in its stored dtype}, plus `_finite` [B] (every stored value
+    finite, checked after the cast: fp16 overflows there) and `_stats` (count, sum, sumsq per channel, float64) of
+    the latent the reader yields, over the finite samples."""
+    x = to_model_input(images, device)
+    if s.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if s.flip:  # one forward for the image and its mirror: twice the batch, same numerics per half
+        x = torch.cat([x, x.flip(-1)])
+    n = images.shape[0]
+    with torch.autocast(device_type=torch.device(device).type, dtype=s.autocast, enabled=s.autocast is not None):
+        if is_vq(model):
+            h = model.quant_conv(model.encoder(x))
+            z_q, _, (_, _, codes) = model.quantize(h)
+            out = {"codes": codes.reshape(h.shape[0], h.shape[2], h.shape[3])}  # diffusers' quantizer gives them flat
+            yielded = {"codes": z_q.float()}
+        else:
+            mean, logvar = encode_moments(model, x)
+            mean, logvar = mean.float(), logvar.float()
+            if s.store == "sample":
+                eps = torch.stack([torch.randn(mean.shape[1:], generator=key_generator(k))
+                                   for k in keys + ([f"{k}/flip" for k in keys] if s.flip else [])]).to(mean)
+                out = {"sample": mean + torch.exp(0.5 * logvar) * eps}
+            else:
+                out = {"mean": mean, "logvar": logvar} if s.store == "moments" else {"mean": mean}
+            yielded = None
+    num_codes = model.quantize.n_e if is_vq(model) else 0  # ours and diffusers' quantizer
+    stored = {k: v.to(s.tensor_dtype(k, num_codes)) for k, v in out.items()}
+    finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for v in stored.values():
+        if v.is_floating_point():
+            finite &= torch.isfinite(v).flatten(1).all(1)
+    if yielded is None:  # what the reader yields, from the stored values: samples of N(mean, exp(logvar))
+        m = stored.get("mean", stored.get("sample")).double()
+        second = m * m + (stored["logvar"].double().exp() if "logvar" in stored else 0)
+    else:
+        m = yielded["codes"].double()
+        second = m * m
+    keep = finite.view(-1, 1, 1, 1).double()
+    elems = m.shape[2] * m.shape[3]
+    stats = {"count": (finite.double().sum() * elems).expand(m.shape[1]),
+             "sum": (m * keep).sum((0, 2, 3)), "sumsq": (second * keep).sum((0, 2, 3))}
+    result = {}
+    for k, v in stored.items():
+        result[k] = v[:n]
+        if s.flip:
+            result[f"{k}_flip"] = v[n:]
+    result = {k: v.cpu() for k, v in result.items()}
+    result["_finite"] = (finite[:n] & finite[n:]).cpu() if s.flip else finite.cpu()
+    result["_stats"] = {k: v.cpu() for k, v in stats.items()}
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ the writer
+@dataclass
+class LatentShard:
+    """One output shard in the making: its tar (opened on the first write), keys, statistics sums, skipped list."""
+
+    folder: Path
+    url: str
+    settings: dict
+    writer: ShardWriter | None = None
+    keys: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    buckets: dict = field(default_factory=dict)
+    shapes: dict = field(default_factory=dict)
+    stats: dict | None = None
+    non_finite: int = 0
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.url)
+
+    def _open(self) -> ShardWriter:
+        if self.writer is None:
+            self.writer = ShardWriter(self.folder / self.name)
+        return self.writer
+
+    def write_batch(self, batch: dict, out: dict) -> None:
+        w = self._open()
+        names = [k for k in out if not k.startswith("_")]
+        stats = out["_stats"]
+        self.stats = stats if self.stats is None else {k: self.stats[k] + stats[k] for k in stats}
+        for i, key in enumerate(batch["keys"]):
+            if not out["_finite"][i]:
+                self.non_finite += 1
+                self.skipped.append({"shard": self.name, "key": key,
+                                     "reason": f"non-finite latent (NaN/Inf in {self.settings['dtype']})"})
+                continue
+            tensors = {k: out[k][i].contiguous() for k in names}
+            sample = {"__key__": key, LATENT_EXT: safetensors_bytes(tensors),
+                      META_EXT: _json_bytes(batch["meta"][i]), **batch["extras"][i]}
+            w.write(sample)
+            self.keys.append(key)
+            bucket = batch["meta"][i]["bucket"] or size_name(tuple(batch["meta"][i]["size"]))
+            self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
+            self.shapes[bucket] = list(tensors[names[0]].shape)
+
+    def finish(self, skipped: list[dict], inputs: int) -> dict:
+        """Close the tar under its temporary name, write the record, then rename the tar: done."""
+        self.skipped += skipped
+        w = self._open()
+        channels = len(self.stats["sum"]) if self.stats else 0
+        record = {
+            "name": self.name,
+            "source": self.url,
+            "inputs": inputs,
+            "samples": len(self.keys),
+            "keys_sha256": keys_checksum(self.keys),
+            "skipped": self.skipped,
+            "non_finite": self.non_finite,
+            "buckets": self.buckets,
+            "latent_shapes": self.shapes,
+            "stats": {k: [float(v) for v in self.stats[k]] if self.stats else [0.0] * channels
+                      for k in ("count", "sum", "sumsq")},
+            "settings": {k: self.settings[k] for k in IDENTITY_KEYS},
+        }
+        w.seal()
+        path = record_path(self.folder, self.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, record)
+        w.commit()
+        return record
+
+
+def _json_bytes(obj) -> bytes:
+    import json
+
+    return (json.dumps(obj) + "\n").encode()
+
+
+class BackgroundWriter:
+    """Runs tar writes in one thread, in submission order, so the device never waits on disk; at most `depth` jobs
+    in flight (back-pressure), and an error in the thread surfaces at the next submit or at close()."""
+
+    def __init__(self, depth: int = 8):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latent-writer")
+        self.pending: collections.deque[Future] = collections.deque()
+        self.depth = depth
+
+    def submit(self, fn, *args) -> Future:
+        while len(self.pending) >= self.depth or (self.pending and self.pending[0].done()):
+            self.pending.popleft().result()
+        fut = self.pool.submit(fn, *args)
+        self.pending.append(fut)
+        return fut
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+@dataclass
+class EncodeResult:
+    shards: int = 0
+    samples: int = 0
+    skipped: int = 0
+    non_finite: int = 0
+    stopped: bool = False
+    records: list = field(default_factory=list)
+
+
+def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: EncodeSettings, device, *,
+                  resolution: int, buckets, batch_size: int, num_workers: int, pin_memory: bool = False,
+                  stop: threading.Event | None = None, progress=None) -> EncodeResult:
+    """Encode the given input shards into `folder`. Returns what was written. `stop` (set by a SIGTERM handler)
+    ends the loop at the next batch: finished shards stay, the shard in flight is redone by the next run."""
+    result = EncodeResult()
+    if not urls:
+        return result
+    workers = min(num_workers, len(urls))
+    loader = DataLoader(EncodeStream(urls, resolution, buckets, batch_size), batch_size=None, num_workers=workers,
+                        pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None)
+    writer = BackgroundWriter()
+    shards: dict[str, LatentShard] = {}
+    try:
+        for item in loader:
+            if stop is not None and stop.is_set():
+                result.stopped = True
+                break
+            url = item["shard"]
+            shard = shards.setdefault(url, LatentShard(folder, url, settings))
+            if item["end"]:
+                result.records.append(writer.submit(shard.finish, item["skipped"], item["inputs"]))
+                del shards[url]
+                if progress is not None:
+                    progress(url)
+                continue
+            out = encode_batch(model, item["images"], item["keys"], s, device)
+            writer.submit(shard.write_batch, item, out)
+    except RuntimeError:
+        # SLURM signals every process of the job: loader workers may die before the loop sees the stop flag
+        if stop is None or not stop.is_set():
+            raise
+        result.stopped = True
+    finally:
+        writer.close()
+        for shard in shards.values():  # interrupted: drop the unfinished tars' temporary files
+            if shard.writer is not None:
+                shard.writer.abort()
+    result.records = [f.result() for f in result.records]
+    for r in result.records:
+        result.shards += 1
+        result.samples += r["samples"]
+        result.skipped += len(r["skipped"])
+        result.non_finite += r["non_finite"]
+    return result
+
+
+def assign_shards(urls: list[str], counts: dict[str, int] | None, slots: int) -> list[list[str]]:
+    """Deal input shards to `slots` workers (ranks x parts) deterministically: balanced by sample count when the
+    counts are known (largest first to the least loaded slot), else round-robin. Each list keeps shard order."""
+    if not counts:
+        return [urls[i::slots] for i in range(slots)]
+    loads = [0] * slots
+    dealt: list[list[str]] = [[] for _ in range(slots)]
+    order = sorted(range(len(urls)), key=lambda i: (-counts.get(urls[i], 0), i))
+    for i in order:
+        j = min(range(slots), key=lambda k: (loads[k], k))
+        dealt[j].append(i)
+        loads[j] += max(1, counts.get(urls[i], 0))
+    return [[urls[i] for i in sorted(d)] for d in dealt]
+
+
+def non_finite_advice(non_finite: int, total: int) -> str:
+    if total and non_finite / total > 0.01:
+        return (f"; {non_finite} of {total} latents were NaN/Inf ({non_finite / total:.1%}): encode with "
+                f"encode.dtype=bfloat16 or float32 and encode.mixed_precision=bf16 or no")
+    return ""

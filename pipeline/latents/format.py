@@ -1,0 +1,200 @@
+"""The latent shard format: names, per-sample members, per-shard records, settings and the manifest.
+
+  latents/
+    shards-000000.tar          one per input shard, same base name; members per sample (key = the input's __key__):
+                                 KEY.latents.safetensors   mean + logvar | mean | sample (+ *_flip) | codes (VQ)
+                                 KEY.json                  original size, crop box, bucket, source shard
+                                 KEY.txt, KEY.source.json, ...  the input's other members, byte for byte
+    records/shards-000000.json per-shard record: samples, keys checksum, statistics sums, skipped samples
+    settings.json              what every shard in the folder was encoded with (model hash, store, dtype, ...)
+    manifest.json              all of it summed up, with scaling_factor / shift_factor
+
+docs/latent-format.md is the specification for readers that do not import firststage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_json, read_json
+
+FORMAT = "firststage-latent-shards/1"
+LATENT_EXT = "latents.safetensors"
+META_EXT = "json"
+SOURCE_META_EXT = "source.json"  # the input's own KEY.json, renamed so it cannot clash with ours
+RECORDS = "records"
+SETTINGS = "settings.json"
+MANIFEST = "manifest.json"
+# the settings that decide what a latent is: a folder never mixes latents that differ in any of them
+IDENTITY_KEYS = ("model_sha256", "kind", "store", "dtype", "resolution", "buckets", "flip")
+
+
+def record_path(folder: str | Path, shard_name: str) -> Path:
+    return Path(folder) / RECORDS / (Path(shard_name).stem + ".json")
+
+
+def model_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the state dict (names, dtypes, shapes, bytes in name order): the same weights give the same
+    hash whether they came from a run folder, a diffusers folder or a single file."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def keys_checksum(keys: list[str]) -> str:
+    """Order-independent checksum of a shard's sample keys (SHA-256 of the sorted keys, newline-joined)."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse an output folder that holds latents encoded differently (another model, store, dtype, resolution,
+    buckets or flip), naming what differs; --overwrite clears our files from it first."""
+    path = folder / SETTINGS
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    diff = [k for k in IDENTITY_KEYS if old.get(k) != settings.get(k)]
+    if not diff:
+        return
+    if not overwrite:
+        what = "; ".join(f"{k} {_short(old.get(k))} there, {_short(settings.get(k))} now" for k in diff)
+        raise UserError(f"--output {folder} holds latents encoded differently ({what}); use another folder or "
+                        f"--overwrite to replace them")
+    clear_folder(folder)
+
+
+def _short(v) -> str:
+    return v[:12] if isinstance(v, str) and len(v) == 64 else json.dumps(v)
+
+
+def clear_folder(folder: Path) -> None:
+    """Remove what an encode run wrote (shards that have a record, records, settings, manifest); nothing else."""
+    for rec in (folder / RECORDS).glob("*.json") if (folder / RECORDS).is_dir() else []:
+        (folder / (rec.stem + ".tar")).unlink(missing_ok=True)
+        rec.unlink()
+    for name in (SETTINGS, MANIFEST):
+        (folder / name).unlink(missing_ok=True)
+
+
+def write_settings(folder: Path, settings: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / SETTINGS, settings)
+
+
+# ---------------------------------------------------------------------------------------------------- records
+def is_complete(folder: Path, shard_name: str, settings: dict) -> bool:
+    """A shard is done when its tar and its record exist and the record was written with these settings."""
+    rec = record_path(folder, shard_name)
+    if not (folder / shard_name).is_file() or not rec.is_file():
+        return False
+    try:
+        r = json.loads(rec.read_text())
+    except json.JSONDecodeError:
+        return False
+    return all(r.get("settings", {}).get(k) == settings.get(k) for k in IDENTITY_KEYS)
+
+
+def read_records(folder: Path) -> list[dict]:
+    """Records of the shards that are complete (tar present), in name order."""
+    out = []
+    for rec in sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else []:
+        r = json.loads(rec.read_text())
+        if (folder / r["name"]).is_file():
+            out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+def channel_statistics(n: list[float], s: list[float], ss: list[float]) -> dict:
+    """Per-channel and overall mean / std from per-channel sums, and the diffusers-convention factors:
+    (z - shift_factor) * scaling_factor has zero mean and unit variance."""
+    n_all, s_all, ss_all = sum(n), sum(s), sum(ss)
+    if n_all == 0:
+        return {}
+    mean = [si / max(ni, 1) for ni, si in zip(n, s)]
+    std = [math.sqrt(max(ssi / max(ni, 1) - m * m, 0.0)) for ni, ssi, m in zip(n, ss, mean)]
+    m_all = s_all / n_all
+    std_all = math.sqrt(max(ss_all / n_all - m_all * m_all, 0.0))
+    return {
+        "channel_mean": [round(v, 6) for v in mean],
+        "channel_std": [round(v, 6) for v in std],
+        "mean": m_all,
+        "std": std_all,
+        "scaling_factor": 1.0 / std_all if std_all > 0 else None,
+        "shift_factor": m_all,
+    }
+
+
+def build_manifest(folder: Path, settings: dict, records: list[dict], expected: list[str] | None = None,
+                   processes: int | None = None) -> dict:
+    """Sum the per-shard records up. `expected`: the output shard names the current command asked for (the ones
+    without a record are listed as missing)."""
+    names = {r["name"] for r in records}
+    channels = len(records[0]["stats"]["sum"]) if records else 0
+    sums = {k: [sum(r["stats"][k][c] for r in records) for c in range(channels)] for k in ("count", "sum", "sumsq")}
+    buckets: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    for r in records:
+        for b, count in r["buckets"].items():
+            buckets[b] = buckets.get(b, 0) + count
+        shapes.update(r["latent_shapes"])
+    skipped = [s for r in records for s in r["skipped"]]
+    manifest = {
+        "format": FORMAT,
+        "model": settings["model"],
+        "kind": settings["kind"],
+        "store": settings["store"],
+        "tensors": settings["tensors"],
+        "dtype": settings["dtype"],
+        "resolution": settings["resolution"],
+        "buckets": buckets if settings["buckets"] else None,
+        "flip": settings["flip"],
+        "latent_shapes": shapes,
+        "shards": [{"name": r["name"], "samples": r["samples"], "source": r["source"], "keys_sha256": r["keys_sha256"],
+                    "skipped": len(r["skipped"])} for r in records],
+        "total": sum(r["samples"] for r in records),
+        "skipped_count": len(skipped),
+        "skipped": skipped,
+        "statistics": {**channel_statistics(sums["count"], sums["sum"], sums["sumsq"]),
+                       "of": settings["statistics_of"]},
+        "model_scaling_factor": settings["model"]["scaling_factor"],
+        "model_shift_factor": settings["model"]["shift_factor"],
+    }
+    if expected is not None:
+        manifest["missing"] = sorted(set(expected) - names)
+    if processes is not None:
+        manifest["processes"] = processes
+    return manifest
+
+
+def write_manifest(folder: Path, expected: list[str] | None = None, processes: int | None = None) -> dict:
+    """manifest.json from settings.json and the records in the folder (also `--rebuild-manifest`)."""
+    folder = Path(folder)
+    if not (folder / SETTINGS).is_file():
+        raise UserError(f"{folder}: no {SETTINGS}; not a firststage latent folder (run firststage encode first)")
+    settings = json.loads((folder / SETTINGS).read_text())
+    manifest = build_manifest(folder, settings, read_records(folder), expected, processes)
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder_or_file: str | Path) -> dict:
+    p = Path(folder_or_file)
+    p = p / MANIFEST if p.is_dir() else p
+    m = read_json(p, "latent manifest")
+    if m.get("format") != FORMAT:
+        raise UserError(f"{p}: not a firststage latent manifest (format {m.get('format')!r}, expected {FORMAT})")
+    return m

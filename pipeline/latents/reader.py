@@ -1,0 +1,110 @@
+"""Reading latent shards back: a dataset for the downstream diffusion trainer.
+
+  from pipeline.latents import LatentDataset
+  ds = LatentDataset("latents/train", batch_size=64)             # endless, shuffled, a different stream per rank
+  loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=4)
+  for batch in loader:
+      z = batch["latents"]            # [64, C, h, w], (z - shift_factor) * scaling_factor: unit variance
+      captions = batch["txt"]         # list of str (None where a sample has no caption)
+
+Moments are sampled with fresh noise every time (z = mean + exp(logvar / 2) * eps); a stored flip is chosen at random
+in train mode; batches hold one bucket each (never padded). `mode="eval"` reads every sample exactly once across
+ranks and loader workers, the unflipped latent, with noise seeded by the sample key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from webdataset.utils import make_seed
+
+from pipeline.data.loader import ShardStream, worker_slot
+from pipeline.latents.format import LATENT_EXT, META_EXT, read_manifest
+from pipeline.metrics.evaluator import key_generator
+
+
+def _default_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class LatentDataset(ShardStream):
+    """Samples (or, with batch_size, batches of one bucket) of a latent folder written by `firststage encode`.
+
+    Each sample: `latents` (float32 [C, h, w]; int64 codes for VQ), `__key__`, `meta` (original size, crop box,
+    bucket, source shard), `txt` (str or None) and every other carried member as bytes under its extension."""
+
+    def __init__(self, path: str | Path, mode: str = "train", batch_size: int | None = None, *, scale: bool = True,
+                 scaling_factor: float | None = None, shift_factor: float | None = None, sample: bool = True,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, epoch: int = 0,
+                 shuffle_buffer: int = 1000, drop_last: bool | None = None):
+        folder = Path(path)
+        folder = folder.parent if folder.is_file() else folder
+        self.manifest = read_manifest(folder)
+        urls = [str(folder / s["name"]) for s in self.manifest["shards"] if s["samples"] > 0]
+        r, w = _default_rank_world()
+        super().__init__(urls, mode, shuffle_buffer, seed, r if rank is None else rank,
+                         w if world_size is None else world_size, epoch)
+        stats = self.manifest["statistics"]
+        self.scaling_factor = scaling_factor if scaling_factor is not None else (stats.get("scaling_factor") or 1.0)
+        self.shift_factor = shift_factor if shift_factor is not None else (stats.get("shift_factor") or 0.0)
+        if not scale:
+            self.scaling_factor, self.shift_factor = 1.0, 0.0
+        self.sample, self.batch_size = sample, batch_size
+        self.drop_last = (mode == "train") if drop_last is None else drop_last
+        self._noise: torch.Generator | None = None
+
+    def decode(self, raw: dict, rng: random.Random | None, train: bool):
+        tensors = load_safetensors(raw[LATENT_EXT])
+        suffix = "_flip" if train and rng is not None and any(k.endswith("_flip") for k in tensors) \
+            and rng.random() < 0.5 else ""
+        if "codes" in tensors:
+            z = tensors["codes" + suffix].long()
+        else:
+            if "logvar" in tensors and self.sample:
+                mean, logvar = tensors["mean" + suffix].float(), tensors["logvar" + suffix].float()
+                gen = self._noise if train else key_generator(raw["__key__"])
+                z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+            else:
+                z = tensors[("mean" if "mean" in tensors else "sample") + suffix].float()
+            z = (z - self.shift_factor) * self.scaling_factor
+        out = {"latents": z, "__key__": raw["__key__"], "meta": json.loads(raw[META_EXT]),
+               "txt": raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else None}
+        for k, v in raw.items():
+            if not k.startswith("__") and k not in (LATENT_EXT, META_EXT, "txt"):
+                out[k] = v
+        return out
+
+    def __iter__(self):
+        worker, _ = worker_slot()
+        self._noise = torch.Generator().manual_seed(make_seed(self.seed, self.rank, worker, self.epoch, 1))
+        samples = super().__iter__()
+        if self.batch_size is None:
+            yield from samples
+            return
+        buffers: dict[tuple, list] = {}
+        for s in samples:
+            buf = buffers.setdefault(tuple(s["latents"].shape), [])
+            buf.append(s)
+            if len(buf) == self.batch_size:
+                yield collate_latents(buf)
+                buf.clear()
+        if not self.drop_last:
+            for buf in buffers.values():
+                if buf:
+                    yield collate_latents(buf)
+
+
+def collate_latents(samples: list[dict]) -> dict:
+    """Stack the latents of samples of one shape; everything else becomes a list."""
+    batch = {"latents": torch.stack([s["latents"] for s in samples])}
+    for k in samples[0]:
+        if k != "latents":
+            batch[k] = [s.get(k) for s in samples]
+    return batch

@@ -1,0 +1,91 @@
+"""What the tests share: tiny images and shards made on the fly, the tiny-run arguments, and subprocess launchers.
+
+  from helpers import ROOT, TINY, ENV, make_shards, accelerate_launch
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+# the tiny preset at 32 px, in the test process: no loader workers, a small shuffle buffer
+TINY = ["--config", "tiny", "data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=16"]
+# subprocesses: one intra-op thread each (they share two cores with the test process), the checkout on the path
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+def run_module(module: str, *args, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in the checkout, output captured."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env or ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(script_or_module: str, *args, nproc: int = 2, port: int = 29611, module: bool = False,
+                      timeout: int = 300) -> subprocess.CompletedProcess:
+    """A real `nproc`-process gloo world on the CPU (ACCELERATE_USE_CPU=1 + --multi_gpu), output captured."""
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           *(["-m"] if module else []), script_or_module, *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth random colour image (compresses like a photo, unlike white noise)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+
+
+def image_bytes(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, n: int, size=(96, 80), prefix: str = "img", captions: bool = False) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for i in range(n):
+        key = f"{prefix}{i:04d}"
+        random_image(*size, seed=i).save(folder / f"{key}.jpg", quality=90)
+        if captions:
+            (folder / f"{key}.txt").write_text(f"caption {i}")
+        keys.append(key)
+    return keys
+
+
+def write_tar(path: Path, samples: list[dict]) -> None:
+    """samples: dicts of ext -> bytes plus __key__."""
+    with tarfile.open(path, "w") as tf:
+        for s in samples:
+            for ext, data in s.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def make_shards(folder: Path, num_shards: int, per_shard: int, size=(80, 72), prefix="shard") -> list[str]:
+    """Image shards with unique keys s{shard}_{i} and a txt caption each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(num_shards):
+        samples = []
+        for i in range(per_shard):
+            img = random_image(*size, seed=s * 1000 + i)
+            samples.append({"__key__": f"s{s:03d}_{i:04d}", "jpg": image_bytes(img, quality=90),
+                            "txt": f"caption {s} {i}".encode()})
+        p = folder / f"{prefix}-{s:06d}.tar"
+        write_tar(p, samples)
+        paths.append(str(p))
+    return paths
