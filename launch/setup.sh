@@ -1,13 +1,30 @@
 #!/usr/bin/env bash
 # Installs firststage into the current Python (your venv or conda env if one is active).
 # torch: an importable torch is kept as it is; with none, the pair that is known to import together is installed.
+# When every requirement in pyproject.toml (with the test extra) is already installed at a version it allows, only
+# the editable install is pointed at this checkout (about 2 s instead of about 12 s for pip's full resolution).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" 2>/dev/null; then
   echo "setup: no torch found; installing torch==2.14.1 torchvision==0.29.1"
   "$PY" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 fi
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "Running pip as the 'root' user" || true
-"$PY" -c "import pipeline, stages, torch, torchvision, diffusers, accelerate, webdataset, lpips" \
-  || { echo "setup: firststage did not import after install" >&2; exit 1; }
+quiet() { grep -v "Running pip as the 'root' user" || true; }
+if "$PY" - <<'PYEOF' 2>/dev/null
+import importlib.metadata as md, tomllib
+import setuptools  # noqa: F401 (the editable install below builds without isolation)
+from packaging.requirements import Requirement
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+for line in project["dependencies"] + project["optional-dependencies"]["test"]:
+    req = Requirement(line)
+    if not req.specifier.contains(md.version(req.name), prereleases=True):
+        raise SystemExit(1)
+PYEOF
+then
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | quiet
+else
+  "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | quiet
+  "$PY" -c "import pipeline, stages, torch, torchvision, diffusers, accelerate, webdataset, lpips" \
+    || { echo "setup: firststage did not import after install" >&2; exit 1; }
+fi

@@ -5,9 +5,11 @@
       optimizer.pt  optimizer_d.pt  schedulers.pt  scaler.pt  rng-rank{r}.pt   (torch.load(weights_only=True))
       trainer.json  config.yaml
 
-A checkpoint is written under `.step-XXXXXXXX.tmp/` and renamed when every rank has written its part, so a folder
-named `step-*` is always complete: a run killed during a save resumes from the previous one. Weights load from a run
-folder (newest checkpoint, EMA by default), one checkpoint folder, or a diffusers folder; nothing is unpickled.
+This module is the only place these names are spelled: `save_training_checkpoint` writes them and
+`load_training_checkpoint` reads them; the trainer only collects state dicts. A checkpoint is written under
+`.step-XXXXXXXX.tmp/` and renamed when every rank has written its part, so a folder named `step-*` is always
+complete: a run killed during a save resumes from the previous one. Weights load from a run folder (newest
+checkpoint, EMA by default), one checkpoint folder, or a diffusers folder; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -22,11 +24,63 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import Config, config_from_dict, load_config, merge_dicts, parse_overrides
+from pipeline.config import Config, config_from_dict, downsampling_factor, load_config, merge_dicts, parse_overrides, save_config
 from pipeline.errors import UserError
+from pipeline.io import atomic_write_json
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
+# the files of a checkpoint, by the state they hold
+TENSOR_FILES = {"autoencoder": "autoencoder.safetensors", "ema": "ema.safetensors", "objective": "objective.safetensors"}
+OBJECT_FILES = {"optimizer": "optimizer.pt", "optimizer_d": "optimizer_d.pt", "schedulers": "schedulers.pt",
+                "scaler": "scaler.pt"}
+TRAINER_FILE = "trainer.json"  # written last: its presence marks a complete folder
+CONFIG_FILE = "config.yaml"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def save_training_checkpoint(folder: str | Path, state: dict, rank: int = 0, main: bool = True) -> None:
+    """Write this process's part of a training checkpoint into `folder` (the staging folder).
+
+    `state`: autoencoder / ema / objective (tensor dicts -> safetensors), optimizer / optimizer_d / schedulers / scaler
+    (plain containers of tensors and numbers -> torch.save), rng (this rank's RNG state, written by every rank),
+    config (a Config -> config.yaml) and trainer (a dict -> trainer.json). A missing or None entry is not written.
+    Every rank writes rng-rank{rank}.pt; the main process writes the rest."""
+    folder = Path(folder)
+    if state.get("rng") is not None:
+        save_object(folder / rng_file(rank), state["rng"])
+    if not main:
+        return
+    for key, name in TENSOR_FILES.items():
+        if state.get(key):
+            save_tensors(folder / name, state[key])
+    for key, name in OBJECT_FILES.items():
+        if state.get(key) is not None:
+            save_object(folder / name, state[key])
+    if state.get("config") is not None:
+        save_config(state["config"], folder / CONFIG_FILE)
+    atomic_write_json(folder / TRAINER_FILE, state.get("trainer", {}))
+
+
+def load_training_checkpoint(folder: str | Path, rank: int = 0) -> dict:
+    """What save_training_checkpoint wrote, under the same keys (None where a file is absent); `rng` is this rank's.
+    Tensors load from safetensors and everything else with torch.load(weights_only=True): no pickled code runs."""
+    folder = Path(folder)
+    out: dict = {"trainer": read_trainer_state(folder)}
+    for key, name in TENSOR_FILES.items():
+        out[key] = load_tensors(folder / name) if (folder / name).is_file() else None
+    for key, name in OBJECT_FILES.items():
+        out[key] = load_object(folder / name) if (folder / name).is_file() else None
+    out["rng"] = load_object(folder / rng_file(rank)) if (folder / rng_file(rank)).is_file() else None
+    return out
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """A complete firststage checkpoint folder (its trainer.json, written last, exists)."""
+    return (Path(folder) / TRAINER_FILE).is_file()
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -42,7 +96,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / "trainer.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and is_checkpoint(p)]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -74,7 +128,12 @@ def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except Exception as e:  # a truncated or hostile file: one line naming it, never a traceback
+        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
 def save_object(path: Path, obj) -> None:
@@ -83,7 +142,13 @@ def save_object(path: Path, obj) -> None:
 
 def load_object(path: Path):
     """Optimizer / scheduler / RNG state: plain containers of tensors and numbers; never executes pickled code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except Exception as e:  # torch's own message would advise weights_only=False: never print that
+        raise UserError(f"{path}: refused: not plain tensors and numbers, or damaged ({type(e).__name__}); "
+                        f"it was not executed") from None
 
 
 def rng_state() -> dict:
@@ -112,7 +177,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def read_trainer_state(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "trainer.json").read_text())
+    return json.loads((Path(ckpt) / TRAINER_FILE).read_text())
 
 
 # ------------------------------------------------------------------------------------------ loading models
@@ -131,7 +196,7 @@ def resolve_model_path(path: str | Path) -> tuple[str, Path]:
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"--model {path}: no such folder")
-    if (p / "autoencoder.safetensors").is_file() and (p / "config.yaml").is_file():
+    if (p / TENSOR_FILES["autoencoder"]).is_file() and (p / CONFIG_FILE).is_file():
         return "checkpoint", p
     if (p / CHECKPOINTS).is_dir():
         latest = find_resume_path(p)
@@ -150,7 +215,8 @@ def resolve_model_path(path: str | Path) -> tuple[str, Path]:
 
 def checkpoint_weights(folder: Path, ema: bool = True) -> Path:
     """The EMA weights of a checkpoint when asked for and present, else its raw weights."""
-    return folder / ("ema.safetensors" if ema and (folder / "ema.safetensors").is_file() else "autoencoder.safetensors")
+    ema_file = folder / TENSOR_FILES["ema"]
+    return ema_file if ema and ema_file.is_file() else folder / TENSOR_FILES["autoencoder"]
 
 
 def load_autoencoder(path: str | Path, ema: bool = True, overrides: list[str] | None = None):
@@ -162,7 +228,7 @@ def load_autoencoder(path: str | Path, ema: bool = True, overrides: list[str] | 
 
     kind, folder = resolve_model_path(path)
     if kind == "checkpoint":
-        cfg = load_config(folder / "config.yaml", overrides)
+        cfg = load_config(folder / CONFIG_FILE, overrides)
         model = build_autoencoder(cfg.model, cfg.data.resolution)
         model.load_state_dict(load_tensors(checkpoint_weights(folder, ema)), strict=True)
         return model, cfg
@@ -189,7 +255,7 @@ def config_for_diffusers(model, overrides: list[str] | None = None) -> Config:
     }
     if c.get("shift_factor") is not None:
         model_section["shift_factor"] = float(c["shift_factor"])
-    f = 2 ** (len(model_section["block_out_channels"]) - 1)
+    f = downsampling_factor(model_section["block_out_channels"])
     size = int(c.get("sample_size") or 256)
     data = {"resolution": size if size % f == 0 else 256}
     return config_from_dict(merge_dicts({"model": model_section, "data": data}, parse_overrides(overrides or [])))

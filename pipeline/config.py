@@ -48,6 +48,20 @@ class DataConfig:
     num_workers: int = _f(4, "loader worker processes per rank", min=0)
 
 
+@dataclass
+class PrepareConfig:
+    size: int = _f(256, "target size in pixels (prepare --size)", min=1)
+    resize: Literal["shorter-side", "longer-side", "center-crop"] = _f(
+        "shorter-side", "shorter-side / longer-side: scale down so that side is `size` (never up); center-crop: squares"
+    )
+    min_size: int = _f(0, "skip images whose shorter side is below this", min=0)
+    shard_size: int = _f(1000, "inputs per shard", min=1)
+    format: Literal["jpg", "webp", "keep"] = _f("jpg", "stored image format; keep: the source's (JPEG, PNG, WEBP)")
+    quality: int = _f(95, "JPEG / WEBP quality", min=1, max=100)
+    prefix: str = _f("shards", "shard name prefix: letters, digits, '_', '-', '.'")
+    workers: int = _f(1, "processes (decoding is CPU-bound)", min=1)
+
+
 # ---------------------------------------------------------------------------------------------------------- model
 @dataclass
 class CodebookConfig:
@@ -77,7 +91,12 @@ class ModelConfig:
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        return downsampling_factor(self.block_out_channels)
+
+
+def downsampling_factor(block_out_channels) -> int:
+    """Spatial downsampling of an AutoencoderKL / VQModel: one 2x step between consecutive levels."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------- loss
@@ -183,6 +202,9 @@ class EvaluateConfig:
         0.0, "scale of the discretised Gaussian decoder likelihood in [-1, 1] units; 0: learned (ML over the data)",
         min=0.0,
     )
+    lpips_backbone: Literal["pretrained", "random"] = _f(
+        "pretrained", "LPIPS backbone weights for the LPIPS rows; random: tests only, the numbers are meaningless"
+    )
 
 
 @dataclass
@@ -208,6 +230,7 @@ class EncodeConfig:
 class Config:
     output_dir: str = _f("runs/default", "run folder: config.yaml, checkpoints/, samples/, logs/")
     seed: int = _f(0, "global seed")
+    prepare: PrepareConfig = _f(PrepareConfig())
     data: DataConfig = _f(DataConfig())
     model: ModelConfig = _f(ModelConfig())
     loss: LossConfig = _f(LossConfig())
@@ -403,6 +426,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = _read_yaml(resolve_config_path(path)) if path else {}
     data = merge_dicts(data, parse_overrides(overrides or []))
     return validate(_build(Config, data))
+
+
+def validate_section(obj, prefix: str) -> None:
+    """Check one section instance (built in code, not from YAML) against the schema: types, choices, ranges."""
+    _check_ranges(_build(type(obj), dataclasses.asdict(obj), prefix), prefix)
 
 
 def config_from_dict(data: dict) -> Config:

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config key, type or value that the schema rejects."""
+
+
+class Diverged(UserError):
+    """Training diverged: too many non-finite steps in a row (exit code 3, naming the last good checkpoint)."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
 
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 
 
 def is_main_process() -> bool:
@@ -59,6 +60,34 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def add_alias_flags(parser: argparse.ArgumentParser, aliases: dict[str, tuple]) -> None:
+    """Flags that are aliases of config keys: {'--flag': ('section.key', type, help)}."""
+    for flag, (key, kind, what) in aliases.items():
+        parser.add_argument(flag, type=kind, help=f"{what} (alias of {key})")
+
+
+def alias_overrides(args, aliases: dict[str, tuple]) -> list[str]:
+    """key=value overrides for the alias flags that were given (they apply after the other overrides)."""
+    out = []
+    for flag, (key, _, _) in aliases.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+@contextlib.contextmanager
+def flags_named(aliases: dict[str, tuple]):
+    """A config error about an aliased key also names its flag."""
+    try:
+        yield
+    except ConfigError as e:
+        msg = str(e)
+        for flag, (key, _, _) in aliases.items():
+            msg = msg.replace(f"{key}:", f"{key} ({flag}):")
+        raise ConfigError(msg) from None
+
+
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument(
         "--config", required=required, metavar="PRESET|FILE",
@@ -75,7 +104,11 @@ def stage_main(fn):
 
     @functools.wraps(fn)
     def wrapper(argv=None):
-        prog = fn.__module__.rsplit(".", 1)[-1]
+        module = fn.__module__
+        if module == "__main__":  # python -m stages.X: the real name is on the module's spec
+            spec = getattr(sys.modules["__main__"], "__spec__", None)
+            module = spec.name if spec is not None else module
+        prog = module.rsplit(".", 1)[-1]
         try:
             return fn(argv)
         except UserError as e:

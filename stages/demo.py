@@ -9,6 +9,7 @@ with checkpoints, reconstruction grids and TensorBoard logs) -> evaluate it (eva
 from __future__ import annotations
 
 import argparse
+import io
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import UserError
+from pipeline.io import atomic_write_bytes, atomic_write_text
 from stages.common import stage_main
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
@@ -40,8 +42,10 @@ def write_demo_images(folder: Path) -> int:
             if a.ndim != 3 or a.shape[2] < 3:
                 continue
             stem = name if i == 0 else f"{name}_{i}"
-            Image.fromarray(a[..., :3].astype(np.uint8)).save(folder / f"{stem}.jpg", quality=95)
-            (folder / f"{stem}.txt").write_text(f"a photograph: {name.replace('_', ' ')}")
+            buf = io.BytesIO()
+            Image.fromarray(a[..., :3].astype(np.uint8)).save(buf, format="JPEG", quality=95)
+            atomic_write_bytes(folder / f"{stem}.jpg", buf.getvalue())
+            atomic_write_text(folder / f"{stem}.txt", f"a photograph: {name.replace('_', ' ')}")
             n += 1
     if n == 0:
         raise UserError("scikit-image shipped no colour photographs to build the demo from")

@@ -115,22 +115,25 @@ def settings_for(model, cfg, model_path: str, ema: bool, dtype: str, buckets) ->
 def main(argv=None) -> None:
     args = build_parser().parse_intermixed_args(argv)  # key=value may follow or precede the flags
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a folder")
     if args.rebuild_manifest:
-        m = lf.write_manifest(out)
-        print(f"encode: rebuilt {out / lf.MANIFEST}: {m['total']} samples in {len(m['shards'])} shards, "
-              f"{m['skipped_count']} skipped")
-        return
+        return rebuild_manifest(out)
     if not args.model or not args.data:
         raise UserError("--model and --data are required (or --output DIR --rebuild-manifest)")
     part, num_parts = parse_part(args.part)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file, not a folder")
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())  # installed first: a SIGTERM is never lost
     try:
         run(args, out, part, num_parts, stop)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def rebuild_manifest(out: Path) -> None:
+    m = lf.write_manifest(out)
+    print(f"encode: rebuilt {out / lf.MANIFEST} from {len(m['shards'])} shard records: {m['total']} samples, "
+          f"{m['skipped_count']} skipped")
 
 
 def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> None:

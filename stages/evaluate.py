@@ -10,9 +10,9 @@ Prints a table and writes eval.json, eval.md and a reconstruction grid PNG next 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,9 +20,10 @@ import torch
 from pipeline.checkpoint import load_autoencoder
 from pipeline.data.loader import make_loader, plan_subset
 from pipeline.errors import UserError
-from pipeline.metrics.evaluator import EvalOptions, Evaluator
+from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.metrics.evaluator import Evaluator
 from pipeline.train.module import save_grid
-from stages.common import stage_main
+from stages.common import add_alias_flags, alias_overrides, all_reduce, flags_named, print0, stage_main
 
 LPIPS_NETS = ("vgg", "alex")  # the two the published tables use
 
@@ -32,14 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="run folder, checkpoint folder, or diffusers AutoencoderKL/VQModel folder")
     p.add_argument("--data", required=True, help="shards: brace pattern, folder, list file or manifest.json")
-    p.add_argument("--num-samples", type=int, help="samples to evaluate (default evaluate.num_samples)")
     p.add_argument("--output", help="folder for eval.json, eval.md and the grid (default: the model folder)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights of a firststage checkpoint, not EMA")
-    p.add_argument("--lpips-backbone", choices=("pretrained", "random"), default="pretrained",
-                   help="random: tests only, the LPIPS numbers are meaningless")
+    add_alias_flags(p, ALIASES)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="e.g. evaluate.iwae_k=64 evaluate.batch_size=32 data.resolution=512")
     return p
+
+
+# flags that are aliases of config keys (one schema: the config validates them)
+ALIASES = {"--num-samples": ("evaluate.num_samples", int, "samples to evaluate"),
+           "--lpips-backbone": ("evaluate.lpips_backbone", str, "pretrained, or random (tests only)")}
 
 
 def load_perceptual(backbone: str, device) -> dict:
@@ -97,59 +101,54 @@ def format_table(res: dict) -> str:
 def main(argv=None) -> None:
     from accelerate import PartialState
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     start = time.time()
-    model, cfg = load_autoencoder(args.model, ema=not args.no_ema, overrides=args.overrides)
-    n = args.num_samples or cfg.evaluate.num_samples
-    if n < 1:
-        raise UserError(f"--num-samples must be >= 1, got {n}")
+    with flags_named(ALIASES):
+        model, cfg = load_autoencoder(args.model, ema=not args.no_ema, overrides=args.overrides + alias_overrides(args, ALIASES))
+    n = cfg.evaluate.num_samples
     urls, limits, planned = plan_subset(args.data, n)
     if planned == 0:
         raise UserError(f"--data {args.data}: the shards hold no samples")
     state = PartialState(cpu=not torch.cuda.is_available())
-    say = print if state.is_main_process else (lambda *a, **k: None)
-    if planned < n:
-        say(f"evaluate: warning: asked for {n} samples, the data holds {planned}; evaluating {planned}", file=sys.stderr)
+    asked = args.num_samples is not None or any(o.startswith("evaluate.num_samples=") for o in args.overrides)
+    if planned < n and asked:
+        print0(f"evaluate: warning: asked for {n} samples, the data holds {planned}; evaluating {planned}",
+               file=sys.stderr)
     device = state.device
     model = model.to(device).eval()
     fid, fid_reason = load_fid(device)
-    opts = EvalOptions(iwae_k=cfg.evaluate.iwae_k, likelihood_samples=cfg.evaluate.likelihood_samples,
-                       num_samples=planned, decoder_sigma=cfg.evaluate.decoder_sigma,
-                       active_threshold=cfg.evaluate.active_unit_threshold)
-    ev = Evaluator(model, opts, load_perceptual(args.lpips_backbone, device), cfg.data.resolution, device, fid)
+    ev = Evaluator(model, replace(cfg.evaluate, num_samples=planned), load_perceptual(cfg.evaluate.lpips_backbone, device),
+                   cfg.data.resolution, device, fid)
     loader = make_loader(urls, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
                          rank=state.process_index, world_size=state.num_processes, limits=limits)
     for batch in loader:
         ev.add(batch["image"], batch["__key__"])
-
-    def reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        if state.num_processes == 1:
-            return tensors
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
-        torch.distributed.all_reduce(flat)
-        flat, out, i = flat.cpu(), [], 0
-        for t in tensors:
-            out.append(flat[i : i + t.numel()].view_as(t))
-            i += t.numel()
-        return out
-
-    res = ev.finalize(reduce)
+    res = ev.finalize(lambda tensors: all_reduce(tensors, "sum", device))
     if res["samples"] == 0:
         raise UserError(f"--data {args.data}: no decodable images among the {planned} samples read")
     res["rfid"] = float(fid.compute()) if fid is not None else fid_reason
     res["model"], res["data"] = str(args.model), str(args.data)
+    res["weights"] = weights_used(args.model, not args.no_ema)
     table = format_table(res)
     if state.is_main_process:
         out = Path(args.output or args.model)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(res, indent=1) + "\n")
-        (out / "eval.md").write_text(f"# Evaluation of {args.model}\n\nData: {args.data}\n\n{table}\n")
+        atomic_write_json(out / "eval.json", res)
+        atomic_write_text(out / "eval.md", f"# Evaluation of {args.model}\n\nData: {args.data}\n\n{table}\n")
         if ev.grid is not None:
             save_grid(*ev.grid, out / "eval_grid.png")
-        say(table)
-        say(f"evaluate: {res['samples']} samples from {args.data} on {state.num_processes} process(es) in "
-            f"{time.time() - start:.1f}s; wrote {out / 'eval.json'}, eval.md, eval_grid.png")
+        print0(table)
+        print0(f"evaluate: {res['samples']} samples from {args.data} with {res['weights']} on {state.num_processes} "
+               f"process(es) in {time.time() - start:.1f}s; wrote {out / 'eval.json'}, eval.md, eval_grid.png")
     state.wait_for_everyone()
+
+
+def weights_used(model_path, ema: bool) -> str:
+    """Which weights were evaluated: a checkpoint's EMA or raw file, or a diffusers folder's."""
+    from pipeline.checkpoint import checkpoint_weights, resolve_model_path
+
+    kind, folder = resolve_model_path(model_path)
+    return f"{checkpoint_weights(folder, ema).name} ({folder.name})" if kind == "checkpoint" else "diffusers weights"
 
 
 if __name__ == "__main__":

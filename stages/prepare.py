@@ -9,14 +9,29 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 
 from tqdm import tqdm
 
-from pipeline.data.prepare import FORMATS, PrepareOptions, parse_part, prepare, summarize_skips
-from pipeline.data.images import RESIZE_MODES
+from pipeline.config import load_config
+from pipeline.data.prepare import PrepareOptions, parse_part, prepare, summarize_skips
 from pipeline.data.shards import merge_manifests
 from pipeline.errors import UserError
-from stages.common import stage_main
+from stages.common import add_alias_flags, add_config_args, alias_overrides, flags_named, stage_main
+
+
+# flags that are aliases of `prepare.*` config keys (the schema checks them); `--config` and key=value work too
+ALIASES = {
+    "--size": ("prepare.size", int, "target size in pixels (default 256)"),
+    "--resize": ("prepare.resize", str, "shorter-side / longer-side: scale down so that side is --size (never up); "
+                 "center-crop: squares"),
+    "--min-size": ("prepare.min_size", int, "skip images whose shorter side is below this"),
+    "--shard-size": ("prepare.shard_size", int, "inputs per shard (default 1000)"),
+    "--format": ("prepare.format", str, "jpg, webp, or keep the source format"),
+    "--quality": ("prepare.quality", int, "JPEG/WEBP quality (default 95)"),
+    "--prefix": ("prepare.prefix", str, "shard name prefix (default shards)"),
+    "--workers": ("prepare.workers", int, "processes (decoding is CPU-bound)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,23 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", nargs="+", metavar="PATH", help="image folder, text file of paths, or tar shards (brace pattern)")
     p.add_argument("--output", metavar="DIR", help="output folder for shards and manifest.json")
-    p.add_argument("--size", type=int, default=256, help="target size in pixels (default 256)")
-    p.add_argument("--resize", choices=RESIZE_MODES, default="shorter-side",
-                   help="shorter-side / longer-side: scale down so that side is --size (never up); center-crop: square --size")
-    p.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is below this")
-    p.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
-    p.add_argument("--format", choices=FORMATS, default="jpg", help="jpg, webp, or keep the source format")
-    p.add_argument("--quality", type=int, default=95, help="JPEG/WEBP quality (default 95)")
-    p.add_argument("--prefix", default="shards", help="shard name prefix (default shards)")
-    p.add_argument("--workers", type=int, default=1, help="processes (decoding is CPU-bound)")
+    add_alias_flags(p, ALIASES)
     p.add_argument("--part", default="0/1", metavar="K/N", help="process the K-th of N deterministic partitions")
     p.add_argument("--merge-manifests", metavar="DIR", help="join the part manifests in DIR into manifest.json and exit")
+    add_config_args(p)
     return p
+
+
+def options(args) -> PrepareOptions:
+    """The prepare section of --config and key=value overrides, with the flags (aliases) applied last."""
+    with flags_named(ALIASES):
+        cfg = load_config(args.config, args.overrides + alias_overrides(args, ALIASES)).prepare
+        part, num_parts = parse_part(args.part)
+        opts = PrepareOptions(**asdict(cfg), part=part, num_parts=num_parts)
+        opts.check()
+    return opts
 
 
 @stage_main
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     if args.merge_manifests:
         m = merge_manifests(args.merge_manifests)
         print(f"prepare: merged {m['parts']} part manifests: {m['total']} samples in {len(m['shards'])} shards, "
@@ -49,18 +67,14 @@ def main(argv=None) -> None:
         return
     if not args.input or not args.output:
         raise UserError("--input and --output are required (or --merge-manifests DIR)")
-    part, num_parts = parse_part(args.part)
-    opts = PrepareOptions(
-        size=args.size, resize=args.resize, min_size=args.min_size, shard_size=args.shard_size, format=args.format,
-        quality=args.quality, prefix=args.prefix, workers=max(1, args.workers), part=part, num_parts=num_parts,
-    )
+    opts = options(args)
     start = time.time()
     bar = tqdm(desc="prepare", unit="shard", leave=False, disable=None)
     manifest = prepare(args.input, args.output, opts, progress=lambda r: bar.update(1))
     bar.close()
     skipped = manifest["skipped_count"]
     why = f" ({summarize_skips(manifest['skipped'])}; listed in the manifest)" if skipped else ""
-    name = "manifest.json" if num_parts == 1 else f"part {part}/{num_parts} manifest"
+    name = "manifest.json" if opts.num_parts == 1 else f"part {opts.part}/{opts.num_parts} manifest"
     print(f"prepare: read {manifest['inputs']} inputs, wrote {manifest['total']} samples in "
           f"{len(manifest['shards'])} shards to {args.output} ({name}) in {time.time() - start:.1f}s; "
           f"skipped {skipped}{why}")

@@ -22,6 +22,21 @@ TINY = ["--config", "tiny", "data.resolution=32", "data.num_workers=0", "data.sh
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
+def run_main(main, *args) -> subprocess.CompletedProcess:
+    """A stage's main() in this process, as the command line would see it: exit code, stdout and stderr captured
+    (5 s cheaper per call than a subprocess, which imports torch and diffusers again)."""
+    import contextlib
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(["main", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def run_module(module: str, *args, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` in the checkout, output captured."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env or ENV,
@@ -63,6 +78,18 @@ def write_images(folder: Path, n: int, size=(96, 80), prefix: str = "img", capti
     return keys
 
 
+def read_tar_samples(folder: Path) -> dict:
+    """Every sample of every shard in `folder` with tarfile alone: key -> {extension: bytes}; a member twice fails."""
+    out: dict = {}
+    for tar in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                assert ext not in out.setdefault(key, {}), f"{m.name} twice"
+                out[key][ext] = tf.extractfile(m).read()
+    return out
+
+
 def write_tar(path: Path, samples: list[dict]) -> None:
     """samples: dicts of ext -> bytes plus __key__."""
     with tarfile.open(path, "w") as tf:
@@ -89,3 +116,9 @@ def make_shards(folder: Path, num_shards: int, per_shard: int, size=(80, 72), pr
         write_tar(p, samples)
         paths.append(str(p))
     return paths
+
+
+def make_train_val(root: Path) -> None:
+    """root/train (4 shards x 16) and root/val (5 shards x 4, other images): a tiny training set and a held-out set."""
+    make_shards(root / "train", 4, 16, size=(48, 40))
+    make_shards(root / "val", 5, 4, size=(40, 40), prefix="val")

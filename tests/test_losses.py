@@ -78,7 +78,9 @@ def test_gan_losses():
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
     assert discriminator_loss(real, fake, "hinge").item() == pytest.approx(0.5 * (0.25 + 0.75))
     assert generator_loss(fake, "hinge").item() == pytest.approx(0.75)
-    assert discriminator_loss(real, fake, "non-saturating").item() > 0
+    # -log sigmoid(real) and -log(1 - sigmoid(fake)), written out: softplus(-2), softplus(-0.5), softplus(0.5)
+    assert discriminator_loss(real, fake, "non-saturating").item() == pytest.approx(0.4255024976)
+    assert generator_loss(fake, "non-saturating").item() == pytest.approx(1.3005024976)
 
 
 def objective(kind="kl", *over):

@@ -50,7 +50,7 @@ def test_reparameterize_is_mu_plus_sigma_eps():
     mean, logvar = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     eps = torch.randn(mean.shape, generator=g2)
-    assert torch.allclose(reparameterize(mean, logvar, g1), mean + torch.exp(0.5 * logvar) * eps)
+    assert torch.allclose(reparameterize(mean, logvar, generator=g1), mean + torch.exp(0.5 * logvar) * eps)
 
 
 @pytest.mark.parametrize("shape, words", [

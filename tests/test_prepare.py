@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from helpers import ROOT, image_bytes, make_shards, random_image, write_images, write_tar
+from helpers import ROOT, image_bytes, make_shards, random_image, run_main, write_images, write_tar
 from pipeline.data.prepare import PrepareOptions, list_sources, plan_part, prepare, write_shard, shard_name
 from pipeline.errors import UserError
 
@@ -26,8 +27,9 @@ def keys_in_tars(folder: Path) -> list[str]:
 
 
 def run_cli(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "stages.cli", "prepare", *map(str, args)],
-                       capture_output=True, text=True, cwd=ROOT)
+    from stages.prepare import main
+
+    r = run_main(main, *args)
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -142,19 +144,24 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
 
 
 def test_killed_process_rerun_gives_each_sample_once(tmp_path):
-    keys = write_images(tmp_path / "in", 40, size=(400, 300))
+    keys = write_images(tmp_path / "in", 39, size=(400, 300))
+    # the last input (in sorted order) is a named pipe: reading it blocks, so the run cannot end before the kill
+    os.mkfifo(tmp_path / "in" / "zzz_last.jpg")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "stages.cli", "prepare", "--input", str(tmp_path / "in"), "--output", str(out),
             "--size", "200", "--shard-size", "2", "--format", "webp", "--quality", "90"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list((out / ".progress").glob("*.json"))) < 3:
+    deadline = time.time() + 120
+    while len(list((out / ".progress").glob("*.json"))) < 3:
+        assert proc.poll() is None and time.time() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "manifest.json").exists(), "run finished before it could be killed; test needs more work"
-    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert not (out / "manifest.json").exists()
+    (tmp_path / "in" / "zzz_last.jpg").unlink()  # the same input, now readable
+    random_image(400, 300, seed=99).save(tmp_path / "in" / "zzz_last.jpg", quality=90)
+    keys.append("zzz_last")
+    run_cli(*args[4:])  # the same command again, in this process
     got = keys_in_tars(out)
     assert sorted(got) == sorted(keys) and len(got) == len(set(got))
     assert json.loads((out / "manifest.json").read_text())["total"] == 40
@@ -173,7 +180,7 @@ def test_parts_then_merge(tmp_path):
     assert m["total"] == 9 and m["parts"] == 3
     got = keys_in_tars(out)
     assert sorted(got) == sorted(keys) and len(got) == 9
-    assert all("-p0000" in s["name"] for s in m["shards"])
+    assert sorted(s["name"] for s in m["shards"]) == [f"shards-p{k:05d}-000000.tar" for k in range(3)]
 
 
 @pytest.mark.parametrize("args, words", [

@@ -17,7 +17,6 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTS = ("txt", "json")
-RESIZE_MODES = ("shorter-side", "longer-side", "center-crop")
 RESAMPLE = Image.Resampling.BICUBIC  # prepare: what is stored is resized once, so take the sharper filter
 CROP_RESAMPLE = Image.Resampling.BILINEAR  # loader: per sample, every epoch; antialiased like torchvision's Resize
 

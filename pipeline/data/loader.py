@@ -23,7 +23,6 @@ import warnings
 from pathlib import Path
 
 import braceexpand
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
@@ -139,8 +138,11 @@ class ShardStream(IterableDataset):
         return read_samples(urls, self.limits)
 
     def _train_iter(self):
-        worker, num_workers = worker_slot()
+        worker, _ = worker_slot()
         rng = random.Random(make_seed(self.seed, self.rank, worker, self.epoch))
+        return self._decoded(self._shuffled(rng), rng, train=True)
+
+    def _shuffled(self, rng: random.Random):
         buffer: list = []
 
         def endless_urls():
@@ -155,7 +157,11 @@ class ShardStream(IterableDataset):
                 i = rng.randrange(len(buffer))
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 sample = buffer.pop()
-            out = self.decode(sample, rng, train=True)
+            yield sample
+
+    def _decoded(self, raw, rng: random.Random | None, train: bool):
+        for sample in raw:
+            out = self.decode(sample, rng, train)
             if out is not None:
                 yield out
 
@@ -167,10 +173,7 @@ class ShardStream(IterableDataset):
             stream = self._samples(self.urls[slot::slots])
         else:
             stream = (s for i, s in enumerate(self._samples(self.urls)) if i % slots == slot)
-        for sample in stream:
-            out = self.decode(sample, None, train=False)
-            if out is not None:
-                yield out
+        return self._decoded(stream, None, train=False)
 
     def __iter__(self):
         return self._train_iter() if self.mode == "train" else self._eval_iter()
@@ -229,12 +232,13 @@ def image_member(sample: dict) -> str | None:
     return next((e for e in IMAGE_EXTS if e in sample), None)
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack uint8 HxWx3 images into [B, 3, H, W] (channels_last memory); keep metadata as lists."""
-    images = torch.stack([s["image"] for s in samples]).permute(0, 3, 1, 2)
-    batch = {"image": images}
+def collate(samples: list[dict], key: str = "image") -> dict:
+    """Stack `key` of every sample (images: uint8 HxWx3 into [B, 3, H, W], channels_last memory); keep everything
+    else as lists."""
+    stacked = torch.stack([s[key] for s in samples])
+    batch = {key: stacked.permute(0, 3, 1, 2) if key == "image" else stacked}
     for k in samples[0]:
-        if k != "image":
+        if k != key:
             batch[k] = [s.get(k) for s in samples]
     return batch
 
@@ -250,29 +254,12 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def make_loader(
-    spec,
-    mode: str,
-    batch_size: int,
-    num_workers: int = 0,
-    *,
-    resolution: int | None = 256,
-    crop: str | None = None,
-    flip: bool = True,
-    scale=(0.5, 1.0),
-    shuffle_buffer: int = 1000,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    epoch: int = 0,
-    drop_last: bool | None = None,
-    pin_memory: bool = False,
-    limits: dict[str, int] | None = None,
-) -> DataLoader:
+def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_last: bool | None = None,
+                pin_memory: bool = False, limits: dict[str, int] | None = None, **stream) -> DataLoader:
+    """A DataLoader of ImageStream batches. `stream`: ImageStream's options (resolution, crop, flip, scale,
+    shuffle_buffer, seed, rank, world_size, epoch)."""
     urls = list(spec) if limits is not None else resolve_shards(spec)  # a planned subset is already resolved
-    ds = ImageStream(
-        urls, mode, resolution, crop, flip, scale, shuffle_buffer, seed, rank, world_size, epoch, limits
-    )
+    ds = ImageStream(urls, mode, limits=limits, **stream)
     return DataLoader(
         ds,
         batch_size=batch_size,

@@ -18,7 +18,7 @@ import os
 import re
 import tarfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +28,6 @@ from PIL import Image
 from pipeline.data.images import (
     CAPTION_EXTS,
     IMAGE_EXTS,
-    RESIZE_MODES,
     BadImage,
     encode_image,
     open_image,
@@ -43,38 +42,21 @@ from pipeline.data.shards import (
     split_key,
 )
 from pipeline.io import remove_stale_temporaries
+from pipeline.config import PrepareConfig, validate_section
 from pipeline.errors import UserError
 
-FORMATS = ("jpg", "webp", "keep")
 PROGRESS_DIR = ".progress"
 
 
 @dataclass
-class PrepareOptions:
-    size: int = 256
-    resize: str = "shorter-side"
-    min_size: int = 0
-    shard_size: int = 1000
-    format: str = "jpg"
-    quality: int = 95
-    prefix: str = "shards"
-    workers: int = 1
+class PrepareOptions(PrepareConfig):
+    """The `prepare:` config section plus which of N partitions this process writes."""
+
     part: int = 0
     num_parts: int = 1
 
     def check(self) -> None:
-        if self.size < 1:
-            raise UserError(f"--size must be a positive number of pixels, got {self.size}")
-        if self.resize not in RESIZE_MODES:
-            raise UserError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
-        if self.format not in FORMATS:
-            raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if not 1 <= self.quality <= 100:
-            raise UserError(f"--quality must be in 1..100, got {self.quality}")
-        if self.shard_size < 1:
-            raise UserError(f"--shard-size must be >= 1, got {self.shard_size}")
-        if self.min_size < 0:
-            raise UserError(f"--min-size must be >= 0, got {self.min_size}")
+        validate_section(PrepareConfig(**{f.name: getattr(self, f.name) for f in fields(PrepareConfig)}), "prepare.")
         if not 0 <= self.part < self.num_parts:
             raise UserError(f"--part must be K/N with 0 <= K < N, got {self.part}/{self.num_parts}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.prefix):

@@ -33,8 +33,7 @@ from pipeline.latents.format import (
     keys_checksum,
     record_path,
 )
-from pipeline.metrics.evaluator import key_generator
-from pipeline.models.autoencoder import encode_moments, is_vq
+from pipeline.models.autoencoder import encode_moments, is_vq, key_noise, reparameterize
 
 STORE_TENSORS = {"moments": ("mean", "logvar"), "mean": ("mean",), "sample": ("sample",)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -146,9 +145,8 @@ def encode_batch(model, images: torch.Tensor, keys: list[str], s: EncodeSettings
             mean, logvar = encode_moments(model, x)
             mean, logvar = mean.float(), logvar.float()
             if s.store == "sample":
-                eps = torch.stack([torch.randn(mean.shape[1:], generator=key_generator(k))
-                                   for k in keys + ([f"{k}/flip" for k in keys] if s.flip else [])]).to(mean)
-                out = {"sample": mean + torch.exp(0.5 * logvar) * eps}
+                eps = key_noise(keys + ([f"{k}/flip" for k in keys] if s.flip else []), mean.shape[1:])
+                out = {"sample": reparameterize(mean, logvar, eps)}
             else:
                 out = {"mean": mean, "logvar": logvar} if s.store == "moments" else {"mean": mean}
             yielded = None

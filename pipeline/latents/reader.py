@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from webdataset.utils import make_seed
 
-from pipeline.data.loader import ShardStream, worker_slot
+from pipeline.data.loader import ShardStream, collate, worker_slot
 from pipeline.latents.format import LATENT_EXT, META_EXT, read_manifest
-from pipeline.metrics.evaluator import key_generator
+from pipeline.models.autoencoder import key_generator, reparameterize
 
 
 def _default_rank_world() -> tuple[int, int]:
@@ -70,7 +70,7 @@ class LatentDataset(ShardStream):
             if "logvar" in tensors and self.sample:
                 mean, logvar = tensors["mean" + suffix].float(), tensors["logvar" + suffix].float()
                 gen = self._noise if train else key_generator(raw["__key__"])
-                z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+                z = reparameterize(mean, logvar, generator=gen)
             else:
                 z = tensors[("mean" if "mean" in tensors else "sample") + suffix].float()
             z = (z - self.shift_factor) * self.scaling_factor
@@ -103,8 +103,4 @@ class LatentDataset(ShardStream):
 
 def collate_latents(samples: list[dict]) -> dict:
     """Stack the latents of samples of one shape; everything else becomes a list."""
-    batch = {"latents": torch.stack([s["latents"] for s in samples])}
-    for k in samples[0]:
-        if k != "latents":
-            batch[k] = [s.get(k) for s in samples]
-    return batch
+    return collate(samples, "latents")

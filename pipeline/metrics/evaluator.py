@@ -7,47 +7,40 @@ processes give the same numbers up to float rounding.
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from pipeline.config import EvaluateConfig
 from pipeline.data.loader import to_model_input, to_uint8
 from pipeline.losses.kl import kl_elements, kl_per_sample
 from pipeline.metrics.image import psnr, ssim
 from pipeline.metrics.latent import MomentSums, active_units, latent_statistics
+from pipeline.models.quantizer import perplexity
 from pipeline.metrics.likelihood import bits_per_dim, importance_log_weights, iwae_from_log_weights
-from pipeline.models.autoencoder import decode_latents, encode_moments, is_vq, run_autoencoder
-
-
-@dataclass
-class EvalOptions:
-    iwae_k: int = 16
-    likelihood_samples: int = 64  # images for the ELBO / IWAE bounds (each costs k decodes)
-    num_samples: int = 5000  # images evaluated (for the likelihood subset's sampling rate)
-    decoder_sigma: float = 0.0  # 0: learned (maximum-likelihood global sigma over the evaluated data)
-    active_threshold: float = 0.01
-
-
-def key_seed(key: str) -> int:
-    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
-
-
-def key_generator(key: str) -> torch.Generator:
-    return torch.Generator().manual_seed(key_seed(key))
+from pipeline.models.autoencoder import (
+    decode_latents,
+    downsampling_factor,
+    encode_moments,
+    is_vq,
+    key_generator,
+    key_noise,
+    key_seed,
+    reparameterize,
+    run_autoencoder,
+)
 
 
 class Evaluator:
-    def __init__(self, model, opts: EvalOptions, perceptual: dict, resolution: int, device="cpu", fid=None):
+    def __init__(self, model, opts: EvaluateConfig, perceptual: dict, resolution: int, device="cpu", fid=None):
         """perceptual: name -> LPIPS module, or name -> reason string when it could not be loaded.
         Every sum exists from the start, so ranks that receive no images still join the same reductions."""
         self.model, self.opts, self.device, self.fid = model, opts, device, fid
         self.perceptual = perceptual
         self.vq = is_vq(model)
         c = model.config
-        f = 2 ** (len(c.block_out_channels) - 1)
+        f = downsampling_factor(model)
         latent_c = model.quantize.dim if self.vq else c.latent_channels
         self.image_dims = c.in_channels * resolution * resolution
         names = ["n", "psnr", "ssim", "sq_err"] + [f"lpips_{k}" for k, v in perceptual.items() if not isinstance(v, str)]
@@ -82,8 +75,7 @@ class Evaluator:
             self._add("kl", kl_per_sample(mean, logvar))
             self._add("kl_channel", kl_elements(mean, logvar).sum((2, 3)), per_channel=True)
             self.au.add(mean)
-            eps = torch.stack([torch.randn(mean.shape[1:], generator=key_generator(k)) for k in keys]).to(mean)
-            z = mean + torch.exp(0.5 * logvar) * eps  # what a diffusion model trained on samples sees
+            z = reparameterize(mean, logvar, key_noise(keys, mean.shape[1:]))  # what a diffusion model sees
             rate = self.opts.likelihood_samples / max(1, self.opts.num_samples)
             chosen = [i for i, k in enumerate(keys) if (key_seed(k) % 1_000_003) / 1_000_003 < rate]
             if chosen:
@@ -139,19 +131,18 @@ class Evaluator:
         res["latents"] = latent_statistics(self.ch, self.all)
         if self.vq:
             counts = reduce([self.code_counts])[0]
-            p = counts / counts.sum().clamp(min=1)
             res["codebook"] = {
                 "size": int(counts.numel()),
                 "used": int((counts > 0).sum()),
                 "usage": float((counts > 0).double().mean()),
                 "dead_codes": int((counts == 0).sum()),
-                "perplexity": float(torch.exp(-(p * torch.log(p + 1e-12)).sum())),
+                "perplexity": float(perplexity(counts)),
             }
             return res
         res["kl_per_sample"] = float(sums["kl"]) / n
         res["kl_per_channel"] = [round(float(v) / n, 6) for v in sums["kl_channel"]]
         self.au.n, self.au.s, self.au.ss = reduce(self.au.tensors())
-        res["active_units"] = active_units(self.au.var(), self.opts.active_threshold)
+        res["active_units"] = active_units(self.au.var(), self.opts.active_unit_threshold)
         mse = float(sums["sq_err"]) / n
         sigma = self.opts.decoder_sigma or max(math.sqrt(mse), 1e-3)
         self._likelihood(sigma)

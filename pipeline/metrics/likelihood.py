@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from pipeline.models.autoencoder import reparameterize
+
 HALF_BIN = 1.0 / 255.0  # half of one 8-bit level in [-1, 1]
 LOG2 = math.log(2.0)
 
@@ -53,10 +55,9 @@ def importance_log_weights(decode, x: torch.Tensor, mean: torch.Tensor, logvar: 
     """log w [B, k] for k posterior samples per image; `generators[b]` draws image b's noise, so the numbers do not
     depend on how images are batched or split across ranks."""
     weights = []
-    std = torch.exp(0.5 * logvar)
     for _ in range(k):
-        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators]).to(mean)
-        z = mean + std * eps
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+        z = reparameterize(mean, logvar, eps)
         rec = decode(z).float()
         log_px = discretized_gaussian_log_likelihood(x, rec, sigma)
         log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))

@@ -10,12 +10,14 @@ touching accelerate, files or command lines.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, VQModel
 
 from pipeline.config import ModelConfig
+from pipeline.config import downsampling_factor as factor_of
 from pipeline.errors import UserError
 from pipeline.models.quantizer import VectorQuantizer
 
@@ -54,7 +56,7 @@ def is_vq(model) -> bool:
 
 
 def downsampling_factor(model) -> int:
-    return 2 ** (len(model.config.block_out_channels) - 1)
+    return factor_of(model.config.block_out_channels)
 
 
 def check_input(model, x: torch.Tensor) -> None:
@@ -93,10 +95,28 @@ def encode_moments(model: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tensor,
     return posterior.mean, posterior.logvar
 
 
-def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z = mu + sigma * eps with eps ~ N(0, I) drawn outside the graph: gradients flow through mu and sigma."""
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + torch.exp(0.5 * logvar) * eps
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = mu + sigma * eps with eps ~ N(0, I) drawn outside the graph (or given): gradients flow through mu and
+    sigma."""
+    if eps is None:  # drawn on the device itself unless a (CPU) generator fixes it
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                          device=mean.device if generator is None else generator.device)
+    return mean + torch.exp(0.5 * logvar) * eps.to(mean)
+
+
+def key_seed(key: str) -> int:
+    """A 60-bit seed from a sample key: per-sample randomness that does not depend on batching or ranks."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
+def key_generator(key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(key_seed(key))
+
+
+def key_noise(keys: list[str], shape) -> torch.Tensor:
+    """eps ~ N(0, I) of `shape` per sample, seeded by its key (CPU): [len(keys), *shape]."""
+    return torch.stack([torch.randn(tuple(shape), generator=key_generator(k)) for k in keys])
 
 
 def decode_latents(model, z: torch.Tensor) -> torch.Tensor:

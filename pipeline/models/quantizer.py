@@ -17,6 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code-usage distribution given by assignment counts: 1 when one code takes everything,
+    the number of codes when use is uniform."""
+    p = counts / counts.sum().clamp(min=1)
+    return torch.exp(-(p * torch.log(p + 1e-12)).sum())
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -93,9 +100,7 @@ class VectorQuantizer(nn.Module):
         q_st = flat + (q - flat).detach()  # straight-through: the decoder's gradient reaches the encoder
         z_q = q_st.view(zf.shape).permute(0, 3, 1, 2).to(z.dtype).contiguous()  # as diffusers: same conv numerics
         counts = torch.bincount(idx, minlength=self.num_codes).float()
-        probs = counts / counts.sum().clamp_min(1)
-        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
-        return z_q, loss, (perplexity, None, idx.view(zf.shape[:-1]))
+        return z_q, loss, (perplexity(counts), None, idx.view(zf.shape[:-1]))
 
     @torch.no_grad()
     def _update_statistics(self, flat: torch.Tensor, idx: torch.Tensor) -> None:

@@ -1,0 +1,56 @@
+"""Run stages one after the other in one process of a (multi-process) world, then write what the tests check.
+
+  accelerate launch ... tests/scripts/world.py REPORT_DIR ROOT train,evaluate,encode [train key=value ...]
+
+ROOT holds train/ and val/ shards; the run folder is ROOT/run, evaluate writes ROOT/eval-N and encode ROOT/latents-N
+(N: the number of processes). One launch serves every 1-vs-N-process test: start-up (torch, diffusers, the process
+group) is paid once.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from stages.train import run  # noqa: E402
+
+
+def digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    report_dir, root, stages, argv = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(","), sys.argv[4:]
+    tr = run([*argv, f"data.train={root / 'train'}", f"output_dir={root / 'run'}"])
+    acc = tr.accelerator
+    n = acc.num_processes
+    report = {
+        "rank": acc.process_index,
+        "world_size": n,
+        "step": tr.state.step,
+        "autoencoder": digest(tr.unwrapped.vae.state_dict()),
+        "ema": digest(tr.ema.state_dict()) if tr.ema is not None else None,
+        "objective": digest({k: v for k, v in tr.objective.state_dict().items() if not k.startswith("perceptual.")}),
+    }
+    if "evaluate" in stages:
+        from stages.evaluate import main as evaluate
+
+        evaluate(["--lpips-backbone", "random", "--model", str(root / "run"), "--data", str(root / "val"),
+                  "--output", str(root / f"eval-{n}"), "--num-samples", "17"])
+    if "encode" in stages:
+        from stages.encode import main as encode
+
+        encode(["--model", str(root / "run"), "--data", str(root / "val"), "--output", str(root / f"latents-{n}"),
+                "data.num_workers=0", "encode.batch_size=3"])
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / f"rank{acc.process_index}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

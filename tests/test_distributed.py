@@ -1,0 +1,78 @@
+"""One real two-process gloo world (accelerate launch --multi_gpu, ACCELERATE_USE_CPU=1) runs train, evaluate and
+encode one after the other (tests/scripts/world.py); each stage's results are checked against one process.
+Start-up is paid once for all three."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from helpers import TINY, accelerate_launch, make_train_val, read_tar_samples, run_main
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    make_train_val(root)
+    r = accelerate_launch("tests/scripts/world.py", root / "rep", root, "train,evaluate,encode", *TINY,
+                          "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4",
+                          "loss.adversarial.enabled=true", "loss.adversarial.start_step=0", port=29611)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = [json.loads((root / "rep" / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [rep["world_size"] for rep in reports] == [2, 2]
+    return root, reports, r.stdout
+
+
+def test_train_ranks_end_with_identical_weights(world):
+    _, (a, b), _ = world
+    assert a["step"] == b["step"] == 4
+    assert a["autoencoder"] == b["autoencoder"] and a["ema"] == b["ema"] and a["objective"] == b["objective"]
+
+
+def flat(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flat(v, prefix + k + ".")
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                yield f"{prefix}{k}[{i}]", x
+        else:
+            yield prefix + k, v
+
+
+def test_evaluate_gives_the_same_numbers_on_one_and_two_processes(world):
+    from stages.evaluate import main
+
+    root, _, stdout = world
+    assert "17 samples" in stdout and "on 2 process(es)" in stdout
+    r = run_main(main, "--lpips-backbone", "random", "--model", root / "run", "--data", root / "val", "--output",
+                 root / "eval-1", "--num-samples", "17")
+    assert r.returncode == 0, r.stderr
+    one = dict(flat(json.loads((root / "eval-1" / "eval.json").read_text())))
+    two = dict(flat(json.loads((root / "eval-2" / "eval.json").read_text())))
+    assert one["samples"] == two["samples"] == 17 and one.keys() == two.keys()
+    for k in one:
+        if isinstance(one[k], float):
+            assert one[k] == pytest.approx(two[k], rel=1e-6, abs=1e-9), k
+        elif k not in ("data", "model"):
+            assert one[k] == two[k], k
+
+
+def test_encode_gives_the_same_keys_and_latents_on_one_and_two_processes(world):
+    from stages.encode import main
+
+    root, _, _ = world
+    two = json.loads((root / "latents-2" / "manifest.json").read_text())
+    assert two["processes"] == 2 and two["total"] == 20  # a real two-rank world did the work
+    r = run_main(main, "--model", root / "run", "--data", root / "val", "--output", root / "latents-1",
+                 "data.num_workers=0", "encode.batch_size=3")
+    assert r.returncode == 0, r.stderr
+    a, b = read_tar_samples(root / "latents-1"), read_tar_samples(root / "latents-2")
+    assert sorted(a) == sorted(b) and len(a) == 20
+    for key in a:
+        x, y = load_safetensors(a[key]["latents.safetensors"]), load_safetensors(b[key]["latents.safetensors"])
+        assert all(torch.equal(x[k], y[k]) for k in x), key
+        assert a[key]["txt"] == b[key]["txt"] and a[key]["json"] == b[key]["json"]
+    one = json.loads((root / "latents-1" / "manifest.json").read_text())
+    assert one["statistics"]["scaling_factor"] == pytest.approx(two["statistics"]["scaling_factor"], rel=1e-9)
