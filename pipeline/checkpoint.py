@@ -181,6 +181,10 @@ def read_trainer_state(ckpt: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ loading models
+WEIGHT_FILES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # single files: SD / LDM, or legacy torch pickles
+ENCODER_ONLY_CONFIG = "encoder_config.json"  # the encoder-only export's folder marker (pipeline.export.encoder_only)
+
+
 def _is_diffusers_folder(p: Path) -> bool:
     if not (p / "config.json").is_file():
         return False
@@ -191,11 +195,15 @@ def _is_diffusers_folder(p: Path) -> bool:
 
 
 def resolve_model_path(path: str | Path) -> tuple[str, Path]:
-    """('checkpoint', folder) or ('diffusers', folder), from a run folder, a checkpoint folder or a diffusers
-    folder (also its `vae/` subfolder, as in a Stable Diffusion pipeline folder)."""
+    """(kind, path) with kind 'checkpoint' (a run folder's newest or a checkpoint folder), 'diffusers' (a folder,
+    also a pipeline folder's `vae/`), 'file' (a single .safetensors / .ckpt / .pt / .bin) or 'encoder-only'."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"--model {path}: no such folder")
+        raise UserError(f"--model {path}: no such file or folder")
+    if p.is_file():
+        if p.suffix.lower() in WEIGHT_FILES:
+            return "file", p
+        raise UserError(f"--model {path}: not a weights file (expected {', '.join(WEIGHT_FILES)})")
     if (p / TENSOR_FILES["autoencoder"]).is_file() and (p / CONFIG_FILE).is_file():
         return "checkpoint", p
     if (p / CHECKPOINTS).is_dir():
@@ -203,13 +211,15 @@ def resolve_model_path(path: str | Path) -> tuple[str, Path]:
         if latest is None:
             raise UserError(f"--model {path}: run folder has no complete checkpoint yet")
         return "checkpoint", latest
+    if (p / ENCODER_ONLY_CONFIG).is_file():
+        return "encoder-only", p
     if _is_diffusers_folder(p):
         return "diffusers", p
     if _is_diffusers_folder(p / "vae"):
         return "diffusers", p / "vae"
     raise UserError(
-        f"--model {path}: not an autoencoder (expected a firststage run or checkpoint folder, or a diffusers "
-        f"AutoencoderKL/VQModel folder with config.json)"
+        f"--model {path}: not an autoencoder (expected a firststage run or checkpoint folder, a diffusers "
+        f"AutoencoderKL/VQModel folder with config.json, or a single .safetensors/.ckpt file)"
     )
 
 
@@ -219,9 +229,99 @@ def checkpoint_weights(folder: Path, ema: bool = True) -> Path:
     return ema_file if ema and ema_file.is_file() else folder / TENSOR_FILES["autoencoder"]
 
 
+def describe_weights(path: str | Path, ema: bool = True) -> str:
+    """Which weights `--model path` means, for summaries and records: a checkpoint's EMA or raw file, a diffusers
+    folder, a single file, or an encoder-only export."""
+    kind, p = resolve_model_path(path)
+    if kind == "checkpoint":
+        return f"{checkpoint_weights(p, ema).name} ({p.name})"
+    return {"diffusers": "diffusers weights", "file": f"single file {p.name}", "encoder-only": "encoder-only export"}[kind]
+
+
+def read_weight_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A single weights file -> (the autoencoder's tensors under diffusers names, the file's metadata).
+
+    .safetensors: LDM / SD names (with or without `first_stage_model.` / `vae.`; of a full SD checkpoint only the
+    autoencoder's tensors are read) or diffusers names. .ckpt / .pt / .pth / .bin: torch.load(weights_only=True)
+    only; a pickle that needs code to load is refused with one line and never executed."""
+    from pipeline.export.ldm import PREFIXES, is_ldm_named, ldm_to_diffusers, strip_prefix
+
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = dict(f.metadata() or {})
+                keys = list(f.keys())
+                prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in keys)), "")
+                state = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+        except Exception as e:
+            raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]})") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path}: refused: it is not plain tensors (loading it would need to run code from the "
+                            f"file, which firststage never does; {type(e).__name__}). Convert it to .safetensors "
+                            f"where you trust it") from None
+        obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: holds no state dict (a {type(obj).__name__})")
+        state, meta = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+    state = strip_prefix(state)
+    if is_ldm_named(state):
+        state = ldm_to_diffusers(state)
+    return state, meta
+
+
+def file_model_config(path: Path, state: dict, meta: dict, overrides: list[str] | None = None) -> Config:
+    """The Config of a single file: the model section a firststage export stores in its metadata, else the one
+    inferred from the shapes (pipeline.export.ldm.infer_model_section); then the user's overrides."""
+    from pipeline.export.ldm import infer_model_section
+
+    if "firststage_model" in meta:
+        section = json.loads(meta["firststage_model"])
+    else:
+        section = infer_model_section(state)
+        if "scaling_factor" in meta:
+            section["scaling_factor"] = float(meta["scaling_factor"])
+    data = {"resolution": int(meta.get("resolution", 256))}
+    f = downsampling_factor(section["block_out_channels"])
+    data["resolution"] -= data["resolution"] % f
+    return config_from_dict(merge_dicts({"model": section, "data": data}, parse_overrides(overrides or [])))
+
+
+def check_shapes(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """The first tensor whose shape differs between the weights and the configured model, as one line."""
+    own = model.state_dict()
+    for k, mine in own.items():  # in the model's order: encoder first
+        v = state.get(k)
+        if v is not None and mine.shape != v.shape:
+            raise UserError(f"{source}: {k} has shape {tuple(v.shape)} in the weights but {tuple(mine.shape)} in "
+                            f"the config's model; set model.* to match the weights (or leave them out)")
+
+
+def load_state(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights into a model built from config, naming the first mismatch; a VQ quantizer's training statistics
+    (absent from diffusers and LDM files) start fresh."""
+    check_shapes(model, state, source)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    quantize = getattr(model, "quantize", None)
+    quantizer_stats = {f"quantize.{n}" for n, _ in quantize.named_buffers()} if quantize is not None else set()
+    missing = [k for k in missing if k not in quantizer_stats]
+    if missing or unexpected:
+        bad = (missing or unexpected)[0]
+        raise UserError(f"{source}: weights do not fit the config's model ({len(missing)} missing, {len(unexpected)} "
+                        f"unexpected tensors, e.g. {bad})")
+    if quantize is not None and hasattr(quantize, "embed_sum") and "quantize.embed_sum" not in state:
+        quantize.embed_sum.copy_(quantize.embedding.weight.detach())
+
+
 def load_autoencoder(path: str | Path, ema: bool = True, overrides: list[str] | None = None):
-    """-> (model, Config). A checkpoint rebuilds the model from its own config.yaml; a diffusers folder loads with
-    diffusers (safetensors only) and gets a Config describing it."""
+    """-> (model, Config) from any supported format. A checkpoint rebuilds the model from its own config.yaml; a
+    diffusers folder loads with diffusers (safetensors only); a single file is built from its stored or inferred
+    config; an encoder-only export builds no decoder."""
     from diffusers import AutoencoderKL, VQModel
 
     from pipeline.models.autoencoder import build_autoencoder
@@ -230,14 +330,24 @@ def load_autoencoder(path: str | Path, ema: bool = True, overrides: list[str] | 
     if kind == "checkpoint":
         cfg = load_config(folder / CONFIG_FILE, overrides)
         model = build_autoencoder(cfg.model, cfg.data.resolution)
-        model.load_state_dict(load_tensors(checkpoint_weights(folder, ema)), strict=True)
-        return model, cfg
-    cls = VQModel if json.loads((folder / "config.json").read_text())["_class_name"] == "VQModel" else AutoencoderKL
-    try:
-        model = cls.from_pretrained(folder, use_safetensors=True)
-    except (OSError, EnvironmentError) as e:
-        raise UserError(f"--model {path}: cannot load diffusers weights ({str(e).splitlines()[0]})") from None
-    return model, config_for_diffusers(model, overrides)
+        load_state(model, load_tensors(checkpoint_weights(folder, ema)), str(folder))
+    elif kind == "encoder-only":
+        from pipeline.export.encoder_only import load_encoder_only
+
+        model, cfg = load_encoder_only(folder, overrides)
+    elif kind == "file":
+        state, meta = read_weight_file(folder)
+        cfg = file_model_config(folder, state, meta, overrides)
+        model = build_autoencoder(cfg.model, cfg.data.resolution)
+        load_state(model, state, str(folder))
+    else:
+        cls = VQModel if json.loads((folder / "config.json").read_text())["_class_name"] == "VQModel" else AutoencoderKL
+        try:
+            model = cls.from_pretrained(folder, use_safetensors=True)
+        except (OSError, EnvironmentError) as e:
+            raise UserError(f"--model {path}: cannot load diffusers weights ({str(e).splitlines()[0]})") from None
+        cfg = config_for_diffusers(model, overrides)
+    return model.eval(), cfg
 
 
 def config_for_diffusers(model, overrides: list[str] | None = None) -> Config:
@@ -255,6 +365,8 @@ def config_for_diffusers(model, overrides: list[str] | None = None) -> Config:
     }
     if c.get("shift_factor") is not None:
         model_section["shift_factor"] = float(c["shift_factor"])
+    if model_section["kind"] == "vq":
+        model_section["codebook"] = {"size": int(c["num_vq_embeddings"]), "dim": int(c["vq_embed_dim"] or c["latent_channels"])}
     f = downsampling_factor(model_section["block_out_channels"])
     size = int(c.get("sample_size") or 256)
     data = {"resolution": size if size % f == 0 else 256}
@@ -262,33 +374,22 @@ def config_for_diffusers(model, overrides: list[str] | None = None) -> Config:
 
 
 def load_weights_into(model, path: str | Path, ema: bool = True) -> str:
-    """Initialise `model` from a run / checkpoint / diffusers folder (fine-tuning). Shapes must match the config."""
+    """Initialise `model` (built from the run's config) from any supported format (fine-tuning). The first tensor
+    whose shape differs is named with both shapes."""
     kind, folder = resolve_model_path(path)
+    source = f"train.init_from {path}"
     if kind == "checkpoint":
         state = load_tensors(checkpoint_weights(folder, ema))
+    elif kind == "file":
+        state = read_weight_file(folder)[0]
+    elif kind == "encoder-only":
+        raise UserError(f"{source}: an encoder-only export has no decoder to train; use the full model")
     else:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
-            raise UserError(f"train.init_from {path}: no .safetensors weights in {folder}")
+            raise UserError(f"{source}: no .safetensors weights in {folder}")
         state = {}
         for f in files:
             state.update(load_tensors(f))
-    own = model.state_dict()
-    for k, v in state.items():
-        if k in own and own[k].shape != v.shape:
-            raise UserError(
-                f"train.init_from {path}: {k} has shape {tuple(v.shape)} but the config's model has "
-                f"{tuple(own[k].shape)}; set model.* to match the weights"
-            )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # a diffusers VQModel folder has no training statistics for our quantizer: they start fresh
-    quantize = getattr(model, "quantize", None)
-    quantizer_stats = {f"quantize.{n}" for n, _ in quantize.named_buffers()} if quantize is not None else set()
-    missing = [k for k in missing if k not in quantizer_stats]
-    if missing or unexpected:
-        bad = (missing or unexpected)[0]
-        raise UserError(
-            f"train.init_from {path}: weights do not fit the config's model "
-            f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {bad})"
-        )
+    load_state(model, state, source)
     return str(folder)

@@ -6,8 +6,10 @@ a run killed at any moment leaves either the previous complete file or none, nev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -63,3 +65,31 @@ def read_json(path: str | Path, what: str = "file") -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a firststage {what} (not a JSON object)")
     return data
+
+
+@contextlib.contextmanager
+def staged_output(path: str | Path, overwrite: bool = False, what: str = "--output"):
+    """Write a file or folder under `.NAME.tmp` beside `path` and rename it when the block succeeds: the final name
+    only ever holds a complete result. An existing `path` is refused unless `overwrite` (then replaced)."""
+    from pipeline.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{what} {path} exists; choose another name or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if path.exists():
+            _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()

@@ -85,11 +85,10 @@ def _first_shard_has_images(url: str) -> None:
 
 
 def settings_for(model, cfg, model_path: str, ema: bool, dtype: str, buckets) -> dict:
-    from pipeline.checkpoint import checkpoint_weights, resolve_model_path
+    from pipeline.checkpoint import describe_weights
     from pipeline.models.autoencoder import is_vq
 
-    source, folder = resolve_model_path(model_path)
-    weights = checkpoint_weights(folder, ema).name if source == "checkpoint" else "diffusers folder"
+    weights = describe_weights(model_path, ema)
 
     e = cfg.encode
     kind = "vq" if is_vq(model) else "kl"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import load_autoencoder
+from pipeline.checkpoint import describe_weights, load_autoencoder
 from pipeline.data.loader import make_loader, plan_subset
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text
@@ -128,7 +128,7 @@ def main(argv=None) -> None:
         raise UserError(f"--data {args.data}: no decodable images among the {planned} samples read")
     res["rfid"] = float(fid.compute()) if fid is not None else fid_reason
     res["model"], res["data"] = str(args.model), str(args.data)
-    res["weights"] = weights_used(args.model, not args.no_ema)
+    res["weights"] = describe_weights(args.model, not args.no_ema)
     table = format_table(res)
     if state.is_main_process:
         out = Path(args.output or args.model)
@@ -141,14 +141,6 @@ def main(argv=None) -> None:
         print0(f"evaluate: {res['samples']} samples from {args.data} with {res['weights']} on {state.num_processes} "
                f"process(es) in {time.time() - start:.1f}s; wrote {out / 'eval.json'}, eval.md, eval_grid.png")
     state.wait_for_everyone()
-
-
-def weights_used(model_path, ema: bool) -> str:
-    """Which weights were evaluated: a checkpoint's EMA or raw file, or a diffusers folder's."""
-    from pipeline.checkpoint import checkpoint_weights, resolve_model_path
-
-    kind, folder = resolve_model_path(model_path)
-    return f"{checkpoint_weights(folder, ema).name} ({folder.name})" if kind == "checkpoint" else "diffusers weights"
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def test_init_from_with_mismatched_shapes_is_a_clear_error(shards, tmp_path):
     from pipeline.models import build_autoencoder
 
     save_diffusers(build_autoencoder(load_config("tiny", ["model.latent_channels=8"]).model, 32), tmp_path / "other")
-    with pytest.raises(UserError, match="has shape .* but the config's model has"):
+    with pytest.raises(UserError, match=r"has shape .* in the weights but .* in the config.s model"):
         train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
                         f"train.init_from={tmp_path / 'other'}")
 

@@ -357,3 +357,20 @@ def non_finite_advice(non_finite: int, total: int) -> str:
         return (f"; {non_finite} of {total} latents were NaN/Inf ({non_finite / total:.1%}): encode with "
                 f"encode.dtype=bfloat16 or float32 and encode.mixed_precision=bf16 or no")
     return ""
+
+
+def measure_statistics(model, urls: list[str], limits: dict[str, int], resolution: int, batch_size: int,
+                       device="cpu") -> dict:
+    """Latent statistics and factors (as in an encode manifest) of the first samples of some shards, measured on
+    the spot: the posterior's mean and variance per channel, center crops at `resolution`."""
+    from pipeline.data.loader import make_loader
+    from pipeline.latents.format import channel_statistics
+
+    s = EncodeSettings(kind="vq" if is_vq(model) else "kl", store="moments", dtype="float32", flip=False)
+    total = None
+    for batch in make_loader(urls, "eval", batch_size, resolution=resolution, limits=limits):
+        st = encode_batch(model, batch["image"], batch["__key__"], s, device)["_stats"]
+        total = st if total is None else {k: total[k] + st[k] for k in st}
+    if total is None:
+        return {}
+    return channel_statistics(*(total[k].tolist() for k in ("count", "sum", "sumsq")))

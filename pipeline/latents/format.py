@@ -155,6 +155,7 @@ def build_manifest(folder: Path, settings: dict, records: list[dict], expected: 
     manifest = {
         "format": FORMAT,
         "model": settings["model"],
+        "model_sha256": settings["model_sha256"],
         "kind": settings["kind"],
         "store": settings["store"],
         "tensors": settings["tensors"],

@@ -1,0 +1,51 @@
+"""The model card every export writes (README.md in the folder, or NAME.md beside a single file)."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from pipeline.config import config_to_dict
+
+LOAD = {
+    "diffusers": """```python
+from diffusers import {cls}
+vae = {cls}.from_pretrained("{path}")          # or as the `vae` of a diffusers pipeline
+z = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+```""",
+    "single-file": """```python
+from diffusers import AutoencoderKL
+vae = AutoencoderKL.from_single_file("{path}", config="<a diffusers VAE folder of the same shape>")
+# ComfyUI / A1111: copy the file into models/vae/. firststage: --model {path}
+```""",
+    "encoder-only": """```python
+import torch
+program = torch.export.load("{path}/encoder.pt2").module()   # no Python model code needed
+mean, logvar = program(images)                               # images: float [B, 3, H, W] in [-1, 1]
+```""",
+}
+
+
+def model_card(fmt: str, cls: str, path: str, source: str, cfg, factors: dict, trainer: dict | None,
+               data_summary: str | None, eval_table: str | None) -> str:
+    lines = [f"# {cls} exported by firststage ({fmt})", "",
+             f"Source: `{source}`" + (f", step {trainer['step']}, {trainer['samples']} images seen" if trainer else ""),
+             "", "## Latent scaling", "",
+             f"- scaling_factor: {factors['scaling_factor']:.6g}"
+             + (f", shift_factor: {factors['shift_factor']:.6g}" if factors.get("shift_factor") is not None else ""),
+             f"- from: {factors['source']}", "", "## Load it", "",
+             LOAD[fmt].format(cls=cls, path=path), ""]
+    if data_summary:
+        lines += ["## Training data", "", data_summary, ""]
+    if eval_table:
+        lines += ["## Evaluation", "", eval_table.strip(), ""]
+    lines += ["## Training config", "", "```yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def data_summary(manifest: dict) -> str:
+    sizes = ", ".join(f"{k}: {v}" for k, v in list(manifest.get("output_sizes", {}).items())[:5])
+    return (f"{manifest.get('total', '?')} samples in {len(manifest.get('shards', []))} shards "
+            f"({manifest.get('skipped_count', 0)} inputs skipped); sizes {sizes or 'n/a'}; "
+            f"options {json.dumps(manifest.get('options', {}))}")

@@ -1,0 +1,89 @@
+"""The encoder alone: what a latent service or the encode stage needs, at half the memory of the full model.
+
+  folder/
+    encoder_config.json       the model section, resolution(s), latent factors, what the program returns
+    encoder.safetensors       encoder.*, quant_conv.* (and quantize.embedding.weight for VQ)
+    encoder.pt2               a torch.export program: images [B, 3, H, W] in [-1, 1] -> (mean, logvar) or (codes,),
+                              B dynamic, H and W any multiple of the downsampling factor up to max_size
+
+firststage loads the folder (`--model folder`) without building a decoder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from pipeline.checkpoint import ENCODER_ONLY_CONFIG, load_state, load_tensors
+from pipeline.config import config_from_dict, merge_dicts, parse_overrides
+from pipeline.models.autoencoder import build_autoencoder, downsampling_factor, is_vq
+
+WEIGHTS = "encoder.safetensors"
+PROGRAM = "encoder.pt2"
+ENCODER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
+
+
+class EncoderProgram(nn.Module):
+    """x in [-1, 1] -> (posterior mean, logvar clamped as diffusers does) for KL, (codes [B, h, w],) for VQ."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        self.quantize = vae.quantize if is_vq(vae) else None
+
+    def forward(self, x: torch.Tensor):
+        h = self.quant_conv(self.encoder(x))
+        if self.quantize is None:
+            mean, logvar = h.chunk(2, dim=1)
+            return mean, logvar.clamp(-30.0, 20.0)
+        flat = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+        if self.quantize.cosine:
+            flat = nn.functional.normalize(flat, dim=1)
+        return (self.quantize.assign(flat).view(h.shape[0], h.shape[2], h.shape[3]),)
+
+
+def encoder_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def save_encoder_only(model, folder: Path, model_section: dict, resolution: int, scaling_factor: float,
+                      shift_factor: float | None = None, max_size: int = 4096) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(encoder_state(model), str(folder / WEIGHTS))
+    f = downsampling_factor(model)
+    program = EncoderProgram(model).eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    h = torch.export.Dim("h", min=1, max=max_size // f)
+    w = torch.export.Dim("w", min=1, max=max_size // f)
+    example = torch.randn(2, model.config.in_channels, resolution, resolution)
+    with torch.no_grad():
+        ep = torch.export.export(program, (example,), dynamic_shapes={"x": {0: batch, 2: f * h, 3: f * w}})
+    torch.export.save(ep, str(folder / PROGRAM))
+    config = {
+        "model": {**model_section, "scaling_factor": scaling_factor, "shift_factor": shift_factor},
+        "resolution": resolution,
+        "program": {"file": PROGRAM, "input": "float32 images [B, C, H, W] in [-1, 1]",
+                    "batch": "dynamic", "sizes": f"H and W multiples of {f}, up to {max_size}",
+                    "outputs": ["codes"] if is_vq(model) else ["mean", "logvar"]},
+        "weights": WEIGHTS,
+    }
+    (folder / ENCODER_ONLY_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    return folder
+
+
+def load_encoder_only(folder: Path, overrides: list[str] | None = None):
+    """(model without decoder, Config): built on the meta device, so the decoder never takes memory."""
+    meta = json.loads((folder / ENCODER_ONLY_CONFIG).read_text())
+    cfg = config_from_dict(merge_dicts({"model": meta["model"], "data": {"resolution": meta["resolution"]}},
+                                       parse_overrides(overrides or [])))
+    with torch.device("meta"):
+        model = build_autoencoder(cfg.model, cfg.data.resolution)
+    model.decoder, model.post_quant_conv = None, None
+    model = model.to_empty(device="cpu")
+    state = load_tensors(folder / meta.get("weights", WEIGHTS))
+    load_state(model, state, str(folder))
+    return model, cfg
