@@ -28,7 +28,6 @@ from pipeline.errors import UserError
 
 PREFIXES = ("first_stage_model.", "vae.")  # full SD / LDM checkpoints keep the autoencoder under one of these
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_ATTN_LDM = {v: k for k, v in _ATTN.items()}
 
 
 def _num_levels(names, side: str, ldm: bool) -> int:
@@ -37,21 +36,36 @@ def _num_levels(names, side: str, ldm: bool) -> int:
     return max(levels) + 1 if levels else 0
 
 
+# (diffusers prefix, LDM prefix, how the level index maps diffusers -> LDM, and back)
+_SAME = (lambda i, n: i, lambda i, n: i)
+_REVERSED = (lambda i, n: n - 1 - i, lambda i, n: n - 1 - i)  # the decoder's levels run the other way in LDM
+_FROM_ONE = (lambda i, n: i + 1, lambda i, n: i - 1)  # mid.block_1, mid.block_2
+_RULES = [
+    ("encoder.down_blocks.{i}.resnets.", "encoder.down.{i}.block.", _SAME),
+    ("encoder.down_blocks.{i}.downsamplers.0.", "encoder.down.{i}.downsample.", _SAME),
+    ("decoder.up_blocks.{i}.resnets.", "decoder.up.{i}.block.", _REVERSED),
+    ("decoder.up_blocks.{i}.upsamplers.0.", "decoder.up.{i}.upsample.", _REVERSED),
+    *[(f"{side}.mid_block.resnets.{{i}}.", f"{side}.mid.block_{{i}}.", _FROM_ONE) for side in ("encoder", "decoder")],
+    *[(f"{side}.mid_block.attentions.0.{d}.", f"{side}.mid.attn_1.{l}.", _SAME)
+      for side in ("encoder", "decoder") for d, l in _ATTN.items()],
+    *[(f"{side}.conv_norm_out.", f"{side}.norm_out.", _SAME) for side in ("encoder", "decoder")],
+]
+
+
+def _rename(key: str, levels: int, to_ldm: bool) -> str:
+    for d, l, maps in _RULES:
+        src, dst = (d, l) if to_ldm else (l, d)
+        m = re.match(re.escape(src).replace(r"\{i\}", r"(\d+)"), key)
+        if m:
+            i = maps[0 if to_ldm else 1](int(m.group(1)), levels) if m.groups() else 0
+            key = dst.format(i=i) + key[m.end():]
+            break
+    shortcut = (".conv_shortcut.", ".nin_shortcut.") if to_ldm else (".nin_shortcut.", ".conv_shortcut.")
+    return key.replace(*shortcut)
+
+
 def diffusers_key_to_ldm(key: str, levels: int) -> str:
-    k = key
-    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
-    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.", k)
-    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-               lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.", k)
-    k = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.", k)
-    m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", k)
-    if m:
-        k = f"{m.group(1)}.mid.attn_1.{_ATTN[m.group(2)]}.{m.group(3)}"
-    k = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", k)
-    if ".block." in k:
-        k = k.replace(".conv_shortcut.", ".nin_shortcut.")
-    return k
+    return _rename(key, levels, to_ldm=True)
 
 
 def _is_attention_matrix(ldm_key: str) -> bool:
@@ -98,22 +112,9 @@ def ldm_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def ldm_key_to_diffusers(key: str, levels: int) -> str | None:
-    if not key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")):
+    if not key.startswith(("encoder.", "decoder.", "quant_conv.", "quantize.", "post_quant_conv.")):
         return None
-    k = key
-    k = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", k)
-    k = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
-    k = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.resnets.", k)
-    k = re.sub(r"^decoder\.up\.(\d+)\.upsample\.",
-               lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.upsamplers.0.", k)
-    k = re.sub(r"^(encoder|decoder)\.mid\.block_(\d+)\.", lambda m: f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.", k)
-    m = re.match(r"^(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)$", k)
-    if m:
-        k = f"{m.group(1)}.mid_block.attentions.0.{_ATTN_LDM[m.group(2)]}.{m.group(3)}"
-    k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", k)
-    if ".resnets." in k:
-        k = k.replace(".nin_shortcut.", ".conv_shortcut.")
-    return k
+    return _rename(key, levels, to_ldm=False)
 
 
 def infer_model_section(state: dict[str, torch.Tensor]) -> dict:
