@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import Config, config_from_dict, downsampling_factor, load_config, merge_dicts, parse_overrides, save_config
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, disk_full_as_oserror, respect_umask
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -124,7 +124,9 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
 
 
 def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+    with disk_full_as_oserror(path):
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+    respect_umask(path)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -137,7 +139,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_object(path: Path, obj) -> None:
-    torch.save(obj, path)
+    with disk_full_as_oserror(path):
+        torch.save(obj, path)
 
 
 def load_object(path: Path):

@@ -46,6 +46,7 @@ class DataConfig:
     flip: bool = _f(True, "random horizontal flip in training")
     shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer of each loader worker", min=0)
     num_workers: int = _f(4, "loader worker processes per rank", min=0)
+    max_bad_samples: int = _f(1000, "undecodable training samples in a row before the run stops", min=1)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class PrepareConfig:
     quality: int = _f(95, "JPEG / WEBP quality", min=1, max=100)
     prefix: str = _f("shards", "shard name prefix: letters, digits, '_', '-', '.'")
     workers: int = _f(1, "processes (decoding is CPU-bound)", min=1)
+    max_pixels: int = _f(100_000_000, "images with more pixels are skipped and listed (JPEGs decode at reduced scale "
+                         "when that fits): bounds each worker's memory", min=1)
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -185,6 +188,8 @@ class TrainConfig:
     val_every: int = _f(5000, "steps between validations (needs data.val)", min=1)
     val_samples: int = _f(256, "samples per validation", min=1)
     max_bad_steps: int = _f(10, "consecutive NaN/Inf steps before the run stops", min=1)
+    sigterm_grace: float = _f(100.0, "seconds after SIGTERM to reach a step boundary and save; then exit 75 anyway",
+                              min=1.0)
     init_from: str = _f("", "initial weights: a diffusers folder or a firststage checkpoint / run folder")
     freeze_encoder: bool = _f(False, "train the decoder only (keeps an existing latent space valid)")
     tracker: Literal["tensorboard", "wandb", "none"] = _f("tensorboard", "logging backend")

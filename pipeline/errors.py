@@ -9,5 +9,16 @@ class ConfigError(UserError):
     """A config key, type or value that the schema rejects."""
 
 
+class DataError(UserError):
+    """Training data that cannot feed a run (no image in any shard, a long run of undecodable samples). Raised in a
+    loader worker; the DataLoader re-raises it in the main process as `DataError("Caught DataError ... traceback")`,
+    from which the worker's own line is kept."""
+
+    def __init__(self, msg: str):
+        if msg.startswith("Caught DataError"):
+            msg = msg.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(msg)
+
+
 class Diverged(UserError):
     """Training diverged: too many non-finite steps in a row (exit code 3, naming the last good checkpoint)."""

@@ -6,10 +6,15 @@ a run killed at any moment leaves either the previous complete file or none, nev
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 
 
@@ -81,6 +86,8 @@ def staged_output(path: str | Path, overwrite: bool = False, what: str = "--outp
     _remove(tmp)
     try:
         yield tmp
+        for f in ([tmp] if tmp.is_file() else [q for q in tmp.rglob("*") if q.is_file()]):
+            respect_umask(f)
         if path.exists():
             _remove(path)
         os.replace(tmp, path)
@@ -93,3 +100,100 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p)
     elif p.exists() or p.is_symlink():
         p.unlink()
+
+
+class FolderLock:
+    """An exclusive lock on an output folder: a lock file created atomically (O_CREAT | O_EXCL, which NFSv3+ and
+    Lustre/GPFS honour) holding host, pid and start time. A second run on the folder is refused with one line naming
+    the holder; a lock left by a dead process on the same host is taken over; from another host it cannot be checked,
+    so the message says which file to remove once that run is known to be gone. Released on exit."""
+
+    def __init__(self, folder: str | Path, name: str = ".lock", what: str = "--output"):
+        self.path = Path(folder) / name
+        self.what, self.held = what, False
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "command": " ".join(sys.argv)[:500]}
+
+    def acquire(self) -> "FolderLock":
+        from pipeline.errors import UserError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or self._stale(holder):
+                    self.path.unlink(missing_ok=True)  # a killed run's lock (or a half-written one): take over
+                    continue
+                raise UserError(f"{self.what} {self.path.parent} is in use by pid {holder.get('pid')} on "
+                                f"{holder.get('host')} since {holder.get('started')} ({self.path}); wait for it to end, "
+                                f"or remove that file if the run is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            self.held = True
+            atexit.register(self.release)
+            return self
+        raise UserError(f"{self.what} {self.path.parent}: could not take the lock {self.path}")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") != self.me["host"]:
+            return False
+        try:
+            os.kill(int(holder.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held and self._holder() == self.me:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *_) -> None:
+        self.release()
+
+
+def no_space_message(path: str | Path, err: OSError) -> str | None:
+    """One line for a full disk or quota (ENOSPC, EDQUOT), naming the folder and the space left; None otherwise."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free / 2**20
+    return (f"no space left on the device of {folder} ({free:.0f} MiB free) while writing {err.filename or path}; "
+            f"free space or choose another output folder, then run the same command again (nothing is lost)")
+
+
+@contextlib.contextmanager
+def disk_full_as_oserror(path: str | Path, min_free: int = 64 * 2**20):
+    """torch.save and safetensors report a full disk in their own words (`unexpected pos 3166080 vs 3165968`): when
+    a write fails and the device is (nearly) full, raise it as the ENOSPC it is."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        folder = Path(path).parent
+        if folder.exists() and shutil.disk_usage(folder).free < min_free:
+            raise OSError(errno.ENOSPC, f"no space left ({type(e).__name__})", str(path)) from None
+        raise
+
+
+def respect_umask(path: str | Path) -> None:
+    """Give a file the permissions the umask allows (safetensors writes 0600; a shared cluster folder needs 0644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -9,6 +9,7 @@ import os
 import sys
 
 from pipeline.errors import ConfigError, UserError
+from pipeline.io import no_space_message
 
 
 def is_main_process() -> bool:
@@ -114,6 +115,12 @@ def stage_main(fn):
         except UserError as e:
             print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except OSError as e:  # a full disk is one line naming the folder, not a traceback
+            msg = no_space_message(e.filename or ".", e)
+            if msg is None:
+                raise
+            print(f"firststage {prog}: error: {msg}", file=sys.stderr, flush=True)
+            raise SystemExit(74) from None  # EX_IOERR
         except KeyboardInterrupt:
             print(f"firststage {prog}: interrupted", file=sys.stderr, flush=True)
             raise SystemExit(130) from None

@@ -27,6 +27,7 @@ from pipeline.data.loader import resolve_shards, shard_sample_counts
 from pipeline.data.prepare import parse_part
 from pipeline.data.shards import MANIFEST as IMAGE_MANIFEST
 from pipeline.errors import UserError
+from pipeline.io import FolderLock
 from pipeline.latents import format as lf
 from pipeline.latents.buckets import resolve_buckets
 from pipeline.latents.encoder import (
@@ -153,53 +154,60 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
     dtype = cfg.encode.dtype if cfg.encode.dtype != "auto" else ("bfloat16" if resolve_mixed_precision("auto") == "bf16" else "float32")
     mp = resolve_mixed_precision(cfg.encode.mixed_precision) if cuda else "no"
     settings = settings_for(model, cfg, str(args.model), not args.no_ema, dtype, buckets)
+    # one run per folder (per part): a second is refused naming the holder
+    lock = FolderLock(out, ".lock" if num_parts == 1 else f".lock.part-{part:05d}-of-{num_parts:05d}")
     if state.is_main_process:
-        lf.check_settings(out, settings, args.overwrite)
-        _first_shard_has_images(urls[0])
-        lf.write_settings(out, settings)
-    state.wait_for_everyone()  # every rank sees the settings; nobody writes before the folder was checked
+        lock.acquire()
+    try:
+        if state.is_main_process:
+            lf.check_settings(out, settings, args.overwrite)
+            _first_shard_has_images(urls[0])
+            lf.write_settings(out, settings)
+        state.wait_for_everyone()  # every rank sees the settings; nobody writes before the folder was checked
 
-    image_manifest = Path(args.data) / IMAGE_MANIFEST if Path(args.data).is_dir() else Path(args.data)
-    counts = shard_sample_counts(args.data) if image_manifest.suffix == ".json" and image_manifest.is_file() else None
-    slots = num_parts * state.num_processes
-    mine = assign_shards(urls, counts, slots)[part * state.num_processes + state.process_index]
-    todo = [u for u in mine if not lf.is_complete(out, shard_name(u), settings)]
-    done_before = len(mine) - len(todo)
+        image_manifest = Path(args.data) / IMAGE_MANIFEST if Path(args.data).is_dir() else Path(args.data)
+        counts = shard_sample_counts(args.data) if image_manifest.suffix == ".json" and image_manifest.is_file() else None
+        slots = num_parts * state.num_processes
+        mine = assign_shards(urls, counts, slots)[part * state.num_processes + state.process_index]
+        todo = [u for u in mine if not lf.is_complete(out, shard_name(u), settings)]
+        done_before = len(mine) - len(todo)
 
-    model = model.to(device).eval().requires_grad_(False)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    s = EncodeSettings(kind=settings["kind"], store=cfg.encode.store, dtype=dtype, flip=cfg.encode.flip,
-                       autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp), channels_last=cuda)
-    bar = tqdm(total=len(todo), desc=f"encode rank {state.process_index}", unit="shard", disable=None,
-               position=state.local_process_index, leave=False)
-    res = encode_shards(model, todo, out, settings, s, device, resolution=cfg.data.resolution, buckets=buckets,
-                        batch_size=cfg.encode.batch_size, num_workers=cfg.data.num_workers, pin_memory=cuda,
-                        stop=stop, progress=lambda _: bar.update(1))
-    bar.close()
-    mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, float(res.stopped)],
-                          dtype=torch.float64)
-    totals = all_reduce([mine_t], device=device)[0].tolist()  # also the barrier: every rank has finished
-    shards, samples, skipped, non_finite, done_before, stopped = (int(v) for v in totals)
-    if stopped:
-        print0(f"encode: stopped by SIGTERM after {shards} shards ({samples} samples); complete shards are kept, "
-               f"rerun the same command to finish")
-        raise SystemExit(EXIT_PREEMPTED)
-    if state.is_main_process:
-        expected = [shard_name(u) for part_urls in assign_shards(urls, counts, num_parts) for u in part_urls] \
-            if num_parts > 1 else [shard_name(u) for u in urls]
-        m = lf.write_manifest(out, expected=expected, processes=state.num_processes)
-        if m["total"] == 0 and not m["missing"]:
-            raise UserError(f"--data {args.data}: no sample could be encoded ({_reasons(m['skipped'])})")
-        st = m["statistics"]
-        factor = f"scaling_factor {st['scaling_factor']:.5g}, shift_factor {st['shift_factor']:.5g}" if st.get("scaling_factor") else "no statistics"
-        left = f"; {len(m['missing'])} shards left to other parts or a rerun" if m["missing"] else ""
-        why = f" ({_reasons(m['skipped'])}; listed in the manifest)" if m["skipped_count"] else ""
-        print0(f"encode: {samples} samples from {shards} shards ({done_before} already complete) -> {out} "
-               f"({settings['store']}, {dtype}, {cfg.data.resolution}px{', buckets' if buckets else ''}"
-               f"{', flip' if cfg.encode.flip else ''}) on {state.num_processes} process(es) in "
-               f"{time.time() - start:.1f}s; folder total {m['total']} samples, skipped {m['skipped_count']}{why}; "
-               f"{factor} (model's {cfg.model.scaling_factor:g}){left}{non_finite_advice(non_finite, samples + non_finite)}")
+        model = model.to(device).eval().requires_grad_(False)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        s = EncodeSettings(kind=settings["kind"], store=cfg.encode.store, dtype=dtype, flip=cfg.encode.flip,
+                           autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp), channels_last=cuda)
+        bar = tqdm(total=len(todo), desc=f"encode rank {state.process_index}", unit="shard", disable=None,
+                   position=state.local_process_index, leave=False)
+        res = encode_shards(model, todo, out, settings, s, device, resolution=cfg.data.resolution, buckets=buckets,
+                            batch_size=cfg.encode.batch_size, num_workers=cfg.data.num_workers, pin_memory=cuda,
+                            stop=stop, progress=lambda _: bar.update(1))
+        bar.close()
+        mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, float(res.stopped)],
+                              dtype=torch.float64)
+        totals = all_reduce([mine_t], device=device)[0].tolist()  # also the barrier: every rank has finished
+        shards, samples, skipped, non_finite, done_before, stopped = (int(v) for v in totals)
+        if stopped:
+            print0(f"encode: stopped by SIGTERM after {shards} shards ({samples} samples); complete shards are kept, "
+                   f"rerun the same command to finish")
+            raise SystemExit(EXIT_PREEMPTED)
+        if state.is_main_process:
+            expected = [shard_name(u) for part_urls in assign_shards(urls, counts, num_parts) for u in part_urls] \
+                if num_parts > 1 else [shard_name(u) for u in urls]
+            m = lf.write_manifest(out, expected=expected, processes=state.num_processes)
+            if m["total"] == 0 and not m["missing"]:
+                raise UserError(f"--data {args.data}: no sample could be encoded ({_reasons(m['skipped'])})")
+            st = m["statistics"]
+            factor = f"scaling_factor {st['scaling_factor']:.5g}, shift_factor {st['shift_factor']:.5g}" if st.get("scaling_factor") else "no statistics"
+            left = f"; {len(m['missing'])} shards left to other parts or a rerun" if m["missing"] else ""
+            why = f" ({_reasons(m['skipped'])}; listed in the manifest)" if m["skipped_count"] else ""
+            print0(f"encode: {samples} samples from {shards} shards ({done_before} already complete) -> {out} "
+                   f"({settings['store']}, {dtype}, {cfg.data.resolution}px{', buckets' if buckets else ''}"
+                   f"{', flip' if cfg.encode.flip else ''}) on {state.num_processes} process(es) in "
+                   f"{time.time() - start:.1f}s; folder total {m['total']} samples, skipped {m['skipped_count']}{why}; "
+                   f"{factor} (model's {cfg.model.scaling_factor:g}){left}{non_finite_advice(non_finite, samples + non_finite)}")
+    finally:
+        lock.release()
 
 
 def _reasons(skipped: list[dict]) -> str:

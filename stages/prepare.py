@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_alias_flags(p, ALIASES)
     p.add_argument("--part", default="0/1", metavar="K/N", help="process the K-th of N deterministic partitions")
     p.add_argument("--merge-manifests", metavar="DIR", help="join the part manifests in DIR into manifest.json and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what an earlier run with other inputs or options wrote into --output")
     add_config_args(p)
     return p
 
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
     opts = options(args)
     start = time.time()
     bar = tqdm(desc="prepare", unit="shard", leave=False, disable=None)
-    manifest = prepare(args.input, args.output, opts, progress=lambda r: bar.update(1))
+    manifest = prepare(args.input, args.output, opts, progress=lambda r: bar.update(1), overwrite=args.overwrite)
     bar.close()
     skipped = manifest["skipped_count"]
     why = f" ({summarize_skips(manifest['skipped'])}; listed in the manifest)" if skipped else ""

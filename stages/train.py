@@ -13,13 +13,15 @@ saved; run again with --resume auto).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
 from pipeline.config import config_to_dict, load_config, save_config
 from pipeline.errors import Diverged
-from stages.common import add_config_args, print0, stage_main
+from pipeline.io import FolderLock
+from stages.common import add_config_args, is_main_process, print0, stage_main
 
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", what SLURM requeue scripts look for
@@ -36,17 +38,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None):
     """Train as the command line says; returns the Trainer. The SIGTERM handler is installed before anything else
-    (a SIGTERM during start-up is not lost) and the previous one restored on the way out."""
+    (a SIGTERM during start-up is not lost) and the previous one restored on the way out; the output folder is
+    locked for the run (on the main process)."""
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    watchdog: list[threading.Timer] = []
+
+    def on_sigterm(*_):
+        # finish the step, save, exit 75; if no step boundary comes (a stuck loader), exit 75 anyway after the grace
+        stop.set()
+        if not watchdog:
+            watchdog.append(threading.Timer(grace[0], _exit_preempted, args=(grace[0],)))
+            watchdog[0].daemon = True
+            watchdog[0].start()
+
+    grace = [100.0]
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        return _run(build_parser().parse_args(argv), stop)
+        args = build_parser().parse_args(argv)
+        cfg = load_config(args.config, args.overrides)  # validated before the heavy imports: a typo costs < 1 s
+        grace[0] = cfg.train.sigterm_grace
+        if not is_main_process():
+            return _run(args, cfg, stop)
+        with FolderLock(cfg.output_dir, what="output_dir"):
+            return _run(args, cfg, stop)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for timer in watchdog:
+            timer.cancel()
 
 
-def _run(args, stop: threading.Event):
-    cfg = load_config(args.config, args.overrides)  # validated before the heavy imports: a typo costs < 1 s
+def _exit_preempted(grace: float) -> None:
+    print(f"train: SIGTERM, and no step boundary within {grace:g}s (train.sigterm_grace): exiting {EXIT_PREEMPTED} "
+          f"without saving; rerun with --resume auto", file=sys.stderr, flush=True)
+    os._exit(EXIT_PREEMPTED)
+
+
+def _run(args, cfg, stop: threading.Event):
     from stages.trainer import build, fit
 
     tr = build(cfg, args.resume)

@@ -189,7 +189,7 @@ def build(cfg: Config, resume: str | None) -> Trainer:
         crop=cfg.data.crop, flip=cfg.data.flip, scale=tuple(cfg.data.random_resized_scale),
         shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, epoch=tr.state.step,  # a resumed run draws a fresh stream
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available(), max_bad_samples=cfg.data.max_bad_samples,
     )
     if cfg.data.val:
         val_urls, val_limits, _ = plan_subset(cfg.data.val, cfg.train.val_samples)
@@ -438,7 +438,11 @@ class Checkpointer:
                 shutil.rmtree(staging)
             staging.mkdir(parents=True)
         acc.wait_for_everyone()
-        ckpt.save_training_checkpoint(staging, tr.training_state(), acc.process_index, acc.is_main_process)
+        try:
+            ckpt.save_training_checkpoint(staging, tr.training_state(), acc.process_index, acc.is_main_process)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a failed save (a full disk) leaves nothing behind
+            raise
         acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.commit_checkpoint(staging, final)
@@ -507,10 +511,17 @@ def periodic(tr: Trainer, log: Logbook, saver: Checkpointer, bar) -> None:
 # ------------------------------------------------------------------------------------------------ fit
 def fit(tr: Trainer, stop: threading.Event) -> State:
     """Steps until train.max_steps, or until a SIGTERM (`stop`) that every rank agrees on: then save and return."""
+    bar = tqdm(total=tr.cfg.train.max_steps, initial=tr.state.step, unit="step", dynamic_ncols=True, desc="train",
+               disable=True if not tr.accelerator.is_main_process else None)  # None: off when not a terminal
+    try:
+        return _steps(tr, stop, bar)
+    finally:
+        bar.close()
+
+
+def _steps(tr: Trainer, stop: threading.Event, bar) -> State:
     st = tr.state
     log, guard, saver = Logbook(tr), NonFiniteGuard(tr), Checkpointer(tr)
-    bar = tqdm(total=tr.cfg.train.max_steps, initial=st.step, disable=not tr.accelerator.is_main_process,
-               unit="step", dynamic_ncols=True, desc="train")
     st.stop_requested = agree(tr, stop.is_set())[0]  # a SIGTERM during start-up: requeue before any step
     data = iter(tr.loader)
     tr.model.train()
@@ -531,5 +542,4 @@ def fit(tr: Trainer, stop: threading.Event) -> State:
         periodic(tr, log, saver, bar)
     if st.stop_requested and st.step > 0 and st.last_checkpoint != str(ckpt.checkpoint_dir(tr.run_dir, st.step)):
         saver.save()
-    bar.close()
     return st

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -158,10 +159,13 @@ def test_killed_process_rerun_gives_each_sample_once(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    (tmp_path / "in" / "zzz_last.jpg").unlink()  # the same input, now readable
-    random_image(400, 300, seed=99).save(tmp_path / "in" / "zzz_last.jpg", quality=90)
+    # the same inputs again; this time the pipe delivers an image when the rerun reads it
+    feeder = threading.Thread(target=lambda: (tmp_path / "in" / "zzz_last.jpg").write_bytes(
+        image_bytes(random_image(400, 300, seed=99), quality=90)))
+    feeder.start()
     keys.append("zzz_last")
     run_cli(*args[4:])  # the same command again, in this process
+    feeder.join(timeout=10)
     got = keys_in_tars(out)
     assert sorted(got) == sorted(keys) and len(got) == len(set(got))
     assert json.loads((out / "manifest.json").read_text())["total"] == 40

@@ -13,43 +13,96 @@ import random
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTS = ("txt", "json")
 RESAMPLE = Image.Resampling.BICUBIC  # prepare: what is stored is resized once, so take the sharper filter
 CROP_RESAMPLE = Image.Resampling.BILINEAR  # loader: per sample, every epoch; antialiased like torchvision's Resize
 
-# Decompression bombs are bad input, not a reason to stop: PIL raises DecompressionBombError past 2x this limit.
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
+# Decompression bombs and huge scans are bad input, not a reason to stop or to take gigabytes: every decode checks
+# the header's pixel count against a limit (prepare.max_pixels) and refuses with its own reason; JPEGs over the
+# limit are decoded at reduced scale instead when that brings them under it. PIL's own bomb check is replaced by it.
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+_ORIENTATION = 0x0112  # EXIF tag; 5-8 are the orientations that swap width and height
 
 
 class BadImage(ValueError):
     """An input that cannot be used as an image; the message is the reason recorded in the manifest."""
 
 
-def open_image(data: bytes, min_shorter_side: int | None = None) -> Image.Image:
-    """Decode bytes to an RGB image, at reduced JPEG scale when the shorter side can stay >= min_shorter_side."""
+def _header(data: bytes) -> Image.Image:
     if not data:
         raise BadImage("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
-        if min_shorter_side and img.format == "JPEG":
-            w, h = img.size
-            s = min(w, h)
-            if s > min_shorter_side:
-                # draft picks the largest reduction keeping both sides >= the requested size
-                img.draft("RGB", (math.ceil(w * min_shorter_side / s), math.ceil(h * min_shorter_side / s)))
+        return Image.open(io.BytesIO(data))
+    except Exception:
+        raise BadImage("not an image (unrecognised format)") from None
+
+
+def orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION, 1) or 1)
+    except Exception:  # a broken EXIF block is no reason to drop the image
+        return 1
+
+
+def is_plain_rgb(img: Image.Image) -> bool:
+    """8-bit RGB without transparency or EXIF rotation: its bytes can be stored as they are."""
+    return img.mode == "RGB" and "transparency" not in img.info and orientation(img) in (0, 1)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit and 32-bit grey scaled (not clipped) to 0..255, transparency composited on
+    BACKGROUND, CMYK / palette / grey converted."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), from the header alone. Raises BadImage."""
+    img = _header(data)
+    w, h = img.size
+    return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def open_image(data: bytes, min_shorter_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode bytes to an upright 8-bit RGB image, at reduced JPEG scale when the shorter side can stay >=
+    min_shorter_side (or must shrink to fit max_pixels)."""
+    img = _header(data)
+    try:
+        w, h = img.size
+        if w * h > max_pixels and img.format == "JPEG":
+            # draft keeps both sides >= the request and reduces by 2, 4 or 8: asking for half the scale that just
+            # fits guarantees a reduction that fits (when 8x is enough)
+            f = math.sqrt(max_pixels / (w * h)) / 2
+            img.draft("RGB", (max(1, math.floor(w * f)), max(1, math.floor(h * f))))
+        elif min_shorter_side and img.format == "JPEG" and min(w, h) > min_shorter_side:
+            s = min(w, h)  # draft picks the largest reduction keeping both sides >= the requested size
+            img.draft("RGB", (math.ceil(w * min_shorter_side / s), math.ceil(h * min_shorter_side / s)))
+        if img.size[0] * img.size[1] > max_pixels:
+            raise BadImage(f"too many pixels: {w} x {h} > {max_pixels} (prepare.max_pixels)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings are noise here
             img.load()  # the full decode: truncated files fail here
-            if img.mode != "RGB":  # convert() copies even when the mode already matches
-                img = img.convert("RGB")
+            img = ImageOps.exif_transpose(img) if orientation(img) not in (0, 1) else img
+            img = to_rgb(img)
+    except BadImage:
+        raise
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as e:
-        raise BadImage(f"too large to decode ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError) as e:
         raise BadImage(f"unreadable image ({e})") from None
     return img
 
@@ -110,16 +163,6 @@ def crop_box_center(w: int, h: int, aspect: float = 1.0):
     bw, bh = min(bw, w), min(bh, h)
     left, top = (w - bw) // 2, (h - bh) // 2
     return left, top, left + bw, top + bh
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header alone. Raises BadImage."""
-    if not data:
-        raise BadImage("empty file")
-    try:
-        return Image.open(io.BytesIO(data)).size
-    except Exception:
-        raise BadImage("not an image (unrecognised format)") from None
 
 
 def crop_to(data: bytes, width: int, height: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int, int, int]]:

@@ -31,7 +31,7 @@ from webdataset.utils import make_seed
 
 from pipeline.data.images import CAPTION_EXTS, IMAGE_EXTS, BadImage, to_array
 from pipeline.data.shards import MANIFEST, read_manifest, split_key
-from pipeline.errors import UserError
+from pipeline.errors import DataError, UserError
 
 
 def resolve_shards(spec) -> list[str]:
@@ -57,8 +57,14 @@ def resolve_shards(spec) -> list[str]:
     if p.is_file() and p.suffix == ".json":
         m = read_manifest(p)
         return [str(p.parent / s["name"]) for s in m["shards"] if s.get("samples", 1) > 0]
+    if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS:
+        raise UserError(f"{spec} is an image, not shards: turn images into shards with firststage prepare --input "
+                        f"FOLDER --output SHARDS, then point at SHARDS")
     if p.is_file() and p.suffix != ".tar":
-        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        try:
+            lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        except UnicodeDecodeError:
+            raise UserError(f"{spec}: not a text file listing shards (and not a .tar, folder or manifest.json)") from None
         return [u if os.path.isabs(u) or "://" in u else str(p.parent / u) for u in lines]
     urls = []
     for s in braceexpand.braceexpand(spec):
@@ -120,7 +126,8 @@ class ShardStream(IterableDataset):
     once across ranks and workers, in shard order). Subclasses turn a raw sample into what they yield (`decode`)."""
 
     def __init__(self, urls: list[str], mode: str = "train", shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, epoch: int = 0, limits: dict[str, int] | None = None):
+                 world_size: int = 1, epoch: int = 0, limits: dict[str, int] | None = None,
+                 max_bad_samples: int = 1000):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be train or eval, got {mode}")
         if not urls:
@@ -129,7 +136,14 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.limits = limits or {}  # eval: read at most this many samples of a shard (a fixed subset)
+        self.max_bad_samples = max_bad_samples  # train: undecodable samples in a row before DataError
         self.skipped = _SkipCounter()
+
+    wanted = "sample"  # what a usable sample holds, for messages
+
+    def usable(self, sample: dict) -> bool:
+        """Whether a raw sample holds what decode() needs (checked without decoding)."""
+        return True
 
     def decode(self, sample: dict, rng: random.Random | None, train: bool):
         raise NotImplementedError
@@ -144,12 +158,22 @@ class ShardStream(IterableDataset):
 
     def _shuffled(self, rng: random.Random):
         buffer: list = []
+        visited: set[str] = set()
+        images = [0]  # samples read that have an image member
 
         def endless_urls():
             while True:
-                yield rng.choice(self.urls)
+                if len(visited) == len(self.urls) and not images[0]:  # a whole pass over every shard: no image
+                    names = ", ".join(sorted(os.path.basename(u) for u in self.urls)[:5])
+                    raise DataError(f"no {self.wanted} in the training data: {len(self.urls)} shard(s) ({names}"
+                                    f"{', ...' if len(self.urls) > 5 else ''}) hold none; check data.train")
+                url = rng.choice(self.urls)
+                visited.add(url)
+                yield url
 
         for sample in self._samples(endless_urls()):
+            if self.usable(sample):
+                images[0] += 1
             if self.shuffle_buffer > 1:
                 buffer.append(sample)
                 if len(buffer) < self.shuffle_buffer:
@@ -160,10 +184,18 @@ class ShardStream(IterableDataset):
             yield sample
 
     def _decoded(self, raw, rng: random.Random | None, train: bool):
+        bad_run = 0
         for sample in raw:
             out = self.decode(sample, rng, train)
             if out is not None:
+                bad_run = 0
                 yield out
+                continue
+            bad_run += 1
+            if train and bad_run >= self.max_bad_samples:
+                raise DataError(f"{bad_run} undecodable training samples in a row (latest "
+                                f"{sample.get('__url__')}:{sample.get('__key__')}); check data.train, or raise "
+                                f"data.max_bad_samples")
 
     def _eval_iter(self):
         worker, num_workers = worker_slot()
@@ -184,6 +216,8 @@ class ImageStream(ShardStream):
 
     In train mode only `image` is kept, to keep inter-process traffic small."""
 
+    wanted = "image (jpg, jpeg, png, webp or bmp member)"
+
     def __init__(
         self,
         urls: list[str],
@@ -198,13 +232,17 @@ class ImageStream(ShardStream):
         world_size: int = 1,
         epoch: int = 0,
         limits: dict[str, int] | None = None,
+        max_bad_samples: int = 1000,
     ):
-        super().__init__(urls, mode, shuffle_buffer, seed, rank, world_size, epoch, limits)
+        super().__init__(urls, mode, shuffle_buffer, seed, rank, world_size, epoch, limits, max_bad_samples)
         crop = crop or ("random" if mode == "train" else "center")
         if mode == "eval" and crop not in ("center", "none"):
             raise ValueError(f"eval mode crops 'center' or 'none', got {crop!r}")
         self.resolution, self.crop, self.flip = resolution, crop, flip
         self.scale = tuple(scale)
+
+    def usable(self, sample: dict) -> bool:
+        return image_member(sample) is not None
 
     def decode(self, sample: dict, rng: random.Random | None, train: bool):
         ext = image_member(sample)

@@ -11,11 +11,13 @@ How it stays exactly-once without a coordinator:
 from __future__ import annotations
 
 import glob
-import io
+import hashlib
 import json
 import multiprocessing as mp
 import os
 import re
+import signal
+import sys
 import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
@@ -23,13 +25,15 @@ from pathlib import Path
 from typing import Iterator
 
 import braceexpand
-from PIL import Image
 
 from pipeline.data.images import (
     CAPTION_EXTS,
     IMAGE_EXTS,
     BadImage,
+    _header,
     encode_image,
+    image_size,
+    is_plain_rgb,
     open_image,
     resize_for_storage,
     target_size,
@@ -41,7 +45,7 @@ from pipeline.data.shards import (
     part_manifest_name,
     split_key,
 )
-from pipeline.io import remove_stale_temporaries
+from pipeline.io import FolderLock, remove_stale_temporaries
 from pipeline.config import PrepareConfig, validate_section
 from pipeline.errors import UserError
 
@@ -88,8 +92,9 @@ def _ext(path: str) -> str:
     return path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
 
 
-def _image_item(path: Path, key: str):
-    captions = {}
+def _image_item(path: Path, raw_key: str):
+    key = safe_key(raw_key)
+    captions = {"source_key": raw_key} if key != raw_key else {}
     for ext in CAPTION_EXTS:
         c = path.with_suffix("." + ext)
         if c.is_file():
@@ -123,7 +128,8 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
                     elif ext == "tar":
                         found_tars.append(str(Path(root) / name))
             if found_images:
-                images += [_image_item(f, prefix + _sanitize_key(str(f.relative_to(p).with_suffix("")))) for f in found_images]
+                images += [_image_item(f, prefix + _sanitize_key(str(f.relative_to(p).with_suffix(""))))
+                           for f in found_images]
             else:
                 tars += found_tars
             if not found_images and not found_tars:
@@ -158,12 +164,29 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
     return ("tars", tars) if tars else ("images", images)
 
 
+def safe_key(raw: str) -> str:
+    """A member key that cannot escape the folder it is extracted into and stays within filesystem limits: no `..`,
+    `.` or empty components, no leading `/`, components of at most 200 bytes (255 is the usual filesystem limit,
+    and the extension follows) and 1000 in all; longer keys keep a readable head and a hash of the whole, and the
+    sample's `source_key.txt` member keeps the original."""
+    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    key = "/".join(parts) or "_"
+    if len(key.encode()) > 1000 or any(len(p.encode()) > 200 for p in parts):
+        digest = hashlib.sha1(raw.encode()).hexdigest()[:16]
+        head = key.encode()[:100].decode("utf-8", errors="ignore").replace("/", "_")
+        key = f"{head}_{digest}"
+    return key
+
+
 def list_tar(path: str) -> list:
-    """Items of one input tar with member offsets; broken members and a broken tail become 'bad' items."""
+    """Items of one input tar with member offsets. Broken members and a broken tail, links, folders and duplicate
+    keys become 'bad' items with their reason (the first sample of a key is kept)."""
     samples: dict[str, dict] = {}
+    raw_keys: dict[str, str] = {}
     bad = []
     size = os.path.getsize(path)
     expected = 0
+    last = None
     try:
         # ignore_zeros lets tarfile skip a corrupt header block and resynchronise on the next valid member
         with tarfile.open(path, "r:", ignore_zeros=True) as tf:
@@ -172,17 +195,26 @@ def list_tar(path: str) -> list:
                     bad.append(("bad", f"@{expected}", path, f"broken tar member at byte {expected} ({m.offset - expected} bytes skipped)"))
                 expected = m.offset_data + ((m.size + 511) // 512) * 512
                 if not m.isreg():
+                    what = "symlink" if m.issym() else "hardlink" if m.islnk() else "directory" if m.isdir() else "special"
+                    bad.append(("bad", m.name, path, f"{what} member {m.name} (not followed or extracted)"))
                     continue
                 ks = split_key(m.name)
                 if ks is None or ks[0].startswith("__"):
                     continue
+                key = safe_key(ks[0])
                 if m.offset_data + m.size > size:
-                    bad.append(("bad", ks[0], path, f"broken tar member {m.name} (truncated)"))
+                    bad.append(("bad", key, path, f"broken tar member {m.name} (truncated)"))
                     continue
-                samples.setdefault(ks[0], {})[ks[1]] = (m.offset_data, m.size)
+                if key in samples and (key != last or ks[1] in samples[key]):
+                    bad.append(("bad", key, path, f"duplicate key {key} (member {m.name}; the first sample is kept)"))
+                    continue
+                samples.setdefault(key, {})[ks[1]] = (m.offset_data, m.size)
+                raw_keys[key] = ks[0]
+                last = key
     except (tarfile.TarError, OSError, EOFError) as e:
         bad.append(("bad", f"@{expected}", path, f"broken tar after byte {expected} ({e})"))
-    items = [("tar", key, path, members) for key, members in samples.items()]
+    items = [("tar", key, path, {**members, **({"source_key": raw_keys[key]} if raw_keys[key] != key else {})})
+             for key, members in samples.items()]
     return items + bad
 
 
@@ -210,15 +242,17 @@ def shard_name(opts: PrepareOptions, index: int) -> str:
 
 # ---------------------------------------------------------------------------------------------------- worker
 def _read_bytes(item) -> tuple[bytes, dict]:
+    """(image bytes, other members to store: captions, and the original key when it had to be made safe)."""
     kind, key, src, extra = item
+    kept = {"source_key.txt": extra["source_key"].encode()} if "source_key" in extra else {}
+    extra = {k: v for k, v in extra.items() if k != "source_key"}
     if kind == "file":
         with open(src, "rb") as f:
             data = f.read()
-        captions = {}
         for ext, cpath in extra.items():
             with open(cpath, "rb") as f:
-                captions[ext] = f.read()
-        return data, captions
+                kept[ext] = f.read()
+        return data, kept
     members = {}
     with open(src, "rb") as f:
         for ext, (offset, size) in extra.items():
@@ -227,8 +261,8 @@ def _read_bytes(item) -> tuple[bytes, dict]:
     image_exts = [e for e in members if e in IMAGE_EXTS]
     if not image_exts:
         raise BadImage(f"no image member (has {', '.join(sorted(members)) or 'nothing'})")
-    captions = {e: members[e] for e in CAPTION_EXTS if e in members}
-    return members[image_exts[0]], captions
+    kept.update({e: members[e] for e in CAPTION_EXTS if e in members})
+    return members[image_exts[0]], kept
 
 
 _KEEP_FORMATS = {"jpg": ("JPEG",), "webp": ("WEBP",), "keep": ("JPEG", "PNG", "WEBP")}
@@ -236,23 +270,22 @@ _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 def convert_one(data: bytes, opts: PrepareOptions) -> tuple[bytes, str, tuple[int, int], tuple[int, int]]:
-    """Validate, resize and encode one image -> (bytes, ext, input size, output size). Raises BadImage."""
-    if not data:
-        raise BadImage("empty file")
-    try:
-        header = Image.open(io.BytesIO(data))
-        w, h, fmt = header.width, header.height, header.format
-    except Exception:
-        raise BadImage("not an image (unrecognised format)") from None
+    """Validate, resize and encode one image -> (bytes, ext, input size, output size). Raises BadImage.
+    Sizes are as displayed (EXIF orientation applied); the original bytes are kept only for an 8-bit RGB image
+    without rotation or transparency that needs no resizing and is already in the target format."""
+    header = _header(data)
+    w, h = image_size(data)
+    if w * h > opts.max_pixels and header.format != "JPEG":  # before any decode: PNG cannot decode at reduced scale
+        raise BadImage(f"too many pixels: {w} x {h} > {opts.max_pixels} (prepare.max_pixels)")
     if min(w, h) < opts.min_size:
         raise BadImage(f"too small ({w}x{h}, shorter side < --min-size {opts.min_size})")
     tw, th = target_size(w, h, opts.size, opts.resize)
     need_short = max(1, round(min(tw, th)))
-    img = open_image(data, min_shorter_side=need_short)  # full decode: truncated files are caught here
-    if (tw, th) == (w, h) and fmt in _KEEP_FORMATS[opts.format]:
-        return data, _PIL_EXT[fmt], (w, h), (w, h)  # already small enough: keep the original bytes
+    img = open_image(data, min_shorter_side=need_short, max_pixels=opts.max_pixels)  # truncated files fail here
+    if (tw, th) == (w, h) and header.format in _KEEP_FORMATS[opts.format] and is_plain_rgb(header):
+        return data, _PIL_EXT[header.format], (w, h), (w, h)  # already right: keep the original bytes
     out = resize_for_storage(img, opts.size, opts.resize)
-    fmt_out = opts.format if opts.format != "keep" else {"JPEG": "jpg", "WEBP": "webp"}.get(fmt, "png")
+    fmt_out = opts.format if opts.format != "keep" else {"JPEG": "jpg", "WEBP": "webp"}.get(header.format, "png")
     encoded, ext = encode_image(out, fmt_out, opts.quality)
     return encoded, ext, (w, h), out.size
 
@@ -298,20 +331,100 @@ def chunks(items: list, size: int) -> Iterator[tuple[int, list]]:
         yield j // size, items[j : j + size]
 
 
-def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progress=None) -> dict:
-    """Run (or finish) one part of a prepare job; returns its manifest. `progress(record)` is called per shard."""
+def _die_with_parent() -> None:
+    """Pool workers get SIGKILL when the main process dies (Linux), so a killed run leaves no writer behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def fingerprint(items: list, opts: PrepareOptions) -> dict:
+    """What a run's output depends on: the options, and per shard a hash of its inputs (names, sizes, mtimes)."""
+    stats: dict[str, tuple] = {}
+
+    def stat(path: str) -> tuple:
+        if path not in stats:
+            try:
+                st = os.stat(path)
+                stats[path] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                stats[path] = (-1, -1)
+        return stats[path]
+
+    chunk_hashes = []
+    for _, chunk in chunks(items, opts.shard_size):
+        h = hashlib.sha1()
+        for kind, key, src, extra in chunk:
+            paths = [src] + ([v for v in extra.values() if isinstance(v, str)] if kind == "file" else [])
+            h.update(repr((kind, key, src, [stat(q) for q in paths] if kind != "bad" else extra)).encode())
+        chunk_hashes.append(h.hexdigest()[:16])
+    options = {k: v for k, v in asdict(opts).items() if k not in ("workers", "part", "num_parts")}
+    return {"options": options, "inputs": len(items), "shards": chunk_hashes}
+
+
+def check_fingerprint(out: Path, fp: dict, opts: PrepareOptions, overwrite: bool) -> None:
+    """Same inputs and options: resume. Anything else is refused, naming what differs, unless --overwrite (which
+    removes this part's shards, records and manifest first)."""
+    path = out / PROGRESS_DIR / fingerprint_name(opts)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"{k} {old['options'].get(k)!r} then, {v!r} now" for k, v in fp["options"].items()
+                if old["options"].get(k) != v]
+        if not diff and old["shards"] != fp["shards"]:
+            first = next((j for j, (a, b) in enumerate(zip(old["shards"], fp["shards"])) if a != b),
+                         min(len(old["shards"]), len(fp["shards"])))
+            diff = [f"the inputs ({old['inputs']} then, {fp['inputs']} now; {shard_name(opts, first)} is the first "
+                    f"shard whose inputs differ)"]
+        if diff and not overwrite:
+            raise UserError(f"--output {out} holds shards of another prepare run ({'; '.join(diff)}); use another "
+                            f"folder, the same inputs and options, or --overwrite")
+        if diff:
+            clear_part(out, opts)
+    atomic_write_json(path, fp)
+
+
+def fingerprint_name(opts: PrepareOptions) -> str:
+    return "fingerprint.json" if opts.num_parts == 1 else f"fingerprint.part-{opts.part:05d}-of-{opts.num_parts:05d}.json"
+
+
+def clear_part(out: Path, opts: PrepareOptions) -> None:
+    """Remove what this part wrote before (shards with a record, the records, its manifest); nothing else."""
+    for rec in (out / PROGRESS_DIR).glob("*.tar.json"):
+        name = rec.name[: -len(".json")]
+        if name.startswith(opts.prefix + "-") and (opts.num_parts == 1) == ("-p" not in name[len(opts.prefix):]):
+            (out / name).unlink(missing_ok=True)
+            rec.unlink()
+    (out / (MANIFEST if opts.num_parts == 1 else part_manifest_name(opts.part, opts.num_parts))).unlink(missing_ok=True)
+
+
+def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progress=None, overwrite: bool = False) -> dict:
+    """Run (or finish) one part of a prepare job; returns its manifest. `progress(record)` is called per shard.
+    The output folder is locked for the run; a rerun resumes only with the same inputs and options."""
     opts.check()
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    lock_name = ".lock" if opts.num_parts == 1 else f".lock.part-{opts.part:05d}-of-{opts.num_parts:05d}"
+    with FolderLock(out, lock_name):
+        return _prepare(inputs, out, opts, progress, overwrite)
+
+
+def _prepare(inputs: list[str], out: Path, opts: PrepareOptions, progress, overwrite: bool) -> dict:
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     remove_stale_temporaries(out)
     remove_stale_temporaries(out / PROGRESS_DIR)
     kind, sources = list_sources(inputs)
 
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
-    pool = ctx.Pool(opts.workers) if opts.workers > 1 else None
+    pool = ctx.Pool(opts.workers, initializer=_die_with_parent) if opts.workers > 1 else None
     try:
         items = plan_part(kind, sources, opts, pool)
+        fp = fingerprint(items, opts)
+        check_fingerprint(out, fp, opts, overwrite)
         records, todo = {}, []
         for j, chunk in chunks(items, opts.shard_size):
             name = shard_name(opts, j)
@@ -321,7 +434,7 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
                 if progress:
                     progress(records[j])
                 continue
-            shard.unlink(missing_ok=True)  # a shard without its record is from an older, different run
+            shard.unlink(missing_ok=True)  # a shard without its record is from a killed run: redo it
             todo.append((j, (chunk, str(shard), str(record), opts)))
         results = pool.imap(write_shard, [t for _, t in todo]) if pool else map(write_shard, [t for _, t in todo])
         for (j, _), record in zip(todo, results):
@@ -330,7 +443,7 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
                 progress(record)
     finally:
         if pool is not None:
-            pool.close()
+            pool.terminate() if sys.exc_info()[0] else pool.close()
             pool.join()
 
     ordered = [records[j] for j in sorted(records)]

@@ -72,10 +72,14 @@ class ShardWriter:
         self.commit()
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._tar.close()
+        try:
+            if not self._file.closed:
+                self._tar.close()
+                self._file.close()
+        except OSError:  # closing flushes: on a full disk that fails too, and the temporary file must still go
             self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self):
         return self

@@ -60,6 +60,11 @@ class LatentDataset(ShardStream):
         self.drop_last = (mode == "train") if drop_last is None else drop_last
         self._noise: torch.Generator | None = None
 
+    wanted = "latent (KEY.latents.safetensors member)"
+
+    def usable(self, raw: dict) -> bool:
+        return LATENT_EXT in raw
+
     def decode(self, raw: dict, rng: random.Random | None, train: bool):
         tensors = load_safetensors(raw[LATENT_EXT])
         suffix = "_flip" if train and rng is not None and any(k.endswith("_flip") for k in tensors) \
