@@ -90,6 +90,9 @@ class ModelConfig:
     norm_num_groups: int = _f(32, "GroupNorm groups; must divide every entry of block_out_channels", min=1)
     scaling_factor: float = _f(0.18215, "latent scale so that scaled latents have unit variance (diffusers convention)")
     shift_factor: Optional[float] = _f(None, "latent shift subtracted before scaling (SD3/FLUX convention); null for none")
+    init_logvar: Optional[float] = _f(
+        None, "KL: initial posterior log-variance (bias of quant_conv's logvar half) of a model trained from scratch; "
+        "-6 starts at sigma 0.05 so the decoder is not drowned in noise early on; null: diffusers' init")
     codebook: CodebookConfig = _f(CodebookConfig(), "VQ codebook (kind: vq only)")
 
     @property

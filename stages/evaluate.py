@@ -71,7 +71,8 @@ def load_fid(device):
 
 
 def format_table(res: dict) -> str:
-    rows = [("samples", res["samples"]), ("PSNR (dB)", res["psnr"]), ("SSIM", res["ssim"])]
+    rows = [("samples", res["samples"]), ("weights", res.get("weights", "")), ("PSNR (dB)", res["psnr"]),
+            ("PSNR of the mean-colour baseline (dB)", res["psnr_mean_colour"]), ("SSIM", res["ssim"])]
     rows += [(f"LPIPS ({n})", res[f"lpips_{n}"]) for n in LPIPS_NETS if f"lpips_{n}" in res]
     rows.append(("rFID", res.get("rfid")))
     if "kl_per_sample" in res:
@@ -94,7 +95,8 @@ def format_table(res: dict) -> str:
              ("scaling_factor (1/std)", lat["scaling_factor"]), ("shift_factor (mean)", lat["shift_factor"]),
              ("latent channel std", ", ".join(f"{v:.3g}" for v in lat["channel_std"]))]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {fmt(v)} |" for k, v in rows)
+    cell = lambda v: fmt(v).replace("|", "\\|")  # noqa: E731 (a | inside a value would split the markdown cell)
+    return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {cell(v)} |" for k, v in rows)
 
 
 @stage_main

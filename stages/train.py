@@ -54,7 +54,7 @@ def run(argv=None):
     grace = [100.0]
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_intermixed_args(argv)  # key=value may follow --resume
         cfg = load_config(args.config, args.overrides)  # validated before the heavy imports: a typo costs < 1 s
         grace[0] = cfg.train.sigterm_grace
         if not is_main_process():

@@ -45,9 +45,9 @@ class State:
     stop_requested: bool = False
     history: list = field(default_factory=list)  # (step, loss) at each log point, for the summary
 
-    def trainer_json(self, world_size: int) -> dict:
+    def trainer_json(self, world_size: int, ema_step: int | None = None) -> dict:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "samples": self.samples,
-                "world_size": world_size, "time": time.time()}
+                "world_size": world_size, "ema_step": ema_step, "time": time.time()}
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Trainer:
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "rng": ckpt.rng_state(),
             "config": self.cfg,
-            "trainer": self.state.trainer_json(acc.num_processes),
+            "trainer": self.state.trainer_json(acc.num_processes, self.ema.step if self.ema is not None else None),
         }
 
 
@@ -213,6 +213,8 @@ def restore(tr: Trainer, path: Path) -> None:
     tr.objective.load_state_dict(saved["objective"] or {}, strict=False)
     if tr.ema is not None and saved["ema"] is not None:
         tr.ema.load_state_dict(saved["ema"])
+        # checkpoints from before the warm-up have no ema_step: their EMA is past it
+        tr.ema.step = saved["trainer"].get("ema_step") or saved["trainer"]["step"] // tr.cfg.train.ema_every
     tr.opt.load_state_dict(saved["optimizer"])
     if tr.opt_d is not None and saved["optimizer_d"] is not None:
         tr.opt_d.load_state_dict(saved["optimizer_d"])

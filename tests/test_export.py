@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     make_shards(root / "shards", 2, 8, size=(48, 40))
     run([*TINY, f"data.train={root / 'shards'}", f"output_dir={root / 'run'}", "train.max_steps=4",
-         "train.checkpoint_every=4"])
+         "train.checkpoint_every=4", "model.mid_block_attention=true"])  # attention: its 1x1-conv names are tested
     r = run_main(evaluate, "--model", root / "run", "--data", root / "shards", "--lpips-backbone", "random",
                  "evaluate.likelihood_samples=0")
     assert r.returncode == 0, r.stderr
@@ -208,7 +208,7 @@ def test_every_import_format_trains_via_init_from(trained, tmp_path, form):
     else:
         src = ldm_file(tmp_path, start, "vae.ckpt", "first_stage_model.", fmt="ckpt")
     tr = run([*TINY, f"data.train={trained / 'shards'}", f"output_dir={tmp_path / 'ft'}", "train.max_steps=2",
-              f"train.init_from={src}", "train.freeze_encoder=true"])
+              f"train.init_from={src}", "train.freeze_encoder=true", "model.mid_block_attention=true"])
     after = tr.unwrapped.vae.state_dict()
     before = start.state_dict()
     assert all(torch.equal(before[k], after[k].cpu()) for k in before if k.startswith(("encoder.", "quant_conv.")))
@@ -222,7 +222,7 @@ def test_finetune_decoder_preset_runs_from_a_single_file(trained, tmp_path):
 
     start, _ = load_autoencoder(trained / "run")
     src = ldm_file(tmp_path, start, "vae.safetensors")
-    tr = run(["--config", "finetune-decoder", "model.block_out_channels=[32,64,64]", "model.layers_per_block=1",
+    tr = run(["--config", "finetune-decoder", "model.block_out_channels=[16,32,64]", "model.layers_per_block=1",
               "model.norm_num_groups=8", "data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=4",
               "train.batch_size=2", "loss.perceptual.backbone=random", f"data.train={trained / 'shards'}",
               f"output_dir={tmp_path / 'ft'}", "train.max_steps=2", f"train.init_from={src}"])
@@ -242,7 +242,7 @@ def test_shape_mismatch_names_the_tensor(trained, tmp_path):
 
     with pytest.raises(UserError, match=r"train.init_from .*: encoder.conv_out.weight has shape"):
         run([*TINY, f"data.train={trained / 'shards'}", f"output_dir={tmp_path / 'x'}", "train.max_steps=1",
-             f"train.init_from={src}", "model.latent_channels=8"])
+             f"train.init_from={src}", "model.latent_channels=8", "model.mid_block_attention=true"])
 
 
 class RunsCode:

@@ -15,7 +15,7 @@ import torch
 from pipeline.config import EvaluateConfig
 from pipeline.data.loader import to_model_input, to_uint8
 from pipeline.losses.kl import kl_elements, kl_per_sample
-from pipeline.metrics.image import psnr, ssim
+from pipeline.metrics.image import mean_colour, psnr, ssim
 from pipeline.metrics.latent import MomentSums, active_units, latent_statistics
 from pipeline.models.quantizer import perplexity
 from pipeline.metrics.likelihood import bits_per_dim, importance_log_weights, iwae_from_log_weights
@@ -43,7 +43,7 @@ class Evaluator:
         f = downsampling_factor(model)
         latent_c = model.quantize.dim if self.vq else c.latent_channels
         self.image_dims = c.in_channels * resolution * resolution
-        names = ["n", "psnr", "ssim", "sq_err"] + [f"lpips_{k}" for k, v in perceptual.items() if not isinstance(v, str)]
+        names = ["n", "psnr", "psnr_mean_colour", "ssim", "sq_err"] + [f"lpips_{k}" for k, v in perceptual.items() if not isinstance(v, str)]
         self.sums = {k: torch.zeros((), dtype=torch.float64) for k in names}
         if not self.vq:
             self.sums["kl"] = torch.zeros((), dtype=torch.float64)
@@ -84,6 +84,7 @@ class Evaluator:
         rec8 = to_uint8(rec)
         self._add("n", torch.tensor(float(n)))
         self._add("psnr", psnr(images, rec8).clamp(max=100.0))
+        self._add("psnr_mean_colour", psnr(images, mean_colour(images)).clamp(max=100.0))
         self._add("ssim", ssim(images, rec8))
         self._add("sq_err", (x.double() - rec.double().clamp(-1, 1)).pow(2).flatten(1).mean(1))
         for name, lp in self.perceptual.items():
@@ -121,7 +122,8 @@ class Evaluator:
         n = float(sums["n"])
         if n == 0:
             return {"samples": 0}
-        res = {"samples": int(n), "psnr": float(sums["psnr"]) / n, "ssim": float(sums["ssim"]) / n}
+        res = {"samples": int(n), "psnr": float(sums["psnr"]) / n, "ssim": float(sums["ssim"]) / n,
+               "psnr_mean_colour": float(sums["psnr_mean_colour"]) / n}
         for name, lp in self.perceptual.items():
             res[f"lpips_{name}"] = float(sums[f"lpips_{name}"]) / n if not isinstance(lp, str) else f"not computed: {lp}"
         # latent statistics

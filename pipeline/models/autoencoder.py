@@ -40,7 +40,11 @@ def build_autoencoder(cfg: ModelConfig, sample_size: int = 256) -> Autoencoder:
         mid_block_add_attention=cfg.mid_block_attention,
     )
     if cfg.kind == "kl":
-        return AutoencoderKL(**common, shift_factor=cfg.shift_factor)
+        model = AutoencoderKL(**common, shift_factor=cfg.shift_factor)
+        if cfg.init_logvar is not None:  # the second half of quant_conv's outputs is the posterior's log-variance
+            with torch.no_grad():
+                model.quant_conv.bias[cfg.latent_channels:].fill_(cfg.init_logvar)
+        return model
     cb = cfg.codebook
     dim = cb.dim or cfg.latent_channels
     model = VQModel(**common, num_vq_embeddings=cb.size, vq_embed_dim=dim)
