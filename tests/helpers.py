@@ -90,6 +90,17 @@ def read_tar_samples(folder: Path) -> dict:
     return out
 
 
+def keys_in_tars(folder: Path) -> list[str]:
+    """Every sample key in every complete shard, read with plain tarfile (duplicates kept)."""
+    keys = []
+    for p in sorted(folder.glob("*.tar")):
+        with tarfile.open(p) as tf:
+            for m in tf.getmembers():
+                if m.name.rsplit(".", 1)[-1] in ("jpg", "webp", "png"):
+                    keys.append(m.name.rsplit(".", 1)[0])
+    return keys
+
+
 def write_tar(path: Path, samples: list[dict]) -> None:
     """samples: dicts of ext -> bytes plus __key__."""
     with tarfile.open(path, "w") as tf:

@@ -11,20 +11,9 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from helpers import ROOT, image_bytes, make_shards, random_image, run_main, write_images, write_tar
+from helpers import ROOT, image_bytes, keys_in_tars, make_shards, random_image, run_main, write_images, write_tar
 from pipeline.data.prepare import PrepareOptions, list_sources, plan_part, prepare, write_shard, shard_name
 from pipeline.errors import UserError
-
-
-def keys_in_tars(folder: Path) -> list[str]:
-    """Every sample key in every complete shard, read with plain tarfile (duplicates kept)."""
-    keys = []
-    for p in sorted(folder.glob("*.tar")):
-        with tarfile.open(p) as tf:
-            for m in tf.getmembers():
-                if m.name.rsplit(".", 1)[-1] in ("jpg", "webp", "png"):
-                    keys.append(m.name.rsplit(".", 1)[0])
-    return keys
 
 
 def run_cli(*args, check=True):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ENV, ROOT, TINY, image_bytes, make_shards, random_image, run_main, write_images, write_tar
+from helpers import ENV, ROOT, TINY, image_bytes, keys_in_tars, make_shards, random_image, run_main, write_images, write_tar
 
 
 def prepare(*args):
@@ -36,14 +36,6 @@ def one_line(r) -> bool:
     """The error is one line (warnings printed before it are not part of it) and no traceback."""
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("firststage ")]
     return len(errors) == 1 and "Traceback" not in r.stderr and r.stderr.rstrip().endswith(errors[0])
-
-
-def tar_keys(folder: Path) -> list[str]:
-    keys = []
-    for t in sorted(folder.glob("*.tar")):
-        with tarfile.open(t) as tf:
-            keys += [m.name.split(".", 1)[0] for m in tf.getmembers() if not m.name.endswith((".txt", ".json"))]
-    return keys
 
 
 def decoded(folder: Path) -> dict[str, Image.Image]:
@@ -113,10 +105,10 @@ def test_prepare_rerun_with_other_inputs_or_options_is_refused_naming_what_diffe
     assert r.returncode == 2 and "(30 then, 40 now" in r.stderr and "--overwrite" in r.stderr
     r = prepare("--input", tmp_path / "in", "--output", out, "--shard-size", "10", "--size", "64", "--format", "webp")
     assert r.returncode == 2 and "format 'jpg' then, 'webp' now" in r.stderr and "size 256 then, 64 now" in r.stderr
-    assert sorted(tar_keys(out)) == sorted(f"img{i:04d}" for i in range(30))  # untouched
+    assert sorted(keys_in_tars(out)) == sorted(f"img{i:04d}" for i in range(30))  # untouched
     r = prepare(*base, "--overwrite", "--size", "16", "--format", "webp")
     assert r.returncode == 0, r.stderr
-    keys = tar_keys(out)
+    keys = keys_in_tars(out)
     assert len(keys) == len(set(keys)) == 40
     assert {im.format for im in decoded(out).values()} == {"WEBP"} and max(decoded(out)["new0003"].size) <= 22
     assert json.loads((out / "manifest.json").read_text())["options"]["format"] == "webp"
@@ -128,7 +120,7 @@ def test_prepare_rerun_with_other_inputs_or_options_is_refused_naming_what_diffe
 def test_long_names_and_escaping_members_are_made_safe(tmp_path):
     write_images(tmp_path / "in", 1, size=(40, 30), prefix="x" * 118)
     r = prepare("--input", tmp_path / "in", "--output", tmp_path / "a")
-    assert r.returncode == 0 and tar_keys(tmp_path / "a") == ["x" * 118 + "0000"], r.stderr
+    assert r.returncode == 0 and keys_in_tars(tmp_path / "a") == ["x" * 118 + "0000"], r.stderr
     jpg = image_bytes(random_image(40, 30))
     src = tmp_path / "hostile.tar"
     with tarfile.open(src, "w", format=tarfile.PAX_FORMAT) as tf:
@@ -148,7 +140,7 @@ def test_long_names_and_escaping_members_are_made_safe(tmp_path):
         add("dup.jpg", jpg)
     r = prepare("--input", src, "--output", tmp_path / "b")
     assert r.returncode == 0, r.stderr
-    keys = tar_keys(tmp_path / "b")
+    keys = keys_in_tars(tmp_path / "b")
     assert "evil" in keys and "abs/root" in keys and "dup" in keys and "other" in keys and len(keys) == 5
     long_key = next(k for k in keys if k.startswith("ddd"))
     assert len(long_key.encode()) <= 200
@@ -240,7 +232,7 @@ def test_too_many_pixels_has_its_own_reason_and_jpegs_decode_smaller(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [s["reason"] for s in m["skipped"]] == ["too many pixels: 400 x 300 > 100000 (prepare.max_pixels)"]
-    assert tar_keys(tmp_path / "out") == ["big"] and decoded(tmp_path / "out")["big"].size == (85, 64)
+    assert keys_in_tars(tmp_path / "out") == ["big"] and decoded(tmp_path / "out")["big"].size == (85, 64)
 
 
 # ------------------------------------------------------------------------------------------ 8. SIGTERM at start-up
@@ -376,7 +368,7 @@ def test_hostile_folder_and_tar_through_prepare_and_the_loader(tmp_path):
     r = prepare("--input", src, "--output", tmp_path / "out", "prepare.max_pixels=1000000")
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    written = set(tar_keys(tmp_path / "out"))
+    written = set(keys_in_tars(tmp_path / "out"))
     skipped = {Path(s["input"]).stem for s in m["skipped"]}
     stems = {Path(n).stem for n in files} | {"link", "dangling"}
     assert written | skipped == stems and not written & skipped
