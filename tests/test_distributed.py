@@ -47,7 +47,7 @@ def test_evaluate_gives_the_same_numbers_on_one_and_two_processes(world):
     root, _, stdout = world
     assert "17 samples" in stdout and "on 2 process(es)" in stdout
     r = run_main(main, "--lpips-backbone", "random", "--model", root / "run", "--data", root / "val", "--output",
-                 root / "eval-1", "--num-samples", "17")
+                 root / "eval-1", "--num-samples", "17", "evaluate.iwae_k=4", "evaluate.likelihood_samples=8")
     assert r.returncode == 0, r.stderr
     one = dict(flat(json.loads((root / "eval-1" / "eval.json").read_text())))
     two = dict(flat(json.loads((root / "eval-2" / "eval.json").read_text())))

@@ -42,7 +42,8 @@ def main() -> None:
         from stages.evaluate import main as evaluate
 
         evaluate(["--lpips-backbone", "random", "--model", str(root / "run"), "--data", str(root / "val"),
-                  "--output", str(root / f"eval-{n}"), "--num-samples", "17"])
+                  "--output", str(root / f"eval-{n}"), "--num-samples", "17", "evaluate.iwae_k=4",
+                  "evaluate.likelihood_samples=8"])
     if "encode" in stages:
         from stages.encode import main as encode
 
