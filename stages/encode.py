@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pipeline.data.loader import resolve_shards, shard_sample_counts
 from pipeline.data.prepare import parse_part
 from pipeline.data.shards import MANIFEST as IMAGE_MANIFEST
+from pipeline.data.shards import part_name
 from pipeline.errors import UserError
 from pipeline.io import FolderLock
 from pipeline.latents import format as lf
@@ -155,7 +156,7 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
     mp = resolve_mixed_precision(cfg.encode.mixed_precision) if cuda else "no"
     settings = settings_for(model, cfg, str(args.model), not args.no_ema, dtype, buckets)
     # one run per folder (per part): a second is refused naming the holder
-    lock = FolderLock(out, ".lock" if num_parts == 1 else f".lock.part-{part:05d}-of-{num_parts:05d}")
+    lock = FolderLock(out, part_name(".lock", part, num_parts))
     if state.is_main_process:
         lock.acquire()
     try:

@@ -39,10 +39,9 @@ from pipeline.data.images import (
     target_size,
 )
 from pipeline.data.shards import (
-    MANIFEST,
     ShardWriter,
     atomic_write_json,
-    part_manifest_name,
+    part_name,
     split_key,
 )
 from pipeline.io import FolderLock, remove_stale_temporaries
@@ -368,7 +367,7 @@ def fingerprint(items: list, opts: PrepareOptions) -> dict:
 def check_fingerprint(out: Path, fp: dict, opts: PrepareOptions, overwrite: bool) -> None:
     """Same inputs and options: resume. Anything else is refused, naming what differs, unless --overwrite (which
     removes this part's shards, records and manifest first)."""
-    path = out / PROGRESS_DIR / fingerprint_name(opts)
+    path = out / PROGRESS_DIR / part_name("fingerprint", opts.part, opts.num_parts, ".json")
     if path.is_file():
         old = json.loads(path.read_text())
         diff = [f"{k} {old['options'].get(k)!r} then, {v!r} now" for k, v in fp["options"].items()
@@ -386,10 +385,6 @@ def check_fingerprint(out: Path, fp: dict, opts: PrepareOptions, overwrite: bool
     atomic_write_json(path, fp)
 
 
-def fingerprint_name(opts: PrepareOptions) -> str:
-    return "fingerprint.json" if opts.num_parts == 1 else f"fingerprint.part-{opts.part:05d}-of-{opts.num_parts:05d}.json"
-
-
 def clear_part(out: Path, opts: PrepareOptions) -> None:
     """Remove what this part wrote before (shards with a record, the records, its manifest); nothing else."""
     for rec in (out / PROGRESS_DIR).glob("*.tar.json"):
@@ -397,7 +392,7 @@ def clear_part(out: Path, opts: PrepareOptions) -> None:
         if name.startswith(opts.prefix + "-") and (opts.num_parts == 1) == ("-p" not in name[len(opts.prefix):]):
             (out / name).unlink(missing_ok=True)
             rec.unlink()
-    (out / (MANIFEST if opts.num_parts == 1 else part_manifest_name(opts.part, opts.num_parts))).unlink(missing_ok=True)
+    (out / part_name("manifest", opts.part, opts.num_parts, ".json")).unlink(missing_ok=True)
 
 
 def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progress=None, overwrite: bool = False) -> dict:
@@ -408,8 +403,7 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    lock_name = ".lock" if opts.num_parts == 1 else f".lock.part-{opts.part:05d}-of-{opts.num_parts:05d}"
-    with FolderLock(out, lock_name):
+    with FolderLock(out, part_name(".lock", opts.part, opts.num_parts)):
         return _prepare(inputs, out, opts, progress, overwrite)
 
 
@@ -448,7 +442,7 @@ def _prepare(inputs: list[str], out: Path, opts: PrepareOptions, progress, overw
 
     ordered = [records[j] for j in sorted(records)]
     manifest = build_manifest(ordered, opts, kind, len(items))
-    name = MANIFEST if opts.num_parts == 1 else part_manifest_name(opts.part, opts.num_parts)
+    name = part_name("manifest", opts.part, opts.num_parts, ".json")
     atomic_write_json(out / name, manifest)
     return manifest
 

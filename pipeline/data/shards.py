@@ -96,8 +96,10 @@ def read_manifest(path: str | Path) -> dict:
     return data
 
 
-def part_manifest_name(part: int, num_parts: int) -> str:
-    return f"manifest.part-{part:05d}-of-{num_parts:05d}.json"
+def part_name(stem: str, part: int, num_parts: int, ext: str = "") -> str:
+    """A per-job file's name: `STEM` + ext for a whole job, `STEM.part-KKKKK-of-NNNNN` + ext for one of N parts
+    (manifests, prepare's fingerprints, the output folder's lock)."""
+    return f"{stem}{ext}" if num_parts == 1 else f"{stem}.part-{part:05d}-of-{num_parts:05d}{ext}"
 
 
 def merge_manifests(folder: str | Path, write: bool = True) -> dict:
