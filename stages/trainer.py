@@ -9,9 +9,11 @@ The command line, signals and exit codes are stages/train.py's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -521,6 +523,20 @@ def fit(tr: Trainer, stop: threading.Event) -> State:
         bar.close()
 
 
+@contextlib.contextmanager
+def worker_deaths_deferred():
+    """torch's SIGCHLD handler raises 'DataLoader worker ... is killed' wherever the main process happens to be
+    (inside optimizer.step, say). Hold it back to the end of the block, where a stop can be handled cleanly."""
+    pending: list = []
+    previous = signal.signal(signal.SIGCHLD, lambda *a: pending.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+        if pending and callable(previous):
+            previous(*pending[0])
+
+
 def _steps(tr: Trainer, stop: threading.Event, bar) -> State:
     st = tr.state
     log, guard, saver = Logbook(tr), NonFiniteGuard(tr), Checkpointer(tr)
@@ -530,18 +546,19 @@ def _steps(tr: Trainer, stop: threading.Event, bar) -> State:
     while st.step < tr.cfg.train.max_steps and not st.stop_requested:
         try:
             terms, bad, bad_loss = accumulate(tr, data)
+            with worker_deaths_deferred():  # the update, its bookkeeping and a save are never cut in half
+                stepped, loss_bad, st.stop_requested = apply_or_skip(tr, bad, bad_loss, stop.is_set())
+                if guard.retry(stepped, loss_bad):
+                    continue
+                advance(tr)
+                log.add(terms)
+                bar.update(1)
+                periodic(tr, log, saver, bar)
         except RuntimeError:
             if not stop.is_set():  # SLURM signals every process: loader workers may die before the step ends;
                 raise  # the step in flight is dropped and the last completed one is saved
             st.stop_requested = True
             break
-        stepped, loss_bad, st.stop_requested = apply_or_skip(tr, bad, bad_loss, stop.is_set())
-        if guard.retry(stepped, loss_bad):
-            continue
-        advance(tr)
-        log.add(terms)
-        bar.update(1)
-        periodic(tr, log, saver, bar)
     if st.stop_requested and st.step > 0 and st.last_checkpoint != str(ckpt.checkpoint_dir(tr.run_dir, st.step)):
         saver.save()
     return st
