@@ -25,16 +25,20 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import stages  # noqa: E402,F401,I001  (the stages' thread policy: chosen before torch is imported)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from benchmarks.loader import make_shards  # noqa: E402
+from benchmarks.train import peak_flops  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.images import crop_to  # noqa: E402
 from pipeline.latents.encoder import EncodeSettings, encode_batch, encode_shards  # noqa: E402
 from pipeline.models import build_autoencoder  # noqa: E402
+from stages.common import apply_thread_policy  # noqa: E402
 
 
 def sync(device) -> None:
@@ -115,6 +119,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="", help="append a results section to this markdown file")
     args = ap.parse_args()
+    apply_thread_policy()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     vae = build_autoencoder(load_config(args.preset).model, args.resolution).to(device).eval()
@@ -140,12 +145,17 @@ def main() -> None:
             if rep:
                 e_naive.append(encoder_only(vae, batches, device, fast=False))
                 e_ours.append(encoder_only(vae, batches, device, fast=True))
+    flops = encoder_flops(vae, batches[0][:1], device)  # per image
+    peak, peak_what = peak_flops(device)
+    limit = peak / flops
     n, o = statistics.median(t_naive), statistics.median(t_ours)
     ratio = statistics.median(b / a for a, b in zip(t_naive, t_ours))
     en, eo = statistics.median(e_naive), statistics.median(e_ours)
     where = f"{torch.cuda.get_device_name()} " if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads, "
     print(f"encode {args.preset} {args.resolution}px on {where}: naive {n:.1f} img/s, firststage {o:.1f} img/s, "
-          f"ratio {ratio:.2f}x; encoder only: naive {en:.1f}, firststage {eo:.1f} img/s")
+          f"ratio {ratio:.2f}x; encoder only: naive {en:.1f}, firststage {eo:.1f} img/s; encoder FLOP limit "
+          f"{limit:.0f} img/s ({flops / 1e9:.2f} GFLOP/image at {peak / 1e12:.1f} TFLOP/s): end to end "
+          f"{o / limit:.0%} of it, encoder only {eo / limit:.0%}")
     if args.out:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
         lines = [
@@ -159,9 +169,21 @@ def main() -> None:
             f"| naive (main-process PIL, fp32 sample, np.save per sample) | {n:.1f} | {en:.1f} |",
             f"| firststage encode loop | {o:.1f} | {eo:.1f} |",
             f"| ratio (median of per-repeat ratios) | {ratio:.2f}x | {eo / en:.2f}x |",
+            f"| firststage, share of the encoder's FLOP limit ({limit:.0f} img/s: {flops / 1e9:.2f} GFLOP/image at "
+            f"{peak / 1e12:.1f} TFLOP/s, {peak_what}) | {o / limit:.0%} | {eo / limit:.0%} |",
         ]
         with open(args.out, "a") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def encoder_flops(vae, images: torch.Tensor, device) -> float:
+    """Matrix-product and convolution FLOPs of encoding one image (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = images.to(device).float().div(127.5).sub(1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vae.encode(x)
+    return counter.get_total_flops() / len(images)
 
 
 def _jpg(side: int, seed: int) -> bytes:

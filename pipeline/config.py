@@ -181,7 +181,7 @@ class TrainConfig:
     ema_decay: float = _f(0.999, "EMA decay of autoencoder weights; 0 turns EMA off", min=0.0, max=1.0)
     ema_every: int = _f(1, "update EMA every N steps", min=1)
     channels_last: bool = _f(True, "channels_last memory format on CUDA")
-    compile: bool = _f(False, "torch.compile the autoencoder")
+    compile: bool = _f(False, "torch.compile the encoder and the decoder's blocks (minutes of compilation first)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the autoencoder")
     tf32: bool = _f(True, "allow TF32 matmuls and convolutions on CUDA")
     checkpoint_every: int = _f(5000, "steps between checkpoints", min=1)

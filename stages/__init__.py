@@ -1,12 +1,92 @@
 """One module per stage; each is a thin main(): parse args -> load config -> call pipeline -> report.
 
-Thread policy, chosen here because it must be set before torch (and its OpenMP runtime) is imported: idle OpenMP
-threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), so torch's intra-op threads do not steal the cores of
-loader workers and of other jobs on a shared machine. Measured on 2 cores (issue 13): 30 tiny steps with one
-competing process took 76.1 s with spinning threads, 51.4 s with passive ones, 48.7 s with one thread. A value the
-user set wins.
+Thread policy, chosen here because OpenMP reads its wait policy once, when torch is first imported. On a shared
+machine torch's default (one spinning intra-op thread per core) is the fastest choice when the cores are idle and the
+slowest when other work holds them: 30 tiny training steps on 2 cores took 11.9 s with 2 threads and 17.5 s with 1
+when idle, but 27.0 s against 17.8 s beside one CPU-bound process (benchmarks/RESULTS.md). So each stage looks
+before it starts: it samples /proc/stat for 0.1 s, counts the cores that other work keeps busy, and uses the free
+ones, shared between the processes of this job on the node (LOCAL_WORLD_SIZE). With every core free it keeps torch's
+default threads; with fewer it takes that many threads and makes them sleep when idle (OMP_WAIT_POLICY=PASSIVE)
+rather than spin. FIRSTSTAGE_THREADS=N fixes the count instead (the test suite sets 1), FIRSTSTAGE_THREADS=torch
+leaves torch's defaults alone; a wait policy the user set wins. stages.common.apply_thread_policy() applies the count to torch at the start of every stage.
 """
 
-import os
+from __future__ import annotations
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import os
+import time
+
+
+def _allowed_cores() -> list[int]:
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = list(range(os.cpu_count() or 1))
+    return cores
+
+
+def _quota() -> float | None:
+    """Cores granted by a cgroup v2 CPU quota (a container started with --cpus), if any."""
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _busy_cores(cores: list[int], seconds: float = 0.1) -> float | None:
+    """How many of `cores` other processes kept busy over `seconds` (this process sleeps meanwhile)."""
+
+    def sample() -> tuple[int, int]:
+        total = idle = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name != "cpu" and int(name[3:]) in cores:
+                    values = [int(v) for v in fields[:8]]
+                    total += sum(values)
+                    idle += values[3] + values[4]  # idle + iowait
+        return total, idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError):
+        return None
+    if t1 <= t0:
+        return None
+    return len(cores) * (1 - (i1 - i0) / (t1 - t0))
+
+
+def choose_threads(cores: float, free: float, local_processes: int) -> tuple[int, bool]:
+    """(intra-op threads per process, whether they may spin): of `cores` granted, `free` are idle; they are shared
+    among this node's processes. Spinning only when the threads fill the granted cores exactly: none is busy with
+    other work and none is oversubscribed."""
+    threads = max(1, round(min(cores, free)) // max(1, local_processes))
+    return threads, threads * max(1, local_processes) == round(cores)
+
+
+def _decide() -> int:
+    fixed = os.environ.get("FIRSTSTAGE_THREADS", "").strip()
+    if fixed == "torch":  # torch's own default: a thread per core, OpenMP's default waiting
+        return 0
+    if fixed:
+        try:
+            threads = max(1, int(fixed))
+        except ValueError:
+            raise SystemExit(f"firststage: error: FIRSTSTAGE_THREADS={fixed!r} is not a whole number") from None
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        return threads
+    cores = _allowed_cores()
+    quota = _quota()
+    count = min(len(cores), quota) if quota else len(cores)
+    busy = _busy_cores(cores)
+    free = len(cores) - (busy if busy is not None else 0.0)  # no /proc/stat: assume the machine is ours
+    threads, spin = choose_threads(count, free, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if not spin:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return threads
+
+
+THREADS = _decide()

@@ -110,6 +110,7 @@ def stage_main(fn):
             spec = getattr(sys.modules["__main__"], "__spec__", None)
             module = spec.name if spec is not None else module
         prog = module.rsplit(".", 1)[-1]
+        apply_thread_policy()
         try:
             return fn(argv)
         except UserError as e:
@@ -126,3 +127,14 @@ def stage_main(fn):
             raise SystemExit(130) from None
 
     return wrapper
+
+
+def apply_thread_policy() -> int:
+    """Give torch the intra-op thread count that stages/__init__.py chose for this process; returns the count."""
+    import torch
+
+    import stages
+
+    if stages.THREADS and torch.get_num_threads() != stages.THREADS:  # 0: FIRSTSTAGE_THREADS=torch
+        torch.set_num_threads(stages.THREADS)
+    return torch.get_num_threads()

@@ -30,7 +30,7 @@ from pipeline.errors import Diverged, UserError
 from pipeline.io import atomic_write_text
 from pipeline.losses import FirstStageObjective
 from pipeline.metrics.evaluator import Evaluator
-from pipeline.models import build_autoencoder, is_vq, last_decoder_layer, run_autoencoder
+from pipeline.models import build_autoencoder, compile_blocks, is_vq, last_decoder_layer, run_autoencoder
 from pipeline.train.ema import EMA
 from pipeline.train.module import TrainableAutoencoder, save_grid
 from pipeline.train.schedules import base_learning_rate, lr_factor
@@ -172,8 +172,10 @@ def build(cfg: Config, resume: str | None) -> Trainer:
     if torch.cuda.is_available() and cfg.train.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if cfg.train.compile:
-        module = torch.compile(module)
+        compile_blocks(vae)
     objective.to(accelerator.device)
+    if torch.cuda.is_available() and cfg.train.channels_last:  # LPIPS and D see channels_last images: match them
+        objective.to(memory_format=torch.channels_last)
     # The discriminator stays outside DDP (it runs twice per backward: real and fake); its gradients are averaged
     # across ranks by average_across_ranks(), as are the learned log-variance's.
     if opt_d is not None:
@@ -257,7 +259,7 @@ def train_step(tr: Trainer, images: torch.Tensor) -> tuple[dict, torch.Tensor, t
         if acc.sync_gradients:
             average_across_ranks([p.grad for p in tr.objective.generator_parameters()])
         grad_norm = _grad_norm(tr.opt, cfg.train.grad_clip, acc)
-        bad_loss = ~torch.isfinite(loss.detach())
+        bad_loss = ~torch.isfinite(loss.detach()) | ~torch.isfinite(terms["loss"])
         bad = ~torch.isfinite(grad_norm) | bad_loss
         terms["grad_norm"] = grad_norm
 

@@ -15,8 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout,
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# One intra-op thread for everything the tests run in this process: pytest, loader workers and the subprocesses the
-# tests start share two cores, and torch's spinning threads made the tiny training test ~8x slower under that load.
+# The suite's thread policy: one intra-op thread for everything the tests run, in this process and in the stages they
+# start (FIRSTSTAGE_THREADS, read by stages/__init__.py): two pytest workers, loader workers and subprocesses share
+# two cores, and torch's spinning threads made the tiny training test ~8x slower under that load.
+os.environ["FIRSTSTAGE_THREADS"] = "1"
 torch.set_num_threads(1)
 
 

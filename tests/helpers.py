@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the tiny preset at 32 px, in the test process: no loader workers, a small shuffle buffer
 TINY = ["--config", "tiny", "data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=16", "train.batch_size=8"]
 # subprocesses: one intra-op thread each (they share two cores with the test process), the checkout on the path
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FIRSTSTAGE_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
 def run_main(main, *args) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ from pipeline.config import KLConfig, load_config
 from pipeline.errors import UserError
 from pipeline.losses import FirstStageObjective
 from pipeline.losses import perceptual as perceptual_mod
-from pipeline.losses.adversarial import adaptive_weight, discriminator_loss, generator_loss
+from pipeline.losses.adversarial import balanced_gan_gradient, discriminator_loss, generator_loss
 from pipeline.losses.kl import kl_loss, kl_per_channel, kl_weight
 from pipeline.models import build_autoencoder, last_decoder_layer, run_autoencoder
 
@@ -52,25 +52,40 @@ def test_free_bits_zeroes_gradient_of_channels_under_floor():
     assert mean.grad[:, 1].abs().sum() > 0
 
 
-def test_adaptive_weight_matches_hand_computation():
+def test_adaptive_weight_matches_hand_computation_and_surrogate_has_the_loss_gradient():
     torch.manual_seed(0)
-    layer = torch.nn.Conv2d(2, 3, 3, padding=1)
-    x = torch.randn(2, 2, 5, 5)
-    y = layer(x)
-    rec = (y - 1).abs().sum()
-    gan = -(y * 0.3).mean()
-    w = adaptive_weight(rec, gan, layer.weight)
-    # by hand: d|y-1|/dW and d(-0.3 mean y)/dW as explicit convolution gradients
-    g_rec = torch.nn.grad.conv2d_weight(x, layer.weight.shape, torch.sign(y - 1).detach(), padding=1)
-    g_gan = torch.nn.grad.conv2d_weight(x, layer.weight.shape, torch.full_like(y, -0.3 / y.numel()), padding=1)
-    expected = g_rec.norm() / (g_gan.norm() + 1e-4)
-    assert torch.allclose(w, expected, rtol=1e-5)
+    upstream = torch.nn.Conv2d(2, 2, 1)  # stands for the rest of the decoder
+    layer = torch.nn.Conv2d(2, 3, 3, padding=1)  # the decoder's last layer
+    logvar = torch.nn.Parameter(torch.tensor(0.3))
+    x0 = torch.randn(2, 2, 5, 5)
+
+    def losses():
+        h = upstream(x0)
+        y = layer(h)
+        rec = (y - 1).abs().sum() / torch.exp(logvar) + logvar
+        gan = -(y * 0.3).mean() + (y ** 2).mean()
+        return h, y, rec, gan
+
+    h, y, rec, gan = losses()
+    w, surrogate = balanced_gan_gradient(rec, gan, y, layer.weight, 0.5, [logvar])
+    # by hand: dL/dW as explicit convolution gradients of the output gradients
+    g_rec = torch.nn.grad.conv2d_weight(h, layer.weight.shape, torch.sign(y - 1).detach() / torch.exp(logvar).detach(),
+                                        padding=1)
+    g_gan = torch.nn.grad.conv2d_weight(h, layer.weight.shape, (-0.3 + 2 * y.detach()) / y.numel(), padding=1)
+    assert torch.allclose(w, g_rec.norm() / (g_gan.norm() + 1e-4), rtol=1e-5)
     assert not w.requires_grad
+    params = [*upstream.parameters(), *layer.parameters(), logvar]
+    got = torch.autograd.grad(surrogate, params)
+    _, _, rec, gan = losses()  # the textbook form: backward of the full loss with the same weight
+    want = torch.autograd.grad(rec + 0.5 * w * gan, params)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_adaptive_weight_clamped():
     p = torch.nn.Parameter(torch.ones(3))
-    w = adaptive_weight((p * 1e9).sum(), (p * 0).sum() + 0 * p.sum(), p)
+    y = p * 1.0
+    w, _ = balanced_gan_gradient((y * 1e9).sum(), (y * 0).sum(), y, p, 1.0)
     assert w.item() == 1e4
 
 
@@ -122,13 +137,34 @@ def test_objective_gan_starts_at_start_step_and_vq_terms():
     out = run_autoencoder(model, x)
     _, before = obj.generator_loss(x, out, step=4, last_layer=last_decoder_layer(model))
     assert "g" not in before and "vq" in before and "perplexity" in before
-    total, after = obj.generator_loss(x, out, step=5, last_layer=last_decoder_layer(model))
+    _, after = obj.generator_loss(x, out, step=5, last_layer=last_decoder_layer(model))
     assert "g" in after and after["gan_weight"] > 0
-    assert torch.allclose(total, after["nll"] + after["vq"] + after["gan_weight"] * after["g"], rtol=1e-5)
+    assert torch.allclose(after["loss"], after["nll"] + after["vq"] + after["gan_weight"] * after["g"], rtol=1e-5)
     d, dt = obj.discriminator_loss(x, out.reconstruction, step=5)
     d.backward()
     assert torch.isfinite(d) and {"r1", "lecam", "logits_real"} <= set(dt)
     assert all(p.grad is not None for p in obj.discriminator.parameters() if p.requires_grad)
+
+
+def test_objective_with_adaptive_gan_weight_backpropagates_the_objective_gradient():
+    model, obj, _ = objective("kl", "loss.adversarial.enabled=true", "loss.adversarial.start_step=0",
+                              "loss.reconstruction.learned_logvar=true", "loss.kl.weight=0.01")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    params = [*model.parameters(), obj.logvar]
+
+    def gradient():
+        torch.manual_seed(1)  # the same posterior sample both times
+        out = run_autoencoder(model, x)
+        loss, terms = obj.generator_loss(x, out, step=0, last_layer=last_decoder_layer(model))
+        return torch.autograd.grad(loss, params), terms
+
+    got, terms = gradient()
+    obj.cfg.adversarial.adaptive_weight = False  # the same weight, applied as a constant: the plain total
+    obj.cfg.adversarial.weight = terms["gan_weight"].item()
+    want, plain = gradient()
+    assert torch.allclose(terms["loss"], plain["loss"], rtol=1e-5)
+    for a, b in zip(got, want):  # float32 sums in another order: compare relative to the gradient's size
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
 
 
 def test_missing_lpips_weights_give_one_clear_message(tmp_path, monkeypatch):

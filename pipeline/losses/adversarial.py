@@ -22,13 +22,28 @@ def generator_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
     return F.softplus(-logits_fake).mean()
 
 
-def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """||grad L_rec|| / (||grad L_gan|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4], detached.
+def balanced_gan_gradient(rec_loss: torch.Tensor, gan_loss: torch.Tensor, output: torch.Tensor,
+                          last_layer: torch.Tensor, gan_scale: float, params: list[torch.Tensor] = ()
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adaptive GAN weight w = ||grad L_rec|| / (||grad L_gan|| + 1e-4) at the decoder's last layer, clamped to
+    [0, 1e4] and detached (Esser et al. 2021, eq. 7), and a surrogate loss whose gradient is that of
+    L_rec + gan_scale * w * L_gan, from one backward pass through the loss networks (LPIPS, discriminator).
 
-    Balances the two gradients where they meet (Esser et al. 2021, eq. 7)."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    Both losses see the autoencoder only through `output` (and L_rec through `params`, a learned log-variance), so
+    their gradients are taken at `output`, where they stop, and carried to `last_layer` through that one layer.
+    The surrogate <output, g_rec + gan_scale * w * g_gan> + <params, dL_rec/dparams> then backpropagates through
+    the autoencoder once. The textbook form (two autograd.grad calls to the last layer, then a backward of the full
+    loss) runs the perceptual network's and the discriminator's backward twice; this one once. Returns (w, surrogate).
+    """
+    g_rec, *g_params = torch.autograd.grad(rec_loss, [output, *params])  # frees the LPIPS graph
+    (g_gan,) = torch.autograd.grad(gan_loss, output)  # frees the discriminator's graph
+    (w_rec,) = torch.autograd.grad(output, last_layer, g_rec, retain_graph=True)
+    (w_gan,) = torch.autograd.grad(output, last_layer, g_gan, retain_graph=True)
+    w = (w_rec.norm() / (w_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    surrogate = (output * (g_rec + gan_scale * w * g_gan).detach()).sum()
+    for p, g in zip(params, g_params):
+        surrogate = surrogate + (p * g.detach()).sum()
+    return w, surrogate
 
 
 def r1_penalty(logits_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

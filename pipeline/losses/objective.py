@@ -6,7 +6,9 @@ Normalisation follows the published code so that published weights carry over un
   * VQ models (taming `VQLPIPSWithDiscriminator`): the same per-pixel term is averaged over pixels; codebook weight 1.
 The adaptive GAN weight compares gradients at the decoder's last layer, so it is the same in either convention.
 
-Every term is returned separately (detached, for logging) with the total, as tensors: no host synchronisation.
+Every term is returned separately (detached, for logging) with what to backpropagate, as tensors: no host
+synchronisation. With the adaptive GAN weight, the perceptual network and the discriminator run backward once per step
+(balanced_gan_gradient), not twice as in the published code; the gradient is the same.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 from pipeline.config import LossConfig
 from pipeline.losses.adversarial import (
     LeCam,
-    adaptive_weight,
+    balanced_gan_gradient,
     discriminator_loss,
     generator_loss,
     r1_penalty,
@@ -56,6 +58,9 @@ class FirstStageObjective(nn.Module):
     def generator_loss(
         self, x: torch.Tensor, out: AutoencoderOutput, step: int, last_layer: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(what to backpropagate, detached terms). terms["loss"] is the objective's value. What to backpropagate
+        has the objective's gradient; once the GAN runs with the adaptive weight it is balanced_gan_gradient's
+        surrogate (plus the KL / VQ terms), whose value is not the loss but whose gradient is."""
         cfg = self.cfg
         x_rec = out.reconstruction
         err = pixel_error(x, x_rec, cfg.reconstruction.type)
@@ -69,32 +74,38 @@ class FirstStageObjective(nn.Module):
             per_pixel = per_pixel / torch.exp(self.logvar) + self.logvar
             terms["logvar"] = self.logvar.detach()
         nll = self._reduce(per_pixel)
-        total = nll
         terms["nll"] = nll.detach()
+        rest = torch.zeros((), device=nll.device)  # the terms that do not go through the decoder's output
 
         if out.mean is not None:
             beta = kl_weight(step, cfg.kl)
             kl = kl_loss(out.mean, out.logvar, cfg.kl.free_bits)
-            total = total + beta * kl
+            rest = rest + beta * kl
             terms["kl"] = kl.detach()
             terms["kl_weight"] = torch.tensor(beta)
             terms["kl_per_channel"] = kl_per_channel(out.mean, out.logvar).detach()
         if out.vq_loss is not None:
-            total = total + cfg.vq.codebook_weight * out.vq_loss
+            rest = rest + cfg.vq.codebook_weight * out.vq_loss
             terms["vq"] = out.vq_loss.detach()
             terms["perplexity"] = out.perplexity.detach()
 
+        total = nll + rest
+        to_backward = None
         if self.gan_active(step):
-            g = generator_loss(self.discriminator(x_rec), cfg.adversarial.loss)
-            if cfg.adversarial.adaptive_weight and last_layer is not None and torch.is_grad_enabled():
-                w = adaptive_weight(nll, g, last_layer)
+            a = cfg.adversarial
+            g = generator_loss(self.discriminator(x_rec), a.loss)
+            if a.adaptive_weight and last_layer is not None and torch.is_grad_enabled():
+                w, surrogate = balanced_gan_gradient(nll, g, x_rec, last_layer, a.weight,
+                                                     self.generator_parameters())
+                to_backward = surrogate + rest
+                total = total + a.weight * w * g.detach()  # its value only: the surrogate carries the gradient
             else:
                 w = torch.ones((), device=g.device)
-            total = total + cfg.adversarial.weight * w * g
+                total = total + a.weight * w * g
             terms["g"] = g.detach()
-            terms["gan_weight"] = (cfg.adversarial.weight * w).detach()
+            terms["gan_weight"] = (a.weight * w).detach()
         terms["loss"] = total.detach()
-        return total, terms
+        return (total if to_backward is None else to_backward), terms
 
     def discriminator_loss(
         self, x: torch.Tensor, x_rec: torch.Tensor, step: int

@@ -3,6 +3,7 @@
 from pipeline.models.autoencoder import (  # noqa: F401
     AutoencoderOutput,
     build_autoencoder,
+    compile_blocks,
     decode_latents,
     encode_moments,
     is_vq,

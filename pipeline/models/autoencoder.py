@@ -77,6 +77,17 @@ def check_input(model, x: torch.Tensor) -> None:
         )
 
 
+def compile_blocks(model) -> None:
+    """torch.compile the encoder and the decoder's blocks in place (state-dict names stay as they are). The decoder's
+    output layers stay eager: the adaptive GAN weight takes gradients at its last layer, and inside one compiled
+    region that would run the whole region's backward for each of them."""
+    model.encoder.compile()
+    decoder = model.decoder
+    decoder.mid_block.compile()
+    for block in decoder.up_blocks:
+        block.compile()
+
+
 def last_decoder_layer(model) -> torch.nn.Parameter:
     """The weight at which the adaptive GAN weight compares gradients (LDM / taming: the decoder's conv_out)."""
     return model.decoder.conv_out.weight

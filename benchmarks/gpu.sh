@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Every GPU measurement of benchmarks/RESULTS.md in one command, in about 7 minutes on one H100/H200:
+#
+#   bash benchmarks/gpu.sh RESULTS_DIR          # RESULTS.md (tables), gpu.log, profile-train.txt into RESULTS_DIR
+#   bash benchmarks/gpu.sh --fetch-wheels       # on a machine with pip's network: the wheels an offline node lacks
+#
+# GPU nodes are often air-gapped with only PyTorch, accelerate, diffusers and safetensors: whatever else firststage
+# imports (lpips, webdataset, braceexpand; diffusers if absent) is installed from benchmarks/wheels (or
+# $FIRSTSTAGE_WHEELS), without the network, into a temporary folder. Exits non-zero if any measurement failed; the
+# others still run. Each measurement is one line below; benchmarks/README.md says what the numbers mean.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+wheels="${FIRSTSTAGE_WHEELS:-benchmarks/wheels}"
+py="${PYTHON:-python3}"
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    mkdir -p "$wheels"
+    exec "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$wheels" lpips==0.1.4 webdataset==1.0.2 braceexpand diffusers==0.42.1 importlib_metadata lazy-importer
+fi
+out="${1:?usage: bash benchmarks/gpu.sh RESULTS_DIR   (or --fetch-wheels)}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+missing=$("$py" - <<'EOF'
+import importlib.util
+need = ["torch", "accelerate", "diffusers", "safetensors", "lpips", "webdataset", "braceexpand", "yaml", "PIL",
+        "numpy", "tqdm"]
+print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
+EOF
+)
+if [[ -n "$missing" ]]; then
+    echo "gpu.sh: not installed: $missing; installing from $wheels (no network)"
+    site="$(mktemp -d)/site"
+    files=()
+    for m in $missing; do  # only what is missing: an installed diffusers stays the one in use
+        case $m in
+            yaml) files+=("$wheels"/[Pp][Yy][Yy][Aa][Mm][Ll]-*.whl) ;;
+            PIL) files+=("$wheels"/[Pp]illow-*.whl) ;;
+            diffusers) files+=("$wheels"/diffusers-*.whl "$wheels"/importlib_metadata-*.whl "$wheels"/lazy_importer-*.whl) ;;
+            *) files+=("$wheels/$m"-*.whl) ;;
+        esac
+    done
+    if ! ls "${files[@]}" >/dev/null 2>&1 || ! "$py" -m pip install -q --no-index --no-deps --no-compile \
+            --target "$site" "${files[@]}"; then
+        echo "gpu.sh: error: missing $missing and no usable wheels in $wheels (run bash benchmarks/gpu.sh --fetch-wheels where pip has the network, then copy $wheels here)" >&2
+        exit 2
+    fi
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu.sh:', torch.cuda.get_device_name(), 'torch', torch.__version__)" || exit 2
+
+status=0
+results="$out/RESULTS.md"
+step() {  # step NAME SECONDS command...: run one measurement with a time limit, log it, remember a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T), limit ${limit}s)" | tee -a "$out/gpu.log"
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | grep -v "UserWarning\|warnings.warn" | tee -a "$out/gpu.log"
+    local rc=${PIPESTATUS[0]}
+    if [[ $rc -ne 0 ]]; then
+        echo "gpu.sh: $name FAILED (exit $rc)" | tee -a "$out/failures.txt"
+        status=1
+    fi
+}
+
+K=(--preset kl-f8 --out "$results")
+# Training step, kl-f8 at 256x256: naive fp32 loop against the trainer's step, with two variants; the profile is of
+# the first firststage variant (the preset's own defaults).
+step train-256 150 "$py" benchmarks/train.py "${K[@]}" --resolution 256 --batch 8 --steps 10 --repeats 5 \
+    --variant "firststage=" --variant "contiguous=train.channels_last=false" --variant "batch-16=train.batch_size=16" \
+    --profile "$out/profile-train.txt"
+# Encoding, end to end (JPEG shards -> latent shards) and encoder only, at 256 and 512.
+step encode-256 100 "$py" benchmarks/encode.py "${K[@]}" --resolution 256 --source 300 --images 1024 --batch 64 \
+    --workers 12 --repeats 5
+step encode-512 100 "$py" benchmarks/encode.py "${K[@]}" --resolution 512 --source 600 --images 512 --batch 32 \
+    --workers 12 --repeats 5
+# Memory: the 512x512 step at batch 4 on a 24 GB card (this process capped at 24 GB), then the largest batch in 80 GB.
+step memory-512-24gb 80 "$py" benchmarks/train.py "${K[@]}" --resolution 512 --batch 4 --steps 3 --repeats 3 \
+    --no-naive --variant "checkpointing=train.gradient_checkpointing=true" --memory-limit-gb 24
+step memory-512-80gb 120 "$py" benchmarks/train.py "${K[@]}" --resolution 512 --no-naive --max-batch-gb 80
+# torch.compile of the autoencoder (compilation is inside the warm-up; last, since it may take minutes).
+step train-256-compile 180 "$py" benchmarks/train.py "${K[@]}" --resolution 256 --batch 8 --steps 10 --repeats 5 \
+    --no-naive --variant "firststage=" --variant "compile=train.compile=true"
+
+echo "== results ($results)"
+cat "$results" 2>/dev/null
+[[ -f "$out/failures.txt" ]] && cat "$out/failures.txt"
+exit $status

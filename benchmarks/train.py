@@ -1,0 +1,379 @@
+"""Training-step throughput: the trainer's own step against a naive fp32 loop, same model, data and device.
+
+  python benchmarks/train.py                                   # tiny at 64x64 on the CPU
+  python benchmarks/train.py --preset kl-f8 --resolution 256 --batch 8 --out benchmarks/RESULTS.md   # on a GPU
+  python benchmarks/train.py --preset kl-f8 --resolution 512 --batch 4 --no-naive \\
+      --variant ckpt=train.gradient_checkpointing=true --memory-limit-gb 24   # does it fit a 24 GB card?
+  python benchmarks/train.py --preset kl-f8 --resolution 512 --no-naive --max-batch-gb 80   # largest batch in 80 GB
+
+One step is the full GAN-phase step: autoencoder forward and backward, LPIPS, the PatchGAN generator term with the
+adaptive weight, the discriminator's own step, both AdamW updates and the EMA. The GAN is switched on from step 0
+and LPIPS uses a randomly initialised VGG (its speed does not depend on the weights; GPU nodes are often offline).
+
+firststage: `stages.trainer.build` from the preset, then exactly what fit() runs per step (`train_step`,
+`apply_or_skip`, `advance`), minus the data loader (the same pre-decoded uint8 batches feed both paths; the loader
+has its own benchmark). Naive: the LDM recipe as it is usually reimplemented: fp32 (torch's default TF32 flags), no
+channels_last, LPIPS and the discriminator as plain modules, the adaptive weight from two autograd.grad calls and a
+full backward, the discriminator's gradients left on during the generator step, a per-tensor EMA loop and
+`loss.item()` every step. Variants (`--variant NAME=key=value,key=value`) are the firststage path with config
+overrides. Repeats interleave the paths; each figure is the median over repeats after a warm-up.
+
+FLOPs are counted once per path with torch.utils.flop_counter (matrix products and convolutions, forward and
+backward): "TFLOP/s" is what each path executes. The peak is a large matrix product timed in the same run (bf16 on a
+GPU, fp32 on a CPU). Model FLOP utilisation counts the same work for every path, the firststage step's FLOPs per
+image (the naive step executes more: its LPIPS and discriminator backward run twice): MFU = those x img/s / peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import stages  # noqa: E402,F401,I001  (the stages' thread policy: chosen before torch is imported)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.loader import make_shards, photo_like  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.images import crop_to  # noqa: E402
+from pipeline.models.discriminator import PatchDiscriminator  # noqa: E402
+from stages.common import apply_thread_policy  # noqa: E402
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def set_tf32(on: bool) -> None:
+    """firststage turns TF32 matmuls on (train.tf32); torch's default (what the naive loop gets) is off."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = on
+
+
+# --------------------------------------------------------------------------------------------------- paths
+class Ours:
+    """The trainer's step, built by stages.trainer.build from the preset plus overrides."""
+
+    def __init__(self, name: str, overrides: list[str], base: list[str]):
+        from stages.trainer import build
+
+        self.name = name
+        self.cfg = load_config(base[0], base[1:] + overrides)
+        self.batch = self.cfg.train.batch_size
+        torch.manual_seed(0)
+        self.tr = build(self.cfg, None)
+        self.device = self.tr.accelerator.device
+
+    def step(self, images: torch.Tensor) -> None:
+        from stages.trainer import advance, apply_or_skip, train_step
+
+        set_tf32(self.cfg.train.tf32)
+        _, bad, bad_loss = train_step(self.tr, images)
+        stepped, _, _ = apply_or_skip(self.tr, bad, bad_loss, False)
+        if not stepped:
+            raise RuntimeError(f"{self.name}: non-finite step in the benchmark")
+        advance(self.tr)
+
+
+class Naive:
+    """The LDM recipe written the plain way (see the module docstring)."""
+
+    name = "naive"
+
+    def __init__(self, ours: Ours):
+        import lpips
+
+        import warnings
+
+        cfg = ours.cfg
+        self.cfg, self.batch, self.device = cfg, ours.batch, ours.device
+        self.vae = copy.deepcopy(ours.tr.unwrapped.vae).to(self.device, memory_format=torch.contiguous_format).train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` inside lpips
+            self.lpips = lpips.LPIPS(net=cfg.loss.perceptual.net, pretrained=True, pnet_rand=True, verbose=False)
+        self.lpips = self.lpips.to(self.device).eval().requires_grad_(False)
+        a = cfg.loss.adversarial
+        self.disc = PatchDiscriminator(cfg.model.in_channels, a.disc_channels, a.disc_layers).to(self.device)
+        lr, betas = 1e-5, tuple(cfg.train.betas)
+        self.opt = torch.optim.AdamW(self.vae.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+        self.ema = {k: v.detach().clone() for k, v in self.vae.state_dict().items()}
+
+    def step(self, images: torch.Tensor) -> None:
+        set_tf32(False)
+        cfg, d = self.cfg, 0.999
+        x = images.to(self.device).float() / 127.5 - 1
+        posterior = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(posterior.sample()).sample
+        per_pixel = (x - rec).abs() + cfg.loss.perceptual.weight * self.lpips(x, rec)
+        nll = per_pixel.sum() / x.shape[0]
+        kl = posterior.kl().sum() / x.shape[0]
+        g = -self.disc(rec).mean()
+        last = self.vae.decoder.conv_out.weight
+        g_rec = torch.autograd.grad(nll, last, retain_graph=True)[0]
+        g_gan = torch.autograd.grad(g, last, retain_graph=True)[0]
+        w = (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
+        loss = nll + cfg.loss.kl.weight * kl + cfg.loss.adversarial.weight * w * g
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        d_loss = 0.5 * (F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean())
+        self.opt_d.zero_grad()
+        d_loss.backward()
+        self.opt_d.step()
+        with torch.no_grad():
+            for k, v in self.vae.state_dict().items():
+                if v.is_floating_point():
+                    self.ema[k].mul_(d).add_(v, alpha=1 - d)
+        loss.item()
+
+
+# ------------------------------------------------------------------------------------------------ measures
+@dataclass
+class Result:
+    name: str
+    batch: int
+    rates: list = field(default_factory=list)  # images per second, one per repeat
+    peak_bytes: int = 0
+    flops: float = 0.0  # per step
+
+
+def batches_for(resolution: int, batch: int, n: int = 4) -> list[torch.Tensor]:
+    """n distinct uint8 batches of photo-like crops (so no cache holds a single input)."""
+    side = max(resolution + resolution // 4, 80)
+    out = []
+    for b in range(n):
+        crops = [torch.from_numpy(crop_to_array(photo_like(side, b * batch + i), resolution)) for i in range(batch)]
+        t = torch.stack(crops).permute(0, 3, 1, 2).contiguous()
+        out.append(t.pin_memory() if torch.cuda.is_available() else t)
+    return out
+
+
+def crop_to_array(img, resolution: int) -> np.ndarray:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return crop_to(buf.getvalue(), resolution, resolution)[0]
+
+
+def time_steps(path, batches: list[torch.Tensor], steps: int) -> float:
+    """Images per second over `steps` steps (device synchronised at both ends)."""
+    sync(path.device)
+    t = time.perf_counter()
+    for i in range(steps):
+        path.step(batches[i % len(batches)])
+    sync(path.device)
+    return steps * path.batch / (time.perf_counter() - t)
+
+
+def count_flops(path, batch: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        path.step(batch)
+    return float(counter.get_total_flops())
+
+
+def peak_flops(device) -> tuple[float, str]:
+    """A large matrix product: bf16 8192^3 on a GPU, fp32 2048^3 on a CPU (what the tiny preset runs in)."""
+    if device.type == "cuda":
+        n, dtype = 8192, torch.bfloat16
+    else:
+        n, dtype = 2048, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(13):
+        sync(device)
+        t = time.perf_counter()
+        (a @ b).sum()
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times), f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} {n}^3 matmul"
+
+
+def profile_steps(path, batches, out: Path, steps: int = 5) -> None:
+    """Top kernels (or CPU ops) by time over a few steps of a path, as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if path.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(steps):
+            path.step(batches[i % len(batches)])
+        sync(path.device)
+    key = "self_cuda_time_total" if path.device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=key, row_limit=30)
+    except Exception:  # newer torch names the device column self_device_time_total
+        table = prof.key_averages().table(sort_by=key.replace("cuda", "device"), row_limit=30)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {path.name}: {steps} steps, top 30 by self time on the "
+                   f"{'GPU' if path.device.type == 'cuda' else 'CPU'}\n\n{table}\n")
+    print(f"profile of {path.name} written to {out}")
+
+
+def measure(paths, batches_of, steps: int, repeats: int) -> dict[str, Result]:
+    results = {p.name: Result(p.name, p.batch) for p in paths}
+    for p in paths:  # warm-up: allocator, cuDNN autotuning, compilation
+        time_steps(p, batches_of[p.batch], 2)
+    for _ in range(repeats):
+        for p in paths:
+            if p.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            results[p.name].rates.append(time_steps(p, batches_of[p.batch], steps))
+            if p.device.type == "cuda":
+                results[p.name].peak_bytes = max(results[p.name].peak_bytes, torch.cuda.max_memory_allocated())
+    return results
+
+
+def max_batch(base: list[str], overrides: list[str], resolution: int, limit_gb: float) -> tuple[int, list]:
+    """The largest batch whose step fits in limit_gb: peak memory measured at two batches, a line through them,
+    then verified by running the predicted batch (stepping down by 10% while it runs out of memory)."""
+    peaks = []
+    for b in (2, 4):
+        torch.cuda.empty_cache()
+        p = Ours(f"b{b}", overrides + [f"train.batch_size={b}"], base)
+        torch.cuda.reset_peak_memory_stats()
+        time_steps(p, batches_for(resolution, b, 1), 2)
+        peaks.append((b, torch.cuda.max_memory_allocated()))
+        del p
+    (b1, m1), (b2, m2) = peaks
+    per_image = (m2 - m1) / (b2 - b1)
+    fixed = m1 - per_image * b1
+    b = int((limit_gb * 1e9 * 0.97 - fixed) // per_image)
+    tried = []
+    while b >= 1:
+        torch.cuda.empty_cache()
+        try:
+            p = Ours(f"b{b}", overrides + [f"train.batch_size={b}"], base)
+            torch.cuda.reset_peak_memory_stats()
+            time_steps(p, batches_for(resolution, b, 1), 2)
+            tried.append((b, torch.cuda.max_memory_allocated(), "fits"))
+            del p
+            return b, peaks + tried
+        except torch.OutOfMemoryError:
+            tried.append((b, None, "out of memory"))
+            p = None
+            b = int(b * 0.9)
+    return 0, peaks + tried
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, _, over = text.partition("=")
+    return name, [o for o in over.split(",") if o]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=key=value,key=value: the firststage path with these overrides (repeatable)")
+    ap.add_argument("--no-naive", action="store_true", help="time the firststage path(s) only")
+    ap.add_argument("--profile", default="", help="write a profiler summary of the first firststage path here")
+    ap.add_argument("--memory-limit-gb", type=float, default=0, help="cap this process's GPU memory (a smaller card)")
+    ap.add_argument("--max-batch-gb", type=float, default=0, help="find the largest batch that fits this many GB")
+    ap.add_argument("--out", default="", help="append a results section to this markdown file")
+    args = ap.parse_args()
+    threads = apply_thread_policy()
+    cuda = torch.cuda.is_available()
+    if (args.memory_limit_gb or args.max_batch_gb) and not cuda:
+        sys.exit("--memory-limit-gb / --max-batch-gb need a GPU")
+    cap = args.memory_limit_gb or args.max_batch_gb
+    if cap:  # a smaller card: this process may hold at most `cap` GB of the GPU's memory
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        urls = make_shards(tmp / "shards", 96, 4, per_shard=4)  # build() checks that data.train exists
+        base = [args.preset, f"data.train={urls[0]}", f"data.resolution={args.resolution}",
+                f"train.batch_size={args.batch}", f"output_dir={tmp / 'run'}", "train.tracker=none",
+                "loss.perceptual.weight=1.0", "loss.perceptual.backbone=random", "loss.adversarial.enabled=true",
+                "loss.adversarial.start_step=0", "loss.adversarial.adaptive_weight=true", "data.num_workers=0"]
+        if args.max_batch_gb:
+            over = parse_variant(args.variant[0])[1] if args.variant else []
+            b, tried = max_batch(base, over, args.resolution, args.max_batch_gb)
+            rows = ", ".join(f"batch {t[0]}: {t[1] / 2**30:.1f} GiB" if t[1] else f"batch {t[0]}: {t[2]}"
+                             for t in tried)
+            line = (f"largest {args.preset} {args.resolution}px batch within {args.max_batch_gb:g} GB "
+                    f"({' '.join(over) or 'defaults'}): {b} ({rows})")
+            print(line)
+            write_section(args, [f"`{command_line()}`\n", line], threads)
+            sys.exit(0 if b > 0 else 1)
+
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*randomly initialised backbone.*")
+        variants = [parse_variant(v) for v in args.variant] or [("firststage", [])]
+        ours = [Ours(name, over, base) for name, over in variants]
+        paths = ([] if args.no_naive else [Naive(ours[0])]) + ours
+        batches_of = {p.batch: batches_for(args.resolution, p.batch) for p in paths}
+        results = measure(paths, batches_of, args.steps, args.repeats)
+        for p in paths:  # a compiled path does the same work as the eager one (and the counter would recompile it)
+            compiled = isinstance(p, Ours) and p.cfg.train.compile
+            results[p.name].flops = (results[ours[0].name].flops * p.batch / ours[0].batch if compiled
+                                     else count_flops(p, batches_of[p.batch][0]))
+        peak, peak_what = peak_flops(paths[0].device)
+        if args.profile:
+            profile_steps(ours[0], batches_of[ours[0].batch], Path(args.profile))
+
+    device = paths[0].device
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {threads} threads"
+    header = "| path | batch | img/s (median) | vs naive | GFLOP/step | TFLOP/s | MFU | peak GiB/image |"
+    lines = [f"`{command_line()}`: {args.repeats} interleaved repeats of {args.steps} steps after a warm-up; "
+             f"peak {peak / 1e12:.1f} TFLOP/s ({peak_what}, measured in the same run).\n", header,
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    naive = results.get("naive")
+    model_flops = results[ours[0].name].flops / ours[0].batch  # per image
+    for p in paths:
+        r = results[p.name]
+        rate = statistics.median(r.rates)
+        ratio = (f"{statistics.median(a / b for a, b in zip(r.rates, naive.rates)):.2f}x" if naive else "")
+        flop_rate = r.flops * rate / r.batch
+        mem = f"{r.peak_bytes / r.batch / 2**30:.2f}" if device.type == "cuda" else "n/a"
+        lines.append(f"| {p.name} | {r.batch} | {rate:.1f} | {ratio} | {r.flops / 1e9:.1f} | "
+                     f"{flop_rate / 1e12:.2f} | {model_flops * rate / peak:.1%} | {mem} |")
+    print(f"train {args.preset} {args.resolution}px on {where}")
+    print("\n".join(lines[1:]))
+    write_section(args, lines, threads)
+
+
+def command_line() -> str:
+    return "python benchmarks/train.py " + " ".join(sys.argv[1:])
+
+
+def write_section(args, lines: list[str], threads: int) -> None:
+    if not args.out:
+        return
+    if torch.cuda.is_available():
+        where = f"{torch.cuda.get_device_name()}"
+    else:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+        where = f"CPU, {cpu}, {os.cpu_count()} cores, {threads} threads"
+    commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or "?"
+    head = f"\n## Train step throughput ({date.today().isoformat()}, {where}, torch {torch.__version__}, commit {commit})\n"
+    with open(args.out, "a") as f:
+        f.write("\n".join([head] + lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
