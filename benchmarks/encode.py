@@ -115,11 +115,14 @@ def main() -> None:
     ap.add_argument("--source", type=int, default=300, help="side of the source JPEGs")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1, help="loader workers of the firststage path")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="loader workers of the firststage path (default: as the encode stage, 0 on a CPU, else 8)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="", help="append a results section to this markdown file")
     args = ap.parse_args()
     apply_thread_policy()
+    if args.workers is None:
+        args.workers = 8 if torch.cuda.is_available() else 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     vae = build_autoencoder(load_config(args.preset).model, args.resolution).to(device).eval()

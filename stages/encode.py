@@ -180,8 +180,11 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
                            autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp), channels_last=cuda)
         bar = tqdm(total=len(todo), desc=f"encode rank {state.process_index}", unit="shard", disable=None,
                    position=state.local_process_index, leave=False)
+        # On a CPU the encoder's threads already take the free cores: a loader worker decoding beside them made the
+        # loop slower than a plain main-process loop on 2 cores (0.92x against 1.10x, benchmarks/RESULTS.md).
+        workers = cfg.data.num_workers if cuda else 0
         res = encode_shards(model, todo, out, settings, s, device, resolution=cfg.data.resolution, buckets=buckets,
-                            batch_size=cfg.encode.batch_size, num_workers=cfg.data.num_workers, pin_memory=cuda,
+                            batch_size=cfg.encode.batch_size, num_workers=workers, pin_memory=cuda,
                             stop=stop, progress=lambda _: bar.update(1))
         bar.close()
         mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, float(res.stopped)],
