@@ -19,6 +19,17 @@ for rank in 0 1; do
     --mixed_precision no --dynamo_backend no "${run[@]}" "$@" &
   pids+=($!)
 done
+# A node that fails ends the job: its peer would otherwise wait in a collective forever (each launcher watches only
+# its own processes), so the other launcher is stopped (SIGTERM: it stops its processes and exits).
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+while ((${#pids[@]})); do
+  wait -n -p done_pid "${pids[@]}" && rc=0 || rc=$?
+  if ((rc != 0 && status == 0)); then
+    status=$rc
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+  fi
+  left=()
+  for pid in "${pids[@]}"; do [[ $pid != "$done_pid" ]] && left+=("$pid"); done
+  pids=("${left[@]}")
+done
 exit "$status"

@@ -1,6 +1,6 @@
 """What the tests share: tiny images and shards made on the fly, the tiny-run arguments, and subprocess launchers.
 
-  from helpers import ROOT, TINY, ENV, make_shards, accelerate_launch
+  from helpers import ROOT, TINY, ENV, make_shards, two_node_launch
 """
 
 from __future__ import annotations
@@ -43,14 +43,11 @@ def run_module(module: str, *args, timeout: int = 300, env: dict | None = None) 
                           capture_output=True, text=True, timeout=timeout)
 
 
-def accelerate_launch(script_or_module: str, *args, nproc: int = 2, port: int = 29611, module: bool = False,
-                      timeout: int = 300) -> subprocess.CompletedProcess:
-    """A real `nproc`-process gloo world on the CPU (ACCELERATE_USE_CPU=1 + --multi_gpu), output captured."""
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           *(["-m"] if module else []), script_or_module, *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                          timeout=timeout)
+def two_node_launch(script: str, *args, port: int = 29611, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A real 2-process gloo world on the CPU as two one-process "nodes" (launch/local_multinode.sh: two accelerate
+    launchers, machine ranks 0 and 1, on the loopback address), output captured."""
+    return subprocess.run(["bash", str(ROOT / "launch" / "local_multinode.sh"), script, *map(str, args)], cwd=ROOT,
+                          env={**ENV, "MASTER_PORT": str(port)}, capture_output=True, text=True, timeout=timeout)
 
 
 def random_image(w: int, h: int, seed: int = 0) -> Image.Image:

@@ -1,6 +1,7 @@
-"""One real two-process gloo world (accelerate launch --multi_gpu, ACCELERATE_USE_CPU=1) runs train, evaluate and
-encode one after the other (tests/scripts/world.py); each stage's results are checked against one process.
-Start-up is paid once for all three."""
+"""One real two-process gloo world runs train, evaluate and encode one after the other (tests/scripts/world.py); each
+stage's results are checked against one process. The world is two one-process "nodes" (launch/local_multinode.sh:
+two accelerate launchers on the loopback address), so the multi-node launch is exercised by the same run and
+start-up is paid once for all of it."""
 
 import json
 
@@ -8,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from helpers import TINY, accelerate_launch, make_train_val, read_tar_samples, run_main
+from helpers import TINY, make_train_val, read_tar_samples, run_main, two_node_launch
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     make_train_val(root)
-    r = accelerate_launch("tests/scripts/world.py", root / "rep", root, "train,evaluate,encode", *TINY,
+    r = two_node_launch("tests/scripts/world.py", root / "rep", root, "train,evaluate,encode", *TINY,
                           "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4",
                           "loss.adversarial.enabled=true", "loss.adversarial.start_step=0", port=29611)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -76,3 +77,8 @@ def test_encode_gives_the_same_keys_and_latents_on_one_and_two_processes(world):
         assert a[key]["txt"] == b[key]["txt"] and a[key]["json"] == b[key]["json"]
     one = json.loads((root / "latents-1" / "manifest.json").read_text())
     assert one["statistics"]["scaling_factor"] == pytest.approx(two["statistics"]["scaling_factor"], rel=1e-9)
+
+
+def test_a_node_that_dies_before_joining_ends_the_job_instead_of_leaving_its_peer_waiting():
+    r = two_node_launch("tests/scripts/rank1_dies_before_joining.py", port=29613, timeout=120)
+    assert r.returncode != 0  # before: rank 0 kept waiting in the rendezvous (still there after 40 s, by hand)

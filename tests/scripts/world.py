@@ -1,6 +1,6 @@
 """Run stages one after the other in one process of a (multi-process) world, then write what the tests check.
 
-  accelerate launch ... tests/scripts/world.py REPORT_DIR ROOT train,evaluate,encode [train key=value ...]
+  bash launch/local_multinode.sh tests/scripts/world.py REPORT_DIR ROOT train,evaluate,encode [train key=value ...]
 
 ROOT holds train/ and val/ shards; the run folder is ROOT/run, evaluate writes ROOT/eval-N and encode ROOT/latents-N
 (N: the number of processes). One launch serves every 1-vs-N-process test: start-up (torch, diffusers, the process
