@@ -3,6 +3,7 @@ stage's results are checked against one process. The world is two one-process "n
 two accelerate launchers on the loopback address), so the multi-node launch is exercised by the same run and
 start-up is paid once for all of it."""
 
+import fcntl
 import json
 
 import pytest
@@ -14,15 +15,26 @@ from helpers import TINY, make_train_val, read_tar_samples, run_main, two_node_l
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    make_train_val(root)
-    r = two_node_launch("tests/scripts/world.py", root / "rep", root, "train,evaluate,encode", *TINY,
-                          "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4",
-                          "loss.adversarial.enabled=true", "loss.adversarial.start_step=0", port=29611)
-    assert r.returncode == 0, r.stderr[-3000:]
+    """Launched once per test session, also when pytest-xdist spreads these tests over several workers: the first
+    worker to get here runs it under a file lock, the others wait and read its reports (two launches at once would
+    also compete for the rendezvous port)."""
+    shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers of this session
+    root = shared / "world"
+    with open(shared / "world.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / "launch.json"
+        if not done.is_file():
+            root.mkdir(exist_ok=True)
+            make_train_val(root)
+            r = two_node_launch("tests/scripts/world.py", root / "rep", root, "train,evaluate,encode", *TINY,
+                                "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4",
+                                "loss.adversarial.enabled=true", "loss.adversarial.start_step=0", port=29611)
+            done.write_text(json.dumps({"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr[-3000:]}))
+    launch = json.loads(done.read_text())
+    assert launch["returncode"] == 0, launch["stderr"]
     reports = [json.loads((root / "rep" / f"rank{i}.json").read_text()) for i in range(2)]
     assert [rep["world_size"] for rep in reports] == [2, 2]
-    return root, reports, r.stdout
+    return root, reports, launch["stdout"]
 
 
 def test_train_ranks_end_with_identical_weights(world):
