@@ -3,7 +3,6 @@ stage's results are checked against one process. The world is two one-process "n
 two accelerate launchers on the loopback address), so the multi-node launch is exercised by the same run and
 start-up is paid once for all of it."""
 
-import fcntl
 import json
 
 import pytest
@@ -13,31 +12,20 @@ from safetensors.torch import load as load_safetensors
 from helpers import TINY, make_train_val, read_tar_samples, run_main, two_node_launch
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Launched once per test session, also when pytest-xdist spreads these tests over several workers: the first
-    worker to get here runs it under a file lock, the others wait and read its reports (two launches at once would
-    also compete for the rendezvous port)."""
-    shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers of this session
-    root = shared / "world"
-    with open(shared / "world.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = root / "launch.json"
-        if not done.is_file():
-            root.mkdir(exist_ok=True)
-            make_train_val(root)
-            r = two_node_launch("tests/scripts/world.py", root / "rep", root, "train,evaluate,encode", *TINY,
-                                "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4",
-                                "loss.adversarial.enabled=true", "loss.adversarial.start_step=0", port=29611)
-            done.write_text(json.dumps({"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr[-3000:]}))
-    launch = json.loads(done.read_text())
-    assert launch["returncode"] == 0, launch["stderr"]
+@pytest.fixture
+def world(tmp_path):
+    root = tmp_path
+    make_train_val(root)
+    r = two_node_launch("tests/scripts/world.py", root / "rep", root, "train,evaluate,encode", *TINY,
+                        "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4",
+                        "loss.adversarial.enabled=true", "loss.adversarial.start_step=0", port=29611)
+    assert r.returncode == 0, r.stderr[-3000:]
     reports = [json.loads((root / "rep" / f"rank{i}.json").read_text()) for i in range(2)]
     assert [rep["world_size"] for rep in reports] == [2, 2]
-    return root, reports, launch["stdout"]
+    return root, reports, r.stdout
 
 
-def test_train_ranks_end_with_identical_weights(world):
+def check_train_ranks_end_with_identical_weights(world):
     _, (a, b), _ = world
     assert a["step"] == b["step"] == 4
     assert a["autoencoder"] == b["autoencoder"] and a["ema"] == b["ema"] and a["objective"] == b["objective"]
@@ -54,7 +42,7 @@ def flat(d, prefix=""):
             yield prefix + k, v
 
 
-def test_evaluate_gives_the_same_numbers_on_one_and_two_processes(world):
+def check_evaluate_gives_the_same_numbers_on_one_and_two_processes(world):
     from stages.evaluate import main
 
     root, _, stdout = world
@@ -72,7 +60,7 @@ def test_evaluate_gives_the_same_numbers_on_one_and_two_processes(world):
             assert one[k] == two[k], k
 
 
-def test_encode_gives_the_same_keys_and_latents_on_one_and_two_processes(world):
+def check_encode_gives_the_same_keys_and_latents_on_one_and_two_processes(world):
     from stages.encode import main
 
     root, _, _ = world
@@ -89,6 +77,14 @@ def test_encode_gives_the_same_keys_and_latents_on_one_and_two_processes(world):
         assert a[key]["txt"] == b[key]["txt"] and a[key]["json"] == b[key]["json"]
     one = json.loads((root / "latents-1" / "manifest.json").read_text())
     assert one["statistics"]["scaling_factor"] == pytest.approx(two["statistics"]["scaling_factor"], rel=1e-9)
+
+
+def test_one_and_two_processes_agree_on_train_evaluate_and_encode(world):
+    """One test, not three sharing a module fixture: pytest-xdist could give them to both workers, which would each
+    launch a world (twice the start-up, two launches competing for one rendezvous port)."""
+    check_train_ranks_end_with_identical_weights(world)
+    check_evaluate_gives_the_same_numbers_on_one_and_two_processes(world)
+    check_encode_gives_the_same_keys_and_latents_on_one_and_two_processes(world)
 
 
 def test_a_node_that_dies_before_joining_ends_the_job_instead_of_leaving_its_peer_waiting():
