@@ -1,6 +1,6 @@
-"""firststage demo: the whole pipeline on real photographs, on a CPU, in about two minutes.
+"""firststage demo: the whole pipeline on real photographs, on a CPU, in about two and a half minutes.
 
-scikit-image's photographs (shipped inside the package, no download): 13 for training, and two held out whole
+scikit-image's photographs (shipped inside the package, no download): 14 for training, and two held out whole
 (rocket, coffee), cut into 64x64 tiles that the model never sees in training.
   prepare (image shards) -> train the `tiny` preset -> evaluate on the held-out photos (against the mean-colour
   baseline) -> encode the training shards to latent shards -> export a diffusers folder -> reload it with plain
@@ -26,7 +26,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_text
 from stages.common import stage_main
 
-# real photographs in scikit-image's package data (grey ones as RGB): 13 to train on, 2 held out whole
+# real photographs in scikit-image's package data (grey ones as RGB): 14 to train on, 2 held out whole
 TRAIN = ("astronaut", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
          "camera", "coins", "moon", "grass", "gravel", "brick", "clock", "cell")
 HELD_OUT = ("rocket", "coffee")

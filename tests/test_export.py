@@ -215,20 +215,6 @@ def test_every_import_format_trains_via_init_from(trained, tmp_path, form):
     assert any(not torch.equal(before[k], after[k].cpu()) for k in before if k.startswith("decoder."))
 
 
-def test_finetune_decoder_preset_runs_from_a_single_file(trained, tmp_path):
-    """The sd-vae-ft-mse recipe (configs/finetune-decoder.yaml), on a tiny-shaped model from an LDM file."""
-    from pipeline.checkpoint import load_autoencoder
-    from stages.train import run
-
-    start, _ = load_autoencoder(trained / "run")
-    src = ldm_file(tmp_path, start, "vae.safetensors")
-    tr = run(["--config", "finetune-decoder", "model.block_out_channels=[16,32,64]", "model.layers_per_block=1",
-              "model.norm_num_groups=8", "data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=4",
-              "train.batch_size=2", "loss.perceptual.backbone=random", f"data.train={trained / 'shards'}",
-              f"output_dir={tmp_path / 'ft'}", "train.max_steps=2", f"train.init_from={src}"])
-    assert tr.state.step == 2 and tr.cfg.train.freeze_encoder and tr.cfg.loss.reconstruction.type == "l2"
-
-
 def test_shape_mismatch_names_the_tensor(trained, tmp_path):
     from pipeline.checkpoint import load_autoencoder
     from pipeline.errors import UserError

@@ -108,7 +108,7 @@ def objective(kind="kl", *over):
 
 
 def test_objective_kl_terms_sum_to_total():
-    model, obj, cfg = objective("kl", "loss.kl.weight=0.01")
+    model, obj, cfg = objective("kl", "loss.kl.weight=0.01", "loss.reconstruction.type=l1")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     out = run_autoencoder(model, x)
     total, t = obj.generator_loss(x, out, step=10, last_layer=last_decoder_layer(model))
