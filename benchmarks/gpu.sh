@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu.sh RESULTS_DIR          # RESULTS.md (tables), gpu.log, profile-train.txt into RESULTS_DIR
 #   bash benchmarks/gpu.sh --fetch-wheels       # on a machine with pip's network: the wheels an offline node lacks
+#   bash benchmarks/gpu.sh --cpu-smoke DIR      # the same steps at toy sizes on a CPU (about 2 minutes): checks the
+#                                               # script before GPU minutes are spent on it
 #
 # GPU nodes are often air-gapped with only PyTorch, accelerate, diffusers and safetensors: whatever else firststage
 # imports (lpips, webdataset, braceexpand; diffusers if absent) is installed from benchmarks/wheels (or
@@ -19,7 +21,9 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$wheels" lpips==0.1.4 webdataset==1.0.2 braceexpand diffusers==0.42.1 importlib_metadata lazy-importer
 fi
-out="${1:?usage: bash benchmarks/gpu.sh RESULTS_DIR   (or --fetch-wheels)}"
+smoke=0
+if [[ "${1:-}" == "--cpu-smoke" ]]; then smoke=1; shift; fi
+out="${1:?usage: bash benchmarks/gpu.sh [--cpu-smoke] RESULTS_DIR   (or --fetch-wheels)}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -49,7 +53,11 @@ if [[ -n "$missing" ]]; then
     fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu.sh:', torch.cuda.get_device_name(), 'torch', torch.__version__)" || exit 2
+if ((smoke)); then
+    echo "gpu.sh: CPU smoke run: toy sizes, no memory or compile steps; the numbers mean nothing"
+else
+    "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu.sh:', torch.cuda.get_device_name(), 'torch', torch.__version__)" || exit 2
+fi
 
 status=0
 results="$out/RESULTS.md"
@@ -66,16 +74,23 @@ step() {  # step NAME SECONDS command...: run one measurement with a time limit,
 }
 
 K=(--preset kl-f8 --out "$results")
+# enough images that worker start-up (once per repeat) is small beside the steady state
+R256=256 R512=512 SRC256=300 SRC512=600 N256=2048 N512=768 STEPS=10 REPEATS=5 WORKERS=12
+if ((smoke)); then
+    K=(--preset tiny --out "$results")
+    R256=32 R512=64 SRC256=48 SRC512=80 N256=32 N512=16 STEPS=2 REPEATS=1 WORKERS=1
+fi
 # Training step, kl-f8 at 256x256: naive fp32 loop against the trainer's step, with two variants; the profile is of
 # the first firststage variant (the preset's own defaults).
-step train-256 150 "$py" benchmarks/train.py "${K[@]}" --resolution 256 --batch 8 --steps 10 --repeats 5 \
-    --variant "firststage=" --variant "contiguous=train.channels_last=false" --variant "batch-16=train.batch_size=16" \
-    --profile "$out/profile-train.txt"
+step train-256 150 "$py" benchmarks/train.py "${K[@]}" --resolution $R256 --batch 8 --steps $STEPS \
+    --repeats $REPEATS --variant "firststage=" --variant "contiguous=train.channels_last=false" \
+    --variant "batch-16=train.batch_size=16" --profile "$out/profile-train.txt"
 # Encoding, end to end (JPEG shards -> latent shards) and encoder only, at 256 and 512.
-step encode-256 100 "$py" benchmarks/encode.py "${K[@]}" --resolution 256 --source 300 --images 1024 --batch 64 \
-    --workers 12 --repeats 5
-step encode-512 100 "$py" benchmarks/encode.py "${K[@]}" --resolution 512 --source 600 --images 512 --batch 32 \
-    --workers 12 --repeats 5
+step encode-256 150 "$py" benchmarks/encode.py "${K[@]}" --resolution $R256 --source $SRC256 --images $N256 \
+    --batch 64 --workers $WORKERS --repeats $REPEATS
+step encode-512 150 "$py" benchmarks/encode.py "${K[@]}" --resolution $R512 --source $SRC512 --images $N512 \
+    --batch 32 --workers $WORKERS --repeats $REPEATS
+if ((!smoke)); then
 # Memory: the 512x512 step at batch 4 on a 24 GB card (this process capped at 24 GB), then the largest batch in 80 GB.
 step memory-512-24gb 80 "$py" benchmarks/train.py "${K[@]}" --resolution 512 --batch 4 --steps 3 --repeats 3 \
     --no-naive --variant "checkpointing=train.gradient_checkpointing=true" --memory-limit-gb 24
@@ -83,6 +98,7 @@ step memory-512-80gb 120 "$py" benchmarks/train.py "${K[@]}" --resolution 512 --
 # torch.compile of the autoencoder (compilation is inside the warm-up; last, since it may take minutes).
 step train-256-compile 180 "$py" benchmarks/train.py "${K[@]}" --resolution 256 --batch 8 --steps 10 --repeats 5 \
     --no-naive --variant "firststage=" --variant "compile=train.compile=true"
+fi
 
 echo "== results ($results)"
 cat "$results" 2>/dev/null
