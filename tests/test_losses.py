@@ -197,3 +197,15 @@ def test_lpips_backbone_loads_from_torch_cache_without_pickle(tmp_path, monkeypa
     assert torch.equal(got["slice5.10.bias"], features["features.10.bias"])
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert p(x, x).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_perceptual_nets_are_built_once_and_each_user_gets_its_own_copy():
+    from pipeline.losses.perceptual import Perceptual
+
+    with pytest.warns(UserWarning, match="random"):
+        a, b = Perceptual("alex", "random"), Perceptual("alex", "random")
+    pa, pb = list(a.parameters()), list(b.parameters())
+    assert all(torch.equal(x, y) and x.data_ptr() != y.data_ptr() for x, y in zip(pa, pb))
+    with torch.no_grad():
+        pa[0].add_(1.0)
+    assert not torch.equal(pa[0], pb[0])  # moving or changing one leaves the other as built

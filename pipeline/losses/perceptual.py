@@ -9,6 +9,7 @@ once, and if that fails we stop with one message naming the file, where to put i
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -58,20 +59,37 @@ def _load_backbone(lp: nn.Module, net: str) -> None:
     lp.net.load_state_dict(target, strict=True)
 
 
+_BUILT: dict = {}  # (net, backbone, weight file state) -> a built LPIPS on the CPU, copied for each new user
+
+
+def _build_lpips(net: str, backbone: str) -> nn.Module:
+    """lpips.LPIPS with its backbone: built once per process and copied after that (building VGG16 also builds and
+    initialises torchvision's 120M-parameter classifier, about 1.2 s on one core, which lpips then drops)."""
+    import lpips
+
+    state = None
+    if backbone == "pretrained":
+        path = _fetch_backbone(net)
+        state = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
+    key = (net, backbone, state)
+    if key not in _BUILT:
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` argument inside lpips
+            torch.manual_seed(0)  # the random backbone is the same in every process and every run
+            built = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        if backbone == "pretrained":
+            _load_backbone(built, net)
+        _BUILT[key] = built.eval().requires_grad_(False)
+    return copy.deepcopy(_BUILT[key])
+
+
 class Perceptual(nn.Module):
     """LPIPS distance per sample [B] between images in [-1, 1]; frozen, gradients flow to the inputs."""
 
     def __init__(self, net: str = "vgg", backbone: str = "pretrained"):
         super().__init__()
-        import lpips
-
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-            warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` argument inside lpips
-            torch.manual_seed(0)  # the random backbone is the same in every process and every run
-            self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        if backbone == "pretrained":
-            _load_backbone(self.lpips, net)
-        else:
+        self.lpips = _build_lpips(net, backbone)
+        if backbone != "pretrained":
             warnings.warn(
                 "LPIPS with a randomly initialised backbone (loss.perceptual.backbone=random): meant for tests only, "
                 "it is not a perceptual loss"
