@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import io
+import re
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -35,12 +35,6 @@ def run_main(main, *args) -> subprocess.CompletedProcess:
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return subprocess.CompletedProcess(["main", *map(str, args)], code, out.getvalue(), err.getvalue())
-
-
-def run_module(module: str, *args, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` in the checkout, output captured."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env or ENV,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def two_node_launch(script: str, *args, port: int = 29611, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -130,3 +124,26 @@ def make_train_val(root: Path) -> None:
     """root/train (4 shards x 16) and root/val (5 shards x 4, other images): a tiny training set and a held-out set."""
     make_shards(root / "train", 4, 16, size=(48, 40))
     make_shards(root / "val", 5, 4, size=(40, 40), prefix="val")
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(stage, the rest of the line) for each `firststage STAGE ...` / `-m stages.STAGE ...` command in the README's
+    bash code blocks, continuations joined, comments dropped; `sbatch ...` lines as ("sbatch", line)."""
+    out, lang, current = [], None, None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, lang = [], line[3:].strip()
+            else:
+                if lang in ("", "bash", "sh"):
+                    for cmd in "\n".join(current).replace("\\\n", " ").splitlines():
+                        cmd = cmd.split("  #")[0].strip()
+                        m = re.search(r"(?:^firststage|-m stages\.)\s*([a-z]+)(?![a-z:])(.*)", cmd)
+                        if m and not cmd.startswith(("from ", "import ")):
+                            out.append((m.group(1), m.group(2).strip()))
+                        elif cmd.startswith("sbatch "):
+                            out.append(("sbatch", cmd))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return out

@@ -64,7 +64,7 @@ def test_list_input_relative_and_missing(tmp_path):
 
 
 def test_tar_input_reshards_and_carries_captions(tmp_path):
-    src = make_shards(tmp_path / "src", num_shards=3, per_shard=5)
+    make_shards(tmp_path / "src", num_shards=3, per_shard=5)
     # an img2dataset-style json member travels too
     write_tar(tmp_path / "src" / "extra.tar", [{"__key__": "x1", "jpg": image_bytes(random_image(50, 50)),
                                                   "json": b'{"caption": "hi"}', "txt": b"hi"}])

@@ -18,37 +18,13 @@ import re
 import shlex
 from pathlib import Path
 
-from helpers import ROOT, make_shards, run_main, write_images
-
-README_TEXT = (ROOT / "README.md").read_text()
+from helpers import make_shards, readme_commands, run_main, write_images
 
 TINY_MODEL = ["model.block_out_channels=[16,32,64]", "model.layers_per_block=1", "model.norm_num_groups=8",
               "model.mid_block_attention=false", "model.latent_channels=4"]
 SMALL_TRAIN = ["data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=4", "train.batch_size=4",
                "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.tracker=none",
                "loss.perceptual.backbone=random"]
-
-
-def readme_command_lines() -> list[tuple[str, str]]:
-    """(stage, the rest of the line) for each command in the README's bash code blocks, continuations joined."""
-    out, lang, current = [], None, None
-    for line in README_TEXT.splitlines():
-        if line.startswith("```"):
-            if current is None:
-                current, lang = [], line[3:].strip()
-            else:
-                if lang in ("", "bash", "sh"):
-                    for cmd in "\n".join(current).replace("\\\n", " ").splitlines():
-                        cmd = cmd.split("  #")[0].strip()
-                        m = re.search(r"(?:^firststage|-m stages\.)\s*([a-z]+)(?![a-z:])(.*)", cmd)
-                        if m and not cmd.startswith(("from ", "import ")):
-                            out.append((m.group(1), m.group(2).strip()))
-                        elif cmd.startswith("sbatch "):
-                            out.append(("sbatch", cmd))
-                current = None
-        elif current is not None:
-            current.append(line)
-    return out
 
 
 def small(stage: str, rest: str, root: Path) -> list[str]:
@@ -121,7 +97,7 @@ def test_every_readme_command_runs_on_tiny_data(tmp_path):
         Path(p).rename(root / "raw" / f"{Path(p).stem.split('-')[1][1:]}.tar")  # shard-000000 -> 00000.tar
     make_shards(root / "shards", 2, 8, size=(48, 40), prefix="train")
 
-    commands = readme_command_lines()
+    commands = readme_commands()
     assert len(commands) >= 25 and {s for s, _ in commands} >= {"config", "prepare", "train", "evaluate", "encode",
                                                                    "export"}
     pending, written, ran = list(enumerate(commands)), set(), 0
