@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, for the test modules
@@ -19,7 +18,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # start (FIRSTSTAGE_THREADS, read by stages/__init__.py): two pytest workers, loader workers and subprocesses share
 # two cores, and torch's spinning threads made the tiny training test ~8x slower under that load.
 os.environ["FIRSTSTAGE_THREADS"] = "1"
-torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    """One intra-op thread in every process that runs tests. The pytest-xdist controller runs none and skips torch's
+    2-second import, which would otherwise delay the workers' start."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

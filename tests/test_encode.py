@@ -3,8 +3,6 @@ how it reads back, refusals, buckets, and a tiny diffusion model trained from th
 
 import json
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -13,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from helpers import ENV, ROOT, image_bytes, random_image, read_tar_samples, run_main, write_tar
+from helpers import ForkedStage, image_bytes, random_image, read_tar_samples, run_main, write_tar
 from pipeline.config import load_config
 from pipeline.export.diffusers import save_diffusers
 from pipeline.latents import LatentDataset, read_manifest
@@ -102,11 +100,10 @@ def test_sigkill_then_rerun_gives_each_key_once_and_the_same_latents(tmp_path, d
     out = tmp_path / "lat"
     args = ["--model", data / "vae", "--data", big, "--output", out, "data.resolution=32", "data.num_workers=0",
             "encode.batch_size=4"]
-    proc = subprocess.Popen([sys.executable, "-m", "stages.encode", *map(str, args)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = ForkedStage("stages.encode", *args)
     deadline = time.time() + 120
     while len(list(out.glob("*.tar"))) < 2:  # a few output shards are complete: kill mid-run
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, proc.output()[1][-2000:]
         assert time.time() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ENV, ROOT, TINY, image_bytes, keys_in_tars, make_shards, random_image, run_main, write_images, write_tar
+from helpers import (ENV, ROOT, TINY, ForkedStage, image_bytes, keys_in_tars, make_shards, random_image, run_main,
+                     write_images, write_tar)
 
 
 def prepare(*args):
@@ -85,9 +86,8 @@ def catches_sigterm(pid: int) -> bool:
 def test_sigterm_works_while_the_loader_is_stuck(tmp_path):
     fifo = tmp_path / "stuck-000000.tar"
     os.mkfifo(fifo)  # opening it for reading blocks forever: a loader that never delivers
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train", *TINY, f"data.train={fifo}",
-                             f"output_dir={tmp_path / 'run'}", "train.sigterm_grace=2"],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = ForkedStage("stages.train", *TINY, f"data.train={fifo}", f"output_dir={tmp_path / 'run'}",
+                       "train.sigterm_grace=2")
     wait_until(lambda: Path(f"/proc/{proc.pid}/wchan").read_text() == "wait_for_partner", proc)  # blocked opening the pipe
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ENV, ROOT, TINY, make_shards, run_main
+from helpers import ENV, ROOT, TINY, ForkedStage, make_shards, run_main
 from pipeline.checkpoint import find_resume_path, list_checkpoints, read_trainer_state
 from pipeline.losses.objective import FirstStageObjective
 
@@ -97,10 +97,8 @@ def test_too_many_bad_steps_stop_with_last_checkpoint(shards, tmp_path, monkeypa
                         "train.checkpoint_every=2", "train.max_bad_steps=3")
 
 
-def start_train(shards, run, *args):
-    cmd = [sys.executable, "-m", "stages.train", *TINY, f"data.train={shards}", f"output_dir={run}", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def start_train(shards, run, *args) -> ForkedStage:
+    return ForkedStage("stages.train", *TINY, f"data.train={shards}", f"output_dir={run}", *args)
 
 
 def wait_for(predicate, proc, timeout=120):
@@ -109,7 +107,7 @@ def wait_for(predicate, proc, timeout=120):
         if predicate():
             return True
         if proc.poll() is not None:
-            raise AssertionError(f"process ended early: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"process ended early: {proc.output()[1][-2000:]}")
         time.sleep(0.05)
     raise AssertionError("timed out")
 
