@@ -4,12 +4,15 @@ two accelerate launchers on the loopback address), so the multi-node launch is e
 start-up is paid once for all of it."""
 
 import json
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from helpers import TINY, make_train_val, read_tar_samples, run_main, two_node_launch
+from helpers import ENV, ROOT, TINY, make_train_val, read_tar_samples, run_main, two_node_launch
 
 
 @pytest.fixture
@@ -87,6 +90,15 @@ def test_one_and_two_processes_agree_on_train_evaluate_and_encode(world):
     check_encode_gives_the_same_keys_and_latents_on_one_and_two_processes(world)
 
 
-def test_a_node_that_dies_before_joining_ends_the_job_instead_of_leaving_its_peer_waiting():
-    r = two_node_launch("tests/scripts/rank1_dies_before_joining.py", port=29613, timeout=120)
-    assert r.returncode != 0  # before: rank 0 kept waiting in the rendezvous (still there after 40 s, by hand)
+def test_a_node_that_fails_ends_the_job_instead_of_leaving_its_peer_waiting(tmp_path):
+    """launch/local_multinode.sh with launchers that behave like a node whose rank died before joining (exit 3) and
+    one whose rank waits for it (for ever): the script stops the waiting one and fails. Before, it waited for each
+    launcher in turn and never returned (seen by hand with real launchers: still waiting after 40 s)."""
+    pids = tmp_path / "pids"
+    env = {**ENV, "PATH": f"{ROOT / 'tests' / 'scripts' / 'fake_accelerate'}:{ENV['PATH']}", "FAKE_PIDS": str(pids)}
+    t0 = time.time()
+    r = subprocess.run(["bash", str(ROOT / "launch" / "local_multinode.sh"), "train.py"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and time.time() - t0 < 30, r.stderr
+    launched = [int(p) for p in pids.read_text().split()]
+    assert len(launched) == 2 and not any(Path(f"/proc/{p}").exists() for p in launched)  # none left behind
