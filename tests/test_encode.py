@@ -281,7 +281,7 @@ def test_reader_feeds_a_tiny_unet_whose_loss_falls(data):
     opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
     loader = torch.utils.data.DataLoader(LatentDataset(data / "ref", batch_size=8, shuffle_buffer=8), batch_size=None)
     losses = []
-    for step, batch in zip(range(150), loader):
+    for step, batch in zip(range(80), loader):
         z = batch["latents"]
         noise = torch.randn_like(z)
         t = torch.randint(0, 100, (z.shape[0],))
@@ -291,7 +291,7 @@ def test_reader_feeds_a_tiny_unet_whose_loss_falls(data):
         opt.step()
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
-    assert last < 0.85 * first, (first, last)  # measured: 0.946 -> 0.748
+    assert last < 0.85 * first, (first, last)  # measured: 0.908 -> 0.565 in 80 steps
 
 
 def test_parts_split_the_job_without_a_launcher(data, tmp_path, capsys):
