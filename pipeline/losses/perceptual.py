@@ -9,8 +9,10 @@ once, and if that fails we stop with one message naming the file, where to put i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import types
 import warnings
 from pathlib import Path
 
@@ -62,6 +64,34 @@ def _load_backbone(lp: nn.Module, net: str) -> None:
 _BUILT: dict = {}  # (net, backbone, weight file state) -> a built LPIPS on the CPU, copied for each new user
 
 
+@contextlib.contextmanager
+def _vgg16_features_only():
+    """lpips builds torchvision's whole VGG16 to keep its `features`: build only those, initialised as torchvision
+    initialises them (the 120M-parameter classifier that lpips drops took about 1.2 s of every build)."""
+    import torchvision.models as tvm
+
+    try:
+        from torchvision.models.vgg import cfgs, make_layers
+    except ImportError:  # another torchvision layout: build it whole
+        yield
+        return
+
+    def features_only(*args, **kwargs):
+        features = make_layers(cfgs["D"], batch_norm=False)
+        for m in features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(m.bias, 0)
+        return types.SimpleNamespace(features=features)
+
+    original = tvm.vgg16
+    tvm.vgg16 = features_only
+    try:
+        yield
+    finally:
+        tvm.vgg16 = original
+
+
 def _build_lpips(net: str, backbone: str) -> nn.Module:
     """lpips.LPIPS with its backbone: built once per process and copied after that (building VGG16 also builds and
     initialises torchvision's 120M-parameter classifier, about 1.2 s on one core, which lpips then drops)."""
@@ -73,7 +103,7 @@ def _build_lpips(net: str, backbone: str) -> nn.Module:
         state = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
     key = (net, backbone, state)
     if key not in _BUILT:
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]), _vgg16_features_only():
             warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` argument inside lpips
             torch.manual_seed(0)  # the random backbone is the same in every process and every run
             built = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
