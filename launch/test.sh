@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-exec "${PYTHON:-python3}" -m pytest -q -n "${TEST_WORKERS:-2}" --dist worksteal tests "$@"
+# Only the plugins the suite uses (xdist): others installed in the environment (hypothesis, benchmark, ...) would be
+# imported by every pytest process, about 1 s each here, and could change how tests run.
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+exec "${PYTHON:-python3}" -m pytest -p xdist.plugin -q -n "${TEST_WORKERS:-2}" --dist worksteal tests "$@"
