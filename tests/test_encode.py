@@ -102,14 +102,14 @@ def test_sigkill_then_rerun_gives_each_key_once_and_the_same_latents(tmp_path, d
             "encode.batch_size=4"]
     proc = ForkedStage("stages.encode", *args)
     deadline = time.time() + 120
-    while len(list(out.glob("*.tar"))) < 2:  # a few output shards are complete: kill mid-run
+    while not list(out.glob("*.tar")):  # the first output shard is complete: kill mid-run
         assert proc.poll() is None, proc.output()[1][-2000:]
         assert time.time() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("*.tar")))
-    assert 2 <= done < 12, "the run ended before it was killed: the test proves nothing"
+    assert 1 <= done < 12, "the run ended before it was killed: the test proves nothing"
     from stages.encode import main
 
     r = run_main(main, *args)  # the same command again, in this process
