@@ -33,18 +33,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.loader import make_shards  # noqa: E402
-from benchmarks.train import peak_flops  # noqa: E402
+from benchmarks.loader import make_shards, photo_jpeg  # noqa: E402
+from benchmarks.train import peak_flops, sync  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.images import crop_to  # noqa: E402
 from pipeline.latents.encoder import EncodeSettings, encode_batch, encode_shards  # noqa: E402
 from pipeline.models import build_autoencoder  # noqa: E402
 from stages.common import apply_thread_policy  # noqa: E402
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def naive(vae, urls, out: Path, res: int, batch: int, device) -> int:
@@ -133,7 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         urls = make_shards(tmp / "shards", args.source, args.images)
-        crops = [torch.from_numpy(crop_to(_jpg(args.source, i), args.resolution, args.resolution)[0]).permute(2, 0, 1)
+        crops = [torch.from_numpy(crop_to(photo_jpeg(args.source, i), args.resolution, args.resolution)[0]).permute(2, 0, 1)
                  for i in range(args.batch)]
         batches = [torch.stack(crops)] * max(1, args.images // args.batch)
         t_naive, t_ours, e_naive, e_ours = [], [], [], []
@@ -190,14 +185,6 @@ def encoder_flops(vae, images: torch.Tensor, device) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         vae.encode(x)
     return counter.get_total_flops() / len(images)
-
-
-def _jpg(side: int, seed: int) -> bytes:
-    from benchmarks.loader import photo_like
-
-    buf = io.BytesIO()
-    photo_like(side, seed).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 if __name__ == "__main__":

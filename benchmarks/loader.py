@@ -54,6 +54,13 @@ def photo_like(side: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
 
 
+def photo_jpeg(side: int, seed: int) -> bytes:
+    """photo_like as JPEG bytes (quality 90)."""
+    buf = io.BytesIO()
+    photo_like(side, seed).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def make_shards(folder: Path, side: int, n: int, per_shard: int = 40) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     urls = []
@@ -61,11 +68,10 @@ def make_shards(folder: Path, side: int, n: int, per_shard: int = 40) -> list[st
         path = folder / f"b-{s // per_shard:06d}.tar"
         with tarfile.open(path, "w") as tf:
             for i in range(s, min(n, s + per_shard)):
-                buf = io.BytesIO()
-                photo_like(side, i).save(buf, format="JPEG", quality=90)
+                data = photo_jpeg(side, i)
                 info = tarfile.TarInfo(f"{i:06d}.jpg")
-                info.size = buf.tell()
-                tf.addfile(info, io.BytesIO(buf.getvalue()))
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
         urls.append(str(path))
     return urls
 

@@ -40,11 +40,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import stages  # noqa: E402,F401,I001  (the stages' thread policy: chosen before torch is imported)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.loader import make_shards, photo_like  # noqa: E402
+from benchmarks.loader import make_shards, photo_jpeg  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.images import crop_to  # noqa: E402
 from pipeline.models.discriminator import PatchDiscriminator  # noqa: E402
@@ -155,18 +154,11 @@ def batches_for(resolution: int, batch: int, n: int = 4) -> list[torch.Tensor]:
     side = max(resolution + resolution // 4, 80)
     out = []
     for b in range(n):
-        crops = [torch.from_numpy(crop_to_array(photo_like(side, b * batch + i), resolution)) for i in range(batch)]
+        crops = [torch.from_numpy(crop_to(photo_jpeg(side, b * batch + i), resolution, resolution)[0])
+                 for i in range(batch)]
         t = torch.stack(crops).permute(0, 3, 1, 2).contiguous()
         out.append(t.pin_memory() if torch.cuda.is_available() else t)
     return out
-
-
-def crop_to_array(img, resolution: int) -> np.ndarray:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return crop_to(buf.getvalue(), resolution, resolution)[0]
 
 
 def time_steps(path, batches: list[torch.Tensor], steps: int) -> float:
