@@ -181,20 +181,28 @@ def test_missing_lpips_weights_give_one_clear_message(tmp_path, monkeypatch):
     assert "\n" not in msg
 
 
-def test_lpips_backbone_loads_from_torch_cache_without_pickle(tmp_path, monkeypatch):
-    """A torchvision-format file in TORCH_HOME is loaded (weights_only) into lpips' slices, tensor for tensor."""
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_backbone_loads_from_torch_cache_without_pickle(tmp_path, monkeypatch, net):
+    """A torchvision-format file in TORCH_HOME is loaded (weights_only) into lpips' slices, tensor for tensor (for
+    VGG, into the features-only build)."""
     import torchvision
+    from torchvision.models.vgg import cfgs, make_layers
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(1)
-    features = {k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")}
-    path = perceptual_mod.backbone_path("alex")
+    if net == "alex":
+        features = {k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")}
+    else:  # the features of torchvision's vgg16, without building its classifier
+        features = {f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}
+    path = perceptual_mod.backbone_path(net)
     path.parent.mkdir(parents=True)
     torch.save(features, path)
-    p = perceptual_mod.Perceptual("alex", "pretrained")
+    p = perceptual_mod.Perceptual(net, "pretrained")
     got = dict(p.lpips.net.named_parameters())
+    assert len(got) == len(features)
     assert torch.equal(got["slice1.0.weight"], features["features.0.weight"])
-    assert torch.equal(got["slice5.10.bias"], features["features.10.bias"])
+    last = "slice5.10.bias" if net == "alex" else "slice5.28.bias"
+    assert torch.equal(got[last], features["features." + last.split(".", 1)[1]])
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert p(x, x).item() == pytest.approx(0.0, abs=1e-6)
 

@@ -93,8 +93,7 @@ def _vgg16_features_only():
 
 
 def _build_lpips(net: str, backbone: str) -> nn.Module:
-    """lpips.LPIPS with its backbone: built once per process and copied after that (building VGG16 also builds and
-    initialises torchvision's 120M-parameter classifier, about 1.2 s on one core, which lpips then drops)."""
+    """lpips.LPIPS with its backbone: built once per process, then copied for each user."""
     import lpips
 
     state = None
