@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -94,8 +95,6 @@ class Naive:
     def __init__(self, ours: Ours):
         import lpips
 
-        import warnings
-
         cfg = ours.cfg
         self.cfg, self.batch, self.device = cfg, ours.batch, ours.device
         self.vae = copy.deepcopy(ours.tr.unwrapped.vae).to(self.device, memory_format=torch.contiguous_format).train()
@@ -116,7 +115,8 @@ class Naive:
         x = images.to(self.device).float() / 127.5 - 1
         posterior = self.vae.encode(x).latent_dist
         rec = self.vae.decode(posterior.sample()).sample
-        per_pixel = (x - rec).abs() + cfg.loss.perceptual.weight * self.lpips(x, rec)
+        pixel = (x - rec).abs() if cfg.loss.reconstruction.type == "l1" else (x - rec) ** 2  # as the preset says
+        per_pixel = pixel + cfg.loss.perceptual.weight * self.lpips(x, rec)
         nll = per_pixel.sum() / x.shape[0]
         kl = posterior.kl().sum() / x.shape[0]
         g = -self.disc(rec).mean()
@@ -311,8 +311,6 @@ def main() -> None:
             print(line)
             write_section(args, [f"`{command_line()}`\n", line], threads)
             sys.exit(0 if b > 0 else 1)
-
-        import warnings
 
         warnings.filterwarnings("ignore", message=".*randomly initialised backbone.*")
         variants = [parse_variant(v) for v in args.variant] or [("firststage", [])]
