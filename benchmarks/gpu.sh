@@ -7,9 +7,11 @@
 #                                               # script before GPU minutes are spent on it
 #
 # GPU nodes are often air-gapped with only PyTorch, accelerate, diffusers and safetensors: whatever else firststage
-# imports (lpips, webdataset, braceexpand; diffusers if absent) is installed from benchmarks/wheels (or
-# $FIRSTSTAGE_WHEELS), without the network, into a temporary folder. Exits non-zero if any measurement failed; the
-# others still run. Each measurement is one line below; benchmarks/README.md says what the numbers mean.
+# imports is installed from benchmarks/wheels (or $FIRSTSTAGE_WHEELS), without the network, into a temporary folder.
+# The wheels of lpips, webdataset and braceexpand (pure Python, 135 KB) are in the repository, so on such a node a
+# fresh checkout needs nothing else; a node without diffusers needs --fetch-wheels first (diffusers is 6 MB).
+# Exits non-zero if any measurement failed; the others still run. Each measurement is one line below;
+# benchmarks/README.md says what the numbers mean.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wheels="${FIRSTSTAGE_WHEELS:-benchmarks/wheels}"

@@ -13,6 +13,7 @@ Images are scikit-image's photographs resized to the source size with sigma=3 Ga
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import platform
@@ -38,15 +39,21 @@ RES = 256
 BATCH = 16
 
 
+@functools.lru_cache(maxsize=None)
+def _photograph(i: int) -> Image.Image | None:
+    """One of five scikit-image photographs, decoded once per process (it was most of photo_like's time)."""
+    try:
+        import skimage.data as d
+    except ImportError:
+        return None
+    return Image.fromarray([d.astronaut, d.coffee, d.rocket, d.chelsea, d.hubble_deep_field][i]())
+
+
 def photo_like(side: int, seed: int) -> Image.Image:
     """A photo-like image: a real scikit-image photograph when available, re-cropped, plus smooth noise."""
     rng = np.random.default_rng(seed)
-    try:
-        import skimage.data as d
-
-        base = [d.astronaut, d.coffee, d.rocket, d.chelsea, d.hubble_deep_field][seed % 5]()
-        img = Image.fromarray(base)
-    except Exception:
+    img = _photograph(seed % 5)
+    if img is None:
         img = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     w, h = side, int(side * rng.uniform(0.7, 1.0))
     img = img.resize((w, h), Image.Resampling.BICUBIC)
