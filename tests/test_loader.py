@@ -2,10 +2,13 @@ import pickle
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import image_bytes, make_shards, random_image, write_tar
+from pipeline.data.images import crop_to, displayed_size, read_header
 from pipeline.data.loader import ImageStream, make_loader, resolve_shards, to_model_input, to_uint8
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.errors import UserError
@@ -118,3 +121,25 @@ def test_reads_prepared_folder_through_manifest(tmp_path, photos):
     prepare([str(photos)], tmp_path / "out", PrepareOptions(size=96, shard_size=3))
     keys = [k for r in eval_keys(str(tmp_path / "out" / "manifest.json"), 1, 0) for k in r]
     assert sorted(keys) == ["astronaut", "chelsea", "coffee", "rocket"]
+
+
+def test_crop_to_with_a_header_read_first_matches_the_plain_decode():
+    """The encode stream reads the header once (bucket choice) and hands it to crop_to: same pixels, size and box as
+    parsing the bytes again, for a rotated JPEG, a draft-decoded large JPEG, CMYK, 16-bit grey and palette+alpha."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    inputs = [
+        image_bytes(random_image(90, 60), exif=exif.tobytes()),
+        image_bytes(random_image(400, 300)),
+        image_bytes(Image.new("CMYK", (40, 30), (10, 200, 0, 5))),
+        image_bytes(Image.fromarray(np.full((30, 40), 40000, np.uint16)), "PNG"),
+        image_bytes(Image.new("RGBA", (40, 30), (9, 90, 9, 0)).convert("P"), "PNG"),
+    ]
+    for data in inputs:
+        header = read_header(data)
+        size = displayed_size(header)
+        arr, own, box = crop_to(data, 32, 24, header=header)
+        ref, ref_own, ref_box = crop_to(data, 32, 24)
+        assert own == ref_own == size and box == ref_box and arr.shape == (24, 32, 3)
+        assert np.array_equal(arr, ref)
+    assert displayed_size(read_header(inputs[0])) == (60, 90)  # EXIF orientation 6 swaps the sides

@@ -33,7 +33,8 @@ class BadImage(ValueError):
     """An input that cannot be used as an image; the message is the reason recorded in the manifest."""
 
 
-def _header(data: bytes) -> Image.Image:
+def read_header(data: bytes) -> Image.Image:
+    """The image opened from its header only (nothing decoded yet). Raises BadImage."""
     if not data:
         raise BadImage("empty file")
     try:
@@ -70,17 +71,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def displayed_size(header: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied) of an image opened by read_header."""
+    w, h = header.size
+    return (h, w) if orientation(header) in (5, 6, 7, 8) else (w, h)
+
+
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), from the header alone. Raises BadImage."""
-    img = _header(data)
-    w, h = img.size
-    return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
+    return displayed_size(read_header(data))
 
 
-def open_image(data: bytes, min_shorter_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(data: bytes, min_shorter_side: int | None = None, max_pixels: int = MAX_PIXELS,
+               header: Image.Image | None = None) -> Image.Image:
     """Decode bytes to an upright 8-bit RGB image, at reduced JPEG scale when the shorter side can stay >=
-    min_shorter_side (or must shrink to fit max_pixels)."""
-    img = _header(data)
+    min_shorter_side (or must shrink to fit max_pixels). `header`: the same bytes already opened by read_header and
+    not yet decoded (saves parsing the header again)."""
+    img = header if header is not None else read_header(data)
     try:
         w, h = img.size
         if w * h > max_pixels and img.format == "JPEG":
@@ -165,13 +172,16 @@ def crop_box_center(w: int, h: int, aspect: float = 1.0):
     return left, top, left + bw, top + bh
 
 
-def crop_to(data: bytes, width: int, height: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int, int, int]]:
+def crop_to(data: bytes, width: int, height: int, header: Image.Image | None = None,
+            ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int, int, int]]:
     """Resize to cover width x height and center-crop (the encode stage's fixed-square and bucket policy).
-    Returns (uint8 HxWx3 array, the image's own (width, height), crop box (l, t, r, b) in its pixels)."""
-    w, h = image_size(data)
+    Returns (uint8 HxWx3 array, the image's own (width, height), crop box (l, t, r, b) in its pixels).
+    `header`: as for open_image (the encode stream reads the size first to choose a bucket)."""
+    header = header if header is not None else read_header(data)
+    w, h = displayed_size(header)
     box = crop_box_center(w, h, width / height)
     need = math.ceil(min(w, h) * width / (box[2] - box[0]))  # shorter side the (draft) decode must keep
-    img = open_image(data, min_shorter_side=need)
+    img = open_image(data, min_shorter_side=need, header=header)
     if img.size == (w, h) and (box[2] - box[0], box[3] - box[1]) == (width, height):
         return np.array(img.crop(box)), (w, h), box
     sx, sy = img.width / w, img.height / h  # a JPEG draft decode is smaller than the header says

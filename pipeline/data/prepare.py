@@ -30,11 +30,11 @@ from pipeline.data.images import (
     CAPTION_EXTS,
     IMAGE_EXTS,
     BadImage,
-    _header,
+    displayed_size,
     encode_image,
-    image_size,
     is_plain_rgb,
     open_image,
+    read_header,
     resize_for_storage,
     target_size,
 )
@@ -272,14 +272,15 @@ def convert_one(data: bytes, opts: PrepareOptions) -> tuple[bytes, str, tuple[in
     """Validate, resize and encode one image -> (bytes, ext, input size, output size). Raises BadImage.
     Sizes are as displayed (EXIF orientation applied); the original bytes are kept only for an 8-bit RGB image
     without rotation or transparency that needs no resizing and is already in the target format."""
-    header = _header(data)
-    w, h = image_size(data)
+    header = read_header(data)
+    w, h = displayed_size(header)
     if w * h > opts.max_pixels and header.format != "JPEG":  # before any decode: PNG cannot decode at reduced scale
         raise BadImage(f"too many pixels: {w} x {h} > {opts.max_pixels} (prepare.max_pixels)")
     if min(w, h) < opts.min_size:
         raise BadImage(f"too small ({w}x{h}, shorter side < --min-size {opts.min_size})")
     tw, th = target_size(w, h, opts.size, opts.resize)
     need_short = max(1, round(min(tw, th)))
+    # its own parse, not `header`: the decode changes the image object that the keep-the-bytes check reads below
     img = open_image(data, min_shorter_side=need_short, max_pixels=opts.max_pixels)  # truncated files fail here
     if (tw, th) == (w, h) and header.format in _KEEP_FORMATS[opts.format] and is_plain_rgb(header):
         return data, _PIL_EXT[header.format], (w, h), (w, h)  # already right: keep the original bytes

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.data.images import IMAGE_EXTS, BadImage, crop_to, image_size
+from pipeline.data.images import IMAGE_EXTS, BadImage, crop_to, displayed_size, read_header
 from pipeline.data.loader import image_member, read_samples, to_model_input, worker_slot
 from pipeline.data.shards import ShardWriter
 from pipeline.io import atomic_write_json
@@ -78,9 +78,10 @@ class EncodeStream(IterableDataset):
                 ext = image_member(sample)
                 if ext is None:
                     raise BadImage("no image member")
-                w, h = image_size(sample[ext])
+                header = read_header(sample[ext])  # parsed once for the bucket and the decode
+                w, h = displayed_size(header)
                 target = nearest_bucket(w, h, self.buckets) if self.buckets else (self.resolution, self.resolution)
-                arr, _, box = crop_to(sample[ext], *target)
+                arr, _, box = crop_to(sample[ext], *target, header=header)
             except BadImage as e:
                 skipped.append({"shard": name, "key": key, "reason": str(e)})
                 continue
