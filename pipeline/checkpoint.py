@@ -226,6 +226,14 @@ def resolve_model_path(path: str | Path) -> tuple[str, Path]:
     )
 
 
+def pin_model_path(path: str | Path) -> str:
+    """`--model` as the weights it means now: a run folder becomes its newest complete checkpoint folder (so a
+    checkpoint the trainer writes later cannot change what a running job loads or how it labels it); any other
+    path stays as given."""
+    kind, p = resolve_model_path(path)
+    return str(p) if kind == "checkpoint" else str(path)
+
+
 def checkpoint_weights(folder: Path, ema: bool = True) -> Path:
     """The EMA weights of a checkpoint when asked for and present, else its raw weights."""
     ema_file = folder / TENSOR_FILES["ema"]

@@ -52,6 +52,29 @@ def all_reduce(tensors: list, op: str = "sum", device=None) -> list:
     return out
 
 
+def agreed_model_path(path: str) -> str:
+    """`--model` pinned once for the whole job (pipeline.checkpoint.pin_model_path): the main process resolves it
+    and every rank loads that, so ranks that start a moment apart around a new checkpoint cannot load different
+    weights. A bad path is the same one-line error on every rank, never a rank left waiting."""
+    import torch.distributed as dist
+
+    from pipeline.checkpoint import pin_model_path
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return pin_model_path(path)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("path", pin_model_path(path))]
+        except UserError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)  # a path string or a message, from our own rank 0
+    what, value = box[0]
+    if what == "error":
+        raise UserError(value)
+    return value
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """'auto' -> bf16 on a GPU that has it, else 'no'."""
     import torch

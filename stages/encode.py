@@ -39,7 +39,7 @@ from pipeline.latents.encoder import (
     shard_name,
     stored_tensors,
 )
-from stages.common import all_reduce, print0, resolve_mixed_precision, stage_main
+from stages.common import agreed_model_path, all_reduce, print0, resolve_mixed_precision, stage_main
 
 EXIT_PREEMPTED = 75
 
@@ -145,16 +145,17 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
     start = time.time()
     urls = resolve_shards(args.data)  # cheap checks first, before any model is loaded
     _unique_names(urls)
-    model, cfg = load_autoencoder(args.model, ema=not args.no_ema, overrides=args.overrides)
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+    model_path = agreed_model_path(args.model)  # a run folder: the same checkpoint on every rank
+    model, cfg = load_autoencoder(model_path, ema=not args.no_ema, overrides=args.overrides)
     from pipeline.models.autoencoder import downsampling_factor
 
     buckets = resolve_buckets(cfg.encode.buckets, cfg.data.resolution, downsampling_factor(model))
-    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
     device = state.device
     cuda = device.type == "cuda"
     dtype = cfg.encode.dtype if cfg.encode.dtype != "auto" else ("bfloat16" if resolve_mixed_precision("auto") == "bf16" else "float32")
     mp = resolve_mixed_precision(cfg.encode.mixed_precision) if cuda else "no"
-    settings = settings_for(model, cfg, str(args.model), not args.no_ema, dtype, buckets)
+    settings = settings_for(model, cfg, model_path, not args.no_ema, dtype, buckets)
     # one run per folder (per part): a second is refused naming the holder
     lock = FolderLock(out, part_name(".lock", part, num_parts))
     if state.is_main_process:

@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.metrics.evaluator import Evaluator
 from pipeline.train.module import save_grid
-from stages.common import add_alias_flags, alias_overrides, all_reduce, flags_named, print0, stage_main
+from stages.common import add_alias_flags, agreed_model_path, alias_overrides, all_reduce, flags_named, print0, stage_main
 
 LPIPS_NETS = ("vgg", "alex")  # the two the published tables use
 
@@ -105,13 +105,14 @@ def main(argv=None) -> None:
 
     args = build_parser().parse_intermixed_args(argv)
     start = time.time()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    model_path = agreed_model_path(args.model)  # a run folder: the same checkpoint on every rank, and in eval.json
     with flags_named(ALIASES):
-        model, cfg = load_autoencoder(args.model, ema=not args.no_ema, overrides=args.overrides + alias_overrides(args, ALIASES))
+        model, cfg = load_autoencoder(model_path, ema=not args.no_ema, overrides=args.overrides + alias_overrides(args, ALIASES))
     n = cfg.evaluate.num_samples
     urls, limits, planned = plan_subset(args.data, n)
     if planned == 0:
         raise UserError(f"--data {args.data}: the shards hold no samples")
-    state = PartialState(cpu=not torch.cuda.is_available())
     asked = args.num_samples is not None or any(o.startswith("evaluate.num_samples=") for o in args.overrides)
     if planned < n and asked:
         print0(f"evaluate: warning: asked for {n} samples, the data holds {planned}; evaluating {planned}",
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
         raise UserError(f"--data {args.data}: no decodable images among the {planned} samples read")
     res["rfid"] = float(fid.compute()) if fid is not None else fid_reason
     res["model"], res["data"] = str(args.model), str(args.data)
-    res["weights"] = describe_weights(args.model, not args.no_ema)
+    res["weights"] = describe_weights(model_path, not args.no_ema)
     table = format_table(res)
     if state.is_main_process:
         out = Path(args.output or args.model)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import CHECKPOINTS, describe_weights, load_autoencoder, read_trainer_state, resolve_model_path
+from pipeline.checkpoint import (
+    CHECKPOINTS,
+    describe_weights,
+    load_autoencoder,
+    pin_model_path,
+    read_trainer_state,
+    resolve_model_path,
+)
 from pipeline.config import config_to_dict
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_text, staged_output
@@ -47,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def eval_beside(model_path: str, weights: str) -> tuple[dict | None, str]:
-    """The newest eval.json beside the model (the checkpoint folder, then its run folder) that evaluated exactly
-    these weights; (None, why not) otherwise."""
-    kind, folder = resolve_model_path(model_path)
-    places = [Path(model_path), folder] + ([folder.parent.parent] if folder.parent.name == CHECKPOINTS else [])
+def eval_beside(given: str, pinned: str, weights: str) -> tuple[dict | None, str]:
+    """The newest eval.json beside the model (where --model pointed, the checkpoint folder, then its run folder)
+    that evaluated exactly these weights; (None, why not) otherwise."""
+    kind, folder = resolve_model_path(pinned)
+    places = [Path(given), folder] + ([folder.parent.parent] if folder.parent.name == CHECKPOINTS else [])
     found = sorted({p / "eval.json" for p in places if (p / "eval.json").is_file()}, key=lambda p: p.stat().st_mtime)
     for path in reversed(found):
         res = json.loads(path.read_text())
@@ -62,7 +69,7 @@ def eval_beside(model_path: str, weights: str) -> tuple[dict | None, str]:
     return None, "no eval.json beside the model"
 
 
-def latent_factors(args, model, cfg) -> dict:
+def latent_factors(args, model_path: str, model, cfg) -> dict:
     """{'scaling_factor', 'shift_factor', 'source'} from the measured statistics the user pointed at."""
     shift = lambda st: st["shift_factor"] if args.shift else None  # noqa: E731
     if args.stats:
@@ -84,7 +91,7 @@ def latent_factors(args, model, cfg) -> dict:
             raise UserError(f"--data {args.data}: no decodable image to measure the latent statistics on")
         return {"scaling_factor": st["scaling_factor"], "shift_factor": shift(st),
                 "source": f"measured on {planned} samples of {args.data}"}
-    res, why = eval_beside(args.model, describe_weights(args.model, not args.no_ema))
+    res, why = eval_beside(args.model, model_path, describe_weights(model_path, not args.no_ema))
     if res is not None:
         st = res["latents"]
         return {"scaling_factor": st["scaling_factor"], "shift_factor": shift(st), "source": f"{why} ({res['samples']} samples)"}
@@ -96,11 +103,11 @@ def latent_factors(args, model, cfg) -> dict:
                     f"{cfg.model.scaling_factor:g}")
 
 
-def card_inputs(args, cfg) -> tuple[dict | None, str | None, str | None]:
+def card_inputs(args, model_path: str, cfg) -> tuple[dict | None, str | None, str | None]:
     """(trainer.json, data manifest summary, eval table) for the model card, where they exist."""
     from pipeline.export.card import data_summary
 
-    kind, folder = resolve_model_path(args.model)
+    kind, folder = resolve_model_path(model_path)
     trainer = read_trainer_state(folder) if kind == "checkpoint" else None
     data = Path(cfg.data.train) if cfg.data.train else None
     manifest = data / "manifest.json" if data and data.is_dir() else data
@@ -121,13 +128,15 @@ def main(argv=None) -> None:
         raise UserError(f"--output {out}: a single-file export is a .safetensors file")
     if out.exists() and not args.overwrite:  # before any model is loaded
         raise UserError(f"--output {out} exists; choose another name or pass --overwrite")
-    model, cfg = load_autoencoder(args.model, ema=not args.no_ema, overrides=args.overrides)
+    model_path = pin_model_path(args.model)  # resolved once: a checkpoint written meanwhile changes nothing here
+    weights = describe_weights(model_path, not args.no_ema)
+    model, cfg = load_autoencoder(model_path, ema=not args.no_ema, overrides=args.overrides)
     model = model.eval().requires_grad_(False)
-    factors = latent_factors(args, model, cfg)
+    factors = latent_factors(args, model_path, model, cfg)
     section = config_to_dict(cfg)["model"]
     cls = "VQModel" if is_vq(model) else "AutoencoderKL"
-    card = model_card(args.format, cls, str(out), f"{args.model}: {describe_weights(args.model, not args.no_ema)}", cfg,
-                      factors, *card_inputs(args, cfg))
+    card = model_card(args.format, cls, str(out), f"{args.model}: {weights}", cfg, factors,
+                      *card_inputs(args, model_path, cfg))
     with staged_output(out, args.overwrite) as tmp, torch.no_grad():
         if args.format == "diffusers":
             from pipeline.export.diffusers import save_diffusers
@@ -149,7 +158,7 @@ def main(argv=None) -> None:
         atomic_write_text(card_path, card)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     shift = f", shift_factor {factors['shift_factor']:.5g}" if factors["shift_factor"] is not None else ""
-    print(f"export: {args.format} {out} ({cls}, {params:.1f}M parameters, {describe_weights(args.model, not args.no_ema)}); "
+    print(f"export: {args.format} {out} ({cls}, {params:.1f}M parameters, {weights}); "
           f"scaling_factor {factors['scaling_factor']:.5g}{shift} from {factors['source']}; model card {card_path}; "
           f"{time.time() - start:.1f}s")
 

@@ -102,3 +102,47 @@ def test_a_node_that_fails_ends_the_job_instead_of_leaving_its_peer_waiting(tmp_
     assert r.returncode == 3 and time.time() - t0 < 30, r.stderr
     launched = [int(p) for p in pids.read_text().split()]
     assert len(launched) == 2 and not any(Path(f"/proc/{p}").exists() for p in launched)  # none left behind
+
+
+def _agree(rank: int, init_file: str, fail_on_rank0: bool, results) -> None:
+    """One rank of a two-process gloo world: each rank's own look at --model sees a different newest checkpoint."""
+    import torch.distributed as dist
+
+    import pipeline.checkpoint as ck
+    from pipeline.errors import UserError
+    from stages.common import agreed_model_path
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+
+    def pin(path):
+        if fail_on_rank0 and rank == 0:
+            raise UserError(f"--model {path}: no such file or folder")
+        return f"{path}/checkpoints/step-{100 * (rank + 1):08d}"  # rank 1 looked after a new checkpoint landed
+
+    ck.pin_model_path = pin
+    try:
+        results.put((rank, agreed_model_path("runs/vae")))
+    except UserError as e:
+        results.put((rank, f"error: {e}"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail_on_rank0", [False, True])
+def test_every_rank_loads_the_checkpoint_rank0_pinned(tmp_path, fail_on_rank0):
+    """encode and evaluate on a run folder that is still training: every rank uses rank 0's resolution of --model
+    (a checkpoint written between the ranks' start-ups would otherwise mix two models' latents in one folder), and
+    rank 0's error reaches every rank instead of leaving the others waiting."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(r, str(tmp_path / "init"), fail_on_rank0, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    want = ("error: --model runs/vae: no such file or folder" if fail_on_rank0
+            else "runs/vae/checkpoints/step-00000100")
+    assert got == {0: want, 1: want}

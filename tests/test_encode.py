@@ -153,6 +153,26 @@ def test_overwrite_replaces_and_rebuild_manifest_agrees(data, tmp_path, capsys):
     assert rebuilt["total"] == m["total"] and rebuilt["statistics"] == m["statistics"]
 
 
+def test_a_shard_encoded_by_other_weights_never_enters_the_manifest_and_a_rerun_redoes_it(data, tmp_path, capsys):
+    """Defence behind the pinned --model: a record whose identity settings differ from the folder's (another model's
+    weights) is not complete; the manifest leaves its shard out and lists it missing, the rerun encodes it again."""
+    import shutil
+
+    out = tmp_path / "lat"
+    shutil.copytree(data / "ref", out)
+    rec = out / "records" / "part-000000.json"
+    r = json.loads(rec.read_text())
+    r["settings"]["model_sha256"] = "0" * 64
+    rec.write_text(json.dumps(r))
+    encode("--output", out, "--rebuild-manifest")
+    m = read_manifest(out)
+    assert m["total"] == 23 - 6 and "part-000000.tar" not in {s["name"] for s in m["shards"]}
+    encode("--model", data / "vae", "--data", data / "shards", "--output", out, "data.resolution=32",
+           "data.num_workers=0", "encode.batch_size=4")
+    assert "6 samples from 1 shards (3 already complete)" in capsys.readouterr().out
+    assert read_manifest(out)["total"] == 23 and read_tar_samples(out) == read_tar_samples(data / "ref")
+
+
 def test_scaling_factor_gives_unit_variance_through_the_reader(data):
     m = read_manifest(data / "ref")
     st = m["statistics"]

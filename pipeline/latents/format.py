@@ -104,15 +104,21 @@ def is_complete(folder: Path, shard_name: str, settings: dict) -> bool:
         r = json.loads(rec.read_text())
     except json.JSONDecodeError:
         return False
-    return all(r.get("settings", {}).get(k) == settings.get(k) for k in IDENTITY_KEYS)
+    return same_latents(r, settings)
 
 
-def read_records(folder: Path) -> list[dict]:
-    """Records of the shards that are complete (tar present), in name order."""
+def same_latents(record: dict, settings: dict) -> bool:
+    """Whether a shard record was written with the identity settings of `settings` (same model, store, ...)."""
+    return all(record.get("settings", {}).get(k) == settings.get(k) for k in IDENTITY_KEYS)
+
+
+def read_records(folder: Path, settings: dict) -> list[dict]:
+    """Records of the shards that are complete (tar present) and encoded with `settings`, in name order: a shard
+    written with anything else (another model's weights) never enters the manifest; a rerun encodes it again."""
     out = []
     for rec in sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else []:
         r = json.loads(rec.read_text())
-        if (folder / r["name"]).is_file():
+        if (folder / r["name"]).is_file() and same_latents(r, settings):
             out.append(r)
     return out
 
@@ -187,7 +193,7 @@ def write_manifest(folder: Path, expected: list[str] | None = None, processes: i
     if not (folder / SETTINGS).is_file():
         raise UserError(f"{folder}: no {SETTINGS}; not a firststage latent folder (run firststage encode first)")
     settings = json.loads((folder / SETTINGS).read_text())
-    manifest = build_manifest(folder, settings, read_records(folder), expected, processes)
+    manifest = build_manifest(folder, settings, read_records(folder, settings), expected, processes)
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 
