@@ -159,9 +159,10 @@ def main() -> None:
           f"{o / limit:.0%} of it, encoder only {eo / limit:.0%}")
     if args.out:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+        commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or "?"
         lines = [
             f"\n## Encode throughput ({date.today().isoformat()}, {where}{cpu}, {os.cpu_count()} cores, "
-            f"torch {torch.__version__})\n",
+            f"torch {torch.__version__}, commit {commit})\n",
             f"`python benchmarks/encode.py --preset {args.preset} --resolution {args.resolution} --source {args.source} "
             f"--images {args.images} --batch {args.batch} --workers {args.workers} --repeats {args.repeats}`: every "
             f"image decoded, cropped, encoded and written; median of {args.repeats} interleaved repeats after a warm-up.\n",
