@@ -136,8 +136,8 @@ def main(argv=None) -> None:
     from stages.export import main as export
     from stages.train import run as train
 
-    n = args.photos
-    n_train, n_tiles = write_demo_images(out / "images", TRAIN[:n] if n else TRAIN, HELD_OUT[:n] if n else HELD_OUT)
+    held_out = HELD_OUT[:args.photos]  # [:None] is all of them
+    n_train, n_tiles = write_demo_images(out / "images", TRAIN[:args.photos], held_out)
     for part, size in (("train", 128), ("heldout", TILE)):
         m = prepare([str(out / "images" / part)], out / "shards" / part, PrepareOptions(size=size, shard_size=4))
         print(f"demo: prepare {part}: {m['total']} samples in {len(m['shards'])} shards ({out / 'shards' / part})")
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     res = json.loads((out / "eval" / "eval.json").read_text())
     gain = res["psnr"] - res["psnr_mean_colour"]
     verdict = (f"held-out PSNR {res['psnr']:.2f} dB vs {res['psnr_mean_colour']:.2f} dB for the mean-colour baseline "
-               f"({gain:+.2f} dB) on {res['samples']} tiles of {', '.join(HELD_OUT[:n] if n else HELD_OUT)} "
+               f"({gain:+.2f} dB) on {res['samples']} tiles of {', '.join(held_out)} "
                f"(photos never trained on)")
     table = (out / "eval" / "eval.md").read_text().split("\n\n", 2)[-1]
     atomic_write_text(out / "report.md", f"""# firststage demo

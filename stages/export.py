@@ -69,8 +69,9 @@ def eval_beside(given: str, pinned: str, weights: str) -> tuple[dict | None, str
     return None, "no eval.json beside the model"
 
 
-def latent_factors(args, model_path: str, model, cfg) -> dict:
-    """{'scaling_factor', 'shift_factor', 'source'} from the measured statistics the user pointed at."""
+def latent_factors(args, model_path: str, weights: str, model, cfg) -> dict:
+    """{'scaling_factor', 'shift_factor', 'source'} from the measured statistics the user pointed at.
+    `weights`: describe_weights of the pinned model path (an eval.json counts only if it evaluated exactly those)."""
     shift = lambda st: st["shift_factor"] if args.shift else None  # noqa: E731
     if args.stats:
         from pipeline.latents import read_manifest
@@ -91,7 +92,7 @@ def latent_factors(args, model_path: str, model, cfg) -> dict:
             raise UserError(f"--data {args.data}: no decodable image to measure the latent statistics on")
         return {"scaling_factor": st["scaling_factor"], "shift_factor": shift(st),
                 "source": f"measured on {planned} samples of {args.data}"}
-    res, why = eval_beside(args.model, model_path, describe_weights(model_path, not args.no_ema))
+    res, why = eval_beside(args.model, model_path, weights)
     if res is not None:
         st = res["latents"]
         return {"scaling_factor": st["scaling_factor"], "shift_factor": shift(st), "source": f"{why} ({res['samples']} samples)"}
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
     weights = describe_weights(model_path, not args.no_ema)
     model, cfg = load_autoencoder(model_path, ema=not args.no_ema, overrides=args.overrides)
     model = model.eval().requires_grad_(False)
-    factors = latent_factors(args, model_path, model, cfg)
+    factors = latent_factors(args, model_path, weights, model, cfg)
     section = config_to_dict(cfg)["model"]
     cls = "VQModel" if is_vq(model) else "AutoencoderKL"
     card = model_card(args.format, cls, str(out), f"{args.model}: {weights}", cfg, factors,

@@ -77,11 +77,6 @@ def displayed_size(header: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation(header) in (5, 6, 7, 8) else (w, h)
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientation applied), from the header alone. Raises BadImage."""
-    return displayed_size(read_header(data))
-
-
 def open_image(data: bytes, min_shorter_side: int | None = None, max_pixels: int = MAX_PIXELS,
                header: Image.Image | None = None) -> Image.Image:
     """Decode bytes to an upright 8-bit RGB image, at reduced JPEG scale when the shorter side can stay >=
