@@ -1,0 +1,32 @@
+"""Where outputs live, and the one way they are written: exactly once, never half.
+
+Two layers:
+  * a small storage interface (pipeline.storage.base.Storage): read, write an object whole, upload a finished local
+    file whole, create-only, list, delete. The local filesystem (pipeline.storage.local) is one implementation; an
+    object store (s3://) is another, registered by scheme in `BACKENDS`, without touching the stages.
+  * the commit protocol (pipeline.storage.commit.Unit) written against it: a unit of output (an image shard, a latent
+    shard, a checkpoint, an export) is its payload files, each appearing whole under its final name, and then a
+    completion record. A unit counts as done only when its record exists, so a run killed at any moment is finished
+    by running it again: done units are skipped, the rest redone, nothing doubled.
+
+Folder locks (pipeline.storage.lock.FolderLock) use the same interface's create-only write. Every path is a string
+or Path as the user gave it; `storage_for(path)` picks the backend by URL scheme and refuses an unknown one in one
+line (a URL is never taken for a local folder name).
+"""
+
+from pipeline.storage.base import BACKENDS, Storage, is_url, storage_for  # noqa: F401
+from pipeline.storage.commit import Unit  # noqa: F401
+from pipeline.storage.local import (  # noqa: F401
+    LocalStorage,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    disk_full_as_oserror,
+    no_space_message,
+    read_json,
+    remove_stale_temporaries,
+    respect_umask,
+    staged_output,
+    temporary_name,
+)
+from pipeline.storage.lock import FolderLock  # noqa: F401

@@ -1,0 +1,99 @@
+"""The storage interface: what the commit protocol, manifests and locks need of a place that holds files.
+
+Every method takes a full path (a local path, or a URL of the backend's scheme). The guarantees each backend gives:
+  * write_bytes / put_file: the object appears under its name whole or not at all (local: temporary name, fsync,
+    rename; object store: one upload, multipart aborted on failure).
+  * create: create-only; False, and nothing written, when the name exists (local: a hard link of a complete
+    temporary file, which fails on an existing name; object store: If-None-Match: *).
+  * read_versioned / replace_if: compare-and-swap of a small object (a lock's lease): the replacement is written only
+    if the object is still the version that was read.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.errors import UserError
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class Storage(ABC):
+    """Files by full path. Implementations: LocalStorage (pipeline.storage.local); object stores by URL scheme."""
+
+    @abstractmethod
+    def read_bytes(self, path: str) -> bytes:
+        """The whole object; FileNotFoundError when absent."""
+
+    @abstractmethod
+    def open_read(self, path: str) -> BinaryIO:
+        """A binary stream of the object (shards are read this way, member by member)."""
+
+    @abstractmethod
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write (or replace) the object whole: readers see the old one or the new one, never part of either."""
+
+    @abstractmethod
+    def put_file(self, path: str, local: Path) -> None:
+        """Make the finished local file `local` the object `path`, whole; `local` is consumed (moved or deleted)."""
+
+    @abstractmethod
+    def create(self, path: str, data: bytes) -> bool:
+        """Create-only write: True if this call created the object; False (nothing written) if it existed."""
+
+    @abstractmethod
+    def read_versioned(self, path: str) -> tuple[bytes, object] | None:
+        """(content, version) of a small object, or None when absent; the version is what replace_if compares."""
+
+    @abstractmethod
+    def replace_if(self, path: str, data: bytes, version: object) -> bool:
+        """Replace the object only if it is still `version`; True if replaced."""
+
+    @abstractmethod
+    def exists(self, path: str) -> bool:
+        """Whether an object (or, locally, a file) of this name exists."""
+
+    @abstractmethod
+    def list(self, folder: str, suffix: str = "") -> list[str]:
+        """Full paths of the objects directly in `folder` whose names end with `suffix`, sorted."""
+
+    @abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove the object; no error when it is absent."""
+
+    @abstractmethod
+    def staging_file(self, path: str) -> Path:
+        """A local file, unique to this call, into which the payload of `path` is written before put_file."""
+
+    @abstractmethod
+    def ensure_folder(self, folder: str) -> None:
+        """Make `folder` exist where folders exist (locally); nothing on an object store."""
+
+    @abstractmethod
+    def join(self, folder: str, *names: str) -> str:
+        """`folder`/`name`/... in this backend's syntax."""
+
+
+BACKENDS: dict[str, type] = {}  # URL scheme -> Storage class; the local filesystem serves paths without a scheme
+_INSTANCES: dict[str, Storage] = {}
+
+
+def is_url(path) -> bool:
+    return bool(_SCHEME.match(str(path)))
+
+
+def storage_for(path) -> Storage:
+    """The backend that holds `path`: the local filesystem for a path without a scheme (or file://), the registered
+    backend of a URL's scheme, else one line naming the scheme (a URL is never taken for a local folder name)."""
+    m = _SCHEME.match(str(path))
+    scheme = m.group(1).lower() if m else "file"
+    if scheme not in _INSTANCES:
+        if scheme not in BACKENDS:
+            known = ", ".join(f"{s}://" for s in sorted(BACKENDS) if s != "file")
+            raise UserError(f"{path}: unsupported URL scheme {scheme}:// (firststage reads and writes local paths"
+                            f"{' and ' + known if known else ''})")
+        _INSTANCES[scheme] = BACKENDS[scheme]()
+    return _INSTANCES[scheme]

@@ -1,0 +1,81 @@
+"""The commit protocol: one way to write a unit of output exactly once.
+
+A unit (an image shard, a latent shard, a checkpoint, an export) is one or more payload files and a completion
+record (a small JSON object). Writing it:
+  1. stage: each payload is written into a local staging file (`Unit.staging`), or put whole (`Unit.put`);
+  2. commit: each staged payload is moved (uploaded) whole under its final name, then the record is created.
+A unit counts as done only when its record exists (and its payloads do): a run killed before the record leaves a
+unit that is not done, whose payloads a rerun overwrites; a run killed after it leaves a done unit, which a rerun
+skips. So running the same command again after a kill at any moment finishes the job with every unit exactly once.
+
+The record is created create-only: when two runs race on one unit (a whole-job run beside a `--part` run), the
+second finds it done and its commit returns False. Replacing a done unit (a checkpoint saved again at the same
+step, `--overwrite`) first undoes it: the record goes first, so the unit stops counting as done before any payload
+is removed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.storage.base import storage_for
+from pipeline.storage.local import json_bytes
+
+
+class Unit:
+    """`record`: the completion record's path; `payloads`: the paths of the unit's files (all on one backend)."""
+
+    def __init__(self, record: str | Path, payloads=()):
+        self.record = str(record)
+        self.payloads = [str(p) for p in payloads]
+        self.store = storage_for(self.record)
+        self._staged: dict[str, Path] = {}
+
+    def done(self) -> bool:
+        return self.store.exists(self.record) and all(self.store.exists(p) for p in self.payloads)
+
+    def read_record(self) -> dict | None:
+        """The record of a done unit, or None (not done, or a record that is not JSON: not done either)."""
+        if not self.done():
+            return None
+        try:
+            record = json.loads(self.store.read_bytes(self.record))
+        except (FileNotFoundError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def staging(self, payload: str | Path) -> Path:
+        """A local file to write `payload` into; commit() moves it under its final name."""
+        payload = str(payload)
+        if payload not in self.payloads:
+            self.payloads.append(payload)
+        self._staged[payload] = self.store.staging_file(payload)
+        return self._staged[payload]
+
+    def put(self, payload: str | Path, data: bytes) -> None:
+        """Write one payload whole, now (its record still decides whether the unit is done)."""
+        payload = str(payload)
+        if payload not in self.payloads:
+            self.payloads.append(payload)
+        self.store.write_bytes(payload, data)
+
+    def commit(self, record: dict) -> bool:
+        """Move every staged payload under its final name, then create the record. False when the record already
+        existed (another run committed this unit first; its payloads are the ones that count)."""
+        for payload, local in list(self._staged.items()):
+            self.store.put_file(payload, local)
+            del self._staged[payload]
+        return self.store.create(self.record, json_bytes(record))
+
+    def discard(self) -> None:
+        """Drop the staging files of an unfinished unit (a failed or interrupted write)."""
+        for local in self._staged.values():
+            local.unlink(missing_ok=True)
+        self._staged.clear()
+
+    def undo(self) -> None:
+        """Un-commit: delete the record first (the unit stops counting as done), then the payloads."""
+        self.store.delete(self.record)
+        for p in self.payloads:
+            self.store.delete(p)

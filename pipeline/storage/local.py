@@ -1,0 +1,238 @@
+"""The local filesystem as storage (also NFS, Lustre, GPFS): temporary name, fsync, rename.
+
+A file under its final name is always complete: every write goes to a temporary name in the same folder (so the
+rename is atomic), unique to the writer (two writers of one file never share one), and is renamed when complete.
+The module-level helpers (atomic_write_json, read_json, ...) take any path and go through `storage_for`, so they
+serve every backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.errors import UserError
+from pipeline.storage.base import BACKENDS, Storage, storage_for
+
+
+def _local(path) -> Path:
+    p = str(path)
+    return Path(p[len("file://"):] if p.startswith("file://") else p)
+
+
+def temporary_name(path: str | Path, unique: bool = True) -> Path:
+    """`.NAME.<tag>.tmp` in the same folder (same filesystem, so the rename is atomic); the tag (pid and random)
+    keeps two writers of one file apart. `unique=False`: `.NAME.tmp`."""
+    path = _local(path)
+    tag = f".{os.getpid()}-{secrets.token_hex(3)}" if unique else ""
+    return path.with_name(f".{path.name}{tag}.tmp")
+
+
+class LocalStorage(Storage):
+    def read_bytes(self, path) -> bytes:
+        return _local(path).read_bytes()
+
+    def open_read(self, path) -> BinaryIO:
+        return open(_local(path), "rb")
+
+    def _write_temporary(self, path: Path, data: bytes) -> Path:
+        tmp = temporary_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def write_bytes(self, path, data: bytes) -> None:
+        path = _local(path)
+        tmp = self._write_temporary(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def put_file(self, path, local: Path) -> None:
+        os.replace(local, _local(path))  # staging_file lies beside `path`: same filesystem
+
+    def create(self, path, data: bytes) -> bool:
+        path = _local(path)
+        tmp = self._write_temporary(path, data)
+        try:
+            os.link(tmp, path)  # fails on an existing name; the content is complete before the name appears
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:  # a filesystem without hard links: exclusive create, then write
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_versioned(self, path):
+        try:
+            data = _local(path).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, data
+
+    def replace_if(self, path, data: bytes, version) -> bool:
+        """Compare-and-swap under a short exclusive guard file (`.NAME.swap`): only one process at a time compares and
+        replaces, so two processes that read the same version cannot both win."""
+        path = _local(path)
+        guard = path.with_name(f".{path.name}.swap")
+        if not self.create(guard, str(os.getpid()).encode()):
+            return False  # someone else is swapping this very moment: they win
+        try:
+            current = self.read_versioned(path)
+            if current is None or current[1] != version:
+                return False
+            self.write_bytes(path, data)
+            return True
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def exists(self, path) -> bool:
+        return _local(path).is_file()
+
+    def list(self, folder, suffix: str = "") -> list[str]:
+        root = _local(folder)
+        if not root.is_dir():
+            return []
+        return sorted(str(p) for p in root.iterdir() if p.is_file() and p.name.endswith(suffix)
+                      and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+    def delete(self, path) -> None:
+        _local(path).unlink(missing_ok=True)
+
+    def staging_file(self, path) -> Path:
+        path = _local(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return temporary_name(path)
+
+    def ensure_folder(self, folder) -> None:
+        _local(folder).mkdir(parents=True, exist_ok=True)
+
+    def join(self, folder, *names: str) -> str:
+        return str(_local(folder).joinpath(*names))
+
+
+BACKENDS["file"] = LocalStorage
+
+
+# ------------------------------------------------------------------------------- helpers that take any path
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """The object under `path`, whole: readers never see a half file."""
+    storage_for(path).write_bytes(str(path), data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode("utf-8")
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    """A JSON object from `path`, or a UserError of one line (missing, not JSON, not an object)."""
+    try:
+        data = json.loads(storage_for(path).read_bytes(str(path)))
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a firststage {what} (not a JSON object)")
+    return data
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete `.NAME*.tmp` leftovers of a killed run in a local `folder`; returns how many."""
+    n = 0
+    for p in _local(folder).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+@contextlib.contextmanager
+def staged_output(path: str | Path, overwrite: bool = False, what: str = "--output"):
+    """Write a file or folder under a temporary name beside `path` and rename it when the block succeeds: the final
+    name only ever holds a complete result. An existing `path` is refused unless `overwrite` (then replaced)."""
+    path = _local(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{what} {path} exists; choose another name or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        for f in ([tmp] if tmp.is_file() else [q for q in tmp.rglob("*") if q.is_file()]):
+            respect_umask(f)
+        if path.exists():
+            _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def no_space_message(path: str | Path, err: OSError) -> str | None:
+    """One line for a full disk or quota (ENOSPC, EDQUOT), naming the folder and the space left; None otherwise."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    folder = _local(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free / 2**20
+    return (f"no space left on the device of {folder} ({free:.0f} MiB free) while writing {err.filename or path}; "
+            f"free space or choose another output folder, then run the same command again (nothing is lost)")
+
+
+@contextlib.contextmanager
+def disk_full_as_oserror(path: str | Path, min_free: int = 64 * 2**20):
+    """torch.save and safetensors report a full disk in their own words (`unexpected pos 3166080 vs 3165968`): when
+    a write fails and the device is (nearly) full, raise it as the ENOSPC it is."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        folder = _local(path).parent
+        if folder.exists() and shutil.disk_usage(folder).free < min_free:
+            raise OSError(errno.ENOSPC, f"no space left ({type(e).__name__})", str(path)) from None
+        raise
+
+
+def respect_umask(path: str | Path) -> None:
+    """Give a file the permissions the umask allows (safetensors writes 0600; a shared cluster folder needs 0644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -1,0 +1,87 @@
+"""Folder locks: one run per output folder (or per `--part` of one).
+
+The lock is a small object created create-only, holding host, pid, start time and command, so a second run is
+refused with one line naming the holder. A lock left by a dead process on the same host is taken over by a
+compare-and-swap of exactly the stale content, so two processes that find the same stale lock cannot both take it.
+From another host a holder's liveness cannot be checked: the message names the file to remove once that run is
+known to be gone. Only stages take locks; the library's writers assume the stage holds one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.storage.base import storage_for
+
+
+class FolderLock:
+    def __init__(self, folder: str | Path, name: str = ".lock", what: str = "output folder"):
+        self.store = storage_for(folder)
+        self.path = self.store.join(str(folder), name)
+        self.folder, self.what, self.held = str(folder), what, False
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "command": " ".join(sys.argv)[:500], "token": os.urandom(8).hex()}
+
+    def acquire(self) -> "FolderLock":
+        self.store.ensure_folder(self.folder)
+        mine = json.dumps(self.me).encode()
+        for _ in range(5):
+            if self.store.create(self.path, mine):
+                return self._held()
+            found = self.store.read_versioned(self.path)
+            if found is None:  # released meanwhile: try again
+                continue
+            content, version = found
+            holder = self._parse(content)
+            if holder is not None and not self._stale(holder):
+                raise UserError(f"{self.what} {self.folder} is in use by pid {holder.get('pid')} on "
+                                f"{holder.get('host')} since {holder.get('started')} ({self.path}); wait for it to "
+                                f"end, or remove that file if the run is gone")
+            if self.store.replace_if(self.path, mine, version):  # a dead run's (or unreadable) lock: take it over
+                return self._held()
+            time.sleep(0.01)  # another process took it over first: look again
+        raise UserError(f"{self.what} {self.folder}: could not take the lock {self.path}")
+
+    def _held(self) -> "FolderLock":
+        self.held = True
+        atexit.register(self.release)
+        return self
+
+    @staticmethod
+    def _parse(content: bytes) -> dict | None:
+        try:
+            holder = json.loads(content)
+        except ValueError:
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") != self.me["host"]:
+            return False
+        try:
+            os.kill(int(holder.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError, TypeError):
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            found = self.store.read_versioned(self.path)
+            if found is not None and self._parse(found[0]) == self.me:
+                self.store.delete(self.path)
+        self.held = False
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *_) -> None:
+        self.release()
