@@ -10,7 +10,7 @@ One step is the full GAN-phase step: autoencoder forward and backward, LPIPS, th
 adaptive weight, the discriminator's own step, both AdamW updates and the EMA. The GAN is switched on from step 0
 and LPIPS uses a randomly initialised VGG (its speed does not depend on the weights; GPU nodes are often offline).
 
-firststage: `stages.trainer.build` from the preset, then exactly what fit() runs per step (`train_step`,
+firststage: `pipeline.train.trainer.Trainer` from the preset, then exactly what fit() runs per step (`train_step`,
 `apply_or_skip`, `advance`), minus the data loader (the same pre-decoded uint8 batches feed both paths; the loader
 has its own benchmark). Naive: the LDM recipe as it is usually reimplemented: fp32 (torch's default TF32 flags), no
 channels_last, LPIPS and the discriminator as plain modules, the adaptive weight from two autograd.grad calls and a
@@ -64,27 +64,26 @@ def set_tf32(on: bool) -> None:
 
 # --------------------------------------------------------------------------------------------------- paths
 class Ours:
-    """The trainer's step, built by stages.trainer.build from the preset plus overrides."""
+    """The trainer's step: pipeline.train.trainer.Trainer from the preset plus overrides."""
 
     def __init__(self, name: str, overrides: list[str], base: list[str]):
-        from stages.trainer import build
+        from pipeline.train.trainer import Trainer
+        from stages.train import make_accelerator
 
         self.name = name
         self.cfg = load_config(base[0], base[1:] + overrides)
         self.batch = self.cfg.train.batch_size
         torch.manual_seed(0)
-        self.tr = build(self.cfg, None)
+        self.tr = Trainer(self.cfg, make_accelerator(self.cfg))
         self.device = self.tr.accelerator.device
 
     def step(self, images: torch.Tensor) -> None:
-        from stages.trainer import advance, apply_or_skip, train_step
-
         set_tf32(self.cfg.train.tf32)
-        _, bad, bad_loss = train_step(self.tr, images)
-        stepped, _, _ = apply_or_skip(self.tr, bad, bad_loss, False)
+        _, bad, bad_loss = self.tr.train_step(images)
+        stepped, _, _ = self.tr.apply_or_skip(bad, bad_loss, False)
         if not stepped:
             raise RuntimeError(f"{self.name}: non-finite step in the benchmark")
-        advance(self.tr)
+        self.tr.advance()
 
 
 class Naive:

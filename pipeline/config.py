@@ -97,12 +97,8 @@ class ModelConfig:
 
     @property
     def downsampling_factor(self) -> int:
-        return downsampling_factor(self.block_out_channels)
-
-
-def downsampling_factor(block_out_channels) -> int:
-    """Spatial downsampling of an AutoencoderKL / VQModel: one 2x step between consecutive levels."""
-    return 2 ** (len(block_out_channels) - 1)
+        """Spatial downsampling of the model this section builds: one 2x step between consecutive levels."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------- loss
@@ -451,7 +447,7 @@ def config_to_dict(cfg) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every key, defaults included) so a run is reproducible from its folder."""
-    from pipeline.io import atomic_write_text
+    from pipeline.storage import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,78 +1,48 @@
-"""What every stage shares: config arguments, one-line user errors, and the rank logic (print once, all-reduce)."""
+"""What every stage shares: config arguments, one-line user errors, exit codes, SIGTERM, the thread policy.
+
+Exit codes: 0 done, 2 a user error (one line on stderr), 3 training diverged, 74 a full disk, 75 preempted (SIGTERM:
+what was complete is kept; run the same command again, which SLURM requeue scripts do on 75), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
-import os
+import signal
 import sys
+import threading
 
-from pipeline.errors import ConfigError, UserError
-from pipeline.io import no_space_message
+from pipeline.errors import ConfigError, Diverged, UserError
+from pipeline.storage import no_space_message
 
-
-def is_main_process() -> bool:
-    """Global rank 0 (RANK unset or 0), also before any process group exists."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+EXIT_USER = 2
+EXIT_DIVERGED = 3
+EXIT_IOERR = 74  # EX_IOERR
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", what SLURM requeue scripts look for
+EXIT_INTERRUPTED = 130
 
 
-def print0(*args, **kwargs) -> None:
-    """Print once per job (global rank 0), not once per process; above a tqdm bar when one is running."""
-    if is_main_process():
-        from tqdm import tqdm
+def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
+    """`--model` pinned once for the whole job (pipeline.weights.resolve_weights on the main process, handed to every
+    rank): ranks that start a moment apart around a new checkpoint cannot load different weights. A bad path is the
+    same one-line error on every rank, naming the flag."""
+    from pipeline.distributed import decided_by_main
+    from pipeline.weights import resolve_weights
 
-        file = kwargs.pop("file", sys.stdout)
-        tqdm.write(" ".join(str(a) for a in args), file=file, **kwargs)
-        file.flush()
-
-
-def all_reduce(tensors: list, op: str = "sum", device=None) -> list:
-    """Reduce a list of tensors across all processes in one flat all-reduce (sum, mean or max); returns new
-    tensors on their original devices. Identity in a single process."""
-    import torch
-    import torch.distributed as dist
-
-    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [t.clone() for t in tensors]
-    device = device or tensors[0].device
-    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64 if t.dtype == torch.float64 else torch.float32)
-                      for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    if op == "mean":
-        flat /= dist.get_world_size()
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view_as(t).to(t.device, t.dtype))
-        offset += t.numel()
-    return out
+    with flag_named(flag):
+        return decided_by_main(lambda: resolve_weights(path, ema))
 
 
-def agreed_model_path(path: str) -> str:
-    """`--model` pinned once for the whole job (pipeline.checkpoint.pin_model_path): the main process resolves it
-    and every rank loads that, so ranks that start a moment apart around a new checkpoint cannot load different
-    weights. A bad path is the same one-line error on every rank, never a rank left waiting."""
-    import torch.distributed as dist
-
-    from pipeline.checkpoint import pin_model_path
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return pin_model_path(path)
-    box: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [("path", pin_model_path(path))]
-        except UserError as e:
-            box = [("error", str(e))]
-    dist.broadcast_object_list(box, src=0)  # a path string or a message, from our own rank 0
-    what, value = box[0]
-    if what == "error":
-        raise UserError(value)
-    return value
+@contextlib.contextmanager
+def flag_named(flag: str | None):
+    """A library error about the value of a flag (a path, a part) gets the flag's name in front (None: as it is)."""
+    try:
+        yield
+    except UserError as e:
+        if flag is None:
+            raise
+        raise type(e)(f"{flag} {e}") from None
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -136,18 +106,21 @@ def stage_main(fn):
         apply_thread_policy()
         try:
             return fn(argv)
+        except Diverged as e:
+            print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_DIVERGED) from None
         except UserError as e:
             print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            raise SystemExit(EXIT_USER) from None
         except OSError as e:  # a full disk is one line naming the folder, not a traceback
             msg = no_space_message(e.filename or ".", e)
             if msg is None:
                 raise
             print(f"firststage {prog}: error: {msg}", file=sys.stderr, flush=True)
-            raise SystemExit(74) from None  # EX_IOERR
+            raise SystemExit(EXIT_IOERR) from None
         except KeyboardInterrupt:
             print(f"firststage {prog}: interrupted", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+            raise SystemExit(EXIT_INTERRUPTED) from None
 
     return wrapper
 
@@ -161,3 +134,28 @@ def apply_thread_policy() -> int:
     if stages.THREADS and torch.get_num_threads() != stages.THREADS:  # 0: FIRSTSTAGE_THREADS=torch
         torch.set_num_threads(stages.THREADS)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def sigterm_sets(stop: threading.Event, grace=None, on_timeout=None):
+    """While the block runs, SIGTERM (SLURM preemption) sets `stop` instead of killing the process: the stage
+    finishes its unit of work, keeps what is complete and exits EXIT_PREEMPTED. Installed first, so a SIGTERM during
+    start-up is not lost. With `grace` (seconds, read when the signal comes), if the stage has not stopped by then
+    (a stuck data loader), `on_timeout(seconds)` runs. The previous handler comes back afterwards."""
+    watchdog: list[threading.Timer] = []
+
+    def on_sigterm(*_):
+        stop.set()
+        if grace is not None and not watchdog:
+            seconds = grace()
+            watchdog.append(threading.Timer(seconds, on_timeout, args=(seconds,)))
+            watchdog[0].daemon = True
+            watchdog[0].start()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for timer in watchdog:
+            timer.cancel()

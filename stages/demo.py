@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_text
+from pipeline.storage import atomic_write_bytes, atomic_write_text
 from stages.common import stage_main
 
 # real photographs in scikit-image's package data (grey ones as RGB): 14 to train on, 2 held out whole
@@ -107,8 +107,8 @@ def decode_one_latent(export: Path, latents: Path, out: Path) -> str:
     import torch
     from diffusers import AutoencoderKL
 
-    from pipeline.data.loader import to_uint8
     from pipeline.latents import LatentDataset
+    from pipeline.pixels import to_uint8
 
     vae = AutoencoderKL.from_pretrained(export).eval()
     sample = next(iter(LatentDataset(latents, mode="eval", scale=False, sample=False)))
@@ -130,16 +130,17 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out = Path(args.output)
     start = time.time()
-    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.data.prepare import PrepareOptions
     from stages.encode import main as encode
     from stages.evaluate import main as evaluate
     from stages.export import main as export
+    from stages.prepare import locked_prepare
     from stages.train import run as train
 
     held_out = HELD_OUT[:args.photos]  # [:None] is all of them
     n_train, n_tiles = write_demo_images(out / "images", TRAIN[:args.photos], held_out)
     for part, size in (("train", 128), ("heldout", TILE)):
-        m = prepare([str(out / "images" / part)], out / "shards" / part, PrepareOptions(size=size, shard_size=4))
+        m = locked_prepare([str(out / "images" / part)], str(out / "shards" / part), PrepareOptions(size=size, shard_size=4))
         print(f"demo: prepare {part}: {m['total']} samples in {len(m['shards'])} shards ({out / 'shards' / part})")
     steps = [f"train.max_steps={args.steps}", f"train.log_every={max(1, min(10, args.steps))}"] if args.steps else []
     tr = train(["--config", "tiny", f"data.train={out / 'shards' / 'train'}", f"data.val={out / 'shards' / 'heldout'}",

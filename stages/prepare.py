@@ -14,10 +14,11 @@ from dataclasses import asdict
 from tqdm import tqdm
 
 from pipeline.config import load_config
-from pipeline.data.prepare import PrepareOptions, parse_part, prepare, summarize_skips
-from pipeline.data.shards import merge_manifests
+from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.errors import UserError
-from stages.common import add_alias_flags, add_config_args, alias_overrides, flags_named, stage_main
+from pipeline.manifest import merge_manifests, parse_part, part_name, summarize_skips
+from pipeline.storage import FolderLock
+from stages.common import add_alias_flags, add_config_args, alias_overrides, flag_named, flags_named, stage_main
 
 
 # flags that are aliases of `prepare.*` config keys (the schema checks them); `--config` and key=value work too
@@ -53,10 +54,22 @@ def options(args) -> PrepareOptions:
     """The prepare section of --config and key=value overrides, with the flags (aliases) applied last."""
     with flags_named(ALIASES):
         cfg = load_config(args.config, args.overrides + alias_overrides(args, ALIASES)).prepare
-        part, num_parts = parse_part(args.part)
+        with flag_named("--part"):
+            part, num_parts = parse_part(args.part)
         opts = PrepareOptions(**asdict(cfg), part=part, num_parts=num_parts)
         opts.check()
     return opts
+
+
+def locked_prepare(inputs: list[str], output: str, opts: PrepareOptions, progress=None, overwrite: bool = False) -> dict:
+    """pipeline.data.prepare.prepare with the output folder locked (per part): a second run is refused naming the
+    first."""
+    from pathlib import Path
+
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UserError(f"--output {output} is a file, not a folder")
+    with FolderLock(output, part_name(".lock", opts.part, opts.num_parts), what="--output"), flag_named("--output"):
+        return prepare(inputs, output, opts, progress=progress, overwrite=overwrite)
 
 
 @stage_main
@@ -72,7 +85,7 @@ def main(argv=None) -> None:
     opts = options(args)
     start = time.time()
     bar = tqdm(desc="prepare", unit="shard", leave=False, disable=None)
-    manifest = prepare(args.input, args.output, opts, progress=lambda r: bar.update(1), overwrite=args.overwrite)
+    manifest = locked_prepare(args.input, args.output, opts, progress=lambda r: bar.update(1), overwrite=args.overwrite)
     bar.close()
     skipped = manifest["skipped_count"]
     why = f" ({summarize_skips(manifest['skipped'])}; listed in the manifest)" if skipped else ""

@@ -4,27 +4,25 @@
   accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m stages.train --config kl-f8 ...
   firststage train --config kl-f8 ... --resume auto          # after a crash or a preemption
 
-This module is the command line: arguments, the SIGTERM handler, the summary line and the exit codes. The trainer
-itself (build, fit, train_step and the periodic duties) is stages/trainer.py. Exit codes: 0 done, 2 user error,
-3 diverged (too many NaN/Inf steps in a row), 75 preempted (SIGTERM, also during start-up: whatever was complete is
-saved; run again with --resume auto).
+This module is the command line: arguments, the Accelerator, the SIGTERM handler, the folder lock, the summary line
+and the exit codes. The trainer itself is pipeline.train.trainer. Exit codes: 0 done, 2 user error, 3 diverged (too
+many NaN/Inf steps in a row), 75 preempted (SIGTERM, also during start-up: whatever was complete is saved; run again
+with --resume auto).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import signal
 import sys
 import threading
 
 from pipeline.config import config_to_dict, load_config, save_config
-from pipeline.errors import Diverged
-from pipeline.io import FolderLock
-from stages.common import add_config_args, is_main_process, print0, stage_main
-
-EXIT_DIVERGED = 3
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", what SLURM requeue scripts look for
+from pipeline.distributed import is_main_process, print0
+from pipeline.errors import UserError
+from pipeline.storage import FolderLock
+from stages.common import EXIT_PREEMPTED, add_config_args, flag_named, resolve_mixed_precision, sigterm_sets, stage_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,24 +34,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def make_accelerator(cfg):
+    """The one Accelerator of a run: mixed precision, gradient accumulation, trackers, DDP."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    log_with = None if cfg.train.tracker == "none" else cfg.train.tracker
+    if log_with == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("train.tracker=wandb but wandb is not installed (pip install wandb), or use tensorboard") from None
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
+        cpu=not torch.cuda.is_available(),
+    )
+
+
 def run(argv=None):
     """Train as the command line says; returns the Trainer. The SIGTERM handler is installed before anything else
-    (a SIGTERM during start-up is not lost) and the previous one restored on the way out; the output folder is
-    locked for the run (on the main process)."""
-    stop = threading.Event()
-    watchdog: list[threading.Timer] = []
-
-    def on_sigterm(*_):
-        # finish the step, save, exit 75; if no step boundary comes (a stuck loader), exit 75 anyway after the grace
-        stop.set()
-        if not watchdog:
-            watchdog.append(threading.Timer(grace[0], _exit_preempted, args=(grace[0],)))
-            watchdog[0].daemon = True
-            watchdog[0].start()
-
-    grace = [100.0]
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
+    and the previous one restored on the way out; the output folder is locked for the run (on the main process)."""
+    stop, grace = threading.Event(), [100.0]
+    with sigterm_sets(stop, lambda: grace[0], _exit_preempted):  # finish the step, save, exit 75
         args = build_parser().parse_intermixed_args(argv)  # key=value may follow --resume
         cfg = load_config(args.config, args.overrides)  # validated before the heavy imports: a typo costs < 1 s
         grace[0] = cfg.train.sigterm_grace
@@ -61,10 +68,6 @@ def run(argv=None):
             return _run(args, cfg, stop)
         with FolderLock(cfg.output_dir, what="output_dir"):
             return _run(args, cfg, stop)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for timer in watchdog:
-            timer.cancel()
 
 
 def _exit_preempted(grace: float) -> None:
@@ -74,10 +77,11 @@ def _exit_preempted(grace: float) -> None:
 
 
 def _run(args, cfg, stop: threading.Event):
-    from stages.trainer import build, fit
+    from pipeline.train.trainer import Trainer
 
-    tr = build(cfg, args.resume)
-    acc = tr.accelerator
+    acc = make_accelerator(cfg)
+    with flag_named("--resume") if args.resume not in (None, "auto") else contextlib.nullcontext():
+        tr = Trainer(cfg, acc, args.resume)
     if acc.is_main_process:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, tr.run_dir / "config.yaml")
@@ -87,7 +91,7 @@ def _run(args, cfg, stop: threading.Event):
     print0(f"train: {cfg.model.kind.upper()} autoencoder, {params:.1f}M parameters, {acc.num_processes} process(es) "
            f"on {acc.device}, mixed precision {acc.mixed_precision}, from step {start_step} to {cfg.train.max_steps}")
     try:
-        st = fit(tr, stop)
+        st = tr.fit(stop)
     finally:
         for tracker in acc.trackers:  # not end_training(): the process group stays for stages run after this one
             tracker.finish()
@@ -114,12 +118,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 @stage_main
 def main(argv=None) -> None:
-    try:
-        tr = run(argv)
-        tr.accelerator.state.destroy_process_group()
-    except Diverged as e:
-        print(f"firststage train: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_DIVERGED) from None
+    tr = run(argv)
+    tr.accelerator.state.destroy_process_group()
 
 
 if __name__ == "__main__":

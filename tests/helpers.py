@@ -226,3 +226,10 @@ def readme_commands() -> list[tuple[str, str]]:
         elif current is not None:
             current.append(line)
     return out
+
+
+def load_model(path, ema: bool = True, overrides: list[str] | None = None):
+    """(model, Config) of any weights format, as evaluate / encode / export load them."""
+    from pipeline.weights import resolve_weights
+
+    return resolve_weights(path, ema).load(overrides)

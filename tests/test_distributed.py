@@ -108,20 +108,21 @@ def _agree(rank: int, init_file: str, fail_on_rank0: bool, results) -> None:
     """One rank of a two-process gloo world: each rank's own look at --model sees a different newest checkpoint."""
     import torch.distributed as dist
 
-    import pipeline.checkpoint as ck
+    import pipeline.weights as weights
     from pipeline.errors import UserError
-    from stages.common import agreed_model_path
+    from stages.common import pinned_weights
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
 
-    def pin(path):
+    def pin(path, ema=True):
         if fail_on_rank0 and rank == 0:
-            raise UserError(f"--model {path}: no such file or folder")
-        return f"{path}/checkpoints/step-{100 * (rank + 1):08d}"  # rank 1 looked after a new checkpoint landed
+            raise UserError(f"{path}: no such file or folder")
+        # rank 1 looked after a new checkpoint landed
+        return weights.Weights(path, "checkpoint", f"{path}/checkpoints/step-{100 * (rank + 1):08d}", ema)
 
-    ck.pin_model_path = pin
+    weights.resolve_weights = pin
     try:
-        results.put((rank, agreed_model_path("runs/vae")))
+        results.put((rank, pinned_weights("runs/vae").path))
     except UserError as e:
         results.put((rank, f"error: {e}"))
     dist.destroy_process_group()

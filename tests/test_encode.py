@@ -13,8 +13,9 @@ from safetensors.torch import load as load_safetensors
 
 from helpers import ForkedStage, image_bytes, random_image, read_tar_samples, run_main, write_tar
 from pipeline.config import load_config
-from pipeline.export.diffusers import save_diffusers
-from pipeline.latents import LatentDataset, read_manifest
+from pipeline.weights.diffusers import save as save_diffusers
+from pipeline.latents import LatentDataset
+from pipeline.manifest import read_manifest
 from pipeline.models import build_autoencoder
 
 
@@ -82,7 +83,7 @@ def test_stored_means_decode_to_the_models_own_reconstructions(data):
     from diffusers import AutoencoderKL
 
     from pipeline.data.images import crop_to
-    from pipeline.data.loader import to_model_input
+    from pipeline.pixels import to_model_input
 
     vae = AutoencoderKL.from_pretrained(data / "vae").eval()
     with tarfile.open(data / "shards" / "part-000003.tar") as tf:
@@ -202,15 +203,16 @@ def test_flip_and_sample_store_and_train_mode_reader(data, tmp_path):
 
 
 def test_non_finite_latents_are_not_written_but_listed(data, tmp_path, monkeypatch, capsys):
-    import pipeline.latents.encoder as enc
+    from pipeline.models.autoencoder import KLFamily
 
-    real = enc.encode_moments
+    real = KLFamily.encode
 
-    def poisoned(model, x):
-        mean, logvar = real(model, x)
-        return mean.index_fill(0, torch.tensor([0]), float("nan")), logvar  # the first image of every batch
+    def poisoned(self, model, x):
+        lat = real(self, model, x)
+        lat.mean = lat.mean.index_fill(0, torch.tensor([0]), float("nan"))  # the first image of every batch
+        return lat
 
-    monkeypatch.setattr(enc, "encode_moments", poisoned)
+    monkeypatch.setattr(KLFamily, "encode", poisoned)
     encode("--model", data / "vae", "--data", data / "shards", "--output", tmp_path / "lat", "data.resolution=32",
            "data.num_workers=0", "encode.batch_size=4")
     m = read_manifest(tmp_path / "lat")

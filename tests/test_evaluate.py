@@ -112,10 +112,11 @@ def test_vq_model_reports_codebook(trained, tmp_path):
     evaluate("--model", tmp_path / "vq", "--data", trained / "val")
     cb = json.loads((tmp_path / "vq" / "eval.json").read_text())["codebook"]
     # the same numbers counted here, independently: codes of every evaluated image, their use and entropy
-    from pipeline.checkpoint import load_autoencoder
-    from pipeline.data.loader import make_loader, to_model_input
+    from helpers import load_model
+    from pipeline.data.loader import make_loader
+    from pipeline.pixels import to_model_input
 
-    model, cfg = load_autoencoder(tmp_path / "vq")
+    model, cfg = load_model(tmp_path / "vq")
     counts = torch.zeros(256)
     with torch.no_grad():
         for batch in make_loader(str(trained / "val"), "eval", 4, resolution=32):

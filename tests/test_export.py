@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import TINY, make_shards, run_main
 from pipeline.config import load_config
-from pipeline.export.diffusers import save_diffusers
+from pipeline.weights.diffusers import save as save_diffusers
 from pipeline.models import build_autoencoder
 
 
@@ -53,7 +53,7 @@ def outputs(model, x):
 def test_diffusers_folder_loads_in_plain_diffusers_with_the_measured_scaling_factor(trained, tmp_path):
     from diffusers import AutoencoderKL
 
-    from pipeline.checkpoint import load_autoencoder
+    from helpers import load_model
 
     r = export("--model", trained / "run", "--output", tmp_path / "vae")
     assert r.returncode == 0, r.stderr
@@ -62,7 +62,7 @@ def test_diffusers_folder_loads_in_plain_diffusers_with_the_measured_scaling_fac
     plain = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
     assert plain.config.scaling_factor == ev["latents"]["scaling_factor"]  # the measured one, not the preset's 1.0
     assert plain.config.shift_factor is None  # only with --shift
-    ours, _ = load_autoencoder(trained / "run")
+    ours, _ = load_model(trained / "run")
     x = images()
     for a, b in zip(outputs(ours, x), outputs(plain, x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -86,7 +86,7 @@ def test_vq_export_matches_and_a_cosine_codebook_is_refused(tmp_path):
     cosine = build_autoencoder(load_config("tiny", ["model.kind=vq", "model.codebook.cosine=true"]).model, 32)
     torch.save(cosine.state_dict(), tmp_path / "unused.pt")  # (the refusal does not depend on the file)
     from pipeline.errors import UserError
-    from pipeline.export.diffusers import to_plain_diffusers
+    from pipeline.weights.diffusers import to_plain_diffusers
 
     with pytest.raises(UserError, match="cosine .* codebook"):
         to_plain_diffusers(cosine)
@@ -95,7 +95,7 @@ def test_vq_export_matches_and_a_cosine_codebook_is_refused(tmp_path):
 def test_single_file_loads_in_diffusers_from_single_file_and_in_firststage(trained, tmp_path):
     from diffusers import AutoencoderKL
 
-    from pipeline.checkpoint import load_autoencoder
+    from helpers import load_model
 
     assert export("--model", trained / "run", "--output", tmp_path / "vae").returncode == 0
     r = export("--model", trained / "run", "--output", tmp_path / "vae.safetensors", "--format", "single-file")
@@ -104,8 +104,8 @@ def test_single_file_loads_in_diffusers_from_single_file_and_in_firststage(train
     assert "encoder.down.0.block.0.norm1.weight" in state and state["encoder.mid.attn_1.q.weight"].dim() == 4
     assert "quant_conv.weight" in state and "post_quant_conv.weight" in state
     single = AutoencoderKL.from_single_file(str(tmp_path / "vae.safetensors"), config=str(tmp_path / "vae")).eval()
-    ours, _ = load_autoencoder(trained / "run")
-    again, cfg = load_autoencoder(tmp_path / "vae.safetensors")
+    ours, _ = load_model(trained / "run")
+    again, cfg = load_model(tmp_path / "vae.safetensors")
     x = images()
     for a, b, c in zip(outputs(ours, x), outputs(single, x), outputs(again, x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -119,7 +119,7 @@ def test_single_file_is_the_exact_inverse_of_diffusers_conversion(tmp_path):
     """diffusers -> our single file -> diffusers' own LDM-to-diffusers conversion gives every tensor back."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from pipeline.export.single_file import save_single_file
+    from pipeline.weights.single_file import save as save_single_file
 
     torch.manual_seed(0)
     cfg = load_config("tiny", ["model.layers_per_block=2"])
@@ -134,12 +134,12 @@ def test_single_file_is_the_exact_inverse_of_diffusers_conversion(tmp_path):
 
 
 def test_encoder_only_export_and_its_program_reproduce_the_latents(trained, tmp_path):
-    from pipeline.checkpoint import load_autoencoder
+    from helpers import load_model
 
     r = export("--model", trained / "run", "--output", tmp_path / "enc", "--format", "encoder-only")
     assert r.returncode == 0, r.stderr
-    enc, _ = load_autoencoder(tmp_path / "enc")
-    full, _ = load_autoencoder(trained / "run")
+    enc, _ = load_model(tmp_path / "enc")
+    full, _ = load_model(trained / "run")
     assert enc.decoder is None
     assert sum(p.numel() for p in enc.parameters()) < 0.6 * sum(p.numel() for p in full.parameters())
     x = images(4, size=48)  # another batch size and resolution than the example it was exported with
@@ -174,7 +174,7 @@ def test_exported_vae_runs_as_the_vae_of_a_dit_pipeline(trained, tmp_path):
 
 
 def ldm_file(tmp_path, model, name, prefix="", extra=None, fmt="safetensors"):
-    from pipeline.export.ldm import diffusers_to_ldm
+    from pipeline.weights.ldm import diffusers_to_ldm
 
     state = diffusers_to_ldm({k: v.detach() for k, v in model.state_dict().items()}, prefix)
     state.update(extra or {})
@@ -189,10 +189,11 @@ def ldm_file(tmp_path, model, name, prefix="", extra=None, fmt="safetensors"):
 @pytest.mark.parametrize("form", ["run", "checkpoint", "diffusers", "pipeline-vae", "single-file",
                                   "full-sd-checkpoint", "legacy-ckpt"])
 def test_every_import_format_trains_via_init_from(trained, tmp_path, form):
-    from pipeline.checkpoint import find_resume_path, load_autoencoder
+    from pipeline.checkpoint import find_resume_path
+    from helpers import load_model
     from stages.train import run
 
-    start, _ = load_autoencoder(trained / "run")
+    start, _ = load_model(trained / "run")
     if form == "run":
         src = trained / "run"
     elif form == "checkpoint":
@@ -216,14 +217,14 @@ def test_every_import_format_trains_via_init_from(trained, tmp_path, form):
 
 
 def test_shape_mismatch_names_the_tensor(trained, tmp_path):
-    from pipeline.checkpoint import load_autoencoder
+    from helpers import load_model
     from pipeline.errors import UserError
 
-    start, _ = load_autoencoder(trained / "run")
+    start, _ = load_model(trained / "run")
     src = ldm_file(tmp_path, start, "vae.safetensors")
     with pytest.raises(UserError, match=r"encoder.conv_out.weight has shape \(8, 64, 3, 3\) in the weights but "
                                         r"\(16, 64, 3, 3\) in the config's model"):
-        load_autoencoder(src, overrides=["model.latent_channels=8"])
+        load_model(src, overrides=["model.latent_channels=8"])
     from stages.train import run
 
     with pytest.raises(UserError, match=r"train.init_from .*: encoder.conv_out.weight has shape"):

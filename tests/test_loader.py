@@ -9,7 +9,8 @@ from PIL import Image
 
 from helpers import image_bytes, make_shards, random_image, write_tar
 from pipeline.data.images import crop_to, displayed_size, read_header
-from pipeline.data.loader import ImageStream, make_loader, resolve_shards, to_model_input, to_uint8
+from pipeline.data.loader import ImageStream, make_loader, resolve_shards
+from pipeline.pixels import to_model_input, to_uint8
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.errors import UserError
 

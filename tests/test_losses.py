@@ -111,7 +111,7 @@ def test_objective_kl_terms_sum_to_total():
     model, obj, cfg = objective("kl", "loss.kl.weight=0.01", "loss.reconstruction.type=l1")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     out = run_autoencoder(model, x)
-    total, t = obj.generator_loss(x, out, step=10, last_layer=last_decoder_layer(model))
+    total, t = obj.autoencoder_terms(x, out, step=10, last_layer=last_decoder_layer(model))
     assert torch.allclose(total, t["nll"] + 0.01 * t["kl"])
     # LDM convention: per-pixel (|x - x_rec| + 0.5 LPIPS) summed over pixels, averaged over the batch
     per_pixel = (x - out.reconstruction).abs().mean() + 0.5 * t["lpips"]
@@ -125,7 +125,7 @@ def test_objective_learned_logvar():
     model, obj, _ = objective("kl", "loss.reconstruction.learned_logvar=true", "loss.reconstruction.logvar_init=1.0")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     out = run_autoencoder(model, x)
-    total, t = obj.generator_loss(x, out, step=0)
+    total, t = obj.autoencoder_terms(x, out, step=0)
     total.backward()
     assert obj.logvar.grad is not None and obj.generator_parameters() == [obj.logvar]
 
@@ -135,12 +135,12 @@ def test_objective_gan_starts_at_start_step_and_vq_terms():
                               "loss.adversarial.r1_weight=1.0", "loss.adversarial.lecam_weight=0.1")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     out = run_autoencoder(model, x)
-    _, before = obj.generator_loss(x, out, step=4, last_layer=last_decoder_layer(model))
+    _, before = obj.autoencoder_terms(x, out, step=4, last_layer=last_decoder_layer(model))
     assert "g" not in before and "vq" in before and "perplexity" in before
-    _, after = obj.generator_loss(x, out, step=5, last_layer=last_decoder_layer(model))
+    _, after = obj.autoencoder_terms(x, out, step=5, last_layer=last_decoder_layer(model))
     assert "g" in after and after["gan_weight"] > 0
     assert torch.allclose(after["loss"], after["nll"] + after["vq"] + after["gan_weight"] * after["g"], rtol=1e-5)
-    d, dt = obj.discriminator_loss(x, out.reconstruction, step=5)
+    d, dt = obj.discriminator_terms(x, out.reconstruction, step=5)
     d.backward()
     assert torch.isfinite(d) and {"r1", "lecam", "logits_real"} <= set(dt)
     assert all(p.grad is not None for p in obj.discriminator.parameters() if p.requires_grad)
@@ -155,7 +155,7 @@ def test_objective_with_adaptive_gan_weight_backpropagates_the_objective_gradien
     def gradient():
         torch.manual_seed(1)  # the same posterior sample both times
         out = run_autoencoder(model, x)
-        loss, terms = obj.generator_loss(x, out, step=0, last_layer=last_decoder_layer(model))
+        loss, terms = obj.autoencoder_terms(x, out, step=0, last_layer=last_decoder_layer(model))
         return torch.autograd.grad(loss, params), terms
 
     got, terms = gradient()

@@ -4,8 +4,8 @@ from diffusers import AutoencoderKL, VQModel
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.export.diffusers import save_diffusers
-from pipeline.models import build_autoencoder, encode_moments, reparameterize, run_autoencoder, VectorQuantizer
+from pipeline.weights.diffusers import save as save_diffusers
+from pipeline.models import build_autoencoder, encode_latent, reparameterize, run_autoencoder, VectorQuantizer
 from pipeline.models.autoencoder import decode_latents
 
 PRESETS = ["kl-f8", "kl-f8-c16", "kl-f16-c16", "vq-f8", "vq-f16", "tiny", "finetune-decoder"]
@@ -37,7 +37,8 @@ def tiny(kind="kl", **over):
 def test_gradients_reach_encoder_through_sampled_latent():
     model, _ = tiny()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    mean, logvar = encode_moments(model, x)
+    lat = encode_latent(model, x)
+    mean, logvar = lat.mean, lat.logvar
     mean.retain_grad()
     logvar.retain_grad()
     z = reparameterize(mean, logvar)
@@ -80,7 +81,7 @@ def test_saved_model_reloads_in_plain_diffusers_with_identical_outputs(tmp_path,
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         if kind == "kl":
-            ours = decode_latents(model, encode_moments(model, x)[0])
+            ours = decode_latents(model, encode_latent(model, x).mean)
             theirs = plain.decode(plain.encode(x).latent_dist.mode()).sample
         else:
             ours = run_autoencoder(model, x).reconstruction

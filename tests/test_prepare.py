@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from helpers import ROOT, image_bytes, keys_in_tars, make_shards, random_image, run_main, write_images, write_tar
-from pipeline.data.prepare import PrepareOptions, list_sources, plan_part, prepare, write_shard, shard_name
+from pipeline.data.prepare import PrepareOptions, list_sources, output_shard_name, plan_part, prepare, write_shard
 from pipeline.errors import UserError
 
 
@@ -122,11 +122,11 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
     kind, sources = list_sources([str(tmp_path / "in")])
     items = plan_part(kind, sources, opts)
     # shard 0 finished completely before the "kill"
-    write_shard((items[0:3], str(out / shard_name(opts, 0)), str(out / ".progress" / (shard_name(opts, 0) + ".json")), opts))
+    write_shard((items[0:3], str(out), output_shard_name(opts, 0), opts))
     # shard 1 half-written under its temporary name
-    (out / f".{shard_name(opts, 1)}.tmp").write_bytes(b"partial tar bytes")
+    (out / f".{output_shard_name(opts, 1)}.tmp").write_bytes(b"partial tar bytes")
     # shard 2 renamed by an older run but its record never written: must be redone, not trusted
-    write_tar(out / shard_name(opts, 2), [{"__key__": "stale", "jpg": b"x"}])
+    write_tar(out / output_shard_name(opts, 2), [{"__key__": "stale", "jpg": b"x"}])
     m = prepare([str(tmp_path / "in")], out, opts)
     got = keys_in_tars(out)
     assert sorted(got) == sorted(keys) and len(got) == len(set(got)) == 10

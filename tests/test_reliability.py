@@ -155,7 +155,7 @@ def test_long_names_and_escaping_members_are_made_safe(tmp_path):
 
 # ------------------------------------------------------------------------------------------ 5. locks
 def test_two_runs_on_one_output_folder_refuse_each_other(tmp_path):
-    from pipeline.io import FolderLock
+    from pipeline.storage import FolderLock
 
     make_shards(tmp_path / "shards", 1, 8, size=(40, 40))
     with FolderLock(tmp_path / "run", what="output_dir"):  # another run holds the folder
@@ -179,7 +179,7 @@ def test_killed_prepare_leaves_no_worker_writing(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "stages.prepare", "--input", str(tmp_path / "in"), "--output",
                              str(out), "--workers", "2", "--shard-size", "12", "--format", "webp", "--size", "1000"],
                             cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: len(list(out.glob(".*.tar.tmp"))) >= 2, proc)  # both workers are writing a shard (seconds each)
+    wait_until(lambda: len(list(out.glob(".*.tar.*.tmp"))) >= 2, proc)  # both workers are writing a shard (seconds each)
     proc.kill()
     proc.wait()
     time.sleep(0.3)
@@ -253,7 +253,7 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatc
     from pipeline.data.shards import ShardWriter
 
     def full(self, sample):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp))
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
     monkeypatch.setattr(ShardWriter, "write", full)
     write_images(tmp_path / "in", 3)
@@ -278,7 +278,7 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     r = train(f"data.train={tmp_path / 'shards'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
               "train.checkpoint_every=2")
     assert r.returncode == 74 and "no space left" in r.stderr and "unexpected pos" not in r.stderr
-    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # the staging folder is gone too
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # the unfinished checkpoint folder is gone too
 
 
 def test_hostile_and_mistaken_files_are_one_line(tmp_path):

@@ -66,7 +66,7 @@ def test_vq_with_gan_r1_lecam_and_learned_logvar_runs(shards, tmp_path):
 
 
 def test_nan_step_is_skipped_and_counted(shards, tmp_path, monkeypatch):
-    real = FirstStageObjective.generator_loss
+    real = FirstStageObjective.autoencoder_terms
     calls = {"n": 0}
 
     def poisoned(self, x, out, step, last_layer=None):
@@ -74,7 +74,7 @@ def test_nan_step_is_skipped_and_counted(shards, tmp_path, monkeypatch):
         calls["n"] += 1
         return (total * float("nan"), terms) if calls["n"] == 3 else (total, terms)
 
-    monkeypatch.setattr(FirstStageObjective, "generator_loss", poisoned)
+    monkeypatch.setattr(FirstStageObjective, "autoencoder_terms", poisoned)
     tr = train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=6",
                          "train.log_every=3")
     assert tr.state.step == 6 and tr.state.skipped_steps == 1
@@ -83,13 +83,13 @@ def test_nan_step_is_skipped_and_counted(shards, tmp_path, monkeypatch):
 
 
 def test_too_many_bad_steps_stop_with_last_checkpoint(shards, tmp_path, monkeypatch):
-    real = FirstStageObjective.generator_loss
+    real = FirstStageObjective.autoencoder_terms
 
     def poisoned(self, x, out, step, last_layer=None):
         total, terms = real(self, x, out, step, last_layer)
         return (total * float("inf"), terms) if step >= 2 else (total, terms)
 
-    monkeypatch.setattr(FirstStageObjective, "generator_loss", poisoned)
+    monkeypatch.setattr(FirstStageObjective, "autoencoder_terms", poisoned)
     from pipeline.errors import Diverged
 
     with pytest.raises(Diverged, match=r"3 non-finite steps in a row.*step-00000002"):
@@ -165,7 +165,7 @@ def test_wrong_config_key_fails_before_any_work(shards, tmp_path):
 
 def test_finetune_from_diffusers_folder_with_frozen_encoder(shards, tmp_path):
     from pipeline.config import load_config
-    from pipeline.export.diffusers import save_diffusers
+    from pipeline.weights.diffusers import save as save_diffusers
     from pipeline.models import build_autoencoder
 
     cfg = load_config("tiny")
@@ -185,7 +185,7 @@ def test_finetune_from_diffusers_folder_with_frozen_encoder(shards, tmp_path):
 def test_init_from_with_mismatched_shapes_is_a_clear_error(shards, tmp_path):
     from pipeline.config import load_config
     from pipeline.errors import UserError
-    from pipeline.export.diffusers import save_diffusers
+    from pipeline.weights.diffusers import save as save_diffusers
     from pipeline.models import build_autoencoder
 
     save_diffusers(build_autoencoder(load_config("tiny", ["model.latent_channels=8"]).model, 32), tmp_path / "other")
@@ -204,7 +204,7 @@ def test_frozen_vq_codebook_does_not_drift_through_grids_and_validation(shards, 
     """Writing the grid and validating used to put the inner model back in train mode: the frozen quantizer then
     updated its EMA statistics and codes on every later step."""
     from pipeline.config import load_config
-    from pipeline.export.diffusers import save_diffusers
+    from pipeline.weights.diffusers import save as save_diffusers
     from pipeline.models import build_autoencoder
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ Two modes:
 
 Only image members are decoded (PIL, draft mode), captions are read as text; webdataset's default decoders, which
 unpickle `.pyd`/`.pickle` members, are never used. Batches leave the workers as uint8 [B, 3, H, W] tensors in
-channels_last memory; `to_model_input` turns them into floats in [-1, 1] on the device.
+channels_last memory; `pipeline.pixels.to_model_input` turns them into floats in [-1, 1] on the device.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.utils import make_seed
 
 from pipeline.data.images import CAPTION_EXTS, IMAGE_EXTS, BadImage, to_array
-from pipeline.data.shards import MANIFEST, read_manifest, split_key
+from pipeline.data.shards import split_key
 from pipeline.errors import DataError, UserError
+from pipeline.manifest import MANIFEST, part_manifests, read_manifest
 
 
 def resolve_shards(spec) -> list[str]:
@@ -47,7 +48,7 @@ def resolve_shards(spec) -> list[str]:
     if p.is_dir():
         if (p / MANIFEST).is_file():
             return resolve_shards(p / MANIFEST)
-        parts = sorted(p.glob("manifest.part-*-of-*.json"))
+        parts = part_manifests(p)
         if parts:
             return [str(p / s["name"]) for m in parts for s in read_manifest(m)["shards"]]
         found = sorted(str(f) for f in p.glob("*.tar"))
@@ -279,17 +280,6 @@ def collate(samples: list[dict], key: str = "image") -> dict:
         if k != key:
             batch[k] = [s.get(k) for s in samples]
     return batch
-
-
-def to_model_input(images: torch.Tensor, device=None, dtype=torch.float32) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float in [-1, 1] on the device (conversion after the host-to-device copy)."""
-    x = images.to(device, non_blocking=True) if device is not None else images
-    return x.to(dtype).div_(127.5).sub_(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model output in [-1, 1] -> uint8 (rounded, clamped)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_last: bool | None = None,

@@ -3,9 +3,10 @@
 How it stays exactly-once without a coordinator:
   * the inputs are listed and sorted, then split into N deterministic parts (`part K/N` takes every N-th source);
   * a part's samples are cut into fixed chunks of `shard_size` inputs, chunk j -> shard j, whatever gets skipped;
-  * a worker writes shard j to a temporary name, then its completion record (.progress/NAME.json), then renames
-    the shard. A shard counts as done only when both exist, so a rerun of the same command redoes exactly the
-    chunks that were not finished, and never writes a sample twice.
+  * shard j is one unit of the commit protocol (pipeline.storage.Unit): the tar, then its completion record
+    (.progress/NAME.json). A rerun of the same command redoes exactly the chunks whose record is missing, and
+    never writes a sample twice.
+The caller (the prepare stage) holds the output folder's lock.
 """
 
 from __future__ import annotations
@@ -38,15 +39,11 @@ from pipeline.data.images import (
     resize_for_storage,
     target_size,
 )
-from pipeline.data.shards import (
-    ShardWriter,
-    atomic_write_json,
-    part_name,
-    split_key,
-)
-from pipeline.io import FolderLock, remove_stale_temporaries
 from pipeline.config import PrepareConfig, validate_section
+from pipeline.data.shards import ShardWriter, split_key
 from pipeline.errors import UserError
+from pipeline.manifest import IMAGE_FORMAT, part_name, shard_list
+from pipeline.storage import Unit, atomic_write_json, remove_stale_temporaries
 
 PROGRESS_DIR = ".progress"
 
@@ -61,16 +58,9 @@ class PrepareOptions(PrepareConfig):
     def check(self) -> None:
         validate_section(PrepareConfig(**{f.name: getattr(self, f.name) for f in fields(PrepareConfig)}), "prepare.")
         if not 0 <= self.part < self.num_parts:
-            raise UserError(f"--part must be K/N with 0 <= K < N, got {self.part}/{self.num_parts}")
+            raise UserError(f"part must be K/N with 0 <= K < N, got {self.part}/{self.num_parts}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.prefix):
-            raise UserError(f"--prefix may contain only letters, digits, '_', '-', '.', got {self.prefix!r}")
-
-
-def parse_part(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
-    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
-        raise UserError(f"--part must be K/N with 0 <= K < N (e.g. 3/16), got {text!r}")
-    return int(m.group(1)), int(m.group(2))
+            raise UserError(f"prepare.prefix: may contain only letters, digits, '_', '-', '.', got {self.prefix!r}")
 
 
 # --------------------------------------------------------------------------------------------------- listing
@@ -233,7 +223,7 @@ def plan_part(kind: str, sources: list, opts: PrepareOptions, pool=None) -> list
     return [item for items in listed for item in items]
 
 
-def shard_name(opts: PrepareOptions, index: int) -> str:
+def output_shard_name(opts: PrepareOptions, index: int) -> str:
     if opts.num_parts == 1:
         return f"{opts.prefix}-{index:06d}.tar"
     return f"{opts.prefix}-p{opts.part:05d}-{index:06d}.tar"
@@ -290,11 +280,18 @@ def convert_one(data: bytes, opts: PrepareOptions) -> tuple[bytes, str, tuple[in
     return encoded, ext, (w, h), out.size
 
 
+def shard_unit(out: Path, name: str) -> Unit:
+    """Output shard NAME as a unit of the commit protocol: the tar, then .progress/NAME.json."""
+    return Unit(out / PROGRESS_DIR / (name + ".json"), [out / name])
+
+
 def write_shard(task) -> dict:
     """Process one chunk into one shard. Runs in a worker process. Returns the completion record."""
-    items, shard_path, record_path, opts = task
+    items, out, name, opts = task
+    unit = shard_unit(Path(out), name)
+    writer = ShardWriter(unit.staging(Path(out) / name))
     skipped, sizes, shorter = [], Counter(), []
-    with ShardWriter(shard_path) as writer:
+    try:
         for item in items:
             kind, key, src, extra = item
             where = src if kind == "file" else f"{src}:{key}"
@@ -313,15 +310,19 @@ def write_shard(task) -> dict:
             writer.write({"__key__": key, ext: encoded, **captions})
             sizes[f"{out_size[0]}x{out_size[1]}"] += 1
             shorter.append(min(in_size))
-        record = {
-            "name": os.path.basename(shard_path),
-            "samples": writer.count,
-            "inputs": len(items),
-            "skipped": skipped,
-            "output_sizes": dict(sizes),
-            "input_shorter_side": {"min": min(shorter), "max": max(shorter)} if shorter else None,
-        }
-        atomic_write_json(record_path, record)  # record first, then the rename in close(): see module doc
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    record = {
+        "name": name,
+        "samples": writer.count,
+        "inputs": len(items),
+        "skipped": skipped,
+        "output_sizes": dict(sizes),
+        "input_shorter_side": {"min": min(shorter), "max": max(shorter)} if shorter else None,
+    }
+    unit.commit(record)
     return record
 
 
@@ -376,10 +377,10 @@ def check_fingerprint(out: Path, fp: dict, opts: PrepareOptions, overwrite: bool
         if not diff and old["shards"] != fp["shards"]:
             first = next((j for j, (a, b) in enumerate(zip(old["shards"], fp["shards"])) if a != b),
                          min(len(old["shards"]), len(fp["shards"])))
-            diff = [f"the inputs ({old['inputs']} then, {fp['inputs']} now; {shard_name(opts, first)} is the first "
+            diff = [f"the inputs ({old['inputs']} then, {fp['inputs']} now; {output_shard_name(opts, first)} is the first "
                     f"shard whose inputs differ)"]
         if diff and not overwrite:
-            raise UserError(f"--output {out} holds shards of another prepare run ({'; '.join(diff)}); use another "
+            raise UserError(f"{out} holds shards of another prepare run ({'; '.join(diff)}); use another "
                             f"folder, the same inputs and options, or --overwrite")
         if diff:
             clear_part(out, opts)
@@ -391,24 +392,18 @@ def clear_part(out: Path, opts: PrepareOptions) -> None:
     for rec in (out / PROGRESS_DIR).glob("*.tar.json"):
         name = rec.name[: -len(".json")]
         if name.startswith(opts.prefix + "-") and (opts.num_parts == 1) == ("-p" not in name[len(opts.prefix):]):
-            (out / name).unlink(missing_ok=True)
-            rec.unlink()
+            shard_unit(out, name).undo()
     (out / part_name("manifest", opts.part, opts.num_parts, ".json")).unlink(missing_ok=True)
 
 
 def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progress=None, overwrite: bool = False) -> dict:
     """Run (or finish) one part of a prepare job; returns its manifest. `progress(record)` is called per shard.
-    The output folder is locked for the run; a rerun resumes only with the same inputs and options."""
+    The caller holds the output folder's lock; a rerun resumes only with the same inputs and options."""
     opts.check()
     out = Path(output)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file, not a folder")
+        raise UserError(f"{out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    with FolderLock(out, part_name(".lock", opts.part, opts.num_parts)):
-        return _prepare(inputs, out, opts, progress, overwrite)
-
-
-def _prepare(inputs: list[str], out: Path, opts: PrepareOptions, progress, overwrite: bool) -> dict:
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     remove_stale_temporaries(out)
     remove_stale_temporaries(out / PROGRESS_DIR)
@@ -422,15 +417,14 @@ def _prepare(inputs: list[str], out: Path, opts: PrepareOptions, progress, overw
         check_fingerprint(out, fp, opts, overwrite)
         records, todo = {}, []
         for j, chunk in chunks(items, opts.shard_size):
-            name = shard_name(opts, j)
-            shard, record = out / name, out / PROGRESS_DIR / (name + ".json")
-            if shard.is_file() and record.is_file():
-                records[j] = json.loads(record.read_text())
+            name = output_shard_name(opts, j)
+            record = shard_unit(out, name).read_record()
+            if record is not None:
+                records[j] = record
                 if progress:
                     progress(records[j])
                 continue
-            shard.unlink(missing_ok=True)  # a shard without its record is from a killed run: redo it
-            todo.append((j, (chunk, str(shard), str(record), opts)))
+            todo.append((j, (chunk, str(out), name, opts)))  # not done (a killed run's tar is overwritten)
         results = pool.imap(write_shard, [t for _, t in todo]) if pool else map(write_shard, [t for _, t in todo])
         for (j, _), record in zip(todo, results):
             records[j] = record
@@ -453,23 +447,14 @@ def build_manifest(records: list[dict], opts: PrepareOptions, kind: str, num_ite
     for r in records:
         sizes.update(r["output_sizes"])
     shorter = [r["input_shorter_side"] for r in records if r.get("input_shorter_side")]
-    skipped = [s for r in records for s in r["skipped"]]
     return {
-        "format": "firststage-image-shards/1",
+        "format": IMAGE_FORMAT,
         "input_kind": kind,
         "part": opts.part,
         "num_parts": opts.num_parts,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "part", "num_parts")},
-        "shards": [{"name": r["name"], "samples": r["samples"]} for r in records],
-        "total": sum(r["samples"] for r in records),
+        **shard_list(records),
         "inputs": num_items,
         "output_sizes": dict(sizes.most_common()),
         "input_shorter_side": {"min": min(s["min"] for s in shorter), "max": max(s["max"] for s in shorter)} if shorter else None,
-        "skipped_count": len(skipped),
-        "skipped": skipped,
     }
-
-
-def summarize_skips(skipped: list[dict]) -> str:
-    reasons = Counter(s["reason"].split(" (")[0] for s in skipped)
-    return ", ".join(f"{n} {r}" for r, n in reasons.most_common())

@@ -1,8 +1,8 @@
-"""Webdataset shard files and their manifest.
+"""Webdataset shard files: how a sample's members are named, and the tar writer.
 
-A shard is a plain POSIX (PAX) tar whose members are `{key}.{ext}`; members of one sample are adjacent. Shards are written
-under a temporary name and renamed when closed, so a file named `*.tar` is always complete. `manifest.json` beside
-the shards lists them with their sample counts and every input that was skipped, with the reason.
+A shard is a plain POSIX (PAX) tar whose members are `{key}.{ext}`; members of one sample are adjacent. The writer
+fills a local staging file; the commit protocol (pipeline.storage.Unit) puts it under its final name whole, so a
+file named `*.tar` is always complete.
 """
 
 from __future__ import annotations
@@ -13,12 +13,7 @@ import re
 import tarfile
 import time
 from pathlib import Path
-from typing import Iterable
 
-from pipeline.errors import UserError
-from pipeline.io import atomic_write_json, read_json, temporary_name
-
-MANIFEST = "manifest.json"
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split (first dot of basename)
 
 
@@ -28,13 +23,17 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
+def shard_name(url: str) -> str:
+    """The file name of a shard path or URL (an encoded shard keeps its input's name)."""
+    return Path(str(url)).name
+
+
 class ShardWriter:
-    """Write samples (dicts of extension -> bytes, plus `__key__`) into one tar, atomically on close."""
+    """Write samples (dicts of extension -> bytes, plus `__key__`) into one tar at `path` (a staging file)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tmp = temporary_name(self.path)
-        self._file = open(self.tmp, "wb")
+        self._file = open(self.path, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # no 100-character name limit
         self.count = 0
         self._mtime = time.time()
@@ -55,92 +54,21 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(data))
         self.count += 1
 
-    def seal(self) -> None:
-        """Finish the tar under its temporary name and fsync it (a record can then be written before commit)."""
+    def close(self) -> None:
+        """Finish the tar and fsync it: complete on disk before it is committed."""
         if not self._file.closed:
             self._tar.close()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
 
-    def commit(self) -> None:
-        """Rename to the final name: from here on the shard counts as complete."""
-        os.replace(self.tmp, self.path)
-
-    def close(self) -> None:
-        self.seal()
-        self.commit()
-
     def abort(self) -> None:
+        """Close without finishing and delete the staging file (an interrupted or failed shard)."""
         try:
             if not self._file.closed:
                 self._tar.close()
                 self._file.close()
-        except OSError:  # closing flushes: on a full disk that fails too, and the temporary file must still go
+        except OSError:  # closing flushes: on a full disk that fails too, and the staging file must still go
             self._file.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.abort() if exc_type else self.close()
-
-
-# ---------------------------------------------------------------------------------------------------- manifests
-def read_manifest(path: str | Path) -> dict:
-    data = read_json(path, "manifest")
-    if "shards" not in data:
-        raise UserError(f"{path}: not a firststage manifest (no 'shards' list)")
-    return data
-
-
-def part_name(stem: str, part: int, num_parts: int, ext: str = "") -> str:
-    """A per-job file's name: `STEM` + ext for a whole job, `STEM.part-KKKKK-of-NNNNN` + ext for one of N parts
-    (manifests, prepare's fingerprints, the output folder's lock)."""
-    return f"{stem}{ext}" if num_parts == 1 else f"{stem}.part-{part:05d}-of-{num_parts:05d}{ext}"
-
-
-def merge_manifests(folder: str | Path, write: bool = True) -> dict:
-    """Join the part manifests of a `--part K/N` run into one manifest.json; every part must be present."""
-    folder = Path(folder)
-    parts = sorted(folder.glob("manifest.part-*-of-*.json"))
-    if not parts:
-        raise UserError(f"no part manifests (manifest.part-K-of-N.json) in {folder}")
-    manifests = [read_manifest(p) for p in parts]
-    counts = {m.get("num_parts") for m in manifests}
-    if len(counts) != 1:
-        raise UserError(f"{folder}: part manifests disagree on the number of parts: {sorted(map(str, counts))}")
-    (num_parts,) = counts
-    have = {m.get("part") for m in manifests}
-    missing = sorted(set(range(num_parts)) - have)
-    if missing:
-        raise UserError(f"{folder}: parts {missing} of {num_parts} have no manifest yet (not finished?)")
-    merged = combine_manifests(manifests)
-    merged["parts"] = num_parts
-    if write:
-        atomic_write_json(folder / MANIFEST, merged)
-    return merged
-
-
-def combine_manifests(manifests: Iterable[dict]) -> dict:
-    manifests = list(manifests)
-    out = {k: v for k, v in manifests[0].items() if k not in ("part", "num_parts")}
-    out["shards"] = [s for m in manifests for s in m["shards"]]
-    out["total"] = sum(s["samples"] for s in out["shards"])
-    out["skipped"] = [s for m in manifests for s in m.get("skipped", [])]
-    out["skipped_count"] = len(out["skipped"])
-    out["inputs"] = sum(m.get("inputs", 0) for m in manifests)
-    sizes: dict = {}
-    for m in manifests:
-        for k, v in m.get("output_sizes", {}).items():
-            sizes[k] = sizes.get(k, 0) + v
-    out["output_sizes"] = dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
-    shorter = [m["input_shorter_side"] for m in manifests if m.get("input_shorter_side")]
-    if shorter:
-        out["input_shorter_side"] = {
-            "min": min(s["min"] for s in shorter),
-            "max": max(s["max"] for s in shorter),
-        }
-    return out
+            self.path.unlink(missing_ok=True)

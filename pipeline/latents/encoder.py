@@ -1,8 +1,8 @@
 """Encoding image shards into latent shards: the loader stream, the encoder step and the shard writer.
 
-Exactly once without a coordinator: every input shard gives one output shard with the same base name, written
-under a temporary name; its record (records/NAME.json) is written next, then the tar is renamed. A shard counts as
-done only when both exist with the folder's settings, so a rerun after a kill at any moment redoes exactly the
+Exactly once without a coordinator: every input shard gives one output shard with the same base name, a unit of
+the commit protocol (pipeline.storage.Unit: the tar, then its record records/NAME.json). A shard counts as done
+only when its record exists with the folder's settings, so a rerun after a kill at any moment redoes exactly the
 shards that were not finished. The work inside one shard is deterministic (the same batches, the same noise per
 key), so the output does not depend on how many processes or loader workers ran.
 """
@@ -21,19 +21,21 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data.images import IMAGE_EXTS, BadImage, crop_to, displayed_size, read_header
-from pipeline.data.loader import image_member, read_samples, to_model_input, worker_slot
-from pipeline.data.shards import ShardWriter
-from pipeline.io import atomic_write_json
+from pipeline.data.loader import image_member, read_samples, worker_slot
+from pipeline.data.shards import ShardWriter, shard_name
+from pipeline.errors import UserError
 from pipeline.latents.buckets import nearest_bucket, size_name
 from pipeline.latents.format import (
     IDENTITY_KEYS,
     LATENT_EXT,
     META_EXT,
+    RECORDS,
     SOURCE_META_EXT,
     keys_checksum,
-    record_path,
+    shard_unit,
 )
-from pipeline.models.autoencoder import encode_moments, is_vq, key_noise, reparameterize
+from pipeline.models.autoencoder import family_of, key_noise, reparameterize
+from pipeline.pixels import to_model_input
 
 STORE_TENSORS = {"moments": ("mean", "logvar"), "mean": ("mean",), "sample": ("sample",)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,10 +44,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def stored_tensors(kind: str, store: str, flip: bool) -> list[str]:
     names = ["codes"] if kind == "vq" else list(STORE_TENSORS[store])
     return names + [f"{n}_flip" for n in names] if flip else names
-
-
-def shard_name(url: str) -> str:
-    return Path(url).name
 
 
 # ------------------------------------------------------------------------------------------------ the stream
@@ -136,23 +134,21 @@ def encode_batch(model, images: torch.Tensor, keys: list[str], s: EncodeSettings
     if s.flip:  # one forward for the image and its mirror: twice the batch, same numerics per half
         x = torch.cat([x, x.flip(-1)])
     n = images.shape[0]
+    fam = family_of(model)
     with torch.autocast(device_type=torch.device(device).type, dtype=s.autocast, enabled=s.autocast is not None):
-        if is_vq(model):
-            h = model.quant_conv(model.encoder(x))
-            z_q, _, (_, _, codes) = model.quantize(h)
-            out = {"codes": codes.reshape(h.shape[0], h.shape[2], h.shape[3])}  # diffusers' quantizer gives them flat
-            yielded = {"codes": z_q.float()}
+        lat = fam.encode(model, x)
+    if lat.codes is not None:
+        out = {"codes": lat.codes}
+        yielded = {"codes": lat.mean.float()}  # the reader yields codes; the statistics are of z_q
+    else:
+        mean, logvar = lat.mean.float(), lat.logvar.float()
+        if s.store == "sample":
+            eps = key_noise(keys + ([f"{k}/flip" for k in keys] if s.flip else []), mean.shape[1:])
+            out = {"sample": reparameterize(mean, logvar, eps)}
         else:
-            mean, logvar = encode_moments(model, x)
-            mean, logvar = mean.float(), logvar.float()
-            if s.store == "sample":
-                eps = key_noise(keys + ([f"{k}/flip" for k in keys] if s.flip else []), mean.shape[1:])
-                out = {"sample": reparameterize(mean, logvar, eps)}
-            else:
-                out = {"mean": mean, "logvar": logvar} if s.store == "moments" else {"mean": mean}
-            yielded = None
-    num_codes = model.quantize.n_e if is_vq(model) else 0  # ours and diffusers' quantizer
-    stored = {k: v.to(s.tensor_dtype(k, num_codes)) for k, v in out.items()}
+            out = {"mean": mean, "logvar": logvar} if s.store == "moments" else {"mean": mean}
+        yielded = None
+    stored = {k: v.to(s.tensor_dtype(k, fam.num_codes(model))) for k, v in out.items()}
     finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for v in stored.values():
         if v.is_floating_point():
@@ -181,12 +177,14 @@ def encode_batch(model, images: torch.Tensor, keys: list[str], s: EncodeSettings
 # ------------------------------------------------------------------------------------------------ the writer
 @dataclass
 class LatentShard:
-    """One output shard in the making: its tar (opened on the first write), keys, statistics sums, skipped list."""
+    """One output shard in the making (a unit of the commit protocol): its tar (opened on the first write), keys,
+    statistics sums, skipped list."""
 
     folder: Path
     url: str
     settings: dict
     writer: ShardWriter | None = None
+    unit: object = None
     keys: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     buckets: dict = field(default_factory=dict)
@@ -200,8 +198,15 @@ class LatentShard:
 
     def _open(self) -> ShardWriter:
         if self.writer is None:
-            self.writer = ShardWriter(self.folder / self.name)
+            self.unit = shard_unit(self.folder, self.name)
+            self.unit.undo()  # a record of another model or settings: this shard is being redone
+            self.writer = ShardWriter(self.unit.staging(self.folder / self.name))
         return self.writer
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.unit.discard()
 
     def write_batch(self, batch: dict, out: dict) -> None:
         w = self._open()
@@ -224,7 +229,7 @@ class LatentShard:
             self.shapes[bucket] = list(tensors[names[0]].shape)
 
     def finish(self, skipped: list[dict], inputs: int) -> dict:
-        """Close the tar under its temporary name, write the record, then rename the tar: done."""
+        """Close the tar, then commit it: the tar under its final name, then the record. Done."""
         self.skipped += skipped
         w = self._open()
         channels = len(self.stats["sum"]) if self.stats else 0
@@ -242,11 +247,9 @@ class LatentShard:
                       for k in ("count", "sum", "sumsq")},
             "settings": {k: self.settings[k] for k in IDENTITY_KEYS},
         }
-        w.seal()
-        path = record_path(self.folder, self.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, record)
-        w.commit()
+        w.close()
+        (self.folder / RECORDS).mkdir(parents=True, exist_ok=True)
+        self.unit.commit(record)
         return record
 
 
@@ -326,9 +329,8 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
         result.stopped = True
     finally:
         writer.close()
-        for shard in shards.values():  # interrupted: drop the unfinished tars' temporary files
-            if shard.writer is not None:
-                shard.writer.abort()
+        for shard in shards.values():  # interrupted: drop the unfinished tars' staging files
+            shard.abort()
     result.records = [f.result() for f in result.records]
     for r in result.records:
         result.shards += 1
@@ -338,19 +340,28 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
     return result
 
 
-def assign_shards(urls: list[str], counts: dict[str, int] | None, slots: int) -> list[list[str]]:
-    """Deal input shards to `slots` workers (ranks x parts) deterministically: balanced by sample count when the
-    counts are known (largest first to the least loaded slot), else round-robin. Each list keeps shard order."""
-    if not counts:
-        return [urls[i::slots] for i in range(slots)]
-    loads = [0] * slots
-    dealt: list[list[str]] = [[] for _ in range(slots)]
-    order = sorted(range(len(urls)), key=lambda i: (-counts.get(urls[i], 0), i))
-    for i in order:
-        j = min(range(slots), key=lambda k: (loads[k], k))
-        dealt[j].append(i)
-        loads[j] += max(1, counts.get(urls[i], 0))
-    return [[urls[i] for i in sorted(d)] for d in dealt]
+def check_input_shards(urls: list[str]) -> None:
+    """Before any model runs: every input shard gives an output shard of the same name, so names must be unique;
+    and a cheap look at the first shard's member names (no decoding) catches shards that hold no images."""
+    import tarfile
+
+    from pipeline.data.shards import split_key
+
+    seen: dict[str, str] = {}
+    for u in urls:
+        n = shard_name(u)
+        if n in seen:
+            raise UserError(f"two input shards share the name {n} ({seen[n]} and {u}); every input shard gives an "
+                            f"output shard of the same name, so encode them into separate folders")
+        seen[n] = u
+    try:
+        with tarfile.open(urls[0]) as tf:
+            exts = {ks[1] for ks in map(split_key, tf.getnames()) if ks}
+    except (tarfile.TarError, OSError):
+        return  # a broken shard is reported per sample, not here
+    if exts and not exts & set(IMAGE_EXTS):
+        raise UserError(f"{urls[0]} holds no images (members: {', '.join(sorted(exts))}); encode reads image shards "
+                        f"written by firststage prepare or img2dataset")
 
 
 def non_finite_advice(non_finite: int, total: int) -> str:
@@ -367,7 +378,7 @@ def measure_statistics(model, urls: list[str], limits: dict[str, int], resolutio
     from pipeline.data.loader import make_loader
     from pipeline.latents.format import channel_statistics
 
-    s = EncodeSettings(kind="vq" if is_vq(model) else "kl", store="moments", dtype="float32", flip=False)
+    s = EncodeSettings(kind=family_of(model).name, store="moments", dtype="float32", flip=False)
     total = None
     for batch in make_loader(urls, "eval", batch_size, resolution=resolution, limits=limits):
         st = encode_batch(model, batch["image"], batch["__key__"], s, device)["_stats"]

@@ -22,21 +22,21 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json, read_json
+from pipeline.manifest import LATENT_FORMAT, MANIFEST, shard_list
+from pipeline.storage import Unit, atomic_write_json
 
-FORMAT = "firststage-latent-shards/1"
 LATENT_EXT = "latents.safetensors"
 META_EXT = "json"
 SOURCE_META_EXT = "source.json"  # the input's own KEY.json, renamed so it cannot clash with ours
 RECORDS = "records"
 SETTINGS = "settings.json"
-MANIFEST = "manifest.json"
 # the settings that decide what a latent is: a folder never mixes latents that differ in any of them
 IDENTITY_KEYS = ("model_sha256", "kind", "store", "dtype", "resolution", "buckets", "flip")
 
 
-def record_path(folder: str | Path, shard_name: str) -> Path:
-    return Path(folder) / RECORDS / (Path(shard_name).stem + ".json")
+def shard_unit(folder: str | Path, name: str) -> Unit:
+    """Latent shard NAME as a unit of the commit protocol: the tar, then records/STEM.json."""
+    return Unit(Path(folder) / RECORDS / (Path(name).stem + ".json"), [Path(folder) / name])
 
 
 def model_sha256(model: torch.nn.Module) -> str:
@@ -56,6 +56,31 @@ def keys_checksum(keys: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- settings
+def folder_settings(model, cfg, weights, dtype: str, buckets, tensors: list[str]) -> dict:
+    """What every shard of a folder is encoded with: the identity (IDENTITY_KEYS) and a description of the model.
+    `weights`: the pinned pipeline.weights.Weights the model came from."""
+    from pipeline.models.autoencoder import family_of
+
+    e = cfg.encode
+    kind = family_of(model).name
+    return {
+        "model_sha256": model_sha256(model),
+        "kind": kind,
+        "store": "codes" if kind == "vq" else e.store,
+        "tensors": tensors,
+        "dtype": dtype,
+        "resolution": cfg.data.resolution,
+        "buckets": [list(b) for b in buckets] if buckets else None,
+        "flip": e.flip,
+        "statistics_of": ("the latent the reader yields: samples of N(mean, exp(logvar)) (E[z^2] = mean^2 + "
+                          "exp(logvar))" if kind == "kl" and e.store == "moments" else
+                          "the quantised latent z_q" if kind == "vq" else f"the stored {e.store}"),
+        "model": {"class": type(model).__name__, "path": weights.path, "weights": weights.describe(),
+                  "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+                  "scaling_factor": cfg.model.scaling_factor, "shift_factor": cfg.model.shift_factor},
+    }
+
+
 def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
     """Refuse an output folder that holds latents encoded differently (another model, store, dtype, resolution,
     buckets or flip), naming what differs; --overwrite clears our files from it first."""
@@ -71,7 +96,7 @@ def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
         return
     if not overwrite:
         what = "; ".join(f"{k} {_short(old.get(k))} there, {_short(settings.get(k))} now" for k in diff)
-        raise UserError(f"--output {folder} holds latents encoded differently ({what}); use another folder or "
+        raise UserError(f"{folder} holds latents encoded differently ({what}); use another folder or "
                         f"--overwrite to replace them")
     clear_folder(folder)
 
@@ -83,8 +108,7 @@ def _short(v) -> str:
 def clear_folder(folder: Path) -> None:
     """Remove what an encode run wrote (shards that have a record, records, settings, manifest); nothing else."""
     for rec in (folder / RECORDS).glob("*.json") if (folder / RECORDS).is_dir() else []:
-        (folder / (rec.stem + ".tar")).unlink(missing_ok=True)
-        rec.unlink()
+        shard_unit(folder, rec.stem + ".tar").undo()
     for name in (SETTINGS, MANIFEST):
         (folder / name).unlink(missing_ok=True)
 
@@ -95,16 +119,10 @@ def write_settings(folder: Path, settings: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- records
-def is_complete(folder: Path, shard_name: str, settings: dict) -> bool:
-    """A shard is done when its tar and its record exist and the record was written with these settings."""
-    rec = record_path(folder, shard_name)
-    if not (folder / shard_name).is_file() or not rec.is_file():
-        return False
-    try:
-        r = json.loads(rec.read_text())
-    except json.JSONDecodeError:
-        return False
-    return same_latents(r, settings)
+def is_complete(folder: Path, name: str, settings: dict) -> bool:
+    """A shard is done when its unit is (tar and record) and the record was written with these settings."""
+    record = shard_unit(folder, name).read_record()
+    return record is not None and same_latents(record, settings)
 
 
 def same_latents(record: dict, settings: dict) -> bool:
@@ -117,8 +135,8 @@ def read_records(folder: Path, settings: dict) -> list[dict]:
     written with anything else (another model's weights) never enters the manifest; a rerun encodes it again."""
     out = []
     for rec in sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else []:
-        r = json.loads(rec.read_text())
-        if (folder / r["name"]).is_file() and same_latents(r, settings):
+        r = shard_unit(folder, rec.stem + ".tar").read_record()
+        if r is not None and same_latents(r, settings):
             out.append(r)
     return out
 
@@ -157,9 +175,11 @@ def build_manifest(folder: Path, settings: dict, records: list[dict], expected: 
         for b, count in r["buckets"].items():
             buckets[b] = buckets.get(b, 0) + count
         shapes.update(r["latent_shapes"])
-    skipped = [s for r in records for s in r["skipped"]]
+    listed = shard_list(records, "source", "keys_sha256")
+    for shard, r in zip(listed["shards"], records):
+        shard["skipped"] = len(r["skipped"])
     manifest = {
-        "format": FORMAT,
+        "format": LATENT_FORMAT,
         "model": settings["model"],
         "model_sha256": settings["model_sha256"],
         "kind": settings["kind"],
@@ -170,11 +190,7 @@ def build_manifest(folder: Path, settings: dict, records: list[dict], expected: 
         "buckets": buckets if settings["buckets"] else None,
         "flip": settings["flip"],
         "latent_shapes": shapes,
-        "shards": [{"name": r["name"], "samples": r["samples"], "source": r["source"], "keys_sha256": r["keys_sha256"],
-                    "skipped": len(r["skipped"])} for r in records],
-        "total": sum(r["samples"] for r in records),
-        "skipped_count": len(skipped),
-        "skipped": skipped,
+        **listed,
         "statistics": {**channel_statistics(sums["count"], sums["sum"], sums["sumsq"]),
                        "of": settings["statistics_of"]},
         "model_scaling_factor": settings["model"]["scaling_factor"],
@@ -196,12 +212,3 @@ def write_manifest(folder: Path, expected: list[str] | None = None, processes: i
     manifest = build_manifest(folder, settings, read_records(folder, settings), expected, processes)
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
-
-
-def read_manifest(folder_or_file: str | Path) -> dict:
-    p = Path(folder_or_file)
-    p = p / MANIFEST if p.is_dir() else p
-    m = read_json(p, "latent manifest")
-    if m.get("format") != FORMAT:
-        raise UserError(f"{p}: not a firststage latent manifest (format {m.get('format')!r}, expected {FORMAT})")
-    return m

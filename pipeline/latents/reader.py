@@ -24,7 +24,8 @@ from safetensors.torch import load as load_safetensors
 from webdataset.utils import make_seed
 
 from pipeline.data.loader import ShardStream, collate, worker_slot
-from pipeline.latents.format import LATENT_EXT, META_EXT, read_manifest
+from pipeline.latents.format import LATENT_EXT, META_EXT
+from pipeline.manifest import LATENT_FORMAT, read_manifest
 from pipeline.models.autoencoder import key_generator, reparameterize
 
 
@@ -46,7 +47,7 @@ class LatentDataset(ShardStream):
                  shuffle_buffer: int = 1000, drop_last: bool | None = None):
         folder = Path(path)
         folder = folder.parent if folder.is_file() else folder
-        self.manifest = read_manifest(folder)
+        self.manifest = read_manifest(folder, LATENT_FORMAT)
         urls = [str(folder / s["name"]) for s in self.manifest["shards"] if s["samples"] > 0]
         r, w = _default_rank_world()
         super().__init__(urls, mode, shuffle_buffer, seed, r if rank is None else rank,

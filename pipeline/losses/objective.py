@@ -55,7 +55,7 @@ class FirstStageObjective(nn.Module):
             return per_pixel.sum() / per_pixel.shape[0]
         return per_pixel.mean()
 
-    def generator_loss(
+    def autoencoder_terms(
         self, x: torch.Tensor, out: AutoencoderOutput, step: int, last_layer: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(what to backpropagate, detached terms). terms["loss"] is the objective's value. What to backpropagate
@@ -107,7 +107,7 @@ class FirstStageObjective(nn.Module):
         terms["loss"] = total.detach()
         return (total if to_backward is None else to_backward), terms
 
-    def discriminator_loss(
+    def discriminator_terms(
         self, x: torch.Tensor, x_rec: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         a = self.cfg.adversarial

@@ -13,23 +13,13 @@ from typing import Callable
 import torch
 
 from pipeline.config import EvaluateConfig
-from pipeline.data.loader import to_model_input, to_uint8
 from pipeline.losses.kl import kl_elements, kl_per_sample
 from pipeline.metrics.image import mean_colour, psnr, ssim
 from pipeline.metrics.latent import MomentSums, active_units, latent_statistics
-from pipeline.models.quantizer import perplexity
 from pipeline.metrics.likelihood import bits_per_dim, importance_log_weights, iwae_from_log_weights
-from pipeline.models.autoencoder import (
-    decode_latents,
-    downsampling_factor,
-    encode_moments,
-    is_vq,
-    key_generator,
-    key_noise,
-    key_seed,
-    reparameterize,
-    run_autoencoder,
-)
+from pipeline.models.autoencoder import family_of, key_generator, key_noise, key_seed, reparameterize
+from pipeline.models.quantizer import perplexity
+from pipeline.pixels import to_model_input, to_uint8
 
 
 class Evaluator:
@@ -38,21 +28,23 @@ class Evaluator:
         Every sum exists from the start, so ranks that receive no images still join the same reductions."""
         self.model, self.opts, self.device, self.fid = model, opts, device, fid
         self.perceptual = perceptual
-        self.vq = is_vq(model)
+        self.family = family_of(model)
         c = model.config
-        f = downsampling_factor(model)
-        latent_c = model.quantize.dim if self.vq else c.latent_channels
+        f = self.family.downsampling_factor(model)
+        latent_c = self.family.latent_channels(model)
         self.image_dims = c.in_channels * resolution * resolution
         names = ["n", "psnr", "psnr_mean_colour", "ssim", "sq_err"] + [f"lpips_{k}" for k, v in perceptual.items() if not isinstance(v, str)]
         self.sums = {k: torch.zeros((), dtype=torch.float64) for k in names}
-        if not self.vq:
+        self.posterior = self.family.has_posterior  # KL terms, active units and likelihood bounds need one
+        if self.posterior:
             self.sums["kl"] = torch.zeros((), dtype=torch.float64)
-            self.sums["kl_channel"] = torch.zeros(c.latent_channels, dtype=torch.float64)
-        self.au = MomentSums((c.latent_channels, resolution // f, resolution // f)) if not self.vq else None
+            self.sums["kl_channel"] = torch.zeros(latent_c, dtype=torch.float64)
+        self.au = MomentSums((latent_c, resolution // f, resolution // f)) if self.posterior else None
         self.ch = MomentSums((latent_c,))
         self.all = MomentSums(())
         self.buffered: list[tuple] = []  # likelihood subset: (x, mean, logvar, keys), bounds computed at the end
-        self.code_counts = torch.zeros(model.quantize.n_e, dtype=torch.float64) if self.vq else None
+        num_codes = self.family.num_codes(model)
+        self.code_counts = torch.zeros(num_codes, dtype=torch.float64) if num_codes else None
         self.grid: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _add(self, name: str, value: torch.Tensor, per_channel: bool = False) -> None:
@@ -64,14 +56,13 @@ class Evaluator:
         images = images.to(self.device)
         x = to_model_input(images)
         n = images.shape[0]
-        if self.vq:
-            out = run_autoencoder(self.model, x)
-            rec = out.reconstruction
-            self.code_counts += torch.bincount(out.codes.flatten(), minlength=self.model.quantize.n_e).double().cpu()
-            z = out.latents
-        else:
-            mean, logvar = encode_moments(self.model, x)
-            rec = decode_latents(self.model, mean)  # reconstruction from the posterior mean (the mode)
+        lat = self.family.encode(self.model, x)
+        rec = self.family.decode(self.model, lat.mean)  # KL: from the posterior mean (the mode); VQ: from z_q
+        z = lat.mean
+        if self.code_counts is not None:
+            self.code_counts += torch.bincount(lat.codes.flatten(), minlength=len(self.code_counts)).double().cpu()
+        if self.posterior:
+            mean, logvar = lat.mean, lat.logvar
             self._add("kl", kl_per_sample(mean, logvar))
             self._add("kl_channel", kl_elements(mean, logvar).sum((2, 3)), per_channel=True)
             self.au.add(mean)
@@ -101,7 +92,7 @@ class Evaluator:
 
     @torch.no_grad()
     def _likelihood(self, sigma: float) -> None:
-        decode = lambda z: decode_latents(self.model, z.to(self.device))  # noqa: E731
+        decode = lambda z: self.family.decode(self.model, z.to(self.device))  # noqa: E731
         k = self.opts.iwae_k
         ks = sorted({1, *[2**i for i in range(1, 20) if 2**i < k], k})
         self.sums = {name: torch.zeros((), dtype=torch.float64) for name in ["lik_n", "elbo"] + [f"iwae_{kk}" for kk in ks]}
@@ -131,7 +122,7 @@ class Evaluator:
         self.ch.n, self.ch.s, self.ch.ss = ch
         self.all.n, self.all.s, self.all.ss = al
         res["latents"] = latent_statistics(self.ch, self.all)
-        if self.vq:
+        if self.code_counts is not None:
             counts = reduce([self.code_counts])[0]
             res["codebook"] = {
                 "size": int(counts.numel()),
@@ -140,6 +131,7 @@ class Evaluator:
                 "dead_codes": int((counts == 0).sum()),
                 "perplexity": float(perplexity(counts)),
             }
+        if not self.posterior:
             return res
         res["kl_per_sample"] = float(sums["kl"]) / n
         res["kl_per_channel"] = [round(float(v) / n, 6) for v in sums["kl_channel"]]

@@ -1,12 +1,20 @@
-"""Networks: diffusers' AutoencoderKL / VQModel built from config, our quantizer, the PatchGAN discriminator."""
+"""Networks: the model families (diffusers' AutoencoderKL / VQModel built from config), our quantizer, the PatchGAN."""
 
 from pipeline.models.autoencoder import (  # noqa: F401
+    FAMILIES,
     AutoencoderOutput,
+    Latent,
     build_autoencoder,
-    compile_blocks,
+    check_input,
     decode_latents,
-    encode_moments,
+    downsampling_factor,
+    encode_latent,
+    family,
+    family_of,
     is_vq,
+    key_generator,
+    key_noise,
+    key_seed,
     last_decoder_layer,
     reparameterize,
     run_autoencoder,

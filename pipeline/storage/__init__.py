@@ -26,7 +26,6 @@ from pipeline.storage.local import (  # noqa: F401
     read_json,
     remove_stale_temporaries,
     respect_umask,
-    staged_output,
     temporary_name,
 )
 from pipeline.storage.lock import FolderLock  # noqa: F401

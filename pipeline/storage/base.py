@@ -38,7 +38,8 @@ class Storage(ABC):
 
     @abstractmethod
     def put_file(self, path: str, local: Path) -> None:
-        """Make the finished local file `local` the object `path`, whole; `local` is consumed (moved or deleted)."""
+        """Make the finished local file `local` the object `path`, whole; `local` is consumed (moved or deleted).
+        A local folder becomes the objects under `path` (an export: locally it moves whole, in one rename)."""
 
     @abstractmethod
     def create(self, path: str, data: bytes) -> bool:
@@ -54,7 +55,7 @@ class Storage(ABC):
 
     @abstractmethod
     def exists(self, path: str) -> bool:
-        """Whether an object (or, locally, a file) of this name exists."""
+        """Whether an object (or a folder: objects under `path/`) of this name exists."""
 
     @abstractmethod
     def list(self, folder: str, suffix: str = "") -> list[str]:
@@ -62,7 +63,7 @@ class Storage(ABC):
 
     @abstractmethod
     def delete(self, path: str) -> None:
-        """Remove the object; no error when it is absent."""
+        """Remove the object (or a folder and everything in it); no error when it is absent."""
 
     @abstractmethod
     def staging_file(self, path: str) -> Path:

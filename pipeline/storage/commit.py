@@ -17,6 +17,7 @@ is removed.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from pipeline.storage.base import storage_for
@@ -46,7 +47,8 @@ class Unit:
         return record if isinstance(record, dict) else None
 
     def staging(self, payload: str | Path) -> Path:
-        """A local file to write `payload` into; commit() moves it under its final name."""
+        """A local path (not yet created) to write `payload` into, a file or a folder; commit() moves it under its
+        final name."""
         payload = str(payload)
         if payload not in self.payloads:
             self.payloads.append(payload)
@@ -60,18 +62,23 @@ class Unit:
             self.payloads.append(payload)
         self.store.write_bytes(payload, data)
 
-    def commit(self, record: dict) -> bool:
-        """Move every staged payload under its final name, then create the record. False when the record already
-        existed (another run committed this unit first; its payloads are the ones that count)."""
+    def put_staged(self) -> None:
+        """Move every staged payload under its final name (each whole); the unit is not done before commit()."""
         for payload, local in list(self._staged.items()):
             self.store.put_file(payload, local)
             del self._staged[payload]
-        return self.store.create(self.record, json_bytes(record))
+
+    def commit(self, record: dict | bytes) -> bool:
+        """Move every staged payload under its final name, then create the record (a dict as JSON, or bytes as they
+        are). False when the record already existed (another run committed this unit first; its payloads are the
+        ones that count)."""
+        self.put_staged()
+        return self.store.create(self.record, record if isinstance(record, bytes) else json_bytes(record))
 
     def discard(self) -> None:
         """Drop the staging files of an unfinished unit (a failed or interrupted write)."""
         for local in self._staged.values():
-            local.unlink(missing_ok=True)
+            shutil.rmtree(local, ignore_errors=True) if local.is_dir() else local.unlink(missing_ok=True)
         self._staged.clear()
 
     def undo(self) -> None:

@@ -63,7 +63,7 @@ class LocalStorage(Storage):
             raise
 
     def put_file(self, path, local: Path) -> None:
-        os.replace(local, _local(path))  # staging_file lies beside `path`: same filesystem
+        os.replace(local, _local(path))  # staging_file lies beside `path` (same filesystem); a folder moves whole
 
     def create(self, path, data: bytes) -> bool:
         path = _local(path)
@@ -110,7 +110,7 @@ class LocalStorage(Storage):
             guard.unlink(missing_ok=True)
 
     def exists(self, path) -> bool:
-        return _local(path).is_file()
+        return _local(path).exists()
 
     def list(self, folder, suffix: str = "") -> list[str]:
         root = _local(folder)
@@ -120,7 +120,7 @@ class LocalStorage(Storage):
                       and not (p.name.startswith(".") and p.name.endswith(".tmp")))
 
     def delete(self, path) -> None:
-        _local(path).unlink(missing_ok=True)
+        _remove(_local(path))
 
     def staging_file(self, path) -> Path:
         path = _local(path)
@@ -175,26 +175,6 @@ def remove_stale_temporaries(folder: str | Path) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
-
-
-@contextlib.contextmanager
-def staged_output(path: str | Path, overwrite: bool = False, what: str = "--output"):
-    """Write a file or folder under a temporary name beside `path` and rename it when the block succeeds: the final
-    name only ever holds a complete result. An existing `path` is refused unless `overwrite` (then replaced)."""
-    path = _local(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{what} {path} exists; choose another name or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        yield tmp
-        for f in ([tmp] if tmp.is_file() else [q for q in tmp.rglob("*") if q.is_file()]):
-            respect_umask(f)
-        if path.exists():
-            _remove(path)
-        os.replace(tmp, path)
-    finally:
-        _remove(tmp)
 
 
 def _remove(p: Path) -> None:

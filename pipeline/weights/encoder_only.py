@@ -1,4 +1,4 @@
-"""The encoder alone: what a latent service or the encode stage needs, at half the memory of the full model.
+"""Format: the encoder alone, what a latent service or the encode stage needs, at half the memory of the full model.
 
   folder/
     encoder_config.json       the model section, resolution(s), latent factors, what the program returns
@@ -18,10 +18,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.checkpoint import ENCODER_ONLY_CONFIG, load_state, load_tensors
+from pipeline.checkpoint import load_tensors
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
+from pipeline.errors import UserError
 from pipeline.models.autoencoder import build_autoencoder, downsampling_factor, is_vq
+from pipeline.weights.loading import load_state
 
+NAME = "encoder-only"
+CONFIG = "encoder_config.json"  # the folder's marker
 WEIGHTS = "encoder.safetensors"
 PROGRAM = "encoder.pt2"
 ENCODER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
@@ -50,8 +54,20 @@ def encoder_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
 
 
-def save_encoder_only(model, folder: Path, model_section: dict, resolution: int, scaling_factor: float,
-                      shift_factor: float | None = None, max_size: int = 4096) -> Path:
+def detect(p: Path) -> Path | None:
+    return p if p.is_dir() and (p / CONFIG).is_file() else None
+
+
+def describe(folder: Path, ema: bool) -> str:
+    return "encoder-only export"
+
+
+def state_dict(folder: Path, ema: bool) -> dict:
+    raise UserError(f"{folder}: an encoder-only export has no decoder to train; use the full model")
+
+
+def save(model, folder: Path, section: dict, resolution: int, scaling_factor: float,
+         shift_factor: float | None = None, max_size: int = 4096, **_) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(encoder_state(model), str(folder / WEIGHTS))
     f = downsampling_factor(model)
@@ -64,20 +80,20 @@ def save_encoder_only(model, folder: Path, model_section: dict, resolution: int,
         ep = torch.export.export(program, (example,), dynamic_shapes={"x": {0: batch, 2: f * h, 3: f * w}})
     torch.export.save(ep, str(folder / PROGRAM))
     config = {
-        "model": {**model_section, "scaling_factor": scaling_factor, "shift_factor": shift_factor},
+        "model": {**section, "scaling_factor": scaling_factor, "shift_factor": shift_factor},
         "resolution": resolution,
         "program": {"file": PROGRAM, "input": "float32 images [B, C, H, W] in [-1, 1]",
                     "batch": "dynamic", "sizes": f"H and W multiples of {f}, up to {max_size}",
                     "outputs": ["codes"] if is_vq(model) else ["mean", "logvar"]},
         "weights": WEIGHTS,
     }
-    (folder / ENCODER_ONLY_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    (folder / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
     return folder
 
 
-def load_encoder_only(folder: Path, overrides: list[str] | None = None):
+def load(folder: Path, ema: bool, overrides: list[str] | None = None):
     """(model without decoder, Config): built on the meta device, so the decoder never takes memory."""
-    meta = json.loads((folder / ENCODER_ONLY_CONFIG).read_text())
+    meta = json.loads((folder / CONFIG).read_text())
     cfg = config_from_dict(merge_dicts({"model": meta["model"], "data": {"resolution": meta["resolution"]}},
                                        parse_overrides(overrides or [])))
     with torch.device("meta"):

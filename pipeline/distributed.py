@@ -1,0 +1,75 @@
+"""Rank helpers: plain torch.distributed, no launcher (the stages build the Accelerator or PartialState).
+
+  is_main_process()            global rank 0, also before a process group exists
+  print0(...)                  print once per job, above a tqdm bar when one is running
+  all_reduce(tensors, op)      one flat all-reduce for a list of tensors (identity in one process)
+  decided_by_main(fn)          fn() run on the main process only, its result (or its one-line error) on every rank
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import UserError
+
+
+def _world() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Global rank 0 (RANK unset or 0), also before any process group exists."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """Print once per job (global rank 0), not once per process; above a tqdm bar when one is running."""
+    if is_main_process():
+        from tqdm import tqdm
+
+        file = kwargs.pop("file", sys.stdout)
+        tqdm.write(" ".join(str(a) for a in args), file=file, **kwargs)
+        file.flush()
+
+
+def all_reduce(tensors: list, op: str = "sum", device=None) -> list:
+    """Reduce a list of tensors across all processes in one flat all-reduce (sum, mean or max); returns new
+    tensors on their original devices. Identity in a single process."""
+    if not tensors or not _world():
+        return [t.clone() for t in tensors]
+    device = device or tensors[0].device
+    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64 if t.dtype == torch.float64 else torch.float32)
+                      for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if op == "mean":
+        flat /= dist.get_world_size()
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t).to(t.device, t.dtype))
+        offset += t.numel()
+    return out
+
+
+def decided_by_main(fn):
+    """`fn()` evaluated once, on the main process, and its (picklable) result handed to every rank: ranks that start
+    a moment apart cannot decide differently (which checkpoint a run folder means, say). A UserError on the main
+    process is the same one-line error on every rank, never a rank left waiting."""
+    if not _world():
+        return fn()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("value", fn())]
+        except UserError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)  # from our own rank 0
+    what, value = box[0]
+    if what == "error":
+        raise UserError(value)
+    return value

@@ -1,1 +1,0 @@
-"""Exporters: diffusers folders (and, later, single-file and encoder-only)."""

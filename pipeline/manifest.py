@@ -1,0 +1,127 @@
+"""Manifests, partitions and skip summaries: what image shards (prepare) and latent shards (encode) share.
+
+A manifest is `manifest.json` beside the shards: the shards with their sample counts, the total, and every input
+that was skipped with its reason. Image manifests (`firststage-image-shards/1`) are written by prepare, one per part
+when a job is split into `--part K/N` partitions and merged afterwards; latent manifests
+(`firststage-latent-shards/1`) by encode, with the latent statistics. Both are read here, by `read_manifest`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.errors import UserError
+from pipeline.storage import atomic_write_json, read_json
+
+MANIFEST = "manifest.json"
+IMAGE_FORMAT = "firststage-image-shards/1"
+LATENT_FORMAT = "firststage-latent-shards/1"
+
+
+def read_manifest(path: str | Path, format: str | None = None) -> dict:
+    """A manifest from its file, or from the folder that holds it. `format`: the one expected (latent manifests
+    must say theirs; image manifests of older runs may not)."""
+    p = Path(path)
+    p = p / MANIFEST if p.is_dir() else p
+    what = "latent manifest" if format == LATENT_FORMAT else "manifest"
+    data = read_json(p, what)
+    found = data.get("format")
+    if format is not None and found != format and not (format == IMAGE_FORMAT and found is None):  # older runs
+        raise UserError(f"{p}: not a firststage {what} (format {data.get('format')!r}, expected {format})")
+    if not isinstance(data.get("shards"), list):
+        raise UserError(f"{p}: not a firststage manifest (no 'shards' list)")
+    return data
+
+
+def shard_list(records: list[dict], *fields: str) -> dict:
+    """The part every manifest shares, from per-shard records: the shards (name, samples and `fields`), the total,
+    and the skipped inputs with their count."""
+    skipped = [s for r in records for s in r["skipped"]]
+    return {"shards": [{"name": r["name"], "samples": r["samples"], **{f: r[f] for f in fields}} for r in records],
+            "total": sum(r["samples"] for r in records),
+            "skipped_count": len(skipped),
+            "skipped": skipped}
+
+
+def summarize_skips(skipped: list[dict], top: int | None = None) -> str:
+    """'3 not an image, 1 too small': the reasons without their details, most common first."""
+    reasons = Counter(s["reason"].split(" (")[0] for s in skipped)
+    return ", ".join(f"{n} {r}" for r, n in reasons.most_common(top))
+
+
+# ------------------------------------------------------------------------------------------------ partitions
+def parse_part(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 0 <= K < N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise UserError(f"must be K/N with 0 <= K < N (e.g. 3/16), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def part_name(stem: str, part: int, num_parts: int, ext: str = "") -> str:
+    """A per-job file's name: `STEM` + ext for a whole job, `STEM.part-KKKKK-of-NNNNN` + ext for one of N parts
+    (manifests, prepare's fingerprints, the output folder's lock)."""
+    return f"{stem}{ext}" if num_parts == 1 else f"{stem}.part-{part:05d}-of-{num_parts:05d}{ext}"
+
+
+def deal(items: list[str], counts: dict[str, int] | None, slots: int) -> list[list[str]]:
+    """Deal shards to `slots` workers (ranks x parts) deterministically: balanced by sample count when the counts
+    are known (largest first to the least loaded slot), else round-robin. Each list keeps the input order."""
+    if not counts:
+        return [items[i::slots] for i in range(slots)]
+    loads = [0] * slots
+    dealt: list[list[int]] = [[] for _ in range(slots)]
+    order = sorted(range(len(items)), key=lambda i: (-counts.get(items[i], 0), i))
+    for i in order:
+        j = min(range(slots), key=lambda k: (loads[k], k))
+        dealt[j].append(i)
+        loads[j] += max(1, counts.get(items[i], 0))
+    return [[items[i] for i in sorted(d)] for d in dealt]
+
+
+# ------------------------------------------------------------------------------- image manifests of parts
+def part_manifests(folder: str | Path) -> list[Path]:
+    return sorted(Path(folder).glob("manifest.part-*-of-*.json"))
+
+
+def merge_manifests(folder: str | Path, write: bool = True) -> dict:
+    """Join the part manifests of a `--part K/N` prepare job into one manifest.json; every part must be present."""
+    folder = Path(folder)
+    parts = part_manifests(folder)
+    if not parts:
+        raise UserError(f"no part manifests (manifest.part-K-of-N.json) in {folder}")
+    manifests = [read_manifest(p) for p in parts]
+    counts = {m.get("num_parts") for m in manifests}
+    if len(counts) != 1:
+        raise UserError(f"{folder}: part manifests disagree on the number of parts: {sorted(map(str, counts))}")
+    (num_parts,) = counts
+    have = {m.get("part") for m in manifests}
+    missing = sorted(set(range(num_parts)) - have)
+    if missing:
+        raise UserError(f"{folder}: parts {missing} of {num_parts} have no manifest yet (not finished?)")
+    merged = combine_manifests(manifests)
+    merged["parts"] = num_parts
+    if write:
+        atomic_write_json(folder / MANIFEST, merged)
+    return merged
+
+
+def combine_manifests(manifests: Iterable[dict]) -> dict:
+    manifests = list(manifests)
+    out = {k: v for k, v in manifests[0].items() if k not in ("part", "num_parts")}
+    out["shards"] = [s for m in manifests for s in m["shards"]]
+    out["total"] = sum(s["samples"] for s in out["shards"])
+    out["skipped"] = [s for m in manifests for s in m.get("skipped", [])]
+    out["skipped_count"] = len(out["skipped"])
+    out["inputs"] = sum(m.get("inputs", 0) for m in manifests)
+    sizes: Counter = Counter()
+    for m in manifests:
+        sizes.update(m.get("output_sizes", {}))
+    out["output_sizes"] = dict(sizes.most_common())
+    shorter = [m["input_shorter_side"] for m in manifests if m.get("input_shorter_side")]
+    if shorter:
+        out["input_shorter_side"] = {"min": min(s["min"] for s in shorter), "max": max(s["max"] for s in shorter)}
+    return out

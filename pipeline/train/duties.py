@@ -1,0 +1,190 @@
+"""The trainer's periodic duties, each deciding its own timing from narrow arguments:
+
+  NonFiniteGuard   skip NaN/Inf steps, stop the run after train.max_bad_steps of them in a row
+  Logbook          average the terms since the last log point; trackers, metrics.jsonl, the progress bar
+  Checkpointer     the checkpoint schedule, the commit protocol across ranks, keep-latest-k
+  GridWriter       reconstructions of a fixed held-out batch as a PNG (and in TensorBoard)
+  Validator        the evaluate stage's metrics on held-out samples, split across ranks
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.distributed import all_reduce, print0
+from pipeline.errors import Diverged
+from pipeline.metrics.evaluator import Evaluator
+from pipeline.metrics.grid import save_grid
+from pipeline.models.autoencoder import run_autoencoder
+from pipeline.pixels import to_model_input, to_uint8
+from pipeline.storage import atomic_write_text
+
+
+class NonFiniteGuard:
+    """Counts skipped steps; stops the run after `max_bad_steps` non-finite steps in a row. Under fp16 (`scaler`), a
+    gradient overflow with a finite loss is the loss scaler's business: retried without counting."""
+
+    def __init__(self, max_bad_steps: int, scaler: bool):
+        self.max_bad_steps, self.scaler = max_bad_steps, scaler
+
+    def retry(self, st, stepped: bool, loss_bad: bool) -> bool:
+        """After a step was taken or skipped: True when the step must simply be run again."""
+        if stepped:
+            return False
+        st.skipped_steps += 1
+        if self.scaler and not loss_bad:
+            return True
+        st.bad_steps += 1
+        print0(f"train: step {st.step}: non-finite loss or gradient, step skipped "
+               f"({st.bad_steps} in a row, {st.skipped_steps} in all)")
+        if st.bad_steps >= self.max_bad_steps:
+            raise Diverged(f"{st.bad_steps} non-finite steps in a row at step {st.step}; last good checkpoint: "
+                           f"{st.last_checkpoint or 'none yet'} (resume with --resume auto after lowering train.lr "
+                           f"or changing the loss)")
+        return True
+
+
+class Logbook:
+    """Averages the terms of the steps since the last log point and sends them, every `every` steps, to the trackers
+    and metrics.jsonl (one host sync per log interval). On resume, rows of steps after the checkpoint (which will be
+    redone) are dropped from metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, accelerator, every: int, images_per_step: int, start_step: int):
+        self.acc, self.every, self.images_per_step = accelerator, every, images_per_step
+        self.pending: list[dict] = []
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.t0, self.step0 = time.time(), start_step
+        if accelerator.is_main_process and self.path.is_file():
+            rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= start_step]
+            if len(kept) != len(rows):
+                atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+
+    def add(self, terms: dict) -> None:
+        self.pending.append(terms)
+
+    def images_per_second(self, step: int) -> float:
+        return (step - self.step0) * self.images_per_step / max(time.time() - self.t0, 1e-9)
+
+    def maybe_log(self, step: int, extras: dict, bar) -> float | None:
+        """Log the averaged terms (and `extras`, scalars of this moment) when a log point is due; returns the loss."""
+        if step % self.every or not self.pending:
+            return None
+        pending, self.pending = self.pending, []
+        keys = [k for k in pending[-1] if pending[-1][k].numel() == 1]
+        means = torch.stack([torch.stack([t[k].float().reshape(()).to(self.acc.device) for k in keys])
+                             for t in pending if all(k in t for k in keys)]).mean(0).tolist()
+        scalars = {f"train/{k}": v for k, v in zip(keys, means)}
+        if "kl_per_channel" in pending[-1]:
+            for c, v in enumerate(pending[-1]["kl_per_channel"].tolist()):
+                scalars[f"kl_per_channel/{c}"] = v
+        scalars.update({f"train/{k}": float(v) for k, v in extras.items()})
+        scalars["train/images_per_second"] = self.images_per_second(step)
+        if torch.cuda.is_available():
+            scalars["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.acc.log(scalars, step=step)
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+        bar.set_postfix(loss=f"{scalars['train/loss']:.4g}", img_s=f"{scalars['train/images_per_second']:.1f}",
+                        lr=f"{scalars['train/lr']:.2e}")
+        return scalars["train/loss"]
+
+
+class Checkpointer:
+    """Saves every `every` steps and at the last step: the main process un-commits a checkpoint of the same step (a
+    rerun that got no further), every rank writes its part, the main process commits the record when all are done,
+    then prunes to `keep`."""
+
+    def __init__(self, run_dir: Path, accelerator, every: int, max_steps: int, keep: int):
+        self.run_dir, self.acc = Path(run_dir), accelerator
+        self.every, self.max_steps, self.keep = every, max_steps, keep
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.max_steps
+
+    def save(self, step: int, state: dict) -> Path:
+        """`state`: the Trainer's state_dict() (its `trainer` entry is the record)."""
+        acc, folder = self.acc, ckpt.checkpoint_dir(self.run_dir, step)
+        if acc.is_main_process and folder.exists():
+            ckpt.uncommit_checkpoint(folder)
+        acc.wait_for_everyone()
+        try:
+            ckpt.write_checkpoint_files(folder, state, acc.process_index, acc.is_main_process)
+        except BaseException:
+            ckpt.uncommit_checkpoint(folder)  # a failed save (a full disk) leaves nothing behind
+            raise
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.commit_checkpoint(folder, state["trainer"])
+            ckpt.prune_checkpoints(self.run_dir, self.keep)
+        acc.wait_for_everyone()
+        return folder
+
+
+class GridWriter:
+    """Every `every` steps: reconstructions of a fixed batch (held-out images when there are some), on the main
+    process, as samples/step-N.png and in TensorBoard."""
+
+    def __init__(self, run_dir: Path, accelerator, every: int):
+        self.run_dir, self.acc, self.every = Path(run_dir), accelerator, every
+        self.batch: torch.Tensor | None = None
+
+    def keep(self, images: torch.Tensor) -> None:
+        if self.batch is None:
+            self.batch = images[:8].clone()
+
+    @torch.no_grad()
+    def maybe_write(self, step: int, module) -> None:
+        if step % self.every or self.batch is None or not self.acc.is_main_process:
+            return
+        was_training = module.training
+        module.eval()
+        x = to_model_input(self.batch, self.acc.device)
+        with self.acc.autocast():
+            rec = run_autoencoder(module.vae, x, sample_posterior=False).reconstruction
+        module.train(was_training)  # through the wrapper: a frozen encoder side stays in eval mode
+        grid = save_grid(self.batch, to_uint8(rec), self.run_dir / "samples" / f"step-{step:08d}.png")
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("reconstructions", grid, step, dataformats="HWC")
+
+
+class Validator:
+    """Every `every` steps: the evaluate stage's metrics (PSNR, SSIM, LPIPS when the objective has it, KL, active
+    units, codebook use; no likelihood bounds) on `samples` held-out samples, split across ranks."""
+
+    def __init__(self, accelerator, every: int, samples: int, loader_factory, evaluate_opts, resolution: int,
+                 perceptual: dict):
+        self.acc, self.every, self.samples, self.loader_factory = accelerator, every, samples, loader_factory
+        self.opts = replace(evaluate_opts, likelihood_samples=0, num_samples=samples)
+        self.resolution, self.perceptual = resolution, perceptual
+
+    @torch.no_grad()
+    def maybe_validate(self, step: int, module) -> dict | None:
+        if step % self.every:
+            return None
+        ev = Evaluator(module.vae, self.opts, self.perceptual, self.resolution, self.acc.device)
+        was_training = module.training
+        module.eval()
+        for batch in self.loader_factory():
+            ev.add(batch["image"], batch["__key__"])
+        module.train(was_training)  # through the wrapper: a frozen encoder side stays in eval mode
+        res = ev.finalize(lambda tensors: all_reduce(tensors, "sum", self.acc.device))
+        metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"]}
+        metrics.update({f"val/lpips_{k}": res[f"lpips_{k}"] for k in self.perceptual})
+        if "kl_per_sample" in res:
+            metrics["val/kl"] = res["kl_per_sample"]
+            metrics["val/active_units"] = res["active_units"]["active_units"]
+        if "codebook" in res:
+            metrics["val/codebook_usage"] = res["codebook"]["usage"]
+        self.acc.log(metrics, step=step)
+        print0(f"validate: step {step}, {res['samples']} samples: "
+               + ", ".join(f"{k[4:]} {v:.4g}" for k, v in metrics.items()))
+        return metrics

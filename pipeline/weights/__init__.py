@@ -1,0 +1,81 @@
+"""Every model format, one module each, and the one object that says which weights a path means.
+
+  firststage    a run folder (its newest complete checkpoint) or a checkpoint folder   pipeline.weights.firststage
+  encoder-only  the encoder and a torch.export program                                 pipeline.weights.encoder_only
+  diffusers     a diffusers folder, or a pipeline folder's vae/                         pipeline.weights.diffusers
+  single-file   one .safetensors with LDM / SD names (or diffusers names)               pipeline.weights.single_file
+  legacy        a .ckpt / .pt / .pth / .bin read with torch.load(weights_only=True)     pipeline.weights.legacy
+
+Each format module has NAME, detect(path) -> the concrete path or None, describe, load (model, Config),
+state_dict (diffusers names, for fine-tuning); those that can be written have save(). FORMATS is the dispatch table,
+in detection order. `resolve_weights(path)` pins a path once (a run folder becomes the checkpoint folder it means
+now, so a checkpoint written later cannot change what a running job loads or how it labels it) and returns a
+`Weights`, which describes and loads exactly that. Adding a format is one module and one row here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.weights import diffusers, encoder_only, firststage, legacy, single_file
+
+FORMATS = (firststage, encoder_only, diffusers, single_file, legacy)
+BY_NAME = {f.NAME: f for f in FORMATS}
+EXPORT_FORMATS = {"diffusers": diffusers, "single-file": single_file, "encoder-only": encoder_only}
+FILE_SUFFIXES = single_file.SUFFIXES + legacy.SUFFIXES
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weights a path means, pinned: `format` (a FORMATS name), `path` (the concrete file or folder), `given`
+    (as the user wrote it), `ema` (a firststage checkpoint's EMA weights rather than its raw ones)."""
+
+    given: str
+    format: str
+    path: str
+    ema: bool = True
+
+    @property
+    def _module(self):
+        return BY_NAME[self.format]
+
+    def describe(self) -> str:
+        """For summaries and records: a checkpoint's EMA or raw file, a diffusers folder, a single file, ..."""
+        return self._module.describe(Path(self.path), self.ema)
+
+    def load(self, overrides: list[str] | None = None):
+        """(model in eval mode, Config)."""
+        model, cfg = self._module.load(Path(self.path), self.ema, overrides)
+        return model.eval(), cfg
+
+    def state_dict(self) -> dict:
+        """The tensors under diffusers names (to initialise a model built from another config)."""
+        return self._module.state_dict(Path(self.path), self.ema)
+
+    def load_into(self, model, source: str) -> None:
+        """Initialise `model` (built from a run's config) from these weights; a shape mismatch names the tensor."""
+        from pipeline.weights.loading import load_state
+
+        load_state(model, self.state_dict(), source)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint folder, for a firststage checkpoint (its trainer.json and config describe the run)."""
+        return Path(self.path) if self.format == firststage.NAME else None
+
+
+def resolve_weights(path: str | Path, ema: bool = True) -> Weights:
+    """Which weights `path` means now, or one line saying why it means none."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{path}: no such file or folder")
+    for fmt in FORMATS:
+        found = fmt.detect(p)
+        if found is not None:
+            return Weights(str(path), fmt.NAME, str(found), ema)
+    if p.is_file():
+        raise UserError(f"{path}: not a weights file (expected {', '.join(FILE_SUFFIXES)})")
+    raise UserError(f"{path}: not an autoencoder (expected a firststage run or checkpoint folder, a diffusers "
+                    f"autoencoder folder with config.json, or a single {'/'.join(FILE_SUFFIXES[:2])} file)")

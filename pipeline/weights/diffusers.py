@@ -1,0 +1,103 @@
+"""Format: a diffusers folder (config.json + safetensors), also a pipeline folder's `vae/`. Loaded and saved by
+diffusers itself (safetensors only), so an export works as the `vae` of a diffusers pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config import config_from_dict, merge_dicts, parse_overrides
+from pipeline.errors import UserError
+from pipeline.models.autoencoder import FAMILIES, family_of, is_vq
+from pipeline.models.quantizer import VectorQuantizer
+
+NAME = "diffusers"
+
+
+def _classes() -> dict[str, type]:
+    """diffusers class name -> class, over every model family."""
+    return {cls.__name__: cls for fam in FAMILIES.values() for cls in fam.classes}
+
+
+def _class_name(p: Path) -> str | None:
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("_class_name") if isinstance(config, dict) else None
+
+
+def detect(p: Path) -> Path | None:
+    for folder in (p, p / "vae"):
+        if folder.is_dir() and _class_name(folder) in _classes():
+            return folder
+    return None
+
+
+def describe(folder: Path, ema: bool) -> str:
+    return "diffusers weights"
+
+
+def state_dict(folder: Path, ema: bool) -> dict:
+    from pipeline.checkpoint import load_tensors
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_tensors(f))
+    return state
+
+
+def load(folder: Path, ema: bool, overrides: list[str] | None):
+    cls = _classes()[_class_name(folder)]
+    try:
+        model = cls.from_pretrained(folder, use_safetensors=True)
+    except (OSError, EnvironmentError) as e:
+        raise UserError(f"{folder}: cannot load diffusers weights ({str(e).splitlines()[0]})") from None
+    return model, model_config(model, overrides)
+
+
+def model_config(model, overrides: list[str] | None = None):
+    """A Config whose model section describes a loaded diffusers model (for evaluate / encode / export)."""
+    fam = family_of(model)
+    f = fam.downsampling_factor(model)
+    size = int(model.config.get("sample_size") or 256)
+    data = {"resolution": size if size % f == 0 else 256}
+    return config_from_dict(merge_dicts({"model": fam.model_section(model), "data": data},
+                                        parse_overrides(overrides or [])))
+
+
+# ------------------------------------------------------------------------------------------------------ save
+def refuse_cosine_codebook(model, fmt: str) -> None:
+    if is_vq(model) and getattr(model.quantize, "cosine", False):
+        raise UserError(f"format {fmt}: this VQ model has a cosine (l2-normalised) codebook, which diffusers' "
+                        f"VQModel and LDM's quantizer cannot reproduce (they look codes up by Euclidean distance); "
+                        f"export it as encoder-only, or train with model.codebook.cosine=false")
+
+
+def to_plain_diffusers(model):
+    """The model as a class diffusers ships, with identical weights (a copy for VQ, the model itself for KL)."""
+    from diffusers import VQModel
+
+    if not is_vq(model) or not isinstance(model.quantize, VectorQuantizer):
+        return model  # diffusers' own class already (a KL model, or a VQ model loaded from a diffusers folder)
+    refuse_cosine_codebook(model, "diffusers")
+    q = model.quantize
+    plain = VQModel.from_config(model.config)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("quantize.")}
+    state["quantize.embedding.weight"] = q.codebook().detach().clone()
+    plain.load_state_dict(state, strict=True)
+    return plain.to(next(model.parameters()).dtype)
+
+
+def save(model, folder: Path, section: dict | None = None, resolution: int | None = None,
+         scaling_factor: float | None = None, shift_factor: float | None = None, **_) -> Path:
+    """diffusers' own save_pretrained (safetensors), with the latent factors set in config.json when given."""
+    plain = to_plain_diffusers(model)
+    factors = {k: v for k, v in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)) if v is not None}
+    if factors:
+        plain.register_to_config(**factors)
+    plain.save_pretrained(folder, safe_serialization=True)
+    return folder
