@@ -71,7 +71,7 @@ def alias_overrides(args, aliases: dict[str, tuple]) -> list[str]:
 
 
 @contextlib.contextmanager
-def flags_named(aliases: dict[str, tuple]):
+def alias_errors(aliases: dict[str, tuple]):
     """A config error about an aliased key also names its flag."""
     try:
         yield

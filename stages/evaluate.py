@@ -24,7 +24,7 @@ from pipeline.metrics.evaluator import Evaluator
 from pipeline.metrics.grid import save_grid
 from pipeline.metrics.report import format_table, load_fid, load_perceptual
 from pipeline.storage import atomic_write_json, atomic_write_text
-from stages.common import add_alias_flags, alias_overrides, flags_named, pinned_weights, stage_main
+from stages.common import add_alias_flags, alias_overrides, alias_errors, pinned_weights, stage_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     start = time.time()
     state = PartialState(cpu=not torch.cuda.is_available())
     weights = pinned_weights(args.model, ema=not args.no_ema)  # a run folder: the same checkpoint on every rank
-    with flags_named(ALIASES):
+    with alias_errors(ALIASES):
         model, cfg = weights.load(args.overrides + alias_overrides(args, ALIASES))
     n = cfg.evaluate.num_samples
     urls, limits, planned = plan_subset(args.data, n)

@@ -18,7 +18,7 @@ from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.errors import UserError
 from pipeline.manifest import merge_manifests, parse_part, part_name, summarize_skips
 from pipeline.storage import FolderLock
-from stages.common import add_alias_flags, add_config_args, alias_overrides, flag_named, flags_named, stage_main
+from stages.common import add_alias_flags, add_config_args, alias_overrides, flag_named, alias_errors, stage_main
 
 
 # flags that are aliases of `prepare.*` config keys (the schema checks them); `--config` and key=value work too
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options(args) -> PrepareOptions:
     """The prepare section of --config and key=value overrides, with the flags (aliases) applied last."""
-    with flags_named(ALIASES):
+    with alias_errors(ALIASES):
         cfg = load_config(args.config, args.overrides + alias_overrides(args, ALIASES)).prepare
         with flag_named("--part"):
             part, num_parts = parse_part(args.part)

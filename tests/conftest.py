@@ -39,3 +39,25 @@ def photos(tmp_path) -> Path:
     for name in ("astronaut", "chelsea", "coffee", "rocket"):
         Image.fromarray(getattr(skdata, name)()).save(out / f"{name}.jpg", quality=92)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny trained KL run that evaluate, encode, export and reliability tests share (trained once per test
+    process): root/train (4 shards x 16 images), root/val (5 x 4 other images), root/run (40 steps of the tiny
+    preset at 32 px, mid-block attention on so that its 1x1-conv names are exercised) and root/run/eval.json (its
+    evaluation on the training shards: the measured latent factors an export takes). Tests write their own outputs
+    elsewhere and leave these alone."""
+    from harness import run_main
+    from helpers import TINY, make_train_val
+    from stages.evaluate import main as evaluate
+    from stages.train import run
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    make_train_val(root)
+    run([*TINY, f"data.train={root / 'train'}", f"output_dir={root / 'run'}", "train.max_steps=40",
+         "train.log_every=10", "train.checkpoint_every=40", "model.mid_block_attention=true"])
+    r = run_main(evaluate, "--model", root / "run", "--data", root / "train", "--lpips-backbone", "random",
+                 "evaluate.likelihood_samples=0")
+    assert r.returncode == 0, r.stderr
+    return root

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from helpers import ENV, ROOT, TINY, make_train_val, read_tar_samples, run_main, two_node_launch
+from harness import ENV, ROOT, run_main, two_node_launch
+from helpers import TINY, make_train_val, read_tar_samples
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from helpers import ForkedStage, image_bytes, random_image, read_tar_samples, run_main, write_tar
+from harness import ForkedStage, run_main
+from helpers import image_bytes, random_image, read_tar_samples, write_tar
 from pipeline.config import load_config
 from pipeline.weights.diffusers import save as save_diffusers
 from pipeline.latents import LatentDataset

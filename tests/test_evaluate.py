@@ -7,7 +7,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from helpers import TINY, make_shards, make_train_val, run_main, write_tar
+from harness import run_main
+from helpers import TINY, make_shards, make_train_val, write_tar
 from pipeline.metrics import psnr, ssim
 from pipeline.metrics.latent import MomentSums, active_units, latent_statistics
 
@@ -52,18 +53,6 @@ def test_scaling_factor_from_latents_of_known_std():
     assert stats["channel_std"] == pytest.approx([2.5] * 4, rel=0.02)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny KL model trained for a few dozen steps, and held-out shards."""
-    from stages.train import run
-
-    root = tmp_path_factory.mktemp("eval")
-    make_train_val(root)
-    run([*TINY, f"data.train={root / 'train'}", f"output_dir={root / 'run'}", "train.max_steps=40",
-         "train.log_every=10", "train.checkpoint_every=40"])
-    return root
-
-
 def evaluate(*args, check=True):
     from stages.evaluate import main
 
@@ -73,9 +62,9 @@ def evaluate(*args, check=True):
     return r
 
 
-def test_iwae_bound_is_at_least_elbo_and_tightens_with_k(trained):
-    out = trained / "e1"
-    r = evaluate("--model", trained / "run", "--data", trained / "val", "--output", out,
+def test_iwae_bound_is_at_least_elbo_and_tightens_with_k(tiny_run):
+    out = tiny_run / "e1"
+    r = evaluate("--model", tiny_run / "run", "--data", tiny_run / "val", "--output", out,
                  "evaluate.iwae_k=16", "evaluate.likelihood_samples=20")
     res = json.loads((out / "eval.json").read_text())
     nats = res["likelihood"]["nats_per_image"]
@@ -104,12 +93,12 @@ def test_plain_diffusers_folder_evaluates(tmp_path):
     assert res["latents"]["scaling_factor"] > 0
 
 
-def test_vq_model_reports_codebook(trained, tmp_path):
+def test_vq_model_reports_codebook(tiny_run, tmp_path):
     from stages.train import run
 
-    run([*TINY, f"data.train={trained / 'train'}", f"output_dir={tmp_path / 'vq'}", "model.kind=vq",
+    run([*TINY, f"data.train={tiny_run / 'train'}", f"output_dir={tmp_path / 'vq'}", "model.kind=vq",
          "train.max_steps=4", "train.checkpoint_every=4"])
-    evaluate("--model", tmp_path / "vq", "--data", trained / "val")
+    evaluate("--model", tmp_path / "vq", "--data", tiny_run / "val")
     cb = json.loads((tmp_path / "vq" / "eval.json").read_text())["codebook"]
     # the same numbers counted here, independently: codes of every evaluated image, their use and entropy
     from helpers import load_model
@@ -119,7 +108,7 @@ def test_vq_model_reports_codebook(trained, tmp_path):
     model, cfg = load_model(tmp_path / "vq")
     counts = torch.zeros(256)
     with torch.no_grad():
-        for batch in make_loader(str(trained / "val"), "eval", 4, resolution=32):
+        for batch in make_loader(str(tiny_run / "val"), "eval", 4, resolution=32):
             h = model.quant_conv(model.encoder(to_model_input(batch["image"])))
             counts += torch.bincount(model.quantize.assign(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])), minlength=256)
     p = counts[counts > 0] / counts.sum()
@@ -127,14 +116,14 @@ def test_vq_model_reports_codebook(trained, tmp_path):
     assert cb["perplexity"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
 
 
-def test_bad_inputs(trained, tmp_path):
+def test_bad_inputs(tiny_run, tmp_path):
     (tmp_path / "notamodel").mkdir()
-    r = evaluate("--model", tmp_path / "notamodel", "--data", trained / "val", check=False)
+    r = evaluate("--model", tmp_path / "notamodel", "--data", tiny_run / "val", check=False)
     assert r.returncode == 2 and "not an autoencoder" in r.stderr and "Traceback" not in r.stderr
     write_tar(tmp_path / "noimg.tar", [{"__key__": "a", "txt": b"caption only"}])
-    r = evaluate("--model", trained / "run", "--data", tmp_path / "noimg.tar", "--output", tmp_path / "o", check=False)
+    r = evaluate("--model", tiny_run / "run", "--data", tmp_path / "noimg.tar", "--output", tmp_path / "o", check=False)
     assert r.returncode == 2 and "no decodable images" in r.stderr
-    r = evaluate("--model", trained / "run", "--data", trained / "val", "--num-samples", "1000", "--output",
+    r = evaluate("--model", tiny_run / "run", "--data", tiny_run / "val", "--num-samples", "1000", "--output",
                  tmp_path / "o2")
     assert "asked for 1000 samples, the data holds 20; evaluating 20" in r.stderr
     assert json.loads((tmp_path / "o2" / "eval.json").read_text())["samples"] == 20

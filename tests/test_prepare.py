@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from helpers import ROOT, image_bytes, keys_in_tars, make_shards, random_image, run_main, write_images, write_tar
+from harness import ROOT, run_main
+from helpers import image_bytes, keys_in_tars, make_shards, random_image, write_images, write_tar
 from pipeline.data.prepare import PrepareOptions, list_sources, output_shard_name, plan_part, prepare, write_shard
 from pipeline.errors import UserError
 

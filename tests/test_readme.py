@@ -1,5 +1,5 @@
-"""Every `firststage ...` / `-m stages....` command in the README's code blocks runs, on tiny data with the tiny
-preset, so the guide cannot go stale.
+"""The README cannot go stale: every stage, flag and config key it names exists, and every `firststage ...` /
+`-m stages....` command in its code blocks runs, on tiny data with the tiny preset.
 
 Each command is taken as written and only made small: its paths are moved into a temporary folder, kl-f8 becomes
 tiny (finetune-decoder keeps its recipe on a tiny-shaped model), sizes become 32 px, training takes 2 steps, LPIPS
@@ -18,13 +18,76 @@ import re
 import shlex
 from pathlib import Path
 
-from helpers import make_shards, readme_commands, run_main, write_images
+from harness import ROOT, run_main
+from helpers import make_shards, write_images
+
+README = (ROOT / "README.md").read_text()
+SECTIONS = ("prepare", "data", "model", "loss", "train", "evaluate", "encode")
 
 TINY_MODEL = ["model.block_out_channels=[16,32,64]", "model.layers_per_block=1", "model.norm_num_groups=8",
               "model.mid_block_attention=false", "model.latent_channels=4"]
 SMALL_TRAIN = ["data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=4", "train.batch_size=4",
                "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.tracker=none",
                "loss.perceptual.backbone=random"]
+
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(stage, the rest of the line) for each `firststage STAGE ...` / `-m stages.STAGE ...` command in the README's
+    bash code blocks, continuations joined, comments dropped; `sbatch ...` lines as ("sbatch", line)."""
+    out, lang, current = [], None, None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, lang = [], line[3:].strip()
+            else:
+                if lang in ("", "bash", "sh"):
+                    for cmd in "\n".join(current).replace("\\\n", " ").splitlines():
+                        cmd = cmd.split("  #")[0].strip()
+                        m = re.search(r"(?:^firststage|-m stages\.)\s*([a-z]+)(?![a-z:])(.*)", cmd)
+                        if m and not cmd.startswith(("from ", "import ")):
+                            out.append((m.group(1), m.group(2).strip()))
+                        elif cmd.startswith("sbatch "):
+                            out.append(("sbatch", cmd))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return out
+
+
+def stage_help(stage: str) -> str:
+    import importlib
+
+    r = run_main(importlib.import_module(f"stages.{stage}").main, "--help")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_readme_names_only_stages_and_flags_that_exist():
+    from stages.cli import STAGES
+
+    cmds = [(stage, rest.split()) for stage, rest in readme_commands() if stage != "sbatch"]
+    assert len(cmds) >= 20  # the README's commands were found
+    helps = {}
+    for stage, args in cmds:
+        if stage == "cli":
+            continue
+        assert stage in STAGES, f"README names a stage that does not exist: {stage}"
+        helps.setdefault(stage, stage_help(stage))
+        for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+            assert re.search(rf"{re.escape(flag)}\b", helps[stage]), f"firststage {stage} has no flag {flag}"
+
+
+def test_readme_names_only_config_keys_that_exist():
+    from pipeline.config import describe_fields
+
+    keys = {k for k, _, _ in describe_fields()}
+    named = set(re.findall(rf"(?<![./\w])((?:{'|'.join(SECTIONS)})\.[a-z0-9_]+(?:\.[a-z0-9_]+)*)", README))
+    named = {k for k in named if not re.search(r"\.(py|json|md|yaml|tar|sbatch)$", k)}
+    named.discard("train.max_stesp")  # the README's example of a misspelt key and its one-line error
+    assert len(named) >= 30
+    unknown = sorted(k for k in named if k not in keys and not any(f.startswith(k + ".") for f in keys))
+    assert unknown == [], f"README names config keys that do not exist: {unknown}"
 
 
 def small(stage: str, rest: str, root: Path) -> list[str]:

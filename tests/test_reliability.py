@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import (ENV, ROOT, TINY, ForkedStage, image_bytes, keys_in_tars, make_shards, random_image, run_main,
-                     write_images, write_tar)
+from harness import ENV, ForkedStage, ROOT, run_main
+from helpers import TINY, image_bytes, keys_in_tars, make_shards, random_image, write_images, write_tar
 
 
 def prepare(*args):
@@ -314,22 +314,19 @@ def test_resume_with_another_model_shape_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ 10. smaller ones
-def test_smaller_ones(tmp_path):
+def test_smaller_ones(tiny_run, tmp_path):
     from stages.evaluate import main as evaluate
 
-    make_shards(tmp_path / "shards", 1, 10, size=(40, 40))
-    r = train(f"data.train={tmp_path / 'shards'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
-              "train.checkpoint_every=2")
-    assert r.returncode == 0
-    weights = tmp_path / "run" / "checkpoints" / "step-00000002" / "autoencoder.safetensors"
+    run = tiny_run / "run"
+    weights = run / "checkpoints" / "step-00000040" / "autoencoder.safetensors"
     assert oct(weights.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # readable by the group like the rest
-    assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))  # logs/, not logs/logs/
-    r = run_main(evaluate, "--model", tmp_path / "run", "--data", tmp_path / "shards", "--num-samples", "0")
+    assert list((run / "logs").glob("events.out.tfevents.*"))  # logs/, not logs/logs/
+    r = run_main(evaluate, "--model", run, "--data", tiny_run / "val", "--num-samples", "0", "--output", tmp_path / "e")
     assert r.returncode == 2 and "evaluate.num_samples (--num-samples): must be >= 1" in r.stderr
-    assert not (tmp_path / "run" / "eval.json").exists()
-    r = run_main(evaluate, "--model", tmp_path / "run", "--data", tmp_path / "shards", "--lpips-backbone", "random",
-                 "evaluate.likelihood_samples=0")
-    assert r.returncode == 0 and "warning" not in r.stderr  # 64 by default, the data holds 10: nobody asked
+    assert not (tmp_path / "e").exists()
+    r = run_main(evaluate, "--model", run, "--data", tiny_run / "val", "--lpips-backbone", "random",
+                 "evaluate.likelihood_samples=0", "--output", tmp_path / "e")
+    assert r.returncode == 0 and "warning" not in r.stderr  # 64 by default, the data holds 20: nobody asked
 
 
 def _umask() -> int:

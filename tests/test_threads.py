@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers import ENV, ROOT
+from harness import ENV, ROOT
 
 from stages import choose_threads
 

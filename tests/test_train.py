@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ENV, ROOT, TINY, ForkedStage, make_shards, run_main
+from harness import ENV, ForkedStage, ROOT, run_main
+from helpers import TINY, make_shards
 from pipeline.checkpoint import find_resume_path, list_checkpoints, read_trainer_state
 from pipeline.losses.objective import FirstStageObjective
 

@@ -10,17 +10,14 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.weights import single_file
+from pipeline.weights.single_file import describe  # noqa: F401 (this format's describe, as for any single file)
 
 NAME = "legacy"
 SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def detect(p: Path) -> Path | None:
-    return p if p.is_file() and p.suffix.lower() in SUFFIXES else None
-
-
-def describe(path: Path, ema: bool) -> str:
-    return f"single file {path.name}"
+    return single_file.detect(p, SUFFIXES)
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -21,11 +21,12 @@ NAME = "single-file"
 SUFFIXES = (".safetensors",)
 
 
-def detect(p: Path) -> Path | None:
-    return p if p.is_file() and p.suffix.lower() in SUFFIXES else None
+def detect(p: Path, suffixes: tuple[str, ...] = SUFFIXES) -> Path | None:
+    return p if p.is_file() and p.suffix.lower() in suffixes else None
 
 
 def describe(path: Path, ema: bool) -> str:
+    """Every single file (safetensors or legacy) is described by its name."""
     return f"single file {path.name}"
 
 
