@@ -77,7 +77,7 @@ def naive(vae, urls, out: Path, res: int, batch: int, device) -> int:
 
 def ours(vae, urls, out: Path, res: int, batch: int, workers: int, device) -> int:
     cuda = device.type == "cuda"
-    s = EncodeSettings(kind="kl", store="moments", dtype="bfloat16" if cuda else "float32", flip=False,
+    s = EncodeSettings(store="moments", dtype="bfloat16" if cuda else "float32", flip=False,
                        autocast=torch.bfloat16 if cuda else None, channels_last=cuda)
     settings = {"model_sha256": "bench", "kind": "kl", "store": "moments", "dtype": s.dtype, "resolution": res,
                 "buckets": None, "flip": False}
@@ -89,7 +89,7 @@ def ours(vae, urls, out: Path, res: int, batch: int, workers: int, device) -> in
 
 def encoder_only(vae, batches, device, fast: bool) -> float:
     """Images per second of the model alone on pre-decoded uint8 batches."""
-    s = EncodeSettings(kind="kl", store="moments", dtype="bfloat16" if fast and device.type == "cuda" else "float32",
+    s = EncodeSettings(store="moments", dtype="bfloat16" if fast and device.type == "cuda" else "float32",
                        flip=False, autocast=torch.bfloat16 if fast and device.type == "cuda" else None,
                        channels_last=fast and device.type == "cuda")
     sync(device)

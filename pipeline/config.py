@@ -80,8 +80,37 @@ class CodebookConfig:
 
 
 @dataclass
+class FSQConfig:
+    levels: list[int] = _f([8, 5, 5, 5], "FSQ levels per latent channel; the implicit codebook has their product "
+                           "(Mentzer et al. 2023: [8,5,5,5] = 1000, [8,8,8,5,5,5] = 64000)")
+
+
+@dataclass
+class DCConfig:
+    """AutoencoderDC (DC-AE, Chen et al. 2025): the defaults are SANA's dc-ae-f32c32 (with model.latent_channels 32)."""
+
+    block_types: list[str] = _f(["ResBlock"] * 3 + ["EfficientViTBlock"] * 3, "per stage: ResBlock or EfficientViTBlock")
+    block_out_channels: list[int] = _f([128, 256, 512, 512, 1024, 1024], "channels per stage (encoder and decoder); "
+                                       "downsampling factor 2**(stages-1)")
+    encoder_layers_per_block: list[int] = _f([2, 2, 2, 3, 3, 3], "encoder blocks per stage (0: a strided projection)")
+    decoder_layers_per_block: list[int] = _f([3, 3, 3, 3, 3, 3], "decoder blocks per stage")
+    qkv_multiscales: list[list[int]] = _f([[], [], [], [5], [5], [5]], "multi-scale linear attention kernel sizes")
+    attention_head_dim: int = _f(32, "linear attention head width", min=1)
+    downsample_block_type: Literal["conv", "pixel_unshuffle"] = _f("conv", "encoder downsampling")
+    upsample_block_type: Literal["interpolate", "pixel_shuffle"] = _f("interpolate", "decoder upsampling")
+    decoder_norm_types: list[str] = _f(["rms_norm"] * 6, "per stage: rms_norm or batch_norm")
+    decoder_act_fns: list[str] = _f(["silu"] * 6, "per stage: silu, relu, ...")
+    shortcuts: bool = _f(True, "the encoder's channel-averaging and the decoder's channel-duplicating shortcuts "
+                         "(DC-AE 1.5 turns them off)")
+    channel_mask_step: int = _f(0, "DC-AE 1.5 structured latent: in training the decoder sees only the first c' "
+                                "channels, c' a random multiple of this per step; 0: off", min=0)
+
+
+@dataclass
 class ModelConfig:
-    kind: Literal["kl", "vq"] = _f("kl", "KL autoencoder (AutoencoderKL) or VQ autoencoder (VQModel)")
+    kind: Literal["kl", "vq", "fsq", "dc", "flux2", "qwenimage", "wan", "tiny"] = _f(
+        "kl", "model family (docs/model-families.md): kl AutoencoderKL, vq VQModel, fsq FSQ, dc AutoencoderDC; "
+        "flux2, qwenimage, wan, tiny: diffusers classes built from model.diffusers (set by train.init_from)")
     in_channels: int = _f(3, "image channels", min=1)
     block_out_channels: list[int] = _f([128, 256, 512, 512], "channels per resolution level; downsampling factor is 2**(levels-1)")
     layers_per_block: int = _f(2, "resnet layers per level", min=1)
@@ -93,12 +122,29 @@ class ModelConfig:
     init_logvar: Optional[float] = _f(
         None, "KL: initial posterior log-variance (bias of quant_conv's logvar half) of a model trained from scratch; "
         "-6 starts at sigma 0.05 so the decoder is not drowned in noise early on; null: diffusers' init")
+    use_quant_conv: bool = _f(True, "the 1x1 convolutions around the latent (SD 1/2, SDXL: true; SD3, FLUX.1: false)")
     codebook: CodebookConfig = _f(CodebookConfig(), "VQ codebook (kind: vq only)")
+    fsq: FSQConfig = _f(FSQConfig(), "FSQ quantizer (kind: fsq only)")
+    dc: DCConfig = _f(DCConfig(), "AutoencoderDC shape (kind: dc only)")
+    diffusers: dict = _f({}, "the diffusers config of a family whose shape the keys above do not describe (flux2, "
+                         "qwenimage, wan, tiny); written by train.init_from, empty otherwise")
 
     @property
     def downsampling_factor(self) -> int:
-        """Spatial downsampling of the model this section builds: one 2x step between consecutive levels."""
-        return 2 ** (len(self.block_out_channels) - 1)
+        """Spatial downsampling of the model this section builds."""
+        if self.diffusers:
+            return downsampling_factor_of(self.diffusers)
+        return downsampling_factor_of({"block_out_channels": self.dc.block_out_channels if self.kind == "dc"
+                                       else self.block_out_channels})
+
+
+def downsampling_factor_of(config: dict) -> int:
+    """The spatial downsampling of an autoencoder from its diffusers config, for every class firststage knows: one 2x
+    step between consecutive levels (AutoencoderKL, VQModel, Flux2, DC-AE, Tiny), or one per entry of Wan's /
+    Qwen-Image's temperal_downsample times Wan 2.2's pixel patch."""
+    if "temperal_downsample" in config:
+        return 2 ** len(config["temperal_downsample"]) * (config.get("patch_size") or 1)
+    return 2 ** (len(config.get("encoder_block_out_channels") or config["block_out_channels"]) - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------- loss
@@ -189,8 +235,12 @@ class TrainConfig:
     max_bad_steps: int = _f(10, "consecutive NaN/Inf steps before the run stops", min=1)
     sigterm_grace: float = _f(100.0, "seconds after SIGTERM to reach a step boundary and save; then exit 75 anyway",
                               min=1.0)
-    init_from: str = _f("", "initial weights: a diffusers folder or a firststage checkpoint / run folder")
-    freeze_encoder: bool = _f(False, "train the decoder only (keeps an existing latent space valid)")
+    init_from: str = _f("", "initial weights (any --model format); a model of another family, or one the model.* keys "
+                        "cannot describe, brings its own shape")
+    trainable: list[str] = _f([], "parameter-name patterns (fnmatch: decoder.*, encoder.conv_out.*) that train; "
+                              "empty: all")
+    freeze_encoder: bool = _f(False, "train the decoder only (keeps an existing latent space valid); with "
+                              "train.trainable, both apply")
     tracker: Literal["tensorboard", "wandb", "none"] = _f("tensorboard", "logging backend")
 
 
@@ -228,6 +278,10 @@ class EncodeConfig:
         "none", "none: square data.resolution crops; auto: aspect-ratio buckets of about data.resolution^2 pixels; "
         "or WxH,WxH,..."
     )
+    normalisation: Literal["auto", "model", "measured"] = _f(
+        "auto", "how the reader normalises latents: model, the family's own (what its diffusers pipeline feeds its "
+        "transformer); measured, from these latents' statistics; auto: measured for a firststage run or checkpoint "
+        "(its export carries them), model otherwise")
 
 
 @dataclass
@@ -273,6 +327,10 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list of {_type_name(inner)}, got {value!r}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
@@ -336,14 +394,32 @@ def validate(cfg: Config) -> Config:
     if len(m.block_out_channels) < 1:
         raise ConfigError("model.block_out_channels: needs at least one level")
     bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
-    if bad:
+    if bad and m.kind in ("kl", "vq", "fsq") and not m.diffusers:
         raise ConfigError(
             f"model.block_out_channels: {bad} not divisible by model.norm_num_groups={m.norm_num_groups}"
         )
+    if m.kind in ("flux2", "qwenimage", "wan", "tiny") and not m.diffusers:
+        raise ConfigError(f"model.kind {m.kind}: built from a diffusers config; give train.init_from (or --model) a "
+                          f"diffusers folder of that class")
+    if m.kind == "dc":
+        d = m.dc
+        lengths = {len(v) for v in (d.block_types, d.block_out_channels, d.encoder_layers_per_block,
+                                    d.decoder_layers_per_block, d.qkv_multiscales, d.decoder_norm_types, d.decoder_act_fns)}
+        if len(lengths) != 1:
+            raise ConfigError("model.dc: block_types, block_out_channels, *_layers_per_block, qkv_multiscales, "
+                              "decoder_norm_types and decoder_act_fns need one entry per stage")
+        if d.block_out_channels[-1] % m.latent_channels:
+            raise ConfigError(f"model.dc.block_out_channels: the last stage ({d.block_out_channels[-1]}) must be a "
+                              f"multiple of model.latent_channels ({m.latent_channels})")
+        if d.channel_mask_step and m.latent_channels % d.channel_mask_step:
+            raise ConfigError(f"model.dc.channel_mask_step: {d.channel_mask_step} does not divide "
+                              f"model.latent_channels ({m.latent_channels})")
+    if m.kind == "fsq" and (len(m.fsq.levels) < 1 or min(m.fsq.levels) < 2):
+        raise ConfigError(f"model.fsq.levels: expected at least one level, each >= 2, got {m.fsq.levels}")
     if cfg.data.resolution % m.downsampling_factor:
         raise ConfigError(
             f"data.resolution: {cfg.data.resolution} is not a multiple of the downsampling factor "
-            f"{m.downsampling_factor} (2**(len(model.block_out_channels)-1))"
+            f"{m.downsampling_factor} of the model (model.*)"
         )
     lo_hi = cfg.data.random_resized_scale
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:

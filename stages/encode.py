@@ -30,11 +30,13 @@ from pipeline.latents.buckets import resolve_buckets
 from pipeline.latents.encoder import (
     EncodeSettings,
     check_input_shards,
+    effective_store,
     encode_shards,
     non_finite_advice,
     stored_tensors,
 )
 from pipeline.manifest import MANIFEST, deal, parse_part, part_name, summarize_skips
+from pipeline.models.normalisation import describe
 from pipeline.storage import FolderLock
 from stages.common import (
     EXIT_PREEMPTED,
@@ -98,8 +100,8 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
     cuda = device.type == "cuda"
     dtype = cfg.encode.dtype if cfg.encode.dtype != "auto" else ("bfloat16" if resolve_mixed_precision("auto") == "bf16" else "float32")
     mp = resolve_mixed_precision(cfg.encode.mixed_precision) if cuda else "no"
-    kind = family_of(model).name
-    settings = lf.folder_settings(model, cfg, weights, dtype, buckets, stored_tensors(kind, cfg.encode.store, cfg.encode.flip))
+    store = effective_store(model, cfg.encode.store)
+    settings = lf.folder_settings(model, cfg, weights, dtype, buckets, store, stored_tensors(store, cfg.encode.flip))
     # one run per folder (per part): a second is refused naming the holder
     lock = FolderLock(out, part_name(".lock", part, num_parts), what="--output")
     if state.is_main_process:
@@ -121,8 +123,9 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
         model = model.to(device).eval().requires_grad_(False)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
-        s = EncodeSettings(kind=kind, store=cfg.encode.store, dtype=dtype, flip=cfg.encode.flip,
-                           autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp), channels_last=cuda)
+        s = EncodeSettings(store=store, dtype=dtype, flip=cfg.encode.flip, channels_last=cuda,
+                           autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp),
+                           patch=family_of(model).normalisation(model).get("patch", 1))
         bar = tqdm(total=len(todo), desc=f"encode rank {state.process_index}", unit="shard", disable=None,
                    position=state.local_process_index, leave=False)
         # On a CPU the encoder's threads already take the free cores: a loader worker decoding beside them made the
@@ -147,15 +150,16 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
             reasons = summarize_skips(m["skipped"], 4) or "nothing decodable"
             if m["total"] == 0 and not m["missing"]:
                 raise UserError(f"--data {args.data}: no sample could be encoded ({reasons})")
-            st = m["statistics"]
-            factor = f"scaling_factor {st['scaling_factor']:.5g}, shift_factor {st['shift_factor']:.5g}" if st.get("scaling_factor") else "no statistics"
+            norm = m["normalisation"]
+            factor = ("codes, not normalised" if settings["store"] == "codes" else "no statistics" if norm is None
+                      else f"normalisation {describe(norm)}")
             left = f"; {len(m['missing'])} shards left to other parts or a rerun" if m["missing"] else ""
             why = f" ({reasons}; listed in the manifest)" if m["skipped_count"] else ""
             print0(f"encode: {samples} samples from {shards} shards ({done_before} already complete) -> {out} "
                    f"({settings['store']}, {dtype}, {cfg.data.resolution}px{', buckets' if buckets else ''}"
                    f"{', flip' if cfg.encode.flip else ''}) on {state.num_processes} process(es) in "
                    f"{time.time() - start:.1f}s; folder total {m['total']} samples, skipped {m['skipped_count']}{why}; "
-                   f"{factor} (model's {cfg.model.scaling_factor:g}){left}{non_finite_advice(non_finite, samples + non_finite)}")
+                   f"{factor}{left}{non_finite_advice(non_finite, samples + non_finite)}")
     finally:
         lock.release()
 

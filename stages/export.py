@@ -1,13 +1,15 @@
-"""firststage export: hand the autoencoder to Stable-Diffusion-style models.
+"""firststage export: hand the autoencoder on.
 
   firststage export --model runs/klf8 --output exports/klf8-vae                                # diffusers folder
   firststage export --model runs/klf8 --output exports/klf8.safetensors --format single-file   # LDM / SD key names
   firststage export --model runs/klf8 --output exports/klf8-encoder --format encoder-only      # + torch.export program
+  firststage export --model runs/fsq --output exports/fsq --format firststage                  # any family (FSQ too)
 
-The latent factors come from measured statistics: --stats latents/manifest.json (an encode manifest of this model),
---data SHARDS [--num-samples N] (measured now), or the eval.json that evaluate wrote beside the model; without any,
-the export refuses unless --keep-scaling-factor. Every export writes a model card and is one unit of the commit
-protocol (the files, then the card); an existing output is never replaced without --overwrite.
+The latent normalisation written into the export comes from measured statistics: --stats latents/manifest.json (an
+encode manifest of this model), --data SHARDS [--num-samples N] (measured now), or the eval.json that evaluate wrote
+beside the model; without any, the export refuses unless --keep-scaling-factor. Every export writes a model card and
+is one unit of the commit protocol (the files, then the card); an existing output is never replaced without
+--overwrite.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import torch
 
 from pipeline.config import config_to_dict
 from pipeline.errors import UserError
-from pipeline.latents.factors import NoStatistics, latent_factors
+from pipeline.latents.factors import NoStatistics, export_normalisation
+from pipeline.models.families import family_of
+from pipeline.models.normalisation import describe
 from pipeline.storage import Unit, respect_umask
 from pipeline.weights import EXPORT_FORMATS
+from pipeline.weights import discriminator as disc
 from pipeline.weights.card import card_inputs, model_card
 from stages.common import flag_named, pinned_weights, stage_main
 
@@ -31,15 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="firststage export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="run folder, checkpoint folder, diffusers folder or a single file")
-    p.add_argument("--output", required=True, help="folder (diffusers, encoder-only) or .safetensors file")
+    p.add_argument("--output", required=True, help="folder (diffusers, encoder-only, firststage) or .safetensors file")
     p.add_argument("--format", choices=list(EXPORT_FORMATS), default="diffusers")
-    p.add_argument("--stats", metavar="MANIFEST", help="an encode manifest.json of this model: its latent factors")
-    p.add_argument("--data", metavar="SHARDS", help="measure the latent factors now on these image shards")
+    p.add_argument("--stats", metavar="MANIFEST", help="an encode manifest.json of this model: its latent statistics")
+    p.add_argument("--data", metavar="SHARDS", help="measure the latent statistics now on these image shards")
     p.add_argument("--num-samples", type=int, default=1000, help="samples measured with --data (default 1000)")
     p.add_argument("--keep-scaling-factor", action="store_true",
-                   help="no measured statistics: keep the model's configured scaling_factor")
+                   help="no measured statistics: keep the model's own normalisation")
     p.add_argument("--shift", action="store_true", help="also set shift_factor (SD3 / FLUX convention)")
     p.add_argument("--prefix", default="", help="single-file key prefix, e.g. first_stage_model. for full-checkpoint tools")
+    p.add_argument("--with-discriminator", action="store_true",
+                   help="also write the PatchGAN (discriminator.safetensors), for a fine-tune to continue with it")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights of a firststage checkpoint, not EMA")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.resolution=512 (encoder-only example size)")
@@ -58,6 +65,8 @@ def main(argv=None) -> None:
     out = Path(args.output)
     if args.format == "single-file" and out.suffix != ".safetensors":
         raise UserError(f"--output {out}: a single-file export is a .safetensors file")
+    if args.with_discriminator and args.format not in ("diffusers", "firststage"):
+        raise UserError(f"--with-discriminator: only a folder export (diffusers, firststage) holds one")
     unit = Unit(card_path(out), [out])
     taken = [p for p in (out, card_path(out)) if unit.store.exists(p)]
     if taken and not args.overwrite:  # before any model is loaded
@@ -65,23 +74,34 @@ def main(argv=None) -> None:
     weights = pinned_weights(args.model, ema=not args.no_ema)  # resolved once: a checkpoint written meanwhile changes nothing
     model, cfg = weights.load(args.overrides)
     model = model.eval().requires_grad_(False)
+    fam = family_of(model)
+    if args.format not in fam.exports:
+        why = " (diffusers has no FSQ model)" if fam.name == "fsq" else ""
+        raise UserError(f"--format {args.format}: a {fam.name} model cannot be exported so{why}; formats for it: "
+                        f"{', '.join(fam.exports)}")
+    discriminator = disc.read(weights) if args.with_discriminator else None
+    if args.with_discriminator and discriminator is None:
+        raise UserError(f"--with-discriminator: {args.model} holds no discriminator (its run trained none)")
     try:
         with flag_named("--stats" if args.stats else "--data" if args.data else None):
-            factors = latent_factors(weights, model, cfg, args.stats, args.data, args.num_samples,
-                                     args.keep_scaling_factor, args.shift)
+            normalisation = export_normalisation(weights, model, cfg, args.stats, args.data, args.num_samples,
+                                                 args.keep_scaling_factor, args.shift)
     except NoStatistics as e:
         raise UserError(f"{e}: give --stats latents/manifest.json, or --data SHARDS, or run firststage evaluate "
-                        f"first; --keep-scaling-factor keeps the configured {cfg.model.scaling_factor:g}") from None
-    section = config_to_dict(cfg)["model"]
+                        f"first; --keep-scaling-factor keeps the model's own {describe(fam.normalisation(model))}") from None
     cls = type(model).__name__
-    card = model_card(args.format, cls, str(out), f"{args.model}: {weights.describe()}", cfg, factors,
-                      *card_inputs(weights, cfg))
+    note = "diffusers has no FSQ model: this folder loads with firststage (--model, train.init_from)." \
+        if fam.name == "fsq" else ""
+    card = model_card(args.format, cls, str(out), f"{args.model}: {weights.describe()}", cfg, normalisation,
+                      *card_inputs(weights, cfg), note=note)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = unit.staging(out)
     try:
         with torch.no_grad():
-            EXPORT_FORMATS[args.format].save(model, staged, section, cfg.data.resolution, factors["scaling_factor"],
-                                             factors["shift_factor"], prefix=args.prefix)
+            EXPORT_FORMATS[args.format].save(model, staged, config_to_dict(cfg)["model"], cfg.data.resolution,
+                                             normalisation, prefix=args.prefix)
+        if discriminator is not None:
+            disc.write(staged, discriminator)
         for f in [staged] if staged.is_file() else [q for q in staged.rglob("*") if q.is_file()]:
             respect_umask(f)
         if args.overwrite:
@@ -90,10 +110,9 @@ def main(argv=None) -> None:
     finally:
         unit.discard()
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    shift = f", shift_factor {factors['shift_factor']:.5g}" if factors["shift_factor"] is not None else ""
-    print(f"export: {args.format} {out} ({cls}, {params:.1f}M parameters, {weights.describe()}); "
-          f"scaling_factor {factors['scaling_factor']:.5g}{shift} from {factors['source']}; model card "
-          f"{card_path(out)}; {time.time() - start:.1f}s")
+    print(f"export: {args.format} {out} ({cls}, {params:.1f}M parameters, {weights.describe()}"
+          f"{', with its discriminator' if discriminator is not None else ''}); latent normalisation "
+          f"{describe(normalisation)}; model card {card_path(out)}; {time.time() - start:.1f}s")
 
 
 if __name__ == "__main__":

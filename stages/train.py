@@ -82,6 +82,7 @@ def _run(args, cfg, stop: threading.Event):
     acc = make_accelerator(cfg)
     with flag_named("--resume") if args.resume not in (None, "auto") else contextlib.nullcontext():
         tr = Trainer(cfg, acc, args.resume)
+    cfg = tr.cfg  # train.init_from may have brought the model's shape: the run folder records the model trained
     if acc.is_main_process:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, tr.run_dir / "config.yaml")

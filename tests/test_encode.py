@@ -104,13 +104,13 @@ def test_sigkill_then_rerun_gives_each_key_once_and_the_same_latents(tmp_path, d
             "encode.batch_size=4"]
     proc = ForkedStage("stages.encode", *args)
     deadline = time.time() + 120
-    while not list(out.glob("*.tar")):  # the first output shard is complete: kill mid-run
+    while not list(out.glob("records/*.json")):  # the first output shard is complete (its record): kill mid-run
         assert proc.poll() is None, proc.output()[1][-2000:]
         assert time.time() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(list(out.glob("*.tar")))
+    done = len([r for r in out.glob("records/*.json") if (out / (r.stem + ".tar")).is_file()])
     assert 1 <= done < 12, "the run ended before it was killed: the test proves nothing"
     from stages.encode import main
 
@@ -175,16 +175,27 @@ def test_a_shard_encoded_by_other_weights_never_enters_the_manifest_and_a_rerun_
     assert read_manifest(out)["total"] == 23 and read_tar_samples(out) == read_tar_samples(data / "ref")
 
 
-def test_scaling_factor_gives_unit_variance_through_the_reader(data):
+def test_measured_normalisation_gives_unit_variance_through_the_reader(data, tmp_path):
+    """A diffusers folder's latents are read in its own convention (its config's factors); with
+    encode.normalisation=measured (a firststage run's default) the reader gives unit variance."""
     m = read_manifest(data / "ref")
+    assert m["normalisation"] == {"kind": "scale_shift", "scaling_factor": 1.0, "shift_factor": None,
+                                  "source": "the model's config"}  # the tiny preset's scaling_factor
     st = m["statistics"]
     assert st["scaling_factor"] == pytest.approx(1 / st["std"]) and len(st["channel_std"]) == 4
-    ds = LatentDataset(data / "ref", mode="eval", batch_size=8)
+    from stages.encode import main
+
+    r = run_main(main, "--model", data / "vae", "--data", data / "shards", "--output", tmp_path / "lat",
+                 "data.resolution=32", "data.num_workers=0", "encode.batch_size=4", "encode.normalisation=measured")
+    norm = read_manifest(tmp_path / "lat")["normalisation"]
+    assert norm["scaling_factor"] == pytest.approx(1 / st["std"]) and norm["shift_factor"] == pytest.approx(st["mean"])
+    assert "from the statistics of these latents" in r.stdout
+    ds = LatentDataset(tmp_path / "lat", mode="eval", batch_size=8)
     z = torch.cat([b["latents"] for b in ds])
     assert z.shape == (23, 4, 8, 8)
     # 23 x 256 correlated values: the mean and variance match within sampling error, not exactly
     assert z.mean().item() == pytest.approx(0.0, abs=0.1) and z.var().item() == pytest.approx(1.0, abs=0.12)
-    raw = LatentDataset(data / "ref", mode="eval", batch_size=8, scale=False, sample=False)
+    raw = LatentDataset(tmp_path / "lat", mode="eval", batch_size=8, scale=False, sample=False)
     means = torch.cat([b["latents"] for b in raw])
     assert not torch.allclose(means, z)
 
@@ -204,7 +215,7 @@ def test_flip_and_sample_store_and_train_mode_reader(data, tmp_path):
 
 
 def test_non_finite_latents_are_not_written_but_listed(data, tmp_path, monkeypatch, capsys):
-    from pipeline.models.autoencoder import KLFamily
+    from pipeline.models.families import KLFamily
 
     real = KLFamily.encode
 

@@ -109,7 +109,8 @@ def test_single_file_is_the_exact_inverse_of_diffusers_conversion(tmp_path):
     torch.manual_seed(0)
     cfg = load_config("tiny", ["model.layers_per_block=2"])
     model = build_autoencoder(cfg.model, 32)
-    save_single_file(model, tmp_path / "sd.safetensors", {}, 32, 0.5, prefix="first_stage_model.")
+    save_single_file(model, tmp_path / "sd.safetensors", {}, 32, {"kind": "scale_shift", "scaling_factor": 0.5},
+                     prefix="first_stage_model.")
     ldm = load_file(tmp_path / "sd.safetensors")
     assert all(k.startswith("first_stage_model.") for k in ldm)
     back = convert_ldm_vae_checkpoint(ldm, dict(model.config))

@@ -35,14 +35,25 @@ from pipeline.latents.format import (
     shard_unit,
 )
 from pipeline.models.autoencoder import family_of, key_noise, reparameterize
+from pipeline.models.normalisation import patchify
 from pipeline.pixels import to_model_input
 
-STORE_TENSORS = {"moments": ("mean", "logvar"), "mean": ("mean",), "sample": ("sample",)}
+STORE_TENSORS = {"moments": ("mean", "logvar"), "mean": ("mean",), "sample": ("sample",), "codes": ("codes",),
+                 "latent": ("latent",)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def stored_tensors(kind: str, store: str, flip: bool) -> list[str]:
-    names = ["codes"] if kind == "vq" else list(STORE_TENSORS[store])
+def effective_store(model, requested: str) -> str:
+    """What is stored for a model: codes (VQ, FSQ), the deterministic latent (DC-AE, Tiny), else the posterior as
+    encode.store asks (moments, mean or one sample)."""
+    fam = family_of(model)
+    if fam.num_codes(model):
+        return "codes"
+    return requested if fam.has_posterior else "latent"
+
+
+def stored_tensors(store: str, flip: bool) -> list[str]:
+    names = list(STORE_TENSORS[store])
     return names + [f"{n}_flip" for n in names] if flip else names
 
 
@@ -110,12 +121,12 @@ class EncodeStream(IterableDataset):
 # ------------------------------------------------------------------------------------------------ the model
 @dataclass
 class EncodeSettings:
-    kind: str  # kl | vq
-    store: str  # moments | mean | sample
+    store: str  # moments | mean | sample | codes | latent (effective_store)
     dtype: str  # float32 | float16 | bfloat16
     flip: bool
     autocast: torch.dtype | None = None  # bf16 / fp16 autocast on GPU, None for full precision
     channels_last: bool = False
+    patch: int = 1  # the statistics are of the latent in the family's normalisation layout (FLUX.2: 2x2 patches)
 
     def tensor_dtype(self, name: str, num_codes: int = 0) -> torch.dtype:
         if name.startswith("codes"):
@@ -127,7 +138,7 @@ class EncodeSettings:
 def encode_batch(model, images: torch.Tensor, keys: list[str], s: EncodeSettings, device) -> dict:
     """uint8 [B, 3, H, W] -> {name: CPU tensor [B, ...] in its stored dtype}, plus `_finite` [B] (every stored value
     finite, checked after the cast: fp16 overflows there) and `_stats` (count, sum, sumsq per channel, float64) of
-    the latent the reader yields, over the finite samples."""
+    the latent the reader yields before normalisation, in the normalisation's layout, over the finite samples."""
     x = to_model_input(images, device)
     if s.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -137,9 +148,12 @@ def encode_batch(model, images: torch.Tensor, keys: list[str], s: EncodeSettings
     fam = family_of(model)
     with torch.autocast(device_type=torch.device(device).type, dtype=s.autocast, enabled=s.autocast is not None):
         lat = fam.encode(model, x)
-    if lat.codes is not None:
+    if s.store == "codes":
         out = {"codes": lat.codes}
-        yielded = {"codes": lat.mean.float()}  # the reader yields codes; the statistics are of z_q
+        yielded = lat.mean.float()  # the reader yields codes; the statistics are of z_q
+    elif s.store == "latent":
+        out = {"latent": lat.mean.float()}
+        yielded = None
     else:
         mean, logvar = lat.mean.float(), lat.logvar.float()
         if s.store == "sample":
@@ -154,11 +168,12 @@ def encode_batch(model, images: torch.Tensor, keys: list[str], s: EncodeSettings
         if v.is_floating_point():
             finite &= torch.isfinite(v).flatten(1).all(1)
     if yielded is None:  # what the reader yields, from the stored values: samples of N(mean, exp(logvar))
-        m = stored.get("mean", stored.get("sample")).double()
+        m = stored.get("mean", stored.get("sample", stored.get("latent"))).double()
         second = m * m + (stored["logvar"].double().exp() if "logvar" in stored else 0)
     else:
-        m = yielded["codes"].double()
+        m = yielded.double()
         second = m * m
+    m, second = patchify(m, s.patch), patchify(second, s.patch)
     keep = finite.view(-1, 1, 1, 1).double()
     elems = m.shape[2] * m.shape[3]
     stats = {"count": (finite.double().sum() * elems).expand(m.shape[1]),
@@ -378,7 +393,8 @@ def measure_statistics(model, urls: list[str], limits: dict[str, int], resolutio
     from pipeline.data.loader import make_loader
     from pipeline.latents.format import channel_statistics
 
-    s = EncodeSettings(kind=family_of(model).name, store="moments", dtype="float32", flip=False)
+    own = family_of(model).normalisation(model)
+    s = EncodeSettings(store=effective_store(model, "moments"), dtype="float32", flip=False, patch=own.get("patch", 1))
     total = None
     for batch in make_loader(urls, "eval", batch_size, resolution=resolution, limits=limits):
         st = encode_batch(model, batch["image"], batch["__key__"], s, device)["_stats"]

@@ -1,8 +1,9 @@
-"""Where an export's latent factors come from: measured statistics, never a guess.
+"""Where an export's latent normalisation comes from: measured statistics, never a guess.
 
-scaling_factor (and shift_factor, SD3 / FLUX style) from, in this order: an encode manifest of the same weights, a
-measurement on image shards now, or the eval.json that evaluate wrote beside the model for the same weights; the
-model's own configured factor only when asked for explicitly."""
+From, in this order: an encode manifest of the same weights, a measurement on image shards now, or the eval.json
+that evaluate wrote beside the model for the same weights; the model's own normalisation only when asked for
+explicitly. The measured statistics are of the latent in the family's layout, and give a normalisation of the
+family's kind (pipeline.models.normalisation): a scaling / shift factor, or per-channel mean and std."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from pipeline.checkpoint import CHECKPOINTS
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, read_manifest
+from pipeline.models.families import family_of
+from pipeline.models.normalisation import measured
 
 
 class NoStatistics(UserError):
@@ -34,19 +37,22 @@ def eval_beside(given: str, weights) -> tuple[dict | None, str]:
     return None, "no eval.json beside the model"
 
 
-def latent_factors(weights, model, cfg, stats: str | None = None, data: str | None = None, num_samples: int = 1000,
-                   keep: bool = False, shift: bool = False) -> dict:
-    """{'scaling_factor', 'shift_factor' (None unless `shift`), 'source'}; a UserError when nothing was measured
-    and `keep` was not asked for."""
-    pick = lambda st: {"scaling_factor": st["scaling_factor"], "shift_factor": st["shift_factor"] if shift else None}  # noqa: E731
+def export_normalisation(weights, model, cfg, stats: str | None = None, data: str | None = None,
+                         num_samples: int = 1000, keep: bool = False, shift: bool = False) -> dict:
+    """The normalisation spec an export writes into the model; a NoStatistics error when nothing was measured and
+    `keep` was not asked for. A scaling / shift spec keeps its shift only with `shift` (SD3 / FLUX convention)."""
+    fam = family_of(model)
+    own = fam.normalisation(model)
     if stats:
         from pipeline.latents.format import model_sha256
 
         m = read_manifest(stats, LATENT_FORMAT)
         if m["model_sha256"] != model_sha256(model):
             raise UserError(f"{stats}: latents of another model (weights hash differs)")
-        return {**pick(m["statistics"]), "source": f"encode manifest {stats}"}
-    if data:
+        if not m["statistics"].get("channel_std"):
+            raise UserError(f"{stats}: the manifest holds no latent statistics (no latent was encoded)")
+        spec = measured(own, m["statistics"], f"encode manifest {stats}", fam.shift)
+    elif data:
         from pipeline.data.loader import plan_subset
         from pipeline.latents.encoder import measure_statistics
 
@@ -54,11 +60,15 @@ def latent_factors(weights, model, cfg, stats: str | None = None, data: str | No
         st = measure_statistics(model, urls, limits, cfg.data.resolution, cfg.encode.batch_size)
         if not st:
             raise UserError(f"{data}: no decodable image to measure the latent statistics on")
-        return {**pick(st), "source": f"measured on {planned} samples of {data}"}
-    res, why = eval_beside(weights.given, weights)
-    if res is not None:
-        return {**pick(res["latents"]), "source": f"{why} ({res['samples']} samples)"}
-    if keep:
-        return {"scaling_factor": cfg.model.scaling_factor, "shift_factor": cfg.model.shift_factor if shift else None,
-                "source": "the model's own config (--keep-scaling-factor: not measured)"}
-    raise NoStatistics(f"no measured latent statistics for {weights.given} ({why})")
+        spec = measured(own, st, f"measured on {planned} samples of {data}", fam.shift)
+    else:
+        res, why = eval_beside(weights.given, weights)
+        if res is not None:
+            spec = measured(own, res["latents"], f"{why} ({res['samples']} samples)", fam.shift)
+        elif keep:
+            spec = {**own, "source": "the model's own config (--keep-scaling-factor: not measured)"}
+        else:
+            raise NoStatistics(f"no measured latent statistics for {weights.given} ({why})")
+    if spec["kind"] == "scale_shift" and not shift:
+        spec["shift_factor"] = None
+    return spec

@@ -56,27 +56,35 @@ def keys_checksum(keys: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- settings
-def folder_settings(model, cfg, weights, dtype: str, buckets, tensors: list[str]) -> dict:
-    """What every shard of a folder is encoded with: the identity (IDENTITY_KEYS) and a description of the model.
-    `weights`: the pinned pipeline.weights.Weights the model came from."""
-    from pipeline.models.autoencoder import family_of
+STATISTICS_OF = {
+    "moments": "the latent the reader yields: samples of N(mean, exp(logvar)) (E[z^2] = mean^2 + exp(logvar))",
+    "codes": "the quantised latent z_q",
+}
 
+
+def folder_settings(model, cfg, weights, dtype: str, buckets, store: str, tensors: list[str]) -> dict:
+    """What every shard of a folder is encoded with: the identity (IDENTITY_KEYS), a description of the model, and
+    how the reader normalises (`normalisation`: the model's own, and whether the measured one replaces it).
+    `weights`: the pinned pipeline.weights.Weights the model came from."""
+    from pipeline.models.families import family_of, plain_config
+
+    fam = family_of(model)
     e = cfg.encode
-    kind = family_of(model).name
+    choice = e.normalisation if e.normalisation != "auto" else "measured" if weights.format == "checkpoint" else "model"
+    layout = "" if fam.normalisation(model).get("patch", 1) == 1 else ", patchified as its normalisation is"
     return {
         "model_sha256": model_sha256(model),
-        "kind": kind,
-        "store": "codes" if kind == "vq" else e.store,
+        "kind": fam.name,
+        "store": store,
         "tensors": tensors,
         "dtype": dtype,
         "resolution": cfg.data.resolution,
         "buckets": [list(b) for b in buckets] if buckets else None,
         "flip": e.flip,
-        "statistics_of": ("the latent the reader yields: samples of N(mean, exp(logvar)) (E[z^2] = mean^2 + "
-                          "exp(logvar))" if kind == "kl" and e.store == "moments" else
-                          "the quantised latent z_q" if kind == "vq" else f"the stored {e.store}"),
+        "statistics_of": STATISTICS_OF.get(store, f"the stored {store}") + layout,
+        "normalisation": {"use": choice, "model": fam.normalisation(model), "shift": fam.shift},
         "model": {"class": type(model).__name__, "path": weights.path, "weights": weights.describe(),
-                  "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+                  "config": plain_config(model.config),
                   "scaling_factor": cfg.model.scaling_factor, "shift_factor": cfg.model.shift_factor},
     }
 
@@ -178,6 +186,7 @@ def build_manifest(folder: Path, settings: dict, records: list[dict], expected: 
     listed = shard_list(records, "source", "keys_sha256")
     for shard, r in zip(listed["shards"], records):
         shard["skipped"] = len(r["skipped"])
+    statistics = channel_statistics(sums["count"], sums["sum"], sums["sumsq"])
     manifest = {
         "format": LATENT_FORMAT,
         "model": settings["model"],
@@ -191,8 +200,8 @@ def build_manifest(folder: Path, settings: dict, records: list[dict], expected: 
         "flip": settings["flip"],
         "latent_shapes": shapes,
         **listed,
-        "statistics": {**channel_statistics(sums["count"], sums["sum"], sums["sumsq"]),
-                       "of": settings["statistics_of"]},
+        "statistics": {**statistics, "of": settings["statistics_of"]},
+        "normalisation": reader_normalisation(settings, statistics),
         "model_scaling_factor": settings["model"]["scaling_factor"],
         "model_shift_factor": settings["model"]["shift_factor"],
     }
@@ -201,6 +210,21 @@ def build_manifest(folder: Path, settings: dict, records: list[dict], expected: 
     if processes is not None:
         manifest["processes"] = processes
     return manifest
+
+
+def reader_normalisation(settings: dict, statistics: dict) -> dict | None:
+    """The normalisation LatentDataset applies: the model's own, or the one these latents' statistics give (a
+    firststage run's: its export writes the same); none for codes."""
+    from pipeline.models.normalisation import measured
+
+    norm = settings.get("normalisation")
+    if settings["store"] == "codes" or norm is None:
+        return None
+    if norm["use"] == "measured":
+        if not statistics:
+            return None
+        return measured(norm["model"], statistics, "the statistics of these latents", norm["shift"])
+    return norm["model"]
 
 
 def write_manifest(folder: Path, expected: list[str] | None = None, processes: int | None = None) -> dict:

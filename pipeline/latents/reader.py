@@ -4,12 +4,15 @@
   ds = LatentDataset("latents/train", batch_size=64)             # endless, shuffled, a different stream per rank
   loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=4)
   for batch in loader:
-      z = batch["latents"]            # [64, C, h, w], (z - shift_factor) * scaling_factor: unit variance
+      z = batch["latents"]            # [64, C, h, w], normalised as the manifest says (the family's own convention)
       captions = batch["txt"]         # list of str (None where a sample has no caption)
 
 Moments are sampled with fresh noise every time (z = mean + exp(logvar / 2) * eps); a stored flip is chosen at random
 in train mode; batches hold one bucket each (never padded). `mode="eval"` reads every sample exactly once across
-ranks and loader workers, the unflipped latent, with noise seeded by the sample key.
+ranks and loader workers, the unflipped latent, with noise seeded by the sample key. The latent is then normalised
+by the manifest's `normalisation` (pipeline.models.normalisation): for a published autoencoder its own convention,
+so the latents equal what its diffusers pipeline feeds its transformer (FLUX.2: 2x2-patchified, 128 channels); for
+a firststage run the factors measured on these latents. VQ and FSQ latents are integer codes.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from webdataset.utils import make_seed
 from pipeline.data.loader import ShardStream, collate, worker_slot
 from pipeline.latents.format import LATENT_EXT, META_EXT
 from pipeline.manifest import LATENT_FORMAT, read_manifest
-from pipeline.models.autoencoder import key_generator, reparameterize
+from pipeline.models.normalisation import normalise
+from pipeline.models.posterior import key_generator, reparameterize
 
 
 def _default_rank_world() -> tuple[int, int]:
@@ -53,10 +57,15 @@ class LatentDataset(ShardStream):
         super().__init__(urls, mode, shuffle_buffer, seed, r if rank is None else rank,
                          w if world_size is None else world_size, epoch)
         stats = self.manifest["statistics"]
-        self.scaling_factor = scaling_factor if scaling_factor is not None else (stats.get("scaling_factor") or 1.0)
-        self.shift_factor = shift_factor if shift_factor is not None else (stats.get("shift_factor") or 0.0)
+        # the manifest's normalisation; a manifest from before it existed: the measured factors
+        self.normalisation = self.manifest.get("normalisation", {
+            "kind": "scale_shift", "scaling_factor": stats.get("scaling_factor") or 1.0,
+            "shift_factor": stats.get("shift_factor") or 0.0, "source": "measured"})
+        if scaling_factor is not None or shift_factor is not None:
+            self.normalisation = {"kind": "scale_shift", "scaling_factor": scaling_factor or 1.0,
+                                  "shift_factor": shift_factor or 0.0, "source": "given"}
         if not scale:
-            self.scaling_factor, self.shift_factor = 1.0, 0.0
+            self.normalisation = None
         self.sample, self.batch_size = sample, batch_size
         self.drop_last = (mode == "train") if drop_last is None else drop_last
         self._noise: torch.Generator | None = None
@@ -78,8 +87,9 @@ class LatentDataset(ShardStream):
                 gen = self._noise if train else key_generator(raw["__key__"])
                 z = reparameterize(mean, logvar, generator=gen)
             else:
-                z = tensors[("mean" if "mean" in tensors else "sample") + suffix].float()
-            z = (z - self.shift_factor) * self.scaling_factor
+                z = tensors[next(n for n in ("mean", "sample", "latent") if n in tensors) + suffix].float()
+            if self.normalisation is not None:
+                z = normalise(z, self.normalisation)
         out = {"latents": z, "__key__": raw["__key__"], "meta": json.loads(raw[META_EXT]),
                "txt": raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else None}
         for k, v in raw.items():

@@ -32,9 +32,11 @@ from pipeline.models.discriminator import PatchDiscriminator
 
 
 class FirstStageObjective(nn.Module):
-    def __init__(self, cfg: LossConfig, kind: str = "kl", in_channels: int = 3):
+    def __init__(self, cfg: LossConfig, posterior: bool = True, in_channels: int = 3):
+        """`posterior`: the model has a Gaussian posterior (LDM's KL normalisation); otherwise taming's (VQ, FSQ,
+        deterministic latents)."""
         super().__init__()
-        self.cfg, self.kind = cfg, kind
+        self.cfg, self.posterior = cfg, posterior
         p = cfg.perceptual
         self.perceptual = Perceptual(p.net, p.backbone) if p.weight > 0 else None
         r = cfg.reconstruction
@@ -51,7 +53,7 @@ class FirstStageObjective(nn.Module):
         return self.discriminator is not None and step >= self.cfg.adversarial.start_step
 
     def _reduce(self, per_pixel: torch.Tensor) -> torch.Tensor:
-        if self.kind == "kl":
+        if self.posterior:
             return per_pixel.sum() / per_pixel.shape[0]
         return per_pixel.mean()
 

@@ -15,9 +15,10 @@ import torch
 from pipeline.config import EvaluateConfig
 from pipeline.losses.kl import kl_elements, kl_per_sample
 from pipeline.metrics.image import mean_colour, psnr, ssim
-from pipeline.metrics.latent import MomentSums, active_units, latent_statistics
+from pipeline.metrics.latent import MomentSums, active_units, latent_statistics, normalised_statistics
 from pipeline.metrics.likelihood import bits_per_dim, importance_log_weights, iwae_from_log_weights
 from pipeline.models.autoencoder import family_of, key_generator, key_noise, key_seed, reparameterize
+from pipeline.models.normalisation import patchify
 from pipeline.models.quantizer import perplexity
 from pipeline.pixels import to_model_input, to_uint8
 
@@ -29,6 +30,8 @@ class Evaluator:
         self.model, self.opts, self.device, self.fid = model, opts, device, fid
         self.perceptual = perceptual
         self.family = family_of(model)
+        self.normalisation = self.family.normalisation(model)
+        self.patch = self.normalisation.get("patch", 1)  # statistics in the normalisation's layout (FLUX.2: 2x2)
         c = model.config
         f = self.family.downsampling_factor(model)
         latent_c = self.family.latent_channels(model)
@@ -40,7 +43,7 @@ class Evaluator:
             self.sums["kl"] = torch.zeros((), dtype=torch.float64)
             self.sums["kl_channel"] = torch.zeros(latent_c, dtype=torch.float64)
         self.au = MomentSums((latent_c, resolution // f, resolution // f)) if self.posterior else None
-        self.ch = MomentSums((latent_c,))
+        self.ch = MomentSums((latent_c * self.patch**2,))
         self.all = MomentSums(())
         self.buffered: list[tuple] = []  # likelihood subset: (x, mean, logvar, keys), bounds computed at the end
         num_codes = self.family.num_codes(model)
@@ -81,7 +84,8 @@ class Evaluator:
         for name, lp in self.perceptual.items():
             if not isinstance(lp, str):
                 self._add(f"lpips_{name}", lp(x, rec.float()))
-        zc = z.detach().double().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        z = patchify(z.detach(), self.patch)
+        zc = z.double().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         self.ch.add(zc)
         self.all.add(zc.reshape(-1))
         if self.fid is not None:
@@ -122,6 +126,7 @@ class Evaluator:
         self.ch.n, self.ch.s, self.ch.ss = ch
         self.all.n, self.all.s, self.all.ss = al
         res["latents"] = latent_statistics(self.ch, self.all)
+        res["normalisation"] = {**self.normalisation, **normalised_statistics(self.ch, self.normalisation)}
         if self.code_counts is not None:
             counts = reduce([self.code_counts])[0]
             res["codebook"] = {

@@ -64,3 +64,19 @@ def latent_statistics(channel_sums: MomentSums, all_sums: MomentSums) -> dict:
         "scaling_factor": 1.0 / std_all if std_all > 0 else float("nan"),
         "shift_factor": float(all_sums.mean()),
     }
+
+
+def normalised_statistics(channel_sums: MomentSums, spec: dict) -> dict:
+    """Mean and std of the latent after the normalisation `spec` (pipeline.models.normalisation), from per-channel
+    sums in its layout: how close the model's own convention comes to unit variance on these images."""
+    n = channel_sums.n.clamp(min=1)
+    m, second = channel_sums.s / n, channel_sums.ss / n  # per channel E[z], E[z^2]
+    if spec["kind"] == "scale_shift":
+        shift = torch.full_like(m, spec.get("shift_factor") or 0.0)
+        scale = torch.full_like(m, spec["scaling_factor"])
+    else:
+        shift = torch.tensor(spec["mean"], dtype=m.dtype)
+        scale = 1.0 / torch.tensor(spec["std"], dtype=m.dtype)
+    mean_n = ((m - shift) * scale).mean()
+    second_n = ((second - 2 * m * shift + shift * shift) * scale * scale).mean()
+    return {"normalised_mean": float(mean_n), "normalised_std": math.sqrt(max(float(second_n - mean_n**2), 0.0))}

@@ -4,6 +4,7 @@ and the table of results that evaluate prints, writes to eval.md and the model c
 from __future__ import annotations
 
 from pipeline.errors import UserError
+from pipeline.models.normalisation import describe
 
 LPIPS_NETS = ("vgg", "alex")  # the two the published tables use
 
@@ -52,10 +53,13 @@ def format_table(res: dict) -> str:
         cb = res["codebook"]
         rows += [("codebook usage", f"{cb['used']} / {cb['size']} ({cb['usage']:.1%})"),
                  ("codebook perplexity", cb["perplexity"]), ("dead codes", cb["dead_codes"])]
-    lat = res["latents"]
+    lat, norm = res["latents"], res["normalisation"]
     rows += [("latent mean / std", f"{lat['mean']:.4g} / {lat['std']:.4g}"),
              ("scaling_factor (1/std)", lat["scaling_factor"]), ("shift_factor (mean)", lat["shift_factor"]),
-             ("latent channel std", ", ".join(f"{v:.3g}" for v in lat["channel_std"]))]
+             ("latent channel std", ", ".join(f"{v:.3g}" for v in lat["channel_std"][:16])
+              + (", ..." if len(lat["channel_std"]) > 16 else "")),
+             ("the model's latent normalisation", describe(norm)),
+             ("normalised latent mean / std", f"{norm['normalised_mean']:.4g} / {norm['normalised_std']:.4g}")]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     cell = lambda v: fmt(v).replace("|", "\\|")  # noqa: E731 (a | inside a value would split the markdown cell)
     return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {cell(v)} |" for k, v in rows)

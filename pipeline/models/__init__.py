@@ -1,4 +1,4 @@
-"""Networks: the model families (diffusers' AutoencoderKL / VQModel built from config), our quantizer, the PatchGAN."""
+"""Networks: the model families (pipeline.models.families), our quantizers (VQ, FSQ), the PatchGAN."""
 
 from pipeline.models.autoencoder import (  # noqa: F401
     FAMILIES,

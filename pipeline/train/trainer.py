@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import Config
+from pipeline.config import Config, config_from_dict, config_to_dict, merge_dicts
 from pipeline.data.loader import make_loader, plan_subset, resolve_shards
-from pipeline.distributed import all_reduce
+from pipeline.distributed import all_reduce, print0
 from pipeline.errors import UserError
 from pipeline.losses import FirstStageObjective
 from pipeline.models.autoencoder import build_autoencoder, family_of
@@ -37,7 +37,8 @@ from pipeline.train.ema import EMA
 from pipeline.train.module import TrainableAutoencoder
 from pipeline.train.schedules import base_learning_rate, lr_factor
 from pipeline.weights import resolve_weights
-from pipeline.weights.loading import check_shapes
+from pipeline.weights.discriminator import read as read_discriminator
+from pipeline.weights.loading import check_shapes, load_state
 
 
 @dataclass
@@ -89,14 +90,14 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        vae = build_autoencoder(cfg.model, cfg.data.resolution)
-        if cfg.train.init_from and resume_path is None:
-            init = resolve_weights(cfg.train.init_from)
-            init.load_into(vae, f"train.init_from {cfg.train.init_from}")
+        vae, discriminator = self._initial_model(resume_path is not None)
+        cfg = self.cfg  # train.init_from may have brought the model's shape
         if cfg.train.gradient_checkpointing:
-            vae.enable_gradient_checkpointing()
-        module = TrainableAutoencoder(vae, freeze_encoder=cfg.train.freeze_encoder)
-        self.objective = FirstStageObjective(cfg.loss, cfg.model.kind, cfg.model.in_channels)
+            family_of(vae).enable_gradient_checkpointing(vae)
+        module = TrainableAutoencoder(vae, cfg.train.trainable, cfg.train.freeze_encoder)
+        self.objective = FirstStageObjective(cfg.loss, family_of(vae).has_posterior, cfg.model.in_channels)
+        if discriminator is not None and self.objective.discriminator is not None:
+            load_state(self.objective.discriminator, discriminator, f"train.init_from {cfg.train.init_from} (discriminator)")
         self.ema = EMA(vae, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
         lr = base_learning_rate(cfg.train.lr, cfg.train.lr_scale, self.global_batch)
@@ -146,6 +147,32 @@ class Trainer:
             self.validator = Validator(acc, cfg.train.val_every, cfg.train.val_samples, val_loader, cfg.evaluate,
                                        cfg.data.resolution, perceptual)
             self.grid.keep(next(iter(val_loader()))["image"])  # the grid shows held-out images
+
+    def _initial_model(self, resuming: bool):
+        """The autoencoder to train, and the discriminator that came with train.init_from (or None). A model whose
+        family differs from model.kind, or whose shape the model.* keys cannot describe (model.diffusers), brings
+        its shape: the run's config takes its model section (also when resuming, so the shapes agree). Otherwise the
+        model is built from the config and the weights are loaded into it, naming the first tensor whose shape
+        differs. A resumed run's weights come from its checkpoint."""
+        cfg = self.cfg
+        if not cfg.train.init_from:
+            return build_autoencoder(cfg.model, cfg.data.resolution), None
+        source = f"train.init_from {cfg.train.init_from}"
+        init = resolve_weights(cfg.train.init_from)
+        if init.format == "encoder-only":
+            raise UserError(f"{source}: an encoder-only export has no decoder to train; use the full model")
+        model, init_cfg = init.load()
+        if init_cfg.model.kind != cfg.model.kind or init_cfg.model.diffusers:
+            section = config_to_dict(init_cfg)["model"]
+            self.cfg = config_from_dict(merge_dicts(config_to_dict(cfg), {"model": section}))
+            print0(f"train: the model's shape comes from {cfg.train.init_from} ({type(model).__name__}, "
+                   f"model.kind {section['kind']})")
+            vae = model if not resuming else build_autoencoder(self.cfg.model, cfg.data.resolution)
+        else:
+            vae = build_autoencoder(cfg.model, cfg.data.resolution)
+            if not resuming:
+                load_state(vae, model.state_dict(), source)
+        return vae.train(), None if resuming else read_discriminator(init)
 
     @property
     def unwrapped(self) -> TrainableAutoencoder:

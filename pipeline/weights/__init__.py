@@ -23,7 +23,8 @@ from pipeline.weights import diffusers, encoder_only, firststage, legacy, single
 
 FORMATS = (firststage, encoder_only, diffusers, single_file, legacy)
 BY_NAME = {f.NAME: f for f in FORMATS}
-EXPORT_FORMATS = {"diffusers": diffusers, "single-file": single_file, "encoder-only": encoder_only}
+EXPORT_FORMATS = {"diffusers": diffusers, "single-file": single_file, "encoder-only": encoder_only,
+                  "firststage": firststage}
 FILE_SUFFIXES = single_file.SUFFIXES + legacy.SUFFIXES
 
 

@@ -12,7 +12,9 @@ LOAD = {
     "diffusers": """```python
 from diffusers import {cls}
 vae = {cls}.from_pretrained("{path}")          # or as the `vae` of a diffusers pipeline
-z = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+```""",
+    "firststage": """```
+firststage evaluate --model {path} --data SHARDS    # any stage's --model, and train.init_from
 ```""",
     "single-file": """```python
 from diffusers import AutoencoderKL
@@ -27,15 +29,15 @@ mean, logvar = program(images)                               # images: float [B,
 }
 
 
-def model_card(fmt: str, cls: str, path: str, source: str, cfg, factors: dict, trainer: dict | None,
-               data_summary: str | None, eval_table: str | None) -> str:
+def model_card(fmt: str, cls: str, path: str, source: str, cfg, normalisation: dict, trainer: dict | None,
+               data_summary: str | None, eval_table: str | None, note: str = "") -> str:
+    from pipeline.models.normalisation import describe
+
     lines = [f"# {cls} exported by firststage ({fmt})", "",
-             f"Source: `{source}`" + (f", step {trainer['step']}, {trainer['samples']} images seen" if trainer else ""),
-             "", "## Latent scaling", "",
-             f"- scaling_factor: {factors['scaling_factor']:.6g}"
-             + (f", shift_factor: {factors['shift_factor']:.6g}" if factors.get("shift_factor") is not None else ""),
-             f"- from: {factors['source']}", "", "## Load it", "",
-             LOAD[fmt].format(cls=cls, path=path), ""]
+             f"Source: `{source}`" + (f", step {trainer['step']}, {trainer['samples']} images seen"
+                                      if trainer and "step" in trainer else ""),
+             "", "## Latent normalisation", "", f"- {describe(normalisation)}", "", "## Load it", "",
+             LOAD[fmt].format(cls=cls, path=path), ""] + ([note, ""] if note else [])
     if data_summary:
         lines += ["## Training data", "", data_summary, ""]
     if eval_table:

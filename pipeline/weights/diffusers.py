@@ -1,5 +1,7 @@
-"""Format: a diffusers folder (config.json + safetensors), also a pipeline folder's `vae/`. Loaded and saved by
-diffusers itself (safetensors only), so an export works as the `vae` of a diffusers pipeline."""
+"""Format: a diffusers folder (config.json + safetensors), also a pipeline folder's `vae/`, of any class a model
+family knows (AutoencoderKL, VQModel, AutoencoderDC, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan,
+AutoencoderTiny). Loaded and saved by diffusers itself (safetensors only), so an export works as the `vae` of that
+family's diffusers pipelines."""
 
 from __future__ import annotations
 
@@ -8,15 +10,10 @@ from pathlib import Path
 
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
 from pipeline.errors import UserError
-from pipeline.models.autoencoder import FAMILIES, family_of, is_vq
+from pipeline.models.families import family_of, family_of_class
 from pipeline.models.quantizer import VectorQuantizer
 
 NAME = "diffusers"
-
-
-def _classes() -> dict[str, type]:
-    """diffusers class name -> class, over every model family."""
-    return {cls.__name__: cls for fam in FAMILIES.values() for cls in fam.classes}
 
 
 def _class_name(p: Path) -> str | None:
@@ -29,7 +26,7 @@ def _class_name(p: Path) -> str | None:
 
 def detect(p: Path) -> Path | None:
     for folder in (p, p / "vae"):
-        if folder.is_dir() and _class_name(folder) in _classes():
+        if folder.is_dir() and family_of_class(_class_name(folder)) is not None:
             return folder
     return None
 
@@ -51,7 +48,8 @@ def state_dict(folder: Path, ema: bool) -> dict:
 
 
 def load(folder: Path, ema: bool, overrides: list[str] | None):
-    cls = _classes()[_class_name(folder)]
+    name = _class_name(folder)
+    cls = next(c for c in family_of_class(name).classes if c.__name__ == name)
     try:
         model = cls.from_pretrained(folder, use_safetensors=True)
     except (OSError, EnvironmentError) as e:
@@ -60,29 +58,30 @@ def load(folder: Path, ema: bool, overrides: list[str] | None):
 
 
 def model_config(model, overrides: list[str] | None = None):
-    """A Config whose model section describes a loaded diffusers model (for evaluate / encode / export)."""
+    """A Config whose model section describes a loaded model (for evaluate / encode / export / init_from)."""
     fam = family_of(model)
     f = fam.downsampling_factor(model)
     size = int(model.config.get("sample_size") or 256)
-    data = {"resolution": size if size % f == 0 else 256}
+    data = {"resolution": size if size % f == 0 else max(f, 256 - 256 % f)}
     return config_from_dict(merge_dicts({"model": fam.model_section(model), "data": data},
                                         parse_overrides(overrides or [])))
 
 
 # ------------------------------------------------------------------------------------------------------ save
 def refuse_cosine_codebook(model, fmt: str) -> None:
-    if is_vq(model) and getattr(model.quantize, "cosine", False):
+    if isinstance(getattr(model, "quantize", None), VectorQuantizer) and model.quantize.cosine:
         raise UserError(f"format {fmt}: this VQ model has a cosine (l2-normalised) codebook, which diffusers' "
                         f"VQModel and LDM's quantizer cannot reproduce (they look codes up by Euclidean distance); "
                         f"export it as encoder-only, or train with model.codebook.cosine=false")
 
 
 def to_plain_diffusers(model):
-    """The model as a class diffusers ships, with identical weights (a copy for VQ, the model itself for KL)."""
+    """The model as a class diffusers ships, with identical weights (a copy for VQ with our quantizer, the model
+    itself otherwise)."""
     from diffusers import VQModel
 
-    if not is_vq(model) or not isinstance(model.quantize, VectorQuantizer):
-        return model  # diffusers' own class already (a KL model, or a VQ model loaded from a diffusers folder)
+    if not isinstance(getattr(model, "quantize", None), VectorQuantizer):
+        return model  # diffusers' own class already
     refuse_cosine_codebook(model, "diffusers")
     q = model.quantize
     plain = VQModel.from_config(model.config)
@@ -93,11 +92,11 @@ def to_plain_diffusers(model):
 
 
 def save(model, folder: Path, section: dict | None = None, resolution: int | None = None,
-         scaling_factor: float | None = None, shift_factor: float | None = None, **_) -> Path:
-    """diffusers' own save_pretrained (safetensors), with the latent factors set in config.json when given."""
+         normalisation: dict | None = None, **_) -> Path:
+    """diffusers' own save_pretrained (safetensors), with the latent normalisation written where the family's
+    pipelines read it (config factors, latents_mean / latents_std, BatchNorm statistics)."""
     plain = to_plain_diffusers(model)
-    factors = {k: v for k, v in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)) if v is not None}
-    if factors:
-        plain.register_to_config(**factors)
+    if normalisation is not None:
+        family_of(plain).set_normalisation(plain, normalisation)
     plain.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -3,7 +3,7 @@
   folder/
     encoder_config.json       the model section, resolution(s), latent factors, what the program returns
     encoder.safetensors       encoder.*, quant_conv.* (and quantize.embedding.weight for VQ)
-    encoder.pt2               a torch.export program: images [B, 3, H, W] in [-1, 1] -> (mean, logvar) or (codes,),
+    encoder.pt2               a torch.export program: images [B, 3, H, W] in [-1, 1] -> (mean, logvar), (codes,) or (latent,),
                               B dynamic, H and W any multiple of the downsampling factor up to max_size
 
 firststage loads the folder (`--model folder`) without building a decoder.
@@ -21,7 +21,8 @@ from torch import nn
 from pipeline.checkpoint import load_tensors
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
 from pipeline.errors import UserError
-from pipeline.models.autoencoder import build_autoencoder, downsampling_factor, is_vq
+from pipeline.models.autoencoder import build_autoencoder, downsampling_factor, family_of
+from pipeline.models.fsq import FiniteScalarQuantizer
 from pipeline.weights.loading import load_state
 
 NAME = "encoder-only"
@@ -32,18 +33,27 @@ ENCODER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
 
 
 class EncoderProgram(nn.Module):
-    """x in [-1, 1] -> (posterior mean, logvar clamped as diffusers does) for KL, (codes [B, h, w],) for VQ."""
+    """x in [-1, 1] -> (posterior mean, logvar clamped as diffusers does) for a KL model, (codes [B, h, w],) for VQ
+    and FSQ, (latent,) for a deterministic encoder (DC-AE)."""
 
     def __init__(self, vae):
         super().__init__()
-        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
-        self.quantize = vae.quantize if is_vq(vae) else None
+        fam = family_of(vae)
+        self.encoder, self.quant_conv = vae.encoder, getattr(vae, "quant_conv", None)
+        self.outputs = ["mean", "logvar"] if fam.has_posterior else ["codes"] if fam.num_codes(vae) else ["latent"]
+        self.quantize = vae.quantize if self.outputs == ["codes"] else None
 
     def forward(self, x: torch.Tensor):
-        h = self.quant_conv(self.encoder(x))
-        if self.quantize is None:
+        h = self.encoder(x)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        if self.outputs == ["mean", "logvar"]:
             mean, logvar = h.chunk(2, dim=1)
             return mean, logvar.clamp(-30.0, 20.0)
+        if self.quantize is None:
+            return (h,)
+        if isinstance(self.quantize, FiniteScalarQuantizer):
+            return (self.quantize.codes(h),)
         flat = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
         if self.quantize.cosine:
             flat = nn.functional.normalize(flat, dim=1)
@@ -66,8 +76,7 @@ def state_dict(folder: Path, ema: bool) -> dict:
     raise UserError(f"{folder}: an encoder-only export has no decoder to train; use the full model")
 
 
-def save(model, folder: Path, section: dict, resolution: int, scaling_factor: float,
-         shift_factor: float | None = None, max_size: int = 4096, **_) -> Path:
+def save(model, folder: Path, section: dict, resolution: int, normalisation: dict, max_size: int = 4096, **_) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(encoder_state(model), str(folder / WEIGHTS))
     f = downsampling_factor(model)
@@ -80,11 +89,14 @@ def save(model, folder: Path, section: dict, resolution: int, scaling_factor: fl
         ep = torch.export.export(program, (example,), dynamic_shapes={"x": {0: batch, 2: f * h, 3: f * w}})
     torch.export.save(ep, str(folder / PROGRAM))
     config = {
-        "model": {**section, "scaling_factor": scaling_factor, "shift_factor": shift_factor},
+        "model": {**section, **({"scaling_factor": normalisation["scaling_factor"],
+                                 "shift_factor": normalisation.get("shift_factor")}
+                                if normalisation["kind"] == "scale_shift" else {})},
+        "normalisation": normalisation,
         "resolution": resolution,
         "program": {"file": PROGRAM, "input": "float32 images [B, C, H, W] in [-1, 1]",
                     "batch": "dynamic", "sizes": f"H and W multiples of {f}, up to {max_size}",
-                    "outputs": ["codes"] if is_vq(model) else ["mean", "logvar"]},
+                    "outputs": program.outputs},
         "weights": WEIGHTS,
     }
     (folder / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
@@ -98,7 +110,9 @@ def load(folder: Path, ema: bool, overrides: list[str] | None = None):
                                        parse_overrides(overrides or [])))
     with torch.device("meta"):
         model = build_autoencoder(cfg.model, cfg.data.resolution)
-    model.decoder, model.post_quant_conv = None, None
+    model.decoder = None
+    if hasattr(model, "post_quant_conv"):
+        model.post_quant_conv = None
     model = model.to_empty(device="cpu")
     state = load_tensors(folder / meta.get("weights", WEIGHTS))
     load_state(model, state, str(folder))

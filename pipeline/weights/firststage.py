@@ -45,3 +45,24 @@ def state_dict(folder: Path, ema: bool) -> dict:
 def load(folder: Path, ema: bool, overrides: list[str] | None):
     cfg = load_config(folder / CONFIG_FILE, overrides)
     return build_and_load(cfg, state_dict(folder, ema), str(folder)), cfg
+
+
+
+def save(model, folder: Path, section: dict, resolution: int, normalisation: dict | None = None, **_) -> Path:
+    """A checkpoint folder holding only the model (firststage's own format: any family, FSQ included, which no
+    diffusers class holds): autoencoder.safetensors, config.yaml and the record trainer.json."""
+    import json
+
+    from pipeline.checkpoint import TRAINER_FILE, save_tensors
+    from pipeline.config import config_from_dict, save_config
+    from pipeline.models.families import family_of
+
+    fam = family_of(model)
+    if normalisation is not None:
+        fam.set_normalisation(model, normalisation)
+        section = fam.model_section(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / TENSOR_FILES["autoencoder"], model.state_dict())
+    save_config(config_from_dict({"model": section, "data": {"resolution": resolution}}), folder / CONFIG_FILE)
+    (folder / TRAINER_FILE).write_text(json.dumps({"exported": True, "normalisation": normalisation}) + "\n")
+    return folder

@@ -81,15 +81,15 @@ def load(path: Path, ema: bool, overrides: list[str] | None):
     return load_from(path, *read(path), overrides)
 
 
-def save(model, path: Path, section: dict, resolution: int, scaling_factor: float, shift_factor: float | None = None,
-         prefix: str = "", **_) -> Path:
+def save(model, path: Path, section: dict, resolution: int, normalisation: dict, prefix: str = "", **_) -> Path:
     """LDM names (attention matrices as 1x1 convs), the latent factors and our model section in the metadata."""
     refuse_cosine_codebook(model, "single-file")
     state = {k: v.detach().cpu() for k, v in to_plain_diffusers(model).state_dict().items()}
-    section = {**section, "scaling_factor": scaling_factor, "shift_factor": shift_factor}
-    metadata = {"format": "pt", "scaling_factor": repr(float(scaling_factor)), "resolution": str(resolution),
+    scale, shift = normalisation["scaling_factor"], normalisation.get("shift_factor")
+    section = {**section, "scaling_factor": scale, "shift_factor": shift}
+    metadata = {"format": "pt", "scaling_factor": repr(float(scale)), "resolution": str(resolution),
                 "firststage_model": json.dumps(section)}
-    if shift_factor is not None:
-        metadata["shift_factor"] = repr(float(shift_factor))
+    if shift is not None:
+        metadata["shift_factor"] = repr(float(shift))
     save_file(diffusers_to_ldm(state, prefix), str(path), metadata=metadata)
     return Path(path)

@@ -1,0 +1,141 @@
+"""What every model family answers, with the defaults most diffusers autoencoders share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import downsampling_factor_of
+from pipeline.errors import UserError
+from pipeline.models.posterior import reparameterize
+
+
+@dataclass
+class Latent:
+    """What an encoder gives for a batch (4-D tensors). `mean`: the posterior mean (KL), the quantised latent z_q
+    (VQ, FSQ) or the deterministic latent (DC-AE, Tiny); `logvar`: the posterior's log-variance (KL only); `codes`:
+    code indices [B, h, w] (VQ, FSQ); `vq_loss`, `perplexity`: the quantizer's terms."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    vq_loss: torch.Tensor | None = None
+    perplexity: torch.Tensor | None = None
+
+
+@dataclass
+class AutoencoderOutput:
+    reconstruction: torch.Tensor
+    latents: torch.Tensor  # the latent fed to the decoder: sampled (KL), quantised (VQ, FSQ) or deterministic
+    mean: torch.Tensor | None = None  # KL posterior moments
+    logvar: torch.Tensor | None = None
+    vq_loss: torch.Tensor | None = None  # VQ codebook + commitment terms
+    perplexity: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+
+
+def plain_config(config) -> dict:
+    """A diffusers config as plain JSON data (lists, not tuples), without diffusers' private keys."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+
+class Family:
+    """One model family: how its models are built, encode, decode and train. Subclasses override what differs."""
+
+    name = ""
+    classes: tuple[type, ...] = ()
+    has_posterior = False  # a Gaussian q(z|x): KL term, active units, likelihood bounds
+    shift = True  # its pipelines subtract a shift (measured normalisation then removes the mean)
+    exports = ("diffusers", "firststage")  # pipeline.weights export formats that can hold this family
+
+    # ------------------------------------------------------------------------------------------ building
+    def build(self, cfg, sample_size: int) -> nn.Module:
+        """From the `model:` section: its diffusers config when it has one, else the family's own keys."""
+        if cfg.diffusers:
+            return self.classes[0].from_config(cfg.diffusers)
+        return self.build_from_fields(cfg, sample_size)
+
+    def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
+        raise UserError(f"model.kind {self.name}: built from a diffusers config only (model.diffusers is empty)")
+
+    def model_section(self, model) -> dict:
+        """The `model:` config section that rebuilds a loaded model of this family."""
+        return {"kind": self.name, "in_channels": self.image_channels(model),
+                "latent_channels": self.latent_channels(model), "diffusers": plain_config(model.config)}
+
+    # ------------------------------------------------------------------------------------------ running
+    def encode(self, model, x: torch.Tensor) -> Latent:
+        raise NotImplementedError
+
+    def decode(self, model, z: torch.Tensor) -> torch.Tensor:
+        return model.decode(z).sample
+
+    def forward(self, model, x: torch.Tensor, sample_posterior: bool = True) -> AutoencoderOutput:
+        lat = self.encode(model, x)
+        if lat.logvar is not None:
+            z = reparameterize(lat.mean, lat.logvar) if sample_posterior else lat.mean
+            return AutoencoderOutput(self.decode(model, z), z, mean=lat.mean, logvar=lat.logvar)
+        return AutoencoderOutput(self.decode(model, lat.mean), lat.mean, vq_loss=lat.vq_loss,
+                                 perplexity=lat.perplexity, codes=lat.codes)
+
+    def decode_codes(self, model, codes: torch.Tensor) -> torch.Tensor:
+        raise UserError(f"{self.name} models have no codes")
+
+    # ------------------------------------------------------------------------------------------ training
+    def last_decoder_layer(self, model) -> nn.Parameter:
+        """The weight at which the adaptive GAN weight compares gradients (LDM / taming: the decoder's conv_out)."""
+        weights = [p for n, p in model.decoder.conv_out.named_parameters() if n.endswith("weight")]
+        return weights[-1]
+
+    def encoder_side(self, model) -> list[nn.Module]:
+        """What a decoder-only fine-tune freezes: the latent space an existing diffusion model was trained on."""
+        return [m for m in (model.encoder, getattr(model, "quant_conv", None)) if isinstance(m, nn.Module)]
+
+    def untrained_parameters(self, model) -> list[str]:
+        """Parameters that images never reach (they get no gradient): frozen, so DDP does not wait for them."""
+        return []
+
+    def enable_gradient_checkpointing(self, model) -> None:
+        if not getattr(model, "_supports_gradient_checkpointing", False):
+            raise UserError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.enable_gradient_checkpointing()
+
+    def compile(self, model) -> None:
+        """torch.compile the encoder in place; the decoder stays eager (the adaptive GAN weight takes gradients at its
+        last layer, and inside one compiled region that would rerun the region's whole backward)."""
+        model.encoder.compile()
+
+    def train_metrics(self, model) -> dict[str, torch.Tensor]:
+        """Scalars worth logging during training besides the loss terms."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------ shapes
+    def downsampling_factor(self, model) -> int:
+        return downsampling_factor_of(model.config)
+
+    def image_channels(self, model) -> int:
+        return model.config.in_channels
+
+    def latent_channels(self, model) -> int:
+        return model.config.latent_channels
+
+    def num_codes(self, model) -> int:
+        return 0
+
+    # ------------------------------------------------------------------------------------------ normalisation
+    def normalisation(self, model) -> dict:
+        """The latent normalisation this model's own config or buffers define (pipeline.models.normalisation). A
+        family with codes has one too (of z_q, in its config); the latent reader hands on the codes themselves."""
+        c = model.config
+        return {"kind": "scale_shift", "scaling_factor": float(c.get("scaling_factor") or 1.0),
+                "shift_factor": c.get("shift_factor") if self.shift else None, "source": "the model's config"}
+
+    def set_normalisation(self, model, spec: dict) -> None:
+        """Write a normalisation into the model, where its diffusers pipelines read it (an export)."""
+        factors = {"scaling_factor": spec["scaling_factor"]}
+        if self.shift and spec.get("shift_factor") is not None:
+            factors["shift_factor"] = spec["shift_factor"]
+        model.register_to_config(**factors)

@@ -1,0 +1,31 @@
+"""The PatchGAN discriminator beside exported weights (`export --with-discriminator`), so that a decoder fine-tune
+with the GAN continues from where training stopped instead of a random discriminator (REPA-E #25):
+discriminator.safetensors (the objective's `discriminator.*` tensors) in the export folder; `train.init_from` of a
+checkpoint or of such an export loads it when the run trains a discriminator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FILE = "discriminator.safetensors"
+PREFIX = "discriminator."
+
+
+def read(weights) -> dict[str, torch.Tensor] | None:
+    """The discriminator's tensors that come with these weights (a checkpoint's objective, or an export's file)."""
+    from pipeline.checkpoint import TENSOR_FILES, load_tensors
+
+    folder = Path(weights.path)
+    if weights.checkpoint is not None and (folder / TENSOR_FILES["objective"]).is_file():
+        objective = load_tensors(folder / TENSOR_FILES["objective"])
+        state = {k[len(PREFIX):]: v for k, v in objective.items() if k.startswith(PREFIX)}
+        return state or None
+    return load_tensors(folder / FILE) if (folder / FILE).is_file() else None
+
+
+def write(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    from pipeline.checkpoint import save_tensors
+
+    save_tensors(Path(folder) / FILE, state)
