@@ -26,6 +26,11 @@ SECTIONS = ("prepare", "data", "model", "loss", "train", "evaluate", "encode")
 
 TINY_MODEL = ["model.block_out_channels=[16,32,64]", "model.layers_per_block=1", "model.norm_num_groups=8",
               "model.mid_block_attention=false", "model.latent_channels=4"]
+DC_TINY = ["model.dc.block_types=[ResBlock,EfficientViTBlock]", "model.dc.block_out_channels=[16,32]",
+           "model.dc.encoder_layers_per_block=[1,1]", "model.dc.decoder_layers_per_block=[1,1]",
+           "model.dc.qkv_multiscales=[[],[5]]", "model.dc.attention_head_dim=8",
+           "model.dc.decoder_norm_types=[rms_norm,rms_norm]", "model.dc.decoder_act_fns=[silu,silu]"]
+FOREIGN = {"path/to/FLUX.2-dev/vae": "flux2", "path/to/Qwen-Image/vae": "qwenimage"}  # tiny random models of these
 SMALL_TRAIN = ["data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=4", "train.batch_size=4",
                "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.tracker=none",
                "loss.perceptual.backbone=random"]
@@ -99,6 +104,9 @@ def small(stage: str, rest: str, root: Path) -> list[str]:
     r = r.replace("~/photos", str(root / "photos")).replace("paths.txt", str(root / "paths.txt"))
     for vae in ("path/to/sd-vae", "path/to/diffusers_vae_folder", "path/to/any/diffusers/vae"):
         r = r.replace(vae, str(root / "exports" / "klf8-vae"))
+    for path, name in FOREIGN.items():
+        r = r.replace(path, str(root / "models" / name))
+    r = r.replace(" val/", f" {root}/shards")
     r = r.replace("vae-ft-mse-840000-ema-pruned.safetensors", str(root / "exports" / "klf8.safetensors"))
     r = re.sub(r"(?<![\w/.'])(data/val|shards/val)\b", str(root / "data" / "shards"), r)
     r = re.sub(r"(?<![\w/.'])(data/|shards/|runs/|exports/|latents/)", lambda m: f"{root}/{m.group(1)}", r)
@@ -110,8 +118,13 @@ def small(stage: str, rest: str, root: Path) -> list[str]:
     if stage == "train":
         preset = argv[argv.index("--config") + 1]
         argv = [a if a != "kl-f8" else "tiny" for a in argv] + SMALL_TRAIN
-        if preset == "finetune-decoder":
+        foreign = any(str(root / "models") in a for a in argv)  # init_from a FLUX.2 / Qwen-Image VAE: its shape
+        if preset in ("finetune-decoder", "fsq-f16") and not foreign:
             argv += TINY_MODEL
+        if preset == "fsq-f16":
+            argv += ["model.fsq.levels=[8,5,5,5]"]
+        if preset.startswith("dc-ae-") and "train.init_from" not in rest:
+            argv += ["model.latent_channels=8", *DC_TINY]
     elif stage == "evaluate":
         argv += ["evaluate.lpips_backbone=random", "evaluate.likelihood_samples=0", "data.resolution=32"]
     elif stage == "encode" and "--rebuild-manifest" not in argv:
@@ -153,7 +166,11 @@ def own_output(stage: str, argv: list[str], written: set, n: int) -> list[str]:
 
 
 def test_every_readme_command_runs_on_tiny_data(tmp_path):
+    from test_families import tiny_model
+
     root = tmp_path
+    for name in FOREIGN.values():
+        tiny_model(name).save_pretrained(root / "models" / name)
     photos = write_images(root / "photos", 6, captions=True)
     (root / "paths.txt").write_text("".join(f"{root / 'photos' / k}.jpg\n" for k in photos))
     for p in make_shards(root / "raw", 2, 3):

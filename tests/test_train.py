@@ -183,16 +183,20 @@ def test_finetune_from_diffusers_folder_with_frozen_encoder(shards, tmp_path):
     assert any(not torch.equal(before[k], after[k].cpu()) for k in dec)  # the decoder trained
 
 
-def test_init_from_with_mismatched_shapes_is_a_clear_error(shards, tmp_path):
+def test_init_from_brings_its_shape_and_an_explicit_other_shape_is_a_clear_error(shards, tmp_path):
     from pipeline.config import load_config
     from pipeline.errors import UserError
     from pipeline.weights.diffusers import save as save_diffusers
     from pipeline.models import build_autoencoder
 
     save_diffusers(build_autoencoder(load_config("tiny", ["model.latent_channels=8"]).model, 32), tmp_path / "other")
+    tr = train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                         f"train.init_from={tmp_path / 'other'}")  # the preset says 4 channels, the weights 8
+    assert tr.cfg.model.latent_channels == 8 and tr.unwrapped.vae.config.latent_channels == 8
+    assert "latent_channels: 8" in (tmp_path / "run" / "config.yaml").read_text()
     with pytest.raises(UserError, match=r"has shape .* in the weights but .* in the config.s model"):
-        train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
-                        f"train.init_from={tmp_path / 'other'}")
+        train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run2'}", "train.max_steps=1",
+                        f"train.init_from={tmp_path / 'other'}", "model.latent_channels=4")  # asked for explicitly
 
 
 def test_sigterm_handler_is_restored_after_an_in_process_run(shards, tmp_path):

@@ -35,7 +35,7 @@ class Evaluator:
         c = model.config
         f = self.family.downsampling_factor(model)
         latent_c = self.family.latent_channels(model)
-        self.image_dims = c.in_channels * resolution * resolution
+        self.image_dims = self.family.image_channels(model) * resolution * resolution
         names = ["n", "psnr", "psnr_mean_colour", "ssim", "sq_err"] + [f"lpips_{k}" for k, v in perceptual.items() if not isinstance(v, str)]
         self.sums = {k: torch.zeros((), dtype=torch.float64) for k in names}
         self.posterior = self.family.has_posterior  # KL terms, active units and likelihood bounds need one

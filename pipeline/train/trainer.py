@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import Config, config_from_dict, config_to_dict, merge_dicts
+from pipeline.config import Config, config_from_dict, config_to_dict, merge_dicts, parse_overrides
 from pipeline.data.loader import make_loader, plan_subset, resolve_shards
-from pipeline.distributed import all_reduce, print0
+from pipeline.distributed import all_reduce
 from pipeline.errors import UserError
 from pipeline.losses import FirstStageObjective
 from pipeline.models.autoencoder import build_autoencoder, family_of
@@ -61,6 +61,26 @@ def find_resume(output_dir: str, resume: str | None) -> Path | None:
     return Path(resume) if resume else None
 
 
+def shape_from_init(cfg: Config, explicit: list[str] = ()) -> Config:
+    """train.init_from brings the model's shape: the run's model section becomes the preset's with the weights' own
+    shape on top (their family, widths, latent channels, normalisation; model.diffusers for a class the model.*
+    keys cannot describe), and the model.* keys given explicitly (`explicit`: the command line's key=value) on top
+    of that, so a shape the user asked for that the weights do not have is named by the load, tensor and shapes."""
+    if not cfg.train.init_from:
+        return cfg
+    init = resolve_weights(cfg.train.init_from)
+    if init.format == "encoder-only":
+        raise UserError(f"train.init_from {cfg.train.init_from}: an encoder-only export has no decoder to train; "
+                        f"use the full model")
+    model, _ = init.load()
+    section = family_of(model).model_section(model)
+    mine = config_to_dict(cfg)["model"]
+    if section.get("diffusers") or section["kind"] != mine["kind"]:
+        mine = {k: v for k, v in mine.items() if k in ("codebook", "init_logvar")}  # training knobs only
+    shaped = merge_dicts(merge_dicts(mine, section), parse_overrides(list(explicit)).get("model", {}))
+    return config_from_dict(merge_dicts(config_to_dict(cfg), {"model": shaped}))
+
+
 def make_optimizer(params, lr: float, cfg: Config):
     params = [p for p in params if p.requires_grad]
     fused = torch.cuda.is_available()  # one kernel per step instead of one per tensor
@@ -91,7 +111,6 @@ class Trainer:
         np.random.seed(cfg.seed)
 
         vae, discriminator = self._initial_model(resume_path is not None)
-        cfg = self.cfg  # train.init_from may have brought the model's shape
         if cfg.train.gradient_checkpointing:
             family_of(vae).enable_gradient_checkpointing(vae)
         module = TrainableAutoencoder(vae, cfg.train.trainable, cfg.train.freeze_encoder)
@@ -149,30 +168,18 @@ class Trainer:
             self.grid.keep(next(iter(val_loader()))["image"])  # the grid shows held-out images
 
     def _initial_model(self, resuming: bool):
-        """The autoencoder to train, and the discriminator that came with train.init_from (or None). A model whose
-        family differs from model.kind, or whose shape the model.* keys cannot describe (model.diffusers), brings
-        its shape: the run's config takes its model section (also when resuming, so the shapes agree). Otherwise the
-        model is built from the config and the weights are loaded into it, naming the first tensor whose shape
-        differs. A resumed run's weights come from its checkpoint."""
+        """The autoencoder to train (from the config: see shape_from_init), with train.init_from's weights loaded
+        unless resuming (then the checkpoint's come), and the discriminator that came with them (or None)."""
         cfg = self.cfg
-        if not cfg.train.init_from:
-            return build_autoencoder(cfg.model, cfg.data.resolution), None
+        vae = build_autoencoder(cfg.model, cfg.data.resolution)
+        if not cfg.train.init_from or resuming:
+            return vae, None
         source = f"train.init_from {cfg.train.init_from}"
         init = resolve_weights(cfg.train.init_from)
         if init.format == "encoder-only":
             raise UserError(f"{source}: an encoder-only export has no decoder to train; use the full model")
-        model, init_cfg = init.load()
-        if init_cfg.model.kind != cfg.model.kind or init_cfg.model.diffusers:
-            section = config_to_dict(init_cfg)["model"]
-            self.cfg = config_from_dict(merge_dicts(config_to_dict(cfg), {"model": section}))
-            print0(f"train: the model's shape comes from {cfg.train.init_from} ({type(model).__name__}, "
-                   f"model.kind {section['kind']})")
-            vae = model if not resuming else build_autoencoder(self.cfg.model, cfg.data.resolution)
-        else:
-            vae = build_autoencoder(cfg.model, cfg.data.resolution)
-            if not resuming:
-                load_state(vae, model.state_dict(), source)
-        return vae.train(), None if resuming else read_discriminator(init)
+        load_state(vae, init.state_dict(), source)
+        return vae, read_discriminator(init)
 
     @property
     def unwrapped(self) -> TrainableAutoencoder:
