@@ -331,3 +331,49 @@ def test_dc_ae_phases_train_only_what_they_name(shards, tmp_path):
         before = {k: v.clone() for k, v in after.items()}
         if phase.endswith("3"):
             assert tr.objective.discriminator is not None and tr.objective.gan_active(0)
+
+
+def test_dc_ae_1_5_channel_masking_zeroes_the_latent_tail_in_training_only():
+    from pipeline.config import load_config
+    from pipeline.models import build_autoencoder, family_of
+
+    cfg = load_config("tiny-dc", [f"data.resolution={RES}", "model.dc.channel_mask_step=2"])
+    torch.manual_seed(0)
+    model = build_autoencoder(cfg.model, RES)
+    fam, x = family_of(model), torch.rand(2, 3, RES, RES) * 2 - 1
+    kept = set()
+    for _ in range(30):
+        z = fam.forward(model.train(), x).latents
+        nonzero = [c for c in range(z.shape[1]) if z[:, c].abs().sum() > 0]
+        assert nonzero == list(range(len(nonzero))) and len(nonzero) % 2 == 0  # the first c' channels, c' even
+        kept.add(len(nonzero))
+    assert kept == {2, 4, 6, 8}  # every multiple of the step is drawn
+    assert all(fam.forward(model.eval(), x).latents[:, c].abs().sum() > 0 for c in range(8))  # evaluation: all
+    assert family_of(model).model_section(model)["dc"]["channel_mask_step"] == 2
+
+
+def test_an_export_keeps_its_discriminator_and_a_fine_tune_continues_from_it(shards, tmp_path):
+    from stages.export import main as export
+    from stages.train import run
+
+    gan = ["loss.adversarial.enabled=true", "loss.adversarial.start_step=0", "train.max_steps=2",
+           "train.checkpoint_every=2", f"data.train={shards}"]
+    first = run([*TINY_RUN, *gan, f"output_dir={tmp_path / 'run'}"])
+    trained = {k: v.clone() for k, v in first.objective.discriminator.state_dict().items()}
+    r = run_main(export, "--model", tmp_path / "run", "--output", tmp_path / "vae", "--with-discriminator",
+                 "--keep-scaling-factor")
+    assert r.returncode == 0 and "with its discriminator" in r.stdout, r.stderr
+    assert (tmp_path / "vae" / "discriminator.safetensors").is_file()
+    r = run_main(export, "--model", tmp_path / "vae", "--output", tmp_path / "v2.safetensors", "--format",
+                 "single-file", "--with-discriminator", "--keep-scaling-factor")
+    assert r.returncode == 2 and "--with-discriminator" in r.stderr
+    second = run([*TINY_RUN, *gan, "train.max_steps=1", f"train.init_from={tmp_path / 'vae'}",
+                  f"output_dir={tmp_path / 'ft'}", "train.lr=0", "train.disc_lr=1e-30"])
+    # (learning rates of ~0 leave the weights as loaded: the fine-tune's discriminator is the exported one; its
+    # BatchNorm statistics move with the step's batch, its parameters do not)
+    got = dict(second.objective.discriminator.named_parameters())
+    assert got and all(torch.allclose(p.float(), trained[k].float()) for k, p in got.items())
+    fresh = run([*TINY_RUN, *gan, "train.max_steps=1", f"output_dir={tmp_path / 'fresh'}", "train.lr=0",
+                 "train.disc_lr=1e-30"])  # without the export's discriminator: another one
+    assert not all(torch.allclose(p.float(), trained[k].float())
+                   for k, p in fresh.objective.discriminator.named_parameters())

@@ -38,9 +38,9 @@ def describe(folder: Path, ema: bool) -> str:
 def state_dict(folder: Path, ema: bool) -> dict:
     from pipeline.checkpoint import load_tensors
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))  # diffusers' names (one file, or shards)
     if not files:
-        raise UserError(f"{folder}: no .safetensors weights")
+        raise UserError(f"{folder}: no diffusion_pytorch_model*.safetensors weights")
     state = {}
     for f in files:
         state.update(load_tensors(f))
