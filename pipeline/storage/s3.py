@@ -103,7 +103,8 @@ def conflict(e: Exception) -> bool:
 
 def _not_found(e: Exception) -> bool:
     return isinstance(e, botocore.exceptions.ClientError) and (
-        _code(e) in ("NoSuchKey", "404", "NotFound") or (_status(e) == 404 and _code(e) != "NoSuchBucket"))
+        _code(e) in ("NoSuchKey", "404", "NotFound")
+        or (_status(e) == 404 and _code(e) not in ("NoSuchBucket", "NoSuchUpload")))
 
 
 class S3Storage(Storage):
