@@ -21,6 +21,8 @@ extras = project["optional-dependencies"]
 todo, seen = project["dependencies"] + extras["test"], set()
 while todo:
     req = Requirement(todo.pop())
+    if req.marker is not None and not req.marker.evaluate({"extra": "test"}):
+        continue  # not for this platform
     if req.name == project["name"]:  # firststage[s3] inside the test extra: check the extra's own requirements
         todo += [line for extra in req.extras - seen for line in extras[extra]]
         seen |= req.extras
