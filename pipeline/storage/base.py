@@ -11,6 +11,7 @@ Every method takes a full path (a local path, or a URL of the backend's scheme).
 
 from __future__ import annotations
 
+import importlib
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -80,6 +81,8 @@ class Storage(ABC):
 
 BACKENDS: dict[str, type] = {}  # URL scheme -> Storage class; the local filesystem serves paths without a scheme
 _INSTANCES: dict[str, Storage] = {}
+# backends imported on first use of their scheme (module, extra that installs what it needs)
+_LAZY = {"s3": ("pipeline.storage.s3", "s3")}
 
 
 def is_url(path) -> bool:
@@ -92,8 +95,15 @@ def storage_for(path) -> Storage:
     m = _SCHEME.match(str(path))
     scheme = m.group(1).lower() if m else "file"
     if scheme not in _INSTANCES:
+        if scheme not in BACKENDS and scheme in _LAZY:
+            module, extra = _LAZY[scheme]
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise UserError(f"{path}: {scheme}:// needs the {extra} extra ({e.name or e} is not installed): "
+                                f"pip install 'firststage[{extra}]'") from None
         if scheme not in BACKENDS:
-            known = ", ".join(f"{s}://" for s in sorted(BACKENDS) if s != "file")
+            known = ", ".join(f"{s}://" for s in sorted(set(BACKENDS) | set(_LAZY)) if s != "file")
             raise UserError(f"{path}: unsupported URL scheme {scheme}:// (firststage reads and writes local paths"
                             f"{' and ' + known if known else ''})")
         _INSTANCES[scheme] = BACKENDS[scheme]()

