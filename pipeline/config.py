@@ -47,6 +47,8 @@ class DataConfig:
     shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer of each loader worker", min=0)
     num_workers: int = _f(4, "loader worker processes per rank", min=0)
     max_bad_samples: int = _f(1000, "undecodable training samples in a row before the run stops", min=1)
+    allow_pipe: bool = _f(False, "let data.train / data.val / --data name `pipe:COMMAND` sources (webdataset runs "
+                          "COMMAND in a shell); off: such a source is refused")
 
 
 @dataclass
