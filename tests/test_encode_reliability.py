@@ -64,6 +64,92 @@ def members(folder: Path) -> list[str]:
     return names
 
 
+# ------------------------------------------------------------------------------ 5. the reader
+def safetensors_bytes(header, payload: bytes = b"\0" * 1024) -> bytes:
+    h = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(h)) + h + payload
+
+
+def rewrite_shard(path: Path, change) -> None:
+    """Rewrite a latent shard in place, sample by sample (`change(index, sample)` edits a dict of members)."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
+    out = list(samples.values())
+    for i, s in enumerate(out):
+        change(i, s)
+    write_tar(path, out)
+
+
+@pytest.fixture(scope="module")
+def latents(vae, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("latents")
+    make_shards(root / "data", 2, 8, size=(40, 40))
+    assert encode(vae, root / "data", root / "lat").returncode == 0
+    return root / "lat"
+
+
+def test_the_reader_skips_and_counts_bad_latents_and_nan(latents, tmp_path):
+    folder = tmp_path / "lat"
+    shutil.copytree(latents, folder)
+    f32 = {"dtype": "F32", "shape": [4, 8, 8], "data_offsets": [0, 1024]}
+    hostile = [
+        struct.pack("<Q", 2**62) + b"{}",  # a huge header length
+        safetensors_bytes({"mean": {**f32, "dtype": "F99"}, "logvar": f32}),  # a bogus dtype
+        safetensors_bytes({"mean": {**f32, "data_offsets": [0, 10**9]}, "logvar": f32}),  # out of range
+        safetensors_bytes('{"mean": %s, "mean": %s, "logvar": %s}' % ((json.dumps(f32),) * 3)),  # a name twice
+    ]
+
+    def damage(i, s):
+        if i < len(hostile):
+            s["latents.safetensors"] = hostile[i]
+        elif i == 4:
+            del s["latents.safetensors"]
+        elif i == 5:
+            del s["json"]
+
+    rewrite_shard(folder / "shards-000000.tar", damage)
+    nan = save_safetensors({"mean": torch.full((4, 8, 8), float("nan")), "logvar": torch.zeros(4, 8, 8)})
+    rewrite_shard(folder / "shards-000001.tar", lambda i, s: s.update({"latents.safetensors": nan}) if i == 0 else None)
+    ds = LatentDataset(folder, mode="eval")
+    with pytest.warns(UserWarning) as warned:
+        keys = [s["__key__"] for s in ds]
+    assert "skipped 1 undecodable sample(s)" in str(warned[0].message)
+    assert "s001_0000: non-finite latent (NaN/Inf)" in ds.skipped.latest  # the 7th: warnings come at 1, 2, 4
+    assert len(keys) == 16 - 7 and ds.skipped.count == 7
+    assert "s000_0006" in keys and "s001_0000" not in keys
+    train = iter(LatentDataset(folder, batch_size=4, shuffle_buffer=4))
+    with pytest.warns(UserWarning):
+        batches = [next(train) for _ in range(12)]  # several passes over both shards, never stopped
+    assert all(torch.isfinite(b["latents"]).all() for b in batches)
+
+
+def test_a_run_of_bad_latents_stops_the_reader_at_its_limit(latents, tmp_path):
+    folder = tmp_path / "lat"
+    shutil.copytree(latents, folder)
+    rewrite_shard(folder / "shards-000000.tar", lambda i, s: s.update({"latents.safetensors": b"junk"}))
+    for mode in ("eval", "train"):
+        with pytest.warns(UserWarning), pytest.raises(DataError, match="3 unreadable latent samples in a row") as e:
+            list(zip(range(100), LatentDataset(folder, mode=mode, max_bad_samples=3, shuffle_buffer=0)))
+        assert "max_bad_samples" in str(e.value) and "shards-000000.tar" in str(e.value)
+
+
+def test_the_reader_checks_the_manifest_against_the_shards(latents, tmp_path):
+    folder = tmp_path / "lat"
+    shutil.copytree(latents, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["shards"][0]["samples"] = 0
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"shards-000000.tar: holds 8 samples, .*manifest.json says 0") as e:
+        list(LatentDataset(folder, mode="eval"))
+    assert "--rebuild-manifest" in str(e.value)
+    (folder / "shards-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"lists 1 shard\(s\) that are not in the folder \(first: shards-000001.tar\)"):
+        LatentDataset(folder, mode="eval")
+
+
 # ------------------------------------------------------------------------------ sources that are not files
 def test_pipe_and_unknown_url_sources_are_refused_in_one_line(vae, tmp_path):
     from pipeline.data.loader import resolve_shards

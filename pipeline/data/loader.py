@@ -103,9 +103,11 @@ class _SkipCounter:
 
     def __init__(self):
         self.count = 0
+        self.latest = ""
 
     def __call__(self, where: str, err: Exception) -> None:
         self.count += 1
+        self.latest = f"{where}: {err}"
         if self.count & (self.count - 1) == 0 or self.count % 1000 == 0:  # powers of two, then every 1000
             warnings.warn(f"skipped {self.count} undecodable sample(s) in this loader worker; latest: {where}: {err}")
 
@@ -165,6 +167,12 @@ class ShardStream(IterableDataset):
         self.skipped = _SkipCounter()
 
     wanted = "sample"  # what a usable sample holds, for messages
+    bad_in_eval_stops = False  # whether max_bad_samples in a row also stops an eval stream
+
+    def too_many_bad(self, count: int, sample: dict) -> str:
+        """The one line of the DataError after `count` undecodable samples in a row."""
+        return (f"{count} undecodable training samples in a row (latest {sample.get('__url__')}:"
+                f"{sample.get('__key__')}); check data.train, or raise data.max_bad_samples")
 
     def usable(self, sample: dict) -> bool:
         """Whether a raw sample holds what decode() needs (checked without decoding)."""
@@ -217,10 +225,8 @@ class ShardStream(IterableDataset):
                 yield out
                 continue
             bad_run += 1
-            if train and bad_run >= self.max_bad_samples:
-                raise DataError(f"{bad_run} undecodable training samples in a row (latest "
-                                f"{sample.get('__url__')}:{sample.get('__key__')}); check data.train, or raise "
-                                f"data.max_bad_samples")
+            if (train or self.bad_in_eval_stops) and bad_run >= self.max_bad_samples:
+                raise DataError(self.too_many_bad(bad_run, sample))
 
     def _eval_iter(self):
         worker, num_workers = worker_slot()

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_safetensors
 
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, shard_list
@@ -48,6 +50,35 @@ def model_sha256(model: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+class BadLatent(ValueError):
+    """A latent sample that cannot be read back (its reason goes to the reader's skip count)."""
+
+
+def read_latent(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a KEY.latents.safetensors member, or BadLatent naming what is wrong: a header longer than the
+    member, a tensor name twice (safetensors would keep one silently), a bogus dtype or out-of-range offsets."""
+    if len(data) < 8:
+        raise BadLatent(f"not a safetensors member ({len(data)} bytes)")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise BadLatent(f"safetensors header of {size} bytes in a member of {len(data)}")
+
+    def unique(pairs):
+        names = [k for k, _ in pairs]
+        twice = sorted({k for k in names if names.count(k) > 1})
+        if twice:
+            raise BadLatent(f"tensor {twice[0]} twice in the safetensors header")
+        return dict(pairs)
+
+    try:
+        json.loads(data[8:8 + size], object_pairs_hook=unique)
+        return load_safetensors(data)
+    except BadLatent:
+        raise
+    except Exception as e:  # safetensors' own error (dtype, offsets, shapes), a header that is not JSON
+        raise BadLatent(f"unreadable safetensors ({str(e)[:160]})") from None
 
 
 def keys_checksum(keys: list[str]) -> str:
