@@ -30,6 +30,7 @@ from pipeline.latents.buckets import resolve_buckets
 from pipeline.latents.encoder import (
     EncodeSettings,
     check_input_shards,
+    check_output_folder,
     encode_shards,
     non_finite_advice,
     stored_tensors,
@@ -88,6 +89,8 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
     with flag_named("--data"):  # cheap checks first, before any model is loaded
         urls = resolve_shards(args.data)
         check_input_shards(urls)
+    with flag_named("--output"):
+        check_output_folder(out, urls)
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
     weights = pinned_weights(args.model, ema=not args.no_ema)  # a run folder: the same checkpoint on every rank
     model, cfg = weights.load(args.overrides)
@@ -115,8 +118,9 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
         counts = shard_sample_counts(args.data) if manifest.suffix == ".json" and manifest.is_file() else None
         slots = num_parts * state.num_processes
         mine = deal(urls, counts, slots)[part * state.num_processes + state.process_index]
-        todo = [u for u in mine if not lf.is_complete(out, shard_name(u), settings)]
-        done_before = len(mine) - len(todo)
+        states = {u: lf.shard_state(out, shard_name(u), settings, u) for u in mine}  # "changed": other input, redo
+        todo = [u for u in mine if states[u] != "complete"]
+        done_before, changed = len(mine) - len(todo), sum(v == "changed" for v in states.values())
 
         model = model.to(device).eval().requires_grad_(False)
         if cuda:
@@ -132,10 +136,10 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
                             batch_size=cfg.encode.batch_size, num_workers=workers, pin_memory=cuda,
                             stop=stop, progress=lambda _: bar.update(1))
         bar.close()
-        mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, float(res.stopped)],
-                              dtype=torch.float64)
+        mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, changed,
+                               float(res.stopped)], dtype=torch.float64)
         totals = all_reduce([mine_t], device=device)[0].tolist()  # also the barrier: every rank has finished
-        shards, samples, skipped, non_finite, done_before, stopped = (int(v) for v in totals)
+        shards, samples, skipped, non_finite, done_before, changed, stopped = (int(v) for v in totals)
         if stopped:
             print0(f"encode: stopped by SIGTERM after {shards} shards ({samples} samples); complete shards are kept, "
                    f"rerun the same command to finish")
@@ -151,7 +155,9 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
             factor = f"scaling_factor {st['scaling_factor']:.5g}, shift_factor {st['shift_factor']:.5g}" if st.get("scaling_factor") else "no statistics"
             left = f"; {len(m['missing'])} shards left to other parts or a rerun" if m["missing"] else ""
             why = f" ({reasons}; listed in the manifest)" if m["skipped_count"] else ""
-            print0(f"encode: {samples} samples from {shards} shards ({done_before} already complete) -> {out} "
+            why += f"; {len(m['renamed'])} input members renamed (ours have their names)" if m["renamed"] else ""
+            redone = f", {changed} encoded again: their input changed" if changed else ""
+            print0(f"encode: {samples} samples from {shards} shards ({done_before} already complete{redone}) -> {out} "
                    f"({settings['store']}, {dtype}, {cfg.data.resolution}px{', buckets' if buckets else ''}"
                    f"{', flip' if cfg.encode.flip else ''}) on {state.num_processes} process(es) in "
                    f"{time.time() - start:.1f}s; folder total {m['total']} samples, skipped {m['skipped_count']}{why}; "

@@ -104,13 +104,13 @@ def test_sigkill_then_rerun_gives_each_key_once_and_the_same_latents(tmp_path, d
             "encode.batch_size=4"]
     proc = ForkedStage("stages.encode", *args)
     deadline = time.time() + 120
-    while not list(out.glob("*.tar")):  # the first output shard is complete: kill mid-run
+    while not list(out.glob("records/*.json")):  # the first output shard is complete (its record is last): kill
         assert proc.poll() is None, proc.output()[1][-2000:]
         assert time.time() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(list(out.glob("*.tar")))
+    done = len(list(out.glob("records/*.json")))
     assert 1 <= done < 12, "the run ended before it was killed: the test proves nothing"
     from stages.encode import main
 

@@ -64,6 +64,110 @@ def members(folder: Path) -> list[str]:
     return names
 
 
+# ------------------------------------------------------------------------------ 1. a shard with no decodable image
+@pytest.mark.parametrize("bad", ["empty", "captions-only", "symlink-loop", "first-truncated"])
+def test_a_shard_without_a_decodable_image_is_a_complete_shard_of_0_samples(vae, tmp_path, bad):
+    data = tmp_path / "data"
+    make_shards(data, 3, 4, size=(40, 40))
+    good = 12
+    if bad == "empty":
+        (data / "shards-000003.tar").write_bytes(b"")
+    elif bad == "captions-only":
+        write_tar(data / "shards-000003.tar", [{"__key__": f"c{i}", "txt": b"a caption"} for i in range(3)])
+    elif bad == "symlink-loop":
+        os.symlink("shards-000003.tar", data / "shards-000003.tar")
+    else:
+        (data / "shards-000000.tar").write_bytes(b"")
+        good = 8
+    out = tmp_path / "lat"
+    r = encode(vae, data, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = read_manifest(out)
+    assert m["total"] == good and m["statistics"]["scaling_factor"] > 0 and "no statistics" not in r.stdout
+    empty = [s for s in m["shards"] if s["samples"] == 0]
+    assert len(empty) == 1 and empty[0]["skipped"] >= 1  # complete, with its reason listed
+    again = encode(vae, data, out)
+    assert again.returncode == 0 and f"({len(m['shards'])} already complete)" in again.stdout, again.stderr[-2000:]
+    from stages.encode import main
+
+    (out / "manifest.json").unlink()
+    rebuilt = run_main(main, "--output", out, "--rebuild-manifest")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert read_manifest(out)["statistics"] == m["statistics"]
+    assert sum(1 for _ in LatentDataset(out, mode="eval")) == good
+
+
+# ------------------------------------------------------------------------------ 2. the input folder as the output
+def test_encoding_into_the_folder_of_its_inputs_is_refused(vae, tmp_path):
+    data = tmp_path / "data"
+    make_shards(data, 2, 3, size=(40, 40))
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    (tmp_path / "alias").symlink_to(data)
+    for out, spec in ((data, data), (tmp_path / "alias", f"{data}/*.tar")):
+        r = encode(vae, spec, out)
+        assert r.returncode == 2 and one_line(r), r.stderr[-2000:]
+        assert f"--output {out} holds the input shard shards-000000.tar" in r.stderr
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before  # nothing written there, nothing replaced
+    assert encode(vae, data, data / "latents").returncode == 0  # a folder inside the inputs' folder overwrites none
+
+
+# ------------------------------------------------------------------------------ 3, 4. member names and collisions
+def test_a_member_name_that_is_not_utf8_is_skipped_and_listed(vae, tmp_path):
+    data = tmp_path / "data"
+    make_shards(data, 1, 3, size=(40, 40))
+    jpg = image_bytes(random_image(40, 40))
+    with tarfile.open(data / "shards-000001.tar", "w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        for name in ("bad\udcffname.jpg", "good.jpg", "cap.\udcfe"):  # raw bytes b"bad\xffname.jpg" in the header
+            info = tarfile.TarInfo(name)
+            info.size = len(jpg)
+            tf.addfile(info, io.BytesIO(jpg))
+    out = tmp_path / "lat"
+    for _ in range(2):  # and its rerun
+        r = encode(vae, data, out)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "(2 already complete)" in r.stdout
+    m = read_manifest(out)
+    assert {(s["key"], s["reason"]) for s in m["skipped"]} == {("bad\\xffname", "member name is not UTF-8"),
+                                                                 ("cap", "member name is not UTF-8")}
+    assert m["total"] == 4 and not list(out.rglob("*.tmp"))
+
+
+def test_input_members_never_replace_ours_and_unsafe_names_are_not_copied(vae, tmp_path):
+    jpg = image_bytes(random_image(40, 40))
+    (tmp_path / "data").mkdir()
+    write_tar(tmp_path / "data" / "shards-000000.tar", [
+        {"__key__": "a", "jpg": jpg, "latents.safetensors": b"the input's own", "json": b'{"input": 1}',
+         "source.json": b'{"src": 2}', "txt": b"caption a"},
+        {"__key__": "../../escape", "jpg": jpg},
+        {"__key__": "/abs/root", "jpg": jpg},
+        {"__key__": "dup", "jpg": jpg, "txt": b"first"},
+        {"__key__": "b", "jpg": jpg},
+        {"__key__": "dup", "jpg": jpg, "txt": b"second"},
+    ])
+    out = tmp_path / "lat"
+    r = encode(vae, tmp_path / "data", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = members(out)
+    assert all(not n.startswith("/") and ".." not in n.split("/") for n in names)
+    samples = read_tar_samples(out)  # fails on a member name twice
+    assert sorted(samples) == ["a", "b", "dup"] and samples["dup"]["txt"] == b"first"
+    a = samples["a"]
+    assert set(load_safetensors(a["latents.safetensors"])) == {"mean", "logvar"}  # ours
+    assert json.loads(a["json"])["original_size"] == [40, 40]  # ours
+    assert a["source.json"] == b'{"input": 1}' and a["source.source.json"] == b'{"src": 2}'
+    assert a["source.latents.safetensors"] == b"the input's own" and a["txt"] == b"caption a"
+    assert "; 2 input members renamed (ours have their names)" in r.stdout
+    m = read_manifest(out)
+    assert sorted((x["member"], x["as"]) for x in m["renamed"]) == [
+        ("latents.safetensors", "source.latents.safetensors"), ("source.json", "source.source.json")]
+    reasons = {s["key"]: s["reason"] for s in m["skipped"]}
+    assert reasons["../../escape"] == "member name with a '..' component"
+    assert reasons["/abs/root"] == "absolute member name" and reasons["dup"].startswith("duplicate key")
+    with tarfile.open(out / "shards-000000.tar") as tf:
+        tf.extractall(tmp_path / "x", filter="data")  # raises if a member would land outside
+
+
 # ------------------------------------------------------------------------------ 5. the reader
 def safetensors_bytes(header, payload: bytes = b"\0" * 1024) -> bytes:
     h = (header if isinstance(header, str) else json.dumps(header)).encode()
@@ -150,6 +254,32 @@ def test_the_reader_checks_the_manifest_against_the_shards(latents, tmp_path):
         LatentDataset(folder, mode="eval")
 
 
+# ------------------------------------------------------------------------------ 6. hangs
+def test_a_named_pipe_among_the_shards_is_refused_at_once(vae, tmp_path):
+    data = tmp_path / "data"
+    make_shards(data, 2, 2, size=(40, 40))
+    os.mkfifo(data / "shards-000009.tar")  # opening it blocks until a writer comes: forever
+    proc = ForkedStage("stages.encode", "--model", vae, "--data", data, "--output", tmp_path / "lat", *SMALL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err[-2000:]
+    assert f"--data {data / 'shards-000009.tar'} is a named pipe (FIFO)" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ 9. stale latents of other data
+def test_other_data_under_the_same_shard_names_is_encoded_again(vae, tmp_path):
+    make_shards(tmp_path / "small", 2, 3, size=(40, 40))
+    make_shards(tmp_path / "other", 2, 3, size=(64, 48))  # the same shard names and keys, other images
+    out = tmp_path / "lat"
+    assert encode(vae, tmp_path / "small", out).returncode == 0
+    r = encode(vae, tmp_path / "other", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(0 already complete, 2 encoded again: their input changed)" in r.stdout
+    assert encode(vae, tmp_path / "other", tmp_path / "fresh").returncode == 0
+    assert read_tar_samples(out) == read_tar_samples(tmp_path / "fresh")
+    assert "(2 already complete)" in encode(vae, tmp_path / "other", out).stdout
+    assert json.loads(read_tar_samples(out)["s000_0000"]["json"])["original_size"] == [64, 48]
+
+
 # ------------------------------------------------------------------------------ sources that are not files
 def test_pipe_and_unknown_url_sources_are_refused_in_one_line(vae, tmp_path):
     from pipeline.data.loader import resolve_shards
@@ -165,3 +295,34 @@ def test_pipe_and_unknown_url_sources_are_refused_in_one_line(vae, tmp_path):
     r = encode(vae, f"pipe:touch {tmp_path / 'ran'}", tmp_path / "lat")
     assert r.returncode == 2 and one_line(r) and "--data pipe:touch" in r.stderr
     assert not (tmp_path / "ran").exists()
+
+
+# ------------------------------------------------------------------------------ 13. a full disk
+def test_a_full_disk_names_the_output_folder_and_leaves_no_temporary(vae, tmp_path, monkeypatch):
+    from pipeline.data.shards import ShardWriter
+
+    def full(self, sample):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as tarfile raises it: no file name
+
+    make_shards(tmp_path / "data", 2, 3, size=(40, 40))
+    monkeypatch.setattr(ShardWriter, "write", full)
+    out = tmp_path / "lat"
+    r = encode(vae, tmp_path / "data", out)
+    assert r.returncode == 74 and one_line(r), r.stderr[-2000:]
+    assert f"no space left on the device of {out} (" in r.stderr and f"while writing {out}/shards-00000" in r.stderr
+    assert not list(out.rglob("*.tmp")) and not list(out.glob("*.tar"))
+
+
+def test_a_full_disk_while_writing_a_small_file_names_that_file(vae, tmp_path, monkeypatch):
+    import pipeline.storage.local as local
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    make_shards(tmp_path / "data", 1, 2, size=(40, 40))
+    monkeypatch.setattr(local.os, "fsync", full)
+    out = tmp_path / "lat"
+    r = encode(vae, tmp_path / "data", out)
+    assert r.returncode == 74 and one_line(r), r.stderr[-2000:]
+    assert f"no space left on the device of {out} (" in r.stderr
+    assert f"while writing {out}/.lock;" in r.stderr  # its first write
