@@ -226,6 +226,8 @@ class EncodeConfig:
         "auto", "autocast of the encoder; auto: bf16 on GPUs that have it, else full precision"
     )
     flip: bool = _f(False, "also store the latents of the horizontally flipped image (*_flip)")
+    sigterm_grace: float = _f(100.0, "seconds after SIGTERM for the encoder to stop at a batch; then exit 75 anyway "
+                              "(complete shards stay)", min=1.0)
     buckets: str = _f(
         "none", "none: square data.resolution crops; auto: aspect-ratio buckets of about data.resolution^2 pixels; "
         "or WxH,WxH,..."

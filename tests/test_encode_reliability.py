@@ -280,6 +280,66 @@ def test_other_data_under_the_same_shard_names_is_encoded_again(vae, tmp_path):
     assert json.loads(read_tar_samples(out)["s000_0000"]["json"])["original_size"] == [64, 48]
 
 
+# ------------------------------------------------------------------------- 11, 6. SIGTERM: at start-up, in a hung read
+def _loaded(pid: int, library: str) -> bool:
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_sigterm_during_encode_start_up_exits_75(vae, tmp_path):
+    """The signal comes while torch is being imported (or as soon as the handler is in place, if that is first):
+    encode exits 75, which launch/slurm/encode.sbatch requeues, and has written nothing."""
+    make_shards(tmp_path / "data", 1, 2, size=(40, 40))
+    proc = subprocess.Popen([sys.executable, "-m", "stages.encode", "--model", str(vae), "--data",
+                             str(tmp_path / "data"), "--output", str(tmp_path / "lat"), *SMALL], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (catches_sigterm(proc.pid) or _loaded(proc.pid, "libtorch")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "stopped by SIGTERM" in out and not list((tmp_path / "lat").glob("*.tar"))
+
+
+def _group_has(pgid: int, word: bytes) -> bool:
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and os.getpgid(int(p.name)) == pgid and word in (p / "cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_sigterm_stops_encode_within_its_grace_while_a_read_hangs(vae, tmp_path):
+    """data.allow_pipe=true lets a pipe: source through; one that never delivers holds the reader in read(2), and
+    SIGTERM still ends the run with 75 after encode.sigterm_grace."""
+    proc = ForkedStage("stages.encode", "--model", vae, "--data", "pipe:sleep 40", "--output", tmp_path / "lat",
+                       *SMALL, "data.allow_pipe=true", "encode.sigterm_grace=2")
+    try:
+        deadline = time.time() + 60
+        while not _group_has(proc.pid, b"sleep"):  # the reader waits on the pipe
+            assert proc.poll() is None, proc.output()[1][-2000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 75 and time.time() - t0 < 20, err[-2000:]
+        assert "did not stop within 2s (encode.sigterm_grace)" in err
+        assert not (tmp_path / "lat" / ".lock").exists()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the sleep
+        except ProcessLookupError:
+            pass
+
+
 # ------------------------------------------------------------------------------ sources that are not files
 def test_pipe_and_unknown_url_sources_are_refused_in_one_line(vae, tmp_path):
     from pipeline.data.loader import resolve_shards
