@@ -47,6 +47,8 @@ class DataConfig:
     shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer of each loader worker", min=0)
     num_workers: int = _f(4, "loader worker processes per rank", min=0)
     max_bad_samples: int = _f(1000, "undecodable training samples in a row before the run stops", min=1)
+    allow_pipe: bool = _f(False, "let data.train / data.val / --data name `pipe:COMMAND` sources (webdataset runs "
+                          "COMMAND in a shell); off: such a source is refused")
 
 
 @dataclass
@@ -274,6 +276,8 @@ class EncodeConfig:
         "auto", "autocast of the encoder; auto: bf16 on GPUs that have it, else full precision"
     )
     flip: bool = _f(False, "also store the latents of the horizontally flipped image (*_flip)")
+    sigterm_grace: float = _f(100.0, "seconds after SIGTERM for the encoder to stop at a batch; then exit 75 anyway "
+                              "(complete shards stay)", min=1.0)
     buckets: str = _f(
         "none", "none: square data.resolution crops; auto: aspect-ratio buckets of about data.resolution^2 pixels; "
         "or WxH,WxH,..."

@@ -9,8 +9,8 @@ ones, shared between the processes of this job on the node (LOCAL_WORLD_SIZE). W
 default threads; with fewer it takes that many threads and makes them sleep when idle (OMP_WAIT_POLICY=PASSIVE)
 rather than spin. FIRSTSTAGE_THREADS=N fixes the count instead (the test suite sets 1), FIRSTSTAGE_THREADS=torch
 leaves torch's defaults alone; a wait policy the user set wins. stages.common.apply_thread_policy() applies the
-count to torch at the start of every stage. It is decided here, at import, because encode, evaluate and export
-import torch at module level: a later decision could no longer set OpenMP's wait policy.
+count to torch at the start of every stage. It is decided here, at import, because evaluate and export import
+torch at module level: a later decision could no longer set OpenMP's wait policy.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def stage_main(fn):
     """Run a stage's main: a UserError becomes one line on stderr and exit code 2, never a traceback."""
 
     @functools.wraps(fn)
-    def wrapper(argv=None):
+    def wrapper(argv=None, *args, **kwargs):
         module = fn.__module__
         if module == "__main__":  # python -m stages.X: the real name is on the module's spec
             spec = getattr(sys.modules["__main__"], "__spec__", None)
@@ -105,7 +105,7 @@ def stage_main(fn):
         prog = module.rsplit(".", 1)[-1]
         apply_thread_policy()
         try:
-            return fn(argv)
+            return fn(argv, *args, **kwargs)
         except Diverged as e:
             print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_DIVERGED) from None

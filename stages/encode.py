@@ -7,45 +7,23 @@
 
 Every input shard gives one output shard of the same name (latents, metadata, captions carried byte for byte) and a
 record; a rerun of the same command skips the complete ones. Exit codes: 0 done, 2 user error, 75 stopped by
-SIGTERM (complete shards stay; rerun the same command).
+SIGTERM, also during start-up (complete shards stay; rerun the same command).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from pipeline.data.loader import resolve_shards, shard_sample_counts
-from pipeline.data.shards import shard_name
-from pipeline.distributed import all_reduce, print0
+# Light imports only: torch, the models and the loader take seconds to import and come inside the functions, after
+# the SIGTERM handler is in place (a SIGTERM during start-up exits 75, which the sbatch script requeues, not 143).
 from pipeline.errors import UserError
-from pipeline.latents import format as lf
-from pipeline.latents.buckets import resolve_buckets
-from pipeline.latents.encoder import (
-    EncodeSettings,
-    check_input_shards,
-    effective_store,
-    encode_shards,
-    non_finite_advice,
-    stored_tensors,
-)
 from pipeline.manifest import MANIFEST, deal, parse_part, part_name, summarize_skips
-from pipeline.models.normalisation import describe
-from pipeline.storage import FolderLock
-from stages.common import (
-    EXIT_PREEMPTED,
-    flag_named,
-    pinned_weights,
-    resolve_mixed_precision,
-    sigterm_sets,
-    stage_main,
-)
+from stages.common import EXIT_PREEMPTED, flag_named, sigterm_sets, stage_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,13 +41,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@stage_main
 def main(argv=None) -> None:
+    """SIGTERM sets `stop` from the first line on, before the heavy imports; if the encoder has not stopped within
+    encode.sigterm_grace seconds after it (a read that never returns), the process exits 75 anyway."""
+    stop, grace, locks = threading.Event(), [100.0], []
+    with sigterm_sets(stop, lambda: grace[0], lambda seconds: _exit_preempted(seconds, locks)):
+        _main(argv, stop, grace, locks)
+
+
+def _exit_preempted(seconds: float, locks: list) -> None:
+    print(f"encode: SIGTERM, and the encoder did not stop within {seconds:g}s (encode.sigterm_grace): exiting "
+          f"{EXIT_PREEMPTED}; complete shards are kept, rerun the same command", file=sys.stderr, flush=True)
+    for lock in locks:
+        lock.release()
+    os._exit(EXIT_PREEMPTED)
+
+
+@stage_main
+def _main(argv, stop: threading.Event, grace: list, locks: list) -> None:
     args = build_parser().parse_intermixed_args(argv)  # key=value may follow or precede the flags
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a folder")
     if args.rebuild_manifest:
+        from pipeline.latents import format as lf
+
         m = lf.write_manifest(out)
         print(f"encode: rebuilt {out / MANIFEST} from {len(m['shards'])} shard records: {m['total']} samples, "
               f"{m['skipped_count']} skipped")
@@ -78,21 +74,43 @@ def main(argv=None) -> None:
         raise UserError("--model and --data are required (or --output DIR --rebuild-manifest)")
     with flag_named("--part"):
         part, num_parts = parse_part(args.part)
-    stop = threading.Event()
-    with sigterm_sets(stop):  # complete shards stay, the one in flight is redone by the next run
-        run(args, out, part, num_parts, stop)
+    run(args, out, part, num_parts, stop, grace, locks)  # complete shards stay, the one in flight is redone
 
 
-def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> None:
+def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace: list, locks: list) -> None:
+    from datetime import timedelta
+
+    import torch
     from accelerate import PartialState
+    from tqdm import tqdm
+
+    from pipeline.config import parse_overrides
+    from pipeline.data.loader import resolve_shards, shard_sample_counts
+    from pipeline.data.shards import shard_name
+    from pipeline.distributed import all_reduce, print0
+    from pipeline.latents import format as lf
+    from pipeline.latents.buckets import resolve_buckets
+    from pipeline.latents.encoder import (EncodeSettings, check_input_shards, check_output_folder, effective_store,
+                                          encode_shards, non_finite_advice, stored_tensors)
+    from pipeline.models.normalisation import describe
+    from pipeline.storage import FolderLock
+    from stages.common import pinned_weights, resolve_mixed_precision
 
     start = time.time()
+    data_keys = parse_overrides(args.overrides).get("data")  # the config comes with the model; this key is needed now
+    allow_pipe = isinstance(data_keys, dict) and data_keys.get("allow_pipe") is True
     with flag_named("--data"):  # cheap checks first, before any model is loaded
-        urls = resolve_shards(args.data)
+        urls = resolve_shards(args.data, allow_pipe)
         check_input_shards(urls)
+    with flag_named("--output"):
+        check_output_folder(out, urls)
+    if stop.is_set():  # a SIGTERM during start-up: nothing was done, nothing collective has begun
+        print("encode: stopped by SIGTERM during start-up, before any shard; rerun the same command", flush=True)
+        raise SystemExit(EXIT_PREEMPTED)
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
     weights = pinned_weights(args.model, ema=not args.no_ema)  # a run folder: the same checkpoint on every rank
     model, cfg = weights.load(args.overrides)
+    grace[0] = cfg.encode.sigterm_grace
     from pipeline.models.autoencoder import downsampling_factor, family_of
 
     buckets = resolve_buckets(cfg.encode.buckets, cfg.data.resolution, downsampling_factor(model))
@@ -106,6 +124,7 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
     lock = FolderLock(out, part_name(".lock", part, num_parts), what="--output")
     if state.is_main_process:
         lock.acquire()
+        locks.append(lock)
     try:
         if state.is_main_process:
             with flag_named("--output"):
@@ -117,8 +136,9 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
         counts = shard_sample_counts(args.data) if manifest.suffix == ".json" and manifest.is_file() else None
         slots = num_parts * state.num_processes
         mine = deal(urls, counts, slots)[part * state.num_processes + state.process_index]
-        todo = [u for u in mine if not lf.is_complete(out, shard_name(u), settings)]
-        done_before = len(mine) - len(todo)
+        states = {u: lf.shard_state(out, shard_name(u), settings, u) for u in mine}  # "changed": other input, redo
+        todo = [u for u in mine if states[u] != "complete"]
+        done_before, changed = len(mine) - len(todo), sum(v == "changed" for v in states.values())
 
         model = model.to(device).eval().requires_grad_(False)
         if cuda:
@@ -135,10 +155,10 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
                             batch_size=cfg.encode.batch_size, num_workers=workers, pin_memory=cuda,
                             stop=stop, progress=lambda _: bar.update(1))
         bar.close()
-        mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, float(res.stopped)],
-                              dtype=torch.float64)
+        mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, changed,
+                               float(res.stopped)], dtype=torch.float64)
         totals = all_reduce([mine_t], device=device)[0].tolist()  # also the barrier: every rank has finished
-        shards, samples, skipped, non_finite, done_before, stopped = (int(v) for v in totals)
+        shards, samples, skipped, non_finite, done_before, changed, stopped = (int(v) for v in totals)
         if stopped:
             print0(f"encode: stopped by SIGTERM after {shards} shards ({samples} samples); complete shards are kept, "
                    f"rerun the same command to finish")
@@ -155,7 +175,9 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event) -> No
                       else f"normalisation {describe(norm)}")
             left = f"; {len(m['missing'])} shards left to other parts or a rerun" if m["missing"] else ""
             why = f" ({reasons}; listed in the manifest)" if m["skipped_count"] else ""
-            print0(f"encode: {samples} samples from {shards} shards ({done_before} already complete) -> {out} "
+            why += f"; {len(m['renamed'])} input members renamed (ours have their names)" if m["renamed"] else ""
+            redone = f", {changed} encoded again: their input changed" if changed else ""
+            print0(f"encode: {samples} samples from {shards} shards ({done_before} already complete{redone}) -> {out} "
                    f"({settings['store']}, {dtype}, {cfg.data.resolution}px{', buckets' if buckets else ''}"
                    f"{', flip' if cfg.encode.flip else ''}) on {state.num_processes} process(es) in "
                    f"{time.time() - start:.1f}s; folder total {m['total']} samples, skipped {m['skipped_count']}{why}; "

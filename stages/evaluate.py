@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     with alias_errors(ALIASES):
         model, cfg = weights.load(args.overrides + alias_overrides(args, ALIASES))
     n = cfg.evaluate.num_samples
-    urls, limits, planned = plan_subset(args.data, n)
+    urls, limits, planned = plan_subset(args.data, n, cfg.data.allow_pipe)
     if planned == 0:
         raise UserError(f"--data {args.data}: the shards hold no samples")
     asked = args.num_samples is not None or any(o.startswith("evaluate.num_samples=") for o in args.overrides)

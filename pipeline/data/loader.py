@@ -33,16 +33,30 @@ from pipeline.data.images import CAPTION_EXTS, IMAGE_EXTS, BadImage, to_array
 from pipeline.data.shards import split_key
 from pipeline.errors import DataError, UserError
 from pipeline.manifest import MANIFEST, part_manifests, read_manifest
+from pipeline.storage import is_url, storage_for
 
 
-def resolve_shards(spec) -> list[str]:
-    """Shard URLs from a brace pattern, a folder, a manifest.json, a text file listing shards, or a list of these."""
+def check_source(url: str, allow_pipe: bool = False) -> None:
+    """A shard source that is not a plain path: `pipe:COMMAND` (webdataset runs COMMAND in a shell) only with
+    `allow_pipe` (data.allow_pipe=true); a URL only of a scheme a storage backend serves (one line otherwise)."""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise UserError(f"{url}: a pipe: source runs a shell command and is refused; name shard files, or set "
+                            f"data.allow_pipe=true if you mean it")
+    elif is_url(url):
+        storage_for(url)  # an unknown scheme is refused here, naming it
+
+
+def resolve_shards(spec, allow_pipe: bool = False) -> list[str]:
+    """Shard URLs from a brace pattern, a folder, a manifest.json, a text file listing shards, or a list of these.
+    Each names a file (or a URL of a storage backend); `pipe:` sources only with `allow_pipe` (data.allow_pipe)."""
     if isinstance(spec, (list, tuple)):
-        return [u for s in spec for u in resolve_shards(s)]
+        return [u for s in spec for u in resolve_shards(s, allow_pipe)]
     spec = str(spec)
     if not spec:
         raise UserError("no shards given (data.train / data.val / --data is empty)")
-    if "://" in spec or spec.startswith("pipe:"):
+    if spec.startswith("pipe:") or is_url(spec):
+        check_source(spec, allow_pipe)
         return list(braceexpand.braceexpand(spec))
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -66,7 +80,10 @@ def resolve_shards(spec) -> list[str]:
             lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         except UnicodeDecodeError:
             raise UserError(f"{spec}: not a text file listing shards (and not a .tar, folder or manifest.json)") from None
-        return [u if os.path.isabs(u) or "://" in u else str(p.parent / u) for u in lines]
+        for u in lines:
+            if u.startswith("pipe:") or is_url(u):
+                check_source(u, allow_pipe)
+        return [u if os.path.isabs(u) or u.startswith("pipe:") or is_url(u) else str(p.parent / u) for u in lines]
     urls = []
     for s in braceexpand.braceexpand(spec):
         urls += sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
@@ -86,9 +103,11 @@ class _SkipCounter:
 
     def __init__(self):
         self.count = 0
+        self.latest = ""
 
     def __call__(self, where: str, err: Exception) -> None:
         self.count += 1
+        self.latest = f"{where}: {err}"
         if self.count & (self.count - 1) == 0 or self.count % 1000 == 0:  # powers of two, then every 1000
             warnings.warn(f"skipped {self.count} undecodable sample(s) in this loader worker; latest: {where}: {err}")
 
@@ -98,13 +117,20 @@ def _warn_and_continue(exn: Exception) -> bool:
     return True
 
 
+def open_shard(url: str):
+    """A binary stream of a shard: a file or a storage backend's URL through pipeline.storage; only a `pipe:` source
+    (let through by resolve_shards with data.allow_pipe) goes to webdataset's gopen, which would also run curl or
+    gsutil for a name that merely looks like a URL."""
+    return gopen(url) if url.startswith("pipe:") else storage_for(url).open_read(url)
+
+
 def read_samples(urls, limits: dict[str, int] | None = None, handler=None):
     """Raw samples (ext -> bytes, `__key__`, `__url__`) of each shard in turn; each shard file is closed as soon as
     it is read. A broken member or tail is passed to `handler` (default: warn) and reading goes on."""
     handler = handler or _warn_and_continue
     for url in urls:
         try:
-            stream = gopen(url)
+            stream = open_shard(url)
         except Exception as e:
             handler(e)
             continue
@@ -141,6 +167,12 @@ class ShardStream(IterableDataset):
         self.skipped = _SkipCounter()
 
     wanted = "sample"  # what a usable sample holds, for messages
+    bad_in_eval_stops = False  # whether max_bad_samples in a row also stops an eval stream
+
+    def too_many_bad(self, count: int, sample: dict) -> str:
+        """The one line of the DataError after `count` undecodable samples in a row."""
+        return (f"{count} undecodable training samples in a row (latest {sample.get('__url__')}:"
+                f"{sample.get('__key__')}); check data.train, or raise data.max_bad_samples")
 
     def usable(self, sample: dict) -> bool:
         """Whether a raw sample holds what decode() needs (checked without decoding)."""
@@ -193,10 +225,8 @@ class ShardStream(IterableDataset):
                 yield out
                 continue
             bad_run += 1
-            if train and bad_run >= self.max_bad_samples:
-                raise DataError(f"{bad_run} undecodable training samples in a row (latest "
-                                f"{sample.get('__url__')}:{sample.get('__key__')}); check data.train, or raise "
-                                f"data.max_bad_samples")
+            if (train or self.bad_in_eval_stops) and bad_run >= self.max_bad_samples:
+                raise DataError(self.too_many_bad(bad_run, sample))
 
     def _eval_iter(self):
         worker, num_workers = worker_slot()
@@ -283,10 +313,11 @@ def collate(samples: list[dict], key: str = "image") -> dict:
 
 
 def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_last: bool | None = None,
-                pin_memory: bool = False, limits: dict[str, int] | None = None, **stream) -> DataLoader:
+                pin_memory: bool = False, limits: dict[str, int] | None = None, allow_pipe: bool = False,
+                **stream) -> DataLoader:
     """A DataLoader of ImageStream batches. `stream`: ImageStream's options (resolution, crop, flip, scale,
     shuffle_buffer, seed, rank, world_size, epoch)."""
-    urls = list(spec) if limits is not None else resolve_shards(spec)  # a planned subset is already resolved
+    urls = list(spec) if limits is not None else resolve_shards(spec, allow_pipe)  # a planned subset is resolved
     ds = ImageStream(urls, mode, limits=limits, **stream)
     return DataLoader(
         ds,
@@ -300,7 +331,7 @@ def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_
     )
 
 
-def shard_sample_counts(spec) -> dict[str, int]:
+def shard_sample_counts(spec, allow_pipe: bool = False) -> dict[str, int]:
     """Samples per shard: from the manifest when the spec is a prepared folder or manifest, else by listing tars."""
     import tarfile
 
@@ -310,7 +341,7 @@ def shard_sample_counts(spec) -> dict[str, int]:
         m = read_manifest(manifest)
         return {str(manifest.parent / s["name"]): int(s["samples"]) for s in m["shards"] if s.get("samples", 1) > 0}
     counts = {}
-    for url in resolve_shards(spec):
+    for url in resolve_shards(spec, allow_pipe):
         keys = set()
         try:
             with tarfile.open(url) as tf:
@@ -324,10 +355,10 @@ def shard_sample_counts(spec) -> dict[str, int]:
     return counts
 
 
-def plan_subset(spec, num_samples: int) -> tuple[list[str], dict[str, int], int]:
+def plan_subset(spec, num_samples: int, allow_pipe: bool = False) -> tuple[list[str], dict[str, int], int]:
     """The first `num_samples` samples in shard order: (urls, per-shard limits, samples planned). The same subset
     whatever the number of ranks and workers that read it."""
-    counts = shard_sample_counts(spec)
+    counts = shard_sample_counts(spec, allow_pipe)
     urls, limits, total = [], {}, 0
     for url, n in counts.items():
         if total >= num_samples:

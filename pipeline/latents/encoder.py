@@ -10,6 +10,9 @@ key), so the output does not depend on how many processes or loader workers ran.
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,13 +33,15 @@ from pipeline.latents.format import (
     LATENT_EXT,
     META_EXT,
     RECORDS,
-    SOURCE_META_EXT,
+    carried_name,
+    input_identity,
     keys_checksum,
     shard_unit,
 )
 from pipeline.models.autoencoder import family_of, key_noise, reparameterize
 from pipeline.models.normalisation import patchify
 from pipeline.pixels import to_model_input
+from pipeline.storage import is_url, remove_dead_temporaries
 
 STORE_TENSORS = {"moments": ("mean", "logvar"), "mean": ("mean",), "sample": ("sample",), "codes": ("codes",),
                  "latent": ("latent",)}
@@ -72,17 +77,28 @@ class EncodeStream(IterableDataset):
 
     def _shard(self, url: str):
         name = shard_name(url)
+        source = input_identity(url)  # taken before reading: a change while it is read shows at the next run
         pending: dict[tuple[int, int], list] = collections.defaultdict(list)
         skipped: list[dict] = []
+        renamed: list[dict] = []
+        seen: set[str] = set()
         inputs = 0
 
         def broken(e: Exception) -> bool:
-            skipped.append({"shard": name, "key": "", "reason": f"broken tar data ({type(e).__name__}: {e})"})
+            skipped.append({"shard": name, "key": "",
+                            "reason": f"broken tar data ({type(e).__name__}: {printable(str(e))})"})
             return True
 
         for sample in read_samples([url], handler=broken):
             inputs += 1
             key = sample["__key__"]
+            problem = unsafe_names(key, [k for k in sample if not k.startswith("__")])
+            if problem is None and key in seen:
+                problem = "duplicate key (an earlier sample of this shard has it)"
+            if problem is not None:  # never copied into a latent tar
+                skipped.append({"shard": name, "key": printable(key), "reason": problem})
+                continue
+            seen.add(key)
             try:
                 ext = image_member(sample)
                 if ext is None:
@@ -102,13 +118,16 @@ class EncodeStream(IterableDataset):
             for k, v in sample.items():
                 if k.startswith("__") or k in IMAGE_EXTS:
                     continue
-                extras[SOURCE_META_EXT if k == META_EXT else k] = v
+                carried = carried_name(k)  # our members win: an input's of the same name is renamed
+                extras[carried] = v
+                if carried != k and k != META_EXT:  # KEY.json -> KEY.source.json is the documented one
+                    renamed.append({"shard": name, "key": key, "member": k, "as": carried})
             pending[target].append((key, arr, meta, extras))
             if len(pending[target]) == self.batch_size:
                 yield self._batch(url, pending.pop(target))
         for target in sorted(pending):
             yield self._batch(url, pending[target])
-        yield {"shard": url, "end": True, "skipped": skipped, "inputs": inputs}
+        yield {"shard": url, "end": True, "skipped": skipped, "inputs": inputs, "input": source, "renamed": renamed}
 
     @staticmethod
     def _batch(url: str, items: list) -> dict:
@@ -116,6 +135,30 @@ class EncodeStream(IterableDataset):
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         return {"shard": url, "end": False, "images": images, "keys": list(keys), "meta": list(metas),
                 "extras": list(extras)}
+
+
+def unsafe_names(key: str, exts: list[str]) -> str | None:
+    """Why the members of a sample must not be copied into a latent tar (None: they may): a name that is not UTF-8
+    (the tar writer cannot write it), absolute or with a '..' component (it would land outside the folder of
+    whoever extracts the shard)."""
+    for name in (key, *exts):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return "member name is not UTF-8"
+    if key.startswith("/"):
+        return "absolute member name"
+    if ".." in key.split("/"):
+        return "member name with a '..' component"
+    return None
+
+
+def printable(text: str) -> str:
+    """A name read from a tar as text that prints and goes into JSON: bytes that are not UTF-8 as \\xNN."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -206,15 +249,29 @@ class LatentShard:
     shapes: dict = field(default_factory=dict)
     stats: dict | None = None
     non_finite: int = 0
+    failed: BaseException | None = None  # a write that failed: this shard is never committed
 
     @property
     def name(self) -> str:
         return shard_name(self.url)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write marks the shard failed (it is aborted, never committed with what was written before), and
+        an OSError without a file name (tarfile's full disk) names the shard, not the working folder."""
+        try:
+            yield
+        except BaseException as e:
+            self.failed = self.failed or e
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(self.folder / self.name)
+            raise
+
     def _open(self) -> ShardWriter:
         if self.writer is None:
             self.unit = shard_unit(self.folder, self.name)
             self.unit.undo()  # a record of another model or settings: this shard is being redone
+            remove_dead_temporaries(self.folder / self.name)  # what a killed run left of this shard
             self.writer = ShardWriter(self.unit.staging(self.folder / self.name))
         return self.writer
 
@@ -222,8 +279,15 @@ class LatentShard:
         if self.writer is not None:
             self.writer.abort()
             self.unit.discard()
+            self.writer = None
 
     def write_batch(self, batch: dict, out: dict) -> None:
+        with self._writing():
+            self._write_batch(batch, out)
+
+    def _write_batch(self, batch: dict, out: dict) -> None:
+        if self.failed is not None:
+            return
         w = self._open()
         names = [k for k in out if not k.startswith("_")]
         stats = out["_stats"]
@@ -243,18 +307,31 @@ class LatentShard:
             self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
             self.shapes[bucket] = list(tensors[names[0]].shape)
 
-    def finish(self, skipped: list[dict], inputs: int) -> dict:
-        """Close the tar, then commit it: the tar under its final name, then the record. Done."""
+    def finish(self, skipped: list[dict], inputs: int, source: dict | None = None, renamed: list | None = None) -> dict:
+        """Close the tar, then commit it: the tar under its final name, then the record. Done. A shard whose writing
+        failed is aborted instead (its staging file removed) and the failure raised again."""
+        try:
+            if self.failed is not None:
+                raise self.failed
+            with self._writing():
+                return self._finish(skipped, inputs, source, renamed or [])
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self, skipped: list[dict], inputs: int, source: dict | None, renamed: list) -> dict:
         self.skipped += skipped
         w = self._open()
         channels = len(self.stats["sum"]) if self.stats else 0
         record = {
             "name": self.name,
             "source": self.url,
+            "input": source,  # the input shard's size and mtime: another input of this name is encoded again
             "inputs": inputs,
             "samples": len(self.keys),
             "keys_sha256": keys_checksum(self.keys),
             "skipped": self.skipped,
+            "renamed": renamed,
             "non_finite": self.non_finite,
             "buckets": self.buckets,
             "latent_shapes": self.shapes,
@@ -330,7 +407,8 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
             url = item["shard"]
             shard = shards.setdefault(url, LatentShard(folder, url, settings))
             if item["end"]:
-                result.records.append(writer.submit(shard.finish, item["skipped"], item["inputs"]))
+                result.records.append(writer.submit(shard.finish, item["skipped"], item["inputs"], item["input"],
+                                                    item["renamed"]))
                 del shards[url]
                 if progress is not None:
                     progress(url)
@@ -343,9 +421,11 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
             raise
         result.stopped = True
     finally:
-        writer.close()
-        for shard in shards.values():  # interrupted: drop the unfinished tars' staging files
-            shard.abort()
+        try:
+            writer.close()
+        finally:
+            for shard in shards.values():  # interrupted or failed: drop the unfinished tars' staging files
+                shard.abort()
     result.records = [f.result() for f in result.records]
     for r in result.records:
         result.shards += 1
@@ -357,7 +437,8 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
 
 def check_input_shards(urls: list[str]) -> None:
     """Before any model runs: every input shard gives an output shard of the same name, so names must be unique;
-    and a cheap look at the first shard's member names (no decoding) catches shards that hold no images."""
+    every local shard must be a file (a named pipe would block the reader forever, SIGTERM or not); and a cheap look
+    at the first shard's member names (no decoding) catches shards that hold no images."""
     import tarfile
 
     from pipeline.data.shards import split_key
@@ -369,14 +450,40 @@ def check_input_shards(urls: list[str]) -> None:
             raise UserError(f"two input shards share the name {n} ({seen[n]} and {u}); every input shard gives an "
                             f"output shard of the same name, so encode them into separate folders")
         seen[n] = u
+        try:
+            mode = None if u.startswith("pipe:") or is_url(u) else os.stat(u).st_mode
+        except OSError:
+            continue  # a shard that cannot be opened is reported with its reason in the manifest, not here
+        if mode is not None and not stat.S_ISREG(mode):
+            what = "a named pipe (FIFO), not a shard file (reading it would block forever)" if stat.S_ISFIFO(mode) \
+                else f"a {'folder' if stat.S_ISDIR(mode) else 'device or socket'}, not a shard file"
+            raise UserError(f"{u} is {what}; remove it from the data or name the shards explicitly")
     try:
-        with tarfile.open(urls[0]) as tf:
-            exts = {ks[1] for ks in map(split_key, tf.getnames()) if ks}
+        if os.path.isfile(urls[0]):
+            with tarfile.open(urls[0]) as tf:
+                exts = {ks[1] for ks in map(split_key, tf.getnames()) if ks}
+        else:
+            exts = set()
     except (tarfile.TarError, OSError):
         return  # a broken shard is reported per sample, not here
     if exts and not exts & set(IMAGE_EXTS):
         raise UserError(f"{urls[0]} holds no images (members: {', '.join(sorted(exts))}); encode reads image shards "
                         f"written by firststage prepare or img2dataset")
+
+
+def check_output_folder(folder: Path, urls: list[str]) -> None:
+    """Refuse an output folder where encoding would overwrite its inputs: every output shard takes its input's name
+    (and the folder gets a manifest.json), so the folder of any input shard, or a folder whose NAME.tar already is
+    that input (a link), would have its image shards replaced by latent shards."""
+    target = os.path.realpath(folder)
+    for u in urls:
+        if u.startswith("pipe:") or is_url(u):
+            continue
+        out = os.path.join(target, shard_name(u))
+        if os.path.realpath(os.path.dirname(os.path.abspath(u))) == target or \
+                (os.path.exists(out) and os.path.exists(u) and os.path.samefile(out, u)):
+            raise UserError(f"{folder} holds the input shard {shard_name(u)}: encoding into it would replace the "
+                            f"image shards with latent shards of the same names; choose another output folder")
 
 
 def non_finite_advice(non_finite: int, total: int) -> str:

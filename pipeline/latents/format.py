@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_safetensors
 
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, shard_list
@@ -27,11 +29,17 @@ from pipeline.storage import Unit, atomic_write_json
 
 LATENT_EXT = "latents.safetensors"
 META_EXT = "json"
-SOURCE_META_EXT = "source.json"  # the input's own KEY.json, renamed so it cannot clash with ours
 RECORDS = "records"
 SETTINGS = "settings.json"
 # the settings that decide what a latent is: a folder never mixes latents that differ in any of them
 IDENTITY_KEYS = ("model_sha256", "kind", "store", "dtype", "resolution", "buckets", "flip")
+
+
+def carried_name(ext: str) -> str:
+    """The extension under which an input sample's member is carried into the latent shard. Ours (latents, json)
+    always win: an input member of either name, or already named source.*, gets `source.` in front (KEY.json becomes
+    KEY.source.json, KEY.source.json KEY.source.source.json), so no two members ever share a name."""
+    return f"source.{ext}" if ext in (LATENT_EXT, META_EXT) or ext.startswith("source.") else ext
 
 
 def shard_unit(folder: str | Path, name: str) -> Unit:
@@ -48,6 +56,35 @@ def model_sha256(model: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+class BadLatent(ValueError):
+    """A latent sample that cannot be read back (its reason goes to the reader's skip count)."""
+
+
+def read_latent(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a KEY.latents.safetensors member, or BadLatent naming what is wrong: a header longer than the
+    member, a tensor name twice (safetensors would keep one silently), a bogus dtype or out-of-range offsets."""
+    if len(data) < 8:
+        raise BadLatent(f"not a safetensors member ({len(data)} bytes)")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise BadLatent(f"safetensors header of {size} bytes in a member of {len(data)}")
+
+    def unique(pairs):
+        names = [k for k, _ in pairs]
+        twice = sorted({k for k in names if names.count(k) > 1})
+        if twice:
+            raise BadLatent(f"tensor {twice[0]} twice in the safetensors header")
+        return dict(pairs)
+
+    try:
+        json.loads(data[8:8 + size], object_pairs_hook=unique)
+        return load_safetensors(data)
+    except BadLatent:
+        raise
+    except Exception as e:  # safetensors' own error (dtype, offsets, shapes), a header that is not JSON
+        raise BadLatent(f"unreadable safetensors ({str(e)[:160]})") from None
 
 
 def keys_checksum(keys: list[str]) -> str:
@@ -127,10 +164,39 @@ def write_settings(folder: Path, settings: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- records
-def is_complete(folder: Path, name: str, settings: dict) -> bool:
-    """A shard is done when its unit is (tar and record) and the record was written with these settings."""
+def input_identity(url: str) -> dict | None:
+    """What says that an input shard is the one a record was encoded from: its size and modification time (a stat,
+    cheap for thousands of shards; a copy or a rewrite changes them, a move keeps them). None for a URL or a file
+    that cannot be looked at (the shard's path decides then)."""
+    from pipeline.storage import is_url
+
+    if url.startswith("pipe:") or is_url(url):
+        return None
+    try:
+        st = os.stat(url)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def shard_state(folder: Path, name: str, settings: dict, url: str | None = None) -> str:
+    """'complete' when the shard's unit is done (tar and record), with these settings, from the input shard `url` as
+    it is now; 'changed' when it is done with these settings but from another input (other data under the same
+    shard name, or the input was rewritten): a rerun encodes it again; else 'todo'."""
     record = shard_unit(folder, name).read_record()
-    return record is not None and same_latents(record, settings)
+    if record is None or not same_latents(record, settings):
+        return "todo"
+    if url is None:
+        return "complete"
+    had, now = record.get("input"), input_identity(url)
+    same = had == now if had is not None and now is not None else record.get("source") == url
+    return "complete" if same else "changed"
+
+
+def is_complete(folder: Path, name: str, settings: dict, url: str | None = None) -> bool:
+    """A shard is done when its unit is (tar and record), the record was written with these settings and (given
+    the input shard's `url`) from that input as it is now."""
+    return shard_state(folder, name, settings, url) == "complete"
 
 
 def same_latents(record: dict, settings: dict) -> bool:
@@ -175,8 +241,10 @@ def build_manifest(folder: Path, settings: dict, records: list[dict], expected: 
     """Sum the per-shard records up. `expected`: the output shard names the current command asked for (the ones
     without a record are listed as missing)."""
     names = {r["name"] for r in records}
-    channels = len(records[0]["stats"]["sum"]) if records else 0
-    sums = {k: [sum(r["stats"][k][c] for r in records) for c in range(channels)] for k in ("count", "sum", "sumsq")}
+    # statistics from the records that have them: a shard with no encodable sample has none (no channels)
+    measured = [r for r in records if r["stats"]["sum"]]
+    channels = len(measured[0]["stats"]["sum"]) if measured else 0
+    sums = {k: [sum(r["stats"][k][c] for r in measured) for c in range(channels)] for k in ("count", "sum", "sumsq")}
     buckets: dict[str, int] = {}
     shapes: dict[str, list[int]] = {}
     for r in records:
@@ -200,6 +268,7 @@ def build_manifest(folder: Path, settings: dict, records: list[dict], expected: 
         "flip": settings["flip"],
         "latent_shapes": shapes,
         **listed,
+        "renamed": [m for r in records for m in r.get("renamed", [])],
         "statistics": {**statistics, "of": settings["statistics_of"]},
         "normalisation": reader_normalisation(settings, statistics),
         "model_scaling_factor": settings["model"]["scaling_factor"],

@@ -13,6 +13,12 @@ ranks and loader workers, the unflipped latent, with noise seeded by the sample 
 by the manifest's `normalisation` (pipeline.models.normalisation): for a published autoencoder its own convention,
 so the latents equal what its diffusers pipeline feeds its transformer (FLUX.2: 2x2-patchified, 128 channels); for
 a firststage run the factors measured on these latents. VQ and FSQ latents are integer codes.
+
+A sample that cannot be read (a malformed or missing KEY.latents.safetensors, a missing KEY.json, tensors the manifest
+does not name, a NaN/Inf latent) is skipped and counted, with a warning at 1, 2, 4, ... as the image loader does;
+`max_bad_samples` of them in a row stop the stream (DataError). The manifest is checked against the folder: a shard it
+lists that is not there stops the constructor, and a shard holding another number of samples than the manifest says
+stops the stream once that shard has been read.
 """
 
 from __future__ import annotations
@@ -23,12 +29,12 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors
 from webdataset.utils import make_seed
 
-from pipeline.data.loader import ShardStream, collate, worker_slot
-from pipeline.latents.format import LATENT_EXT, META_EXT
-from pipeline.manifest import LATENT_FORMAT, read_manifest
+from pipeline.data.loader import ShardStream, collate, read_samples, worker_slot
+from pipeline.errors import DataError
+from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, read_latent
+from pipeline.manifest import LATENT_FORMAT, MANIFEST, read_manifest
 from pipeline.models.normalisation import normalise
 from pipeline.models.posterior import key_generator, reparameterize
 
@@ -48,14 +54,22 @@ class LatentDataset(ShardStream):
     def __init__(self, path: str | Path, mode: str = "train", batch_size: int | None = None, *, scale: bool = True,
                  scaling_factor: float | None = None, shift_factor: float | None = None, sample: bool = True,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, epoch: int = 0,
-                 shuffle_buffer: int = 1000, drop_last: bool | None = None):
+                 shuffle_buffer: int = 1000, drop_last: bool | None = None, max_bad_samples: int = 1000):
         folder = Path(path)
         folder = folder.parent if folder.is_file() else folder
+        self.folder = folder
         self.manifest = read_manifest(folder, LATENT_FORMAT)
-        urls = [str(folder / s["name"]) for s in self.manifest["shards"] if s["samples"] > 0]
+        # every listed shard, also those the manifest says are empty: what they hold is checked against it
+        self.expected = {str(folder / s["name"]): int(s["samples"]) for s in self.manifest["shards"]}
+        absent = [u for u in self.expected if not os.path.isfile(u)]
+        if absent:
+            raise DataError(f"{folder / MANIFEST} lists {len(absent)} shard(s) that are not in the folder (first: "
+                            f"{Path(absent[0]).name}); finish the encode (run its command again) or rebuild the "
+                            f"manifest: firststage encode --output {folder} --rebuild-manifest")
         r, w = _default_rank_world()
-        super().__init__(urls, mode, shuffle_buffer, seed, r if rank is None else rank,
-                         w if world_size is None else world_size, epoch)
+        super().__init__(list(self.expected), mode, shuffle_buffer, seed, r if rank is None else rank,
+                         w if world_size is None else world_size, epoch, max_bad_samples=max_bad_samples)
+        self.shapes = {tuple(v) for v in (self.manifest.get("latent_shapes") or {}).values()}
         stats = self.manifest["statistics"]
         # the manifest's normalisation; a manifest from before it existed: the measured factors
         self.normalisation = self.manifest.get("normalisation", {
@@ -71,12 +85,50 @@ class LatentDataset(ShardStream):
         self._noise: torch.Generator | None = None
 
     wanted = "latent (KEY.latents.safetensors member)"
+    bad_in_eval_stops = True
+
+    def too_many_bad(self, count: int, sample: dict) -> str:
+        return (f"{count} unreadable latent samples in a row (latest {self.skipped.latest}); check the latent folder "
+                f"{self.folder}, or raise LatentDataset(max_bad_samples=...)")
 
     def usable(self, raw: dict) -> bool:
         return LATENT_EXT in raw
 
+    def _samples(self, urls):
+        """Raw samples shard by shard; after each shard, its count against the manifest's."""
+        for url in urls:
+            count = 0
+            for sample in read_samples([url]):
+                count += 1
+                yield sample
+            if count != self.expected.get(url, count):
+                raise DataError(f"{url}: holds {count} samples, {self.folder / MANIFEST} says "
+                                f"{self.expected[url]}; the shard or the manifest changed after encoding: rebuild the "
+                                f"manifest (firststage encode --output {self.folder} --rebuild-manifest) or re-encode")
+
     def decode(self, raw: dict, rng: random.Random | None, train: bool):
-        tensors = load_safetensors(raw[LATENT_EXT])
+        try:
+            return self._decode(raw, rng, train)
+        except BadLatent as e:
+            self.skipped(f"{raw.get('__url__')}:{raw.get('__key__')}", e)
+            return None
+
+    def _decode(self, raw: dict, rng: random.Random | None, train: bool):
+        for ext in (LATENT_EXT, META_EXT):
+            if ext not in raw:
+                raise BadLatent(f"no KEY.{ext} member")
+        tensors = read_latent(raw[LATENT_EXT])
+        absent = [t for t in self.manifest.get("tensors", []) if t not in tensors]
+        if absent:
+            raise BadLatent(f"no tensor {absent[0]} (the manifest's tensors: {', '.join(self.manifest['tensors'])})")
+        odd = [n for n, t in tensors.items() if self.shapes and tuple(t.shape) not in self.shapes]
+        if odd:
+            raise BadLatent(f"tensor {odd[0]} of shape {list(tensors[odd[0]].shape)}, none of the manifest's "
+                            f"latent_shapes")
+        try:
+            meta = json.loads(raw[META_EXT])
+        except ValueError as e:
+            raise BadLatent(f"KEY.json is not JSON ({e})") from None
         suffix = "_flip" if train and rng is not None and any(k.endswith("_flip") for k in tensors) \
             and rng.random() < 0.5 else ""
         if "codes" in tensors:
@@ -88,9 +140,11 @@ class LatentDataset(ShardStream):
                 z = reparameterize(mean, logvar, generator=gen)
             else:
                 z = tensors[next(n for n in ("mean", "sample", "latent") if n in tensors) + suffix].float()
+            if not torch.isfinite(z).all():
+                raise BadLatent("non-finite latent (NaN/Inf)")
             if self.normalisation is not None:
                 z = normalise(z, self.normalisation)
-        out = {"latents": z, "__key__": raw["__key__"], "meta": json.loads(raw[META_EXT]),
+        out = {"latents": z, "__key__": raw["__key__"], "meta": meta,
                "txt": raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else None}
         for k, v in raw.items():
             if not k.startswith("__") and k not in (LATENT_EXT, META_EXT, "txt"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import secrets
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.errors import UserError
-from pipeline.storage.base import BACKENDS, Storage, storage_for
+from pipeline.storage.base import BACKENDS, Storage, is_url, storage_for
 
 
 def _local(path) -> Path:
@@ -48,8 +49,10 @@ class LocalStorage(Storage):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.filename is None:  # a full disk names the file, not the working folder
+                e.filename = str(path)
             raise
         return tmp
 
@@ -175,6 +178,32 @@ def remove_stale_temporaries(folder: str | Path) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def remove_dead_temporaries(path: str | Path) -> int:
+    """Delete the temporaries of `path` (`.NAME.<pid>-<tag>.tmp`, see temporary_name) whose writer is no longer
+    running on this host: what a killed run left of the file it was writing, which its rerun would otherwise leave
+    beside the finished file. A temporary whose pid is alive here is kept. Returns how many went."""
+    if is_url(path) and not str(path).startswith("file://"):
+        return 0
+    path = _local(path)
+    n = 0
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp"):
+        pid = p.name[len(path.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
 
 
 def _remove(p: Path) -> None:

@@ -99,9 +99,10 @@ class Trainer:
         """Everything a run needs, built and (with `resume`) restored; prepared with accelerate once."""
         self.cfg, self.accelerator, acc = cfg, accelerator, accelerator
         self.run_dir = Path(cfg.output_dir)
-        train_urls = resolve_shards(cfg.data.train)  # cheap checks first: a user mistake before any model is built
+        pipes = cfg.data.allow_pipe
+        train_urls = resolve_shards(cfg.data.train, pipes)  # cheap checks first: a user mistake before any model is built
         if cfg.data.val:
-            resolve_shards(cfg.data.val)
+            resolve_shards(cfg.data.val, pipes)
         resume_path = find_resume(cfg.output_dir, resume)
         if cfg.train.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -152,12 +153,12 @@ class Trainer:
             crop=cfg.data.crop, flip=cfg.data.flip, scale=tuple(cfg.data.random_resized_scale),
             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=acc.process_index,
             world_size=acc.num_processes, epoch=self.state.step,  # a resumed run draws a fresh stream
-            pin_memory=torch.cuda.is_available(), max_bad_samples=cfg.data.max_bad_samples,
+            pin_memory=torch.cuda.is_available(), max_bad_samples=cfg.data.max_bad_samples, allow_pipe=pipes,
         )
         self.grid = GridWriter(self.run_dir, acc, cfg.train.image_every)
         self.validator = None
         if cfg.data.val:
-            val_urls, val_limits, _ = plan_subset(cfg.data.val, cfg.train.val_samples)
+            val_urls, val_limits, _ = plan_subset(cfg.data.val, cfg.train.val_samples, pipes)
             val_loader = lambda: make_loader(  # noqa: E731 (rebuilt for each validation: eval streams end)
                 val_urls, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
                 rank=acc.process_index, world_size=acc.num_processes, limits=val_limits,
