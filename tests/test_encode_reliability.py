@@ -350,8 +350,8 @@ def test_pipe_and_unknown_url_sources_are_refused_in_one_line(vae, tmp_path):
     with pytest.raises(UserError, match="a pipe: source"):
         resolve_shards(tmp_path / "list.txt")
     assert resolve_shards("pipe:cat a.tar", allow_pipe=True) == ["pipe:cat a.tar"]
-    with pytest.raises(UserError, match=r"unsupported URL scheme s3://"):
-        resolve_shards("s3://bucket/shards-{000000..000009}.tar")
+    with pytest.raises(UserError, match=r"unsupported URL scheme gs://"):
+        resolve_shards("gs://bucket/shards-{000000..000009}.tar")
     r = encode(vae, f"pipe:touch {tmp_path / 'ran'}", tmp_path / "lat")
     assert r.returncode == 2 and one_line(r) and "--data pipe:touch" in r.stderr
     assert not (tmp_path / "ran").exists()
