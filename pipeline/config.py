@@ -45,7 +45,8 @@ class DataConfig:
     random_resized_scale: list[float] = _f([0.5, 1.0], "area fraction range for crop=random-resized")
     flip: bool = _f(True, "random horizontal flip in training")
     shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer of each loader worker", min=0)
-    num_workers: int = _f(4, "loader worker processes per rank", min=0)
+    num_workers: Optional[int] = _f(None, "loader worker processes per rank; null: from the machine (one fewer than "
+                                    "the cores of each of this job's processes on the node, at most 8)", min=0)
     max_bad_samples: int = _f(1000, "undecodable training samples in a row before the run stops", min=1)
     allow_pipe: bool = _f(False, "let data.train / data.val / --data name `pipe:COMMAND` sources (webdataset runs "
                           "COMMAND in a shell); off: such a source is refused")

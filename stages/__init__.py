@@ -69,26 +69,33 @@ def choose_threads(cores: float, free: float, local_processes: int) -> tuple[int
     return threads, threads * max(1, local_processes) == round(cores)
 
 
-def _decide() -> int:
+def _decide() -> tuple[int, str]:
+    """(intra-op threads, 0 for torch's default; why, in words)."""
     fixed = os.environ.get("FIRSTSTAGE_THREADS", "").strip()
     if fixed == "torch":  # torch's own default: a thread per core, OpenMP's default waiting
-        return 0
+        return 0, "torch's default threads (FIRSTSTAGE_THREADS=torch)"
     if fixed:
         try:
             threads = max(1, int(fixed))
         except ValueError:
             raise SystemExit(f"firststage: error: FIRSTSTAGE_THREADS={fixed!r} is not a whole number") from None
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        return threads
+        return threads, f"{threads} thread{'s' * (threads > 1)} (FIRSTSTAGE_THREADS={fixed})"
     cores = _allowed_cores()
     quota = _quota()
     count = min(len(cores), quota) if quota else len(cores)
     busy = _busy_cores(cores)
     free = len(cores) - (busy if busy is not None else 0.0)  # no /proc/stat: assume the machine is ours
-    threads, spin = choose_threads(count, free, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    threads, spin = choose_threads(count, free, local)
     if not spin:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return threads
+    why = (f"{threads} thread{'s' * (threads > 1)}: {free:.1f} of {count:g} cores free"
+           + (f", shared by {local} processes of this job on the node" if local > 1 else "")
+           + ("; spinning, as every core is ours" if spin else "; sleeping when idle, as other work holds cores"))
+    return threads, why
 
 
-THREADS = _decide()
+THREADS, THREADS_WHY = _decide()
+if THREADS:  # torch reads it when it is first imported: the stages can import torch late (checks come first)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)

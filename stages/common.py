@@ -35,12 +35,13 @@ def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
 
 
 @contextlib.contextmanager
-def flag_named(flag: str | None):
-    """A library error about the value of a flag (a path, a part) gets the flag's name in front (None: as it is)."""
+def flag_named(flag: str | None, value=None):
+    """A library error about the value of a flag (a path, a part) gets the flag's name in front (None: as it is);
+    with `value`, only an error that starts with that value (others are about something else)."""
     try:
         yield
     except UserError as e:
-        if flag is None:
+        if flag is None or (value is not None and not str(e).startswith(str(value))):
             raise
         raise type(e)(f"{flag} {e}") from None
 
@@ -104,6 +105,7 @@ def stage_main(fn):
             module = spec.name if spec is not None else module
         prog = module.rsplit(".", 1)[-1]
         apply_thread_policy()
+        say_threads(prog, argv)
         try:
             return fn(argv, *args, **kwargs)
         except Diverged as e:
@@ -125,13 +127,29 @@ def stage_main(fn):
     return wrapper
 
 
-def apply_thread_policy() -> int:
-    """Give torch the intra-op thread count that stages/__init__.py chose for this process; returns the count."""
-    import torch
+def say_threads(prog: str, argv) -> None:
+    """A stage's first line: the threads it took and why (on the main process; not for help or `firststage
+    config`, whose output is the config)."""
+    import os
 
     import stages
 
-    if stages.THREADS and torch.get_num_threads() != stages.THREADS:  # 0: FIRSTSTAGE_THREADS=torch
+    args = list(sys.argv[1:] if argv is None else argv)
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0  # before any process group: the launcher's rank
+    if prog in ("config", "cli") or "-h" in args or "--help" in args or not main_process:
+        return
+    print(f"firststage {prog}: {stages.THREADS_WHY}", flush=True)
+
+
+def apply_thread_policy() -> int:
+    """Give a torch imported before the stage (a test, the demo calling stages) the intra-op thread count that
+    stages/__init__.py chose (a torch imported later reads it from OMP_NUM_THREADS); returns the count."""
+    import stages
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return stages.THREADS
+    if stages.THREADS and torch.get_num_threads() != stages.THREADS:  # 0: torch's default
         torch.set_num_threads(stages.THREADS)
     return torch.get_num_threads()
 

@@ -82,10 +82,9 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace
 
     import torch
     from accelerate import PartialState
-    from tqdm import tqdm
 
     from pipeline.config import parse_overrides
-    from pipeline.data.loader import resolve_shards, shard_sample_counts
+    from pipeline.data.loader import loader_workers, resolve_shards, shard_sample_counts
     from pipeline.data.shards import shard_name
     from pipeline.distributed import all_reduce, print0
     from pipeline.latents import format as lf
@@ -93,6 +92,7 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace
     from pipeline.latents.encoder import (EncodeSettings, check_input_shards, check_output_folder, effective_store,
                                           encode_shards, non_finite_advice, stored_tensors)
     from pipeline.models.normalisation import describe
+    from pipeline.progress import Progress
     from pipeline.storage import FolderLock
     from stages.common import pinned_weights, resolve_mixed_precision
 
@@ -146,11 +146,10 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace
         s = EncodeSettings(store=store, dtype=dtype, flip=cfg.encode.flip, channels_last=cuda,
                            autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp),
                            patch=family_of(model).normalisation(model).get("patch", 1))
-        bar = tqdm(total=len(todo), desc=f"encode rank {state.process_index}", unit="shard", disable=None,
-                   position=state.local_process_index, leave=False)
+        bar = Progress("encode", len(todo), "shard", enabled=state.is_main_process)  # the main process's shards
         # On a CPU the encoder's threads already take the free cores: a loader worker decoding beside them made the
         # loop slower than a plain main-process loop on 2 cores (0.92x against 1.10x, benchmarks/RESULTS.md).
-        workers = cfg.data.num_workers if cuda else 0
+        workers = loader_workers(cfg.data.num_workers) if cuda else 0
         res = encode_shards(model, todo, out, settings, s, device, resolution=cfg.data.resolution, buckets=buckets,
                             batch_size=cfg.encode.batch_size, num_workers=workers, pin_memory=cuda,
                             stop=stop, progress=lambda _: bar.update(1))

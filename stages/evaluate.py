@@ -21,8 +21,9 @@ from pipeline.data.loader import make_loader, plan_subset
 from pipeline.distributed import all_reduce, print0
 from pipeline.errors import UserError
 from pipeline.metrics.evaluator import Evaluator
-from pipeline.metrics.grid import save_grid
+from pipeline.metrics.plots import reconstruction_grid
 from pipeline.metrics.report import format_table, load_fid, load_perceptual
+from pipeline.progress import Progress
 from pipeline.storage import atomic_write_json, atomic_write_text
 from stages.common import add_alias_flags, alias_overrides, alias_errors, pinned_weights, stage_main
 
@@ -70,8 +71,10 @@ def main(argv=None) -> None:
                    cfg.data.resolution, device, fid)
     loader = make_loader(urls, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
                          rank=state.process_index, world_size=state.num_processes, limits=limits)
-    for batch in loader:
-        ev.add(batch["image"], batch["__key__"])
+    with Progress("evaluate", planned, "sample", enabled=state.is_main_process) as bar:
+        for batch in loader:
+            ev.add(batch["image"], batch["__key__"])
+            bar.update(len(batch["__key__"]) * state.num_processes)  # the main process's count, scaled
     res = ev.finalize(lambda tensors: all_reduce(tensors, "sum", device))
     if res["samples"] == 0:
         raise UserError(f"--data {args.data}: no decodable images among the {planned} samples read")
@@ -84,8 +87,12 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "eval.json", res)
         atomic_write_text(out / "eval.md", f"# Evaluation of {args.model}\n\nData: {args.data}\n\n{table}\n")
-        if ev.grid is not None:
-            save_grid(*ev.grid, out / "eval_grid.png")
+        if ev.grid:
+            keys, images, recs, tile_psnr = zip(*ev.grid)
+            reconstruction_grid(torch.stack(images).permute(0, 2, 3, 1).numpy(),
+                                torch.stack(recs).permute(0, 2, 3, 1).numpy(), list(tile_psnr), list(keys),
+                                out / "eval_grid.png", f"{Path(str(args.model)).name}: inputs and their "
+                                f"reconstructions ({len(keys)} of {res['samples']}; mean PSNR {res['psnr']:.2f} dB)")
         print0(table)
         print0(f"evaluate: {res['samples']} samples from {args.data} with {res['weights']} on {state.num_processes} "
                f"process(es) in {time.time() - start:.1f}s; wrote {out / 'eval.json'}, eval.md, eval_grid.png")

@@ -11,12 +11,12 @@ import argparse
 import time
 from dataclasses import asdict
 
-from tqdm import tqdm
 
 from pipeline.config import load_config
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.errors import UserError
 from pipeline.manifest import merge_manifests, parse_part, part_name, summarize_skips
+from pipeline.progress import Progress
 from pipeline.storage import FolderLock
 from stages.common import add_alias_flags, add_config_args, alias_overrides, flag_named, alias_errors, stage_main
 
@@ -68,7 +68,7 @@ def locked_prepare(inputs: list[str], output: str, opts: PrepareOptions, progres
 
     if Path(output).exists() and not Path(output).is_dir():
         raise UserError(f"--output {output} is a file, not a folder")
-    with FolderLock(output, part_name(".lock", opts.part, opts.num_parts), what="--output"), flag_named("--output"):
+    with FolderLock(output, part_name(".lock", opts.part, opts.num_parts), what="--output"), flag_named("--output", output):
         return prepare(inputs, output, opts, progress=progress, overwrite=overwrite)
 
 
@@ -84,9 +84,9 @@ def main(argv=None) -> None:
         raise UserError("--input and --output are required (or --merge-manifests DIR)")
     opts = options(args)
     start = time.time()
-    bar = tqdm(desc="prepare", unit="shard", leave=False, disable=None)
-    manifest = locked_prepare(args.input, args.output, opts, progress=lambda r: bar.update(1), overwrite=args.overwrite)
-    bar.close()
+    with Progress("prepare", None, "shard") as bar:
+        manifest = locked_prepare(args.input, args.output, opts, overwrite=args.overwrite,
+                                  progress=lambda r: bar.update(1, samples=str(bar.samples(r["samples"]))))
     skipped = manifest["skipped_count"]
     why = f" ({summarize_skips(manifest['skipped'])}; listed in the manifest)" if skipped else ""
     name = "manifest.json" if opts.num_parts == 1 else f"part {opts.part}/{opts.num_parts} manifest"

@@ -12,11 +12,12 @@ def test_demo_runs_end_to_end_on_a_reduced_budget_and_resumes(tmp_path):
 
     from stages.demo import main
 
-    r = run_main(main, "--output", tmp_path / "demo", "--steps", "3", "--photos", "2")
+    r = run_main(main, "--output", tmp_path / "demo", "--steps", "3", "--subset", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "demo"
     assert "held-out PSNR" in r.stdout and "mean-colour baseline" in r.stdout
     report = (out / "report.md").read_text()
+    assert "on the training photos' tiles (gap" in r.stdout
     for linked in ("eval/eval_grid.png", "loss.png", "decoded_latent.png"):
         assert f"({linked})" in report and (out / linked).is_file()
     assert "| PSNR (dB) |" in report
@@ -24,9 +25,22 @@ def test_demo_runs_end_to_end_on_a_reduced_budget_and_resumes(tmp_path):
     assert vae.config.scaling_factor == json.loads((out / "latents" / "manifest.json").read_text())["statistics"]["scaling_factor"]
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert ev["samples"] == 12 and ev["weights"].startswith("ema.safetensors")  # 12 tiles of two held-out photos
-    again = run_main(main, "--output", out, "--steps", "3", "--photos", "2")
+    again = run_main(main, "--output", out, "--steps", "3", "--subset", "2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "steps 3->3" in again.stdout and "(1 already complete)" in again.stdout  # resumed: nothing redone
+
+
+def test_the_demo_runs_on_a_folder_of_your_photos_holding_photos_out_whole(photos, tmp_path):
+    from stages.demo import main
+
+    r = run_main(main, "--output", tmp_path / "demo", "--photos", photos, "--steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # four photos in name order (astronaut, chelsea, coffee, rocket): the second is held out whole
+    assert "tiles of chelsea (photos never trained on)" in r.stdout
+    assert sorted(p.stem for p in (tmp_path / "demo" / "images" / "train").glob("*.png")) == ["astronaut", "coffee",
+                                                                                              "rocket"]
+    r = run_main(main, "--output", tmp_path / "demo2", "--photos", tmp_path / "nothing-here")
+    assert r.returncode == 2 and "no such folder" in r.stderr
 
 
 @pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "encode", "export", "demo", "config"])

@@ -27,7 +27,7 @@ def shards(tmp_path_factory):
 
 def losses(run: Path) -> list[tuple[int, float]]:
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train/loss"]) for r in rows]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]  # (validation rows hold val/*)
 
 
 def train_inprocess(*args):

@@ -93,6 +93,15 @@ def resolve_shards(spec, allow_pipe: bool = False) -> list[str]:
     return urls
 
 
+def loader_workers(asked: int | None) -> int:
+    """data.num_workers as asked, or (null) from the machine: one fewer than the cores each of this job's processes
+    on the node may use (LOCAL_WORLD_SIZE; the main process needs one too), at most 8."""
+    if asked is not None:
+        return asked
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) - 1))
+
+
 def worker_slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
@@ -319,6 +328,7 @@ def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_
     shuffle_buffer, seed, rank, world_size, epoch)."""
     urls = list(spec) if limits is not None else resolve_shards(spec, allow_pipe)  # a planned subset is resolved
     ds = ImageStream(urls, mode, limits=limits, **stream)
+    num_workers = loader_workers(num_workers)
     return DataLoader(
         ds,
         batch_size=batch_size,

@@ -23,6 +23,9 @@ from pipeline.models.quantizer import perplexity
 from pipeline.pixels import to_model_input, to_uint8
 
 
+GRID_SAMPLES = 48  # the evaluation figure shows every sample up to this many
+
+
 class Evaluator:
     def __init__(self, model, opts: EvaluateConfig, perceptual: dict, resolution: int, device="cpu", fid=None):
         """perceptual: name -> LPIPS module, or name -> reason string when it could not be loaded.
@@ -48,7 +51,7 @@ class Evaluator:
         self.buffered: list[tuple] = []  # likelihood subset: (x, mean, logvar, keys), bounds computed at the end
         num_codes = self.family.num_codes(model)
         self.code_counts = torch.zeros(num_codes, dtype=torch.float64) if num_codes else None
-        self.grid: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.grid: list[tuple] = []  # (key, image, reconstruction, PSNR) of the first GRID_SAMPLES, for the figure
 
     def _add(self, name: str, value: torch.Tensor, per_channel: bool = False) -> None:
         v = value.detach().double().cpu()
@@ -91,8 +94,10 @@ class Evaluator:
         if self.fid is not None:
             self.fid.update(images, real=True)
             self.fid.update(rec8, real=False)
-        if self.grid is None:
-            self.grid = (images[:8].cpu(), rec8[:8].cpu())
+        if len(self.grid) < GRID_SAMPLES:
+            tile_psnr = psnr(images, rec8).tolist()
+            self.grid += [(keys[i], images[i].cpu(), rec8[i].cpu(), tile_psnr[i])
+                          for i in range(min(n, GRID_SAMPLES - len(self.grid)))]
 
     @torch.no_grad()
     def _likelihood(self, sigma: float) -> None:

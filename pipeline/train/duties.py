@@ -69,11 +69,18 @@ class Logbook:
     def add(self, terms: dict) -> None:
         self.pending.append(terms)
 
+    def record(self, step: int, scalars: dict) -> None:
+        """One row of metrics.jsonl (the main process's): the averaged training terms, or a validation's metrics."""
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+
     def images_per_second(self, step: int) -> float:
         return (step - self.step0) * self.images_per_step / max(time.time() - self.t0, 1e-9)
 
     def maybe_log(self, step: int, extras: dict, bar) -> float | None:
-        """Log the averaged terms (and `extras`, scalars of this moment) when a log point is due; returns the loss."""
+        """Log the averaged terms (and `extras`, scalars of this moment) when a log point is due, and show them on
+        the progress bar (pipeline.progress); returns the loss."""
         if step % self.every or not self.pending:
             return None
         pending, self.pending = self.pending, []
@@ -89,11 +96,9 @@ class Logbook:
         if torch.cuda.is_available():
             scalars["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.acc.log(scalars, step=step)
-        if self.acc.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **scalars}) + "\n")
-        bar.set_postfix(loss=f"{scalars['train/loss']:.4g}", img_s=f"{scalars['train/images_per_second']:.1f}",
-                        lr=f"{scalars['train/lr']:.2e}")
+        self.record(step, scalars)
+        bar.update(0, loss=scalars["train/loss"], img_s=f"{scalars['train/images_per_second']:.1f}",
+                   lr=f"{scalars['train/lr']:.2e}")
         return scalars["train/loss"]
 
 

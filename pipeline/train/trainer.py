@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, config_from_dict, config_to_dict, merge_dicts, parse_overrides
@@ -32,6 +31,7 @@ from pipeline.errors import UserError
 from pipeline.losses import FirstStageObjective
 from pipeline.models.autoencoder import build_autoencoder, family_of
 from pipeline.pixels import to_model_input
+from pipeline.progress import Progress
 from pipeline.train.duties import Checkpointer, GridWriter, Logbook, NonFiniteGuard, Validator
 from pipeline.train.ema import EMA
 from pipeline.train.module import TrainableAutoencoder
@@ -330,8 +330,8 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- fit
     def fit(self, stop: threading.Event) -> State:
         """Steps until train.max_steps, or until a SIGTERM (`stop`) that every rank agrees on: then save and return."""
-        bar = tqdm(total=self.cfg.train.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                   desc="train", disable=True if not self.accelerator.is_main_process else None)  # None: not a tty
+        bar = Progress("train", self.cfg.train.max_steps, "step", initial=self.state.step,
+                       enabled=self.accelerator.is_main_process)
         try:
             return self._steps(stop, bar)
         finally:
@@ -375,7 +375,9 @@ class Trainer:
             st.history.append((st.step, loss))
         self.grid.maybe_write(st.step, self.unwrapped)
         if self.validator is not None:
-            self.validator.maybe_validate(st.step, self.unwrapped)
+            metrics = self.validator.maybe_validate(st.step, self.unwrapped)
+            if metrics is not None:
+                log.record(st.step, metrics)
         if saver.due(st.step):
             self._save(saver)
 

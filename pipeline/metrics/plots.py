@@ -1,0 +1,83 @@
+"""Figures for people (matplotlib, drawn off-screen): the training curves and the reconstruction grid of an
+evaluation. Written whole (pipeline.storage), like every other output."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.storage import atomic_write_bytes
+
+
+def _figure_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(metrics: Path, out: Path, title: str = "") -> None:
+    """From a run's metrics.jsonl: the training loss against the step (log scale) and, where validation ran, the
+    held-out PSNR on a second axis."""
+    plt = _pyplot()
+    rows = [json.loads(ln) for ln in Path(metrics).read_text().splitlines() if ln.strip()] if Path(metrics).is_file() else []
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["step"], r["val/psnr"]) for r in rows if "val/psnr" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if train:
+        ax.plot(*zip(*train), color="tab:red", lw=1.5, label="training loss")
+        if min(v for _, v in train) > 0:
+            ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss" + (" (log scale)" if train and ax.get_yscale() == "log" else ""), color="tab:red")
+    ax.grid(True, which="both", alpha=0.3)
+    handles = ax.get_legend_handles_labels()
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), color="tab:blue", marker="o", ms=3, lw=1.2, label="held-out PSNR (dB)")
+        ax2.set_ylabel("held-out PSNR (dB)", color="tab:blue")
+        h2 = ax2.get_legend_handles_labels()
+        handles = (handles[0] + h2[0], handles[1] + h2[1])
+    if handles[0]:
+        ax.legend(*handles, loc="upper center", fontsize=8)
+    if not train and not val:
+        ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title or "training", fontsize=10)
+    atomic_write_bytes(out, _figure_bytes(fig))
+
+
+def reconstruction_grid(images: np.ndarray, reconstructions: np.ndarray, psnr: list[float], names: list[str],
+                        out: Path, title: str = "", columns: int = 6, tile: float = 1.6) -> None:
+    """Every image (uint8 [N, H, W, 3]) above its reconstruction, labelled with its name and PSNR."""
+    plt = _pyplot()
+    n = len(images)
+    cols = min(columns, max(n, 1))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(cols * tile, 2 * rows * tile + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, cols)
+        top, bottom = axes[2 * r][c], axes[2 * r + 1][c]
+        top.imshow(images[i], interpolation="nearest")
+        top.set_title(f"{names[i]}\ninput", fontsize=7)
+        bottom.imshow(reconstructions[i], interpolation="nearest")
+        bottom.set_title(f"reconstruction, {psnr[i]:.1f} dB", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    atomic_write_bytes(out, _figure_bytes(fig))

@@ -1,0 +1,101 @@
+"""Progress for every stage: a tqdm bar in a terminal; outside one (a SLURM log, nohup, CI), one line every
+`interval` seconds (default 30; FIRSTSTAGE_PROGRESS_SECONDS), written by a timer, so a log shows the job is alive
+even while one step takes long:
+
+  train: step 120/500 (24%), loss 0.0123, 14.2 img/s, elapsed 0:02:10, ETA 0:05:48
+
+Lines and the bar go to stderr (the stages' summaries go to stdout). Only one process of a job reports (the caller
+passes `enabled` for the main process)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+
+
+def progress_interval() -> float:
+    try:
+        return max(0.1, float(os.environ.get("FIRSTSTAGE_PROGRESS_SECONDS", "30")))
+    except ValueError:
+        return 30.0
+
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=int(max(0.0, seconds))))
+
+
+class Progress:
+    def __init__(self, desc: str, total: int | None, unit: str = "it", initial: int = 0, enabled: bool = True,
+                 interval: float | None = None, file=None):
+        self.desc, self.total, self.unit, self.done = desc, total, unit, initial
+        self.start_done, self.t0 = initial, time.time()
+        self.file = file or sys.stderr
+        self.enabled = enabled
+        self.postfix: dict[str, str] = {}
+        self.tty = bool(getattr(self.file, "isatty", lambda: False)())
+        self.bar = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        if not enabled:
+            return
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.file, dynamic_ncols=True,
+                            leave=False)
+        else:
+            self.interval = interval if interval is not None else progress_interval()
+            self._timer = threading.Thread(target=self._tick, daemon=True, name=f"{desc}-progress")
+            self._timer.start()
+
+    def samples(self, n: int) -> int:
+        """A running count beside the unit (samples written so far, for a bar that counts shards)."""
+        self._samples = getattr(self, "_samples", 0) + n
+        return self._samples
+
+    def update(self, n: int = 1, **postfix) -> None:
+        with self._lock:
+            self.done += n
+            self.postfix.update({k: v if isinstance(v, str) else f"{v:.4g}" for k, v in postfix.items()})
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(self.postfix, refresh=False)
+
+    def line(self) -> str:
+        with self._lock:
+            done, postfix = self.done, dict(self.postfix)
+        elapsed = time.time() - self.t0
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        of = f"/{self.total} ({100 * done / self.total:.0f}%)" if self.total else ""
+        parts = [f"{self.desc}: {self.unit} {done}{of}"] + [f"{k} {v}" for k, v in postfix.items()]
+        parts.append(f"{rate:.3g} {self.unit}/s")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if self.total and rate > 0:
+            parts.append(f"ETA {_clock((self.total - done) / rate)}")
+        return ", ".join(parts)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            print(self.line(), file=self.file, flush=True)
+
+    def write(self, text: str) -> None:
+        """A message that does not break the bar."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.file)
+        else:
+            print(text, file=self.file, flush=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
