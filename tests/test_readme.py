@@ -198,3 +198,50 @@ def test_every_readme_command_runs_on_tiny_data(tmp_path):
         assert len(waiting) < len(pending), f"README commands whose inputs no command makes: {waiting}"
         pending = waiting
     assert ran >= 25
+
+
+def readme_python_blocks() -> list[str]:
+    blocks, current = [], None
+    for line in README.splitlines():
+        if line.startswith("```"):
+            if current is None and line[3:].strip() == "python":
+                current = []
+            elif current is not None:
+                blocks.append("\n".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_every_readme_python_snippet_runs_as_written_and_ends(tmp_path, monkeypatch):
+    """Each python block of the README runs as written (in a folder holding what it reads: latent shards of a tiny
+    model under latents/train) and ends within a minute."""
+    from pipeline.config import load_config
+    from pipeline.models import build_autoencoder
+    from pipeline.weights.diffusers import save as save_diffusers
+    from stages.encode import main as encode
+
+    make_shards(tmp_path / "shards", 2, 5, size=(40, 40))
+    save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), tmp_path / "vae")
+    assert run_main(encode, "--model", tmp_path / "vae", "--data", tmp_path / "shards", "--output",
+                    tmp_path / "latents" / "train", "data.resolution=32", "data.num_workers=0").returncode == 0
+    monkeypatch.chdir(tmp_path)
+    blocks = readme_python_blocks()
+    assert blocks
+    import signal
+
+    def too_long(*_):
+        raise AssertionError("a README snippet did not end within 60 s")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    try:
+        for code in blocks:
+            scope: dict = {}
+            signal.alarm(60)
+            exec(compile(code, "README.md", "exec"), scope)
+            signal.alarm(0)
+            if "batch" in scope:
+                assert scope["z"].shape[1:] == (4, 8, 8) and len(scope["captions"]) == len(scope["z"])
+    finally:
+        signal.signal(signal.SIGALRM, previous)
