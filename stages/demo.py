@@ -60,7 +60,9 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     out = Path(args.output)
     start = time.time()
+    import stages
     from pipeline.data.photos import write_demo_photos
+    from pipeline.machine import matmul_peak
     from pipeline.data.prepare import PrepareOptions
     from pipeline.metrics.plots import training_curves
     from stages.encode import main as encode
@@ -69,6 +71,7 @@ def main(argv=None) -> None:
     from stages.prepare import locked_prepare
     from stages.train import run as train
 
+    peak, what = matmul_peak(n=1024, repeats=5)  # what this machine gives now, so the time below can be compared
     photos = write_demo_photos(out / "images", Path(args.photos).expanduser() if args.photos else None, args.subset)
     for part, size in (("train", 128), ("heldout", 64), ("traintiles", 64)):
         m = locked_prepare([str(out / "images" / part)], str(out / "shards" / part), PrepareOptions(size=size, shard_size=4))
@@ -96,7 +99,8 @@ def main(argv=None) -> None:
     print(f"demo: outputs in {out}/: shards/, run/, eval/, latents/, export/vae/, report.md (grid, training curves, "
           f"decoded latent)")
     print(f"demo: {verdict}")
-    print(f"demo: done in {time.time() - start:.1f}s")
+    print(f"demo: done in {time.time() - start:.1f}s on this machine ({stages.THREADS_WHY}; {what} measured at the "
+          f"start: {peak / 1e12:.2f} TFLOP/s)")
 
 
 def write_report(out: Path, steps: int, photos: dict, verdict: str, key: str, source: str | None) -> None:
