@@ -24,6 +24,7 @@ from pipeline.storage.local import (  # noqa: F401
     disk_full_as_oserror,
     no_space_message,
     read_json,
+    regular_file,
     remove_stale_temporaries,
     respect_umask,
     temporary_name,

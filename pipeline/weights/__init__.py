@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.storage import regular_file
 from pipeline.weights import diffusers, encoder_only, firststage, legacy, single_file
 
 FORMATS = (firststage, encoder_only, diffusers, single_file, legacy)
@@ -71,6 +72,8 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Weights:
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{path}: no such file or folder")
+    if not p.is_dir():
+        regular_file(p, "weights file")  # a FIFO or a device: one line, never opened
     for fmt in FORMATS:
         found = fmt.detect(p)
         if found is not None:

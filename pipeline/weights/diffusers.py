@@ -3,13 +3,16 @@ diffusers itself (safetensors only), so an export works as the `vae` of a diffus
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+import torch
 
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
 from pipeline.errors import UserError
 from pipeline.models.autoencoder import FAMILIES, family_of, is_vq
 from pipeline.models.quantizer import VectorQuantizer
+from pipeline.storage import regular_file
+from pipeline.weights.loading import check_fit, read_json_config, safetensors_shapes
 
 NAME = "diffusers"
 
@@ -19,19 +22,25 @@ def _classes() -> dict[str, type]:
     return {cls.__name__: cls for fam in FAMILIES.values() for cls in fam.classes}
 
 
-def _class_name(p: Path) -> str | None:
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("_class_name") if isinstance(config, dict) else None
+def read_config(folder: Path) -> dict:
+    """The folder's config.json (a regular file holding a JSON object), or one line saying what is wrong with it."""
+    return read_json_config(folder / "config.json", "diffusers config")
 
 
 def detect(p: Path) -> Path | None:
     for folder in (p, p / "vae"):
-        if folder.is_dir() and _class_name(folder) in _classes():
+        if not (folder.is_dir() and (folder / "config.json").exists()):
+            continue
+        if read_config(folder).get("_class_name") in _classes():
             return folder
     return None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no .safetensors weights")
+    return [regular_file(f, "weights file") for f in files]
 
 
 def describe(folder: Path, ema: bool) -> str:
@@ -41,21 +50,29 @@ def describe(folder: Path, ema: bool) -> str:
 def state_dict(folder: Path, ema: bool) -> dict:
     from pipeline.checkpoint import load_tensors
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder}: no .safetensors weights")
     state = {}
-    for f in files:
+    for f in weight_files(folder):
         state.update(load_tensors(f))
     return state
 
 
 def load(folder: Path, ema: bool, overrides: list[str] | None):
-    cls = _classes()[_class_name(folder)]
+    """diffusers' own from_pretrained, once config.json has been built on the meta device and checked against the
+    weights' shapes (read from the headers): a config that does not fit is one line, before any memory is taken."""
+    config = read_config(folder)
+    cls = _classes()[config["_class_name"]]
+    shapes = {k: v for f in weight_files(folder) for k, v in safetensors_shapes(f).items()}
+    try:
+        with torch.device("meta"):
+            skeleton = cls.from_config(config)
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
+        raise UserError(f"{folder / 'config.json'}: does not describe a {cls.__name__} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]})") from None
+    check_fit(skeleton, shapes, str(folder / "config.json"))
     try:
         model = cls.from_pretrained(folder, use_safetensors=True)
-    except (OSError, EnvironmentError) as e:
-        raise UserError(f"{folder}: cannot load diffusers weights ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise UserError(f"{folder}: cannot load diffusers weights ({str(e).splitlines()[0][:160]})") from None
     return model, model_config(model, overrides)
 
 
@@ -63,8 +80,8 @@ def model_config(model, overrides: list[str] | None = None):
     """A Config whose model section describes a loaded diffusers model (for evaluate / encode / export)."""
     fam = family_of(model)
     f = fam.downsampling_factor(model)
-    size = int(model.config.get("sample_size") or 256)
-    data = {"resolution": size if size % f == 0 else 256}
+    size = model.config.get("sample_size")
+    data = {"resolution": size if isinstance(size, int) and size > 0 and size % f == 0 else 256}
     return config_from_dict(merge_dicts({"model": fam.model_section(model), "data": data},
                                         parse_overrides(overrides or [])))
 

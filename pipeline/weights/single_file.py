@@ -6,6 +6,7 @@ other file's model shape is read from its tensors (pipeline.weights.ldm.infer_mo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -13,12 +14,14 @@ from safetensors.torch import save_file
 
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
 from pipeline.errors import UserError
+from pipeline.storage import regular_file
 from pipeline.weights.diffusers import refuse_cosine_codebook, to_plain_diffusers
 from pipeline.weights.ldm import PREFIXES, diffusers_to_ldm, infer_model_section, is_ldm_named, ldm_to_diffusers, strip_prefix
-from pipeline.weights.loading import build_and_load
+from pipeline.weights.loading import build_and_load, named
 
 NAME = "single-file"
 SUFFIXES = (".safetensors",)
+MAX_RESOLUTION = 16384  # what a file's metadata may claim (data.resolution=N overrides it)
 
 
 def detect(p: Path, suffixes: tuple[str, ...] = SUFFIXES) -> Path | None:
@@ -31,9 +34,11 @@ def describe(path: Path, ema: bool) -> str:
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(the autoencoder's tensors as stored, the file's metadata)."""
+    """(the autoencoder's tensors as stored, the file's metadata). safetensors checks that the header's offsets lie
+    in the file, so what is read is never more than the file holds."""
     from safetensors import safe_open
 
+    regular_file(path, "weights file")
     try:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
@@ -55,25 +60,43 @@ def state_dict(path: Path, ema: bool) -> dict:
     return to_diffusers_names(read(path)[0])
 
 
-def file_config(state: dict, meta: dict, overrides: list[str] | None = None):
+_KINDS = {dict: "a JSON object", int: f"an integer from 8 to {MAX_RESOLUTION}", float: "a finite number"}
+
+
+def _metadata(meta: dict, key: str, kind, path: Path):
+    """A metadata value (metadata are strings) as `kind`, or one line naming the file, the key and the value."""
+    try:
+        value = json.loads(meta[key]) if kind is dict else kind(meta[key])
+    except (ValueError, TypeError):
+        value = None
+    if (not isinstance(value, kind) or (kind is float and not math.isfinite(value))
+            or (kind is int and not 8 <= value <= MAX_RESOLUTION)):
+        raise UserError(f"{path}: metadata {key} is {meta[key][:80]!r}, not {_KINDS[kind]}")
+    return value
+
+
+def file_config(path: Path, state: dict, meta: dict, overrides: list[str] | None = None):
     """The Config of a single file: the model section a firststage export stores in its metadata, else the one
     inferred from the shapes; then the user's overrides."""
     if "firststage_model" in meta:
-        section = json.loads(meta["firststage_model"])
+        section = _metadata(meta, "firststage_model", dict, path)
     else:
-        section = infer_model_section(state)
+        with named(path):
+            section = infer_model_section(state)
         if "scaling_factor" in meta:
-            section["scaling_factor"] = float(meta["scaling_factor"])
-    resolution = int(meta.get("resolution", 256))
-    f = 2 ** (len(section["block_out_channels"]) - 1)
-    data = {"resolution": resolution - resolution % f}
-    return config_from_dict(merge_dicts({"model": section, "data": data}, parse_overrides(overrides or [])))
+            section["scaling_factor"] = _metadata(meta, "scaling_factor", float, path)
+    resolution = _metadata(meta, "resolution", int, path) if "resolution" in meta else 256
+    levels = section.get("block_out_channels")
+    f = 2 ** (len(levels) - 1) if isinstance(levels, list) and levels else 1
+    data = {"resolution": max(f, resolution - resolution % f)}
+    with named(path):
+        return config_from_dict(merge_dicts({"model": section, "data": data}, parse_overrides(overrides or [])))
 
 
 def load_from(path: Path, state: dict, meta: dict, overrides: list[str] | None):
     """(model, Config) of a file's tensors (any names) and metadata: the shared half of single-file and legacy."""
     state = to_diffusers_names(state)
-    cfg = file_config(state, meta, overrides)
+    cfg = file_config(path, state, meta, overrides)
     return build_and_load(cfg, state, str(path)), cfg
 
 
