@@ -162,6 +162,33 @@ def test_small_files_that_declare_gigabytes_are_refused_before_allocating(tmp_pa
     assert grew < 2**28
 
 
+# ------------------------------------------------------------------------------ 12. a file without a config
+def test_a_config_less_file_gets_its_group_count_right_and_says_what_it_assumed(tiny_run, tmp_path):
+    """The tiny run (GroupNorm 8, widths 16/32/64) saved as a plain LDM .ckpt: its shapes fit 1, 2, 4, 8 and 16 groups;
+    it loads with 8, evaluates exactly as the run itself, and says so; an override is taken as it is."""
+    from helpers import load_model
+    from pipeline.weights.ldm import diffusers_to_ldm
+
+    model, _ = load_model(tiny_run / "run")
+    torch.save({"state_dict": diffusers_to_ldm(model.state_dict())}, tmp_path / "plain.ckpt")
+    r = evaluate("--model", tmp_path / "plain.ckpt", "--data", tiny_run / "val", "--output", tmp_path / "e1",
+                 "data.resolution=32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: plain.ckpt carries no model config: assumed model.norm_num_groups=8 (the one of 1/2/4/8/16 that " \
+        "reconstructs test images best" in r.stderr and "data.resolution" not in r.stderr.split("note:")[1], r.stderr
+    assert evaluate("--model", tiny_run / "run", "--data", tiny_run / "val", "--output", tmp_path / "e0").returncode == 0
+    psnr = [json.loads((tmp_path / e / "eval.json").read_text())["psnr"] for e in ("e0", "e1")]
+    assert psnr[0] == pytest.approx(psnr[1], abs=1e-6)
+    loaded, cfg = load_model(tmp_path / "plain.ckpt")
+    assert cfg.model.norm_num_groups == loaded.config.norm_num_groups == 8 and cfg.data.resolution == 256
+    loaded, cfg = load_model(tmp_path / "plain.ckpt", overrides=["model.norm_num_groups=16"])
+    assert cfg.model.norm_num_groups == 16 and {m.num_groups for m in loaded.modules()
+                                                 if isinstance(m, torch.nn.GroupNorm)} == {16}
+    from pipeline.weights.single_file import SD_WIDTHS, settle_norm_groups
+
+    assert settle_norm_groups(None, SD_WIDTHS)[0] == 32  # an SD-shaped file loads as before, without a probe
+
+
 # ------------------------------------------------------------------------------ 13. one line, not a traceback
 def test_bad_diffusers_configs_are_one_line_naming_the_file(tiny_run, tmp_path):
     save_diffusers(tiny_model(), tmp_path / "good")
