@@ -7,7 +7,10 @@
 The latent factors come from measured statistics: --stats latents/manifest.json (an encode manifest of this model),
 --data SHARDS [--num-samples N] (measured now), or the eval.json that evaluate wrote beside the model; without any,
 the export refuses unless --keep-scaling-factor. Every export writes a model card and is one unit of the commit
-protocol (the files, then the card); an existing output is never replaced without --overwrite.
+protocol (the files, then the card), taken under a lock beside --output (.NAME.lock), so two exports to one output
+cannot interleave. An existing output is never replaced without --overwrite, and --overwrite replaces only a previous
+export: never the model's own run, checkpoint or folder, nor anything an export did not write. Weights or latent
+factors that are not finite are refused.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import torch
 
 from pipeline.config import config_to_dict
 from pipeline.errors import UserError
-from pipeline.latents.factors import NoStatistics, latent_factors
-from pipeline.storage import Unit, respect_umask
+from pipeline.latents.factors import NoStatistics, eval_beside, latent_factors
+from pipeline.storage import FolderLock, Unit, disk_full_as_oserror, respect_umask
 from pipeline.weights import EXPORT_FORMATS
 from pipeline.weights.card import card_inputs, model_card
+from pipeline.weights.output import (check_factors, check_finite_weights, check_output_path, check_replaceable,
+                                     statistics_from)
 from stages.common import flag_named, pinned_weights, stage_main
 
 
@@ -41,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", action="store_true", help="also set shift_factor (SD3 / FLUX convention)")
     p.add_argument("--prefix", default="", help="single-file key prefix, e.g. first_stage_model. for full-checkpoint tools")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights of a firststage checkpoint, not EMA")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (a previous export only)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.resolution=512 (encoder-only example size)")
     return p
 
@@ -58,28 +63,37 @@ def main(argv=None) -> None:
     out = Path(args.output)
     if args.format == "single-file" and out.suffix != ".safetensors":
         raise UserError(f"--output {out}: a single-file export is a .safetensors file")
-    unit = Unit(card_path(out), [out])
-    taken = [p for p in (out, card_path(out)) if unit.store.exists(p)]
-    if taken and not args.overwrite:  # before any model is loaded
-        raise UserError(f"--output {taken[0]} exists; choose another name or pass --overwrite")
     weights = pinned_weights(args.model, ema=not args.no_ema)  # resolved once: a checkpoint written meanwhile changes nothing
+    with flag_named("--output"):
+        check_output_path(out, weights)  # never over or into the model's own folders, nor the working folder
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out.parent, f".{out.resolve().name}.lock", what="--output", label=str(out)):
+        with flag_named("--output"):
+            check_replaceable(out, card_path(out), args.overwrite)  # under the lock: one export of `out` at a time
+        export(args, out, weights, start)
+
+
+def export(args, out: Path, weights, start: float) -> None:
+    unit = Unit(card_path(out), [out])
     model, cfg = weights.load(args.overrides)
     model = model.eval().requires_grad_(False)
+    check_finite_weights(model, f"--model {args.model}")
     try:
-        with flag_named("--stats" if args.stats else "--data" if args.data else None):
+        with flag_named("--stats" if args.stats else "--data" if args.data else None), \
+                statistics_from(args.stats or (lambda: eval_beside(args.model, weights)[1])):
             factors = latent_factors(weights, model, cfg, args.stats, args.data, args.num_samples,
                                      args.keep_scaling_factor, args.shift)
     except NoStatistics as e:
         raise UserError(f"{e}: give --stats latents/manifest.json, or --data SHARDS, or run firststage evaluate "
                         f"first; --keep-scaling-factor keeps the configured {cfg.model.scaling_factor:g}") from None
+    check_factors(factors)
     section = config_to_dict(cfg)["model"]
-    cls = type(model).__name__
-    card = model_card(args.format, cls, str(out), f"{args.model}: {weights.describe()}", cfg, factors,
+    cls, described = type(model).__name__, weights.describe()
+    card = model_card(args.format, cls, str(out), f"{args.model}: {described}", cfg, factors,
                       *card_inputs(weights, cfg))
-    out.parent.mkdir(parents=True, exist_ok=True)
     staged = unit.staging(out)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), disk_full_as_oserror(staged):
             EXPORT_FORMATS[args.format].save(model, staged, section, cfg.data.resolution, factors["scaling_factor"],
                                              factors["shift_factor"], prefix=args.prefix)
         for f in [staged] if staged.is_file() else [q for q in staged.rglob("*") if q.is_file()]:
@@ -91,7 +105,7 @@ def main(argv=None) -> None:
         unit.discard()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     shift = f", shift_factor {factors['shift_factor']:.5g}" if factors["shift_factor"] is not None else ""
-    print(f"export: {args.format} {out} ({cls}, {params:.1f}M parameters, {weights.describe()}); "
+    print(f"export: {args.format} {out} ({cls}, {params:.1f}M parameters, {described}); "
           f"scaling_factor {factors['scaling_factor']:.5g}{shift} from {factors['source']}; model card "
           f"{card_path(out)}; {time.time() - start:.1f}s")
 

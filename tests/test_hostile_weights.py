@@ -70,6 +70,65 @@ def capped(fn, headroom=2**30):
     return json.loads(answer)
 
 
+# ------------------------------------------------------------------------------ 2. export over its own model
+def test_export_never_writes_over_or_into_the_models_own_folders(tiny_run, tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "A"
+    shutil.copytree(tiny_run / "run", run)
+    before = files_of(run)
+    cases = {
+        (run,): "is the model's folder",
+        (run / "checkpoints",): "lies inside the model's folder",
+        (run / "vae",): "lies inside the model's folder",
+        (tmp_path / "runs",): "contains the model's folder",
+        (run / "checkpoints" / "step-00000040" / "ema.safetensors", "--format", "single-file"): "lies inside",
+    }
+    for (out, *more), words in cases.items():
+        r = export("--model", run, "--output", out, "--overwrite", *more)
+        assert r.returncode == 2 and words in r.stderr and f"--output {out}" in r.stderr, r.stderr
+        assert one_line(r)
+    ck = run / "checkpoints" / "step-00000040"
+    r = export("--model", ck, "--output", run / "x.safetensors", "--format", "single-file")  # the checkpoint's run
+    assert r.returncode == 2 and f"lies inside the model's folder {run.resolve()}" in r.stderr, r.stderr
+    assert files_of(run) == before  # nothing written, nothing deleted
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for flags in ([], ["--overwrite"]):
+        r = export("--model", run, "--output", ".", *flags)
+        assert r.returncode == 2 and "is the working folder" in r.stderr and one_line(r), r.stderr
+    assert list(work.iterdir()) == []
+
+
+def test_overwrite_replaces_a_previous_export_only(tiny_run, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    r = export("--model", tiny_run / "run", "--output", notes, "--overwrite")
+    assert r.returncode == 2 and "holds todo.txt, which no export writes" in r.stderr and one_line(r), r.stderr
+    assert (notes / "todo.txt").read_text() == "mine"
+    # a single file: a NAME.md that is not our card is never replaced, with or without --overwrite
+    (tmp_path / "vae.md").write_text("my notes")
+    out = tmp_path / "vae.safetensors"
+    r = export("--model", tiny_run / "run", "--output", out, "--format", "single-file")
+    assert r.returncode == 2 and f"--output {tmp_path / 'vae.md'} exists" in r.stderr and one_line(r), r.stderr
+    r = export("--model", tiny_run / "run", "--output", out, "--format", "single-file", "--overwrite")
+    assert r.returncode == 2 and "vae.md is not a model card firststage export wrote" in r.stderr and one_line(r)
+    assert (tmp_path / "vae.md").read_text() == "my notes" and not out.exists()
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))  # someone else's weights
+    r = export("--model", tiny_run / "run", "--output", tmp_path / "other.safetensors", "--format", "single-file",
+               "--overwrite")
+    assert r.returncode == 2 and "no firststage metadata" in r.stderr and one_line(r), r.stderr
+    # a previous export is replaced (and so is one killed before its card was written)
+    for fmt, name in (("diffusers", "vae"), ("single-file", "vae2.safetensors")):
+        out = tmp_path / name
+        assert export("--model", tiny_run / "run", "--output", out, "--format", fmt).returncode == 0
+        r = export("--model", tiny_run / "run", "--output", out, "--format", fmt, "--overwrite")
+        assert r.returncode == 0, r.stderr
+    (tmp_path / "vae" / "README.md").unlink()
+    assert export("--model", tiny_run / "run", "--output", tmp_path / "vae", "--overwrite").returncode == 0
+    assert not list(tmp_path.glob(".*.lock")) and not list(tmp_path.glob(".*.tmp"))
+
+
 # ------------------------------------------------------------------------------ 6. FIFOs and devices
 def test_a_fifo_as_weights_or_config_is_one_line_and_never_opened(tiny_run, tmp_path):
     folder = tmp_path / "vae"
@@ -162,6 +221,25 @@ def test_small_files_that_declare_gigabytes_are_refused_before_allocating(tmp_pa
     assert grew < 2**28
 
 
+# ------------------------------------------------------------------------------ 10. NaN
+def test_export_refuses_non_finite_weights_and_latent_factors(tiny_run, tmp_path):
+    nan = tiny_model()
+    with torch.no_grad():
+        nan.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+    save_diffusers(nan, tmp_path / "nan")
+    r = export("--model", tmp_path / "nan", "--output", tmp_path / "out", "--keep-scaling-factor")
+    assert r.returncode == 2 and "decoder.conv_out.weight holds 1 non-finite value(s)" in r.stderr and one_line(r)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    ev = json.loads((run / "eval.json").read_text())
+    ev["latents"]["scaling_factor"] = float("nan")
+    (run / "eval.json").write_text(json.dumps(ev))  # json writes NaN, and reads it back
+    r = export("--model", run, "--output", tmp_path / "out")
+    assert r.returncode == 2 and f"{run / 'eval.json'} (64 samples): scaling_factor nan is not a finite number > 0" \
+        in r.stderr and one_line(r), r.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 # ------------------------------------------------------------------------------ 12. a file without a config
 def test_a_config_less_file_gets_its_group_count_right_and_says_what_it_assumed(tiny_run, tmp_path):
     """The tiny run (GroupNorm 8, widths 16/32/64) saved as a plain LDM .ckpt: its shapes fit 1, 2, 4, 8 and 16 groups;
@@ -244,3 +322,51 @@ def test_bad_single_file_metadata_and_encoder_configs_are_one_line(tiny_run, tmp
         r = export("--model", tmp_path / name, "--output", tmp_path / f"{name}-out", "--keep-scaling-factor")
         assert r.returncode == 2 and f"{tmp_path / name / 'encoder_config.json'}: {words}" in r.stderr, r.stderr[-1500:]
         assert one_line(r)
+
+
+def test_evaluate_writes_beside_a_single_file_and_refuses_an_encoder_only_export(tiny_run, tmp_path):
+    r = export("--model", tiny_run / "run", "--output", tmp_path / "vae.safetensors", "--format", "single-file")
+    assert r.returncode == 0, r.stderr
+    r = evaluate("--model", tmp_path / "vae.safetensors", "--data", tiny_run / "val")
+    assert r.returncode == 0 and (tmp_path / "eval.json").is_file(), r.stderr[-2000:]  # the file's folder
+    assert json.loads((tmp_path / "eval.json").read_text())["weights"] == "single file vae.safetensors"
+    (tmp_path / "taken").write_text("a file")
+    r = evaluate("--model", tmp_path / "vae.safetensors", "--data", tiny_run / "val", "--output", tmp_path / "taken")
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr and one_line(r)
+    assert export("--model", tiny_run / "run", "--output", tmp_path / "enc", "--format", "encoder-only").returncode == 0
+    r = evaluate("--model", tmp_path / "enc", "--data", tiny_run / "val")
+    assert r.returncode == 2 and "an encoder-only export has no decoder" in r.stderr and one_line(r), r.stderr[-1500:]
+
+
+def test_a_full_disk_during_export_is_exit_74_in_one_line(tiny_run, tmp_path, monkeypatch):
+    import shutil as sh
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    import pipeline.weights.single_file
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # what diffusers' save_pretrained calls
+    monkeypatch.setattr(pipeline.weights.single_file, "save_file", full)
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage._replace(free=1024))
+    for fmt, name in (("diffusers", "vae"), ("single-file", "vae.safetensors")):
+        r = export("--model", tiny_run / "run", "--output", tmp_path / name, "--format", fmt)
+        assert r.returncode == 74 and "no space left on the device of" in r.stderr and one_line(r), r.stderr[-1500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half export, no staging file, no lock
+
+
+def test_stats_with_an_empty_statistics_section_is_one_line(tiny_run, tmp_path):
+    from helpers import load_model
+    from pipeline.latents.format import model_sha256
+    from pipeline.manifest import LATENT_FORMAT
+
+    model, _ = load_model(tiny_run / "run")
+    manifest = {"format": LATENT_FORMAT, "shards": [], "model_sha256": model_sha256(model), "statistics": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    r = export("--model", tiny_run / "run", "--output", tmp_path / "out", "--stats", tmp_path / "manifest.json")
+    assert r.returncode == 2 and f"--stats {tmp_path / 'manifest.json'}: its latent statistics have no " \
+        "scaling_factor" in r.stderr and one_line(r), r.stderr[-1500:]

@@ -92,3 +92,29 @@ def test_two_writers_of_one_json_file_and_a_reader_see_no_error_and_never_invali
             assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
     finally:
         workers.close()
+
+
+def test_two_exports_to_one_output_end_with_one_export_and_one_one_line_refusal(tiny_run, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    import pipeline.weights.diffusers as fmt
+    from harness import ForkedStage
+
+    save = fmt.save
+
+    def slow_save(*args, **kwargs):  # both exports are inside their save at the same time (inherited by the forks)
+        time.sleep(1.5)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(fmt, "save", slow_save)
+    for flags in ([], ["--overwrite"]):
+        out = tmp_path / f"vae{len(flags)}"
+        procs = [ForkedStage("stages.export", "--model", tiny_run / "run", "--output", out, *flags) for _ in range(2)]
+        done = sorted(((p.wait(120), *p.output()) for p in procs), key=lambda r: r[0])
+        (code0, out0, err0), (code1, _, err1) = done
+        assert (code0, code1) == (0, 2), (err0[-2000:], err1[-2000:])
+        assert "export: diffusers" in out0 and f"--output {out} is in use by pid" in err1, err1
+        assert "Traceback" not in err1 and len(err1.strip().splitlines()) == 1, err1
+        AutoencoderKL.from_pretrained(out)  # the one export is whole
+        assert (out / "README.md").is_file()
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder, no lock left

@@ -61,6 +61,17 @@ class Weights:
 
         load_state(model, self.state_dict(), source)
 
+    def require_decoder(self, why: str) -> None:
+        """One line when these weights have no decoder (an encoder-only export) and `why` needs one."""
+        if self.format == encoder_only.NAME:
+            raise UserError(f"{self.given}: an encoder-only export has no decoder; {why}")
+
+    @property
+    def beside(self) -> Path:
+        """The folder that results about these weights go into by default: the folder given, or a file's folder."""
+        given = Path(self.given).expanduser()
+        return given if given.is_dir() else given.parent
+
     @property
     def checkpoint(self) -> Path | None:
         """The checkpoint folder, for a firststage checkpoint (its trainer.json and config describe the run)."""
