@@ -64,6 +64,9 @@ def main(argv=None) -> None:
     if args.format == "single-file" and out.suffix != ".safetensors":
         raise UserError(f"--output {out}: a single-file export is a .safetensors file")
     weights = pinned_weights(args.model, ema=not args.no_ema)  # resolved once: a checkpoint written meanwhile changes nothing
+    if args.format != "encoder-only":
+        with flag_named("--model"):
+            weights.require_decoder(f"a {args.format} export would carry a random one: export the full model")
     with flag_named("--output"):
         check_output_path(out, weights)  # never over or into the model's own folders, nor the working folder
     out.parent.mkdir(parents=True, exist_ok=True)

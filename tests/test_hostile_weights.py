@@ -319,7 +319,8 @@ def test_bad_single_file_metadata_and_encoder_configs_are_one_line(tiny_run, tmp
                                "weights '../enc/encoder.safetensors' is not a file name in")):
         shutil.copytree(tmp_path / "enc", tmp_path / name)
         (tmp_path / name / "encoder_config.json").write_text(text)
-        r = export("--model", tmp_path / name, "--output", tmp_path / f"{name}-out", "--keep-scaling-factor")
+        r = export("--model", tmp_path / name, "--output", tmp_path / f"{name}-out", "--keep-scaling-factor",
+                   "--format", "encoder-only")
         assert r.returncode == 2 and f"{tmp_path / name / 'encoder_config.json'}: {words}" in r.stderr, r.stderr[-1500:]
         assert one_line(r)
 
@@ -336,6 +337,10 @@ def test_evaluate_writes_beside_a_single_file_and_refuses_an_encoder_only_export
     assert export("--model", tiny_run / "run", "--output", tmp_path / "enc", "--format", "encoder-only").returncode == 0
     r = evaluate("--model", tmp_path / "enc", "--data", tiny_run / "val")
     assert r.returncode == 2 and "an encoder-only export has no decoder" in r.stderr and one_line(r), r.stderr[-1500:]
+    for fmt, name in (("diffusers", "vae"), ("single-file", "vae2.safetensors")):  # nor re-exported with a random one
+        r = export("--model", tmp_path / "enc", "--output", tmp_path / name, "--format", fmt, "--keep-scaling-factor")
+        assert r.returncode == 2 and "has no decoder; a" in r.stderr and one_line(r), r.stderr[-1500:]
+        assert not (tmp_path / name).exists()
 
 
 def test_a_full_disk_during_export_is_exit_74_in_one_line(tiny_run, tmp_path, monkeypatch):
