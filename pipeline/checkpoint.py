@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import save_config
 from pipeline.errors import UserError
-from pipeline.storage import Unit, disk_full_as_oserror, respect_umask
+from pipeline.storage import Unit, disk_full_as_oserror, regular_file, respect_umask
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -145,6 +145,7 @@ def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    regular_file(path, "weights file")  # a FIFO would block the open forever
     try:
         return load_file(str(path))
     except FileNotFoundError:

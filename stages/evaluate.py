@@ -25,7 +25,7 @@ from pipeline.metrics.plots import reconstruction_grid
 from pipeline.metrics.report import format_table, load_fid, load_perceptual
 from pipeline.progress import Progress
 from pipeline.storage import atomic_write_json, atomic_write_text
-from stages.common import add_alias_flags, alias_overrides, alias_errors, pinned_weights, stage_main
+from stages.common import add_alias_flags, alias_overrides, alias_errors, flag_named, pinned_weights, stage_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="run folder, checkpoint folder, diffusers folder or a single file")
     p.add_argument("--data", required=True, help="shards: brace pattern, folder, list file or manifest.json")
-    p.add_argument("--output", help="folder for eval.json, eval.md and the grid (default: the model folder)")
+    p.add_argument("--output", help="folder for eval.json, eval.md and the grid (default: the model folder, or the "
+                                    "folder of a single file)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights of a firststage checkpoint, not EMA")
     add_alias_flags(p, ALIASES)
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -54,6 +55,13 @@ def main(argv=None) -> None:
     start = time.time()
     state = PartialState(cpu=not torch.cuda.is_available())
     weights = pinned_weights(args.model, ema=not args.no_ema)  # a run folder: the same checkpoint on every rank
+    with flag_named("--model"):
+        weights.require_decoder("evaluate reconstructs images: give the full model (its run, a diffusers folder or a "
+                                "single file)")
+    out = Path(args.output) if args.output else weights.beside
+    there = next(p for p in (out, *out.parents) if p.exists())
+    if not there.is_dir():  # checked before evaluating: a result is never computed and then lost
+        raise UserError(f"--output {out}: {there} is a file, not a folder")
     with alias_errors(ALIASES):
         model, cfg = weights.load(args.overrides + alias_overrides(args, ALIASES))
     n = cfg.evaluate.num_samples
@@ -83,7 +91,6 @@ def main(argv=None) -> None:
     res["weights"] = weights.describe()
     table = format_table(res)
     if state.is_main_process:
-        out = Path(args.output or args.model)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "eval.json", res)
         atomic_write_text(out / "eval.md", f"# Evaluation of {args.model}\n\nData: {args.data}\n\n{table}\n")

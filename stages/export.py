@@ -8,8 +8,10 @@
 The latent normalisation written into the export comes from measured statistics: --stats latents/manifest.json (an
 encode manifest of this model), --data SHARDS [--num-samples N] (measured now), or the eval.json that evaluate wrote
 beside the model; without any, the export refuses unless --keep-scaling-factor. Every export writes a model card and
-is one unit of the commit protocol (the files, then the card); an existing output is never replaced without
---overwrite.
+is one unit of the commit protocol (the files, then the card), taken under a lock beside --output (.NAME.lock), so
+two exports to one output cannot interleave. An existing output is never replaced without --overwrite, and
+--overwrite replaces only a previous export: never the model's own run, checkpoint or folder, nor anything an export
+did not write. Weights or a latent normalisation that are not finite are refused.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import torch
 
 from pipeline.config import config_to_dict
 from pipeline.errors import UserError
-from pipeline.latents.factors import NoStatistics, export_normalisation
+from pipeline.latents.factors import NoStatistics, eval_beside, export_normalisation
 from pipeline.models.families import family_of
 from pipeline.models.normalisation import describe
-from pipeline.storage import Unit, respect_umask
+from pipeline.storage import FolderLock, Unit, disk_full_as_oserror, respect_umask
 from pipeline.weights import EXPORT_FORMATS
 from pipeline.weights import discriminator as disc
 from pipeline.weights.card import card_inputs, model_card
+from pipeline.weights.output import (check_factors, check_finite_weights, check_output_path, check_replaceable,
+                                     statistics_from)
 from stages.common import flag_named, pinned_weights, stage_main
 
 
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-discriminator", action="store_true",
                    help="also write the PatchGAN (discriminator.safetensors), for a fine-tune to continue with it")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights of a firststage checkpoint, not EMA")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (a previous export only)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.resolution=512 (encoder-only example size)")
     return p
 
@@ -66,14 +70,25 @@ def main(argv=None) -> None:
     if args.format == "single-file" and out.suffix != ".safetensors":
         raise UserError(f"--output {out}: a single-file export is a .safetensors file")
     if args.with_discriminator and args.format not in ("diffusers", "firststage"):
-        raise UserError(f"--with-discriminator: only a folder export (diffusers, firststage) holds one")
-    unit = Unit(card_path(out), [out])
-    taken = [p for p in (out, card_path(out)) if unit.store.exists(p)]
-    if taken and not args.overwrite:  # before any model is loaded
-        raise UserError(f"--output {taken[0]} exists; choose another name or pass --overwrite")
+        raise UserError("--with-discriminator: only a folder export (diffusers, firststage) holds one")
     weights = pinned_weights(args.model, ema=not args.no_ema)  # resolved once: a checkpoint written meanwhile changes nothing
+    if args.format != "encoder-only":
+        with flag_named("--model"):
+            weights.require_decoder(f"a {args.format} export would carry a random one: export the full model")
+    with flag_named("--output"):
+        check_output_path(out, weights)  # never over or into the model's own folders, nor the working folder
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out.parent, f".{out.resolve().name}.lock", what="--output", label=str(out)):
+        with flag_named("--output"):
+            check_replaceable(out, card_path(out), args.overwrite)  # under the lock: one export of `out` at a time
+        export(args, out, weights, start)
+
+
+def export(args, out: Path, weights, start: float) -> None:
+    unit = Unit(card_path(out), [out])
     model, cfg = weights.load(args.overrides)
     model = model.eval().requires_grad_(False)
+    check_finite_weights(model, f"--model {args.model}")
     fam = family_of(model)
     if args.format not in fam.exports:
         why = " (diffusers has no FSQ model)" if fam.name == "fsq" else ""
@@ -83,25 +98,26 @@ def main(argv=None) -> None:
     if args.with_discriminator and discriminator is None:
         raise UserError(f"--with-discriminator: {args.model} holds no discriminator (its run trained none)")
     try:
-        with flag_named("--stats" if args.stats else "--data" if args.data else None):
+        with flag_named("--stats" if args.stats else "--data" if args.data else None), \
+                statistics_from(args.stats or (lambda: eval_beside(args.model, weights)[1])):
             normalisation = export_normalisation(weights, model, cfg, args.stats, args.data, args.num_samples,
                                                  args.keep_scaling_factor, args.shift)
     except NoStatistics as e:
         raise UserError(f"{e}: give --stats latents/manifest.json, or --data SHARDS, or run firststage evaluate "
                         f"first; --keep-scaling-factor keeps the model's own {describe(fam.normalisation(model))}") from None
-    cls = type(model).__name__
+    check_factors(normalisation)
+    cls, described = type(model).__name__, weights.describe()
     note = "diffusers has no FSQ model: this folder loads with firststage (--model, train.init_from)." \
         if fam.name == "fsq" else ""
-    card = model_card(args.format, cls, str(out), f"{args.model}: {weights.describe()}", cfg, normalisation,
+    card = model_card(args.format, cls, str(out), f"{args.model}: {described}", cfg, normalisation,
                       *card_inputs(weights, cfg), note=note)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staged = unit.staging(out)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), disk_full_as_oserror(staged):
             EXPORT_FORMATS[args.format].save(model, staged, config_to_dict(cfg)["model"], cfg.data.resolution,
                                              normalisation, prefix=args.prefix)
-        if discriminator is not None:
-            disc.write(staged, discriminator)
+            if discriminator is not None:
+                disc.write(staged, discriminator)
         for f in [staged] if staged.is_file() else [q for q in staged.rglob("*") if q.is_file()]:
             respect_umask(f)
         if args.overwrite:
@@ -110,7 +126,7 @@ def main(argv=None) -> None:
     finally:
         unit.discard()
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"export: {args.format} {out} ({cls}, {params:.1f}M parameters, {weights.describe()}"
+    print(f"export: {args.format} {out} ({cls}, {params:.1f}M parameters, {described}"
           f"{', with its discriminator' if discriminator is not None else ''}); latent normalisation "
           f"{describe(normalisation)}; model card {card_path(out)}; {time.time() - start:.1f}s")
 

@@ -25,6 +25,7 @@ from pipeline.storage.local import (  # noqa: F401
     no_space_message,
     read_json,
     remove_dead_temporaries,
+    regular_file,
     remove_stale_temporaries,
     respect_umask,
     temporary_name,

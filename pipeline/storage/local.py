@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -169,6 +170,26 @@ def read_json(path: str | Path, what: str = "file") -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a firststage {what} (not a JSON object)")
     return data
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def regular_file(path: str | Path, what: str = "file") -> Path:
+    """`path` if it is a regular file (or a link to one), checked before anything opens it: opening a FIFO blocks
+    until a writer comes (no SIGTERM handler runs meanwhile), a device streams without end. Else one line naming it."""
+    p = _local(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in _KINDS if test(mode)), "not a plain file")
+        raise UserError(f"{path}: {kind}, not a regular file; a {what} must be a regular file")
+    return p
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:

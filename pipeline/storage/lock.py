@@ -22,10 +22,13 @@ from pipeline.storage.base import storage_for
 
 
 class FolderLock:
-    def __init__(self, folder: str | Path, name: str = ".lock", what: str = "output folder"):
+    """`folder`'s lock file `name`; `what` and `label` (default: the folder) name what is locked in messages."""
+
+    def __init__(self, folder: str | Path, name: str = ".lock", what: str = "output folder", label: str | None = None):
         self.store = storage_for(folder)
         self.path = self.store.join(str(folder), name)
         self.folder, self.what, self.held = str(folder), what, False
+        self.label = str(label or folder)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "command": " ".join(sys.argv)[:500], "token": os.urandom(8).hex()}
 
@@ -41,13 +44,13 @@ class FolderLock:
             content, version = found
             holder = self._parse(content)
             if holder is not None and not self._stale(holder):
-                raise UserError(f"{self.what} {self.folder} is in use by pid {holder.get('pid')} on "
+                raise UserError(f"{self.what} {self.label} is in use by pid {holder.get('pid')} on "
                                 f"{holder.get('host')} since {holder.get('started')} ({self.path}); wait for it to "
                                 f"end, or remove that file if the run is gone")
             if self.store.replace_if(self.path, mine, version):  # a dead run's (or unreadable) lock: take it over
                 return self._held()
             time.sleep(0.01)  # another process took it over first: look again
-        raise UserError(f"{self.what} {self.folder}: could not take the lock {self.path}")
+        raise UserError(f"{self.what} {self.label}: could not take the lock {self.path}")
 
     def _held(self) -> "FolderLock":
         self.held = True

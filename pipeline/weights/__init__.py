@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.storage import regular_file
 from pipeline.weights import diffusers, encoder_only, firststage, legacy, single_file
 
 FORMATS = (firststage, encoder_only, diffusers, single_file, legacy)
@@ -61,6 +62,17 @@ class Weights:
 
         load_state(model, self.state_dict(), source)
 
+    def require_decoder(self, why: str) -> None:
+        """One line when these weights have no decoder (an encoder-only export) and `why` needs one."""
+        if self.format == encoder_only.NAME:
+            raise UserError(f"{self.given}: an encoder-only export has no decoder; {why}")
+
+    @property
+    def beside(self) -> Path:
+        """The folder that results about these weights go into by default: the folder given, or a file's folder."""
+        given = Path(self.given).expanduser()
+        return given if given.is_dir() else given.parent
+
     @property
     def checkpoint(self) -> Path | None:
         """The checkpoint folder, for a firststage checkpoint (its trainer.json and config describe the run)."""
@@ -72,6 +84,8 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Weights:
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{path}: no such file or folder")
+    if not p.is_dir():
+        regular_file(p, "weights file")  # a FIFO or a device: one line, never opened
     for fmt in FORMATS:
         found = fmt.detect(p)
         if found is not None:

@@ -29,11 +29,28 @@ mean, logvar = program(images)                               # images: float [B,
 }
 
 
+MARK = "exported by firststage"  # in the first line of every model card
+
+
+def is_model_card(path) -> bool:
+    """Whether `path` is a model card an export wrote (its first line says so)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():  # a FIFO would block the read
+        return False
+    try:
+        with open(Path(path), "rb") as f:
+            first = f.readline(400).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return first.startswith("# ") and MARK in first
+
+
 def model_card(fmt: str, cls: str, path: str, source: str, cfg, normalisation: dict, trainer: dict | None,
                data_summary: str | None, eval_table: str | None, note: str = "") -> str:
     from pipeline.models.normalisation import describe
 
-    lines = [f"# {cls} exported by firststage ({fmt})", "",
+    lines = [f"# {cls} {MARK} ({fmt})", "",
              f"Source: `{source}`" + (f", step {trainer['step']}, {trainer['samples']} images seen"
                                       if trainer and "step" in trainer else ""),
              "", "## Latent normalisation", "", f"- {describe(normalisation)}", "", "## Load it", "",

@@ -5,30 +5,45 @@ family's diffusers pipelines."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+import torch
 
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
 from pipeline.errors import UserError
 from pipeline.models.families import family_of, family_of_class
 from pipeline.models.quantizer import VectorQuantizer
+from pipeline.storage import regular_file
+from pipeline.weights.loading import check_fit, read_json_config, safetensors_shapes
 
 NAME = "diffusers"
 
 
-def _class_name(p: Path) -> str | None:
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("_class_name") if isinstance(config, dict) else None
+def read_config(folder: Path) -> dict:
+    """The folder's config.json (a regular file holding a JSON object), or one line saying what is wrong with it."""
+    return read_json_config(folder / "config.json", "diffusers config")
+
+
+def model_class(config: dict) -> type:
+    name = config.get("_class_name")
+    return next(c for c in family_of_class(name).classes if c.__name__ == name)
 
 
 def detect(p: Path) -> Path | None:
     for folder in (p, p / "vae"):
-        if folder.is_dir() and family_of_class(_class_name(folder)) is not None:
+        if not (folder.is_dir() and (folder / "config.json").exists()):
+            continue
+        if family_of_class(read_config(folder).get("_class_name")) is not None:
             return folder
     return None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """diffusers' weight files (one, or shards): not a discriminator or anything else beside them."""
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no diffusion_pytorch_model*.safetensors weights")
+    return [regular_file(f, "weights file") for f in files]
 
 
 def describe(folder: Path, ema: bool) -> str:
@@ -38,22 +53,29 @@ def describe(folder: Path, ema: bool) -> str:
 def state_dict(folder: Path, ema: bool) -> dict:
     from pipeline.checkpoint import load_tensors
 
-    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))  # diffusers' names (one file, or shards)
-    if not files:
-        raise UserError(f"{folder}: no diffusion_pytorch_model*.safetensors weights")
     state = {}
-    for f in files:
+    for f in weight_files(folder):
         state.update(load_tensors(f))
     return state
 
 
 def load(folder: Path, ema: bool, overrides: list[str] | None):
-    name = _class_name(folder)
-    cls = next(c for c in family_of_class(name).classes if c.__name__ == name)
+    """diffusers' own from_pretrained, once config.json has been built on the meta device and checked against the
+    weights' shapes (read from the headers): a config that does not fit is one line, before any memory is taken."""
+    config = read_config(folder)
+    cls = model_class(config)
+    shapes = {k: v for f in weight_files(folder) for k, v in safetensors_shapes(f).items()}
+    try:
+        with torch.device("meta"):
+            skeleton = cls.from_config(config)
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
+        raise UserError(f"{folder / 'config.json'}: does not describe a {cls.__name__} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]})") from None
+    check_fit(skeleton, shapes, str(folder / "config.json"))
     try:
         model = cls.from_pretrained(folder, use_safetensors=True)
-    except (OSError, EnvironmentError) as e:
-        raise UserError(f"{folder}: cannot load diffusers weights ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise UserError(f"{folder}: cannot load diffusers weights ({str(e).splitlines()[0][:160]})") from None
     return model, model_config(model, overrides)
 
 
@@ -61,8 +83,8 @@ def model_config(model, overrides: list[str] | None = None):
     """A Config whose model section describes a loaded model (for evaluate / encode / export / init_from)."""
     fam = family_of(model)
     f = fam.downsampling_factor(model)
-    size = int(model.config.get("sample_size") or 256)
-    data = {"resolution": size if size % f == 0 else max(f, 256 - 256 % f)}
+    size = model.config.get("sample_size")
+    data = {"resolution": size if isinstance(size, int) and size > 0 and size % f == 0 else max(f, 256 - 256 % f)}
     return config_from_dict(merge_dicts({"model": fam.model_section(model), "data": data},
                                         parse_overrides(overrides or [])))
 

@@ -21,9 +21,10 @@ from torch import nn
 from pipeline.checkpoint import load_tensors
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
 from pipeline.errors import UserError
-from pipeline.models.autoencoder import build_autoencoder, downsampling_factor, family_of
+from pipeline.models.autoencoder import downsampling_factor, family_of
 from pipeline.models.fsq import FiniteScalarQuantizer
-from pipeline.weights.loading import load_state
+from pipeline.storage import regular_file
+from pipeline.weights.loading import build_checked, load_state, named, read_json_config
 
 NAME = "encoder-only"
 CONFIG = "encoder_config.json"  # the folder's marker
@@ -103,17 +104,27 @@ def save(model, folder: Path, section: dict, resolution: int, normalisation: dic
     return folder
 
 
+def read_config(folder: Path) -> tuple[dict, Path]:
+    """The folder's encoder_config.json and the weights file it names, which must lie in the folder itself."""
+    path = folder / CONFIG
+    meta = read_json_config(path, "encoder-only config")
+    name = meta.get("weights", WEIGHTS)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise UserError(f"{path}: weights {name!r} is not a file name in {folder} (no folders, no ..)")
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("resolution"), int):
+        raise UserError(f"{path}: not a firststage encoder-only config (needs a model object and an integer "
+                        f"resolution)")
+    return meta, regular_file(folder / name, "weights file")
+
+
 def load(folder: Path, ema: bool, overrides: list[str] | None = None):
-    """(model without decoder, Config): built on the meta device, so the decoder never takes memory."""
-    meta = json.loads((folder / CONFIG).read_text())
-    cfg = config_from_dict(merge_dicts({"model": meta["model"], "data": {"resolution": meta["resolution"]}},
-                                       parse_overrides(overrides or [])))
-    with torch.device("meta"):
-        model = build_autoencoder(cfg.model, cfg.data.resolution)
-    model.decoder = None
-    if hasattr(model, "post_quant_conv"):
-        model.post_quant_conv = None
-    model = model.to_empty(device="cpu")
-    state = load_tensors(folder / meta.get("weights", WEIGHTS))
+    """(model without decoder, Config): built on the meta device and checked against the weights' shapes, so the
+    decoder never takes memory and a config that does not fit the weights is refused before any does."""
+    meta, weights = read_config(folder)
+    with named(folder / CONFIG):
+        cfg = config_from_dict(merge_dicts({"model": meta["model"], "data": {"resolution": meta["resolution"]}},
+                                           parse_overrides(overrides or [])))
+    state = load_tensors(weights)
+    model = build_checked(cfg, state, str(folder), encoder_only=True).to_empty(device="cpu")
     load_state(model, state, str(folder))
     return model, cfg

@@ -8,6 +8,7 @@ from pathlib import Path
 from pipeline.checkpoint import CHECKPOINTS, CONFIG_FILE, TENSOR_FILES, find_resume_path, is_checkpoint, load_tensors
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.storage import regular_file
 from pipeline.weights.loading import build_and_load
 
 NAME = "checkpoint"
@@ -43,7 +44,7 @@ def state_dict(folder: Path, ema: bool) -> dict:
 
 
 def load(folder: Path, ema: bool, overrides: list[str] | None):
-    cfg = load_config(folder / CONFIG_FILE, overrides)
+    cfg = load_config(regular_file(folder / CONFIG_FILE, "config file"), overrides)
     return build_and_load(cfg, state_dict(folder, ema), str(folder)), cfg
 
 

@@ -120,8 +120,8 @@ def ldm_key_to_diffusers(key: str, levels: int) -> str | None:
 def infer_model_section(state: dict[str, torch.Tensor]) -> dict:
     """The `model:` config section (diffusers names) that these diffusers-named weights fit: levels and their
     channels, layers per block, latent channels, attention, KL or VQ (and the codebook). GroupNorm's group count
-    is not in the shapes: 32 (every published SD / LDM autoencoder), or the largest power of two <= 32 that
-    divides every width."""
+    is not in the shapes: here the largest power of two <= 32 that divides every width, which builds a model of
+    the right shapes; pipeline.weights.single_file.settle_norm_groups then settles the count itself."""
     def shape(k):
         if k not in state:
             raise UserError(f"weights have no {k}: not a first-stage autoencoder (AutoencoderKL / VQModel)")

@@ -1,0 +1,120 @@
+"""Races between real processes on one name: folder locks (fresh, and over a dead run's stale lock), two writers of
+one JSON file beside a reader, and two exports to one output. Each race is run by several OS processes that start
+at one shared instant, repeated, because a race that is lost once in thirty tries is still a race."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from harness import ENV, ROOT
+
+WORKER = ROOT / "tests" / "scripts" / "race_worker.py"
+
+
+class Workers:
+    """n race_worker.py processes, each answering one line per command line."""
+
+    def __init__(self, n: int):
+        self.procs = [subprocess.Popen([sys.executable, str(WORKER)], cwd=ROOT, env=ENV, text=True, bufsize=1,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(n)]
+
+    def ask(self, commands: list[str]) -> list[str]:
+        for p, c in zip(self.procs, commands):
+            p.stdin.write(c + "\n")
+            p.stdin.flush()
+        return [p.stdout.readline().strip() for p in self.procs[:len(commands)]]
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stdin.close()
+            p.wait(timeout=30)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def lock_race(tmp_path, trials: int, stale: bool) -> list[list[str]]:
+    """`trials` times, six processes take one folder's lock at the same instant (over a dead run's lock if `stale`);
+    the answers of each trial."""
+    workers = Workers(6)
+    try:
+        results = []
+        for t in range(trials):
+            folder = tmp_path / f"trial-{t}"
+            if stale:
+                folder.mkdir()
+                (folder / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(),
+                                                          "started": "yesterday"}))
+            t0 = time.time() + 0.2
+            results.append(workers.ask([f"lock {folder} {t0}"] * 6))
+            assert workers.ask(["release"] * 6) == ["released"] * 6
+            assert not (folder / ".lock").exists()  # the holder's release removed its own lock
+        return results
+    finally:
+        workers.close()
+
+
+def test_six_processes_taking_one_fresh_lock_leave_exactly_one_holder(tmp_path):
+    for answers in lock_race(tmp_path, 30, stale=False):
+        assert answers.count("held") == 1, answers
+        assert all(a == "held" or (a.startswith("refused") and "is in use by pid" in a) for a in answers), answers
+
+
+def test_six_processes_taking_over_one_stale_lock_leave_exactly_one_holder(tmp_path):
+    for answers in lock_race(tmp_path, 30, stale=True):
+        assert answers.count("held") == 1, answers
+        assert all(a == "held" or (a.startswith("refused") and "is in use by pid" in a) for a in answers), answers
+
+
+def test_two_writers_of_one_json_file_and_a_reader_see_no_error_and_never_invalid_json(tmp_path):
+    path, stop = tmp_path / "state.json", tmp_path / "stop"
+    path.write_text("{}")
+    workers = Workers(4)
+    try:
+        for trial in range(3):
+            stop.unlink(missing_ok=True)
+            t0 = time.time() + 0.3
+            for p, c in zip(workers.procs, [f"write {path} {w} 200 {t0}" for w in "abc"] + [f"read {path} {stop} {t0}"]):
+                p.stdin.write(c + "\n")
+                p.stdin.flush()
+            wrote = [p.stdout.readline().strip() for p in workers.procs[:3]]
+            stop.touch()
+            read = workers.procs[3].stdout.readline().strip()
+            assert wrote == ["wrote 200"] * 3, wrote
+            assert read.startswith("read ") and int(read.split()[1]) > 0, read
+            assert json.loads(path.read_text())["i"] == 199
+            assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
+    finally:
+        workers.close()
+
+
+def test_two_exports_to_one_output_end_with_one_export_and_one_one_line_refusal(tiny_run, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    import pipeline.weights.diffusers as fmt
+    from harness import ForkedStage
+
+    save = fmt.save
+
+    def slow_save(*args, **kwargs):  # both exports are inside their save at the same time (inherited by the forks)
+        time.sleep(1.5)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(fmt, "save", slow_save)
+    for flags in ([], ["--overwrite"]):
+        out = tmp_path / f"vae{len(flags)}"
+        procs = [ForkedStage("stages.export", "--model", tiny_run / "run", "--output", out, *flags) for _ in range(2)]
+        done = sorted(((p.wait(120), *p.output()) for p in procs), key=lambda r: r[0])
+        (code0, out0, err0), (code1, _, err1) = done
+        assert (code0, code1) == (0, 2), (err0[-2000:], err1[-2000:])
+        assert "export: diffusers" in out0 and f"--output {out} is in use by pid" in err1, err1
+        assert "Traceback" not in err1 and len(err1.strip().splitlines()) == 1, err1
+        AutoencoderKL.from_pretrained(out)  # the one export is whole
+        assert (out / "README.md").is_file()
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder, no lock left
