@@ -21,6 +21,8 @@ from pipeline.weights.diffusers import save as save_diffusers
 from test_reliability import one_line
 
 
+SCALE_1 = {"kind": "scale_shift", "scaling_factor": 1.0, "shift_factor": None, "source": "the test"}
+
 def export(*args):
     from stages.export import main
 
@@ -206,7 +208,7 @@ def test_small_files_that_declare_gigabytes_are_refused_before_allocating(tmp_pa
     assert grew < 2**28
     # a single file whose metadata declares 16384-wide layers (9.7 GB) for weights 64 wide
     section = {**config_to_dict(load_config("tiny"))["model"], "block_out_channels": [16384] * 3}
-    save_single_file(tiny_model(), tmp_path / "wide.safetensors", section, 32, 1.0)
+    save_single_file(tiny_model(), tmp_path / "wide.safetensors", section, 32, SCALE_1)
     outcome, grew = capped(lambda: load_model(tmp_path / "wide.safetensors"))
     assert outcome.startswith("UserError") and "wide.safetensors: encoder.conv_in.weight has shape (16, 3, 3, 3) " \
         "in the weights but (16384, 3, 3, 3) in the config's model" in outcome, outcome
@@ -232,7 +234,7 @@ def test_export_refuses_non_finite_weights_and_latent_factors(tiny_run, tmp_path
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "run", run)
     ev = json.loads((run / "eval.json").read_text())
-    ev["latents"]["scaling_factor"] = float("nan")
+    ev["latents"]["std"] = float("nan")  # the measured std the scaling factor comes from
     (run / "eval.json").write_text(json.dumps(ev))  # json writes NaN, and reads it back
     r = export("--model", run, "--output", tmp_path / "out")
     assert r.returncode == 2 and f"{run / 'eval.json'} (64 samples): scaling_factor nan is not a finite number > 0" \
@@ -290,7 +292,8 @@ def test_bad_diffusers_configs_are_one_line_naming_the_file(tiny_run, tmp_path):
 def test_bad_single_file_metadata_and_encoder_configs_are_one_line(tiny_run, tmp_path):
     from pipeline.weights.single_file import save as save_single_file
 
-    save_single_file(tiny_model(), tmp_path / "good.safetensors", config_to_dict(load_config("tiny"))["model"], 32, 1.0)
+    save_single_file(tiny_model(), tmp_path / "good.safetensors", config_to_dict(load_config("tiny"))["model"], 32,
+                     SCALE_1)
     state = load_file(tmp_path / "good.safetensors")
     from safetensors import safe_open
 
@@ -373,5 +376,5 @@ def test_stats_with_an_empty_statistics_section_is_one_line(tiny_run, tmp_path):
     manifest = {"format": LATENT_FORMAT, "shards": [], "model_sha256": model_sha256(model), "statistics": {}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     r = export("--model", tiny_run / "run", "--output", tmp_path / "out", "--stats", tmp_path / "manifest.json")
-    assert r.returncode == 2 and f"--stats {tmp_path / 'manifest.json'}: its latent statistics have no " \
-        "scaling_factor" in r.stderr and one_line(r), r.stderr[-1500:]
+    assert r.returncode == 2 and f"--stats {tmp_path / 'manifest.json'}: the manifest holds no latent statistics" \
+        in r.stderr and one_line(r), r.stderr[-1500:]

@@ -71,9 +71,9 @@ def measured(template: dict, stats: dict, source: str, shift: bool = True) -> di
                 "patch": template.get("patch", 1), "source": source}
     if not shift:
         rms = math.sqrt(stats["std"] ** 2 + stats["mean"] ** 2)
-        return {"kind": "scale_shift", "scaling_factor": 1.0 / rms if rms > 0 else None, "shift_factor": None,
+        return {"kind": "scale_shift", "scaling_factor": 1.0 / rms if rms else None, "shift_factor": None,
                 "source": source}
-    return {"kind": "scale_shift", "scaling_factor": 1.0 / stats["std"] if stats["std"] > 0 else None,
+    return {"kind": "scale_shift", "scaling_factor": 1.0 / stats["std"] if stats["std"] else None,  # NaN stays NaN
             "shift_factor": stats["mean"], "source": source}
 
 
