@@ -22,8 +22,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
 from pipeline.config import save_config
 from pipeline.errors import UserError
@@ -139,12 +137,16 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
 
 
 def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import load_file, save_file
+
     with disk_full_as_oserror(path):
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
     respect_umask(path)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file, save_file
+
     regular_file(path, "weights file")  # a FIFO would block the open forever
     try:
         return load_file(str(path))
@@ -155,12 +157,16 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_object(path: Path, obj) -> None:
+    import torch
+
     with disk_full_as_oserror(path):
         torch.save(obj, path)
 
 
 def load_object(path: Path):
     """Optimizer / scheduler / RNG state: plain containers of tensors and numbers; never executes pickled code."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -172,6 +178,8 @@ def load_object(path: Path):
 
 def rng_state() -> dict:
     """This process's RNG states as tensors and plain numbers (loadable with weights_only=True)."""
+    import torch
+
     version, mt, gauss = random.getstate()
     np_state = np.random.get_state()
     state = {
@@ -187,6 +195,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     n = state["numpy"]

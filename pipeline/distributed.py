@@ -11,19 +11,27 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-import torch.distributed as dist
-
 from pipeline.errors import UserError
 
 
+def _group():
+    """torch.distributed when a process group exists, else None (torch is not imported for that: a group needs it)."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def _world() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    dist = _group()
+    return dist is not None and dist.get_world_size() > 1
 
 
 def is_main_process() -> bool:
     """Global rank 0 (RANK unset or 0), also before any process group exists."""
-    if dist.is_available() and dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -43,6 +51,9 @@ def all_reduce(tensors: list, op: str = "sum", device=None) -> list:
     tensors on their original devices. Identity in a single process."""
     if not tensors or not _world():
         return [t.clone() for t in tensors]
+    import torch
+    import torch.distributed as dist
+
     device = device or tensors[0].device
     flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64 if t.dtype == torch.float64 else torch.float32)
                       for t in tensors])
@@ -62,6 +73,8 @@ def decided_by_main(fn):
     process is the same one-line error on every rank, never a rank left waiting."""
     if not _world():
         return fn()
+    import torch.distributed as dist
+
     box: list = [None]
     if dist.get_rank() == 0:
         try:

@@ -74,6 +74,15 @@ def _main(argv, stop: threading.Event, grace: list, locks: list) -> None:
         raise UserError("--model and --data are required (or --output DIR --rebuild-manifest)")
     with flag_named("--part"):
         part, num_parts = parse_part(args.part)
+    if not args.overwrite:  # before torch is imported: another store, resolution, ... refuses in a moment
+        from pipeline.latents.format import check_settings, quick_settings
+        from pipeline.weights import resolve_weights
+
+        with flag_named("--model"):
+            light = resolve_weights(args.model, not args.no_ema).light_config(args.overrides)
+        if light is not None:
+            with flag_named("--output"):
+                check_settings(out, quick_settings(light), False)
     run(args, out, part, num_parts, stop, grace, locks)  # complete shards stay, the one in flight is redone
 
 

@@ -20,12 +20,9 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from pipeline.config import config_to_dict
 from pipeline.errors import UserError
 from pipeline.latents.factors import NoStatistics, eval_beside, export_normalisation
-from pipeline.models.families import family_of
 from pipeline.models.normalisation import describe
 from pipeline.storage import FolderLock, Unit, disk_full_as_oserror, respect_umask
 from pipeline.weights import EXPORT_FORMATS
@@ -78,13 +75,27 @@ def main(argv=None) -> None:
     with flag_named("--output"):
         check_output_path(out, weights)  # never over or into the model's own folders, nor the working folder
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not (args.stats or args.data or args.keep_scaling_factor):  # before any model is loaded or torch imported
+        with statistics_from(lambda: eval_beside(args.model, weights)[1]):
+            found, why = eval_beside(args.model, weights)
+        if found is None:
+            raise UserError(NO_STATISTICS.format(f"no measured latent statistics for {args.model} ({why})",
+                                                 "the model's own normalisation"))
     with FolderLock(out.parent, f".{out.resolve().name}.lock", what="--output", label=str(out)):
         with flag_named("--output"):
             check_replaceable(out, card_path(out), args.overwrite)  # under the lock: one export of `out` at a time
         export(args, out, weights, start)
 
 
+NO_STATISTICS = ("{}: give --stats latents/manifest.json, or --data SHARDS, or run firststage evaluate first; "
+                 "--keep-scaling-factor keeps {}")
+
+
 def export(args, out: Path, weights, start: float) -> None:
+    import torch
+
+    from pipeline.models.families import family_of
+
     unit = Unit(card_path(out), [out])
     model, cfg = weights.load(args.overrides)
     model = model.eval().requires_grad_(False)
@@ -103,8 +114,7 @@ def export(args, out: Path, weights, start: float) -> None:
             normalisation = export_normalisation(weights, model, cfg, args.stats, args.data, args.num_samples,
                                                  args.keep_scaling_factor, args.shift)
     except NoStatistics as e:
-        raise UserError(f"{e}: give --stats latents/manifest.json, or --data SHARDS, or run firststage evaluate "
-                        f"first; --keep-scaling-factor keeps the model's own {describe(fam.normalisation(model))}") from None
+        raise UserError(NO_STATISTICS.format(e, f"the model's own {describe(fam.normalisation(model))}")) from None
     check_factors(normalisation)
     cls, described = type(model).__name__, weights.describe()
     note = "diffusers has no FSQ model: this folder loads with firststage (--model, train.init_from)." \

@@ -355,10 +355,7 @@ def test_a_full_disk_during_export_is_exit_74_in_one_line(tiny_run, tmp_path, mo
     def full(*a, **k):
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
-    import pipeline.weights.single_file
-
-    monkeypatch.setattr(safetensors.torch, "save_file", full)  # what diffusers' save_pretrained calls
-    monkeypatch.setattr(pipeline.weights.single_file, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # what diffusers' save_pretrained and ours call
     usage = sh.disk_usage(tmp_path)
     monkeypatch.setattr(sh, "disk_usage", lambda p: usage._replace(free=1024))
     for fmt, name in (("diffusers", "vae"), ("single-file", "vae.safetensors")):

@@ -265,14 +265,12 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatc
 def test_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     import shutil as sh
 
-    import pipeline.checkpoint as ck
-
     make_shards(tmp_path / "shards", 1, 8, size=(40, 40))
 
     def torn(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 3166080 vs 3165968")
 
-    monkeypatch.setattr(ck.torch, "save", torn)
+    monkeypatch.setattr(torch, "save", torn)
     usage = sh.disk_usage(tmp_path)
     monkeypatch.setattr(sh, "disk_usage", lambda p: usage._replace(free=1024))
     r = train(f"data.train={tmp_path / 'shards'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2",

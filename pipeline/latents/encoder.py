@@ -40,6 +40,7 @@ from pipeline.latents.format import (
 )
 from pipeline.models.autoencoder import family_of, key_noise, reparameterize
 from pipeline.models.normalisation import patchify
+from pipeline.models.registry import stored
 from pipeline.pixels import to_model_input
 from pipeline.storage import is_url, remove_dead_temporaries
 
@@ -49,12 +50,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def effective_store(model, requested: str) -> str:
-    """What is stored for a model: codes (VQ, FSQ), the deterministic latent (DC-AE, Tiny), else the posterior as
-    encode.store asks (moments, mean or one sample)."""
-    fam = family_of(model)
-    if fam.num_codes(model):
-        return "codes"
-    return requested if fam.has_posterior else "latent"
+    """What is stored for a model (pipeline.models.registry.stored): codes, the deterministic latent or the
+    posterior as encode.store asks."""
+    return stored(family_of(model).name, requested)
 
 
 def stored_tensors(store: str, flip: bool) -> list[str]:

@@ -13,8 +13,6 @@ from pathlib import Path
 from pipeline.checkpoint import CHECKPOINTS
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, read_manifest
-from pipeline.models.families import family_of
-from pipeline.models.normalisation import measured
 
 
 class NoStatistics(UserError):
@@ -41,6 +39,9 @@ def export_normalisation(weights, model, cfg, stats: str | None = None, data: st
                          num_samples: int = 1000, keep: bool = False, shift: bool = False) -> dict:
     """The normalisation spec an export writes into the model; a NoStatistics error when nothing was measured and
     `keep` was not asked for. A scaling / shift spec keeps its shift only with `shift` (SD3 / FLUX convention)."""
+    from pipeline.models.families import family_of
+    from pipeline.models.normalisation import measured
+
     fam = family_of(model)
     own = fam.normalisation(model)
     if stats:

@@ -20,8 +20,6 @@ import math
 import os
 from pathlib import Path
 
-import torch
-from safetensors.torch import load as load_safetensors
 
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, shard_list
@@ -50,6 +48,8 @@ def shard_unit(folder: str | Path, name: str) -> Unit:
 def model_sha256(model: torch.nn.Module) -> str:
     """SHA-256 over the state dict (names, dtypes, shapes, bytes in name order): the same weights give the same
     hash whether they came from a run folder, a diffusers folder or a single file."""
+    import torch
+
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
@@ -65,6 +65,8 @@ class BadLatent(ValueError):
 def read_latent(data: bytes) -> dict[str, torch.Tensor]:
     """The tensors of a KEY.latents.safetensors member, or BadLatent naming what is wrong: a header longer than the
     member, a tensor name twice (safetensors would keep one silently), a bogus dtype or out-of-range offsets."""
+    from safetensors.torch import load as load_safetensors
+
     if len(data) < 8:
         raise BadLatent(f"not a safetensors member ({len(data)} bytes)")
     size = int.from_bytes(data[:8], "little")
@@ -126,9 +128,23 @@ def folder_settings(model, cfg, weights, dtype: str, buckets, store: str, tensor
     }
 
 
+def quick_settings(cfg) -> dict:
+    """The identity settings a config decides without the model (kind, store, resolution, buckets, flip, an explicit
+    dtype): what check_settings can compare before anything heavy is imported."""
+    from pipeline.latents.buckets import resolve_buckets
+    from pipeline.models.registry import stored
+
+    e = cfg.encode
+    buckets = resolve_buckets(e.buckets, cfg.data.resolution, cfg.model.downsampling_factor)
+    quick = {"kind": cfg.model.kind, "store": stored(cfg.model.kind, e.store), "resolution": cfg.data.resolution,
+             "buckets": [list(b) for b in buckets] if buckets else None, "flip": e.flip}
+    return {**quick, "dtype": e.dtype} if e.dtype != "auto" else quick
+
+
 def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
     """Refuse an output folder that holds latents encoded differently (another model, store, dtype, resolution,
-    buckets or flip), naming what differs; --overwrite clears our files from it first."""
+    buckets or flip), naming what differs; --overwrite clears our files from it first. A partial `settings`
+    (quick_settings) compares only the keys it has."""
     path = folder / SETTINGS
     if not path.is_file():
         return
@@ -136,7 +152,7 @@ def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
         old = json.loads(path.read_text())
     except json.JSONDecodeError:
         old = {}
-    diff = [k for k in IDENTITY_KEYS if old.get(k) != settings.get(k)]
+    diff = [k for k in IDENTITY_KEYS if k in settings and old.get(k) != settings.get(k)]
     if not diff:
         return
     if not overwrite:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 
 def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
@@ -39,6 +38,8 @@ def unpatchify(z: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def _channels(values, like: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
 

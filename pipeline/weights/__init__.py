@@ -52,6 +52,13 @@ class Weights:
         model, cfg = self._module.load(Path(self.path), self.ema, overrides)
         return model.eval(), cfg
 
+    def light_config(self, overrides: list[str] | None = None):
+        """The Config these weights carry, from their config file alone (no model is built, torch is not imported):
+        a firststage checkpoint's config.yaml, a diffusers folder's config.json; None for a format whose config
+        needs the tensors (single files, legacy files, encoder-only exports)."""
+        light = getattr(self._module, "light_config", None)
+        return light(Path(self.path), overrides) if light is not None else None
+
     def state_dict(self) -> dict:
         """The tensors under diffusers names (to initialise a model built from another config)."""
         return self._module.state_dict(Path(self.path), self.ema)

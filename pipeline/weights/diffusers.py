@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
-from pipeline.config import config_from_dict, merge_dicts, parse_overrides
+from pipeline.config import config_from_dict, downsampling_factor_of, merge_dicts, parse_overrides
 from pipeline.errors import UserError
-from pipeline.models.families import family_of, family_of_class
-from pipeline.models.quantizer import VectorQuantizer
+from pipeline.models.registry import diffusers_classes, family_of_class_name
 from pipeline.storage import regular_file
 from pipeline.weights.loading import check_fit, read_json_config, safetensors_shapes
 
@@ -26,14 +24,14 @@ def read_config(folder: Path) -> dict:
 
 def model_class(config: dict) -> type:
     name = config.get("_class_name")
-    return next(c for c in family_of_class(name).classes if c.__name__ == name)
+    return next(c for c in diffusers_classes(family_of_class_name(name)) if c.__name__ == name)
 
 
 def detect(p: Path) -> Path | None:
     for folder in (p, p / "vae"):
         if not (folder.is_dir() and (folder / "config.json").exists()):
             continue
-        if family_of_class(read_config(folder).get("_class_name")) is not None:
+        if family_of_class_name(read_config(folder).get("_class_name")) is not None:
             return folder
     return None
 
@@ -62,6 +60,8 @@ def state_dict(folder: Path, ema: bool) -> dict:
 def load(folder: Path, ema: bool, overrides: list[str] | None):
     """diffusers' own from_pretrained, once config.json has been built on the meta device and checked against the
     weights' shapes (read from the headers): a config that does not fit is one line, before any memory is taken."""
+    import torch
+
     config = read_config(folder)
     cls = model_class(config)
     shapes = {k: v for f in weight_files(folder) for k, v in safetensors_shapes(f).items()}
@@ -79,18 +79,37 @@ def load(folder: Path, ema: bool, overrides: list[str] | None):
     return model, model_config(model, overrides)
 
 
+def default_resolution(config) -> int:
+    """data.resolution of a diffusers model: its sample_size when that fits its downsampling factor, else 256 (or
+    the nearest multiple of the factor below it)."""
+    f = downsampling_factor_of(config)
+    size = config.get("sample_size")
+    return size if isinstance(size, int) and size > 0 and size % f == 0 else max(f, 256 - 256 % f)
+
+
 def model_config(model, overrides: list[str] | None = None):
     """A Config whose model section describes a loaded model (for evaluate / encode / export / init_from)."""
-    fam = family_of(model)
-    f = fam.downsampling_factor(model)
-    size = model.config.get("sample_size")
-    data = {"resolution": size if isinstance(size, int) and size > 0 and size % f == 0 else max(f, 256 - 256 % f)}
-    return config_from_dict(merge_dicts({"model": fam.model_section(model), "data": data},
+    from pipeline.models.families import family_of
+
+    data = {"resolution": default_resolution(model.config)}
+    return config_from_dict(merge_dicts({"model": family_of(model).model_section(model), "data": data},
+                                        parse_overrides(overrides or [])))
+
+
+def light_config(folder: Path, overrides: list[str] | None = None):
+    """The Config from config.json alone (no model, no torch): the family and its diffusers config, the resolution;
+    what encode compares with an output folder's settings before loading anything."""
+    config = read_config(folder)
+    section = {"kind": family_of_class_name(config.get("_class_name")),
+               "diffusers": {k: v for k, v in config.items() if not k.startswith("_")}}
+    return config_from_dict(merge_dicts({"model": section, "data": {"resolution": default_resolution(config)}},
                                         parse_overrides(overrides or [])))
 
 
 # ------------------------------------------------------------------------------------------------------ save
 def refuse_cosine_codebook(model, fmt: str) -> None:
+    from pipeline.models.quantizer import VectorQuantizer
+
     if isinstance(getattr(model, "quantize", None), VectorQuantizer) and model.quantize.cosine:
         raise UserError(f"format {fmt}: this VQ model has a cosine (l2-normalised) codebook, which diffusers' "
                         f"VQModel and LDM's quantizer cannot reproduce (they look codes up by Euclidean distance); "
@@ -100,6 +119,8 @@ def refuse_cosine_codebook(model, fmt: str) -> None:
 def to_plain_diffusers(model):
     """The model as a class diffusers ships, with identical weights (a copy for VQ with our quantizer, the model
     itself otherwise)."""
+    from pipeline.models.quantizer import VectorQuantizer
+
     from diffusers import VQModel
 
     if not isinstance(getattr(model, "quantize", None), VectorQuantizer):
@@ -117,6 +138,8 @@ def save(model, folder: Path, section: dict | None = None, resolution: int | Non
          normalisation: dict | None = None, **_) -> Path:
     """diffusers' own save_pretrained (safetensors), with the latent normalisation written where the family's
     pipelines read it (config factors, latents_mean / latents_std, BatchNorm statistics)."""
+    from pipeline.models.families import family_of
+
     plain = to_plain_diffusers(model)
     if normalisation is not None:
         family_of(plain).set_normalisation(plain, normalisation)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 FILE = "discriminator.safetensors"
 PREFIX = "discriminator."

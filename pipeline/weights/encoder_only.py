@@ -14,15 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from torch import nn
-
 from pipeline.checkpoint import load_tensors
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
 from pipeline.errors import UserError
-from pipeline.models.autoencoder import downsampling_factor, family_of
-from pipeline.models.fsq import FiniteScalarQuantizer
 from pipeline.storage import regular_file
 from pipeline.weights.loading import build_checked, load_state, named, read_json_config
 
@@ -31,34 +25,6 @@ CONFIG = "encoder_config.json"  # the folder's marker
 WEIGHTS = "encoder.safetensors"
 PROGRAM = "encoder.pt2"
 ENCODER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
-
-
-class EncoderProgram(nn.Module):
-    """x in [-1, 1] -> (posterior mean, logvar clamped as diffusers does) for a KL model, (codes [B, h, w],) for VQ
-    and FSQ, (latent,) for a deterministic encoder (DC-AE)."""
-
-    def __init__(self, vae):
-        super().__init__()
-        fam = family_of(vae)
-        self.encoder, self.quant_conv = vae.encoder, getattr(vae, "quant_conv", None)
-        self.outputs = ["mean", "logvar"] if fam.has_posterior else ["codes"] if fam.num_codes(vae) else ["latent"]
-        self.quantize = vae.quantize if self.outputs == ["codes"] else None
-
-    def forward(self, x: torch.Tensor):
-        h = self.encoder(x)
-        if self.quant_conv is not None:
-            h = self.quant_conv(h)
-        if self.outputs == ["mean", "logvar"]:
-            mean, logvar = h.chunk(2, dim=1)
-            return mean, logvar.clamp(-30.0, 20.0)
-        if self.quantize is None:
-            return (h,)
-        if isinstance(self.quantize, FiniteScalarQuantizer):
-            return (self.quantize.codes(h),)
-        flat = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-        if self.quantize.cosine:
-            flat = nn.functional.normalize(flat, dim=1)
-        return (self.quantize.assign(flat).view(h.shape[0], h.shape[2], h.shape[3]),)
 
 
 def encoder_state(model) -> dict[str, torch.Tensor]:
@@ -78,6 +44,12 @@ def state_dict(folder: Path, ema: bool) -> dict:
 
 
 def save(model, folder: Path, section: dict, resolution: int, normalisation: dict, max_size: int = 4096, **_) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.models.autoencoder import downsampling_factor
+    from pipeline.models.encoder_program import EncoderProgram
+
     folder.mkdir(parents=True, exist_ok=True)
     save_file(encoder_state(model), str(folder / WEIGHTS))
     f = downsampling_factor(model)

@@ -43,6 +43,11 @@ def state_dict(folder: Path, ema: bool) -> dict:
     return load_tensors(weights_file(folder, ema))
 
 
+def light_config(folder: Path, overrides: list[str] | None = None):
+    """The checkpoint's own config.yaml (no model, no torch)."""
+    return load_config(regular_file(folder / CONFIG_FILE, "config"), overrides)
+
+
 def load(folder: Path, ema: bool, overrides: list[str] | None):
     cfg = load_config(regular_file(folder / CONFIG_FILE, "config file"), overrides)
     return build_and_load(cfg, state_dict(folder, ema), str(folder)), cfg

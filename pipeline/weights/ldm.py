@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 
 from pipeline.errors import UserError
 

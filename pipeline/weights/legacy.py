@@ -13,7 +13,6 @@ import pickletools
 import zipfile
 from pathlib import Path
 
-import torch
 
 from pipeline.errors import UserError
 from pipeline.storage import regular_file
@@ -32,6 +31,8 @@ def detect(p: Path) -> Path | None:
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    import torch
+
     check_sizes(regular_file(path, "weights file"))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import torch
 
 from pipeline.errors import UserError
 from pipeline.storage import read_json, regular_file
@@ -91,6 +90,8 @@ def load_state(model, state: dict[str, torch.Tensor], source: str) -> None:
 def build_checked(cfg, state: dict, source: str, encoder_only: bool = False):
     """The model of `cfg`, on the meta device, checked against `state` (names -> tensors or shapes): a model
     that does not fit is refused before any of its memory exists. `encoder_only`: without the decoder side."""
+    import torch
+
     from pipeline.models.autoencoder import build_autoencoder
 
     try:

@@ -14,7 +14,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
 
 from pipeline.checkpoint import CHECKPOINTS
 from pipeline.errors import UserError
@@ -86,6 +85,8 @@ def _exported_file(path: Path) -> bool:
 
 def check_finite_weights(model, source: str) -> None:
     """Every floating tensor of the model is finite, or one line naming the first that is not."""
+    import torch
+
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())

@@ -11,11 +11,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
-from pipeline.distributed import print0
 from pipeline.errors import UserError
 from pipeline.storage import regular_file
 from pipeline.weights.diffusers import refuse_cosine_codebook, to_plain_diffusers
@@ -100,6 +97,8 @@ def load_from(path: Path, state: dict, meta: dict, overrides: list[str] | None):
     """(model, Config) of a file's tensors (any names) and metadata: the shared half of single-file and legacy. A
     file without firststage's metadata does not say its GroupNorm group count nor its resolution: the count is
     settled (`settle_norm_groups`) unless given as an override, and one line on stderr says what was assumed."""
+    from pipeline.distributed import print0
+
     state = to_diffusers_names(state)
     cfg = file_config(path, state, meta, overrides)
     model = build_and_load(cfg, state, str(path))
@@ -127,6 +126,8 @@ def settle_norm_groups(model, widths: list[int]) -> tuple[int, str]:
     shape; otherwise, of the powers of two up to 32 that divide every width, the one under which the model
     reconstructs photo-like test images best (a wrong count scrambles every normalisation, and a trained
     autoencoder's output with it). Sets it on `model` (its modules and its config); returns it and why."""
+    import torch
+
     if widths == SD_WIDTHS:
         return 32, "as every published SD / LDM autoencoder of this shape"
     from pipeline.models.autoencoder import family_of
@@ -155,6 +156,8 @@ def settle_norm_groups(model, widths: list[int]) -> tuple[int, str]:
 def test_images(factor: int, n: int = 4) -> torch.Tensor:
     """n photo-like images in [-1, 1], the same every time: 1/f^2 noise (the power spectrum of natural images),
     mostly shared by the three channels (photos are mostly luminance); at least 64 px, a multiple of `factor`."""
+    import torch
+
     size = max(64, 4 * factor)
     gen = torch.Generator().manual_seed(0)
     f = torch.fft.fftfreq(size)
@@ -175,6 +178,8 @@ def load(path: Path, ema: bool, overrides: list[str] | None):
 
 def save(model, path: Path, section: dict, resolution: int, normalisation: dict, prefix: str = "", **_) -> Path:
     """LDM names (attention matrices as 1x1 convs), the latent factors and our model section in the metadata."""
+    from safetensors.torch import save_file
+
     refuse_cosine_codebook(model, "single-file")
     state = {k: v.detach().cpu() for k, v in to_plain_diffusers(model).state_dict().items()}
     scale, shift = normalisation["scaling_factor"], normalisation.get("shift_factor")

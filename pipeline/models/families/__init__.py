@@ -25,9 +25,11 @@ from pipeline.models.families.flux2 import Flux2Family
 from pipeline.models.families.sd import FSQFamily, KLFamily, VQFamily, is_fsq  # noqa: F401
 from pipeline.models.families.tiny import TinyFamily
 from pipeline.models.families.video import QwenImageFamily, WanFamily
+from pipeline.models.registry import FAMILY_CLASSES, family_of_class_name
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (KLFamily(), VQFamily(), FSQFamily(), DCFamily(), Flux2Family(),
                                                      QwenImageFamily(), WanFamily(), TinyFamily())}
+assert set(FAMILIES) == set(FAMILY_CLASSES)  # pipeline.models.registry names every family
 
 
 def family(kind: str) -> Family:
@@ -49,4 +51,5 @@ def family_of(model) -> Family:
 
 def family_of_class(class_name: str) -> Family | None:
     """The family whose diffusers class has this name (a diffusers folder's config.json `_class_name`)."""
-    return next((f for f in FAMILIES.values() for cls in f.classes if cls.__name__ == class_name), None)
+    kind = family_of_class_name(class_name)
+    return FAMILIES[kind] if kind is not None else None

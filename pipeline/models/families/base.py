@@ -11,6 +11,7 @@ from torch import nn
 from pipeline.config import downsampling_factor_of
 from pipeline.errors import UserError
 from pipeline.models.posterior import reparameterize
+from pipeline.models.registry import LATENT
 
 
 @dataclass
@@ -46,8 +47,13 @@ class Family:
     """One model family: how its models are built, encode, decode and train. Subclasses override what differs."""
 
     name = ""
-    classes: tuple[type, ...] = ()
-    has_posterior = False  # a Gaussian q(z|x): KL term, active units, likelihood bounds
+    classes: tuple[type, ...] = ()  # its diffusers classes (pipeline.models.registry names them)
+
+    @property
+    def has_posterior(self) -> bool:
+        """A Gaussian q(z|x): KL term, active units, likelihood bounds (pipeline.models.registry says which)."""
+        return LATENT[self.name] == "posterior"
+
     shift = True  # its pipelines subtract a shift (measured normalisation then removes the mean)
     exports = ("diffusers", "firststage")  # pipeline.weights export formats that can hold this family
 

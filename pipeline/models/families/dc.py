@@ -8,21 +8,21 @@ from __future__ import annotations
 import random
 
 import torch
-from diffusers import AutoencoderDC
 from torch import nn
 
+from pipeline.models.registry import diffusers_classes
 from pipeline.models.families.base import AutoencoderOutput, Family, Latent
 
 
 class DCFamily(Family):
     name = "dc"
-    classes = (AutoencoderDC,)
+    classes = diffusers_classes("dc")
     shift = False
     exports = ("diffusers", "encoder-only", "firststage")
 
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
         d = cfg.dc
-        model = AutoencoderDC(
+        model = self.classes[0](
             in_channels=cfg.in_channels, latent_channels=cfg.latent_channels, attention_head_dim=d.attention_head_dim,
             encoder_block_types=tuple(d.block_types), decoder_block_types=tuple(d.block_types),
             encoder_block_out_channels=tuple(d.block_out_channels), decoder_block_out_channels=tuple(d.block_out_channels),

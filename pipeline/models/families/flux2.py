@@ -6,8 +6,8 @@ runs that BatchNorm itself: it only holds the statistics, which an export rewrit
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLFlux2
 
+from pipeline.models.registry import diffusers_classes
 from pipeline.models.families.base import Family, Latent
 
 PATCH = 2
@@ -15,8 +15,7 @@ PATCH = 2
 
 class Flux2Family(Family):
     name = "flux2"
-    classes = (AutoencoderKLFlux2,)
-    has_posterior = True
+    classes = diffusers_classes("flux2")
 
     def encode(self, model, x: torch.Tensor) -> Latent:
         posterior = model.encode(x).latent_dist

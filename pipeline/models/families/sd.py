@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
+from pipeline.models.registry import diffusers_classes
 from pipeline.models.families.base import Family, Latent, plain_config
 from pipeline.models.fsq import FiniteScalarQuantizer
 from pipeline.models.quantizer import VectorQuantizer
@@ -73,8 +74,7 @@ class SDFamily(Family):
 
 class KLFamily(SDFamily):
     name = "kl"
-    classes = (AutoencoderKL,)
-    has_posterior = True
+    classes = diffusers_classes("kl")
 
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
         model = AutoencoderKL(**_sd_blocks(cfg, sample_size), shift_factor=cfg.shift_factor,
@@ -115,7 +115,7 @@ class QuantizedFamily(SDFamily):
 
 class VQFamily(QuantizedFamily):
     name = "vq"
-    classes = (VQModel,)
+    classes = diffusers_classes("vq")
 
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
         cb = cfg.codebook

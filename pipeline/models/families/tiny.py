@@ -6,16 +6,16 @@ checkpointing skips the encoder's input rescaling, so it is refused."""
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderTiny
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.models.registry import diffusers_classes
 from pipeline.models.families.base import Family, Latent
 
 
 class TinyFamily(Family):
     name = "tiny"
-    classes = (AutoencoderTiny,)
+    classes = diffusers_classes("tiny")
 
     def encode(self, model, x: torch.Tensor) -> Latent:
         return Latent(model.encode(x).latents)

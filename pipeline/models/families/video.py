@@ -8,13 +8,12 @@ Qwen-Image's network is Wan 2.1's; Wan 2.2 patchifies the pixels inside the mode
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
 
+from pipeline.models.registry import diffusers_classes
 from pipeline.models.families.base import Family, Latent
 
 
 class VideoFamily(Family):
-    has_posterior = True
 
     def encode(self, model, x: torch.Tensor) -> Latent:
         posterior = model.encode(x.unsqueeze(2)).latent_dist
@@ -40,7 +39,7 @@ class VideoFamily(Family):
 
 class QwenImageFamily(VideoFamily):
     name = "qwenimage"
-    classes = (AutoencoderKLQwenImage,)
+    classes = diffusers_classes("qwenimage")
 
     def image_channels(self, model) -> int:
         return model.config.input_channels
@@ -48,7 +47,7 @@ class QwenImageFamily(VideoFamily):
 
 class WanFamily(VideoFamily):
     name = "wan"
-    classes = (AutoencoderKLWan,)
+    classes = diffusers_classes("wan")
 
     def image_channels(self, model) -> int:
         c = model.config
