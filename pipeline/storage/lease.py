@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.storage.commit import guard_commits, unguard_commits
 from pipeline.storage.lock import FolderLock
+from pipeline.storage.paths import is_remote
 
 log = logging.getLogger("firststage.storage")
 
@@ -65,6 +68,8 @@ class LeasedLock(FolderLock):
 
     def _held(self) -> "LeasedLock":
         super()._held()
+        self.pid = os.getpid()
+        guard_commits(self)  # a unit under the folder is not committed once the lock is lost
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease {self.path}", daemon=True)
         self._thread.start()
@@ -119,6 +124,7 @@ class LeasedLock(FolderLock):
 
     # ------------------------------------------------------------------------------------------------ letting go
     def release(self) -> None:
+        unguard_commits(self)
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
@@ -128,3 +134,20 @@ class LeasedLock(FolderLock):
             if holder is not None and holder.get("token") == self.me["token"]:
                 self.store.delete(self.path)
         self.held = False
+
+
+LEASE_S = 120.0  # the default lease of a stage's lock on object storage (FIRSTSTAGE_LOCK_LEASE_S)
+
+
+def folder_lock(folder, name: str = ".lock", what: str = "output folder") -> FolderLock:
+    """The lock a stage takes on its output folder: a FolderLock on a local folder (a dead holder is seen by its
+    pid); a LeasedLock on object storage, renewed while the stage runs (a holder on another host is seen by its
+    lease, FIRSTSTAGE_LOCK_LEASE_S seconds, default 120)."""
+    if is_remote(folder):
+        try:
+            lease = float(os.environ.get("FIRSTSTAGE_LOCK_LEASE_S") or LEASE_S)
+        except ValueError:
+            raise UserError(f"FIRSTSTAGE_LOCK_LEASE_S={os.environ['FIRSTSTAGE_LOCK_LEASE_S']!r} is not a number "
+                            f"of seconds") from None
+        return LeasedLock(str(folder), name, what, lease_s=lease)
+    return FolderLock(folder, name, what)
