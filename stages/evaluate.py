@@ -13,7 +13,6 @@ import argparse
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -23,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.metrics.evaluator import Evaluator
 from pipeline.metrics.grid import save_grid
 from pipeline.metrics.report import format_table, load_fid, load_perceptual
-from pipeline.storage import atomic_write_json, atomic_write_text
+from pipeline.storage import as_path, atomic_write_json, atomic_write_text
 from stages.common import add_alias_flags, alias_overrides, alias_errors, pinned_weights, stage_main
 
 
@@ -80,7 +79,7 @@ def main(argv=None) -> None:
     res["weights"] = weights.describe()
     table = format_table(res)
     if state.is_main_process:
-        out = Path(args.output or args.model)
+        out = as_path(args.output or args.model)  # beside the model: on object storage too
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "eval.json", res)
         atomic_write_text(out / "eval.md", f"# Evaluation of {args.model}\n\nData: {args.data}\n\n{table}\n")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.storage import is_remote
 from pipeline.weights import diffusers, encoder_only, firststage, legacy, single_file
 
 FORMATS = (firststage, encoder_only, diffusers, single_file, legacy)
@@ -37,23 +38,37 @@ class Weights:
     format: str
     path: str
     ema: bool = True
+    url: str = ""  # weights on object storage: the URL `path` is a local copy of (each process takes its own copy)
 
     @property
     def _module(self):
         return BY_NAME[self.format]
 
+    @property
+    def _local(self) -> Path:
+        if self.url:
+            from pipeline.storage import local_copy
+
+            return local_copy(self.url)
+        return Path(self.path)
+
+    @property
+    def where(self) -> str:
+        """Where the weights are, for records: the URL on object storage, else the path."""
+        return self.url or self.path
+
     def describe(self) -> str:
         """For summaries and records: a checkpoint's EMA or raw file, a diffusers folder, a single file, ..."""
-        return self._module.describe(Path(self.path), self.ema)
+        return self._module.describe(self._local, self.ema)
 
     def load(self, overrides: list[str] | None = None):
         """(model in eval mode, Config)."""
-        model, cfg = self._module.load(Path(self.path), self.ema, overrides)
+        model, cfg = self._module.load(self._local, self.ema, overrides)
         return model.eval(), cfg
 
     def state_dict(self) -> dict:
         """The tensors under diffusers names (to initialise a model built from another config)."""
-        return self._module.state_dict(Path(self.path), self.ema)
+        return self._module.state_dict(self._local, self.ema)
 
     def load_into(self, model, source: str) -> None:
         """Initialise `model` (built from a run's config) from these weights; a shape mismatch names the tensor."""
@@ -68,7 +83,15 @@ class Weights:
 
 
 def resolve_weights(path: str | Path, ema: bool = True) -> Weights:
-    """Which weights `path` means now, or one line saying why it means none."""
+    """Which weights `path` means now, or one line saying why it means none. On object storage: pinned there, read
+    from a local copy (pipeline.weights.remote)."""
+    if is_remote(path):
+        from dataclasses import replace
+
+        from pipeline.weights.remote import pin
+
+        url, local = pin(str(path))
+        return replace(resolve_weights(local, ema), given=str(path), url=url)
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{path}: no such file or folder")
