@@ -25,7 +25,7 @@ from pipeline.errors import UserError
 from pipeline.latents.factors import NoStatistics, export_normalisation
 from pipeline.models.families import family_of
 from pipeline.models.normalisation import describe
-from pipeline.storage import Unit, respect_umask
+from pipeline.storage import Unit, as_path, check_access, respect_umask
 from pipeline.weights import EXPORT_FORMATS
 from pipeline.weights import discriminator as disc
 from pipeline.weights.card import card_inputs, model_card
@@ -62,7 +62,11 @@ def card_path(out: Path) -> Path:
 def main(argv=None) -> None:
     args = build_parser().parse_intermixed_args(argv)
     start = time.time()
-    out = Path(args.output)
+    for flag in ("--model", "--output", "--stats", "--data"):  # credentials, bucket, endpoint: one line, first
+        with flag_named(flag):
+            check_access(getattr(args, flag[2:]) or "")
+    with flag_named("--output"):
+        out = as_path(args.output)  # a local path, or s3://bucket/key: the export is uploaded whole
     if args.format == "single-file" and out.suffix != ".safetensors":
         raise UserError(f"--output {out}: a single-file export is a .safetensors file")
     if args.with_discriminator and args.format not in ("diffusers", "firststage"):

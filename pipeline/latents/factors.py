@@ -15,6 +15,7 @@ from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, read_manifest
 from pipeline.models.families import family_of
 from pipeline.models.normalisation import measured
+from pipeline.storage.cache import source_url
 
 
 class NoStatistics(UserError):
@@ -31,7 +32,7 @@ def eval_beside(given: str, weights) -> tuple[dict | None, str]:
     for path in reversed(found):
         res = json.loads(path.read_text())
         if res.get("weights") == described and "latents" in res:
-            return res, str(path)
+            return res, source_url(path)  # weights on object storage: the eval.json there, not its local copy
     if found:
         return None, f"{found[-1]} evaluated other weights ({json.loads(found[-1].read_text()).get('weights')})"
     return None, "no eval.json beside the model"
