@@ -37,13 +37,14 @@ def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
 
 def take_output_lock(folder, name: str = ".lock", what: str = "--output"):
     """The stage's lock on its output folder (a leased one on object storage, renewed while the stage runs), taken
-    after one request has checked credentials and bucket; a second run is refused naming the holder. The holder
-    then aborts the multipart uploads that killed runs left under the folder more than an hour ago."""
+    after credentials, bucket and conditional writes were checked (one line each); a second run is refused naming
+    the holder. The holder then aborts the multipart uploads that killed runs left under the folder more than an
+    hour ago."""
     from pipeline.storage import check_access, folder_lock
     from pipeline.storage.paths import abort_stale_uploads
 
     with flag_named(what):
-        check_access(folder)
+        check_access(folder, writes=True)
     lock = folder_lock(folder, name, what=what).acquire()
     abort_stale_uploads(folder)
     return lock

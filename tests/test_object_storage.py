@@ -197,6 +197,21 @@ def test_models_on_s3_for_init_from_and_a_single_file(chain, tmp_path):
     assert w.format == "single-file" and w.where == f"{s3}/exports/klf8.safetensors" and Path(w.path).is_file()
 
 
+def test_loader_workers_read_s3_shards_with_their_own_clients(chain):
+    """Two loader workers (forked) read the shards from S3, every sample once; webdataset's gopen opens s3:// too."""
+    from torch.utils.data import DataLoader
+    from webdataset.gopen import gopen
+
+    from pipeline.data.loader import ImageStream, collate, resolve_shards
+
+    urls = resolve_shards(f"{chain['s3']}/data/shards")
+    loader = DataLoader(ImageStream(urls, mode="eval", resolution=32), batch_size=4, num_workers=2, collate_fn=collate)
+    keys = [k for batch in loader for k in batch["__key__"]]
+    assert sorted(keys) == sorted(tar_samples(f"{chain['local']}/data/shards"))
+    with gopen(urls[0]) as f:
+        assert f.read() == read(urls[0])
+
+
 # ------------------------------------------------------------------------------------------------ kills
 def open_uploads(prefix: str) -> list:
     store = storage_for(prefix)
@@ -366,8 +381,13 @@ def test_taking_over_a_lease_through_a_409_conflict(chain, fresh):
 # ------------------------------------------------------------------------------------------------ faults
 @pytest.fixture
 def through_proxy(aws, fresh):
-    """The stages talk to the server through a FaultProxy; botocore's backoff made short (its retries are tested)."""
+    """The stages talk to the server through a FaultProxy; botocore's backoff and a read's between resumptions made
+    short (the retries are what is tested)."""
     import botocore.retries.standard
+
+    from pipeline.storage.s3 import S3ReadStream
+
+    fresh.setattr(S3ReadStream, "MAX_DELAY", 0.01)
 
     def make(**kw):
         proxy = FaultProxy(("127.0.0.1", int(aws.endpoint.rsplit(":", 1)[1])), **kw)
@@ -388,11 +408,14 @@ def test_throttling_and_dropped_connections_are_retried_and_the_run_finishes(cha
     s3, root = chain["s3"], chain["root"]
     proxy = through_proxy(seed=5, p_reset=0.1, p_slowdown=0.2, mean_bytes=40_000)
     out = f"{s3}/faulty/shards"
+    t0 = time.time()
     with caplog.at_level("WARNING", logger="firststage.storage"):
         ok(run_main(stage("prepare"), "--input", f"{s3}/raw/raw-{{000000..000002}}.tar", "--output", out,
                     "--shard-size", "8", "--size", "32"))
+        print("TIMING prepare", time.time() - t0, proxy.faults)
         r = ok(run_main(stage("encode"), "--model", f"{s3}/runs/klf8", "--data", out, "--output",
                         f"{s3}/faulty/latents"))
+        print("TIMING encode", time.time() - t0, proxy.faults)
     store = storage_for(s3)
     assert sum(proxy.faults.values()) > 0 and store.retries > 0, (proxy.faults, store.retries)
     assert "request(s) retried" in caplog.text
@@ -411,7 +434,6 @@ def test_a_shard_that_cannot_be_read_is_skipped_and_counted(chain, through_proxy
 
     s3 = chain["s3"]
     fresh.setattr(S3ReadStream, "MAX_RESUMES", 2)
-    fresh.setattr(S3ReadStream, "MAX_DELAY", 0.01)
     proxy = through_proxy(p_reset=0, p_slowdown=0, mean_bytes=1e12, broken=("shards-000001.tar",))
     from pipeline.data.loader import ImageStream
 
@@ -456,6 +478,17 @@ def test_wrong_credentials_missing_bucket_and_missing_extra_one_line_before_any_
                  "--output", str(tmp_path / "latents"))
     assert r.returncode == 2 and "--model s3://no-such-bucket-x: no such bucket" in r.stderr, r.stderr
     assert listing(f"{s3}/never") == [] and not (tmp_path / "latents").exists()
+    # a server that does not refuse a create-only write of an existing object: refused before any work
+    import pipeline.storage.s3 as s3mod
+
+    fresh.setattr(s3mod, "_CONDITIONAL_OK", set())
+    store = storage_for(s3)
+    strip = lambda params, **_: params.pop("IfNoneMatch", None)  # noqa: E731 (the header never sent)
+    store._client().meta.events.register("before-parameter-build.s3.PutObject", strip)
+    r = run_main(stage("prepare"), "--input", f"{s3}/raw/raw-000000.tar", "--output", f"{s3}/never/shards")
+    store._client().meta.events.unregister("before-parameter-build.s3.PutObject", strip)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "needs conditional writes" in r.stderr, r.stderr
+    assert listing(f"{s3}/never") == []
     # without the extra: one line naming it
     fresh.setitem(sys.modules, "botocore", None)
     fresh.delitem(sys.modules, "pipeline.storage.s3", raising=False)

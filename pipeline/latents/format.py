@@ -191,7 +191,10 @@ def shard_state(folder: Path, name: str, settings: dict, url: str | None = None)
     """'complete' when the shard's unit is done (tar and record), with these settings, from the input shard `url` as
     it is now; 'changed' when it is done with these settings but from another input (other data under the same
     shard name, or the input was rewritten): a rerun encodes it again; else 'todo'."""
-    record = shard_unit(folder, name).read_record()
+    return _state(shard_unit(folder, name).read_record(), settings, url)
+
+
+def _state(record: dict | None, settings: dict, url: str | None) -> str:
     if record is None or not same_latents(record, settings):
         return "todo"
     if url is None:
@@ -204,7 +207,7 @@ def shard_state(folder: Path, name: str, settings: dict, url: str | None = None)
 def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
     """shard_state of the output shard of every input shard in `urls`: {url: state}. On object storage the folder
     and records/ are listed once (a shard without both its tar and its record is 'todo' without a request), and the
-    records of the others are read by 16 requests at a time."""
+    records of the others are read, 16 at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.data.shards import shard_name
@@ -212,12 +215,28 @@ def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
     folder = as_path(folder)
     if not is_remote(folder):
         return {u: shard_state(folder, shard_name(u), settings, u) for u in urls}
-    records = {p.stem for p in (folder / RECORDS).glob("*.json")}
-    tars = {p.name for p in folder.glob("*.tar")}
-    look = [u for u in urls if shard_name(u) in tars and Path(shard_name(u)).stem in records]
+    records = _listed_records(folder)
+    look = [u for u in urls if Path(shard_name(u)).stem in records]
     with ThreadPoolExecutor(16) as pool:
-        found = dict(zip(look, pool.map(lambda u: shard_state(folder, shard_name(u), settings, u), look)))
+        found = dict(zip(look, pool.map(lambda u: _state(records[Path(shard_name(u)).stem](), settings, u), look)))
     return {u: found.get(u, "todo") for u in urls}
+
+
+def _listed_records(folder) -> dict:
+    """On object storage: {stem: read()} for the shards whose tar and record both exist (two listings); read() is
+    the record (one GET; None if it is not JSON)."""
+    tars = {p.name for p in folder.glob("*.tar")}
+
+    def reader(rec):
+        def read() -> dict | None:
+            try:
+                record = json.loads(rec.read_bytes())
+            except (FileNotFoundError, ValueError):
+                return None
+            return record if isinstance(record, dict) else None
+        return read
+
+    return {rec.stem: reader(rec) for rec in (folder / RECORDS).glob("*.json") if rec.stem + ".tar" in tars}
 
 
 def is_complete(folder: Path, name: str, settings: dict, url: str | None = None) -> bool:
@@ -233,20 +252,18 @@ def same_latents(record: dict, settings: dict) -> bool:
 
 def read_records(folder: Path, settings: dict) -> list[dict]:
     """Records of the shards that are complete (tar present) and encoded with `settings`, in name order: a shard
-    written with anything else (another model's weights) never enters the manifest; a rerun encodes it again."""
+    written with anything else (another model's weights) never enters the manifest; a rerun encodes it again. On
+    object storage: two listings, then one GET per record, 16 at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     folder = as_path(folder)
-    records = sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else []
-    names = [rec.stem for rec in records]
-    def read(stem: str) -> dict | None:
-        return shard_unit(folder, stem + ".tar").read_record()
-
-    if is_remote(folder):  # object storage: 16 requests at a time
+    if is_remote(folder):
+        listed = _listed_records(folder)
         with ThreadPoolExecutor(16) as pool:
-            found = list(pool.map(read, names))
+            found = list(pool.map(lambda stem: listed[stem](), sorted(listed)))
     else:
-        found = [read(stem) for stem in names]
+        found = [shard_unit(folder, rec.stem + ".tar").read_record()
+                 for rec in (sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else [])]
     return [r for r in found if r is not None and same_latents(r, settings)]
 
 

@@ -176,13 +176,16 @@ def remove_tree(path) -> None:
         shutil.rmtree(Path(path), ignore_errors=True)
 
 
-def check_access(path) -> None:
+def check_access(path, writes: bool = False) -> None:
     """Before any work: one line for missing or wrong credentials, a missing bucket or an unreachable endpoint of
-    an object-store path (one listing request); nothing for a local path."""
+    an object-store path (one listing request); with `writes`, also for a server that does not refuse a create-only
+    write of an existing object (a probe written twice). Nothing for a local path."""
     if is_remote(path):
         store = storage_for(str(path))
         if hasattr(store, "check"):
             store.check(str(path))
+        if writes and hasattr(store, "check_conditional_writes"):
+            store.check_conditional_writes(str(path))
 
 
 def expand_pattern(spec: str) -> list[str]:

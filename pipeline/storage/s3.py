@@ -228,6 +228,24 @@ class S3Storage(Storage):
         bucket, key = split_url(path)
         self._call("list_objects_v2", bucket, Prefix=key, MaxKeys=1)
 
+    def check_conditional_writes(self, folder: str) -> None:
+        """A create-only write of a probe object, twice, then its deletion: a server that ignores If-None-Match: *
+        would let two runs take one lock or commit one unit twice, silently; it is refused in one line instead.
+        Once per bucket and process (the stages call it on their output folder before taking its lock)."""
+        bucket, _ = split_url(folder)
+        if (os.getpid(), bucket) in _CONDITIONAL_OK:
+            return
+        probe = self.join(str(folder), f".firststage-probe-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            refused = self.create(probe, b"1") and not self.create(probe, b"2")
+        finally:
+            self.delete(probe)
+        if not refused:
+            raise UserError(f"s3://{bucket}: the object store at {self.endpoint()} replaced an existing object on a "
+                            f"create-only write (If-None-Match: *); firststage needs conditional writes for its "
+                            f"records and locks (AWS S3, MinIO and SeaweedFS have them)")
+        _CONDITIONAL_OK.add((os.getpid(), bucket))
+
     # ------------------------------------------------------------------------------------------------ reads
     def open_read(self, path) -> BinaryIO:
         """A buffered binary stream of the object: one GET, read as it arrives (shards member by member); a
@@ -472,11 +490,23 @@ class S3Storage(Storage):
             kw = {"KeyMarker": r.get("NextKeyMarker"), "UploadIdMarker": r.get("NextUploadIdMarker")}
 
     def delete(self, path) -> None:
-        """The object, and every object under `path/` (a folder: an export, a checkpoint); absent: no error."""
+        """The object, and every object under `path/` (a folder: an export, a checkpoint); absent: no error. One
+        listing finds both (nothing to delete: one request)."""
         bucket, key = split_url(path)
-        for url in ([f"s3://{bucket}/{key}"] if key else []) + list(self.walk(path)):
+        key = key.rstrip("/")
+        if not key:
+            raise UserError(f"{path}: refusing to delete a whole bucket")
+        found, token = [], None
+        while True:
+            kw = {"Prefix": key, **({"ContinuationToken": token} if token else {})}
+            r = self._call("list_objects_v2", bucket, **kw)
+            found += [o["Key"] for o in r.get("Contents", []) if o["Key"] == key or o["Key"].startswith(key + "/")]
+            token = r.get("NextContinuationToken")
+            if not r.get("IsTruncated") or not token:
+                break
+        for k in found:
             try:
-                self._call("delete_object", bucket, split_url(url)[1])
+                self._call("delete_object", bucket, k)
             except botocore.exceptions.ClientError as e:
                 if not _not_found(e):
                     raise
@@ -502,6 +532,7 @@ class S3Storage(Storage):
 
 
 _LOADER = None
+_CONDITIONAL_OK: set[tuple[int, str]] = set()  # (pid, bucket) whose server refused a create-only write of an object
 
 
 def _shared_loader():
