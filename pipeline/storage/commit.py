@@ -138,5 +138,8 @@ def unguard_commits(lock) -> None:
 
 def check_lock(record: str) -> None:
     for lock in list(_LOCKS):
-        if lock.pid == os.getpid() and record.startswith(lock.folder.rstrip("/") + "/"):
-            lock.ensure_held()
+        if record.startswith(lock.folder.rstrip("/") + "/"):
+            if lock.pid == os.getpid():
+                lock.ensure_held()  # what the renewal thread found
+            else:
+                lock.ensure_ours()  # a forked worker (prepare's pool): no renewal thread here, ask the store

@@ -122,6 +122,15 @@ class LeasedLock(FolderLock):
         if not self.held:
             raise UserError(f"{self.what} {self.folder}: the lock {self.path} is not held")
 
+    def ensure_ours(self) -> None:
+        """Raise (one line) unless the lock object still holds our token: one read, for processes forked from the
+        holder (which have no renewal thread of their own)."""
+        found = self.store.read_versioned(self.path)
+        holder = self._parse(found[0]) if found is not None else None
+        if holder is None or holder.get("token") != self.me["token"]:
+            who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "nobody (it was removed)"
+            raise UserError(f"{self.what} {self.folder}: lost the lock {self.path}: it is held by {who}")
+
     # ------------------------------------------------------------------------------------------------ letting go
     def release(self) -> None:
         unguard_commits(self)
