@@ -291,7 +291,7 @@ def test_train_killed_during_checkpoint_uploads_resumes_from_the_newest_complete
     s3 = chain["s3"]
     run = f"{s3}/killed/run"
     args = [*TINY, f"data.train={s3}/data/shards", f"output_dir={run}", "train.max_steps=4",
-            "train.checkpoint_every=2", "--resume", "auto"]
+            "train.checkpoint_every=2", "train.keep_checkpoints=1", "train.log_every=2", "--resume", "auto"]
     code, text = run_killed("stages.train", lambda op, key: op == "put_object" and
                             key.endswith("/step-00000002/trainer.json"), *args)  # every file of step 2, no record
     assert code == -signal.SIGKILL and "from step 0" in text, text
@@ -300,10 +300,11 @@ def test_train_killed_during_checkpoint_uploads_resumes_from_the_newest_complete
     assert code == -signal.SIGKILL and "from step 0 to 4" in text, text  # step 2 was not complete
     r = ok(run_main(stage("train"), *args))
     assert "from step 2 to 4" in r.stdout, r.stdout  # the newest complete checkpoint
-    assert [n.split("/")[0] for n in listing(f"{run}/checkpoints") if n.endswith("trainer.json")] == \
-        ["step-00000002", "step-00000004"]
     assert read_json(f"{run}/checkpoints/step-00000004/trainer.json")["step"] == 4
-    assert sorted({n.split("/")[0] for n in listing(f"{run}/checkpoints")}) == ["step-00000002", "step-00000004"]
+    # pruned to the newest one (train.keep_checkpoints=1): nothing else under checkpoints/, not even parts
+    assert {n.split("/")[0] for n in listing(f"{run}/checkpoints")} == {"step-00000004"}
+    # the logs: uploaded at each checkpoint, continued (not repeated) by the resumed run
+    assert [json.loads(ln)["step"] for ln in read(f"{run}/metrics.jsonl").splitlines()] == [2, 4]
 
 
 # ------------------------------------------------------------------------------------------------ locks
