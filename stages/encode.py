@@ -20,8 +20,7 @@ import time
 
 # Light imports only: torch, the models and the loader take seconds to import and come inside the functions, after
 # the SIGTERM handler is in place (a SIGTERM during start-up exits 75, which the sbatch script requeues, not 143).
-from pipeline.errors import UserError
-from pipeline.errors import StorageUnavailable
+from pipeline.errors import StorageUnavailable, UserError
 from pipeline.manifest import MANIFEST, deal, parse_part, part_name, summarize_skips
 from pipeline.storage import as_path, check_access
 from stages.common import EXIT_PREEMPTED, flag_named, sigterm_sets, stage_main, take_output_lock

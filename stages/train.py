@@ -66,8 +66,8 @@ def run(argv=None):
         args = build_parser().parse_intermixed_args(argv)  # key=value may follow --resume
         cfg = load_config(args.config, args.overrides)  # validated before the heavy imports: a typo costs < 1 s
         grace[0] = cfg.train.sigterm_grace
-        for key, value in (("data.train", cfg.data.train), ("data.val", cfg.data.val), ("train.init_from",
-                                                                                        cfg.train.init_from)):
+        inputs = {"data.train": cfg.data.train, "data.val": cfg.data.val, "train.init_from": cfg.train.init_from}
+        for key, value in inputs.items():
             with flag_named(key):
                 check_access(value)  # credentials, bucket, endpoint: one line before any work
         if not is_main_process():

@@ -207,8 +207,8 @@ class ShardStream(IterableDataset):
         self.limits = limits or {}  # eval: read at most this many samples of a shard (a fixed subset)
         self.max_bad_samples = max_bad_samples  # train: undecodable samples in a row before DataError
         self.skipped = _SkipCounter()
-        # shards (or their tails) that could not be read: broken tar data, or object storage failing after retries
-        self.unreadable = _SkipCounter("unreadable shard(s) or shard tail(s)")
+        # object-store shards (or their tails) that could not be read after the storage's retries
+        self.unreadable = _SkipCounter("unreadable shard(s)")
         if any(is_remote(u) for u in self.urls):
             _register_gopen(self.urls)
 
@@ -228,12 +228,23 @@ class ShardStream(IterableDataset):
         raise NotImplementedError
 
     def _samples(self, urls):
-        return read_samples(urls, self.limits, handler=self._unreadable)
+        for url in urls:
+            yield from read_samples([url], self.limits, handler=self.handler(url))
 
-    def _unreadable(self, err: Exception) -> bool:
-        """A shard that could not be opened or read to its end (after the storage's retries): skipped, counted."""
-        self.unreadable("shard", err)
-        return True
+    def handler(self, url: str, failed: list | None = None):
+        """What a shard's reading errors do: broken tar data is warned about and reading goes on; a shard on object
+        storage that could not be read after the storage's retries is skipped and counted (`unreadable`, warned at
+        1, 2, 4, ...), as an undecodable sample is, and noted in `failed`."""
+
+        def handle(err: Exception) -> bool:
+            if not read_failure(url, err):
+                return _warn_and_continue(err)
+            self.unreadable(url, err)
+            if failed is not None:
+                failed.append(err)
+            return True
+
+        return handle
 
     def _train_iter(self):
         worker, _ = worker_slot()

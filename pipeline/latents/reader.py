@@ -27,13 +27,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import warnings
 from pathlib import Path
 
 import torch
 from webdataset.utils import make_seed
 
-from pipeline.data.loader import ShardStream, collate, read_failure, read_samples, worker_slot
+from pipeline.data.loader import ShardStream, collate, read_samples, worker_slot
 from pipeline.errors import DataError
 from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, read_latent
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, read_manifest
@@ -104,15 +103,7 @@ class LatentDataset(ShardStream):
         on the storage's side after its retries: then it is skipped and counted, as an undecodable sample is)."""
         for url in urls:
             count, failed = 0, []
-
-            def unreadable(e: Exception, url=url, failed=failed) -> bool:
-                if read_failure(url, e):
-                    failed.append(e)
-                    return self._unreadable(e)
-                warnings.warn(f"skipping unreadable shard data: {e!r}")
-                return True
-
-            for sample in read_samples([url], handler=unreadable):
+            for sample in read_samples([url], handler=self.handler(url, failed)):
                 count += 1
                 yield sample
             if not failed and count != self.expected.get(url, count):
