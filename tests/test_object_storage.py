@@ -182,6 +182,24 @@ def test_every_command_on_s3_gives_what_a_folder_gives(chain):
     assert open_uploads(s3) == []
 
 
+def test_prepare_from_an_s3_folder_of_images_and_a_list_file(chain, tmp_path):
+    """--input a prefix of images with captions (listed), and a list file of names relative to it."""
+    from helpers import write_images
+
+    s3, store = chain["s3"], chain["store"]
+    write_images(tmp_path / "photos" / "a", 4, captions=True)
+    for f in sorted((tmp_path / "photos").rglob("*.*")):
+        store.write_bytes(f"{s3}/photos/{f.relative_to(tmp_path / 'photos').as_posix()}", f.read_bytes())
+    store.write_bytes(f"{s3}/photos/list.txt", b"a/img0001.jpg\na/img0003.jpg\n")
+    for inp, out in ((f"{s3}/photos", f"{s3}/from-photos"), (str(tmp_path / "photos"), str(tmp_path / "ref")),
+                     (f"{s3}/photos/list.txt", f"{s3}/from-list")):
+        ok(run_main(stage("prepare"), "--input", inp, "--output", out, "--size", "32"))
+    got = tar_samples(f"{s3}/from-photos")
+    assert got == tar_samples(str(tmp_path / "ref")) and sorted(got) == [f"a/img{i:04d}" for i in range(4)]
+    assert got["a/img0002"]["txt"] == b"caption 2"
+    assert sorted(tar_samples(f"{s3}/from-list")) == ["a/img0001", "a/img0003"]
+
+
 def test_models_on_s3_for_init_from_and_a_single_file(chain, tmp_path):
     """train.init_from and --model of a single file on S3: pinned there, read from a local copy."""
     s3 = chain["s3"]
