@@ -375,7 +375,7 @@ def fetch_spans(items: list) -> dict:
     except BaseException as e:
         for _, f in out.values():
             f.close()
-        if isinstance(e, Exception) and not isinstance(e, (UserError, FileNotFoundError)):
+        if isinstance(e, Exception) and not isinstance(e, FileNotFoundError):  # the endpoint gone, too
             raise StorageUnavailable(f"{src}: {e}") from None
         raise
     return out

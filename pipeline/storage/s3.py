@@ -294,17 +294,7 @@ class S3Storage(Storage):
         return {"size": r["ContentLength"], "etag": r["ETag"], "sha256": r.get("Metadata", {}).get("sha256")}
 
     def list(self, folder, suffix: str = "") -> list[str]:
-        bucket, prefix = split_url(folder)
-        prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-        out, token = [], None
-        while True:
-            kw = {"Prefix": prefix, "Delimiter": "/", **({"ContinuationToken": token} if token else {})}
-            r = self._call("list_objects_v2", bucket, **kw)
-            out += [f"s3://{bucket}/{o['Key']}" for o in r.get("Contents", []) if o["Key"].endswith(suffix)
-                    and o["Key"] != prefix]
-            token = r.get("NextContinuationToken")
-            if not r.get("IsTruncated") or not token:
-                return sorted(out)
+        return sorted(u for u in self.entries(folder)[0] if u.endswith(suffix))
 
     def entries(self, folder) -> tuple[dict[str, tuple[int, str]], list[str]]:
         """What lies directly in `folder`: ({object URL: (size, ETag)}, [sub-folder URLs]), by listing (one request
