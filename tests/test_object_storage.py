@@ -66,12 +66,12 @@ def ok(result):
     return result
 
 
-def the_commands(root: str, raw: str, train_steps: int = 4) -> dict:
+def the_commands(root: str, raw: str) -> dict:
     """The user's commands of the issue, with every path under `root` (a folder or an s3:// prefix)."""
     out = {"prepare": ok(run_main(stage("prepare"), "--input", f"{raw}/raw-{{000000..000002}}.tar", "--output",
                                   f"{root}/data/shards", "--shard-size", "8", "--size", "32"))}
     out["train"] = ok(run_main(stage("train"), *TINY, f"data.train={root}/data/shards/shards-{{000000..000002}}.tar",
-                               f"output_dir={root}/runs/klf8", f"train.max_steps={train_steps}",
+                               f"output_dir={root}/runs/klf8", "train.max_steps=4",
                                "train.checkpoint_every=2", "train.log_every=2"))
     out["evaluate"] = ok(run_main(stage("evaluate"), "--model", f"{root}/runs/klf8", "--data", f"{root}/data/shards",
                                   "--lpips-backbone", "random", "evaluate.likelihood_samples=0"))
