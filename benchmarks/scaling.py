@@ -3,6 +3,9 @@
   python benchmarks/scaling.py [--preset kl-f8] [--step-ms 109] [--images-per-step 12]
   python benchmarks/scaling.py --measure-gloo       # what can be measured on a CPU: a 2-process gloo all-reduce
 
+Encoding on object storage: the requests the encoder sends per shard (counted from its code), their rate against the
+per-prefix limits S3 documents, and the egress at stated list prices.
+
 Training: DDP all-reduces the autoencoder's fp32 gradients every step, bucketed and overlapped with the backward;
 the discriminator's gradients (and the learned log-variance) are averaged in one flat all-reduce after it, not
 overlapped; the step's skip/stop decision is one all-reduce of three numbers. A ring all-reduce of S bytes over N
@@ -101,6 +104,61 @@ def encode_table(images: float, per_gpu: float, jpeg_kb: float, latent_kb: float
     return lines
 
 
+# Object storage, stated (list prices of AWS S3 Standard in us-east-1 and of Cloudflare R2; check your provider's):
+S3_LIMITS = {"writes": 3500, "reads": 5500}  # requests/s per partitioned prefix that S3 documents (PUT..., GET/HEAD)
+PRICE_PER_1000 = {"writes": 0.005, "reads": 0.0004}  # USD; LIST is billed as a write-class request
+EGRESS_PER_GB = {"S3 to the internet (tiered $0.09-0.05/GB)": None, "S3 to another AWS region ($0.02/GB)": 0.02,
+                 "R2 (no egress fee)": 0.0}
+
+
+def s3_internet_egress(gb: float) -> float:
+    """USD of S3's tiered internet egress for one month's `gb`: 10 TB at $0.09, 40 TB at $0.085, 100 TB at $0.07,
+    the rest at $0.05 (stated)."""
+    cost, left = 0.0, gb
+    for size, price in ((10_000, 0.09), (40_000, 0.085), (100_000, 0.07), (float("inf"), 0.05)):
+        cost += min(left, size) * price
+        left -= min(left, size)
+    return cost
+
+
+def object_storage_table(images: float, per_gpu: float, jpeg_kb: float, latent_kb: float, shard_images: int,
+                         part_mib: float = 16, threshold_mib: float = 64) -> list[str]:
+    """Requests and egress of an encode reading its input shards from and writing its latents to object storage, as
+    pipeline.latents.encoder does it: per input shard a HEAD (its identity) and a streaming GET; per output shard two
+    listings (the un-commit of a shard being redone), a multipart upload (create, parts, complete) or one PUT, and
+    the create-only PUT of its record; at the end one GET per record for the manifest."""
+    import math
+
+    shards = images / shard_images
+    out_mib = shard_images * latent_kb * 1e3 / 2**20
+    parts = math.ceil(out_mib / part_mib) if out_mib >= threshold_mib else 0
+    upload = parts + 2 if parts else 1
+    per_shard = {"reads": 1 + 1 + 1, "writes": 2 + upload + 1}  # HEAD, GET, manifest GET | 2 LIST, upload, record
+    total = {k: v * shards for k, v in per_shard.items()}
+    read_gb, write_gb = images * jpeg_kb / 1e6, images * latent_kb / 1e6
+    lines = [f"Per input shard of {shard_images:,} images: {per_shard['reads']} read-class requests (HEAD, GET, the "
+             f"manifest's GET) and {per_shard['writes']} write-class ones (2 LIST, "
+             f"{'a multipart upload of ' + str(parts) + ' parts of ' + str(int(part_mib)) + ' MiB + create + complete' if parts else 'one PUT'} "
+             f"for its {out_mib:.0f} MiB of latents, the record's PUT); {shards:,.0f} shards: "
+             f"{total['reads'] / 1e6:.2f} M + {total['writes'] / 1e6:.2f} M requests, "
+             f"${total['reads'] / 1e3 * PRICE_PER_1000['reads'] + total['writes'] / 1e3 * PRICE_PER_1000['writes']:,.0f} "
+             f"at S3's request prices. {read_gb / 1e3:,.0f} TB read, {write_gb / 1e3:,.0f} TB written.", "",
+             "| GPUs | hours | read-class requests/s | write-class requests/s | share of one S3 prefix's write limit | "
+             "read GB/s | write GB/s |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for gpus in (8, 64, 512):
+        seconds = images / (gpus * per_gpu)
+        lines.append(f"| {gpus} | {seconds / 3600:,.1f} | {total['reads'] / seconds:,.0f} | "
+                     f"{total['writes'] / seconds:,.0f} | {total['writes'] / seconds / S3_LIMITS['writes']:.0%} | "
+                     f"{read_gb / seconds:.2f} | {write_gb / seconds:.2f} |")
+    lines += ["", f"Egress of reading the {read_gb / 1e3:,.0f} TB of input where the GPUs are not (the {write_gb / 1e3:,.0f} TB "
+              f"of latents written back is ingress for the store; the GPU provider may bill it as its egress):", "",
+              "| from | USD |", "|---|---:|"]
+    for name, price in EGRESS_PER_GB.items():
+        cost = s3_internet_egress(read_gb) if price is None else read_gb * price
+        lines.append(f"| {name} | {cost:,.0f} |")
+    return lines
+
+
 def _gloo_worker(rank: int, world: int, sizes: list[int], repeats: int, queue) -> None:
     import torch
     import torch.distributed as dist
@@ -161,6 +219,9 @@ def main() -> None:
     print()
     print("\n".join(encode_table(args.encode_images, args.encode_rate, args.jpeg_kb, args.latent_kb,
                                  args.shard_images)))
+    print()
+    print("\n".join(object_storage_table(args.encode_images, args.encode_rate, args.jpeg_kb, args.latent_kb,
+                                         args.shard_images)))
 
 
 if __name__ == "__main__":

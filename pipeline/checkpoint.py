@@ -11,6 +11,10 @@ This module is the only place these names are spelled. A checkpoint is a unit of
 process creates trainer.json when all are written. A folder without trainer.json is not a checkpoint, so a run
 killed during a save resumes from the previous one. Reading model weights out of a checkpoint for evaluate, encode,
 export and fine-tuning is pipeline.weights' job.
+
+A run folder may be on object storage (output_dir=s3://...): every file is then one upload from a local staging file
+(config.yaml a whole write), the record a create-only write, and loading a checkpoint reads a local copy of its
+folder (pipeline.storage.local_copy), taken by each process that loads it.
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import save_config
 from pipeline.errors import UserError
-from pipeline.storage import Unit, disk_full_as_oserror, regular_file, respect_umask
+from pipeline.storage import (Unit, as_path, disk_full_as_oserror, local_copy, regular_file, remove_tree,
+                              respect_umask)
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -42,18 +51,18 @@ def rng_file(rank: int) -> str:
 
 
 def checkpoint_unit(folder: str | Path) -> Unit:
-    return Unit(Path(folder) / TRAINER_FILE)
+    return Unit(as_path(folder) / TRAINER_FILE)
 
 
-def write_checkpoint_files(folder: str | Path, state: dict, rank: int = 0, main: bool = True) -> None:
+def write_checkpoint_files(folder: str | Path, state: dict, rank: int = 0, main: bool = True) -> dict:
     """Write this process's part of a training checkpoint into `folder`, each file whole (the record comes later,
     from `commit_checkpoint`, once every rank has written its part).
 
     `state`: autoencoder / ema / objective (tensor dicts -> safetensors), optimizer / optimizer_d / schedulers / scaler
     (plain containers of tensors and numbers -> torch.save), rng (this rank's RNG state, written by every rank) and
     config (a Config -> config.yaml). A missing or None entry is not written. Every rank writes rng-rank{rank}.pt; the
-    main process writes the rest."""
-    folder = Path(folder)
+    main process writes the rest. Returns {file name: {size, sha256}} of what this process wrote (for the record)."""
+    folder = as_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     unit = checkpoint_unit(folder)
     if state.get("rng") is not None:
@@ -71,25 +80,26 @@ def write_checkpoint_files(folder: str | Path, state: dict, rank: int = 0, main:
         unit.put_staged()
     finally:
         unit.discard()
+    return unit.files()
 
 
-def commit_checkpoint(folder: str | Path, trainer: dict) -> None:
-    """Create the record: from here on the folder is a checkpoint (main process, after every rank's files)."""
-    checkpoint_unit(folder).commit(trainer)
+def commit_checkpoint(folder: str | Path, trainer: dict, files: dict | None = None) -> None:
+    """Create the record: from here on the folder is a checkpoint (main process, after every rank's files).
+    `files`: {name: {size, sha256}} of the main process's files, recorded as `files`."""
+    checkpoint_unit(folder).commit({**trainer, "files": files} if files else trainer)
 
 
 def uncommit_checkpoint(folder: str | Path) -> None:
     """Before the same step is saved again (a rerun that got no further): the record goes first, then the folder."""
-    folder = Path(folder)
     checkpoint_unit(folder).undo()
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder)
 
 
 def load_training_checkpoint(folder: str | Path, rank: int = 0) -> dict:
     """What a checkpoint holds, under the keys of `write_checkpoint_files` (None where a file is absent) plus
     `trainer` (the record); `rng` is this rank's. Tensors load from safetensors and everything else with
-    torch.load(weights_only=True): no pickled code runs."""
-    folder = Path(folder)
+    torch.load(weights_only=True): no pickled code runs. A folder on object storage is read from a local copy."""
+    folder = local_copy(folder)
     out: dict = {"trainer": read_trainer_state(folder)}
     for key, name in TENSOR_FILES.items():
         out[key] = load_tensors(folder / name) if (folder / name).is_file() else None
@@ -105,12 +115,12 @@ def is_checkpoint(folder: str | Path) -> bool:
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+    return as_path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = as_path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and is_checkpoint(p)]
@@ -125,19 +135,19 @@ def find_resume_path(run_dir: str | Path) -> Path | None:
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints (record first), and the unfinished folders of killed
     saves. Called by the only writer of the run folder, after a save has committed."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = as_path(run_dir) / CHECKPOINTS
     removed = []
     for p in list_checkpoints(run_dir)[:-keep]:
         uncommit_checkpoint(p)
         removed.append(p)
     for p in root.iterdir() if root.is_dir() else []:
         if p.is_dir() and _NAME.match(p.name) and not is_checkpoint(p):
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p)
     return removed
 
 
 def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     with disk_full_as_oserror(path):
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
@@ -145,7 +155,7 @@ def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     regular_file(path, "weights file")  # a FIFO would block the open forever
     try:
@@ -206,4 +216,4 @@ def set_rng_state(state: dict) -> None:
 
 
 def read_trainer_state(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / TRAINER_FILE).read_text())
+    return json.loads((as_path(folder) / TRAINER_FILE).read_text())

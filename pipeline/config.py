@@ -528,9 +528,9 @@ def config_to_dict(cfg) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every key, defaults included) so a run is reproducible from its folder."""
-    from pipeline.storage import atomic_write_text
+    from pipeline.storage import as_path, atomic_write_text
 
-    path = Path(path)
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 

@@ -22,3 +22,9 @@ class DataError(UserError):
 
 class Diverged(UserError):
     """Training diverged: too many non-finite steps in a row (exit code 3, naming the last good checkpoint)."""
+
+
+class StorageUnavailable(Exception):
+    """Object storage kept failing after every retry (throttling, dropped connections, an endpoint gone for longer
+    than the retries last). What was complete is kept; running the same command again finishes the job: stages exit
+    75 (try again), as after a preemption."""

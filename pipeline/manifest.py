@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.errors import UserError
-from pipeline.storage import atomic_write_json, read_json
+from pipeline.storage import as_path, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
 IMAGE_FORMAT = "firststage-image-shards/1"
@@ -24,7 +24,7 @@ LATENT_FORMAT = "firststage-latent-shards/1"
 def read_manifest(path: str | Path, format: str | None = None) -> dict:
     """A manifest from its file, or from the folder that holds it. `format`: the one expected (latent manifests
     must say theirs; image manifests of older runs may not)."""
-    p = Path(path)
+    p = as_path(path)
     p = p / MANIFEST if p.is_dir() else p
     what = "latent manifest" if format == LATENT_FORMAT else "manifest"
     data = read_json(p, what)
@@ -84,12 +84,12 @@ def deal(items: list[str], counts: dict[str, int] | None, slots: int) -> list[li
 
 # ------------------------------------------------------------------------------- image manifests of parts
 def part_manifests(folder: str | Path) -> list[Path]:
-    return sorted(Path(folder).glob("manifest.part-*-of-*.json"))
+    return sorted(as_path(folder).glob("manifest.part-*-of-*.json"))
 
 
 def merge_manifests(folder: str | Path, write: bool = True) -> dict:
     """Join the part manifests of a `--part K/N` prepare job into one manifest.json; every part must be present."""
-    folder = Path(folder)
+    folder = as_path(folder)
     parts = part_manifests(folder)
     if not parts:
         raise UserError(f"no part manifests (manifest.part-K-of-N.json) in {folder}")

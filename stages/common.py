@@ -1,7 +1,8 @@
 """What every stage shares: config arguments, one-line user errors, exit codes, SIGTERM, the thread policy.
 
 Exit codes: 0 done, 2 a user error (one line on stderr), 3 training diverged, 74 a full disk, 75 preempted (SIGTERM:
-what was complete is kept; run the same command again, which SLURM requeue scripts do on 75), 130 interrupted.
+what was complete is kept; run the same command again, which SLURM requeue scripts do on 75; also when object
+storage kept failing after its retries), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import sys
 import threading
 
-from pipeline.errors import ConfigError, Diverged, UserError
+from pipeline.errors import ConfigError, Diverged, StorageUnavailable, UserError
 from pipeline.storage import no_space_message
 
 EXIT_USER = 2
@@ -32,6 +33,21 @@ def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
 
     with flag_named(flag):
         return decided_by_main(lambda: resolve_weights(path, ema))
+
+
+def take_output_lock(folder, name: str = ".lock", what: str = "--output"):
+    """The stage's lock on its output folder (a leased one on object storage, renewed while the stage runs), taken
+    after credentials, bucket and conditional writes were checked (one line each); a second run is refused naming
+    the holder. The holder then aborts the multipart uploads that killed runs left under the folder more than an
+    hour ago."""
+    from pipeline.storage import check_access, folder_lock
+    from pipeline.storage.paths import abort_stale_uploads
+
+    with flag_named(what):
+        check_access(folder, writes=True)
+    lock = folder_lock(folder, name, what=what).acquire()
+    abort_stale_uploads(folder)
+    return lock
 
 
 @contextlib.contextmanager
@@ -108,6 +124,9 @@ def stage_main(fn):
         say_threads(prog, argv)
         try:
             return fn(argv, *args, **kwargs)
+        except StorageUnavailable as e:
+            print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_PREEMPTED) from None
         except Diverged as e:
             print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_DIVERGED) from None

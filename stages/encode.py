@@ -17,13 +17,13 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 # Light imports only: torch, the models and the loader take seconds to import and come inside the functions, after
 # the SIGTERM handler is in place (a SIGTERM during start-up exits 75, which the sbatch script requeues, not 143).
-from pipeline.errors import UserError
+from pipeline.errors import StorageUnavailable, UserError
 from pipeline.manifest import MANIFEST, deal, parse_part, part_name, summarize_skips
-from stages.common import EXIT_PREEMPTED, flag_named, sigterm_sets, stage_main
+from pipeline.storage import as_path, check_access
+from stages.common import EXIT_PREEMPTED, flag_named, sigterm_sets, stage_main, take_output_lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,10 @@ def _exit_preempted(seconds: float, locks: list) -> None:
 @stage_main
 def _main(argv, stop: threading.Event, grace: list, locks: list) -> None:
     args = build_parser().parse_intermixed_args(argv)  # key=value may follow or precede the flags
-    out = Path(args.output)
+    for flag in ("--model", "--data", "--output"):  # credentials, bucket, endpoint: one line before any work
+        with flag_named(flag):
+            check_access(getattr(args, flag[2:]) or "")
+    out = as_path(args.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a folder")
     if args.rebuild_manifest:
@@ -86,7 +89,7 @@ def _main(argv, stop: threading.Event, grace: list, locks: list) -> None:
     run(args, out, part, num_parts, stop, grace, locks)  # complete shards stay, the one in flight is redone
 
 
-def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace: list, locks: list) -> None:
+def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list, locks: list) -> None:
     from datetime import timedelta
 
     import torch
@@ -102,7 +105,6 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace
                                           encode_shards, non_finite_advice, stored_tensors)
     from pipeline.models.normalisation import describe
     from pipeline.progress import Progress
-    from pipeline.storage import FolderLock
     from stages.common import pinned_weights, resolve_mixed_precision
 
     start = time.time()
@@ -123,17 +125,13 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace
     from pipeline.models.autoencoder import downsampling_factor, family_of
 
     buckets = resolve_buckets(cfg.encode.buckets, cfg.data.resolution, downsampling_factor(model))
-    device = state.device
-    cuda = device.type == "cuda"
+    device, cuda = state.device, state.device.type == "cuda"
     dtype = cfg.encode.dtype if cfg.encode.dtype != "auto" else ("bfloat16" if resolve_mixed_precision("auto") == "bf16" else "float32")
     mp = resolve_mixed_precision(cfg.encode.mixed_precision) if cuda else "no"
     store = effective_store(model, cfg.encode.store)
     settings = lf.folder_settings(model, cfg, weights, dtype, buckets, store, stored_tensors(store, cfg.encode.flip))
-    # one run per folder (per part): a second is refused naming the holder
-    lock = FolderLock(out, part_name(".lock", part, num_parts), what="--output")
-    if state.is_main_process:
-        lock.acquire()
-        locks.append(lock)
+    lock = take_output_lock(out, part_name(".lock", part, num_parts)) if state.is_main_process else None
+    locks += [lock] if lock else []
     try:
         if state.is_main_process:
             with flag_named("--output"):
@@ -141,17 +139,16 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace
             lf.write_settings(out, settings)
         state.wait_for_everyone()  # every rank sees the settings; nobody writes before the folder was checked
 
-        manifest = Path(args.data) / MANIFEST if Path(args.data).is_dir() else Path(args.data)
+        manifest = as_path(args.data) / MANIFEST if as_path(args.data).is_dir() else as_path(args.data)
         counts = shard_sample_counts(args.data) if manifest.suffix == ".json" and manifest.is_file() else None
         slots = num_parts * state.num_processes
         mine = deal(urls, counts, slots)[part * state.num_processes + state.process_index]
-        states = {u: lf.shard_state(out, shard_name(u), settings, u) for u in mine}  # "changed": other input, redo
+        states = lf.shard_states(out, mine, settings)  # "changed": done from another input: redone
         todo = [u for u in mine if states[u] != "complete"]
         done_before, changed = len(mine) - len(todo), sum(v == "changed" for v in states.values())
 
         model = model.to(device).eval().requires_grad_(False)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last) if cuda else model
         s = EncodeSettings(store=store, dtype=dtype, flip=cfg.encode.flip, channels_last=cuda,
                            autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp),
                            patch=family_of(model).normalisation(model).get("patch", 1))
@@ -164,9 +161,9 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace
                             stop=stop, progress=lambda _: bar.update(1))
         bar.close()
         mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, changed,
-                               float(res.stopped)], dtype=torch.float64)
+                               float(res.stopped), len(res.unavailable)], dtype=torch.float64)
         totals = all_reduce([mine_t], device=device)[0].tolist()  # also the barrier: every rank has finished
-        shards, samples, skipped, non_finite, done_before, changed, stopped = (int(v) for v in totals)
+        shards, samples, skipped, non_finite, done_before, changed, stopped, unread = (int(v) for v in totals)
         if stopped:
             print0(f"encode: stopped by SIGTERM after {shards} shards ({samples} samples); complete shards are kept, "
                    f"rerun the same command to finish")
@@ -184,14 +181,19 @@ def run(args, out: Path, part: int, num_parts: int, stop: threading.Event, grace
             left = f"; {len(m['missing'])} shards left to other parts or a rerun" if m["missing"] else ""
             why = f" ({reasons}; listed in the manifest)" if m["skipped_count"] else ""
             why += f"; {len(m['renamed'])} input members renamed (ours have their names)" if m["renamed"] else ""
-            redone = f", {changed} encoded again: their input changed" if changed else ""
-            print0(f"encode: {samples} samples from {shards} shards ({done_before} already complete{redone}) -> {out} "
+            print0(f"encode: {samples} samples from {shards} shards ({done_before} already complete"
+                   f"{f', {changed} encoded again: their input changed' if changed else ''}) -> {out} "
                    f"({settings['store']}, {dtype}, {cfg.data.resolution}px{', buckets' if buckets else ''}"
                    f"{', flip' if cfg.encode.flip else ''}) on {state.num_processes} process(es) in "
                    f"{time.time() - start:.1f}s; folder total {m['total']} samples, skipped {m['skipped_count']}{why}; "
                    f"{factor}{left}{non_finite_advice(non_finite, samples + non_finite)}")
+        if unread:  # every rank: the exit code says "run it again"
+            first = f" (first: {res.unavailable[0][0]}: {res.unavailable[0][1]})" if res.unavailable else ""
+            raise StorageUnavailable(f"{unread} input shards could not be read from object storage after every "
+                                     f"retry{first}; the others are complete, run the same command again")
     finally:
-        lock.release()
+        if lock:
+            lock.release()
 
 
 if __name__ == "__main__":

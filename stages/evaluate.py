@@ -13,7 +13,6 @@ import argparse
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from pipeline.metrics.evaluator import Evaluator
 from pipeline.metrics.plots import reconstruction_grid
 from pipeline.metrics.report import format_table, load_fid, load_perceptual
 from pipeline.progress import Progress
-from pipeline.storage import atomic_write_json, atomic_write_text
+from pipeline.storage import ObjectPath, as_path, atomic_write_json, atomic_write_text
 from stages.common import add_alias_flags, alias_overrides, alias_errors, flag_named, pinned_weights, stage_main
 
 
@@ -58,9 +57,9 @@ def main(argv=None) -> None:
     with flag_named("--model"):
         weights.require_decoder("evaluate reconstructs images: give the full model (its run, a diffusers folder or a "
                                 "single file)")
-    out = Path(args.output) if args.output else weights.beside
-    there = next(p for p in (out, *out.parents) if p.exists())
-    if not there.is_dir():  # checked before evaluating: a result is never computed and then lost
+    out = as_path(args.output) if args.output else weights.beside  # beside the model: on object storage too
+    there = out if isinstance(out, ObjectPath) else next(p for p in (out, *out.parents) if p.exists())
+    if there.is_file():  # checked before evaluating: a result is never computed and then lost
         raise UserError(f"--output {out}: {there} is a file, not a folder")
     with alias_errors(ALIASES):
         model, cfg = weights.load(args.overrides + alias_overrides(args, ALIASES))
@@ -98,7 +97,7 @@ def main(argv=None) -> None:
             keys, images, recs, tile_psnr = zip(*ev.grid)
             reconstruction_grid(torch.stack(images).permute(0, 2, 3, 1).numpy(),
                                 torch.stack(recs).permute(0, 2, 3, 1).numpy(), list(tile_psnr), list(keys),
-                                out / "eval_grid.png", f"{Path(str(args.model)).name}: inputs and their "
+                                out / "eval_grid.png", f"{as_path(args.model).name}: inputs and their "
                                 f"reconstructions ({len(keys)} of {res['samples']}; mean PSNR {res['psnr']:.2f} dB)")
         print0(table)
         print0(f"evaluate: {res['samples']} samples from {args.data} with {res['weights']} on {state.num_processes} "

@@ -24,7 +24,7 @@ from pipeline.config import config_to_dict
 from pipeline.errors import UserError
 from pipeline.latents.factors import NoStatistics, eval_beside, export_normalisation
 from pipeline.models.normalisation import describe
-from pipeline.storage import FolderLock, Unit, disk_full_as_oserror, respect_umask
+from pipeline.storage import Unit, as_path, check_access, disk_full_as_oserror, folder_lock, respect_umask
 from pipeline.weights import EXPORT_FORMATS
 from pipeline.weights import discriminator as disc
 from pipeline.weights.card import card_inputs, model_card
@@ -63,7 +63,11 @@ def card_path(out: Path) -> Path:
 def main(argv=None) -> None:
     args = build_parser().parse_intermixed_args(argv)
     start = time.time()
-    out = Path(args.output)
+    for flag in ("--model", "--output", "--stats", "--data"):  # credentials, bucket, endpoint: one line, first
+        with flag_named(flag):
+            check_access(getattr(args, flag[2:]) or "")
+    with flag_named("--output"):
+        out = as_path(args.output)  # a local path, or s3://bucket/key: the export is uploaded whole
     if args.format == "single-file" and out.suffix != ".safetensors":
         raise UserError(f"--output {out}: a single-file export is a .safetensors file")
     if args.with_discriminator and args.format not in ("diffusers", "firststage"):
@@ -81,7 +85,7 @@ def main(argv=None) -> None:
         if found is None:
             raise UserError(NO_STATISTICS.format(f"no measured latent statistics for {args.model} ({why})",
                                                  "the model's own normalisation"))
-    with FolderLock(out.parent, f".{out.resolve().name}.lock", what="--output", label=str(out)):
+    with folder_lock(out.parent, f".{out.resolve().name}.lock", what="--output", label=str(out)):
         with flag_named("--output"):
             check_replaceable(out, card_path(out), args.overwrite)  # under the lock: one export of `out` at a time
         export(args, out, weights, start)

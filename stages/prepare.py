@@ -17,8 +17,9 @@ from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.errors import UserError
 from pipeline.manifest import merge_manifests, parse_part, part_name, summarize_skips
 from pipeline.progress import Progress
-from pipeline.storage import FolderLock
-from stages.common import add_alias_flags, add_config_args, alias_overrides, flag_named, alias_errors, stage_main
+from pipeline.storage import as_path, check_access
+from stages.common import (add_alias_flags, add_config_args, alias_errors, alias_overrides, flag_named, stage_main,
+                           take_output_lock)
 
 
 # flags that are aliases of `prepare.*` config keys (the schema checks them); `--config` and key=value work too
@@ -64,12 +65,19 @@ def options(args) -> PrepareOptions:
 def locked_prepare(inputs: list[str], output: str, opts: PrepareOptions, progress=None, overwrite: bool = False) -> dict:
     """pipeline.data.prepare.prepare with the output folder locked (per part): a second run is refused naming the
     first."""
-    from pathlib import Path
-
-    if Path(output).exists() and not Path(output).is_dir():
-        raise UserError(f"--output {output} is a file, not a folder")
-    with FolderLock(output, part_name(".lock", opts.part, opts.num_parts), what="--output"), flag_named("--output", output):
-        return prepare(inputs, output, opts, progress=progress, overwrite=overwrite)
+    for spec in inputs:  # credentials, bucket, endpoint: one line before any work
+        with flag_named("--input"):
+            check_access(spec)
+    with flag_named("--output"):
+        out = as_path(output)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{output} is a file, not a folder")
+    lock = take_output_lock(output, part_name(".lock", opts.part, opts.num_parts))
+    try:
+        with flag_named("--output", output):
+            return prepare(inputs, output, opts, progress=progress, overwrite=overwrite)
+    finally:
+        lock.release()
 
 
 @stage_main

@@ -21,8 +21,9 @@ import threading
 from pipeline.config import config_to_dict, load_config, save_config
 from pipeline.distributed import is_main_process, print0
 from pipeline.errors import UserError
-from pipeline.storage import FolderLock
-from stages.common import EXIT_PREEMPTED, add_config_args, flag_named, resolve_mixed_precision, sigterm_sets, stage_main
+from pipeline.storage import LogMirror, check_access
+from stages.common import (EXIT_PREEMPTED, add_config_args, flag_named, resolve_mixed_precision, sigterm_sets,
+                           stage_main, take_output_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,7 @@ def make_accelerator(cfg):
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     log_with = None if cfg.train.tracker == "none" else cfg.train.tracker
+    logs = str(LogMirror(cfg.output_dir).local)  # a local folder (uploaded at checkpoints) for an s3:// run folder
     if log_with == "wandb":
         try:
             import wandb  # noqa: F401
@@ -50,7 +52,7 @@ def make_accelerator(cfg):
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
+        project_config=ProjectConfiguration(project_dir=logs, logging_dir=logs),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=True)],
         cpu=not torch.cuda.is_available(),
     )
@@ -64,10 +66,17 @@ def run(argv=None):
         args = build_parser().parse_intermixed_args(argv)  # key=value may follow --resume
         cfg = load_config(args.config, args.overrides)  # validated before the heavy imports: a typo costs < 1 s
         grace[0] = cfg.train.sigterm_grace
+        inputs = {"data.train": cfg.data.train, "data.val": cfg.data.val, "train.init_from": cfg.train.init_from}
+        for key, value in inputs.items():
+            with flag_named(key):
+                check_access(value)  # credentials, bucket, endpoint: one line before any work
         if not is_main_process():
             return _run(args, cfg, stop)
-        with FolderLock(cfg.output_dir, what="output_dir"):
+        lock = take_output_lock(cfg.output_dir, what="output_dir")
+        try:
             return _run(args, cfg, stop)
+        finally:
+            lock.release()
 
 
 def _exit_preempted(grace: float) -> None:
@@ -100,6 +109,8 @@ def _run(args, cfg, stop: threading.Event):
     finally:
         for tracker in acc.trackers:  # not end_training(): the process group stays for stages run after this one
             tracker.finish()
+    if acc.is_main_process:
+        tr.logs.sync()  # the logs of an s3:// run folder as they are at the end (else as at the last checkpoint)
     if st.stop_requested:
         saved = st.last_checkpoint or "nothing (no step completed)"
         print0(f"train: preempted at step {st.step}; saved {saved}; rerun with --resume auto")

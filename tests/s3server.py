@@ -8,16 +8,22 @@ writes as AWS does (412 on a refused If-None-Match: * / If-Match, on PutObject a
 endpoint, bucket and credentials; `s3_env` (per test) puts them into the standard AWS environment variables, which
 subprocesses inherit, and gives the server. The environment is isolated from the machine's: no ~/.aws files, no
 instance metadata lookups.
+
+FaultProxy sits between a client and the server and drops connections or throttles; `operation` and `answer` make
+botocore `before-send` hooks that answer a request themselves (a 409, which SeaweedFS never sends).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
+import threading
 import sysconfig
 import time
 import urllib.error
@@ -179,3 +185,131 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.delitem(base._INSTANCES, "s3", raising=False)
     yield s3_server
     base._INSTANCES.pop("s3", None)
+
+
+# ------------------------------------------------------------------------------------------------ faults
+MiB = 2**20
+
+
+def operation(request) -> str | None:
+    """PutObject or CompleteMultipartUpload, from a prepared request (a before-send hook's argument)."""
+    if request.method == "POST" and "uploadId=" in request.url:
+        return "CompleteMultipartUpload"
+    if request.method == "PUT" and "uploadId=" not in request.url:
+        return "PutObject"
+    return None
+
+
+def answer(status: int, code: str):
+    """A before-send hook's canned answer (botocore sends nothing then)."""
+    from botocore.awsrequest import AWSResponse
+
+    class Raw:
+        def stream(self, **_):
+            yield f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+
+    return AWSResponse("http://injected", status, {}, Raw())
+
+
+class FaultProxy:
+    """A TCP proxy between the client and the server that misbehaves like a congested network or an overloaded
+    server: a share of new connections is reset before any answer or answered 503 SlowDown (throttling), and every
+    connection is cut (reset) mid-response after a random number of bytes. A connection that asks for a path
+    containing one of `broken` is always cut after 2000 bytes of answer: an object that cannot be read at all."""
+
+    def __init__(self, upstream: tuple[str, int], seed: int = 0, p_reset=0.15, p_slowdown=0.15,
+                 mean_bytes=1.5 * MiB, broken: tuple[str, ...] = ()):
+        self.upstream, self.rng = upstream, random.Random(seed)
+        self.p_reset, self.p_slowdown, self.mean_bytes = p_reset, p_slowdown, mean_bytes
+        self.broken = tuple(b.encode() for b in broken)
+        self.faults = {"reset": 0, "slowdown": 0, "cut": 0, "broken": 0}
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        self._stop = True
+        self.sock.close()
+
+    @staticmethod
+    def _reset(s):
+        """Close with a TCP reset (linger 0). shutdown(SHUT_RD) first wakes the thread blocked in recv() on this
+        socket: while a recv is pending, close() would not release the socket, and no reset would be sent."""
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        s.close()
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            fate = self.rng.random()
+            budget = int(self.rng.expovariate(1 / self.mean_bytes))
+            threading.Thread(target=self._serve, args=(client, fate, budget), daemon=True).start()
+
+    def _serve(self, client, fate, budget):
+        if fate < self.p_reset + self.p_slowdown:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return client.close()
+                head += chunk
+            if fate < self.p_reset:
+                self.faults["reset"] += 1
+                return self._reset(client)
+            self.faults["slowdown"] += 1
+            headers = head.split(b"\r\n\r\n", 1)[0].lower()
+            if b"expect: 100-continue" not in headers:  # read the body, so the client reads our answer
+                length = int(next((h.split(b":")[1] for h in headers.split(b"\r\n")
+                                   if h.startswith(b"content-length:")), b"0"))
+                got = len(head.split(b"\r\n\r\n", 1)[1])
+                while got < length:
+                    chunk = client.recv(min(65536, length - got))
+                    if not chunk:
+                        break
+                    got += len(chunk)
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            return client.close()
+        server = socket.create_connection(self.upstream)
+        poisoned = threading.Event()
+
+        def up():
+            try:
+                while chunk := client.recv(65536):
+                    if any(b in chunk for b in self.broken):
+                        poisoned.set()
+                    server.sendall(chunk)
+            except OSError:
+                pass
+            finally:
+                try:
+                    server.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=up, daemon=True).start()
+        left = budget
+        try:
+            while chunk := server.recv(65536):
+                if poisoned.is_set():
+                    left = min(left, 2000)
+                if len(chunk) >= left:
+                    client.sendall(chunk[:left])
+                    self.faults["broken" if poisoned.is_set() else "cut"] += 1
+                    self._reset(client)
+                    return server.close()
+                left -= len(chunk)
+                client.sendall(chunk)
+        except OSError:
+            pass
+        client.close()
+        server.close()

@@ -12,16 +12,14 @@ import os
 import random
 import signal
 import socket
-import struct
 import sys
 import tarfile
-import threading
 import time
 import uuid
 
 import pytest
 
-from s3server import s3_env, s3_server  # noqa: F401 (fixtures)
+from s3server import FaultProxy, answer, operation, s3_env, s3_server  # noqa: F401 (fixtures)
 
 from pipeline.errors import UserError
 from pipeline.storage import FolderLock, Unit, storage_for
@@ -342,26 +340,6 @@ def test_refused_multipart_create_is_aborted(s3root):
     assert store.read_bytes(path)[:3] == b"aaa" and open_uploads(store, path) == []
 
 
-def _operation(request) -> str | None:
-    """PutObject or CompleteMultipartUpload, from a prepared request (a before-send hook's argument)."""
-    if request.method == "POST" and "uploadId=" in request.url:
-        return "CompleteMultipartUpload"
-    if request.method == "PUT" and "uploadId=" not in request.url:
-        return "PutObject"
-    return None
-
-
-def _answer(status: int, code: str):
-    """A before-send hook's canned answer (botocore sends nothing then)."""
-    from botocore.awsrequest import AWSResponse
-
-    class Raw:
-        def stream(self, **_):
-            yield f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
-
-    return AWSResponse("http://injected", status, {}, Raw())
-
-
 def test_409_conflict_is_retried(s3root):
     """409 ConditionalRequestConflict (two create-only writes racing on AWS; SeaweedFS answers 412 to the loser
     instead): the write is tried again; for a multipart upload with a new upload, the refused one aborted."""
@@ -370,10 +348,10 @@ def test_409_conflict_is_retried(s3root):
     injected = {"PutObject": 1, "CompleteMultipartUpload": 1}
 
     def send(request, **_):
-        op = _operation(request)
+        op = operation(request)
         if injected.get(op) and "if-none-match" in {k.lower() for k in request.headers}:
             injected[op] -= 1
-            return _answer(409, "ConditionalRequestConflict")
+            return answer(409, "ConditionalRequestConflict")
         return None
 
     client.meta.events.register("before-send.s3", send)
@@ -400,7 +378,7 @@ def test_lost_answers_of_writes_are_recognised(s3root, fast_backoff):
     lose = {}
 
     def send_then_lose(request, **_):
-        op = _operation(request)
+        op = operation(request)
         if lose.get(op):
             lose[op] -= 1
             client._endpoint.http_session.send(request).content  # the server does it...
@@ -474,103 +452,6 @@ def test_missing_extra_one_line(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ S3: faults
-class FaultProxy:
-    """A TCP proxy between the client and the server that misbehaves like a congested network or an overloaded
-    server: a share of new connections is reset before any answer or answered 503 SlowDown (throttling), and every
-    connection is cut (reset) mid-response after a random number of bytes."""
-
-    def __init__(self, upstream: tuple[str, int], seed: int = 0, p_reset=0.15, p_slowdown=0.15,
-                 mean_bytes=1.5 * MiB):
-        self.upstream, self.rng = upstream, random.Random(seed)
-        self.p_reset, self.p_slowdown, self.mean_bytes = p_reset, p_slowdown, mean_bytes
-        self.faults = {"reset": 0, "slowdown": 0, "cut": 0}
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self):
-        self._stop = True
-        self.sock.close()
-
-    @staticmethod
-    def _reset(s):
-        """Close with a TCP reset (linger 0). shutdown(SHUT_RD) first wakes the thread blocked in recv() on this
-        socket: while a recv is pending, close() would not release the socket, and no reset would be sent."""
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-        s.close()
-
-    def _accept(self):
-        while not self._stop:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            fate = self.rng.random()
-            budget = int(self.rng.expovariate(1 / self.mean_bytes))
-            threading.Thread(target=self._serve, args=(client, fate, budget), daemon=True).start()
-
-    def _serve(self, client, fate, budget):
-        if fate < self.p_reset + self.p_slowdown:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = client.recv(65536)
-                if not chunk:
-                    return client.close()
-                head += chunk
-            if fate < self.p_reset:
-                self.faults["reset"] += 1
-                return self._reset(client)
-            self.faults["slowdown"] += 1
-            headers = head.split(b"\r\n\r\n", 1)[0].lower()
-            if b"expect: 100-continue" not in headers:  # read the body, so the client reads our answer
-                length = int(next((h.split(b":")[1] for h in headers.split(b"\r\n")
-                                   if h.startswith(b"content-length:")), b"0"))
-                got = len(head.split(b"\r\n\r\n", 1)[1])
-                while got < length:
-                    chunk = client.recv(min(65536, length - got))
-                    if not chunk:
-                        break
-                    got += len(chunk)
-            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-            client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
-                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            return client.close()
-        server = socket.create_connection(self.upstream)
-
-        def up():
-            try:
-                while chunk := client.recv(65536):
-                    server.sendall(chunk)
-            except OSError:
-                pass
-            finally:
-                try:
-                    server.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-
-        threading.Thread(target=up, daemon=True).start()
-        left = budget
-        try:
-            while chunk := server.recv(65536):
-                if len(chunk) >= left:
-                    client.sendall(chunk[:left])
-                    self.faults["cut"] += 1
-                    self._reset(client)
-                    return server.close()
-                left -= len(chunk)
-                client.sendall(chunk)
-        except OSError:
-            pass
-        client.close()
-        server.close()
-
-
 def test_reads_and_writes_survive_dropped_connections_and_throttling(s3_env, monkeypatch, caplog, fast_backoff):
     proxy = FaultProxy(("127.0.0.1", int(s3_env.endpoint.rsplit(":", 1)[1])), seed=3, mean_bytes=3 * MiB)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")

@@ -17,10 +17,11 @@ channels_last memory; `pipeline.pixels.to_model_input` turns them into floats in
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import random
+import tarfile
 import warnings
-from pathlib import Path
 
 import braceexpand
 import torch
@@ -33,7 +34,8 @@ from pipeline.data.images import CAPTION_EXTS, IMAGE_EXTS, BadImage, to_array
 from pipeline.data.shards import split_key
 from pipeline.errors import DataError, UserError
 from pipeline.manifest import MANIFEST, part_manifests, read_manifest
-from pipeline.storage import is_url, storage_for
+from pipeline.storage import as_path, is_remote, is_url, storage_for
+from pipeline.storage.paths import expand_pattern, missing_objects
 
 
 def check_source(url: str, allow_pipe: bool = False) -> None:
@@ -49,16 +51,21 @@ def check_source(url: str, allow_pipe: bool = False) -> None:
 
 def resolve_shards(spec, allow_pipe: bool = False) -> list[str]:
     """Shard URLs from a brace pattern, a folder, a manifest.json, a text file listing shards, or a list of these.
-    Each names a file (or a URL of a storage backend); `pipe:` sources only with `allow_pipe` (data.allow_pipe)."""
+    Each names a file (or a URL of a storage backend); `pipe:` sources only with `allow_pipe` (data.allow_pipe).
+    On object storage the same forms work: a folder is a key prefix (listed), and the shards of a brace pattern are
+    checked by listing each folder once."""
     if isinstance(spec, (list, tuple)):
         return [u for s in spec for u in resolve_shards(s, allow_pipe)]
     spec = str(spec)
     if not spec:
         raise UserError("no shards given (data.train / data.val / --data is empty)")
-    if spec.startswith("pipe:") or is_url(spec):
+    if spec.startswith("pipe:") or is_url(spec) and not is_remote(spec):
         check_source(spec, allow_pipe)
         return list(braceexpand.braceexpand(spec))
-    p = Path(spec).expanduser()
+    remote = is_remote(spec)
+    if remote and any(c in spec for c in "{*?["):  # a pattern: no folder or list file to look for
+        return _existing(expand_pattern(spec), spec)
+    p = as_path(spec).expanduser()
     if p.is_dir():
         if (p / MANIFEST).is_file():
             return resolve_shards(p / MANIFEST)
@@ -84,6 +91,8 @@ def resolve_shards(spec, allow_pipe: bool = False) -> list[str]:
             if u.startswith("pipe:") or is_url(u):
                 check_source(u, allow_pipe)
         return [u if os.path.isabs(u) or u.startswith("pipe:") or is_url(u) else str(p.parent / u) for u in lines]
+    if remote:
+        return _existing([spec], spec)
     urls = []
     for s in braceexpand.braceexpand(spec):
         urls += sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
@@ -102,23 +111,43 @@ def loader_workers(asked: int | None) -> int:
     return max(0, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) - 1))
 
 
+def _existing(urls: list[str], spec: str) -> list[str]:
+    """Object URLs that all exist (one listing per folder), or one line naming the first that does not."""
+    missing = missing_objects(urls)
+    if not urls or missing:
+        raise UserError(f"shard not found: {missing[0] if missing else spec}")
+    return urls
+
+
+def _register_gopen(urls: list[str]) -> None:
+    """webdataset's gopen opens the object-store URLs too (in this process and the loader workers forked from it),
+    for code that reads our shard lists with webdataset's own pipelines."""
+    for scheme in {u.split("://", 1)[0].lower() for u in urls if is_remote(u)}:
+        register = getattr(importlib.import_module(type(storage_for(f"{scheme}://x")).__module__),
+                           "register_gopen", None)
+        if register is not None:
+            register()
+
+
 def worker_slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
 class _SkipCounter:
-    """Counts undecodable samples in one worker and warns at 1, 10, 100, ... so logs stay readable."""
+    """Counts undecodable samples (or unreadable shard data) in one worker and warns at 1, 2, 4, ... then every
+    1000th, so logs stay readable."""
 
-    def __init__(self):
+    def __init__(self, what: str = "undecodable sample(s)"):
         self.count = 0
         self.latest = ""
+        self.what = what
 
     def __call__(self, where: str, err: Exception) -> None:
         self.count += 1
         self.latest = f"{where}: {err}"
         if self.count & (self.count - 1) == 0 or self.count % 1000 == 0:  # powers of two, then every 1000
-            warnings.warn(f"skipped {self.count} undecodable sample(s) in this loader worker; latest: {where}: {err}")
+            warnings.warn(f"skipped {self.count} {self.what} in this loader worker; latest: {where}: {err}")
 
 
 def _warn_and_continue(exn: Exception) -> bool:
@@ -133,9 +162,17 @@ def open_shard(url: str):
     return gopen(url) if url.startswith("pipe:") else storage_for(url).open_read(url)
 
 
+def read_failure(url: str, err: Exception) -> bool:
+    """Whether reading an object-store shard failed for the storage's sake (its retries spent: throttling, dropped
+    connections, an endpoint away), not for its content (broken tar data, a missing object)."""
+    return is_remote(url) and not isinstance(err, (tarfile.TarError, EOFError, ValueError, KeyError,
+                                                    FileNotFoundError))
+
+
 def read_samples(urls, limits: dict[str, int] | None = None, handler=None):
     """Raw samples (ext -> bytes, `__key__`, `__url__`) of each shard in turn; each shard file is closed as soon as
-    it is read. A broken member or tail is passed to `handler` (default: warn) and reading goes on."""
+    it is read. A broken member or tail is passed to `handler` (default: warn) and reading goes on; a shard whose
+    reading failed on the storage's side (`read_failure`) is passed to `handler` once and left."""
     handler = handler or _warn_and_continue
     for url in urls:
         try:
@@ -143,8 +180,12 @@ def read_samples(urls, limits: dict[str, int] | None = None, handler=None):
         except Exception as e:
             handler(e)
             continue
+
+        def member_failed(e: Exception, url=url) -> bool:  # go on after a broken member, not a broken connection
+            return handler(e) and not read_failure(url, e)
+
         try:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=handler))
+            files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=member_failed))
             limit = (limits or {}).get(url)
             for i, sample in enumerate(group_by_keys(files, handler=handler)):
                 if limit is not None and i >= limit:
@@ -174,6 +215,10 @@ class ShardStream(IterableDataset):
         self.limits = limits or {}  # eval: read at most this many samples of a shard (a fixed subset)
         self.max_bad_samples = max_bad_samples  # train: undecodable samples in a row before DataError
         self.skipped = _SkipCounter()
+        # object-store shards (or their tails) that could not be read after the storage's retries
+        self.unreadable = _SkipCounter("unreadable shard(s)")
+        if any(is_remote(u) for u in self.urls):
+            _register_gopen(self.urls)
 
     wanted = "sample"  # what a usable sample holds, for messages
     bad_in_eval_stops = False  # whether max_bad_samples in a row also stops an eval stream
@@ -191,7 +236,23 @@ class ShardStream(IterableDataset):
         raise NotImplementedError
 
     def _samples(self, urls):
-        return read_samples(urls, self.limits)
+        for url in urls:
+            yield from read_samples([url], self.limits, handler=self.handler(url))
+
+    def handler(self, url: str, failed: list | None = None):
+        """What a shard's reading errors do: broken tar data is warned about and reading goes on; a shard on object
+        storage that could not be read after the storage's retries is skipped and counted (`unreadable`, warned at
+        1, 2, 4, ...), as an undecodable sample is, and noted in `failed`."""
+
+        def handle(err: Exception) -> bool:
+            if not read_failure(url, err):
+                return _warn_and_continue(err)
+            self.unreadable(url, err)
+            if failed is not None:
+                failed.append(err)
+            return True
+
+        return handle
 
     def _train_iter(self):
         worker, _ = worker_slot()
@@ -343,24 +404,27 @@ def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_
 
 def shard_sample_counts(spec, allow_pipe: bool = False) -> dict[str, int]:
     """Samples per shard: from the manifest when the spec is a prepared folder or manifest, else by listing tars."""
-    import tarfile
-
-    p = Path(str(spec)).expanduser()
-    manifest = p / MANIFEST if p.is_dir() else p
-    if manifest.is_file() and manifest.suffix == ".json":
+    p = as_path(str(spec)).expanduser() if not str(spec).startswith("pipe:") and \
+        not (is_remote(spec) and any(c in str(spec) for c in "{*?[")) else None
+    manifest = (p / MANIFEST if p.is_dir() else p) if p is not None else None
+    if manifest is not None and manifest.suffix == ".json" and manifest.is_file():
         m = read_manifest(manifest)
         return {str(manifest.parent / s["name"]): int(s["samples"]) for s in m["shards"] if s.get("samples", 1) > 0}
     counts = {}
     for url in resolve_shards(spec, allow_pipe):
-        keys = set()
+        keys, stream = set(), None
         try:
-            with tarfile.open(url) as tf:
+            stream = storage_for(url).open_read(url) if is_remote(url) else None  # streamed: no seeking on S3
+            with tarfile.open(fileobj=stream, mode="r|") if stream else tarfile.open(url) as tf:
                 for name in tf.getnames():
                     ks = split_key(name)
                     if ks is not None and not ks[0].startswith("__"):
                         keys.add(ks[0])
         except (tarfile.TarError, OSError):
             pass
+        finally:
+            if stream is not None:
+                stream.close()
         counts[url] = len(keys)
     return counts
 

@@ -7,19 +7,28 @@ How it stays exactly-once without a coordinator:
     (.progress/NAME.json). A rerun of the same command redoes exactly the chunks whose record is missing, and
     never writes a sample twice.
 The caller (the prepare stage) holds the output folder's lock.
+
+Inputs and output may be on object storage (s3://). An input folder is listed by prefix, a brace pattern of tars is
+checked by listing each folder once. An input tar on object storage is streamed once to list its members, and each
+shard then reads the byte span its samples occupy in that tar with one ranged GET. A shard whose inputs cannot be
+read after the backend's retries is not written (nor its record): the run finishes the other shards and ends with
+StorageUnavailable, and the same command again writes the missing ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -41,9 +50,10 @@ from pipeline.data.images import (
 )
 from pipeline.config import PrepareConfig, validate_section
 from pipeline.data.shards import ShardWriter, split_key
-from pipeline.errors import UserError
+from pipeline.errors import StorageUnavailable, UserError
 from pipeline.manifest import IMAGE_FORMAT, part_name, shard_list
-from pipeline.storage import Unit, atomic_write_json, remove_stale_temporaries
+from pipeline.storage import Unit, as_path, atomic_write_json, is_remote, remove_stale_temporaries, storage_for
+from pipeline.storage.paths import expand_pattern, open_range
 
 PROGRESS_DIR = ".progress"
 
@@ -105,6 +115,11 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
     multi = len(inputs) > 1
     for i, spec in enumerate(inputs):
         prefix = f"in{i}/" if multi else ""
+        if is_remote(spec):
+            found_images, found_tars = _list_remote(spec, prefix)
+            images += found_images
+            tars += found_tars
+            continue
         p = Path(spec).expanduser()
         if p.is_dir():
             found_images, found_tars = [], []
@@ -135,6 +150,11 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
+                if is_remote(line):  # a list of object URLs
+                    found_images, found_tars = _list_remote_items([line], prefix, line.rsplit("/", 1)[0])
+                    images += found_images
+                    tars += found_tars
+                    continue
                 f = Path(line).expanduser()
                 if not f.is_absolute():  # relative to the list's folder, else to the working directory
                     f = base / f if (base / f).exists() or not f.exists() else f.resolve()
@@ -151,6 +171,61 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
     if images and tars:
         raise UserError("mixing image files and tar shards in one prepare run is not supported; run them separately")
     return ("tars", tars) if tars else ("images", images)
+
+
+# size and ETag of the object-store inputs, from the listings (the fingerprint of a remote input)
+_LISTED: dict[str, tuple[int, str]] = {}
+
+
+def _list_remote(spec: str, prefix: str) -> tuple[list, list]:
+    """(image items, tar URLs) of an object-store input: a brace pattern (or wildcards) of tars, a folder (every
+    image or, without images, every tar under the prefix), or a text file listing URLs or relative names."""
+    store = storage_for(spec)
+    if any(c in spec for c in "{*?[") or spec.endswith(".tar"):
+        urls = expand_pattern(spec)
+        folders = {u.rsplit("/", 1)[0] for u in urls}
+        for folder in folders:
+            _LISTED.update(store.entries(folder)[0])
+        missing = [u for u in urls if u not in _LISTED]
+        if not urls or missing:
+            raise UserError(f"--input {spec}: no such tar shard {missing[0] if missing else spec}")
+        return [], urls
+    listing = store.walk(spec)
+    if listing:
+        _LISTED.update(listing)
+        folder = str(as_path(spec))
+        found_images = [u for u in listing if _ext(u) in IMAGE_EXTS]
+        if not found_images and not any(_ext(u) == "tar" for u in listing):
+            raise UserError(f"--input {spec}: folder holds no images ({', '.join(IMAGE_EXTS)}) and no .tar shards")
+        names = [u[len(folder) + 1:] for u in (found_images or [u for u in listing if _ext(u) == "tar"])]
+        return _list_remote_items(names, prefix, folder, set(listing))
+    if not store.object_exists(spec):
+        raise UserError(f"--input {spec}: no such file or folder")
+    lines = [ln.strip() for ln in store.read_bytes(spec).decode("utf-8", "replace").splitlines()]
+    return _list_remote_items([ln for ln in lines if ln and not ln.startswith("#")], prefix, spec.rsplit("/", 1)[0])
+
+
+def _list_remote_items(names: list[str], prefix: str, folder: str, listed: set | None = None) -> tuple[list, list]:
+    """Image items and tar URLs of object names (URLs, or names relative to `folder`); an image's captions are the
+    objects of the same stem with a caption extension (looked up in `listed`, else asked for)."""
+    store = storage_for(folder)
+    images, tars = [], []
+    for name in names:
+        url = name if is_remote(name) else f"{folder}/{name}"
+        if _ext(url) == "tar":
+            tars.append(url)
+            continue
+        rel = url[len(folder) + 1:] if url.startswith(folder + "/") else url.split("://", 1)[1]
+        raw_key = prefix + _sanitize_key(rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel)
+        key = safe_key(raw_key)
+        captions = {"source_key": raw_key} if key != raw_key else {}
+        stem = url.rsplit(".", 1)[0] if "." in url.rsplit("/", 1)[-1] else url
+        for ext in CAPTION_EXTS:
+            c = f"{stem}.{ext}"
+            if (c in listed) if listed is not None else store.object_exists(c):
+                captions[ext] = c
+        images.append(("file", key, url, captions))
+    return images, tars
 
 
 def safe_key(raw: str) -> str:
@@ -173,12 +248,15 @@ def list_tar(path: str) -> list:
     samples: dict[str, dict] = {}
     raw_keys: dict[str, str] = {}
     bad = []
-    size = os.path.getsize(path)
+    remote = is_remote(path)
+    stream = storage_for(path).open_read(path) if remote else None  # read once, as it arrives (no seeking)
+    size = stream.raw.size if remote else os.path.getsize(path)
     expected = 0
     last = None
     try:
         # ignore_zeros lets tarfile skip a corrupt header block and resynchronise on the next valid member
-        with tarfile.open(path, "r:", ignore_zeros=True) as tf:
+        with (tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True) if remote
+              else tarfile.open(path, "r:", ignore_zeros=True)) as tf:
             for m in tf:
                 if m.offset > expected:
                     bad.append(("bad", f"@{expected}", path, f"broken tar member at byte {expected} ({m.offset - expected} bytes skipped)"))
@@ -201,7 +279,13 @@ def list_tar(path: str) -> list:
                 raw_keys[key] = ks[0]
                 last = key
     except (tarfile.TarError, OSError, EOFError) as e:
+        if remote and not isinstance(e, tarfile.TarError) and not isinstance(e, EOFError):
+            raise StorageUnavailable(f"{path}: could not be read to list its members ({e}); run the same command "
+                                     f"again") from None
         bad.append(("bad", f"@{expected}", path, f"broken tar after byte {expected} ({e})"))
+    finally:
+        if stream is not None:
+            stream.close()
     items = [("tar", key, path, {**members, **({"source_key": raw_keys[key]} if raw_keys[key] != key else {})})
              for key, members in samples.items()]
     return items + bad
@@ -210,7 +294,12 @@ def list_tar(path: str) -> list:
 def _list_tar_safe(path: str) -> list:
     try:
         return list_tar(path)
+    except (StorageUnavailable, UserError):
+        raise  # object storage failing, or credentials: nothing is planned on a partial listing
     except Exception as e:  # unreadable file: one skipped entry, never a crash
+        if is_remote(path) and not isinstance(e, (tarfile.TarError, FileNotFoundError)):
+            raise StorageUnavailable(f"{path}: could not be read to list its members ({e}); run the same "
+                                     f"command again") from None
         return [("bad", "", path, f"unreadable tar ({e})")]
 
 
@@ -230,28 +319,66 @@ def output_shard_name(opts: PrepareOptions, index: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- worker
-def _read_bytes(item) -> tuple[bytes, dict]:
-    """(image bytes, other members to store: captions, and the original key when it had to be made safe)."""
+def _read_bytes(item, spans: dict | None = None) -> tuple[bytes, dict]:
+    """(image bytes, other members to store: captions, and the original key when it had to be made safe).
+    `spans`: the fetched byte spans of object-store tars (`fetch_spans`)."""
     kind, key, src, extra = item
     kept = {"source_key.txt": extra["source_key"].encode()} if "source_key" in extra else {}
     extra = {k: v for k, v in extra.items() if k != "source_key"}
     if kind == "file":
-        with open(src, "rb") as f:
-            data = f.read()
+        data = _read_file(src)
         for ext, cpath in extra.items():
-            with open(cpath, "rb") as f:
-                kept[ext] = f.read()
+            kept[ext] = _read_file(cpath)
         return data, kept
     members = {}
-    with open(src, "rb") as f:
+    start, f = (spans or {}).get(src, (0, None))
+    with open(src, "rb") if f is None else contextlib.nullcontext(f) as f:
         for ext, (offset, size) in extra.items():
-            f.seek(offset)
+            f.seek(offset - start)
             members[ext] = f.read(size)
     image_exts = [e for e in members if e in IMAGE_EXTS]
     if not image_exts:
         raise BadImage(f"no image member (has {', '.join(sorted(members)) or 'nothing'})")
     kept.update({e: members[e] for e in CAPTION_EXTS if e in members})
     return members[image_exts[0]], kept
+
+
+def _read_file(path: str) -> bytes:
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            return f.read()
+    try:
+        return storage_for(path).read_bytes(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # the backend's retries are spent: not the image's fault
+        raise StorageUnavailable(f"{path}: {e}") from None
+
+
+def fetch_spans(items: list) -> dict:
+    """The members a chunk needs from each object-store tar, as one ranged GET per tar (the span from its first to
+    its last member) into a local temporary file: {tar URL: (span start, file)}."""
+    spans: dict[str, list[int]] = {}
+    for kind, _, src, extra in items:
+        if kind == "tar" and is_remote(src):
+            for v in extra.values():
+                if isinstance(v, tuple):
+                    lo, hi = spans.setdefault(src, [v[0], v[0] + v[1]])
+                    spans[src] = [min(lo, v[0]), max(hi, v[0] + v[1])]
+    out = {}
+    try:
+        for src, (lo, hi) in spans.items():
+            f = tempfile.TemporaryFile()
+            out[src] = (lo, f)
+            with open_range(src, lo, hi - lo) as r:
+                shutil.copyfileobj(r, f, 2**20)
+    except BaseException as e:
+        for _, f in out.values():
+            f.close()
+        if isinstance(e, Exception) and not isinstance(e, FileNotFoundError):  # the endpoint gone, too
+            raise StorageUnavailable(f"{src}: {e}") from None
+        raise
+    return out
 
 
 _KEEP_FORMATS = {"jpg": ("JPEG",), "webp": ("WEBP",), "keep": ("JPEG", "PNG", "WEBP")}
@@ -286,10 +413,15 @@ def shard_unit(out: Path, name: str) -> Unit:
 
 
 def write_shard(task) -> dict:
-    """Process one chunk into one shard. Runs in a worker process. Returns the completion record."""
+    """Process one chunk into one shard. Runs in a worker process. Returns the completion record, or
+    {"name", "unavailable": why} when inputs on object storage could not be read (nothing is written then)."""
     items, out, name, opts = task
-    unit = shard_unit(Path(out), name)
-    writer = ShardWriter(unit.staging(Path(out) / name))
+    unit = shard_unit(as_path(out), name)
+    try:
+        spans = fetch_spans(items)
+    except StorageUnavailable as e:
+        return {"name": name, "unavailable": str(e)}
+    writer = ShardWriter(unit.staging(as_path(out) / name))
     skipped, sizes, shorter = [], Counter(), []
     try:
         for item in items:
@@ -299,7 +431,7 @@ def write_shard(task) -> dict:
                 skipped.append({"input": src, "reason": extra})
                 continue
             try:
-                data, captions = _read_bytes(item)
+                data, captions = _read_bytes(item, spans)
                 encoded, ext, in_size, out_size = convert_one(data, opts)
             except BadImage as e:
                 skipped.append({"input": where, "reason": str(e)})
@@ -311,9 +443,15 @@ def write_shard(task) -> dict:
             sizes[f"{out_size[0]}x{out_size[1]}"] += 1
             shorter.append(min(in_size))
         writer.close()
+    except StorageUnavailable as e:
+        writer.abort()
+        return {"name": name, "unavailable": str(e)}
     except BaseException:
         writer.abort()
         raise
+    finally:
+        for _, f in spans.values():
+            f.close()
     record = {
         "name": name,
         "samples": writer.count,
@@ -322,6 +460,8 @@ def write_shard(task) -> dict:
         "output_sizes": dict(sizes),
         "input_shorter_side": {"min": min(shorter), "max": max(shorter)} if shorter else None,
     }
+    unit.put_staged()
+    record["files"] = unit.files()  # the tar's size and SHA-256
     unit.commit(record)
     return record
 
@@ -343,15 +483,19 @@ def _die_with_parent() -> None:
 
 
 def fingerprint(items: list, opts: PrepareOptions) -> dict:
-    """What a run's output depends on: the options, and per shard a hash of its inputs (names, sizes, mtimes)."""
+    """What a run's output depends on: the options, and per shard a hash of its inputs (names, sizes, mtimes; size
+    and ETag on object storage)."""
     stats: dict[str, tuple] = {}
 
     def stat(path: str) -> tuple:
         if path not in stats:
             try:
-                st = os.stat(path)
-                stats[path] = (st.st_size, st.st_mtime_ns)
-            except OSError:
+                if is_remote(path):  # size and ETag, from the listing when it had them
+                    stats[path] = _LISTED.get(path) or tuple(storage_for(path).info(path)[k] for k in ("size", "etag"))
+                else:
+                    st = os.stat(path)
+                    stats[path] = (st.st_size, st.st_mtime_ns)
+            except (OSError, UserError):
                 stats[path] = (-1, -1)
         return stats[path]
 
@@ -400,13 +544,14 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
     """Run (or finish) one part of a prepare job; returns its manifest. `progress(record)` is called per shard.
     The caller holds the output folder's lock; a rerun resumes only with the same inputs and options."""
     opts.check()
-    out = Path(output)
+    out = as_path(output)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    remove_stale_temporaries(out)
-    remove_stale_temporaries(out / PROGRESS_DIR)
+    if not is_remote(out):
+        remove_stale_temporaries(out)
+        remove_stale_temporaries(out / PROGRESS_DIR)
     kind, sources = list_sources(inputs)
 
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
@@ -415,10 +560,11 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
         items = plan_part(kind, sources, opts, pool)
         fp = fingerprint(items, opts)
         check_fingerprint(out, fp, opts, overwrite)
-        records, todo = {}, []
+        records, todo, unavailable = {}, [], []
+        listed = _listed_units(out)
         for j, chunk in chunks(items, opts.shard_size):
             name = output_shard_name(opts, j)
-            record = shard_unit(out, name).read_record()
+            record = shard_unit(out, name).read_record() if listed is None or name in listed else None
             if record is not None:
                 records[j] = record
                 if progress:
@@ -427,6 +573,9 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
             todo.append((j, (chunk, str(out), name, opts)))  # not done (a killed run's tar is overwritten)
         results = pool.imap(write_shard, [t for _, t in todo]) if pool else map(write_shard, [t for _, t in todo])
         for (j, _), record in zip(todo, results):
+            if "unavailable" in record:  # not written: its inputs could not be read; a rerun writes it
+                unavailable.append(record)
+                continue
             records[j] = record
             if progress:
                 progress(record)
@@ -434,12 +583,26 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
         if pool is not None:
             pool.terminate() if sys.exc_info()[0] else pool.close()
             pool.join()
+    if unavailable:
+        raise StorageUnavailable(f"{len(unavailable)} of {len(todo)} shards not written: their inputs could not be "
+                                 f"read from object storage after every retry (first: {unavailable[0]['name']}: "
+                                 f"{unavailable[0]['unavailable']}); the others are complete, run the same command "
+                                 f"again to write these")
 
     ordered = [records[j] for j in sorted(records)]
     manifest = build_manifest(ordered, opts, kind, len(items))
     name = part_name("manifest", opts.part, opts.num_parts, ".json")
     atomic_write_json(out / name, manifest)
     return manifest
+
+
+def _listed_units(out) -> set[str] | None:
+    """On object storage: the shard names whose tar and record both exist (two listings, instead of three requests
+    per shard for the shards not done yet); None locally (looking is cheap there)."""
+    if not is_remote(out):
+        return None
+    records = {p.name[: -len(".json")] for p in (out / PROGRESS_DIR).glob("*.tar.json")}
+    return records & {p.name for p in out.glob("*.tar")}
 
 
 def build_manifest(records: list[dict], opts: PrepareOptions, kind: str, num_items: int) -> dict:

@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data.images import IMAGE_EXTS, BadImage, crop_to, displayed_size, read_header
-from pipeline.data.loader import image_member, read_samples, worker_slot
+from pipeline.data.loader import image_member, read_failure, read_samples, worker_slot
 from pipeline.data.shards import ShardWriter, shard_name
 from pipeline.errors import UserError
 from pipeline.latents.buckets import nearest_bucket, size_name
@@ -42,7 +42,7 @@ from pipeline.models.autoencoder import family_of, key_noise, reparameterize
 from pipeline.models.normalisation import patchify
 from pipeline.models.registry import stored
 from pipeline.pixels import to_model_input
-from pipeline.storage import is_url, remove_dead_temporaries
+from pipeline.storage import as_path, is_remote, is_url, remove_dead_temporaries
 
 STORE_TENSORS = {"moments": ("mean", "logvar"), "mean": ("mean",), "sample": ("sample",), "codes": ("codes",),
                  "latent": ("latent",)}
@@ -81,8 +81,12 @@ class EncodeStream(IterableDataset):
         renamed: list[dict] = []
         seen: set[str] = set()
         inputs = 0
+        unavailable: list[str] = []
 
         def broken(e: Exception) -> bool:
+            if read_failure(url, e):  # the storage's retries spent: this shard is not written, a rerun does it
+                unavailable.append(f"{type(e).__name__}: {printable(str(e))}")
+                return False
             skipped.append({"shard": name, "key": "",
                             "reason": f"broken tar data ({type(e).__name__}: {printable(str(e))})"})
             return True
@@ -123,6 +127,9 @@ class EncodeStream(IterableDataset):
             pending[target].append((key, arr, meta, extras))
             if len(pending[target]) == self.batch_size:
                 yield self._batch(url, pending.pop(target))
+        if unavailable:
+            yield {"shard": url, "end": True, "unavailable": unavailable[0]}
+            return
         for target in sorted(pending):
             yield self._batch(url, pending[target])
         yield {"shard": url, "end": True, "skipped": skipped, "inputs": inputs, "input": source, "renamed": renamed}
@@ -339,6 +346,8 @@ class LatentShard:
         }
         w.close()
         (self.folder / RECORDS).mkdir(parents=True, exist_ok=True)
+        self.unit.put_staged()
+        record["files"] = self.unit.files()  # the tar's size and SHA-256
         self.unit.commit(record)
         return record
 
@@ -382,14 +391,17 @@ class EncodeResult:
     non_finite: int = 0
     stopped: bool = False
     records: list = field(default_factory=list)
+    unavailable: list = field(default_factory=list)  # (input shard, why): not read, not written; a rerun does them
 
 
 def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: EncodeSettings, device, *,
                   resolution: int, buckets, batch_size: int, num_workers: int, pin_memory: bool = False,
                   stop: threading.Event | None = None, progress=None) -> EncodeResult:
     """Encode the given input shards into `folder`. Returns what was written. `stop` (set by a SIGTERM handler)
-    ends the loop at the next batch: finished shards stay, the shard in flight is redone by the next run."""
+    ends the loop at the next batch: finished shards stay, the shard in flight is redone by the next run. An input
+    shard on object storage that cannot be read after the storage's retries is not written (`unavailable`)."""
     result = EncodeResult()
+    folder = as_path(folder)
     if not urls:
         return result
     workers = min(num_workers, len(urls))
@@ -404,6 +416,11 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
                 break
             url = item["shard"]
             shard = shards.setdefault(url, LatentShard(folder, url, settings))
+            if item["end"] and "unavailable" in item:
+                writer.submit(shard.abort)  # after the batches of it in flight: the writer thread holds its tar
+                del shards[url]
+                result.unavailable.append((url, item["unavailable"]))
+                continue
             if item["end"]:
                 result.records.append(writer.submit(shard.finish, item["skipped"], item["inputs"], item["input"],
                                                     item["renamed"]))
@@ -473,6 +490,12 @@ def check_output_folder(folder: Path, urls: list[str]) -> None:
     """Refuse an output folder where encoding would overwrite its inputs: every output shard takes its input's name
     (and the folder gets a manifest.json), so the folder of any input shard, or a folder whose NAME.tar already is
     that input (a link), would have its image shards replaced by latent shards."""
+    if is_remote(folder):
+        for u in urls:
+            if is_remote(u) and str(as_path(u).parent) == str(as_path(folder)):
+                raise UserError(f"{folder} holds the input shard {shard_name(u)}: encoding into it would replace the "
+                                f"image shards with latent shards of the same names; choose another output folder")
+        return
     target = os.path.realpath(folder)
     for u in urls:
         if u.startswith("pipe:") or is_url(u):

@@ -13,6 +13,8 @@ from pathlib import Path
 from pipeline.checkpoint import CHECKPOINTS
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, read_manifest
+from pipeline.storage import is_remote
+from pipeline.storage.cache import source_url
 
 
 class NoStatistics(UserError):
@@ -23,13 +25,14 @@ def eval_beside(given: str, weights) -> tuple[dict | None, str]:
     """The newest eval.json beside the model (where --model pointed, the checkpoint folder, then its run folder)
     that evaluated exactly these weights; (None, why not) otherwise. `weights`: the pinned Weights."""
     folder = Path(weights.path)
-    places = [Path(given), folder] + ([folder.parent.parent] if folder.parent.name == CHECKPOINTS else [])
+    places = [Path(given)] * (not is_remote(given)) + [folder] + \
+        ([folder.parent.parent] if folder.parent.name == CHECKPOINTS else [])  # weights on S3: folder is their copy
     found = sorted({p / "eval.json" for p in places if (p / "eval.json").is_file()}, key=lambda p: p.stat().st_mtime)
     described = weights.describe()
     for path in reversed(found):
         res = json.loads(path.read_text())
         if res.get("weights") == described and "latents" in res:
-            return res, str(path)
+            return res, source_url(path)  # weights on object storage: the eval.json there, not its local copy
     if found:
         return None, f"{found[-1]} evaluated other weights ({json.loads(found[-1].read_text()).get('weights')})"
     return None, "no eval.json beside the model"

@@ -23,7 +23,12 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, shard_list
-from pipeline.storage import Unit, atomic_write_json
+from pipeline.storage import Unit, as_path, atomic_write_json, is_remote
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 LATENT_EXT = "latents.safetensors"
 META_EXT = "json"
@@ -42,7 +47,7 @@ def carried_name(ext: str) -> str:
 
 def shard_unit(folder: str | Path, name: str) -> Unit:
     """Latent shard NAME as a unit of the commit protocol: the tar, then records/STEM.json."""
-    return Unit(Path(folder) / RECORDS / (Path(name).stem + ".json"), [Path(folder) / name])
+    return Unit(as_path(folder) / RECORDS / (Path(name).stem + ".json"), [as_path(folder) / name])
 
 
 def model_sha256(model: torch.nn.Module) -> str:
@@ -122,7 +127,7 @@ def folder_settings(model, cfg, weights, dtype: str, buckets, store: str, tensor
         "flip": e.flip,
         "statistics_of": STATISTICS_OF.get(store, f"the stored {store}") + layout,
         "normalisation": {"use": choice, "model": fam.normalisation(model), "shift": fam.shift},
-        "model": {"class": type(model).__name__, "path": weights.path, "weights": weights.describe(),
+        "model": {"class": type(model).__name__, "path": weights.where, "weights": weights.describe(),
                   "config": plain_config(model.config),
                   "scaling_factor": cfg.model.scaling_factor, "shift_factor": cfg.model.shift_factor},
     }
@@ -145,7 +150,7 @@ def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
     """Refuse an output folder that holds latents encoded differently (another model, store, dtype, resolution,
     buckets or flip), naming what differs; --overwrite clears our files from it first. A partial `settings`
     (quick_settings) compares only the keys it has."""
-    path = folder / SETTINGS
+    path = as_path(folder) / SETTINGS
     if not path.is_file():
         return
     try:
@@ -168,6 +173,7 @@ def _short(v) -> str:
 
 def clear_folder(folder: Path) -> None:
     """Remove what an encode run wrote (shards that have a record, records, settings, manifest); nothing else."""
+    folder = as_path(folder)
     for rec in (folder / RECORDS).glob("*.json") if (folder / RECORDS).is_dir() else []:
         shard_unit(folder, rec.stem + ".tar").undo()
     for name in (SETTINGS, MANIFEST):
@@ -175,6 +181,7 @@ def clear_folder(folder: Path) -> None:
 
 
 def write_settings(folder: Path, settings: dict) -> None:
+    folder = as_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / SETTINGS, settings)
 
@@ -182,10 +189,16 @@ def write_settings(folder: Path, settings: dict) -> None:
 # ---------------------------------------------------------------------------------------------------- records
 def input_identity(url: str) -> dict | None:
     """What says that an input shard is the one a record was encoded from: its size and modification time (a stat,
-    cheap for thousands of shards; a copy or a rewrite changes them, a move keeps them). None for a URL or a file
-    that cannot be looked at (the shard's path decides then)."""
-    from pipeline.storage import is_url
+    cheap for thousands of shards; a copy or a rewrite changes them, a move keeps them); on object storage its size and
+    ETag (one request). None for another URL or a file that cannot be looked at (the shard's path decides then)."""
+    from pipeline.storage import is_remote, is_url, storage_for
 
+    if is_remote(url) and url.lower().startswith("s3://"):
+        try:
+            info = storage_for(url).info(url)
+        except (OSError, UserError):
+            return None
+        return {"size": info["size"], "etag": info["etag"]}
     if url.startswith("pipe:") or is_url(url):
         return None
     try:
@@ -199,7 +212,10 @@ def shard_state(folder: Path, name: str, settings: dict, url: str | None = None)
     """'complete' when the shard's unit is done (tar and record), with these settings, from the input shard `url` as
     it is now; 'changed' when it is done with these settings but from another input (other data under the same
     shard name, or the input was rewritten): a rerun encodes it again; else 'todo'."""
-    record = shard_unit(folder, name).read_record()
+    return _state(shard_unit(folder, name).read_record(), settings, url)
+
+
+def _state(record: dict | None, settings: dict, url: str | None) -> str:
     if record is None or not same_latents(record, settings):
         return "todo"
     if url is None:
@@ -207,6 +223,41 @@ def shard_state(folder: Path, name: str, settings: dict, url: str | None = None)
     had, now = record.get("input"), input_identity(url)
     same = had == now if had is not None and now is not None else record.get("source") == url
     return "complete" if same else "changed"
+
+
+def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
+    """shard_state of the output shard of every input shard in `urls`: {url: state}. On object storage the folder
+    and records/ are listed once (a shard without both its tar and its record is 'todo' without a request), and the
+    records of the others are read, 16 at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.shards import shard_name
+
+    folder = as_path(folder)
+    if not is_remote(folder):
+        return {u: shard_state(folder, shard_name(u), settings, u) for u in urls}
+    records = _listed_records(folder)
+    look = [u for u in urls if Path(shard_name(u)).stem in records]
+    with ThreadPoolExecutor(16) as pool:
+        found = dict(zip(look, pool.map(lambda u: _state(records[Path(shard_name(u)).stem](), settings, u), look)))
+    return {u: found.get(u, "todo") for u in urls}
+
+
+def _listed_records(folder) -> dict:
+    """On object storage: {stem: read()} for the shards whose tar and record both exist (two listings); read() is
+    the record (one GET; None if it is not JSON)."""
+    tars = {p.name for p in folder.glob("*.tar")}
+
+    def reader(rec):
+        def read() -> dict | None:
+            try:
+                record = json.loads(rec.read_bytes())
+            except (FileNotFoundError, ValueError):
+                return None
+            return record if isinstance(record, dict) else None
+        return read
+
+    return {rec.stem: reader(rec) for rec in (folder / RECORDS).glob("*.json") if rec.stem + ".tar" in tars}
 
 
 def is_complete(folder: Path, name: str, settings: dict, url: str | None = None) -> bool:
@@ -222,13 +273,19 @@ def same_latents(record: dict, settings: dict) -> bool:
 
 def read_records(folder: Path, settings: dict) -> list[dict]:
     """Records of the shards that are complete (tar present) and encoded with `settings`, in name order: a shard
-    written with anything else (another model's weights) never enters the manifest; a rerun encodes it again."""
-    out = []
-    for rec in sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else []:
-        r = shard_unit(folder, rec.stem + ".tar").read_record()
-        if r is not None and same_latents(r, settings):
-            out.append(r)
-    return out
+    written with anything else (another model's weights) never enters the manifest; a rerun encodes it again. On
+    object storage: two listings, then one GET per record, 16 at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = as_path(folder)
+    if is_remote(folder):
+        listed = _listed_records(folder)
+        with ThreadPoolExecutor(16) as pool:
+            found = list(pool.map(lambda stem: listed[stem](), sorted(listed)))
+    else:
+        found = [shard_unit(folder, rec.stem + ".tar").read_record()
+                 for rec in (sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else [])]
+    return [r for r in found if r is not None and same_latents(r, settings)]
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
@@ -314,7 +371,7 @@ def reader_normalisation(settings: dict, statistics: dict) -> dict | None:
 
 def write_manifest(folder: Path, expected: list[str] | None = None, processes: int | None = None) -> dict:
     """manifest.json from settings.json and the records in the folder (also `--rebuild-manifest`)."""
-    folder = Path(folder)
+    folder = as_path(folder)
     if not (folder / SETTINGS).is_file():
         raise UserError(f"{folder}: no {SETTINGS}; not a firststage latent folder (run firststage encode first)")
     settings = json.loads((folder / SETTINGS).read_text())

@@ -2,6 +2,7 @@
 
   from pipeline.latents import LatentDataset
   ds = LatentDataset("latents/train", batch_size=64)             # endless, shuffled, a different stream per rank
+  ds = LatentDataset("s3://bucket/latents/train", batch_size=64)  # the same from object storage (firststage[s3])
   loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=4)
   for batch in loader:
       z = batch["latents"]            # [64, C, h, w], normalised as the manifest says (the family's own convention)
@@ -37,6 +38,8 @@ from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, read_latent
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, read_manifest
 from pipeline.models.normalisation import normalise
 from pipeline.models.posterior import key_generator, reparameterize
+from pipeline.storage import as_path, is_remote
+from pipeline.storage.paths import missing_objects
 
 
 def _default_rank_world() -> tuple[int, int]:
@@ -55,16 +58,17 @@ class LatentDataset(ShardStream):
                  scaling_factor: float | None = None, shift_factor: float | None = None, sample: bool = True,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, epoch: int = 0,
                  shuffle_buffer: int = 1000, drop_last: bool | None = None, max_bad_samples: int = 1000):
-        folder = Path(path)
+        folder = as_path(path)  # a local folder, or one on object storage (s3://bucket/prefix)
         folder = folder.parent if folder.is_file() else folder
         self.folder = folder
         self.manifest = read_manifest(folder, LATENT_FORMAT)
         # every listed shard, also those the manifest says are empty: what they hold is checked against it
         self.expected = {str(folder / s["name"]): int(s["samples"]) for s in self.manifest["shards"]}
-        absent = [u for u in self.expected if not os.path.isfile(u)]
+        absent = missing_objects(list(self.expected)) if is_remote(folder) else \
+            [u for u in self.expected if not os.path.isfile(u)]
         if absent:
             raise DataError(f"{folder / MANIFEST} lists {len(absent)} shard(s) that are not in the folder (first: "
-                            f"{Path(absent[0]).name}); finish the encode (run its command again) or rebuild the "
+                            f"{as_path(absent[0]).name}); finish the encode (run its command again) or rebuild the "
                             f"manifest: firststage encode --output {folder} --rebuild-manifest")
         r, w = _default_rank_world()
         super().__init__(list(self.expected), mode, shuffle_buffer, seed, r if rank is None else rank,
@@ -95,13 +99,14 @@ class LatentDataset(ShardStream):
         return LATENT_EXT in raw
 
     def _samples(self, urls):
-        """Raw samples shard by shard; after each shard, its count against the manifest's."""
+        """Raw samples shard by shard; after each shard, its count against the manifest's (unless reading it failed
+        on the storage's side after its retries: then it is skipped and counted, as an undecodable sample is)."""
         for url in urls:
-            count = 0
-            for sample in read_samples([url]):
+            count, failed = 0, []
+            for sample in read_samples([url], handler=self.handler(url, failed)):
                 count += 1
                 yield sample
-            if count != self.expected.get(url, count):
+            if not failed and count != self.expected.get(url, count):
                 raise DataError(f"{url}: holds {count} samples, {self.folder / MANIFEST} says "
                                 f"{self.expected[url]}; the shard or the manifest changed after encoding: rebuild the "
                                 f"manifest (firststage encode --output {self.folder} --rebuild-manifest) or re-encode")

@@ -35,7 +35,6 @@ class Evaluator:
         self.family = family_of(model)
         self.normalisation = self.family.normalisation(model)
         self.patch = self.normalisation.get("patch", 1)  # statistics in the normalisation's layout (FLUX.2: 2x2)
-        c = model.config
         f = self.family.downsampling_factor(model)
         latent_c = self.family.latent_channels(model)
         self.image_dims = self.family.image_channels(model) * resolution * resolution

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.storage import atomic_write_bytes
+from pipeline.storage import as_path, atomic_write_bytes
 
 
 def save_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> np.ndarray:
@@ -18,7 +18,7 @@ def save_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, path: str | P
     top = torch.cat(list(inputs.cpu()), dim=2)
     bottom = torch.cat(list(reconstructions.cpu()), dim=2)
     grid = torch.cat([top, bottom], dim=1).permute(1, 2, 0).contiguous().numpy()
-    path = Path(path)
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")

@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 
 
 def patchify(z: torch.Tensor, p: int) -> torch.Tensor:

@@ -9,7 +9,10 @@ Two layers:
     completion record. A unit counts as done only when its record exists, so a run killed at any moment is finished
     by running it again: done units are skipped, the rest redone, nothing doubled.
 
-Folder locks (pipeline.storage.lock.FolderLock) use the same interface's create-only write. Every path is a string
+Folder locks (pipeline.storage.lock.FolderLock; on object storage pipeline.storage.lease.LeasedLock, chosen by
+`folder_lock`) use the same interface's create-only write. Code that names, lists and reads files takes
+`as_path(p)`: a pathlib.Path locally, an ObjectPath (pathlib's manners, I/O through the backend) for a URL; what
+needs a local file takes `local_copy(url)` (pipeline.storage.cache). Every path is a string
 or Path as the user gave it; `storage_for(path)` picks the backend by URL scheme and refuses an unknown one in one
 line (a URL is never taken for a local folder name).
 """
@@ -31,3 +34,6 @@ from pipeline.storage.local import (  # noqa: F401
     temporary_name,
 )
 from pipeline.storage.lock import FolderLock  # noqa: F401
+from pipeline.storage.lease import LeasedLock, folder_lock  # noqa: F401
+from pipeline.storage.paths import ObjectPath, as_path, check_access, is_remote, remove_tree  # noqa: F401
+from pipeline.storage.cache import LogMirror, local_copy  # noqa: F401

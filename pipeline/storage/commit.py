@@ -12,11 +12,18 @@ The record is created create-only: when two runs race on one unit (a whole-job r
 second finds it done and its commit returns False. Replacing a done unit (a checkpoint saved again at the same
 step, `--overwrite`) first undoes it: the record goes first, so the unit stops counting as done before any payload
 is removed.
+
+What was written can be recorded: after put_staged(), `files()` gives the size and SHA-256 of every staged payload
+(the object store returns them from the upload, which hashed the bytes it sent, as a multipart ETag is no content
+hash; locally the staging file is hashed before its rename), which the writers put into their records (`files`). A unit under a folder whose leased lock this process
+has lost (pipeline.storage.lease) is not committed: the commit raises the lock's one-line error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -32,6 +39,7 @@ class Unit:
         self.payloads = [str(p) for p in payloads]
         self.store = storage_for(self.record)
         self._staged: dict[str, Path] = {}
+        self.written: dict[str, dict] = {}  # payload -> {size, sha256} of what put_staged wrote
 
     def done(self) -> bool:
         return self.store.exists(self.record) and all(self.store.exists(p) for p in self.payloads)
@@ -65,7 +73,13 @@ class Unit:
     def put_staged(self) -> None:
         """Move every staged payload under its final name (each whole); the unit is not done before commit()."""
         for payload, local in list(self._staged.items()):
-            self.store.put_file(payload, local)
+            digest = file_digest(local) if local.is_file() and not getattr(self.store, "hashes_uploads", False) \
+                else None
+            written = self.store.put_file(payload, local)
+            if isinstance(written, dict) and "sha256" in written:
+                digest = {"size": written["size"], "sha256": written["sha256"]}
+            if digest is not None:
+                self.written[payload] = digest
             del self._staged[payload]
 
     def commit(self, record: dict | bytes) -> bool:
@@ -73,7 +87,12 @@ class Unit:
         are). False when the record already existed (another run committed this unit first; its payloads are the
         ones that count)."""
         self.put_staged()
+        check_lock(self.record)
         return self.store.create(self.record, record if isinstance(record, bytes) else json_bytes(record))
+
+    def files(self) -> dict[str, dict]:
+        """{file name: {size, sha256}} of the payloads put so far, for the record (call put_staged() first)."""
+        return files_of(self.written)
 
     def discard(self) -> None:
         """Drop the staging files of an unfinished unit (a failed or interrupted write)."""
@@ -86,3 +105,41 @@ class Unit:
         self.store.delete(self.record)
         for p in self.payloads:
             self.store.delete(p)
+
+
+def file_digest(path: str | Path) -> dict:
+    """{size, sha256} of a local file."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def files_of(written: dict[str, dict]) -> dict[str, dict]:
+    """{file name: {size, sha256}} for a record, from Unit.written (payload paths or URLs)."""
+    return {str(p).rstrip("/").rsplit("/", 1)[-1]: d for p, d in written.items()}
+
+
+# leased locks held by this process: a unit under a folder whose lock was lost is not committed
+_LOCKS: list = []
+
+
+def guard_commits(lock) -> None:
+    """While `lock` (with `folder`, `pid` and `ensure_held()`) is held, commits under its folder check it first."""
+    _LOCKS.append(lock)
+
+
+def unguard_commits(lock) -> None:
+    if lock in _LOCKS:
+        _LOCKS.remove(lock)
+
+
+def check_lock(record: str) -> None:
+    for lock in list(_LOCKS):
+        if record.startswith(lock.folder.rstrip("/") + "/"):
+            if lock.pid == os.getpid():
+                lock.ensure_held()  # what the renewal thread found
+            else:
+                lock.ensure_ours()  # a forked worker (prepare's pool): no renewal thread here, ask the store

@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.storage.commit import guard_commits, unguard_commits
 from pipeline.storage.lock import FolderLock
+from pipeline.storage.paths import is_remote
 
 log = logging.getLogger("firststage.storage")
 
 
 class LeasedLock(FolderLock):
     def __init__(self, folder: str | Path, name: str = ".lock", what: str = "output folder", lease_s: float = 120.0,
-                 renew_every_s: float | None = None, skew_s: float = 10.0):
-        super().__init__(folder, name, what)
+                 renew_every_s: float | None = None, skew_s: float = 10.0, label: str | None = None):
+        super().__init__(folder, name, what, label)
         if renew_every_s is None:
             renew_every_s = lease_s / 4
         if not 0 < renew_every_s < lease_s:
@@ -65,6 +68,8 @@ class LeasedLock(FolderLock):
 
     def _held(self) -> "LeasedLock":
         super()._held()
+        self.pid = os.getpid()
+        guard_commits(self)  # a unit under the folder is not committed once the lock is lost
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease {self.path}", daemon=True)
         self._thread.start()
@@ -117,8 +122,18 @@ class LeasedLock(FolderLock):
         if not self.held:
             raise UserError(f"{self.what} {self.folder}: the lock {self.path} is not held")
 
+    def ensure_ours(self) -> None:
+        """Raise (one line) unless the lock object still holds our token: one read, for processes forked from the
+        holder (which have no renewal thread of their own)."""
+        found = self.store.read_versioned(self.path)
+        holder = self._parse(found[0]) if found is not None else None
+        if holder is None or holder.get("token") != self.me["token"]:
+            who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "nobody (it was removed)"
+            raise UserError(f"{self.what} {self.folder}: lost the lock {self.path}: it is held by {who}")
+
     # ------------------------------------------------------------------------------------------------ letting go
     def release(self) -> None:
+        unguard_commits(self)
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
@@ -128,3 +143,20 @@ class LeasedLock(FolderLock):
             if holder is not None and holder.get("token") == self.me["token"]:
                 self.store.delete(self.path)
         self.held = False
+
+
+LEASE_S = 120.0  # the default lease of a stage's lock on object storage (FIRSTSTAGE_LOCK_LEASE_S)
+
+
+def folder_lock(folder, name: str = ".lock", what: str = "output folder", label: str | None = None) -> FolderLock:
+    """The lock a stage takes on its output folder: a FolderLock on a local folder (a dead holder is seen by its
+    pid); a LeasedLock on object storage, renewed while the stage runs (a holder on another host is seen by its
+    lease, FIRSTSTAGE_LOCK_LEASE_S seconds, default 120)."""
+    if is_remote(folder):
+        try:
+            lease = float(os.environ.get("FIRSTSTAGE_LOCK_LEASE_S") or LEASE_S)
+        except ValueError:
+            raise UserError(f"FIRSTSTAGE_LOCK_LEASE_S={os.environ['FIRSTSTAGE_LOCK_LEASE_S']!r} is not a number "
+                            f"of seconds") from None
+        return LeasedLock(str(folder), name, what, lease_s=lease, label=label)
+    return FolderLock(folder, name, what, label)

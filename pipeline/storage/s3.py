@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -113,6 +114,8 @@ class S3Storage(Storage):
     `multipart_threshold`: objects of at least this many bytes go up as a multipart upload of `part_size` parts,
     `concurrency` in flight (the part size grows when a file would need more than 10,000 parts); S3 refuses parts
     under 5 MiB except the last. `conflict_attempts`: tries of a conditional write refused with 409."""
+
+    hashes_uploads = True  # put_file / write_bytes return the SHA-256 of what they sent (Unit records it)
 
     def __init__(self, multipart_threshold: int = 64 * MiB, part_size: int = 16 * MiB, concurrency: int = 4,
                  conflict_attempts: int = 8):
@@ -225,11 +228,33 @@ class S3Storage(Storage):
         bucket, key = split_url(path)
         self._call("list_objects_v2", bucket, Prefix=key, MaxKeys=1)
 
+    def check_conditional_writes(self, folder: str) -> None:
+        """A create-only write of a probe object, twice, then its deletion: a server that ignores If-None-Match: *
+        would let two runs take one lock or commit one unit twice, silently; it is refused in one line instead.
+        Once per bucket and process (the stages call it on their output folder before taking its lock)."""
+        bucket, _ = split_url(folder)
+        if (os.getpid(), bucket) in _CONDITIONAL_OK:
+            return
+        probe = self.join(str(folder), f".firststage-probe-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            refused = self.create(probe, b"1") and not self.create(probe, b"2")
+        finally:
+            self.delete(probe)
+        if not refused:
+            raise UserError(f"s3://{bucket}: the object store at {self.endpoint()} replaced an existing object on a "
+                            f"create-only write (If-None-Match: *); firststage needs conditional writes for its "
+                            f"records and locks (AWS S3, MinIO and SeaweedFS have them)")
+        _CONDITIONAL_OK.add((os.getpid(), bucket))
+
     # ------------------------------------------------------------------------------------------------ reads
     def open_read(self, path) -> BinaryIO:
         """A buffered binary stream of the object: one GET, read as it arrives (shards member by member); a
         connection dropped mid-way is resumed from the same byte of the same version (Range + If-Match)."""
         return io.BufferedReader(S3ReadStream(self, str(path)), buffer_size=MiB)
+
+    def open_range(self, path, start: int, length: int) -> BinaryIO:
+        """A buffered stream of `length` bytes of the object from byte `start`: one ranged GET, resumed the same way."""
+        return io.BufferedReader(S3ReadStream(self, str(path), start=start, length=length), buffer_size=MiB)
 
     def read_bytes(self, path) -> bytes:
         with self.open_read(path) as f:
@@ -243,6 +268,10 @@ class S3Storage(Storage):
             return None
 
     def exists(self, path) -> bool:
+        """An object of this name, or a "folder": any object under `path/`."""
+        return self.object_exists(path) or self.folder_exists(path)
+
+    def object_exists(self, path) -> bool:
         bucket, key = split_url(path)
         if not key:
             return False
@@ -252,6 +281,12 @@ class S3Storage(Storage):
         except FileNotFoundError:
             return False
 
+    def folder_exists(self, path) -> bool:
+        """Whether any object lies under `path/` (one listing request)."""
+        bucket, key = split_url(path)
+        prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+        return bool(self._call("list_objects_v2", bucket, Prefix=prefix, MaxKeys=1).get("KeyCount"))
+
     def info(self, path) -> dict:
         """size, ETag and the SHA-256 this backend stored with the object (None for an object written otherwise)."""
         bucket, key = split_url(path)
@@ -259,17 +294,37 @@ class S3Storage(Storage):
         return {"size": r["ContentLength"], "etag": r["ETag"], "sha256": r.get("Metadata", {}).get("sha256")}
 
     def list(self, folder, suffix: str = "") -> list[str]:
+        return sorted(u for u in self.entries(folder)[0] if u.endswith(suffix))
+
+    def entries(self, folder) -> tuple[dict[str, tuple[int, str]], list[str]]:
+        """What lies directly in `folder`: ({object URL: (size, ETag)}, [sub-folder URLs]), by listing (one request
+        per 1000 entries)."""
         bucket, prefix = split_url(folder)
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-        out, token = [], None
+        files, folders, token = {}, [], None
         while True:
             kw = {"Prefix": prefix, "Delimiter": "/", **({"ContinuationToken": token} if token else {})}
             r = self._call("list_objects_v2", bucket, **kw)
-            out += [f"s3://{bucket}/{o['Key']}" for o in r.get("Contents", []) if o["Key"].endswith(suffix)
-                    and o["Key"] != prefix]
+            files.update({f"s3://{bucket}/{o['Key']}": (o["Size"], o.get("ETag", "")) for o in r.get("Contents", [])
+                          if o["Key"] != prefix})
+            folders += [f"s3://{bucket}/{c['Prefix'].rstrip('/')}" for c in r.get("CommonPrefixes", [])]
             token = r.get("NextContinuationToken")
             if not r.get("IsTruncated") or not token:
-                return sorted(out)
+                return files, sorted(folders)
+
+    def walk(self, folder) -> dict[str, tuple[int, str]]:
+        """Every object under `folder`, at any depth: {URL: (size, ETag)}, in key order."""
+        bucket, prefix = split_url(folder)
+        prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        out, token = {}, None
+        while True:
+            kw = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            r = self._call("list_objects_v2", bucket, **kw)
+            out.update({f"s3://{bucket}/{o['Key']}": (o["Size"], o.get("ETag", "")) for o in r.get("Contents", [])
+                        if not o["Key"].endswith("/")})
+            token = r.get("NextContinuationToken")
+            if not r.get("IsTruncated") or not token:
+                return out
 
     # ------------------------------------------------------------------------------------------------ writes
     def write_bytes(self, path, data: bytes) -> dict:
@@ -278,9 +333,17 @@ class S3Storage(Storage):
 
     def put_file(self, path, local: Path) -> dict:
         """Upload the finished file whole (one PUT, or a multipart upload that is aborted on any failure or
-        interrupt), then delete it. Returns {'size', 'sha256', 'etag'} of what was written."""
+        interrupt), then delete it. Returns {'size', 'sha256', 'etag'} of what was written. A local folder becomes
+        the objects under `path` (each whole; an export's files), then is deleted; returns {relative name: that}."""
         bucket, key = split_url(path)
         local = Path(local)
+        if local.is_dir():
+            written = {}
+            for f in sorted(q for q in local.rglob("*") if q.is_file()):
+                name = f.relative_to(local).as_posix()
+                written[name] = self.put_file(self.join(path, name), f)
+            shutil.rmtree(local, ignore_errors=True)
+            return written
         with open(local, "rb") as f:
             written = self._upload(bucket, key, f, os.fstat(f.fileno()).st_size, {})
         local.unlink(missing_ok=True)
@@ -417,26 +480,39 @@ class S3Storage(Storage):
             kw = {"KeyMarker": r.get("NextKeyMarker"), "UploadIdMarker": r.get("NextUploadIdMarker")}
 
     def delete(self, path) -> None:
+        """The object, and every object under `path/` (a folder: an export, a checkpoint); absent: no error. One
+        listing finds both (nothing to delete: one request)."""
         bucket, key = split_url(path)
-        try:
-            self._call("delete_object", bucket, key)
-        except botocore.exceptions.ClientError as e:
-            if not _not_found(e):
-                raise
+        key = key.rstrip("/")
+        if not key:
+            raise UserError(f"{path}: refusing to delete a whole bucket")
+        found, token = [], None
+        while True:
+            kw = {"Prefix": key, **({"ContinuationToken": token} if token else {})}
+            r = self._call("list_objects_v2", bucket, **kw)
+            found += [o["Key"] for o in r.get("Contents", []) if o["Key"] == key or o["Key"].startswith(key + "/")]
+            token = r.get("NextContinuationToken")
+            if not r.get("IsTruncated") or not token:
+                break
+        for k in found:
+            try:
+                self._call("delete_object", bucket, k)
+            except botocore.exceptions.ClientError as e:
+                if not _not_found(e):
+                    raise
 
     # ------------------------------------------------------------------------------------------------ local side
     def staging_file(self, path) -> Path:
-        """A new empty file in $TMPDIR/firststage-staging-UID, named after the process and the object; put_file deletes
-        it. Staging files of processes that are gone (killed runs) are removed on the first call of a process."""
+        """A new name (not yet created: a file or a folder is written there) in $TMPDIR/firststage-staging-UID, named
+        after the process and the object; put_file deletes it. Staging files of processes that are gone (killed runs)
+        are removed on the first call of a process."""
         folder = Path(tempfile.gettempdir()) / f"firststage-staging-{os.getuid()}"  # one per user: /tmp is shared
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self._cleaned_staging:
             self._cleaned_staging = True
             _remove_dead_staging(folder)
         name = str(path).rstrip("/").rsplit("/", 1)[-1]
-        fd, local = tempfile.mkstemp(dir=folder, prefix=f"{os.getpid()}-", suffix=f"-{name}")
-        os.close(fd)
-        return Path(local)
+        return folder / f"{os.getpid()}-{os.urandom(6).hex()}-{name}"
 
     def ensure_folder(self, folder) -> None:
         return None  # an object store has no folders: a key's prefix exists as soon as one object has it
@@ -446,6 +522,7 @@ class S3Storage(Storage):
 
 
 _LOADER = None
+_CONDITIONAL_OK: set[tuple[int, str]] = set()  # (pid, bucket) whose server refused a create-only write of an object
 
 
 def _shared_loader():
@@ -466,39 +543,54 @@ def _remove_dead_staging(folder: Path) -> None:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             try:
-                p.unlink(missing_ok=True)
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             except OSError:
                 pass
         except (PermissionError, OverflowError):
             pass
 
 
-class S3ReadStream(io.RawIOBase):
-    """The object's bytes as they arrive from one GET. A connection dropped or reset mid-body (which botocore does
-    not retry: it retries whole requests) is resumed with a ranged GET from the next byte, under If-Match on the
-    ETag of the first response, so a replaced object fails the read instead of splicing two versions. Each
-    resumption counts as a retry of the storage (`S3Storage.retries`)."""
+class ObjectReadError(OSError):
+    """Reading an object failed after every retry and resumption (a storage failure, not bad content)."""
 
-    def __init__(self, storage: S3Storage, path: str, max_resumes: int | None = None):
+
+class S3ReadStream(io.RawIOBase):
+    """The object's bytes as they arrive from one GET (or the `length` bytes from `start`: one ranged GET). A
+    connection dropped or reset mid-body (which botocore does not retry: it retries whole requests) is resumed with a
+    ranged GET from the next byte, under If-Match on the ETag of the first response, so a replaced object fails the
+    read instead of splicing two versions. Each resumption counts as a retry of the storage (`S3Storage.retries`);
+    after MAX_RESUMES in one read (backing off up to MAX_DELAY seconds) the read fails with ObjectReadError."""
+
+    MAX_RESUMES = 10
+    MAX_DELAY = 5.0
+
+    def __init__(self, storage: S3Storage, path: str, max_resumes: int | None = None, start: int = 0,
+                 length: int | None = None):
         super().__init__()
         self.storage, self.path = storage, path
         self.bucket, self.key = split_url(path)
-        self.pos, self.etag, self.size, self._body = 0, None, None, None
-        self.max_resumes = max_resumes if max_resumes is not None else 10
+        # pos: the next byte's offset in the object; size: where this read ends (the object's size for a whole read)
+        self.pos, self.etag, self.size, self._body = start, None, None, None
+        self._range = None if start == 0 and length is None else \
+            f"bytes={start}-{'' if length is None else start + max(length, 1) - 1}"
+        self.max_resumes = max_resumes if max_resumes is not None else self.MAX_RESUMES
         self._open()
 
     def _open(self) -> None:
-        kw = {}
+        kw = {"Range": self._range} if self._range else {}
         if self.etag is not None:
-            kw = {"IfMatch": self.etag, "Range": f"bytes={self.pos}-"}
+            kw = {"IfMatch": self.etag, "Range": f"bytes={self.pos}-{self.size - 1}"}
         try:
             r = self.storage._call("get_object", self.bucket, self.key, **kw)
         except botocore.exceptions.ClientError as e:
             if precondition_failed(e):
                 raise OSError(f"{self.path} was replaced while it was being read") from None
+            if _code(e) == "InvalidRange":  # a range that starts at the end: nothing to read
+                self.etag, self.size, self._body = "", self.pos, io.BytesIO(b"")
+                return
             raise
         if self.etag is None:
-            self.etag, self.size = r.get("ETag"), r["ContentLength"]
+            self.etag, self.size = r.get("ETag"), self.pos + r["ContentLength"]
         self._body = r["Body"]
 
     def readable(self) -> bool:
@@ -517,12 +609,12 @@ class S3ReadStream(io.RawIOBase):
                 err = e
             resumes += 1
             if resumes > self.max_resumes:
-                raise OSError(f"{self.path}: reading failed at byte {self.pos} of {self.size} after {resumes - 1} "
-                              f"resumed connections: {err}") from err
+                raise ObjectReadError(f"{self.path}: reading failed at byte {self.pos} of {self.size} after "
+                                      f"{resumes - 1} resumed connections: {err}") from err
             self.storage._count_retry(f"GetObject body: {type(err).__name__}")
             self._close_body()
             time.sleep(delay * (0.5 + random.random()))
-            delay = min(max(2 * delay, 0.1), 5.0)
+            delay = min(max(2 * delay, 0.1), self.MAX_DELAY)
             try:
                 self._open()
             except (FileNotFoundError, UserError):

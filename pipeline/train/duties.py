@@ -23,7 +23,7 @@ from pipeline.metrics.evaluator import Evaluator
 from pipeline.metrics.grid import save_grid
 from pipeline.models.autoencoder import run_autoencoder
 from pipeline.pixels import to_model_input, to_uint8
-from pipeline.storage import atomic_write_text
+from pipeline.storage import as_path, atomic_write_text
 
 
 class NonFiniteGuard:
@@ -104,12 +104,14 @@ class Logbook:
 
 class Checkpointer:
     """Saves every `every` steps and at the last step: the main process un-commits a checkpoint of the same step (a
-    rerun that got no further), every rank writes its part, the main process commits the record when all are done,
-    then prunes to `keep`."""
+    rerun that got no further), every rank writes its part, the main process commits the record (with the size and
+    SHA-256 of its files) when all are done, then prunes to `keep` and calls `after_save` (the logs' upload to an
+    object-store run folder)."""
 
-    def __init__(self, run_dir: Path, accelerator, every: int, max_steps: int, keep: int):
-        self.run_dir, self.acc = Path(run_dir), accelerator
+    def __init__(self, run_dir: Path, accelerator, every: int, max_steps: int, keep: int, after_save=None):
+        self.run_dir, self.acc = as_path(run_dir), accelerator
         self.every, self.max_steps, self.keep = every, max_steps, keep
+        self.after_save = after_save
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
@@ -121,14 +123,16 @@ class Checkpointer:
             ckpt.uncommit_checkpoint(folder)
         acc.wait_for_everyone()
         try:
-            ckpt.write_checkpoint_files(folder, state, acc.process_index, acc.is_main_process)
+            files = ckpt.write_checkpoint_files(folder, state, acc.process_index, acc.is_main_process)
         except BaseException:
             ckpt.uncommit_checkpoint(folder)  # a failed save (a full disk) leaves nothing behind
             raise
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ckpt.commit_checkpoint(folder, state["trainer"])
+            ckpt.commit_checkpoint(folder, state["trainer"], files)
             ckpt.prune_checkpoints(self.run_dir, self.keep)
+            if self.after_save is not None:
+                self.after_save()
         acc.wait_for_everyone()
         return folder
 

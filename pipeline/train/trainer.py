@@ -28,6 +28,7 @@ from pipeline.config import Config, config_from_dict, config_to_dict, merge_dict
 from pipeline.data.loader import make_loader, plan_subset, resolve_shards
 from pipeline.distributed import all_reduce
 from pipeline.errors import UserError
+from pipeline.storage import LogMirror, as_path
 from pipeline.losses import FirstStageObjective
 from pipeline.models.autoencoder import build_autoencoder, family_of
 from pipeline.pixels import to_model_input
@@ -58,7 +59,7 @@ def find_resume(output_dir: str, resume: str | None) -> Path | None:
         return ckpt.find_resume_path(output_dir)
     if resume and not ckpt.is_checkpoint(resume):
         raise UserError(f"{resume}: not a complete checkpoint folder")
-    return Path(resume) if resume else None
+    return as_path(resume) if resume else None
 
 
 def shape_from_init(cfg: Config, explicit: list[str] = ()) -> Config:
@@ -98,7 +99,12 @@ class Trainer:
     def __init__(self, cfg: Config, accelerator, resume: str | None = None):
         """Everything a run needs, built and (with `resume`) restored; prepared with accelerate once."""
         self.cfg, self.accelerator, acc = cfg, accelerator, accelerator
-        self.run_dir = Path(cfg.output_dir)
+        self.run_dir = as_path(cfg.output_dir)
+        # metrics.jsonl, samples/ and TensorBoard's logs/ are appended locally, uploaded at checkpoints when the
+        # run folder is on object storage (LogMirror); a resumed run continues the run folder's metrics.jsonl
+        self.logs = LogMirror(cfg.output_dir)
+        if acc.is_main_process:
+            self.logs.pull("metrics.jsonl")
         pipes = cfg.data.allow_pipe
         train_urls = resolve_shards(cfg.data.train, pipes)  # cheap checks first: a user mistake before any model is built
         if cfg.data.val:
@@ -155,7 +161,7 @@ class Trainer:
             world_size=acc.num_processes, epoch=self.state.step,  # a resumed run draws a fresh stream
             pin_memory=torch.cuda.is_available(), max_bad_samples=cfg.data.max_bad_samples, allow_pipe=pipes,
         )
-        self.grid = GridWriter(self.run_dir, acc, cfg.train.image_every)
+        self.grid = GridWriter(self.logs.local, acc, cfg.train.image_every)
         self.validator = None
         if cfg.data.val:
             val_urls, val_limits, _ = plan_subset(cfg.data.val, cfg.train.val_samples, pipes)
@@ -339,9 +345,9 @@ class Trainer:
 
     def _steps(self, stop: threading.Event, bar) -> State:
         st, t, acc = self.state, self.cfg.train, self.accelerator
-        log = Logbook(self.run_dir, acc, t.log_every, self.global_batch, st.step)
+        log = Logbook(self.logs.local, acc, t.log_every, self.global_batch, st.step)
         guard = NonFiniteGuard(t.max_bad_steps, acc.scaler is not None)
-        saver = Checkpointer(self.run_dir, acc, t.checkpoint_every, t.max_steps, t.keep_checkpoints)
+        saver = Checkpointer(self.run_dir, acc, t.checkpoint_every, t.max_steps, t.keep_checkpoints, self.logs.sync)
         st.stop_requested = self.agree(stop.is_set())[0]  # a SIGTERM during start-up: requeue before any step
         data = iter(self.loader)
         self.model.train()

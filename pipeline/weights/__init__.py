@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.storage import regular_file
+from pipeline.storage import is_remote, regular_file
 from pipeline.weights import diffusers, encoder_only, firststage, legacy, single_file
 
 FORMATS = (firststage, encoder_only, diffusers, single_file, legacy)
@@ -38,18 +38,32 @@ class Weights:
     format: str
     path: str
     ema: bool = True
+    url: str = ""  # weights on object storage: the URL `path` is a local copy of (each process takes its own copy)
 
     @property
     def _module(self):
         return BY_NAME[self.format]
 
+    @property
+    def _local(self) -> Path:
+        if self.url:
+            from pipeline.storage import local_copy
+
+            return local_copy(self.url)
+        return Path(self.path)
+
+    @property
+    def where(self) -> str:
+        """Where the weights are, for records: the URL on object storage, else the path."""
+        return self.url or self.path
+
     def describe(self) -> str:
         """For summaries and records: a checkpoint's EMA or raw file, a diffusers folder, a single file, ..."""
-        return self._module.describe(Path(self.path), self.ema)
+        return self._module.describe(self._local, self.ema)
 
     def load(self, overrides: list[str] | None = None):
         """(model in eval mode, Config)."""
-        model, cfg = self._module.load(Path(self.path), self.ema, overrides)
+        model, cfg = self._module.load(self._local, self.ema, overrides)
         return model.eval(), cfg
 
     def light_config(self, overrides: list[str] | None = None):
@@ -57,11 +71,11 @@ class Weights:
         a firststage checkpoint's config.yaml, a diffusers folder's config.json; None for a format whose config
         needs the tensors (single files, legacy files, encoder-only exports)."""
         light = getattr(self._module, "light_config", None)
-        return light(Path(self.path), overrides) if light is not None else None
+        return light(self._local, overrides) if light is not None else None
 
     def state_dict(self) -> dict:
         """The tensors under diffusers names (to initialise a model built from another config)."""
-        return self._module.state_dict(Path(self.path), self.ema)
+        return self._module.state_dict(self._local, self.ema)
 
     def load_into(self, model, source: str) -> None:
         """Initialise `model` (built from a run's config) from these weights; a shape mismatch names the tensor."""
@@ -75,9 +89,11 @@ class Weights:
             raise UserError(f"{self.given}: an encoder-only export has no decoder; {why}")
 
     @property
-    def beside(self) -> Path:
+    def beside(self):
         """The folder that results about these weights go into by default: the folder given, or a file's folder."""
-        given = Path(self.given).expanduser()
+        from pipeline.storage import as_path
+
+        given = as_path(self.given).expanduser()
         return given if given.is_dir() else given.parent
 
     @property
@@ -87,7 +103,15 @@ class Weights:
 
 
 def resolve_weights(path: str | Path, ema: bool = True) -> Weights:
-    """Which weights `path` means now, or one line saying why it means none."""
+    """Which weights `path` means now, or one line saying why it means none. On object storage: pinned there, read
+    from a local copy (pipeline.weights.remote)."""
+    if is_remote(path):
+        from dataclasses import replace
+
+        from pipeline.weights.remote import pin
+
+        url, local = pin(str(path))
+        return replace(resolve_weights(local, ema), given=str(path), url=url)
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{path}: no such file or folder")

@@ -72,13 +72,12 @@ def data_summary(manifest: dict) -> str:
 
 def card_inputs(weights, cfg) -> tuple[dict | None, str | None, str | None]:
     """(trainer.json, data manifest summary, eval table) for the model card, where they exist."""
-    from pathlib import Path
-
     from pipeline.checkpoint import read_trainer_state
+    from pipeline.storage import as_path
 
     trainer = read_trainer_state(weights.checkpoint) if weights.checkpoint is not None else None
-    data = Path(cfg.data.train) if cfg.data.train else None
+    data = as_path(cfg.data.train) if cfg.data.train else None  # a local path or an object-store URL
     manifest = data / "manifest.json" if data and data.is_dir() else data
     summary = data_summary(json.loads(manifest.read_text())) if manifest and manifest.suffix == ".json" and manifest.is_file() else None
-    evals = [p / "eval.md" for p in (Path(weights.given), Path(weights.path)) if (p / "eval.md").is_file()]
+    evals = [p / "eval.md" for p in (as_path(weights.given), as_path(weights.path)) if (p / "eval.md").is_file()]
     return trainer, summary, evals[0].read_text() if evals else None

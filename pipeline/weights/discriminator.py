@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 
 FILE = "discriminator.safetensors"
 PREFIX = "discriminator."

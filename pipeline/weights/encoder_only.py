@@ -20,6 +20,11 @@ from pipeline.errors import UserError
 from pipeline.storage import regular_file
 from pipeline.weights.loading import build_checked, load_state, named, read_json_config
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 NAME = "encoder-only"
 CONFIG = "encoder_config.json"  # the folder's marker
 WEIGHTS = "encoder.safetensors"

@@ -25,6 +25,11 @@ import re
 
 from pipeline.errors import UserError
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 PREFIXES = ("first_stage_model.", "vae.")  # full SD / LDM checkpoints keep the autoencoder under one of these
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 

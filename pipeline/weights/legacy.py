@@ -19,6 +19,11 @@ from pipeline.storage import regular_file
 from pipeline.weights import single_file
 from pipeline.weights.single_file import describe  # noqa: F401 (this format's describe, as for any single file)
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 NAME = "legacy"
 SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of an old-style torch file

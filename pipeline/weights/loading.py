@@ -13,6 +13,11 @@ from pathlib import Path
 from pipeline.errors import UserError
 from pipeline.storage import read_json, regular_file
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 MAX_CONFIG_BYTES = 2**20  # a model's JSON config is a few KiB
 
 

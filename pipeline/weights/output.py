@@ -33,6 +33,14 @@ def model_paths(weights) -> list[Path]:
 
 def check_output_path(out: Path, weights) -> None:
     """`out` is neither the model nor around or inside its folders, nor the working folder (or one containing it)."""
+    from pipeline.storage import is_remote
+
+    if is_remote(out):  # on object storage: not the model's URL, nor around or inside it
+        model, target = weights.where.rstrip("/") + "/", str(out).rstrip("/") + "/"
+        if is_remote(model) and (model.startswith(target) or target.startswith(model)):
+            raise UserError(f"{out} is, contains or lies inside the model {weights.where}; an export never writes "
+                            f"over or into its own model: choose a path outside it")
+        return
     target = out.expanduser().resolve()
     for p in model_paths(weights):
         how = ("is" if target == p else "contains" if target in p.parents else

@@ -19,6 +19,11 @@ from pipeline.weights.diffusers import refuse_cosine_codebook, to_plain_diffuser
 from pipeline.weights.ldm import PREFIXES, diffusers_to_ldm, infer_model_section, is_ldm_named, ldm_to_diffusers, strip_prefix
 from pipeline.weights.loading import build_and_load, named
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 NAME = "single-file"
 SUFFIXES = (".safetensors",)
 MAX_RESOLUTION = 16384  # what a file's metadata may claim (data.resolution=N overrides it)
