@@ -41,11 +41,14 @@ def write_images(folder: Path, n: int, size=(96, 80), prefix: str = "img", capti
     return keys
 
 
-def read_tar_samples(folder: Path) -> dict:
-    """Every sample of every shard in `folder` with tarfile alone: key -> {extension: bytes}; a member twice fails."""
+def read_tar_samples(folder) -> dict:
+    """Every sample of every shard in `folder` (a folder or an s3:// prefix) with tarfile alone: key -> {extension:
+    bytes}; a member twice fails."""
+    from pipeline.storage import as_path
+
     out: dict = {}
-    for tar in sorted(Path(folder).glob("*.tar")):
-        with tarfile.open(tar) as tf:
+    for tar in sorted(as_path(folder).glob("*.tar")):
+        with tarfile.open(fileobj=io.BytesIO(tar.read_bytes())) as tf:
             for m in tf.getmembers():
                 key, ext = m.name.split(".", 1)
                 assert ext not in out.setdefault(key, {}), f"{m.name} twice"

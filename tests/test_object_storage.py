@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from harness import ForkedStage, run_main
-from helpers import TINY, make_shards
+from helpers import TINY, make_shards, read_tar_samples
 from s3server import _AWS_VARS, FaultProxy, answer, operation, s3_server  # noqa: F401 (fixture)
 
 from pipeline.storage import base, storage_for
@@ -116,20 +116,6 @@ def listing(folder: str) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
 
 
-def tar_samples(folder: str) -> dict[str, dict[str, bytes]]:
-    """key -> {member extension: bytes} of every shard in a folder or prefix; a key twice fails."""
-    out: dict = {}
-    for name in listing(folder):
-        if "/" in name or not name.endswith(".tar"):
-            continue
-        with tarfile.open(fileobj=io.BytesIO(read(f"{folder}/{name}"))) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                assert ext not in out.setdefault(key, {}), f"{m.name} twice"
-                out[key][ext] = tf.extractfile(m).read()
-    return out
-
-
 def without(d: dict, *keys: str) -> dict:
     return {k: v for k, v in d.items() if k not in keys}
 
@@ -142,8 +128,8 @@ def test_every_command_on_s3_gives_what_a_folder_gives(chain):
         assert s3 in chain["out"]["s3"][name].stdout or name == "evaluate", chain["out"]["s3"][name].stdout
     # prepare: the same manifest, the same samples byte for byte
     assert read_json(f"{s3}/data/shards/manifest.json") == read_json(f"{local}/data/shards/manifest.json")
-    images = tar_samples(f"{s3}/data/shards")
-    assert len(images) == 24 and images == tar_samples(f"{local}/data/shards")
+    images = read_tar_samples(f"{s3}/data/shards")
+    assert len(images) == 24 and images == read_tar_samples(f"{local}/data/shards")
     # train: the same checkpoints, the same weights (the run is deterministic), logs uploaded
     assert listing(f"{s3}/runs/klf8/checkpoints") == listing(f"{local}/runs/klf8/checkpoints")
     for step in (2, 4):
@@ -194,10 +180,10 @@ def test_prepare_from_an_s3_folder_of_images_and_a_list_file(chain, tmp_path):
     for inp, out in ((f"{s3}/photos", f"{s3}/from-photos"), (str(tmp_path / "photos"), str(tmp_path / "ref")),
                      (f"{s3}/photos/list.txt", f"{s3}/from-list")):
         ok(run_main(stage("prepare"), "--input", inp, "--output", out, "--size", "32"))
-    got = tar_samples(f"{s3}/from-photos")
-    assert got == tar_samples(str(tmp_path / "ref")) and sorted(got) == [f"a/img{i:04d}" for i in range(4)]
+    got = read_tar_samples(f"{s3}/from-photos")
+    assert got == read_tar_samples(str(tmp_path / "ref")) and sorted(got) == [f"a/img{i:04d}" for i in range(4)]
     assert got["a/img0002"]["txt"] == b"caption 2"
-    assert sorted(tar_samples(f"{s3}/from-list")) == ["a/img0001", "a/img0003"]
+    assert sorted(read_tar_samples(f"{s3}/from-list")) == ["a/img0001", "a/img0003"]
 
 
 def test_models_on_s3_for_init_from_and_a_single_file(chain, tmp_path):
@@ -225,7 +211,7 @@ def test_loader_workers_read_s3_shards_with_their_own_clients(chain):
     urls = resolve_shards(f"{chain['s3']}/data/shards")
     loader = DataLoader(ImageStream(urls, mode="eval", resolution=32), batch_size=4, num_workers=2, collate_fn=collate)
     keys = [k for batch in loader for k in batch["__key__"]]
-    assert sorted(keys) == sorted(tar_samples(f"{chain['local']}/data/shards"))
+    assert sorted(keys) == sorted(read_tar_samples(f"{chain['local']}/data/shards"))
     with gopen(urls[0]) as f:
         assert f.read() == read(urls[0])
     from pipeline.latents.encoder import EncodeStream  # encode's stream, as it runs on a GPU machine: in workers
@@ -290,7 +276,7 @@ def test_prepare_killed_during_uploads_then_again(chain):
     ok(run_main(stage("prepare"), *[a.replace(f"{s3}/raw", str(root / "raw")).replace(out, str(root / "ref"))
                                    for a in args]))
     assert read_json(f"{out}/manifest.json") == read_json(str(root / "ref" / "manifest.json"))
-    assert tar_samples(out) == tar_samples(str(root / "ref"))  # every key exactly once, the same bytes
+    assert read_tar_samples(out) == read_tar_samples(str(root / "ref"))  # every key exactly once, the same bytes
     assert listing(out) == listing(str(root / "ref"))  # nothing else: no lock, no temporary
     assert storage_for(out).abort_uploads(out, older_than_s=0) >= 1 and open_uploads(out) == []
 
@@ -307,7 +293,7 @@ def test_encode_killed_during_uploads_then_again(chain):
     assert "1 already complete" in r.stdout or "2 already complete" in r.stdout, r.stdout
     a, b = read_json(f"{out}/manifest.json"), read_json(f"{s3}/latents/klf8/manifest.json")
     assert a["shards"] == b["shards"] and a["statistics"] == b["statistics"]
-    assert tar_samples(out).keys() == tar_samples(f"{s3}/latents/klf8").keys()
+    assert read_tar_samples(out).keys() == read_tar_samples(f"{s3}/latents/klf8").keys()
     assert listing(out) == listing(f"{s3}/latents/klf8")
 
 
