@@ -319,6 +319,8 @@ class EvaluateConfig:
     lpips_backbone: Literal["pretrained", "random"] = _f(
         "pretrained", "LPIPS backbone weights for the LPIPS rows; random: tests only, the numbers are meaningless"
     )
+    diffusability: bool = _f(True, "the diffusability probe: equivariance PSNR (2x downscale, rotations) and the "
+                             "latent's high-frequency share (docs/diffusable-latents.md); 4 more decodes per batch")
 
 
 @dataclass

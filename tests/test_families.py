@@ -137,6 +137,7 @@ def test_a_diffusers_autoencoder_evaluates_encodes_and_fine_tunes(name, shards, 
     res = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert res["samples"] == 6 and res["psnr"] > 0
     assert ("kl_per_sample" in res) == (name in POSTERIOR) and ("likelihood" in res) == (name in POSTERIOR)
+    assert len(res["diffusability"]["equivariance_psnr"]) == 4  # the probe, on a diffusers folder of any family
 
     r = run_main(encode, "--model", tmp_path / "vae", "--data", shards, "--output", tmp_path / "lat", *fam_args)
     assert r.returncode == 0, r.stderr[-3000:]
