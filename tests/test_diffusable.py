@@ -424,3 +424,20 @@ def test_presets_are_the_papers_recipes():
     assert va.train.lr == 1e-4 and va.train.lr_scale == "absolute" and va.loss.alignment.adaptive_weight
     se = load_config("scale-eq-ft").loss.equivariance
     assert se.mode == "scale" and se.scale_factors == [2, 4] and se.scale_weight == 0.25 and se.p == 1.0
+
+
+def test_the_docs_name_only_keys_and_presets_that_exist():
+    import re
+
+    from harness import ROOT
+    from pipeline.config import CONFIG_DIR, describe_fields
+
+    text = (ROOT / "docs" / "diffusable-latents.md").read_text()
+    keys = {k for k, _, _ in describe_fields()}
+    named = set(re.findall(r"(?<![./\w])((?:data|model|loss|train|evaluate)\.[a-z0-9_]+(?:\.[a-z0-9_]+)*)", text))
+    named = {k for k in named if not re.search(r"\.(py|md|yaml|json|safetensors)$", k)}
+    assert len(named) >= 10
+    assert sorted(k for k in named if k not in keys and not any(f.startswith(k + ".") for f in keys)) == []
+    presets = set(re.findall(r"--config ([\w-]+)", text)) | set(re.findall(r"`([\w-]+)` preset", text))
+    assert presets >= {"eq-vae-ft", "va-vae-f16c32", "scale-eq-ft"}
+    assert all((CONFIG_DIR / f"{p}.yaml").is_file() for p in presets), presets
