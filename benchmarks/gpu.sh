@@ -77,16 +77,20 @@ step() {  # step NAME SECONDS command...: run one measurement with a time limit,
 
 K=(--preset kl-f8 --out "$results")
 # enough images that worker start-up (once per repeat) is small beside the steady state
-R256=256 R512=512 SRC256=300 SRC512=600 N256=2048 N512=768 STEPS=10 REPEATS=5 WORKERS=12
+R256=256 R512=512 SRC256=300 SRC512=600 N256=2048 N512=768 STEPS=10 REPEATS=5 WORKERS=12 RDIFF=256
 if ((smoke)); then
     K=(--preset tiny --out "$results")
-    R256=32 R512=64 SRC256=48 SRC512=80 N256=32 N512=16 STEPS=2 REPEATS=1 WORKERS=1
+    R256=32 R512=64 SRC256=48 SRC512=80 N256=32 N512=16 STEPS=2 REPEATS=1 WORKERS=1 RDIFF=64
 fi
 # Training step, kl-f8 at 256x256: naive fp32 loop against the trainer's step, with two variants; the profile is of
 # the first firststage variant (the preset's own defaults).
 step train-256 150 "$py" benchmarks/train.py "${K[@]}" --resolution $R256 --batch 8 --steps $STEPS \
     --repeats $REPEATS --variant "firststage=" --variant "contiguous=train.channels_last=false" \
     --variant "batch-16=train.batch_size=16" --profile "$out/profile-train.txt"
+# The terms of docs/diffusable-latents.md against the plain step: EQ-VAE, scale equivariance, VA-VAE alignment (a
+# tiny random DINOv2 in bf16: offline nodes have no DINOv2-L; its own forward is timed apart).
+step train-diffusable 150 "$py" benchmarks/train.py "${K[@]}" --resolution $RDIFF --batch 8 --steps $STEPS \
+    --repeats $REPEATS --no-naive --diffusable
 # Encoding, end to end (JPEG shards -> latent shards) and encoder only, at 256 and 512.
 step encode-256 150 "$py" benchmarks/encode.py "${K[@]}" --resolution $R256 --source $SRC256 --images $N256 \
     --batch 64 --workers $WORKERS --repeats $REPEATS

@@ -5,6 +5,7 @@
   python benchmarks/train.py --preset kl-f8 --resolution 512 --batch 4 --no-naive \\
       --variant ckpt=train.gradient_checkpointing=true --memory-limit-gb 24   # does it fit a 24 GB card?
   python benchmarks/train.py --preset kl-f8 --resolution 512 --no-naive --max-batch-gb 80   # largest batch in 80 GB
+  python benchmarks/train.py --no-naive --diffusable --out benchmarks/RESULTS.md   # EQ-VAE, scale eq., alignment
 
 One step is the full GAN-phase step: autoencoder forward and backward, LPIPS, the PatchGAN generator term with the
 adaptive weight, the discriminator's own step, both AdamW updates and the EMA. The GAN is switched on from step 0
@@ -217,6 +218,40 @@ def profile_steps(path, batches, out: Path, steps: int = 5) -> None:
     print(f"profile of {path.name} written to {out}")
 
 
+def foundation_rates(paths, batches_of, steps: int, repeats: int) -> dict[str, list]:
+    """Images per second of the foundation model's own forward (loss.alignment) in each path that has one: what an
+    aligned step spends beyond the autoencoder, timed alone on the same batches."""
+    from pipeline.pixels import to_model_input
+
+    out = {}
+    for p in paths:
+        alignment = getattr(getattr(getattr(p, "tr", None), "objective", None), "alignment", None)
+        if alignment is None:
+            continue
+        step = lambda images: alignment.foundation(to_model_input(images, p.device))  # noqa: E731
+        timed = type("Foundation", (), {"device": p.device, "batch": p.batch, "step": staticmethod(step)})
+        time_steps(timed, batches_of[p.batch], 2)
+        out[p.name] = [time_steps(timed, batches_of[p.batch], steps) for _ in range(repeats)]
+    return out
+
+
+def cost_table(paths, results: dict, foundation: dict, plain: str) -> list[str]:
+    """Seconds per step of each path against the plain firststage step, and for aligned paths the cost beyond the
+    foundation model's own forward, as a share of the plain step."""
+    base = statistics.median(results[plain].batch / r for r in results[plain].rates)
+    lines = ["", f"Cost per step against the plain step (`{plain}`); the foundation model's forward timed alone on "
+             "the same batches:\n", "| path | s/step | vs plain | foundation forward (s) | extra beyond the foundation "
+             "forward, share of a plain step |", "|---|---:|---:|---:|---:|"]
+    for p in paths:
+        if p.name == "naive":
+            continue
+        per_step = statistics.median(p.batch / r for r in results[p.name].rates)
+        f = statistics.median(p.batch / r for r in foundation[p.name]) if p.name in foundation else None
+        extra = f"{(per_step - f - base) / base:+.1%}" if f is not None else ""
+        lines.append(f"| {p.name} | {per_step:.3f} | {per_step / base:.2f}x | {f'{f:.3f}' if f else ''} | {extra} |")
+    return lines
+
+
 def measure(paths, batches_of, steps: int, repeats: int) -> dict[str, Result]:
     results = {p.name: Result(p.name, p.batch) for p in paths}
     for p in paths:  # warm-up: allocator, cuDNN autotuning, compilation
@@ -278,12 +313,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=key=value,key=value: the firststage path with these overrides (repeatable)")
+    ap.add_argument("--diffusable", action="store_true",
+                    help="the variants of docs/diffusable-latents.md against the plain step: plain, eq (EQ-VAE), "
+                         "scale (scale equivariance), align (VA-VAE alignment; a tiny random DINOv2 unless --dinov2)")
+    ap.add_argument("--dinov2", default="", help="with --diffusable: DINOv2 weights for the align variant")
     ap.add_argument("--no-naive", action="store_true", help="time the firststage path(s) only")
     ap.add_argument("--profile", default="", help="write a profiler summary of the first firststage path here")
     ap.add_argument("--memory-limit-gb", type=float, default=0, help="cap this process's GPU memory (a smaller card)")
     ap.add_argument("--max-batch-gb", type=float, default=0, help="find the largest batch that fits this many GB")
     ap.add_argument("--out", default="", help="append a results section to this markdown file")
     args = ap.parse_args()
+    if args.diffusable:
+        dino = f"loss.alignment.model={args.dinov2}" if args.dinov2 else "loss.alignment.backbone=random"
+        align = [f"align=loss.alignment.enabled=true,{dino}"]
+        try:
+            import transformers  # noqa: F401  (DINOv2 runs on it)
+        except ImportError:
+            print("train.py: no transformers here (pip install 'firststage[align]'): the align variant is left out")
+            align = []
+        args.variant = ["plain=", "eq=loss.equivariance.enabled=true",
+                        "scale=loss.equivariance.enabled=true,loss.equivariance.mode=scale"] + align + args.variant
     threads = apply_thread_policy()
     cuda = torch.cuda.is_available()
     if (args.memory_limit_gb or args.max_batch_gb) and not cuda:
@@ -317,6 +366,7 @@ def main() -> None:
         paths = ([] if args.no_naive else [Naive(ours[0])]) + ours
         batches_of = {p.batch: batches_for(args.resolution, p.batch) for p in paths}
         results = measure(paths, batches_of, args.steps, args.repeats)
+        foundation = foundation_rates(paths, batches_of, args.steps, args.repeats)
         for p in paths:  # a compiled path does the same work as the eager one (and the counter would recompile it)
             compiled = isinstance(p, Ours) and p.cfg.train.compile
             results[p.name].flops = (results[ours[0].name].flops * p.batch / ours[0].batch if compiled
@@ -341,6 +391,8 @@ def main() -> None:
         mem = f"{r.peak_bytes / r.batch / 2**30:.2f}" if device.type == "cuda" else "n/a"
         lines.append(f"| {p.name} | {r.batch} | {rate:.1f} | {ratio} | {r.flops / 1e9:.1f} | "
                      f"{flop_rate / 1e12:.2f} | {model_flops * rate / peak:.1%} | {mem} |")
+    if len(ours) > 1:
+        lines += cost_table(paths, results, foundation, ours[0].name)
     print(f"train {args.preset} {args.resolution}px on {where}")
     print("\n".join(lines[1:]))
     write_section(args, lines, threads)

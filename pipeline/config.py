@@ -198,12 +198,72 @@ class VQLossConfig:
 
 
 @dataclass
+class EquivarianceConfig:
+    """EQ-VAE (Kouzelis et al. 2025, zelaki/eqvae) and scale equivariance (Skorokhodov et al. 2025): the decoder
+    trained to commute with transforms of its latent (docs/diffusable-latents.md)."""
+
+    enabled: bool = _f(False, "train the decoder to be equivariant to latent transforms")
+    mode: Literal["eq-vae", "scale"] = _f(
+        "eq-vae", "eq-vae: with probability p the step decodes a rescaled + rotated latent against the same transform "
+        "of the image (instead of the plain reconstruction); scale: an extra term between decode(downsample(z)) and "
+        "downsample(x) (Skorokhodov et al. 2025)")
+    p: Optional[float] = _f(None, "probability per step; null: the mode's own (eq-vae 0.5, scale 1.0)", min=0.0, max=1.0)
+    scale_range: list[int] = _f([8, 31], "eq-vae: rescale factors s drawn uniformly from {a/d, ..., b/d} (EQ-VAE: "
+                                "8..31 of 32)")
+    scale_denominator: int = _f(32, "eq-vae: d of scale_range", min=1)
+    anisotropic: bool = _f(False, "eq-vae: independent factors for height and width")
+    rotations: list[int] = _f([1, 2, 3], "eq-vae: rotations drawn with each rescale, in quarter turns (EQ-VAE: 90, "
+                              "180, 270 degrees); empty: rescale only")
+    prior_low_res: float = _f(0.25, "eq-vae: share of the plain steps whose image is first rescaled by a random s "
+                              "(EQ-VAE's prior preservation at lower resolution)", min=0.0, max=1.0)
+    scale_factors: list[int] = _f([2, 4], "scale: downsampling factors, one drawn per step")
+    scale_weight: float = _f(0.25, "scale: weight of the extra term (alpha)", min=0.0)
+    antialias: Optional[bool] = _f(None, "antialiased bilinear resampling; null: the mode's own (eq-vae: false, as "
+                                   "its code; scale: true)")
+
+
+@dataclass
+class AlignmentConfig:
+    """VA-VAE's vision-foundation alignment (Yao et al. 2025, hustvl/LightningDiT vavae): the latent, projected by a
+    learned 1x1 convolution, is pulled towards a frozen DINOv2's patch features."""
+
+    enabled: bool = _f(False, "align the latent with a frozen vision foundation model (VF loss)")
+    model: str = _f("", "DINOv2 weights: a transformers folder (facebook/dinov2-large) or timm's "
+                    "vit_large_patch14_dinov2.lvd142m model.safetensors (file, or its folder)")
+    backbone: Literal["pretrained", "random"] = _f(
+        "pretrained", "pretrained: the weights at loss.alignment.model; random: a tiny random DINOv2 (tests only)")
+    resolution: int = _f(224, "the image is resized bilinearly to this square before the foundation model", min=14)
+    weight: float = _f(0.1, "VF loss weight (vf_weight), times the adaptive weight when that is on", min=0.0)
+    adaptive_weight: bool = _f(True, "scale by ||grad L_nll|| / (||grad L_vf|| + 1e-4) at the encoder's last layer")
+    max_adaptive_weight: float = _f(1.0e8, "clamp of the adaptive weight (VA-VAE: 1e8)", min=0.0)
+    cos_margin: float = _f(0.5, "m_c of ReLU(1 - m_c - cos(proj z, f))", min=0.0, max=2.0)
+    distmat_margin: float = _f(0.25, "m_d of ReLU(|cos-sim(z) - cos-sim(f)| - m_d)", min=0.0, max=2.0)
+    cos_weight: float = _f(1.0, "weight of the marginal cosine term", min=0.0)
+    distmat_weight: float = _f(1.0, "weight of the marginal distance-matrix term", min=0.0)
+
+
+@dataclass
+class LatentNoiseConfig:
+    """Decoder training on noisy latents: l-DeTok's interpolation (Yang et al. 2025) or RAE's / sigma-VAE's additive
+    noise; then a decoder-only fine-tune without it."""
+
+    kind: Literal["none", "interpolate", "additive"] = _f(
+        "none", "interpolate: z' = (1 - t) z + t * strength * eps (l-DeTok); additive: z' = z + t * strength * eps "
+        "(RAE, sigma-VAE); t ~ U(0, 1) per sample, eps ~ N(0, I); training only")
+    strength: Optional[float] = _f(None, "gamma (interpolate) or the largest sigma (additive); null: the paper's "
+                                   "(l-DeTok 3.0, RAE 0.8; sigma-VAE / NextStep-1 use 0.5)", min=0.0)
+
+
+@dataclass
 class LossConfig:
     reconstruction: ReconstructionConfig = _f(ReconstructionConfig())
     perceptual: PerceptualConfig = _f(PerceptualConfig())
     kl: KLConfig = _f(KLConfig())
     adversarial: AdversarialConfig = _f(AdversarialConfig())
     vq: VQLossConfig = _f(VQLossConfig())
+    equivariance: EquivarianceConfig = _f(EquivarianceConfig())
+    alignment: AlignmentConfig = _f(AlignmentConfig())
+    latent_noise: LatentNoiseConfig = _f(LatentNoiseConfig())
 
 
 # ---------------------------------------------------------------------------------------------------------- train
@@ -262,6 +322,8 @@ class EvaluateConfig:
     lpips_backbone: Literal["pretrained", "random"] = _f(
         "pretrained", "LPIPS backbone weights for the LPIPS rows; random: tests only, the numbers are meaningless"
     )
+    diffusability: bool = _f(True, "the diffusability probe: equivariance PSNR (2x downscale, rotations) and the "
+                             "latent's high-frequency share (docs/diffusable-latents.md); 4 more decodes per batch")
 
 
 @dataclass
@@ -436,9 +498,33 @@ def validate(cfg: Config) -> Config:
             "train.mixed_precision: fp16 with loss.adversarial.enabled is not supported (two optimisers share one "
             "loss scaler); use bf16 or no"
         )
+    _validate_diffusability(cfg)
     if m.kind == "kl" and m.shift_factor is not None and not isinstance(m.shift_factor, float):
         raise ConfigError(f"model.shift_factor: expected a float or null, got {m.shift_factor!r}")
     return cfg
+
+
+def _validate_diffusability(cfg: Config) -> None:
+    """loss.equivariance: its lists, and images the loss networks can take."""
+    eq, loss = cfg.loss.equivariance, cfg.loss
+    a, b = (eq.scale_range + [0, 0])[:2]
+    if len(eq.scale_range) != 2 or not 1 <= a <= b:
+        raise ConfigError(f"loss.equivariance.scale_range: expected [a, b] with 1 <= a <= b, got {eq.scale_range}")
+    if any(r not in (0, 1, 2, 3) for r in eq.rotations):
+        raise ConfigError(f"loss.equivariance.rotations: quarter turns 0..3, got {eq.rotations}")
+    if not eq.scale_factors or any(k < 2 for k in eq.scale_factors):
+        raise ConfigError(f"loss.equivariance.scale_factors: integers >= 2, got {eq.scale_factors}")
+    if eq.enabled:
+        f = cfg.model.downsampling_factor
+        side = cfg.data.resolution // f
+        smallest = f * max(1, side * a // eq.scale_denominator if eq.mode == "eq-vae"
+                           else side // max(eq.scale_factors))
+        need = max(16 if loss.perceptual.weight > 0 else 1,
+                   3 * 2 ** loss.adversarial.disc_layers if loss.adversarial.enabled else 1)
+        if smallest < need:
+            raise ConfigError(f"loss.equivariance: its smallest transformed image is {smallest} px at data.resolution "
+                              f"{cfg.data.resolution}, below the {need} px LPIPS / the PatchGAN need; raise "
+                              f"loss.equivariance.scale_range[0] (or lower scale_factors) or the resolution")
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -110,6 +110,19 @@ class ForkedStage:
         return self.output()
 
 
+def sigkill_after_first_checkpoint(run: Path, *args, timeout: float = 120) -> None:
+    """`firststage train ARGS` (output_dir `run`) forked, SIGKILLed as soon as its first checkpoint is complete."""
+    from pipeline.checkpoint import find_resume_path
+
+    proc = ForkedStage("stages.train", *args)
+    deadline = time.time() + timeout
+    while find_resume_path(run) is None:
+        assert proc.poll() is None and time.time() < deadline, proc.output()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def two_node_launch(script: str, *args, port: int = 29611, timeout: int = 300) -> subprocess.CompletedProcess:
     """A real 2-process gloo world on the CPU as two one-process "nodes" (launch/local_multinode.sh: two accelerate
     launchers, machine ranks 0 and 1, on the loopback address), output captured."""

@@ -6,8 +6,6 @@ only the parameters they name."""
 from __future__ import annotations
 
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from harness import ForkedStage, run_main
+from harness import run_main, sigkill_after_first_checkpoint
 from helpers import load_model, make_shards
 
 RES = 32
@@ -139,6 +137,7 @@ def test_a_diffusers_autoencoder_evaluates_encodes_and_fine_tunes(name, shards, 
     res = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert res["samples"] == 6 and res["psnr"] > 0
     assert ("kl_per_sample" in res) == (name in POSTERIOR) and ("likelihood" in res) == (name in POSTERIOR)
+    assert len(res["diffusability"]["equivariance_psnr"]) == 4  # the probe, on a diffusers folder of any family
 
     r = run_main(encode, "--model", tmp_path / "vae", "--data", shards, "--output", tmp_path / "lat", *fam_args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -228,13 +227,7 @@ def test_dc_and_fsq_presets_train_resume_exactly_evaluate_and_encode(preset, sha
     args = ["--config", preset, f"data.resolution={RES}", "data.num_workers=0", "data.shuffle_buffer=4",
             "train.batch_size=4", "train.tracker=none", f"data.train={shards}", f"output_dir={run}",
             "train.max_steps=400", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
-    proc = ForkedStage("stages.train", *args)
-    deadline = time.time() + 120
-    while find_resume_path(run) is None:
-        assert proc.poll() is None and time.time() < deadline, proc.output()[1][-2000:]
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_after_first_checkpoint(run, *args)
     saved = load_training_checkpoint(find_resume_path(run))
     state = trainer_state(run)  # what --resume auto starts from
     for part in ("autoencoder", "ema"):

@@ -67,7 +67,7 @@ def test_adaptive_weight_matches_hand_computation_and_surrogate_has_the_loss_gra
         return h, y, rec, gan
 
     h, y, rec, gan = losses()
-    w, surrogate = balanced_gan_gradient(rec, gan, y, layer.weight, 0.5, [logvar])
+    w, surrogate, _ = balanced_gan_gradient(rec, gan, y, layer.weight, 0.5, [logvar])
     # by hand: dL/dW as explicit convolution gradients of the output gradients
     g_rec = torch.nn.grad.conv2d_weight(h, layer.weight.shape, torch.sign(y - 1).detach() / torch.exp(logvar).detach(),
                                         padding=1)
@@ -85,7 +85,7 @@ def test_adaptive_weight_matches_hand_computation_and_surrogate_has_the_loss_gra
 def test_adaptive_weight_clamped():
     p = torch.nn.Parameter(torch.ones(3))
     y = p * 1.0
-    w, _ = balanced_gan_gradient((y * 1e9).sum(), (y * 0).sum(), y, p, 1.0)
+    w, _, _ = balanced_gan_gradient((y * 1e9).sum(), (y * 0).sum(), y, p, 1.0)
     assert w.item() == 1e4
 
 

@@ -70,8 +70,8 @@ def test_nan_step_is_skipped_and_counted(shards, tmp_path, monkeypatch):
     real = FirstStageObjective.autoencoder_terms
     calls = {"n": 0}
 
-    def poisoned(self, x, out, step, last_layer=None):
-        total, terms = real(self, x, out, step, last_layer)
+    def poisoned(self, x, out, step, last_layer=None, **kw):
+        total, terms = real(self, x, out, step, last_layer, **kw)
         calls["n"] += 1
         return (total * float("nan"), terms) if calls["n"] == 3 else (total, terms)
 
@@ -86,8 +86,8 @@ def test_nan_step_is_skipped_and_counted(shards, tmp_path, monkeypatch):
 def test_too_many_bad_steps_stop_with_last_checkpoint(shards, tmp_path, monkeypatch):
     real = FirstStageObjective.autoencoder_terms
 
-    def poisoned(self, x, out, step, last_layer=None):
-        total, terms = real(self, x, out, step, last_layer)
+    def poisoned(self, x, out, step, last_layer=None, **kw):
+        total, terms = real(self, x, out, step, last_layer, **kw)
         return (total * float("inf"), terms) if step >= 2 else (total, terms)
 
     monkeypatch.setattr(FirstStageObjective, "autoencoder_terms", poisoned)

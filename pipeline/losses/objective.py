@@ -9,6 +9,13 @@ The adaptive GAN weight compares gradients at the decoder's last layer, so it is
 Every term is returned separately (detached, for logging) with what to backpropagate, as tensors: no host
 synchronisation. With the adaptive GAN weight, the perceptual network and the discriminator run backward once per step
 (balanced_gan_gradient), not twice as in the published code; the gradient is the same.
+
+Latents that diffuse well (docs/diffusable-latents.md): a step's StepPlan (pipeline.losses.equivariance) says what
+the reconstruction is compared with (EQ-VAE: the transformed image; scale equivariance adds a second pair); the
+alignment term (VA-VAE) compares the latent with a frozen foundation model's features, with its adaptive weight
+||grad L_nll|| / (||grad L_vf|| + 1e-4) at the encoder's last layer: the nll's gradient there is carried from the
+decoder's output, where the surrogate already holds it, so LPIPS runs backward once; only the decoder's input
+gradient is computed once more.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from torch import nn
 from pipeline.config import LossConfig
 from pipeline.losses.adversarial import (
     LeCam,
+    adaptive_ratio,
     balanced_gan_gradient,
     discriminator_loss,
     generator_loss,
     r1_penalty,
 )
+from pipeline.losses.alignment import Alignment
+from pipeline.losses.equivariance import StepPlan
 from pipeline.losses.kl import kl_loss, kl_per_channel, kl_weight
 from pipeline.losses.perceptual import Perceptual
 from pipeline.losses.reconstruction import pixel_error
@@ -32,9 +42,9 @@ from pipeline.models.discriminator import PatchDiscriminator
 
 
 class FirstStageObjective(nn.Module):
-    def __init__(self, cfg: LossConfig, posterior: bool = True, in_channels: int = 3):
+    def __init__(self, cfg: LossConfig, posterior: bool = True, in_channels: int = 3, latent_channels: int = 0):
         """`posterior`: the model has a Gaussian posterior (LDM's KL normalisation); otherwise taming's (VQ, FSQ,
-        deterministic latents)."""
+        deterministic latents). `latent_channels`: the width of the latent the alignment projection takes."""
         super().__init__()
         self.cfg, self.posterior = cfg, posterior
         p = cfg.perceptual
@@ -44,10 +54,17 @@ class FirstStageObjective(nn.Module):
         a = cfg.adversarial
         self.discriminator = PatchDiscriminator(in_channels, a.disc_channels, a.disc_layers) if a.enabled else None
         self.lecam = LeCam(a.lecam_decay) if a.enabled and a.lecam_weight > 0 else None
+        self.alignment = Alignment(cfg.alignment, latent_channels) if cfg.alignment.enabled else None
 
     def generator_parameters(self) -> list[nn.Parameter]:
-        """Parameters optimised with the autoencoder (the learned log-variance)."""
-        return [self.logvar] if self.logvar is not None else []
+        """Parameters optimised with the autoencoder (the learned log-variance, the alignment projection)."""
+        params = [self.logvar] if self.logvar is not None else []
+        return params + (list(self.alignment.projection.parameters()) if self.alignment is not None else [])
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The state a checkpoint holds: everything but the frozen networks (LPIPS, the foundation model)."""
+        frozen = ("perceptual.",) + tuple(f"alignment.{f}" for f in Alignment.frozen)
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
     def gan_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.cfg.adversarial.start_step
@@ -57,25 +74,37 @@ class FirstStageObjective(nn.Module):
             return per_pixel.sum() / per_pixel.shape[0]
         return per_pixel.mean()
 
-    def autoencoder_terms(
-        self, x: torch.Tensor, out: AutoencoderOutput, step: int, last_layer: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(what to backpropagate, detached terms). terms["loss"] is the objective's value. What to backpropagate
-        has the objective's gradient; once the GAN runs with the adaptive weight it is balanced_gan_gradient's
-        surrogate (plus the KL / VQ terms), whose value is not the loss but whose gradient is."""
+    def _nll(self, x: torch.Tensor, x_rec: torch.Tensor, terms: dict, prefix: str = "") -> torch.Tensor:
+        """The reconstruction term (pixel + LPIPS, optionally in the learned-variance nll form), its parts in terms."""
         cfg = self.cfg
-        x_rec = out.reconstruction
         err = pixel_error(x, x_rec, cfg.reconstruction.type)
-        terms = {"rec": err.mean().detach()}
+        terms[prefix + "rec"] = err.mean().detach()
         per_pixel = cfg.reconstruction.weight * err
         if self.perceptual is not None:
             p = self.perceptual(x.float(), x_rec.float())
-            terms["lpips"] = p.mean().detach()
+            terms[prefix + "lpips"] = p.mean().detach()
             per_pixel = per_pixel + cfg.perceptual.weight * p.view(-1, 1, 1, 1)
         if self.logvar is not None:
             per_pixel = per_pixel / torch.exp(self.logvar) + self.logvar
+        return self._reduce(per_pixel)
+
+    def autoencoder_terms(
+        self, x: torch.Tensor, out: AutoencoderOutput, step: int, last_layer: torch.Tensor | None = None,
+        plan: StepPlan | None = None, encoder_layer: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(what to backpropagate, detached terms). terms["loss"] is the objective's value. What to backpropagate
+        has the objective's gradient; with an adaptive weight (GAN, alignment) it is a surrogate whose value is not
+        the loss but whose gradient is. `x`: the batch; `plan`: this step's transforms (the reconstruction is then
+        compared with plan.target of the image the encoder saw); `encoder_layer`: where the adaptive alignment
+        weight compares gradients."""
+        cfg = self.cfg
+        x_in = plan.input(x) if plan is not None else x  # the image the encoder saw
+        target = plan.target(x_in) if plan is not None else x
+        x_rec = out.reconstruction
+        terms: dict[str, torch.Tensor] = {}
+        nll = self._nll(target, x_rec, terms)
+        if self.logvar is not None:
             terms["logvar"] = self.logvar.detach()
-        nll = self._reduce(per_pixel)
         terms["nll"] = nll.detach()
         rest = torch.zeros((), device=nll.device)  # the terms that do not go through the decoder's output
 
@@ -90,24 +119,49 @@ class FirstStageObjective(nn.Module):
             rest = rest + cfg.vq.codebook_weight * out.vq_loss
             terms["vq"] = out.vq_loss.detach()
             terms["perplexity"] = out.perplexity.detach()
+        if plan is not None and cfg.equivariance.enabled:
+            terms["eq_step"] = torch.tensor(float(plan.equivariant or bool(plan.extra_factor)))
+        if out.extra is not None:  # scale equivariance: decode(downsample(z)) against downsample(x)
+            extra = self._nll(plan.extra_target(x_in), out.extra, terms, "scale_eq_")
+            rest = rest + cfg.equivariance.scale_weight * extra
+            terms["scale_eq"] = extra.detach()
 
         total = nll + rest
-        to_backward = None
-        if self.gan_active(step):
-            a = cfg.adversarial
-            g = generator_loss(self.discriminator(x_rec), a.loss)
-            if a.adaptive_weight and last_layer is not None and torch.is_grad_enabled():
-                w, surrogate = balanced_gan_gradient(nll, g, x_rec, last_layer, a.weight,
-                                                     self.generator_parameters())
-                to_backward = surrogate + rest
-                total = total + a.weight * w * g.detach()  # its value only: the surrogate carries the gradient
-            else:
-                w = torch.ones((), device=g.device)
-                total = total + a.weight * w * g
-            terms["g"] = g.detach()
-            terms["gan_weight"] = (a.weight * w).detach()
+        vf = None
+        if self.alignment is not None:
+            vf, vf_terms = self.alignment(out.latents, x_in)
+            terms.update(vf_terms)
+            terms["vf"] = vf.detach()
+        grad = torch.is_grad_enabled()
+        al = cfg.alignment
+        adaptive_vf = vf is not None and al.adaptive_weight and encoder_layer is not None and grad
+        gan = self.gan_active(step)
+        a = cfg.adversarial
+        adaptive_gan = gan and a.adaptive_weight and last_layer is not None and grad
+        g = generator_loss(self.discriminator(x_rec), a.loss) if gan else None
+        w = torch.ones((), device=nll.device)
+        w_vf = torch.tensor(al.weight, device=nll.device)
+        if not (adaptive_gan or adaptive_vf):
+            to_backward = total + (a.weight * g if g is not None else 0) + (w_vf * vf if vf is not None else 0)
+        else:
+            if g is not None and not adaptive_gan:
+                rest = rest + a.weight * g
+            params = [self.logvar] if self.logvar is not None else []
+            w, surrogate, at_encoder = balanced_gan_gradient(
+                nll, g if adaptive_gan else None, x_rec, last_layer, a.weight, params,
+                [encoder_layer] if adaptive_vf else [])
+            if adaptive_vf:
+                (vf_at_encoder,) = torch.autograd.grad(vf, encoder_layer, retain_graph=True)
+                w_vf = al.weight * adaptive_ratio(at_encoder[0], vf_at_encoder, al.max_adaptive_weight)
+            to_backward = surrogate + rest + (w_vf * vf if vf is not None else 0)
+        if g is not None:  # values only: what to backpropagate carries the gradient
+            total = total + a.weight * w * g.detach()
+            terms["g"], terms["gan_weight"] = g.detach(), (a.weight * w).detach()
+        if vf is not None:
+            total = total + w_vf * vf.detach()
+            terms["vf_weight"] = w_vf.detach()
         terms["loss"] = total.detach()
-        return (total if to_backward is None else to_backward), terms
+        return to_backward, terms
 
     def discriminator_terms(
         self, x: torch.Tensor, x_rec: torch.Tensor, step: int

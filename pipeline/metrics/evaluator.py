@@ -14,6 +14,7 @@ import torch
 
 from pipeline.config import EvaluateConfig
 from pipeline.losses.kl import kl_elements, kl_per_sample
+from pipeline.metrics.diffusability import DiffusabilityProbe
 from pipeline.metrics.image import mean_colour, psnr, ssim
 from pipeline.metrics.latent import MomentSums, active_units, latent_statistics, normalised_statistics
 from pipeline.metrics.likelihood import bits_per_dim, importance_log_weights, iwae_from_log_weights
@@ -51,6 +52,8 @@ class Evaluator:
         num_codes = self.family.num_codes(model)
         self.code_counts = torch.zeros(num_codes, dtype=torch.float64) if num_codes else None
         self.grid: list[tuple] = []  # (key, image, reconstruction, PSNR) of the first GRID_SAMPLES, for the figure
+        self.factor = f
+        self.probe = DiffusabilityProbe(latent_c, resolution // f) if opts.diffusability else None
 
     def _add(self, name: str, value: torch.Tensor, per_channel: bool = False) -> None:
         v = value.detach().double().cpu()
@@ -90,6 +93,8 @@ class Evaluator:
         zc = z.double().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
         self.ch.add(zc)
         self.all.add(zc.reshape(-1))
+        if self.probe is not None:
+            self.probe.add(lambda zt: self.family.decode(self.model, zt), lat.mean, x, self.factor)
         if self.fid is not None:
             self.fid.update(images, real=True)
             self.fid.update(rec8, real=False)
@@ -131,6 +136,9 @@ class Evaluator:
         self.all.n, self.all.s, self.all.ss = al
         res["latents"] = latent_statistics(self.ch, self.all)
         res["normalisation"] = {**self.normalisation, **normalised_statistics(self.ch, self.normalisation)}
+        if self.probe is not None:
+            keys = sorted(self.probe.sums)
+            res["diffusability"] = self.probe.results(dict(zip(keys, reduce([self.probe.sums[k] for k in keys]))), n)
         if self.code_counts is not None:
             counts = reduce([self.code_counts])[0]
             res["codebook"] = {

@@ -53,6 +53,15 @@ def format_table(res: dict) -> str:
         cb = res["codebook"]
         rows += [("codebook usage", f"{cb['used']} / {cb['size']} ({cb['usage']:.1%})"),
                  ("codebook perplexity", cb["perplexity"]), ("dead codes", cb["dead_codes"])]
+    probe = res.get("diffusability")
+    if probe:
+        eq = probe["equivariance_psnr"]
+        rows += [(f"equivariance PSNR, {name.replace('_', ' ').replace('rot', 'rotation ')} (dB)", v)
+                 for name, v in eq.items()]
+        rows += [("latent high-frequency share (DCT energy above Nyquist/2)", probe["high_frequency_share"]),
+                 ("high-frequency share per channel", ", ".join(f"{v:.3g}" for v in
+                                                                probe["high_frequency_share_per_channel"][:16])
+                  + (", ..." if len(probe["high_frequency_share_per_channel"]) > 16 else ""))]
     lat, norm = res["latents"], res["normalisation"]
     rows += [("latent mean / std", f"{lat['mean']:.4g} / {lat['std']:.4g}"),
              ("scaling_factor (1/std)", lat["scaling_factor"]), ("shift_factor (mean)", lat["shift_factor"]),

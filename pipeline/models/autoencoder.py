@@ -55,7 +55,8 @@ def check_input(model, x: torch.Tensor) -> None:
         raise UserError(f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of the downsampling factor {f}")
 
 
-def run_autoencoder(model, x: torch.Tensor, sample_posterior: bool = True) -> AutoencoderOutput:
-    """x in [-1, 1] -> reconstruction plus what the objective needs."""
+def run_autoencoder(model, x: torch.Tensor, sample_posterior: bool = True, transform=None) -> AutoencoderOutput:
+    """x in [-1, 1] -> reconstruction plus what the objective needs; `transform` (training) changes the latent the
+    decoder sees (Family.forward)."""
     check_input(model, x)
-    return family_of(model).forward(model, x, sample_posterior)
+    return family_of(model).forward(model, x, sample_posterior, transform)

@@ -167,12 +167,13 @@ class GridWriter:
 
 class Validator:
     """Every `every` steps: the evaluate stage's metrics (PSNR, SSIM, LPIPS when the objective has it, KL, active
-    units, codebook use; no likelihood bounds) on `samples` held-out samples, split across ranks."""
+    units, codebook use; no likelihood bounds, no diffusability probe) on `samples` held-out samples, split across
+    ranks."""
 
     def __init__(self, accelerator, every: int, samples: int, loader_factory, evaluate_opts, resolution: int,
                  perceptual: dict):
         self.acc, self.every, self.samples, self.loader_factory = accelerator, every, samples, loader_factory
-        self.opts = replace(evaluate_opts, likelihood_samples=0, num_samples=samples)
+        self.opts = replace(evaluate_opts, likelihood_samples=0, num_samples=samples, diffusability=False)
         self.resolution, self.perceptual = resolution, perceptual
 
     @torch.no_grad()

@@ -51,5 +51,11 @@ class TrainableAutoencoder(nn.Module):
             m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
-        return run_autoencoder(self.vae, x)
+    def forward(self, x: torch.Tensor, plan=None) -> AutoencoderOutput:
+        """`plan` (pipeline.losses.equivariance.StepPlan): this step's image and latent transforms, or None."""
+        if plan is None:
+            return run_autoencoder(self.vae, x)
+        out = run_autoencoder(self.vae, plan.input(x), transform=plan.latent)
+        if plan.extra_factor:
+            out.extra = family_of(self.vae).decode(self.vae, plan.extra_latent(out.latents))
+        return out

@@ -30,7 +30,9 @@ from pipeline.distributed import all_reduce
 from pipeline.errors import UserError
 from pipeline.storage import LogMirror, as_path
 from pipeline.losses import FirstStageObjective
+from pipeline.losses.equivariance import draw_plan
 from pipeline.models.autoencoder import build_autoencoder, family_of
+from pipeline.models.foundation import foundation_source
 from pipeline.pixels import to_model_input
 from pipeline.progress import Progress
 from pipeline.train.duties import Checkpointer, GridWriter, Logbook, NonFiniteGuard, Validator
@@ -38,7 +40,7 @@ from pipeline.train.ema import EMA
 from pipeline.train.module import TrainableAutoencoder
 from pipeline.train.schedules import base_learning_rate, lr_factor
 from pipeline.weights import resolve_weights
-from pipeline.weights.discriminator import read as read_discriminator
+from pipeline.weights.discriminator import read as read_objective_part
 from pipeline.weights.loading import check_shapes, load_state
 
 
@@ -109,6 +111,8 @@ class Trainer:
         train_urls = resolve_shards(cfg.data.train, pipes)  # cheap checks first: a user mistake before any model is built
         if cfg.data.val:
             resolve_shards(cfg.data.val, pipes)
+        if cfg.loss.alignment.enabled and cfg.loss.alignment.backbone == "pretrained":
+            foundation_source(cfg.loss.alignment.model)  # missing DINOv2 weights: one line, before anything is built
         resume_path = find_resume(cfg.output_dir, resume)
         if cfg.train.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -117,13 +121,22 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        vae, discriminator = self._initial_model(resume_path is not None)
+        vae, init = self._initial_model(resume_path is not None)
         if cfg.train.gradient_checkpointing:
             family_of(vae).enable_gradient_checkpointing(vae)
         module = TrainableAutoencoder(vae, cfg.train.trainable, cfg.train.freeze_encoder)
-        self.objective = FirstStageObjective(cfg.loss, family_of(vae).has_posterior, cfg.model.in_channels)
-        if discriminator is not None and self.objective.discriminator is not None:
-            load_state(self.objective.discriminator, discriminator, f"train.init_from {cfg.train.init_from} (discriminator)")
+        fam = family_of(vae)
+        self.objective = FirstStageObjective(cfg.loss, fam.has_posterior, cfg.model.in_channels, fam.latent_channels(vae))
+        self.encoder_layer = None  # where the adaptive alignment weight compares gradients
+        if self.objective.alignment is not None and cfg.loss.alignment.adaptive_weight:
+            self.encoder_layer = fam.last_encoder_layer(vae)
+            if not self.encoder_layer.requires_grad:
+                raise UserError("loss.alignment.adaptive_weight: the encoder's last layer does not train (train."
+                                "trainable / train.freeze_encoder); train it, or set loss.alignment.adaptive_weight=false")
+        for part, module_ in (("discriminator", self.objective.discriminator),
+                              ("alignment.projection", getattr(self.objective.alignment, "projection", None))):
+            if init is not None and module_ is not None and (state := read_objective_part(init, part + ".")):
+                load_state(module_, state, f"train.init_from {cfg.train.init_from} ({part})")  # continues, as VA-VAE's stages
         self.ema = EMA(vae, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
         lr = base_learning_rate(cfg.train.lr, cfg.train.lr_scale, self.global_batch)
@@ -176,7 +189,8 @@ class Trainer:
 
     def _initial_model(self, resuming: bool):
         """The autoencoder to train (from the config: see shape_from_init), with train.init_from's weights loaded
-        unless resuming (then the checkpoint's come), and the discriminator that came with them (or None)."""
+        unless resuming (then the checkpoint's come), and those weights (their discriminator and alignment
+        projection, when they have them, initialise the objective's), or None."""
         cfg = self.cfg
         vae = build_autoencoder(cfg.model, cfg.data.resolution)
         if not cfg.train.init_from or resuming:
@@ -186,7 +200,7 @@ class Trainer:
         if init.format == "encoder-only":
             raise UserError(f"{source}: an encoder-only export has no decoder to train; use the full model")
         load_state(vae, init.state_dict(), source)
-        return vae, read_discriminator(init)
+        return vae, init
 
     @property
     def unwrapped(self) -> TrainableAutoencoder:
@@ -202,7 +216,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything a checkpoint holds (pipeline.checkpoint names the files; `trainer` is its record)."""
         acc = self.accelerator
-        objective = {k: v for k, v in self.objective.state_dict().items() if not k.startswith("perceptual.")}
+        objective = self.objective.training_state()
         return {
             "autoencoder": self.unwrapped.vae.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -256,13 +270,16 @@ class Trainer:
         gan = self.objective.gan_active(step)
         disc_params = list(self.discriminator.parameters()) if self.discriminator is not None else []
         vae = self.unwrapped.vae
+        fam = family_of(vae)
+        plan = draw_plan(cfg.loss, x.shape, fam.downsampling_factor(vae))  # equivariance, latent noise, or None
 
         with acc.accumulate(self.model):
             for p in disc_params:  # the generator step reads D without training it
                 p.requires_grad_(False)
             with acc.autocast():
-                out = self.model(x)
-                loss, terms = self.objective.autoencoder_terms(x, out, step, family_of(vae).last_decoder_layer(vae))
+                out = self.model(x, plan)
+                loss, terms = self.objective.autoencoder_terms(x, out, step, fam.last_decoder_layer(vae), plan=plan,
+                                                               encoder_layer=self.encoder_layer)
             acc.backward(loss)
             for p in disc_params:
                 p.requires_grad_(True)
@@ -274,8 +291,9 @@ class Trainer:
             terms["grad_norm"] = grad_norm
 
         if gan:
+            real = plan.target(plan.input(x)) if plan is not None else x  # what the reconstruction was compared with
             with acc.autocast():
-                d_loss, d_terms = self.objective.discriminator_terms(x, out.reconstruction, step)
+                d_loss, d_terms = self.objective.discriminator_terms(real, out.reconstruction, step)
             acc.backward(d_loss)
             if acc.sync_gradients:
                 d = self.discriminator

@@ -17,16 +17,17 @@ FILE = "discriminator.safetensors"
 PREFIX = "discriminator."
 
 
-def read(weights) -> dict[str, torch.Tensor] | None:
-    """The discriminator's tensors that come with these weights (a checkpoint's objective, or an export's file)."""
+def read(weights, prefix: str = PREFIX) -> dict[str, torch.Tensor] | None:
+    """The discriminator's tensors that come with these weights (a checkpoint's objective, or an export's file);
+    with another `prefix`, that part of a checkpoint's objective (the alignment projection: `alignment.projection.`)."""
     from pipeline.checkpoint import TENSOR_FILES, load_tensors
 
     folder = Path(weights.path)
     if weights.checkpoint is not None and (folder / TENSOR_FILES["objective"]).is_file():
         objective = load_tensors(folder / TENSOR_FILES["objective"])
-        state = {k[len(PREFIX):]: v for k, v in objective.items() if k.startswith(PREFIX)}
+        state = {k[len(prefix):]: v for k, v in objective.items() if k.startswith(prefix)}
         return state or None
-    return load_tensors(folder / FILE) if (folder / FILE).is_file() else None
+    return load_tensors(folder / FILE) if prefix == PREFIX and (folder / FILE).is_file() else None
 
 
 def write(folder: Path, state: dict[str, torch.Tensor]) -> None:

@@ -36,6 +36,7 @@ class AutoencoderOutput:
     vq_loss: torch.Tensor | None = None  # VQ codebook + commitment terms
     perplexity: torch.Tensor | None = None
     codes: torch.Tensor | None = None
+    extra: torch.Tensor | None = None  # training: a second decode (scale equivariance's decode(downsample(z)))
 
 
 def plain_config(config) -> dict:
@@ -79,12 +80,16 @@ class Family:
     def decode(self, model, z: torch.Tensor) -> torch.Tensor:
         return model.decode(z).sample
 
-    def forward(self, model, x: torch.Tensor, sample_posterior: bool = True) -> AutoencoderOutput:
+    def forward(self, model, x: torch.Tensor, sample_posterior: bool = True, transform=None) -> AutoencoderOutput:
+        """Encode, decode. `transform` (z -> z', training only: a rescale, a rotation, noise) is applied to the
+        latent before decoding; `latents` stays the untransformed one."""
         lat = self.encode(model, x)
         if lat.logvar is not None:
             z = reparameterize(lat.mean, lat.logvar) if sample_posterior else lat.mean
-            return AutoencoderOutput(self.decode(model, z), z, mean=lat.mean, logvar=lat.logvar)
-        return AutoencoderOutput(self.decode(model, lat.mean), lat.mean, vq_loss=lat.vq_loss,
+            return AutoencoderOutput(self.decode(model, transform(z) if transform else z), z, mean=lat.mean,
+                                     logvar=lat.logvar)
+        z = lat.mean
+        return AutoencoderOutput(self.decode(model, transform(z) if transform else z), z, vq_loss=lat.vq_loss,
                                  perplexity=lat.perplexity, codes=lat.codes)
 
     def decode_codes(self, model, codes: torch.Tensor) -> torch.Tensor:
@@ -94,6 +99,11 @@ class Family:
     def last_decoder_layer(self, model) -> nn.Parameter:
         """The weight at which the adaptive GAN weight compares gradients (LDM / taming: the decoder's conv_out)."""
         weights = [p for n, p in model.decoder.conv_out.named_parameters() if n.endswith("weight")]
+        return weights[-1]
+
+    def last_encoder_layer(self, model) -> nn.Parameter:
+        """The weight at which the adaptive alignment weight compares gradients (VA-VAE: encoder.conv_out.weight)."""
+        weights = [p for n, p in model.encoder.conv_out.named_parameters() if n.endswith("weight")]
         return weights[-1]
 
     def encoder_side(self, model) -> list[nn.Module]:

@@ -64,13 +64,13 @@ class DCFamily(Family):
     def encode(self, model, x: torch.Tensor) -> Latent:
         return Latent(model.encode(x).latent)
 
-    def forward(self, model, x: torch.Tensor, sample_posterior: bool = True) -> AutoencoderOutput:
+    def forward(self, model, x: torch.Tensor, sample_posterior: bool = True, transform=None) -> AutoencoderOutput:
         z = self.encode(model, x).mean
         step = getattr(model, "channel_mask_step", 0)
         if model.training and step:  # DC-AE 1.5: reconstruct from the first c' channels, c' in {step, 2 step, ...}
             keep = step * random.randint(1, z.shape[1] // step)
             z = torch.cat([z[:, :keep], torch.zeros_like(z[:, keep:])], 1)
-        return AutoencoderOutput(self.decode(model, z), z)
+        return AutoencoderOutput(self.decode(model, transform(z) if transform else z), z)
 
     def encoder_side(self, model) -> list[nn.Module]:
         return [model.encoder]

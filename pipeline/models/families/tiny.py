@@ -23,6 +23,9 @@ class TinyFamily(Family):
     def last_decoder_layer(self, model) -> nn.Parameter:
         return model.decoder.layers[-1].weight
 
+    def last_encoder_layer(self, model) -> nn.Parameter:
+        return model.encoder.layers[-1].weight
+
     def encoder_side(self, model) -> list[nn.Module]:
         return [model.encoder]
 
