@@ -45,9 +45,11 @@ def photos(tmp_path) -> Path:
 def tiny_run(tmp_path_factory) -> Path:
     """One tiny trained KL run that evaluate, encode, export and reliability tests share (trained once per test
     process): root/train (4 shards x 16 images), root/val (5 x 4 other images), root/run (40 steps of the tiny
-    preset at 32 px, mid-block attention on so that its 1x1-conv names are exercised) and root/run/eval.json (its
-    evaluation on the training shards: the measured latent factors an export takes). Tests write their own outputs
-    elsewhere and leave these alone."""
+    preset at 32 px, mid-block attention on so that its 1x1-conv names are exercised; widths 16/32/64, lr 1e-3 and
+    crops of 1/4 to all of the image: three distinct widths for the shape inference tests, and a model whose
+    GroupNorm count can be told from its reconstructions) and root/run/eval.json (its evaluation on the training
+    shards: the measured latent factors an export takes). Tests write their own outputs elsewhere and leave these
+    alone."""
     from harness import run_main
     from helpers import TINY, make_train_val
     from stages.evaluate import main as evaluate
@@ -56,7 +58,8 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-run")
     make_train_val(root)
     run([*TINY, f"data.train={root / 'train'}", f"output_dir={root / 'run'}", "train.max_steps=40",
-         "train.log_every=10", "train.checkpoint_every=40", "model.mid_block_attention=true"])
+         "train.log_every=10", "train.checkpoint_every=40", "model.mid_block_attention=true",
+         "model.block_out_channels=[16,32,64]", "train.lr=1e-3", "data.random_resized_scale=[0.25,1.0]"])
     r = run_main(evaluate, "--model", root / "run", "--data", root / "train", "--lpips-backbone", "random",
                  "evaluate.likelihood_samples=0")
     assert r.returncode == 0, r.stderr

@@ -25,7 +25,7 @@ from helpers import make_shards, write_images
 README = (ROOT / "README.md").read_text()
 SECTIONS = ("prepare", "data", "model", "loss", "train", "evaluate", "encode")
 
-TINY_MODEL = ["model.block_out_channels=[16,32,64]", "model.layers_per_block=1", "model.norm_num_groups=8",
+TINY_MODEL = ["model.block_out_channels=[16,16,32]", "model.layers_per_block=1", "model.norm_num_groups=8",
               "model.mid_block_attention=false", "model.latent_channels=4"]
 DC_TINY = ["model.dc.block_types=[ResBlock,EfficientViTBlock]", "model.dc.block_out_channels=[16,32]",
            "model.dc.encoder_layers_per_block=[1,1]", "model.dc.decoder_layers_per_block=[1,1]",
