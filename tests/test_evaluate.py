@@ -8,7 +8,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from harness import run_main
-from helpers import TINY, make_shards, make_train_val, write_tar
+from helpers import TINY, make_shards, write_tar
 from pipeline.metrics import psnr, ssim
 from pipeline.metrics.latent import MomentSums, active_units, latent_statistics
 

@@ -7,7 +7,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 
 import pytest
 import torch
@@ -362,6 +361,17 @@ def test_a_full_disk_during_export_is_exit_74_in_one_line(tiny_run, tmp_path, mo
         r = export("--model", tiny_run / "run", "--output", tmp_path / name, "--format", fmt)
         assert r.returncode == 74 and "no space left on the device of" in r.stderr and one_line(r), r.stderr[-1500:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half export, no staging file, no lock
+
+
+def test_a_full_disk_while_evaluate_writes_its_results_is_exit_74_in_one_line(tiny_run, tmp_path, monkeypatch):
+    """The device fills up when eval.json is flushed: one line, exit 74, and nothing half-written is left."""
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)  # what every atomic write calls before its rename
+    r = evaluate("--model", tiny_run / "run", "--data", tiny_run / "val", "--output", tmp_path / "ev")
+    assert r.returncode == 74 and "no space left on the device of" in r.stderr and one_line(r), r.stderr[-1500:]
+    assert "eval.json" in r.stderr and sorted(p.name for p in (tmp_path / "ev").iterdir()) == [], r.stderr[-1500:]
 
 
 def test_stats_with_an_empty_statistics_section_is_one_line(tiny_run, tmp_path):

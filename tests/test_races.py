@@ -3,7 +3,6 @@ one JSON file beside a reader, and two exports to one output. Each race is run b
 at one shared instant, repeated, because a race that is lost once in thirty tries is still a race."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -118,3 +117,32 @@ def test_two_exports_to_one_output_end_with_one_export_and_one_one_line_refusal(
         AutoencoderKL.from_pretrained(out)  # the one export is whole
         assert (out / "README.md").is_file()
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder, no lock left
+
+
+def test_a_whole_run_encode_beside_a_part_encode_leaves_every_key_once(tiny_run, tmp_path, monkeypatch):
+    """The mistake seen for real: `encode` of the whole run started beside `encode --part 0/2` into one folder (it
+    once crashed with FileNotFoundError and left 40 keys missing). Both finish, each shard is written whole by one of
+    them, every key is there once, and the whole run's manifest counts them all."""
+    import json
+
+    import pipeline.latents.encoder as encoder
+    from harness import ForkedStage
+    from helpers import read_tar_samples
+
+    write = encoder.LatentShard.write_batch
+
+    def slow_write(self, *args, **kwargs):  # both runs are inside a shard at the same time (inherited by the forks)
+        time.sleep(0.1)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(encoder.LatentShard, "write_batch", slow_write)
+    for trial in range(2):
+        out = tmp_path / f"latents{trial}"
+        procs = [ForkedStage("stages.encode", "--model", tiny_run / "run", "--data", tiny_run / "train", "--output", out,
+                             "data.num_workers=0", "encode.batch_size=4", *part) for part in ([], ["--part", "0/2"])]
+        results = [(p.wait(180), *p.output()) for p in procs]
+        assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+        samples = read_tar_samples(out)  # a key twice fails here
+        assert len(samples) == 64 and all("latents.safetensors" in s and "json" in s for s in samples.values())
+        assert json.loads((out / "manifest.json").read_text())["total"] == 64
+        assert not list(out.rglob("*.tmp*")), sorted(p.name for p in out.rglob("*.tmp*"))
