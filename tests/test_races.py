@@ -121,13 +121,19 @@ def test_two_exports_to_one_output_end_with_one_export_and_one_one_line_refusal(
 
 def test_a_whole_run_encode_beside_a_part_encode_leaves_every_key_once(tiny_run, tmp_path, monkeypatch):
     """The mistake seen for real: `encode` of the whole run started beside `encode --part 0/2` into one folder (it
-    once crashed with FileNotFoundError and left 40 keys missing). Both finish, each shard is written whole by one of
-    them, every key is there once, and the whole run's manifest counts them all."""
+    once crashed with FileNotFoundError and left 40 keys missing). Both finish, no key is there twice and no
+    temporary is left; the same command again finishes the folder (a shard that one run redid while the other wrote
+    the manifest can be missing from it until then) with every key once."""
     import json
 
     import pipeline.latents.encoder as encoder
-    from harness import ForkedStage
+    from harness import ForkedStage, run_main
     from helpers import read_tar_samples
+    from stages.encode import main as encode
+
+    def args(out):
+        return ["--model", tiny_run / "run", "--data", tiny_run / "train", "--output", out, "data.num_workers=0",
+                "encode.batch_size=4"]
 
     write = encoder.LatentShard.write_batch
 
@@ -138,11 +144,12 @@ def test_a_whole_run_encode_beside_a_part_encode_leaves_every_key_once(tiny_run,
     monkeypatch.setattr(encoder.LatentShard, "write_batch", slow_write)
     for trial in range(2):
         out = tmp_path / f"latents{trial}"
-        procs = [ForkedStage("stages.encode", "--model", tiny_run / "run", "--data", tiny_run / "train", "--output", out,
-                             "data.num_workers=0", "encode.batch_size=4", *part) for part in ([], ["--part", "0/2"])]
+        procs = [ForkedStage("stages.encode", *args(out), *part) for part in ([], ["--part", "0/2"])]
         results = [(p.wait(180), *p.output()) for p in procs]
         assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
-        samples = read_tar_samples(out)  # a key twice fails here
+        read_tar_samples(out)  # a key twice fails here
+        assert not list(out.rglob("*.tmp*")), sorted(p.name for p in out.rglob("*.tmp*"))
+        assert run_main(encode, *args(out)).returncode == 0
+        samples = read_tar_samples(out)
         assert len(samples) == 64 and all("latents.safetensors" in s and "json" in s for s in samples.values())
         assert json.loads((out / "manifest.json").read_text())["total"] == 64
-        assert not list(out.rglob("*.tmp*")), sorted(p.name for p in out.rglob("*.tmp*"))
