@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     out = Path(args.output)
     start = time.time()
     import stages
-    from pipeline.data.photos import write_demo_photos
+    from pipeline.data.photos import TILE, write_demo_photos
     from pipeline.machine import matmul_peak
     from pipeline.data.prepare import PrepareOptions
     from pipeline.metrics.plots import training_curves
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
                 f"output_dir={out / 'run'}", "train.tracker=tensorboard", f"seed={args.seed}", "--resume", "auto",
                 *steps])
     run = out / "run"
-    at_tile = ["data.resolution=64"]  # the preset trains on 32-px crops; it is fully convolutional
+    at_tile = [f"data.resolution={TILE}"]  # the preset trains on smaller crops; it is fully convolutional
     for part, folder in (("heldout", "eval"), ("traintiles", "eval-train")):
         evaluate(["--model", str(run), "--data", str(out / "shards" / part), "--output", str(out / folder), *at_tile])
     encode(["--model", str(run), "--data", str(out / "shards" / "train"), "--output", str(out / "latents"), *at_tile])

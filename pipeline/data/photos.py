@@ -19,7 +19,7 @@ from pipeline.storage import atomic_write_bytes, atomic_write_text
 SKIMAGE_TRAIN = ("astronaut", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
                  "camera", "coins", "moon", "grass", "gravel", "brick", "clock", "cell")
 SKIMAGE_HELD_OUT = ("rocket", "coffee")
-TILE = 64  # the tiny preset's resolution
+TILE = 64  # the held-out tiles, and the resolution the demo evaluates and encodes at
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 HELD_OUT_EVERY = 5  # a folder of the user's: every 5th photo (in name order) is held out, at least one
 
