@@ -86,16 +86,17 @@ def _exit_preempted(grace: float) -> None:
 
 
 def _run(args, cfg, stop: threading.Event):
-    from pipeline.train.trainer import Trainer, shape_from_init
+    from pipeline.train.trainer import Trainer, resolve_init, shape_from_init
 
-    shaped = shape_from_init(cfg, args.overrides)  # train.init_from brings its shape (also when resuming)
+    init = resolve_init(cfg)  # once: the shape and the weights come from the same checkpoint
+    shaped = shape_from_init(cfg, args.overrides, init)  # train.init_from brings its shape (also when resuming)
     if shaped.model != cfg.model:
         print0(f"train: the model's shape comes from train.init_from {cfg.train.init_from} "
                f"(model.kind {shaped.model.kind}{', a diffusers config' if shaped.model.diffusers else ''})")
     cfg = shaped
     acc = make_accelerator(cfg)
     with flag_named("--resume") if args.resume not in (None, "auto") else contextlib.nullcontext():
-        tr = Trainer(cfg, acc, args.resume)
+        tr = Trainer(cfg, acc, args.resume, init)
     if acc.is_main_process:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, tr.run_dir / "config.yaml")

@@ -64,17 +64,25 @@ def find_resume(output_dir: str, resume: str | None) -> Path | None:
     return as_path(resume) if resume else None
 
 
-def shape_from_init(cfg: Config, explicit: list[str] = ()) -> Config:
-    """train.init_from brings the model's shape: the run's model section becomes the preset's with the weights' own
-    shape on top (their family, widths, latent channels, normalisation; model.diffusers for a class the model.*
-    keys cannot describe), and the model.* keys given explicitly (`explicit`: the command line's key=value) on top
-    of that, so a shape the user asked for that the weights do not have is named by the load, tensor and shapes."""
+def resolve_init(cfg: Config):
+    """train.init_from's weights, resolved once (a run folder's newest checkpoint is pinned), or None."""
     if not cfg.train.init_from:
-        return cfg
+        return None
     init = resolve_weights(cfg.train.init_from)
     if init.format == "encoder-only":
         raise UserError(f"train.init_from {cfg.train.init_from}: an encoder-only export has no decoder to train; "
                         f"use the full model")
+    return init
+
+
+def shape_from_init(cfg: Config, explicit: list[str] = (), init=None) -> Config:
+    """train.init_from brings the model's shape: the run's model section becomes the preset's with the weights' own
+    shape on top (their family, widths, latent channels, normalisation; model.diffusers for a class the model.*
+    keys cannot describe), and the model.* keys given explicitly (`explicit`: the command line's key=value) on top
+    of that, so a shape the user asked for that the weights do not have is named by the load, tensor and shapes."""
+    init = init or resolve_init(cfg)
+    if init is None:
+        return cfg
     model, _ = init.load()
     section = family_of(model).model_section(model)
     mine = config_to_dict(cfg)["model"]
@@ -98,8 +106,9 @@ def make_scheduler(opt, cfg: Config):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator, resume: str | None = None):
-        """Everything a run needs, built and (with `resume`) restored; prepared with accelerate once."""
+    def __init__(self, cfg: Config, accelerator, resume: str | None = None, init=None):
+        """Everything a run needs, built and (with `resume`) restored; prepared with accelerate once. `init`:
+        train.init_from as resolve_init gave it (resolved here when not given)."""
         self.cfg, self.accelerator, acc = cfg, accelerator, accelerator
         self.run_dir = as_path(cfg.output_dir)
         # metrics.jsonl, samples/ and TensorBoard's logs/ are appended locally, uploaded at checkpoints when the
@@ -121,7 +130,7 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        vae, init = self._initial_model(resume_path is not None)
+        vae, init = self._initial_model(resume_path is not None, init)
         if cfg.train.gradient_checkpointing:
             family_of(vae).enable_gradient_checkpointing(vae)
         module = TrainableAutoencoder(vae, cfg.train.trainable, cfg.train.freeze_encoder)
@@ -187,7 +196,7 @@ class Trainer:
                                        cfg.data.resolution, perceptual)
             self.grid.keep(next(iter(val_loader()))["image"])  # the grid shows held-out images
 
-    def _initial_model(self, resuming: bool):
+    def _initial_model(self, resuming: bool, init=None):
         """The autoencoder to train (from the config: see shape_from_init), with train.init_from's weights loaded
         unless resuming (then the checkpoint's come), and those weights (their discriminator and alignment
         projection, when they have them, initialise the objective's), or None."""
@@ -195,11 +204,8 @@ class Trainer:
         vae = build_autoencoder(cfg.model, cfg.data.resolution)
         if not cfg.train.init_from or resuming:
             return vae, None
-        source = f"train.init_from {cfg.train.init_from}"
-        init = resolve_weights(cfg.train.init_from)
-        if init.format == "encoder-only":
-            raise UserError(f"{source}: an encoder-only export has no decoder to train; use the full model")
-        load_state(vae, init.state_dict(), source)
+        init = init or resolve_init(cfg)
+        init.load_into(vae, f"train.init_from {cfg.train.init_from}")
         return vae, init
 
     @property
