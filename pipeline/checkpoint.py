@@ -136,12 +136,13 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints (record first), and the unfinished folders of killed
     saves. Called by the only writer of the run folder, after a save has committed."""
     root = as_path(run_dir) / CHECKPOINTS
-    removed = []
-    for p in list_checkpoints(run_dir)[:-keep]:
+    folders = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)] if root.is_dir() else []
+    done = {p: is_checkpoint(p) for p in folders}
+    removed = sorted((p for p in folders if done[p]), key=lambda p: p.name)[:-keep]
+    for p in removed:
         uncommit_checkpoint(p)
-        removed.append(p)
-    for p in root.iterdir() if root.is_dir() else []:
-        if p.is_dir() and _NAME.match(p.name) and not is_checkpoint(p):
+    for p in folders:
+        if not done[p]:
             remove_tree(p)
     return removed
 

@@ -76,13 +76,14 @@ def resolve_shards(spec, allow_pipe: bool = False) -> list[str]:
         if not found:
             raise UserError(f"{spec}: folder holds no .tar shards and no manifest.json")
         return found
-    if p.is_file() and p.suffix == ".json":
+    is_file = p.is_file()  # one request on object storage
+    if is_file and p.suffix == ".json":
         m = read_manifest(p)
         return [str(p.parent / s["name"]) for s in m["shards"] if s.get("samples", 1) > 0]
-    if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS:
+    if is_file and p.suffix.lower().lstrip(".") in IMAGE_EXTS:
         raise UserError(f"{spec} is an image, not shards: turn images into shards with firststage prepare --input "
                         f"FOLDER --output SHARDS, then point at SHARDS")
-    if p.is_file() and p.suffix != ".tar":
+    if is_file and p.suffix != ".tar":
         try:
             lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         except UnicodeDecodeError:

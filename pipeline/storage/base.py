@@ -38,9 +38,10 @@ class Storage(ABC):
         """Write (or replace) the object whole: readers see the old one or the new one, never part of either."""
 
     @abstractmethod
-    def put_file(self, path: str, local: Path) -> None:
+    def put_file(self, path: str, local: Path) -> dict:
         """Make the finished local file `local` the object `path`, whole; `local` is consumed (moved or deleted).
-        A local folder becomes the objects under `path` (an export: locally it moves whole, in one rename)."""
+        Returns the {size, sha256} of what was written (a commit record holds it). A local folder becomes the
+        objects under `path` (an export: locally it moves whole, in one rename)."""
 
     @abstractmethod
     def create(self, path: str, data: bytes) -> bool:

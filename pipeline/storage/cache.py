@@ -46,9 +46,10 @@ def local_copy(path, max_objects: int = 1000) -> Path:
     dest = _under("objects", url)
     listing = store.walk(url)
     if not listing:
-        if not store.object_exists(url):
-            raise UserError(f"{url}: no such file or folder")
-        info = store.info(url)
+        try:
+            info = store.info(url)
+        except FileNotFoundError:
+            raise UserError(f"{url}: no such file or folder") from None
         listing = {url: (info["size"], info["etag"])}
         files = {dest.name: url}
         index_file, root = dest.parent / f".{dest.name}{INDEX}", dest.parent
@@ -120,12 +121,13 @@ class LogMirror:
         if self.remote is None:
             return
         store = storage_for(self.remote)
-        if not any(store.object_exists(store.join(self.remote, name)) for name in names):
+        present = {name for name in names if store.object_exists(store.join(self.remote, name))}
+        if not present:
             shutil.rmtree(self.local, ignore_errors=True)
             return
         for name in names:
             local = self.local / name
-            if store.object_exists(store.join(self.remote, name)):
+            if name in present:
                 _download(store, store.join(self.remote, name), local)
                 st = local.stat()
                 self._sent[name] = (st.st_size, st.st_mtime_ns)

@@ -14,14 +14,14 @@ step, `--overwrite`) first undoes it: the record goes first, so the unit stops c
 is removed.
 
 What was written can be recorded: after put_staged(), `files()` gives the size and SHA-256 of every staged payload
-(the object store returns them from the upload, which hashed the bytes it sent, as a multipart ETag is no content
-hash; locally the staging file is hashed before its rename), which the writers put into their records (`files`). A unit under a folder whose leased lock this process
-has lost (pipeline.storage.lease) is not committed: the commit raises the lock's one-line error.
+(every backend's put_file returns them: the object store hashes the bytes it sends, as a multipart ETag is no content
+hash; locally the staging file is hashed before its rename), which the writers put into their records (`files`). A
+unit under a folder whose leased lock this process has lost (pipeline.storage.lease) is not committed: the commit
+raises the lock's one-line error.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -73,13 +73,9 @@ class Unit:
     def put_staged(self) -> None:
         """Move every staged payload under its final name (each whole); the unit is not done before commit()."""
         for payload, local in list(self._staged.items()):
-            digest = file_digest(local) if local.is_file() and not getattr(self.store, "hashes_uploads", False) \
-                else None
             written = self.store.put_file(payload, local)
-            if isinstance(written, dict) and "sha256" in written:
-                digest = {"size": written["size"], "sha256": written["sha256"]}
-            if digest is not None:
-                self.written[payload] = digest
+            if isinstance(written.get("sha256"), str):  # a file's digest (a folder's is one per file name)
+                self.written[payload] = {"size": written["size"], "sha256": written["sha256"]}
             del self._staged[payload]
 
     def commit(self, record: dict | bytes) -> bool:
@@ -105,16 +101,6 @@ class Unit:
         self.store.delete(self.record)
         for p in self.payloads:
             self.store.delete(p)
-
-
-def file_digest(path: str | Path) -> dict:
-    """{size, sha256} of a local file."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 2**20):
-            h.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": h.hexdigest()}
 
 
 def files_of(written: dict[str, dict]) -> dict[str, dict]:

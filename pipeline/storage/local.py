@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -66,8 +67,10 @@ class LocalStorage(Storage):
             tmp.unlink(missing_ok=True)
             raise
 
-    def put_file(self, path, local: Path) -> None:
+    def put_file(self, path, local: Path) -> dict:
+        digest = file_digest(local) if Path(local).is_file() else {}
         os.replace(local, _local(path))  # staging_file lies beside `path` (same filesystem); a folder moves whole
+        return digest
 
     def create(self, path, data: bytes) -> bool:
         path = _local(path)
@@ -142,6 +145,16 @@ BACKENDS["file"] = LocalStorage
 
 
 # ------------------------------------------------------------------------------- helpers that take any path
+def file_digest(path: str | Path) -> dict:
+    """{size, sha256} of a local file."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """The object under `path`, whole: readers never see a half file."""
     storage_for(path).write_bytes(str(path), data)

@@ -115,8 +115,6 @@ class S3Storage(Storage):
     `concurrency` in flight (the part size grows when a file would need more than 10,000 parts); S3 refuses parts
     under 5 MiB except the last. `conflict_attempts`: tries of a conditional write refused with 409."""
 
-    hashes_uploads = True  # put_file / write_bytes return the SHA-256 of what they sent (Unit records it)
-
     def __init__(self, multipart_threshold: int = 64 * MiB, part_size: int = 16 * MiB, concurrency: int = 4,
                  conflict_attempts: int = 8):
         self.multipart_threshold, self.part_size = multipart_threshold, part_size

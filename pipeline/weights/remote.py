@@ -27,12 +27,13 @@ def pin(url: str) -> tuple[str, Path]:
         latest = find_resume_path(p)
         if latest is None:
             raise UserError(f"{url}: run folder has no complete checkpoint yet")
+        local = local_copy(str(latest))
         for name in BESIDE:
             if (p / name).is_file():
                 local_copy(str(p / name))
             else:  # an earlier copy's: it described other weights
-                (local_copy(str(latest)).parent.parent / name).unlink(missing_ok=True)
-        return str(latest), local_copy(str(latest))
+                (local.parent.parent / name).unlink(missing_ok=True)
+        return str(latest), local
     if (p / "vae" / "config.json").is_file() and not (p / "config.json").is_file():
         return str(p / "vae"), local_copy(str(p / "vae"))  # a pipeline folder: only the autoencoder is copied
     if not p.is_dir():
