@@ -33,15 +33,14 @@ class Progress:
         self.desc, self.total, self.unit, self.done = desc, total, unit, initial
         self.start_done, self.t0 = initial, time.time()
         self.file = file or sys.stderr
-        self.enabled = enabled
         self.postfix: dict[str, str] = {}
-        self.tty = bool(getattr(self.file, "isatty", lambda: False)())
         self.bar = None
+        self._samples = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         if not enabled:
             return
-        if self.tty:
+        if getattr(self.file, "isatty", lambda: False)():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.file, dynamic_ncols=True,
@@ -53,7 +52,7 @@ class Progress:
 
     def samples(self, n: int) -> int:
         """A running count beside the unit (samples written so far, for a bar that counts shards)."""
-        self._samples = getattr(self, "_samples", 0) + n
+        self._samples += n
         return self._samples
 
     def update(self, n: int = 1, **postfix) -> None:
@@ -81,13 +80,6 @@ class Progress:
     def _tick(self) -> None:
         while not self._stop.wait(self.interval):
             print(self.line(), file=self.file, flush=True)
-
-    def write(self, text: str) -> None:
-        """A message that does not break the bar."""
-        if self.bar is not None:
-            self.bar.write(text, file=self.file)
-        else:
-            print(text, file=self.file, flush=True)
 
     def close(self) -> None:
         self._stop.set()

@@ -124,15 +124,11 @@ def stage_main(fn):
         say_threads(prog, argv)
         try:
             return fn(argv, *args, **kwargs)
-        except StorageUnavailable as e:
+        except (StorageUnavailable, UserError) as e:  # one line; the exit code says what to do next
             print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_PREEMPTED) from None
-        except Diverged as e:
-            print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_DIVERGED) from None
-        except UserError as e:
-            print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_USER) from None
+            code = EXIT_PREEMPTED if isinstance(e, StorageUnavailable) else \
+                EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_USER
+            raise SystemExit(code) from None
         except OSError as e:  # a full disk is one line naming the folder, not a traceback
             msg = no_space_message(e.filename or ".", e)
             if msg is None:

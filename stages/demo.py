@@ -73,7 +73,7 @@ def main(argv=None) -> None:
 
     peak, what = matmul_peak(n=1024, repeats=5)  # what this machine gives now, so the time below can be compared
     photos = write_demo_photos(out / "images", Path(args.photos).expanduser() if args.photos else None, args.subset)
-    for part, size in (("train", 128), ("heldout", 64), ("traintiles", 64)):
+    for part, size in (("train", 2 * TILE), ("heldout", TILE), ("traintiles", TILE)):
         m = locked_prepare([str(out / "images" / part)], str(out / "shards" / part), PrepareOptions(size=size, shard_size=4))
         print(f"demo: prepare {part}: {m['total']} samples in {len(m['shards'])} shards ({out / 'shards' / part})")
     steps = [f"train.max_steps={args.steps}", f"train.log_every={max(1, min(10, args.steps))}"] if args.steps else []

@@ -260,12 +260,6 @@ def _listed_records(folder) -> dict:
     return {rec.stem: reader(rec) for rec in (folder / RECORDS).glob("*.json") if rec.stem + ".tar" in tars}
 
 
-def is_complete(folder: Path, name: str, settings: dict, url: str | None = None) -> bool:
-    """A shard is done when its unit is (tar and record), the record was written with these settings and (given
-    the input shard's `url`) from that input as it is now."""
-    return shard_state(folder, name, settings, url) == "complete"
-
-
 def same_latents(record: dict, settings: dict) -> bool:
     """Whether a shard record was written with the identity settings of `settings` (same model, store, ...)."""
     return all(record.get("settings", {}).get(k) == settings.get(k) for k in IDENTITY_KEYS)

@@ -82,7 +82,8 @@ class Evaluator:
                 self.buffered.append((x[idx].cpu(), mean[idx].cpu(), logvar[idx].cpu(), [keys[i] for i in chosen]))
         rec8 = to_uint8(rec)
         self._add("n", torch.tensor(float(n)))
-        self._add("psnr", psnr(images, rec8).clamp(max=100.0))
+        tile_psnr = psnr(images, rec8)
+        self._add("psnr", tile_psnr.clamp(max=100.0))
         self._add("psnr_mean_colour", psnr(images, mean_colour(images)).clamp(max=100.0))
         self._add("ssim", ssim(images, rec8))
         self._add("sq_err", (x.double() - rec.double().clamp(-1, 1)).pow(2).flatten(1).mean(1))
@@ -99,8 +100,7 @@ class Evaluator:
             self.fid.update(images, real=True)
             self.fid.update(rec8, real=False)
         if len(self.grid) < GRID_SAMPLES:
-            tile_psnr = psnr(images, rec8).tolist()
-            self.grid += [(keys[i], images[i].cpu(), rec8[i].cpu(), tile_psnr[i])
+            self.grid += [(keys[i], images[i].cpu(), rec8[i].cpu(), tile_psnr[i].item())
                           for i in range(min(n, GRID_SAMPLES - len(self.grid)))]
 
     @torch.no_grad()

@@ -52,13 +52,16 @@ class FiniteScalarQuantizer(nn.Module):
         rounded = b + (torch.round(b) - b).detach()  # straight-through: the gradient of the bounded value
         z_q = (rounded / self._half_width).to(z.dtype)
         with torch.no_grad():
-            codes = self.codes(z)
+            codes = self._index(b)
             counts = torch.bincount(codes.flatten(), minlength=self.n_e).float()
         return z_q, torch.zeros((), device=z.device), (perplexity(counts), None, codes)
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """The code index [B, h, w] of each position (what forward() returns, without the straight-through part)."""
-        digits = torch.round(self.bound(z.float())).long() + self._half_width.long()
+        return self._index(self.bound(z.float()))
+
+    def _index(self, bounded: torch.Tensor) -> torch.Tensor:
+        digits = torch.round(bounded).long() + self._half_width.long()
         return (digits * self._basis).sum(1)
 
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:

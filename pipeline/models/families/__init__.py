@@ -25,7 +25,7 @@ from pipeline.models.families.flux2 import Flux2Family
 from pipeline.models.families.sd import FSQFamily, KLFamily, VQFamily, is_fsq  # noqa: F401
 from pipeline.models.families.tiny import TinyFamily
 from pipeline.models.families.video import QwenImageFamily, WanFamily
-from pipeline.models.registry import FAMILY_CLASSES, family_of_class_name
+from pipeline.models.registry import FAMILY_CLASSES
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (KLFamily(), VQFamily(), FSQFamily(), DCFamily(), Flux2Family(),
                                                      QwenImageFamily(), WanFamily(), TinyFamily())}
@@ -47,9 +47,3 @@ def family_of(model) -> Family:
         if type(model) in f.classes:
             return f
     raise UserError(f"{type(model).__name__}: not a model family firststage knows ({', '.join(FAMILIES)})")
-
-
-def family_of_class(class_name: str) -> Family | None:
-    """The family whose diffusers class has this name (a diffusers folder's config.json `_class_name`)."""
-    kind = family_of_class_name(class_name)
-    return FAMILIES[kind] if kind is not None else None

@@ -71,6 +71,3 @@ class DCFamily(Family):
             keep = step * random.randint(1, z.shape[1] // step)
             z = torch.cat([z[:, :keep], torch.zeros_like(z[:, keep:])], 1)
         return AutoencoderOutput(self.decode(model, transform(z) if transform else z), z)
-
-    def encoder_side(self, model) -> list[nn.Module]:
-        return [model.encoder]

@@ -26,9 +26,6 @@ class TinyFamily(Family):
     def last_encoder_layer(self, model) -> nn.Parameter:
         return model.encoder.layers[-1].weight
 
-    def encoder_side(self, model) -> list[nn.Module]:
-        return [model.encoder]
-
     def enable_gradient_checkpointing(self, model) -> None:
         raise UserError("train.gradient_checkpointing: AutoencoderTiny's checkpointed encoder skips its input "
                         "rescaling in diffusers (wrong latents); train it without")
