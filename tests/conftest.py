@@ -64,3 +64,16 @@ def tiny_run(tmp_path_factory) -> Path:
                  "evaluate.likelihood_samples=0")
     assert r.returncode == 0, r.stderr
     return root
+
+
+@pytest.fixture(scope="session")
+def encoder_only(tiny_run) -> Path:
+    """tiny_run's run exported by `firststage export --format encoder-only` (once per test process: tracing its
+    program takes seconds); tests read it and write elsewhere."""
+    from harness import run_main
+    from stages.export import main as export
+
+    out = tiny_run / "encoder-only"
+    r = run_main(export, "--model", tiny_run / "run", "--output", out, "--format", "encoder-only")
+    assert r.returncode == 0, r.stderr
+    return out

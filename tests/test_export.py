@@ -119,12 +119,10 @@ def test_single_file_is_the_exact_inverse_of_diffusers_conversion(tmp_path):
     assert all(torch.equal(back[k], own[k]) for k in own)
 
 
-def test_encoder_only_export_and_its_program_reproduce_the_latents(tiny_run, tmp_path):
+def test_encoder_only_export_and_its_program_reproduce_the_latents(tiny_run, encoder_only, tmp_path):
     from helpers import load_model
 
-    r = export("--model", tiny_run / "run", "--output", tmp_path / "enc", "--format", "encoder-only")
-    assert r.returncode == 0, r.stderr
-    enc, _ = load_model(tmp_path / "enc")
+    enc, _ = load_model(encoder_only)
     full, _ = load_model(tiny_run / "run")
     assert enc.decoder is None
     assert sum(p.numel() for p in enc.parameters()) < 0.6 * sum(p.numel() for p in full.parameters())
@@ -132,14 +130,14 @@ def test_encoder_only_export_and_its_program_reproduce_the_latents(tiny_run, tmp
     with torch.no_grad():
         ref = full.encode(x).latent_dist
         got = enc.encode(x).latent_dist
-        mean, logvar = torch.export.load(str(tmp_path / "enc" / "encoder.pt2")).module()(x)
+        mean, logvar = torch.export.load(str(encoder_only / "encoder.pt2")).module()(x)
     assert torch.equal(got.mean, ref.mean)
     torch.testing.assert_close(mean, ref.mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logvar, ref.logvar, rtol=1e-5, atol=1e-5)
     # and the encode stage runs on it
     from stages.encode import main as encode
 
-    r = run_main(encode, "--model", tmp_path / "enc", "--data", tiny_run / "train", "--output", tmp_path / "lat",
+    r = run_main(encode, "--model", encoder_only, "--data", tiny_run / "train", "--output", tmp_path / "lat",
                  "data.num_workers=0")
     assert r.returncode == 0 and "encode: 64 samples" in r.stdout, r.stderr
 

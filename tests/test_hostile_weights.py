@@ -288,7 +288,7 @@ def test_bad_diffusers_configs_are_one_line_naming_the_file(tiny_run, tmp_path):
         assert one_line(r), r.stderr[-1500:]
 
 
-def test_bad_single_file_metadata_and_encoder_configs_are_one_line(tiny_run, tmp_path):
+def test_bad_single_file_metadata_and_encoder_configs_are_one_line(tiny_run, encoder_only, tmp_path):
     from pipeline.weights.single_file import save as save_single_file
 
     save_single_file(tiny_model(), tmp_path / "good.safetensors", config_to_dict(load_config("tiny"))["model"], 32,
@@ -313,13 +313,12 @@ def test_bad_single_file_metadata_and_encoder_configs_are_one_line(tiny_run, tmp
     r = evaluate("--model", tmp_path / "bad-model.safetensors", "--data", tiny_run / "val", "--output", tmp_path / "e")
     assert r.returncode == 2 and "bad-model.safetensors: model.layers_per_block" in r.stderr and one_line(r), r.stderr
     # encoder-only: a config that is not JSON, that lacks its model, that names a file outside its folder
-    assert export("--model", tiny_run / "run", "--output", tmp_path / "enc", "--format", "encoder-only").returncode == 0
-    config = json.loads((tmp_path / "enc" / "encoder_config.json").read_text())
+    config = json.loads((encoder_only / "encoder_config.json").read_text())
     for name, text, words in (("notjson", "{", "not valid JSON"),
                               ("nomodel", json.dumps({**config, "model": None}), "not a firststage encoder-only config"),
                               ("escape", json.dumps({**config, "weights": "../enc/encoder.safetensors"}),
                                "weights '../enc/encoder.safetensors' is not a file name in")):
-        shutil.copytree(tmp_path / "enc", tmp_path / name)
+        shutil.copytree(encoder_only, tmp_path / name)
         (tmp_path / name / "encoder_config.json").write_text(text)
         r = export("--model", tmp_path / name, "--output", tmp_path / f"{name}-out", "--keep-scaling-factor",
                    "--format", "encoder-only")
@@ -327,7 +326,7 @@ def test_bad_single_file_metadata_and_encoder_configs_are_one_line(tiny_run, tmp
         assert one_line(r)
 
 
-def test_evaluate_writes_beside_a_single_file_and_refuses_an_encoder_only_export(tiny_run, tmp_path):
+def test_evaluate_writes_beside_a_single_file_and_refuses_an_encoder_only_export(tiny_run, encoder_only, tmp_path):
     r = export("--model", tiny_run / "run", "--output", tmp_path / "vae.safetensors", "--format", "single-file")
     assert r.returncode == 0, r.stderr
     r = evaluate("--model", tmp_path / "vae.safetensors", "--data", tiny_run / "val")
@@ -336,11 +335,10 @@ def test_evaluate_writes_beside_a_single_file_and_refuses_an_encoder_only_export
     (tmp_path / "taken").write_text("a file")
     r = evaluate("--model", tmp_path / "vae.safetensors", "--data", tiny_run / "val", "--output", tmp_path / "taken")
     assert r.returncode == 2 and "is a file, not a folder" in r.stderr and one_line(r)
-    assert export("--model", tiny_run / "run", "--output", tmp_path / "enc", "--format", "encoder-only").returncode == 0
-    r = evaluate("--model", tmp_path / "enc", "--data", tiny_run / "val")
+    r = evaluate("--model", encoder_only, "--data", tiny_run / "val")
     assert r.returncode == 2 and "an encoder-only export has no decoder" in r.stderr and one_line(r), r.stderr[-1500:]
     for fmt, name in (("diffusers", "vae"), ("single-file", "vae2.safetensors")):  # nor re-exported with a random one
-        r = export("--model", tmp_path / "enc", "--output", tmp_path / name, "--format", fmt, "--keep-scaling-factor")
+        r = export("--model", encoder_only, "--output", tmp_path / name, "--format", fmt, "--keep-scaling-factor")
         assert r.returncode == 2 and "has no decoder; a" in r.stderr and one_line(r), r.stderr[-1500:]
         assert not (tmp_path / name).exists()
 
