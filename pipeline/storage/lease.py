@@ -89,15 +89,12 @@ class LeasedLock(FolderLock):
 
     def renew(self) -> bool:
         """Extend the lease now; False (and `lost` set) if the lock is no longer ours."""
-        found = self.store.read_versioned(self.path)
-        if found is None:
+        holder, version = self._holder()
+        if version is None:
             self._lose("its object was removed")
             return False
-        content, version = found
-        holder = self._parse(content)
-        if holder is None or holder.get("token") != self.me["token"]:
-            who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "an unreadable object"
-            self._lose(f"it was taken over by {who}")
+        if not self._ours(holder):
+            self._lose(f"it was taken over by {self._who(holder, 'an unreadable object')}")
             return False
         previous = dict(self.me)
         self._stamp()
@@ -125,11 +122,10 @@ class LeasedLock(FolderLock):
     def ensure_ours(self) -> None:
         """Raise (one line) unless the lock object still holds our token: one read, for processes forked from the
         holder (which have no renewal thread of their own)."""
-        found = self.store.read_versioned(self.path)
-        holder = self._parse(found[0]) if found is not None else None
-        if holder is None or holder.get("token") != self.me["token"]:
-            who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "nobody (it was removed)"
-            raise UserError(f"{self.what} {self.folder}: lost the lock {self.path}: it is held by {who}")
+        holder, _ = self._holder()
+        if not self._ours(holder):
+            raise UserError(f"{self.what} {self.folder}: lost the lock {self.path}: it is held by "
+                            f"{self._who(holder, 'nobody (it was removed)')}")
 
     # ------------------------------------------------------------------------------------------------ letting go
     def release(self) -> None:
@@ -137,12 +133,7 @@ class LeasedLock(FolderLock):
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
-        if self.held:
-            found = self.store.read_versioned(self.path)
-            holder = self._parse(found[0]) if found is not None else None
-            if holder is not None and holder.get("token") == self.me["token"]:
-                self.store.delete(self.path)
-        self.held = False
+        super().release()
 
 
 LEASE_S = 120.0  # the default lease of a stage's lock on object storage (FIRSTSTAGE_LOCK_LEASE_S)

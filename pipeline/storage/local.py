@@ -224,18 +224,20 @@ def remove_dead_temporaries(path: str | Path) -> int:
     n = 0
     for p in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp"):
         pid = p.name[len(path.name) + 2:].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(pid):
             p.unlink(missing_ok=True)
             n += 1
     return n
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether process `pid` exists on this machine; one that cannot be asked about (EPERM: another user's; a pid
+    that is not a number) counts as alive, so that nothing of a live run is ever taken for a dead one's."""
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: it exists, owned by someone else
+    except (OSError, ValueError, TypeError, OverflowError):
         return True
     return True
 

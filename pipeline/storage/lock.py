@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.storage.base import storage_for
+from pipeline.storage.local import pid_alive
 
 
 class FolderLock:
@@ -38,15 +39,13 @@ class FolderLock:
         for _ in range(5):
             if self.store.create(self.path, mine):
                 return self._held()
-            found = self.store.read_versioned(self.path)
-            if found is None:  # released meanwhile: try again
+            holder, version = self._holder()
+            if version is None:  # released meanwhile: try again
                 continue
-            content, version = found
-            holder = self._parse(content)
             if holder is not None and not self._stale(holder):
-                raise UserError(f"{self.what} {self.label} is in use by pid {holder.get('pid')} on "
-                                f"{holder.get('host')} since {holder.get('started')} ({self.path}); wait for it to "
-                                f"end, or remove that file if the run is gone")
+                raise UserError(f"{self.what} {self.label} is in use by {self._who(holder, '')} since "
+                                f"{holder.get('started')} ({self.path}); wait for it to end, or remove that file if "
+                                f"the run is gone")
             if self.store.replace_if(self.path, mine, version):  # a dead run's (or unreadable) lock: take it over
                 return self._held()
             time.sleep(0.01)  # another process took it over first: look again
@@ -57,6 +56,18 @@ class FolderLock:
         atexit.register(self.release)
         return self
 
+    def _holder(self) -> tuple[dict | None, object]:
+        """The lock object now: (its holder, None where it is not JSON; its version, None where it is gone)."""
+        found = self.store.read_versioned(self.path)
+        return (None, None) if found is None else (self._parse(found[0]), found[1])
+
+    def _ours(self, holder: dict | None) -> bool:
+        return holder is not None and holder.get("token") == self.me["token"]
+
+    @staticmethod
+    def _who(holder: dict | None, otherwise: str) -> str:
+        return f"pid {holder.get('pid')} on {holder.get('host')}" if holder else otherwise
+
     @staticmethod
     def _parse(content: bytes) -> dict | None:
         try:
@@ -66,21 +77,11 @@ class FolderLock:
         return holder if isinstance(holder, dict) else None
 
     def _stale(self, holder: dict) -> bool:
-        if holder.get("host") != self.me["host"]:
-            return False
-        try:
-            os.kill(int(holder.get("pid", 0)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, TypeError):
-            return False
-        return False
+        return holder.get("host") == self.me["host"] and not pid_alive(holder.get("pid", 0))
 
     def release(self) -> None:
-        if self.held:
-            found = self.store.read_versioned(self.path)
-            if found is not None and self._parse(found[0]) == self.me:
-                self.store.delete(self.path)
+        if self.held and self._ours(self._holder()[0]):  # a lock taken over meanwhile is not ours to remove
+            self.store.delete(self.path)
         self.held = False
 
     def __enter__(self) -> "FolderLock":

@@ -46,6 +46,7 @@ import botocore.session
 
 from pipeline.errors import UserError
 from pipeline.storage.base import BACKENDS, Storage
+from pipeline.storage.local import pid_alive
 
 log = logging.getLogger("firststage.storage")
 
@@ -535,17 +536,11 @@ def _shared_loader():
 def _remove_dead_staging(folder: Path) -> None:
     for p in folder.iterdir():
         pid = p.name.split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not pid_alive(pid):
             try:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             except OSError:
                 pass
-        except (PermissionError, OverflowError):
-            pass
 
 
 class ObjectReadError(OSError):
