@@ -150,6 +150,24 @@ def test_list_with_suffix(where):
     assert store.list(root + "/") == [store.join(root, n) for n in ("a.json", "b.json", "c.tar")]
 
 
+def test_listing_walk_and_delete_read_every_page(s3root):
+    """Listings of more entries than one page holds (pages of 2 here; S3's are 1000): every page is read."""
+    from pipeline.storage.s3 import S3Storage
+
+    store = S3Storage(page_size=2)
+    names = [f"{i}.json" for i in range(5)]
+    for name in names:
+        store.write_bytes(store.join(s3root, "f", name), b"1")
+    for sub in ("a", "b", "c"):
+        store.write_bytes(store.join(s3root, "f", sub, "x.json"), b"1")
+    files, folders = store.entries(store.join(s3root, "f"))
+    assert sorted(files) == [store.join(s3root, "f", n) for n in names]
+    assert folders == [store.join(s3root, "f", sub) for sub in ("a", "b", "c")]
+    assert len(store.walk(s3root)) == 8
+    store.delete(store.join(s3root, "f"))
+    assert store.walk(s3root) == {}
+
+
 def _create_racer(barrier, i, path):
     store = storage_for(path)
     barrier.wait()

@@ -114,12 +114,13 @@ class S3Storage(Storage):
 
     `multipart_threshold`: objects of at least this many bytes go up as a multipart upload of `part_size` parts,
     `concurrency` in flight (the part size grows when a file would need more than 10,000 parts); S3 refuses parts
-    under 5 MiB except the last. `conflict_attempts`: tries of a conditional write refused with 409."""
+    under 5 MiB except the last. `conflict_attempts`: tries of a conditional write refused with 409. `page_size`:
+    entries per listing request (S3's most, 1000)."""
 
     def __init__(self, multipart_threshold: int = 64 * MiB, part_size: int = 16 * MiB, concurrency: int = 4,
-                 conflict_attempts: int = 8):
+                 conflict_attempts: int = 8, page_size: int = 1000):
         self.multipart_threshold, self.part_size = multipart_threshold, part_size
-        self.concurrency, self.conflict_attempts = concurrency, conflict_attempts
+        self.concurrency, self.conflict_attempts, self.page_size = concurrency, conflict_attempts, page_size
         self.retries = 0  # requests sent again (botocore's retries, reads resumed, conflicts retried), this process
         self.retry_reasons: dict[str, int] = {}
         self._client_obj, self._pid, self._lock, self._count_lock = None, None, threading.Lock(), threading.Lock()
@@ -300,30 +301,30 @@ class S3Storage(Storage):
         per 1000 entries)."""
         bucket, prefix = split_url(folder)
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-        files, folders, token = {}, [], None
-        while True:
-            kw = {"Prefix": prefix, "Delimiter": "/", **({"ContinuationToken": token} if token else {})}
-            r = self._call("list_objects_v2", bucket, **kw)
+        files, folders = {}, []
+        for r in self._listing(bucket, prefix, Delimiter="/"):
             files.update({f"s3://{bucket}/{o['Key']}": (o["Size"], o.get("ETag", "")) for o in r.get("Contents", [])
                           if o["Key"] != prefix})
             folders += [f"s3://{bucket}/{c['Prefix'].rstrip('/')}" for c in r.get("CommonPrefixes", [])]
-            token = r.get("NextContinuationToken")
-            if not r.get("IsTruncated") or not token:
-                return files, sorted(folders)
+        return files, sorted(folders)
 
     def walk(self, folder) -> dict[str, tuple[int, str]]:
         """Every object under `folder`, at any depth: {URL: (size, ETag)}, in key order."""
         bucket, prefix = split_url(folder)
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-        out, token = {}, None
+        return {f"s3://{bucket}/{o['Key']}": (o["Size"], o.get("ETag", ""))
+                for r in self._listing(bucket, prefix) for o in r.get("Contents", []) if not o["Key"].endswith("/")}
+
+    def _listing(self, bucket: str, prefix: str, **kw):
+        """The pages of list_objects_v2 under `prefix` (`page_size` entries each), one request each, as read."""
+        token = None
         while True:
-            kw = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
-            r = self._call("list_objects_v2", bucket, **kw)
-            out.update({f"s3://{bucket}/{o['Key']}": (o["Size"], o.get("ETag", "")) for o in r.get("Contents", [])
-                        if not o["Key"].endswith("/")})
+            page = {"ContinuationToken": token} if token else {}
+            r = self._call("list_objects_v2", bucket, Prefix=prefix, MaxKeys=self.page_size, **kw, **page)
+            yield r
             token = r.get("NextContinuationToken")
             if not r.get("IsTruncated") or not token:
-                return out
+                return
 
     # ------------------------------------------------------------------------------------------------ writes
     def write_bytes(self, path, data: bytes) -> dict:
@@ -485,14 +486,8 @@ class S3Storage(Storage):
         key = key.rstrip("/")
         if not key:
             raise UserError(f"{path}: refusing to delete a whole bucket")
-        found, token = [], None
-        while True:
-            kw = {"Prefix": key, **({"ContinuationToken": token} if token else {})}
-            r = self._call("list_objects_v2", bucket, **kw)
-            found += [o["Key"] for o in r.get("Contents", []) if o["Key"] == key or o["Key"].startswith(key + "/")]
-            token = r.get("NextContinuationToken")
-            if not r.get("IsTruncated") or not token:
-                break
+        found = [o["Key"] for r in self._listing(bucket, key) for o in r.get("Contents", [])
+                 if o["Key"] == key or o["Key"].startswith(key + "/")]
         for k in found:
             try:
                 self._call("delete_object", bucket, k)
