@@ -40,11 +40,10 @@ def take_output_lock(folder, name: str = ".lock", what: str = "--output"):
     after credentials, bucket and conditional writes were checked (one line each); a second run is refused naming
     the holder. The holder then aborts the multipart uploads that killed runs left under the folder more than an
     hour ago."""
-    from pipeline.storage import check_access, folder_lock
+    from pipeline.storage import folder_lock
     from pipeline.storage.paths import abort_stale_uploads
 
-    with flag_named(what):
-        check_access(folder, writes=True)
+    check_paths([(what, folder)], writes=True)
     lock = folder_lock(folder, name, what=what).acquire()
     abort_stale_uploads(folder)
     return lock
@@ -60,6 +59,15 @@ def flag_named(flag: str | None, value=None):
         if flag is None or (value is not None and not str(e).startswith(str(value))):
             raise
         raise type(e)(f"{flag} {e}") from None
+
+
+def check_paths(named, writes: bool = False) -> None:
+    """(flag, path) pairs: pipeline.storage.check_access of each path, before any work, its one line naming the flag."""
+    from pipeline.storage import check_access
+
+    for flag, path in named:
+        with flag_named(flag):
+            check_access(path or "", writes)
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -100,14 +108,10 @@ def alias_errors(aliases: dict[str, tuple]):
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument(
-        "--config", required=required, metavar="PRESET|FILE",
-        help="a preset name from configs/ (kl-f8, tiny, ...) or a YAML file",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value",
-        help="dotted overrides, e.g. train.max_steps=100 loss.kl.weight=1e-6 (see `firststage config --keys`)",
-    )
+    parser.add_argument("--config", required=required, metavar="PRESET|FILE",
+                        help="a preset name from configs/ (kl-f8, tiny, ...) or a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=100 "
+                        "loss.kl.weight=1e-6 (see `firststage config --keys`)")
 
 
 def stage_main(fn):

@@ -22,8 +22,8 @@ import time
 # the SIGTERM handler is in place (a SIGTERM during start-up exits 75, which the sbatch script requeues, not 143).
 from pipeline.errors import StorageUnavailable, UserError
 from pipeline.manifest import MANIFEST, deal, parse_part, part_name, summarize_skips
-from pipeline.storage import as_path, check_access
-from stages.common import EXIT_PREEMPTED, flag_named, sigterm_sets, stage_main, take_output_lock
+from pipeline.storage import as_path
+from stages.common import EXIT_PREEMPTED, check_paths, flag_named, sigterm_sets, stage_main, take_output_lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +60,7 @@ def _exit_preempted(seconds: float, locks: list) -> None:
 @stage_main
 def _main(argv, stop: threading.Event, grace: list, locks: list) -> None:
     args = build_parser().parse_intermixed_args(argv)  # key=value may follow or precede the flags
-    for flag in ("--model", "--data", "--output"):  # credentials, bucket, endpoint: one line before any work
-        with flag_named(flag):
-            check_access(getattr(args, flag[2:]) or "")
+    check_paths((flag, getattr(args, flag[2:])) for flag in ("--model", "--data", "--output"))
     out = as_path(args.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a folder")

@@ -24,13 +24,13 @@ from pipeline.config import config_to_dict
 from pipeline.errors import UserError
 from pipeline.latents.factors import NoStatistics, eval_beside, export_normalisation
 from pipeline.models.normalisation import describe
-from pipeline.storage import Unit, as_path, check_access, disk_full_as_oserror, folder_lock, respect_umask
+from pipeline.storage import Unit, as_path, disk_full_as_oserror, folder_lock, respect_umask
 from pipeline.weights import EXPORT_FORMATS
 from pipeline.weights import discriminator as disc
 from pipeline.weights.card import card_inputs, model_card
 from pipeline.weights.output import (check_factors, check_finite_weights, check_output_path, check_replaceable,
                                      statistics_from)
-from stages.common import flag_named, pinned_weights, stage_main
+from stages.common import check_paths, flag_named, pinned_weights, stage_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +63,7 @@ def card_path(out: Path) -> Path:
 def main(argv=None) -> None:
     args = build_parser().parse_intermixed_args(argv)
     start = time.time()
-    for flag in ("--model", "--output", "--stats", "--data"):  # credentials, bucket, endpoint: one line, first
-        with flag_named(flag):
-            check_access(getattr(args, flag[2:]) or "")
+    check_paths((flag, getattr(args, flag[2:])) for flag in ("--model", "--output", "--stats", "--data"))
     with flag_named("--output"):
         out = as_path(args.output)  # a local path, or s3://bucket/key: the export is uploaded whole
     if args.format == "single-file" and out.suffix != ".safetensors":

@@ -17,9 +17,9 @@ from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.errors import UserError
 from pipeline.manifest import merge_manifests, parse_part, part_name, summarize_skips
 from pipeline.progress import Progress
-from pipeline.storage import as_path, check_access
-from stages.common import (add_alias_flags, add_config_args, alias_errors, alias_overrides, flag_named, stage_main,
-                           take_output_lock)
+from pipeline.storage import as_path
+from stages.common import (add_alias_flags, add_config_args, alias_errors, alias_overrides, check_paths, flag_named,
+                           stage_main, take_output_lock)
 
 
 # flags that are aliases of `prepare.*` config keys (the schema checks them); `--config` and key=value work too
@@ -65,9 +65,7 @@ def options(args) -> PrepareOptions:
 def locked_prepare(inputs: list[str], output: str, opts: PrepareOptions, progress=None, overwrite: bool = False) -> dict:
     """pipeline.data.prepare.prepare with the output folder locked (per part): a second run is refused naming the
     first."""
-    for spec in inputs:  # credentials, bucket, endpoint: one line before any work
-        with flag_named("--input"):
-            check_access(spec)
+    check_paths(("--input", spec) for spec in inputs)
     with flag_named("--output"):
         out = as_path(output)
         if out.exists() and not out.is_dir():

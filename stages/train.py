@@ -21,9 +21,9 @@ import threading
 from pipeline.config import config_to_dict, load_config, save_config
 from pipeline.distributed import is_main_process, print0
 from pipeline.errors import UserError
-from pipeline.storage import LogMirror, check_access
-from stages.common import (EXIT_PREEMPTED, add_config_args, flag_named, resolve_mixed_precision, sigterm_sets,
-                           stage_main, take_output_lock)
+from pipeline.storage import LogMirror
+from stages.common import (EXIT_PREEMPTED, add_config_args, check_paths, flag_named, resolve_mixed_precision,
+                           sigterm_sets, stage_main, take_output_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +67,7 @@ def run(argv=None):
         cfg = load_config(args.config, args.overrides)  # validated before the heavy imports: a typo costs < 1 s
         grace[0] = cfg.train.sigterm_grace
         inputs = {"data.train": cfg.data.train, "data.val": cfg.data.val, "train.init_from": cfg.train.init_from}
-        for key, value in inputs.items():
-            with flag_named(key):
-                check_access(value)  # credentials, bucket, endpoint: one line before any work
+        check_paths(inputs.items())
         if not is_main_process():
             return _run(args, cfg, stop)
         lock = take_output_lock(cfg.output_dir, what="output_dir")
