@@ -142,6 +142,24 @@ def test_encoder_only_export_and_its_program_reproduce_the_latents(tiny_run, enc
     assert r.returncode == 0 and "encode: 64 samples" in r.stdout, r.stderr
 
 
+@pytest.mark.parametrize("quantizer", ["vq", "vq-cosine", "fsq"])
+def test_the_encoder_program_of_a_quantized_model_gives_the_codes_its_encoder_gives(quantizer):
+    """What an encoder-only export of a VQ or FSQ model traces: the code of each position, as the model's own
+    encode finds it (the cosine codebook compares unit-length rows)."""
+    from pipeline.models.autoencoder import family_of
+    from pipeline.models.encoder_program import EncoderProgram
+
+    keys = {"vq": ["model.kind=vq"], "vq-cosine": ["model.kind=vq", "model.codebook.cosine=true"], "fsq": []}[quantizer]
+    torch.manual_seed(0)
+    model = build_autoencoder(load_config("tiny-fsq" if quantizer == "fsq" else "tiny", keys).model, 32).eval()
+    x = images(3, size=32)
+    with torch.no_grad():
+        want = family_of(model).encode(model, x).codes
+        (got,) = EncoderProgram(model).eval()(x)
+    assert got.shape == want.shape == (3, 8, 8) and torch.equal(got, want)
+    assert len(got.unique()) > 1  # positions do get different codes
+
+
 def test_exported_vae_runs_as_the_vae_of_a_dit_pipeline(tiny_run, tmp_path):
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from pipeline.models.autoencoder import family_of
-from pipeline.models.fsq import FiniteScalarQuantizer
 
 
 class EncoderProgram(nn.Module):
@@ -28,11 +27,4 @@ class EncoderProgram(nn.Module):
         if self.outputs == ["mean", "logvar"]:
             mean, logvar = h.chunk(2, dim=1)
             return mean, logvar.clamp(-30.0, 20.0)
-        if self.quantize is None:
-            return (h,)
-        if isinstance(self.quantize, FiniteScalarQuantizer):
-            return (self.quantize.codes(h),)
-        flat = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-        if self.quantize.cosine:
-            flat = nn.functional.normalize(flat, dim=1)
-        return (self.quantize.assign(flat).view(h.shape[0], h.shape[2], h.shape[3]),)
+        return (h,) if self.quantize is None else (self.quantize.codes(h),)  # VQ and FSQ alike

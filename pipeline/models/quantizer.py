@@ -79,14 +79,21 @@ class VectorQuantizer(nn.Module):
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         return d.argmin(1)
 
+    def flatten(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, dim, H, W] -> rows [B*H*W, dim] as they are compared with the codebook (unit length when cosine)."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.dim).float()
+        return F.normalize(flat, dim=1) if self.cosine else flat
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """The code index [B, H, W] of each position (what forward() returns, without the straight-through part)."""
+        return self.assign(self.flatten(z)).view(z.shape[0], z.shape[2], z.shape[3])
+
     def forward(self, z: torch.Tensor):
         """z [B, dim, H, W] -> (z_q with straight-through gradient, loss, (perplexity, None, indices)).
 
         The loss is the codebook + beta * commitment term (EMA mode: beta * commitment only), a scalar."""
-        zf = z.permute(0, 2, 3, 1).float()
-        flat = zf.reshape(-1, self.dim)
-        if self.cosine:
-            flat = F.normalize(flat, dim=1)
+        b, _, h, w = z.shape
+        flat = self.flatten(z)
         with torch.no_grad():
             idx = self.assign(flat)
         q = self.codebook()[idx]
@@ -98,9 +105,9 @@ class VectorQuantizer(nn.Module):
         if self.training:
             self._update_statistics(flat.detach(), idx)
         q_st = flat + (q - flat).detach()  # straight-through: the decoder's gradient reaches the encoder
-        z_q = q_st.view(zf.shape).permute(0, 3, 1, 2).to(z.dtype).contiguous()  # as diffusers: same conv numerics
+        z_q = q_st.view(b, h, w, self.dim).permute(0, 3, 1, 2).to(z.dtype).contiguous()  # as diffusers: same numerics
         counts = torch.bincount(idx, minlength=self.num_codes).float()
-        return z_q, loss, (perplexity(counts), None, idx.view(zf.shape[:-1]))
+        return z_q, loss, (perplexity(counts), None, idx.view(b, h, w))
 
     @torch.no_grad()
     def _update_statistics(self, flat: torch.Tensor, idx: torch.Tensor) -> None:

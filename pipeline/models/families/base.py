@@ -75,7 +75,10 @@ class Family:
 
     # ------------------------------------------------------------------------------------------ running
     def encode(self, model, x: torch.Tensor) -> Latent:
-        raise NotImplementedError
+        """A diffusers KL autoencoder's posterior q(z|x) = N(mean, exp(logvar)), logvar clamped to [-30, 20] as
+        diffusers does; families whose encoder gives something else override it."""
+        posterior = model.encode(x).latent_dist
+        return Latent(posterior.mean, posterior.logvar)
 
     def decode(self, model, z: torch.Tensor) -> torch.Tensor:
         return model.decode(z).sample

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.models.registry import diffusers_classes
-from pipeline.models.families.base import Family, Latent
+from pipeline.models.families.base import Family
 
 PATCH = 2
 
@@ -16,10 +16,6 @@ PATCH = 2
 class Flux2Family(Family):
     name = "flux2"
     classes = diffusers_classes("flux2")
-
-    def encode(self, model, x: torch.Tensor) -> Latent:
-        posterior = model.encode(x).latent_dist
-        return Latent(posterior.mean, posterior.logvar)
 
     def normalisation(self, model) -> dict:
         bn = model.bn

@@ -85,11 +85,6 @@ class KLFamily(SDFamily):
                 last.bias[cfg.latent_channels:].fill_(cfg.init_logvar)
         return model
 
-    def encode(self, model, x: torch.Tensor) -> Latent:
-        """Posterior q(z|x) = N(mean, exp(logvar)); logvar clamped to [-30, 20] as diffusers does."""
-        posterior = model.encode(x).latent_dist
-        return Latent(posterior.mean, posterior.logvar)
-
 
 class QuantizedFamily(SDFamily):
     """VQModel's encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder."""
