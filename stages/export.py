@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.config import config_to_dict
 from pipeline.errors import UserError
-from pipeline.latents.factors import NoStatistics, eval_beside, export_normalisation
+from pipeline.latents.factors import eval_beside, export_normalisation
 from pipeline.models.normalisation import describe
 from pipeline.storage import Unit, as_path, disk_full_as_oserror, folder_lock, respect_umask
 from pipeline.weights import EXPORT_FORMATS
@@ -77,23 +77,21 @@ def main(argv=None) -> None:
     with flag_named("--output"):
         check_output_path(out, weights)  # never over or into the model's own folders, nor the working folder
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not (args.stats or args.data or args.keep_scaling_factor):  # before any model is loaded or torch imported
+    evaluated = None  # the eval.json beside the model, looked for once, before any model is loaded or torch imported
+    if not (args.stats or args.data):
         with statistics_from(lambda: eval_beside(args.model, weights)[1]):
-            found, why = eval_beside(args.model, weights)
-        if found is None:
-            raise UserError(NO_STATISTICS.format(f"no measured latent statistics for {args.model} ({why})",
-                                                 "the model's own normalisation"))
+            evaluated = eval_beside(args.model, weights)
+        if evaluated[0] is None and not args.keep_scaling_factor:
+            raise UserError(f"no measured latent statistics for {args.model} ({evaluated[1]}): give --stats "
+                            f"latents/manifest.json, or --data SHARDS, or run firststage evaluate first; "
+                            f"--keep-scaling-factor keeps the model's own normalisation")
     with folder_lock(out.parent, f".{out.resolve().name}.lock", what="--output", label=str(out)):
         with flag_named("--output"):
             check_replaceable(out, card_path(out), args.overwrite)  # under the lock: one export of `out` at a time
-        export(args, out, weights, start)
+        export(args, out, weights, start, evaluated)
 
 
-NO_STATISTICS = ("{}: give --stats latents/manifest.json, or --data SHARDS, or run firststage evaluate first; "
-                 "--keep-scaling-factor keeps {}")
-
-
-def export(args, out: Path, weights, start: float) -> None:
+def export(args, out: Path, weights, start: float, evaluated: tuple | None) -> None:
     import torch
 
     from pipeline.models.families import family_of
@@ -110,13 +108,10 @@ def export(args, out: Path, weights, start: float) -> None:
     discriminator = disc.read(weights) if args.with_discriminator else None
     if args.with_discriminator and discriminator is None:
         raise UserError(f"--with-discriminator: {args.model} holds no discriminator (its run trained none)")
-    try:
-        with flag_named("--stats" if args.stats else "--data" if args.data else None), \
-                statistics_from(args.stats or (lambda: eval_beside(args.model, weights)[1])):
-            normalisation = export_normalisation(weights, model, cfg, args.stats, args.data, args.num_samples,
-                                                 args.keep_scaling_factor, args.shift)
-    except NoStatistics as e:
-        raise UserError(NO_STATISTICS.format(e, f"the model's own {describe(fam.normalisation(model))}")) from None
+    with flag_named("--stats" if args.stats else "--data" if args.data else None), \
+            statistics_from(args.stats or args.data or evaluated[1]):
+        normalisation = export_normalisation(weights, model, cfg, args.stats, args.data, args.num_samples,
+                                             args.keep_scaling_factor, args.shift, evaluated)
     check_factors(normalisation)
     cls, described = type(model).__name__, weights.describe()
     note = "diffusers has no FSQ model: this folder loads with firststage (--model, train.init_from)." \

@@ -39,9 +39,12 @@ def eval_beside(given: str, weights) -> tuple[dict | None, str]:
 
 
 def export_normalisation(weights, model, cfg, stats: str | None = None, data: str | None = None,
-                         num_samples: int = 1000, keep: bool = False, shift: bool = False) -> dict:
-    """The normalisation spec an export writes into the model; a NoStatistics error when nothing was measured and
-    `keep` was not asked for. A scaling / shift spec keeps its shift only with `shift` (SD3 / FLUX convention)."""
+                         num_samples: int = 1000, keep: bool = False, shift: bool = False,
+                         evaluated: tuple[dict | None, str] | None = None) -> dict:
+    """The normalisation spec an export writes into the model, from `stats` (an encode manifest), `data` (measured
+    now) or else the eval.json beside the model (`evaluated`: what eval_beside found, if the caller has looked
+    already); a NoStatistics error when nothing was measured and `keep` was not asked for. A scaling / shift spec
+    keeps its shift only with `shift` (SD3 / FLUX convention)."""
     from pipeline.models.families import family_of
     from pipeline.models.normalisation import measured
 
@@ -66,7 +69,7 @@ def export_normalisation(weights, model, cfg, stats: str | None = None, data: st
             raise UserError(f"{data}: no decodable image to measure the latent statistics on")
         spec = measured(own, st, f"measured on {planned} samples of {data}", fam.shift)
     else:
-        res, why = eval_beside(weights.given, weights)
+        res, why = evaluated or eval_beside(weights.given, weights)
         if res is not None:
             spec = measured(own, res["latents"], f"{why} ({res['samples']} samples)", fam.shift)
         elif keep:
