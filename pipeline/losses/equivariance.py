@@ -53,6 +53,13 @@ class StepPlan:
                  noise: tuple[str, float] | None = None, antialias: bool = False):
         self.factor, self.encode_size, self.latent_size, self.rotation = factor, encode_size, latent_size, rotation
         self.extra_factor, self.noise, self.antialias = extra_factor, noise, antialias
+        self._made: dict[str, tuple] = {}  # what input() and target() last made, and of which tensor
+
+    def _once(self, what: str, x: torch.Tensor, make) -> torch.Tensor:
+        """make(x), made once per step: the model, the objective and the discriminator all ask for the same images."""
+        if what not in self._made or self._made[what][0] is not x:
+            self._made[what] = (x, make(x))
+        return self._made[what][1]
 
     @property
     def equivariant(self) -> bool:
@@ -61,7 +68,9 @@ class StepPlan:
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """The image the encoder sees."""
-        return resize(x, self.encode_size, self.antialias) if self.encode_size else x
+        if not self.encode_size:
+            return x
+        return self._once("input", x, lambda x: resize(x, self.encode_size, self.antialias))
 
     def latent(self, z: torch.Tensor) -> torch.Tensor:
         """The latent the decoder sees: noise mixed in, then rescaled, then rotated."""
@@ -73,9 +82,12 @@ class StepPlan:
 
     def target(self, x_in: torch.Tensor) -> torch.Tensor:
         """What the reconstruction is compared with: the same transform of the encoded image."""
-        if self.latent_size is not None:
-            x_in = resize(x_in, [self.factor * s for s in self.latent_size], self.antialias)
-        return rotate(x_in, self.rotation)
+        def make(x_in):
+            if self.latent_size is not None:
+                x_in = resize(x_in, [self.factor * s for s in self.latent_size], self.antialias)
+            return rotate(x_in, self.rotation)
+
+        return self._once("target", x_in, make)
 
     def _extra_side(self, side: int) -> int:
         return max(1, side // self.factor // self.extra_factor)
