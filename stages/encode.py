@@ -120,7 +120,7 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
     weights = pinned_weights(args.model, ema=not args.no_ema)  # a run folder: the same checkpoint on every rank
     model, cfg = weights.load(args.overrides)
     grace[0] = cfg.encode.sigterm_grace
-    from pipeline.models.autoencoder import downsampling_factor, family_of
+    from pipeline.models.autoencoder import downsampling_factor
 
     buckets = resolve_buckets(cfg.encode.buckets, cfg.data.resolution, downsampling_factor(model))
     device, cuda = state.device, state.device.type == "cuda"
@@ -149,7 +149,7 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         model = model.to(memory_format=torch.channels_last) if cuda else model
         s = EncodeSettings(store=store, dtype=dtype, flip=cfg.encode.flip, channels_last=cuda,
                            autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp),
-                           patch=family_of(model).normalisation(model).get("patch", 1))
+                           patch=settings["normalisation"]["model"].get("patch", 1))
         bar = Progress("encode", len(todo), "shard", enabled=state.is_main_process)  # the main process's shards
         # On a CPU the encoder's threads already take the free cores: a loader worker decoding beside them made the
         # loop slower than a plain main-process loop on 2 cores (0.92x against 1.10x, benchmarks/RESULTS.md).

@@ -113,9 +113,10 @@ def folder_settings(model, cfg, weights, dtype: str, buckets, store: str, tensor
     from pipeline.models.families import family_of, plain_config
 
     fam = family_of(model)
+    own = fam.normalisation(model)
     e = cfg.encode
     choice = e.normalisation if e.normalisation != "auto" else "measured" if weights.format == "checkpoint" else "model"
-    layout = "" if fam.normalisation(model).get("patch", 1) == 1 else ", patchified as its normalisation is"
+    layout = "" if own.get("patch", 1) == 1 else ", patchified as its normalisation is"
     return {
         "model_sha256": model_sha256(model),
         "kind": fam.name,
@@ -126,7 +127,7 @@ def folder_settings(model, cfg, weights, dtype: str, buckets, store: str, tensor
         "buckets": [list(b) for b in buckets] if buckets else None,
         "flip": e.flip,
         "statistics_of": STATISTICS_OF.get(store, f"the stored {store}") + layout,
-        "normalisation": {"use": choice, "model": fam.normalisation(model), "shift": fam.shift},
+        "normalisation": {"use": choice, "model": own, "shift": fam.shift},
         "model": {"class": type(model).__name__, "path": weights.where, "weights": weights.describe(),
                   "config": plain_config(model.config),
                   "scaling_factor": cfg.model.scaling_factor, "shift_factor": cfg.model.shift_factor},
