@@ -14,6 +14,7 @@ docs/latent-format.md is the specification for readers that do not import firsts
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -248,17 +249,8 @@ def _listed_records(folder) -> dict:
     """On object storage: {stem: read()} for the shards whose tar and record both exist (two listings); read() is
     the record (one GET; None if it is not JSON)."""
     tars = {p.name for p in folder.glob("*.tar")}
-
-    def reader(rec):
-        def read() -> dict | None:
-            try:
-                record = json.loads(rec.read_bytes())
-            except (FileNotFoundError, ValueError):
-                return None
-            return record if isinstance(record, dict) else None
-        return read
-
-    return {rec.stem: reader(rec) for rec in (folder / RECORDS).glob("*.json") if rec.stem + ".tar" in tars}
+    return {rec.stem: functools.partial(shard_unit(folder, rec.stem + ".tar").read_record, listed=True)
+            for rec in (folder / RECORDS).glob("*.json") if rec.stem + ".tar" in tars}
 
 
 def same_latents(record: dict, settings: dict) -> bool:

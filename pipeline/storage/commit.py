@@ -44,9 +44,10 @@ class Unit:
     def done(self) -> bool:
         return self.store.exists(self.record) and all(self.store.exists(p) for p in self.payloads)
 
-    def read_record(self) -> dict | None:
-        """The record of a done unit, or None (not done, or a record that is not JSON: not done either)."""
-        if not self.done():
+    def read_record(self, listed: bool = False) -> dict | None:
+        """The record of a done unit, or None (not done, or a record that is not JSON: not done either). `listed`:
+        the caller saw the record and the payloads in a listing, so they are not asked about again."""
+        if not listed and not self.done():
             return None
         try:
             record = json.loads(self.store.read_bytes(self.record))
