@@ -15,6 +15,7 @@ now, so a checkpoint written later cannot change what a running job loads or how
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +45,18 @@ class Weights:
     def _module(self):
         return BY_NAME[self.format]
 
-    @property
+    @functools.cached_property
     def _local(self) -> Path:
+        """The weights on this machine: the path, or this process's copy of the object URL (made on first use, then
+        the same copy for describe, load and the rest: one listing, not one per question)."""
         if self.url:
             from pipeline.storage import local_copy
 
             return local_copy(self.url)
         return Path(self.path)
+
+    def __getstate__(self) -> dict:  # handed to other ranks (decided_by_main): each makes its own copy, on its node
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
 
     @property
     def where(self) -> str:
