@@ -155,12 +155,17 @@ def save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
     respect_umask(path)
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; with `prefix`, only those whose names start with it (read alone)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     regular_file(path, "weights file")  # a FIFO would block the open forever
     try:
-        return load_file(str(path))
+        if not prefix:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except Exception as e:  # a truncated or hostile file: one line naming it, never a traceback

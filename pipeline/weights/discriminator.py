@@ -24,8 +24,8 @@ def read(weights, prefix: str = PREFIX) -> dict[str, torch.Tensor] | None:
 
     folder = Path(weights.path)
     if weights.checkpoint is not None and (folder / TENSOR_FILES["objective"]).is_file():
-        objective = load_tensors(folder / TENSOR_FILES["objective"])
-        state = {k[len(prefix):]: v for k, v in objective.items() if k.startswith(prefix)}
+        part = load_tensors(folder / TENSOR_FILES["objective"], prefix)  # that part alone is read
+        state = {k[len(prefix):]: v for k, v in part.items()}
         return state or None
     return load_tensors(folder / FILE) if prefix == PREFIX and (folder / FILE).is_file() else None
 

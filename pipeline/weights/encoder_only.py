@@ -103,5 +103,5 @@ def load(folder: Path, ema: bool, overrides: list[str] | None = None):
                                            parse_overrides(overrides or [])))
     state = load_tensors(weights)
     model = build_checked(cfg, state, str(folder), encoder_only=True).to_empty(device="cpu")
-    load_state(model, state, str(folder))
+    load_state(model, state, str(folder), checked=True)
     return model, cfg

@@ -83,9 +83,11 @@ def check_fit(model, state: dict, source: str) -> None:
                         f"unexpected tensors, e.g. {bad})")
 
 
-def load_state(model, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights into a model built from config, naming the first mismatch."""
-    check_fit(model, state, source)
+def load_state(model, state: dict[str, torch.Tensor], source: str, checked: bool = False) -> None:
+    """Load weights into a model built from config, naming the first mismatch (`checked`: build_checked has already
+    compared them with this config's model)."""
+    if not checked:
+        check_fit(model, state, source)
     model.load_state_dict(state, strict=False)
     quantize = getattr(model, "quantize", None)
     if quantize is not None and hasattr(quantize, "embed_sum") and "quantize.embed_sum" not in state:
@@ -119,5 +121,5 @@ def build_and_load(cfg, state: dict[str, torch.Tensor], source: str):
 
     build_checked(cfg, state, source)
     model = build_autoencoder(cfg.model, cfg.data.resolution)
-    load_state(model, state, source)
+    load_state(model, state, source, checked=True)
     return model
