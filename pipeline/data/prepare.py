@@ -91,14 +91,17 @@ def _ext(path: str) -> str:
     return path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
 
 
-def _image_item(path: Path, raw_key: str):
+def _image_item(path: str | Path, raw_key: str, exists=os.path.isfile):
+    """("file", key, path, captions) of an image file or object: its captions are the files (objects) of its stem
+    with a caption extension that `exists` finds."""
+    path = str(path)
     key = safe_key(raw_key)
     captions = {"source_key": raw_key} if key != raw_key else {}
+    stem = path.rsplit(".", 1)[0] if "." in path.rsplit("/", 1)[-1] else path
     for ext in CAPTION_EXTS:
-        c = path.with_suffix("." + ext)
-        if c.is_file():
-            captions[ext] = str(c)
-    return ("file", key, str(path), captions)
+        if exists(f"{stem}.{ext}"):
+            captions[ext] = f"{stem}.{ext}"
+    return ("file", key, path, captions)
 
 
 def expand_tar_spec(spec: str) -> list[str]:
@@ -217,14 +220,7 @@ def _list_remote_items(names: list[str], prefix: str, folder: str, listed: set |
             continue
         rel = url[len(folder) + 1:] if url.startswith(folder + "/") else url.split("://", 1)[1]
         raw_key = prefix + _sanitize_key(rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel)
-        key = safe_key(raw_key)
-        captions = {"source_key": raw_key} if key != raw_key else {}
-        stem = url.rsplit(".", 1)[0] if "." in url.rsplit("/", 1)[-1] else url
-        for ext in CAPTION_EXTS:
-            c = f"{stem}.{ext}"
-            if (c in listed) if listed is not None else store.object_exists(c):
-                captions[ext] = c
-        images.append(("file", key, url, captions))
+        images.append(_image_item(url, raw_key, listed.__contains__ if listed is not None else store.object_exists))
     return images, tars
 
 
