@@ -15,8 +15,8 @@ botocore `before-send` hooks that answer a request themselves (a 409, which Seaw
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -209,6 +209,26 @@ def answer(status: int, code: str):
             yield f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
 
     return AWSResponse("http://injected", status, {}, Raw())
+
+
+@contextlib.contextmanager
+def conflicts(client, injected: dict[str, int], header: str):
+    """While the block runs, the next injected[OP] requests of each operation OP that carry the conditional `header`
+    (if-match, if-none-match) are answered 409 ConditionalRequestConflict, as AWS answers a conditional write that
+    races another; `injected` counts down."""
+
+    def send(request, **_):
+        op = operation(request)
+        if injected.get(op) and header in {k.lower() for k in request.headers}:
+            injected[op] -= 1
+            return answer(409, "ConditionalRequestConflict")
+        return None
+
+    client.meta.events.register("before-send.s3", send)
+    try:
+        yield
+    finally:
+        client.meta.events.unregister("before-send.s3", send)
 
 
 class FaultProxy:

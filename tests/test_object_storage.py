@@ -24,7 +24,7 @@ import torch
 
 from harness import ForkedStage, run_main
 from helpers import TINY, make_shards, read_tar_samples
-from s3server import _AWS_VARS, FaultProxy, answer, operation, s3_server  # noqa: F401 (fixture)
+from s3server import _AWS_VARS, FaultProxy, conflicts, s3_server  # noqa: F401 (fixture)
 
 from pipeline.storage import base, storage_for
 
@@ -380,23 +380,13 @@ def test_taking_over_a_lease_through_a_409_conflict(chain, fresh):
     store = storage_for(chain["s3"])
     folder = f"{chain['s3']}/conflict"
     holder(store, f"{folder}/.lock", expires_in=-30)
-    client, injected = store._client(), {"PutObject": 1}
-
-    def send(request, **_):
-        if injected.get(operation(request)) and "if-match" in {k.lower() for k in request.headers}:
-            injected[operation(request)] -= 1
-            return answer(409, "ConditionalRequestConflict")
-        return None
-
-    client.meta.events.register("before-send.s3", send)
-    try:
+    injected = {"PutObject": 1}
+    with conflicts(store._client(), injected, "if-match"):
         retries = store.retries
         lock = LeasedLock(folder, lease_s=30).acquire()
         assert injected == {"PutObject": 0} and store.retries == retries + 1
         assert json.loads(store.read_bytes(lock.path))["token"] == lock.me["token"]
         lock.release()
-    finally:
-        client.meta.events.unregister("before-send.s3", send)
 
 
 def test_a_run_that_lost_its_lease_commits_nothing_more(chain):

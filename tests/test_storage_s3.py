@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from s3server import FaultProxy, answer, operation, s3_env, s3_server  # noqa: F401 (fixtures)
+from s3server import FaultProxy, conflicts, operation, s3_env, s3_server  # noqa: F401 (fixtures)
 
 from pipeline.errors import UserError
 from pipeline.storage import FolderLock, Unit, storage_for
@@ -362,18 +362,8 @@ def test_409_conflict_is_retried(s3root):
     """409 ConditionalRequestConflict (two create-only writes racing on AWS; SeaweedFS answers 412 to the loser
     instead): the write is tried again; for a multipart upload with a new upload, the refused one aborted."""
     store = small_multipart_storage()
-    client = store._client()
     injected = {"PutObject": 1, "CompleteMultipartUpload": 1}
-
-    def send(request, **_):
-        op = operation(request)
-        if injected.get(op) and "if-none-match" in {k.lower() for k in request.headers}:
-            injected[op] -= 1
-            return answer(409, "ConditionalRequestConflict")
-        return None
-
-    client.meta.events.register("before-send.s3", send)
-    try:
+    with conflicts(store._client(), injected, "if-none-match"):
         retries = store.retries
         assert store.create(store.join(s3root, "small"), b"x") is True
         assert store.create(store.join(s3root, "big"), b"y" * (6 * MiB)) is True
@@ -381,8 +371,6 @@ def test_409_conflict_is_retried(s3root):
         assert store.retries == retries + 2
         assert store.read_bytes(store.join(s3root, "big")) == b"y" * (6 * MiB)
         assert open_uploads(store, store.join(s3root, "big")) == []
-    finally:
-        client.meta.events.unregister("before-send.s3", send)
 
 
 def test_lost_answers_of_writes_are_recognised(s3root, fast_backoff):
