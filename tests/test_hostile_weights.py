@@ -314,6 +314,7 @@ def test_bad_single_file_metadata_and_encoder_configs_are_one_line(tiny_run, enc
     assert r.returncode == 2 and "bad-model.safetensors: model.layers_per_block" in r.stderr and one_line(r), r.stderr
     # encoder-only: a config that is not JSON, that lacks its model, that names a file outside its folder
     config = json.loads((encoder_only / "encoder_config.json").read_text())
+    shutil.copytree(encoder_only, tmp_path / "enc")  # a real weights file outside each folder below, for "escape"
     for name, text, words in (("notjson", "{", "not valid JSON"),
                               ("nomodel", json.dumps({**config, "model": None}), "not a firststage encoder-only config"),
                               ("escape", json.dumps({**config, "weights": "../enc/encoder.safetensors"}),

@@ -13,11 +13,11 @@ import numpy as np
 from pipeline.storage import atomic_write_bytes
 
 
-def _figure_bytes(fig, tight: bool = True) -> bytes:
+def _figure_bytes(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight" if tight else None)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -64,7 +64,7 @@ def training_curves(metrics: Path, out: Path, title: str = "") -> None:
 def reconstruction_grid(images: np.ndarray, reconstructions: np.ndarray, psnr: list[float], names: list[str],
                         out: Path, title: str = "", columns: int = 6, tile: float = 1.6) -> None:
     """Every image (uint8 [N, H, W, 3]) above its reconstruction, labelled with its name and PSNR: one mosaic drawn
-    on one axes (a subplot per tile took 3x as long to render), the labels in the white band above each tile."""
+    on one axes (a subplot per tile took 2-3x as long to render), the labels in the white band above each tile."""
     plt = _pyplot()
     n, h, w = len(images), images.shape[1], images.shape[2]
     cols = min(columns, max(n, 1))
@@ -87,4 +87,4 @@ def reconstruction_grid(images: np.ndarray, reconstructions: np.ndarray, psnr: l
     ax.imshow(mosaic, interpolation="nearest")
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.15 / fig.get_figheight(), va="top")
-    atomic_write_bytes(out, _figure_bytes(fig, tight=False))
+    atomic_write_bytes(out, _figure_bytes(fig))  # tight: a title or name wider than few tiles is not cut

@@ -89,10 +89,11 @@ class LeasedLock(FolderLock):
 
     def renew(self) -> bool:
         """Extend the lease now; False (and `lost` set) if the lock is no longer ours."""
-        holder, version = self._holder()
-        if version is None:
+        found = self._holder()
+        if found is None:
             self._lose("its object was removed")
             return False
+        holder, version = found
         if not self._ours(holder):
             self._lose(f"it was taken over by {self._who(holder, 'an unreadable object')}")
             return False
@@ -122,7 +123,7 @@ class LeasedLock(FolderLock):
     def ensure_ours(self) -> None:
         """Raise (one line) unless the lock object still holds our token: one read, for processes forked from the
         holder (which have no renewal thread of their own)."""
-        holder, _ = self._holder()
+        holder = (self._holder() or (None, None))[0]
         if not self._ours(holder):
             raise UserError(f"{self.what} {self.folder}: lost the lock {self.path}: it is held by "
                             f"{self._who(holder, 'nobody (it was removed)')}")

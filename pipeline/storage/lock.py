@@ -39,9 +39,10 @@ class FolderLock:
         for _ in range(5):
             if self.store.create(self.path, mine):
                 return self._held()
-            holder, version = self._holder()
-            if version is None:  # released meanwhile: try again
+            found = self._holder()
+            if found is None:  # released meanwhile: try again
                 continue
+            holder, version = found
             if holder is not None and not self._stale(holder):
                 raise UserError(f"{self.what} {self.label} is in use by {self._who(holder, '')} since "
                                 f"{holder.get('started')} ({self.path}); wait for it to end, or remove that file if "
@@ -56,10 +57,10 @@ class FolderLock:
         atexit.register(self.release)
         return self
 
-    def _holder(self) -> tuple[dict | None, object]:
-        """The lock object now: (its holder, None where it is not JSON; its version, None where it is gone)."""
+    def _holder(self) -> tuple[dict | None, object] | None:
+        """The lock object now: (its holder, None where it is not JSON; its version), or None where it is gone."""
         found = self.store.read_versioned(self.path)
-        return (None, None) if found is None else (self._parse(found[0]), found[1])
+        return None if found is None else (self._parse(found[0]), found[1])
 
     def _ours(self, holder: dict | None) -> bool:
         return holder is not None and holder.get("token") == self.me["token"]
@@ -80,7 +81,7 @@ class FolderLock:
         return holder.get("host") == self.me["host"] and not pid_alive(holder.get("pid", 0))
 
     def release(self) -> None:
-        if self.held and self._ours(self._holder()[0]):  # a lock taken over meanwhile is not ours to remove
+        if self.held and self._ours((self._holder() or (None, None))[0]):  # a lock taken over meanwhile is not ours to remove
             self.store.delete(self.path)
         self.held = False
 
