@@ -153,3 +153,26 @@ def test_a_whole_run_encode_beside_a_part_encode_leaves_every_key_once(tiny_run,
         samples = read_tar_samples(out)
         assert len(samples) == 64 and all("latents.safetensors" in s and "json" in s for s in samples.values())
         assert json.loads((out / "manifest.json").read_text())["total"] == 64
+
+
+def test_a_shard_another_run_completed_after_this_run_planned_it_is_kept_not_redone(tiny_run, tmp_path, monkeypatch):
+    """The cause of the whole-run-beside-part race, made deterministic: a run whose plan says every shard is still
+    to do (another run completed them after it looked) finds each one complete when it comes to write it, and keeps
+    that run's tar and record instead of removing and rewriting them."""
+    import pipeline.latents.format as lf
+    from harness import run_main
+    from helpers import read_tar_samples
+    from stages.encode import main as encode
+
+    out = tmp_path / "latents"
+    args = ["--model", tiny_run / "run", "--data", tiny_run / "train", "--output", out, "data.num_workers=0"]
+    assert run_main(encode, *args).returncode == 0
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (*out.glob("*.tar"), *out.glob("records/*"))}
+    samples = read_tar_samples(out)
+    monkeypatch.setattr(lf, "shard_states", lambda folder, urls, settings: {u: "todo" for u in urls})  # a stale plan
+    r = run_main(encode, *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (*out.glob("*.tar"), *out.glob("records/*"))}
+    assert after == before and len(before) == 8  # 4 tars and their records: not one removed or rewritten
+    assert read_tar_samples(out) == samples and json.loads((out / "manifest.json").read_text())["total"] == 64
+    assert "encode: 0 samples from 0 shards (4 already complete" in r.stdout, r.stdout

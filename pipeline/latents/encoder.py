@@ -36,6 +36,7 @@ from pipeline.latents.format import (
     carried_name,
     input_identity,
     keys_checksum,
+    record_state,
     shard_unit,
 )
 from pipeline.models.autoencoder import family_of, key_noise, reparameterize
@@ -255,6 +256,7 @@ class LatentShard:
     stats: dict | None = None
     non_finite: int = 0
     failed: BaseException | None = None  # a write that failed: this shard is never committed
+    committed_elsewhere: dict | None = None  # the record of another run that completed this shard meanwhile
 
     @property
     def name(self) -> str:
@@ -272,13 +274,23 @@ class LatentShard:
                 e.filename = str(self.folder / self.name)
             raise
 
-    def _open(self) -> ShardWriter:
-        if self.writer is None:
+    def _open(self) -> ShardWriter | None:
+        """The shard's tar, opened on the first write; None when another run (a whole-job run beside a `--part`
+        run) has completed this shard since it was planned: that run's shard stays, nothing here is written."""
+        if self.writer is None and self.committed_elsewhere is None:
             self.unit = shard_unit(self.folder, self.name)
+            if self._completed_meanwhile():
+                return None
             self.unit.undo()  # a record of another model or settings: this shard is being redone
             remove_dead_temporaries(self.folder / self.name)  # what a killed run left of this shard
             self.writer = ShardWriter(self.unit.staging(self.folder / self.name))
         return self.writer
+
+    def _completed_meanwhile(self) -> bool:
+        record = self.unit.read_record()
+        if record is not None and record_state(record, self.settings, self.url) == "complete":
+            self.committed_elsewhere = record
+        return self.committed_elsewhere is not None
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -294,6 +306,8 @@ class LatentShard:
         if self.failed is not None:
             return
         w = self._open()
+        if w is None:
+            return
         names = [k for k in out if not k.startswith("_")]
         stats = out["_stats"]
         self.stats = stats if self.stats is None else {k: self.stats[k] + stats[k] for k in stats}
@@ -312,9 +326,11 @@ class LatentShard:
             self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
             self.shapes[bucket] = list(tensors[names[0]].shape)
 
-    def finish(self, skipped: list[dict], inputs: int, source: dict | None = None, renamed: list | None = None) -> dict:
-        """Close the tar, then commit it: the tar under its final name, then the record. Done. A shard whose writing
-        failed is aborted instead (its staging file removed) and the failure raised again."""
+    def finish(self, skipped: list[dict], inputs: int, source: dict | None = None,
+               renamed: list | None = None) -> dict | None:
+        """Close the tar, then commit it: the tar under its final name, then the record. Done (None: another run
+        completed this shard meanwhile, and its tar stays). A shard whose writing failed is aborted instead (its
+        staging file removed) and the failure raised again."""
         try:
             if self.failed is not None:
                 raise self.failed
@@ -324,9 +340,12 @@ class LatentShard:
             self.abort()
             raise
 
-    def _finish(self, skipped: list[dict], inputs: int, source: dict | None, renamed: list) -> dict:
+    def _finish(self, skipped: list[dict], inputs: int, source: dict | None, renamed: list) -> dict | None:
+        """The shard's record once committed; None when another run completed it meanwhile (its shard stays)."""
         self.skipped += skipped
         w = self._open()
+        if w is None:
+            return None
         channels = len(self.stats["sum"]) if self.stats else 0
         record = {
             "name": self.name,
@@ -346,6 +365,9 @@ class LatentShard:
         }
         w.close()
         (self.folder / RECORDS).mkdir(parents=True, exist_ok=True)
+        if self._completed_meanwhile():  # while this run encoded it: that run's tar is not replaced by this one
+            self.unit.discard()
+            return None
         self.unit.put_staged()
         record["files"] = self.unit.files()  # the tar's size and SHA-256
         self.unit.commit(record)
@@ -391,6 +413,7 @@ class EncodeResult:
     non_finite: int = 0
     stopped: bool = False
     records: list = field(default_factory=list)
+    kept: int = 0  # shards another run completed after this one planned them: theirs stay, none written here
     unavailable: list = field(default_factory=list)  # (input shard, why): not read, not written; a rerun does them
 
 
@@ -441,7 +464,8 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
         finally:
             for shard in shards.values():  # interrupted or failed: drop the unfinished tars' staging files
                 shard.abort()
-    result.records = [f.result() for f in result.records]
+    done = [f.result() for f in result.records]
+    result.records, result.kept = [r for r in done if r is not None], sum(r is None for r in done)
     for r in result.records:
         result.shards += 1
         result.samples += r["samples"]

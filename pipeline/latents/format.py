@@ -214,10 +214,11 @@ def shard_state(folder: Path, name: str, settings: dict, url: str | None = None)
     """'complete' when the shard's unit is done (tar and record), with these settings, from the input shard `url` as
     it is now; 'changed' when it is done with these settings but from another input (other data under the same
     shard name, or the input was rewritten): a rerun encodes it again; else 'todo'."""
-    return _state(shard_unit(folder, name).read_record(), settings, url)
+    return record_state(shard_unit(folder, name).read_record(), settings, url)
 
 
-def _state(record: dict | None, settings: dict, url: str | None) -> str:
+def record_state(record: dict | None, settings: dict, url: str | None) -> str:
+    """shard_state of a record already read (None: no done shard)."""
     if record is None or not same_latents(record, settings):
         return "todo"
     if url is None:
@@ -241,7 +242,8 @@ def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
     records = _listed_records(folder)
     look = [u for u in urls if Path(shard_name(u)).stem in records]
     with ThreadPoolExecutor(16) as pool:
-        found = dict(zip(look, pool.map(lambda u: _state(records[Path(shard_name(u)).stem](), settings, u), look)))
+        found = dict(zip(look, pool.map(lambda u: record_state(records[Path(shard_name(u)).stem](), settings, u),
+                                        look)))
     return {u: found.get(u, "todo") for u in urls}
 
 
