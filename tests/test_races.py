@@ -176,3 +176,39 @@ def test_a_shard_another_run_completed_after_this_run_planned_it_is_kept_not_red
     assert after == before and len(before) == 8  # 4 tars and their records: not one removed or rewritten
     assert read_tar_samples(out) == samples and json.loads((out / "manifest.json").read_text())["total"] == 64
     assert "encode: 0 samples from 0 shards (4 already complete" in r.stdout, r.stdout
+
+
+def test_a_shard_another_run_commits_while_this_run_encodes_it_is_kept(tiny_run, tmp_path, monkeypatch):
+    """The other window: another run commits a shard while this run is encoding the same shard. This run sees the
+    record before it puts its own tar, keeps that run's tar and record, and leaves no staging file."""
+    import shutil
+
+    from harness import run_main
+    from helpers import read_tar_samples
+    from pipeline.data.shards import ShardWriter
+    from stages.encode import main as encode
+
+    def args(out):
+        return ["--model", tiny_run / "run", "--data", tiny_run / "train", "--output", out, "data.num_workers=0"]
+
+    other, out = tmp_path / "other", tmp_path / "latents"
+    assert run_main(encode, *args(other)).returncode == 0  # what the other run commits
+    close = ShardWriter.close
+
+    def close_then_the_other_run_commits(self):
+        close(self)
+        name = self.path.name.split(".tar")[0].lstrip(".")  # the staging file's shard
+        (out / "records").mkdir(parents=True, exist_ok=True)
+        for member in (f"{name}.tar", f"records/{name}.json"):
+            shutil.copy2(other / member, out / member)
+
+    monkeypatch.setattr(ShardWriter, "close", close_then_the_other_run_commits)
+    r = run_main(encode, *args(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "encode: 0 samples from 0 shards (4 already complete" in r.stdout, r.stdout
+    for tar in other.glob("*.tar"):  # byte for byte the other run's tars and records, not this run's
+        assert (out / tar.name).read_bytes() == tar.read_bytes()
+        record = f"records/{tar.stem}.json"
+        assert (out / record).read_bytes() == (other / record).read_bytes()
+    assert not [p.name for p in out.rglob("*") if p.name.startswith(".")]  # no staging file left
+    assert len(read_tar_samples(out)) == 64

@@ -370,8 +370,7 @@ class LatentShard:
             return None
         self.unit.put_staged()
         record["files"] = self.unit.files()  # the tar's size and SHA-256
-        self.unit.commit(record)
-        return record
+        return record if self.unit.commit(record) else None  # False: the other run's record came first
 
 
 def _json_bytes(obj) -> bytes:
