@@ -158,7 +158,8 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
                             batch_size=cfg.encode.batch_size, num_workers=workers, pin_memory=cuda,
                             stop=stop, progress=lambda _: bar.update(1))
         bar.close()
-        mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before + res.kept, changed,
+        done_before, changed = done_before + len(res.kept), changed - sum(states.get(u) == "changed" for u in res.kept)
+        mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, changed,
                                float(res.stopped), len(res.unavailable)], dtype=torch.float64)
         totals = all_reduce([mine_t], device=device)[0].tolist()  # also the barrier: every rank has finished
         shards, samples, skipped, non_finite, done_before, changed, stopped, unread = (int(v) for v in totals)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from harness import ENV, ROOT
 
 WORKER = ROOT / "tests" / "scripts" / "race_worker.py"
@@ -155,10 +157,12 @@ def test_a_whole_run_encode_beside_a_part_encode_leaves_every_key_once(tiny_run,
         assert json.loads((out / "manifest.json").read_text())["total"] == 64
 
 
-def test_a_shard_another_run_completed_after_this_run_planned_it_is_kept_not_redone(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("planned", ["todo", "changed"])
+def test_a_shard_another_run_completed_after_this_run_planned_it_is_kept_not_redone(planned, tiny_run, tmp_path,
+                                                                                    monkeypatch):
     """The cause of the whole-run-beside-part race, made deterministic: a run whose plan says every shard is still
-    to do (another run completed them after it looked) finds each one complete when it comes to write it, and keeps
-    that run's tar and record instead of removing and rewriting them."""
+    to do, or to do again as its input changed (another run completed them after it looked), finds each one complete
+    when it comes to write it, and keeps that run's tar and record instead of removing and rewriting them."""
     import pipeline.latents.format as lf
     from harness import run_main
     from helpers import read_tar_samples
@@ -169,13 +173,13 @@ def test_a_shard_another_run_completed_after_this_run_planned_it_is_kept_not_red
     assert run_main(encode, *args).returncode == 0
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (*out.glob("*.tar"), *out.glob("records/*"))}
     samples = read_tar_samples(out)
-    monkeypatch.setattr(lf, "shard_states", lambda folder, urls, settings: {u: "todo" for u in urls})  # a stale plan
+    monkeypatch.setattr(lf, "shard_states", lambda folder, urls, settings: {u: planned for u in urls})  # a stale plan
     r = run_main(encode, *args)
     assert r.returncode == 0, r.stderr[-2000:]
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (*out.glob("*.tar"), *out.glob("records/*"))}
     assert after == before and len(before) == 8  # 4 tars and their records: not one removed or rewritten
     assert read_tar_samples(out) == samples and json.loads((out / "manifest.json").read_text())["total"] == 64
-    assert "encode: 0 samples from 0 shards (4 already complete" in r.stdout, r.stdout
+    assert "encode: 0 samples from 0 shards (4 already complete) ->" in r.stdout, r.stdout  # none "encoded again"
 
 
 def test_a_shard_another_run_commits_while_this_run_encodes_it_is_kept(tiny_run, tmp_path, monkeypatch):

@@ -412,7 +412,8 @@ class EncodeResult:
     non_finite: int = 0
     stopped: bool = False
     records: list = field(default_factory=list)
-    kept: int = 0  # shards another run completed after this one planned them: theirs stay, none written here
+    kept: list = field(default_factory=list)  # input shards whose output another run completed after this one
+    # planned them: that run's shard stays, nothing was written here
     unavailable: list = field(default_factory=list)  # (input shard, why): not read, not written; a rerun does them
 
 
@@ -444,8 +445,8 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
                 result.unavailable.append((url, item["unavailable"]))
                 continue
             if item["end"]:
-                result.records.append(writer.submit(shard.finish, item["skipped"], item["inputs"], item["input"],
-                                                    item["renamed"]))
+                result.records.append((url, writer.submit(shard.finish, item["skipped"], item["inputs"],
+                                                          item["input"], item["renamed"])))
                 del shards[url]
                 if progress is not None:
                     progress(url)
@@ -463,8 +464,8 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
         finally:
             for shard in shards.values():  # interrupted or failed: drop the unfinished tars' staging files
                 shard.abort()
-    done = [f.result() for f in result.records]
-    result.records, result.kept = [r for r in done if r is not None], sum(r is None for r in done)
+    done = [(url, f.result()) for url, f in result.records]
+    result.records, result.kept = [r for _, r in done if r is not None], [u for u, r in done if r is None]
     for r in result.records:
         result.shards += 1
         result.samples += r["samples"]
