@@ -182,9 +182,11 @@ def test_a_shard_another_run_completed_after_this_run_planned_it_is_kept_not_red
     assert "encode: 0 samples from 0 shards (4 already complete) ->" in r.stdout, r.stdout  # none "encoded again"
 
 
-def test_a_shard_another_run_commits_while_this_run_encodes_it_is_kept(tiny_run, tmp_path, monkeypatch):
-    """The other window: another run commits a shard while this run is encoding the same shard. This run sees the
-    record before it puts its own tar, keeps that run's tar and record, and leaves no staging file."""
+@pytest.mark.parametrize("tar_first", [False, True])
+def test_a_shard_another_run_commits_while_this_run_encodes_it_is_kept(tar_first, tiny_run, tmp_path, monkeypatch):
+    """The other windows: another run commits a shard while this run is encoding the same shard (`tar_first`: its
+    tar had already landed, without its record, when this run began the shard). This run sees the record before it
+    puts its own tar, keeps that run's tar and record, and leaves no staging file."""
     import shutil
 
     from harness import run_main
@@ -197,13 +199,17 @@ def test_a_shard_another_run_commits_while_this_run_encodes_it_is_kept(tiny_run,
 
     other, out = tmp_path / "other", tmp_path / "latents"
     assert run_main(encode, *args(other)).returncode == 0  # what the other run commits
+    if tar_first:
+        out.mkdir()
+        for tar in other.glob("*.tar"):
+            shutil.copy2(tar, out / tar.name)
     close = ShardWriter.close
 
     def close_then_the_other_run_commits(self):
         close(self)
         name = self.path.name.split(".tar")[0].lstrip(".")  # the staging file's shard
         (out / "records").mkdir(parents=True, exist_ok=True)
-        for member in (f"{name}.tar", f"records/{name}.json"):
+        for member in [f"records/{name}.json"] + [f"{name}.tar"] * (not tar_first):
             shutil.copy2(other / member, out / member)
 
     monkeypatch.setattr(ShardWriter, "close", close_then_the_other_run_commits)

@@ -281,7 +281,9 @@ class LatentShard:
             self.unit = shard_unit(self.folder, self.name)
             if self._completed_meanwhile():
                 return None
-            self.unit.undo()  # a record of another model or settings: this shard is being redone
+            if self.unit.store.exists(self.unit.record):  # of another model, settings or input: it stops counting
+                self.unit.undo()  # (a tar without a record is not done, and this run's tar replaces it: it may be
+                # another run's, whose record is on its way)
             remove_dead_temporaries(self.folder / self.name)  # what a killed run left of this shard
             self.writer = ShardWriter(self.unit.staging(self.folder / self.name))
         return self.writer
