@@ -256,7 +256,7 @@ class LatentShard:
     stats: dict | None = None
     non_finite: int = 0
     failed: BaseException | None = None  # a write that failed: this shard is never committed
-    committed_elsewhere: dict | None = None  # the record of another run that completed this shard meanwhile
+    kept: bool = False  # another run completed this shard meanwhile: its tar and record stay, nothing is written
 
     @property
     def name(self) -> str:
@@ -277,22 +277,21 @@ class LatentShard:
     def _open(self) -> ShardWriter | None:
         """The shard's tar, opened on the first write; None when another run (a whole-job run beside a `--part`
         run) has completed this shard since it was planned: that run's shard stays, nothing here is written."""
-        if self.writer is None and self.committed_elsewhere is None:
+        if self.writer is None and not self.kept:
             self.unit = shard_unit(self.folder, self.name)
-            if self._completed_meanwhile():
-                return None
-            if self.unit.store.exists(self.unit.record):  # of another model, settings or input: it stops counting
-                self.unit.undo()  # (a tar without a record is not done, and this run's tar replaces it: it may be
-                # another run's, whose record is on its way)
+            # a tar without a record is not done, and this run's tar replaces it (it may be another run's, whose
+            # record is on its way); a record of another model, settings or input is undone: it stops counting
+            if self.unit.store.exists(self.unit.record):
+                if self._completed_meanwhile():
+                    return None
+                self.unit.undo()
             remove_dead_temporaries(self.folder / self.name)  # what a killed run left of this shard
             self.writer = ShardWriter(self.unit.staging(self.folder / self.name))
         return self.writer
 
     def _completed_meanwhile(self) -> bool:
-        record = self.unit.read_record()
-        if record is not None and record_state(record, self.settings, self.url) == "complete":
-            self.committed_elsewhere = record
-        return self.committed_elsewhere is not None
+        self.kept = record_state(self.unit.read_record(), self.settings, self.url) == "complete"
+        return self.kept
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -434,6 +433,7 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
                         pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None)
     writer = BackgroundWriter()
     shards: dict[str, LatentShard] = {}
+    finishing: list[tuple[str, Future]] = []  # (input shard, its finish() in the writer thread)
     try:
         for item in loader:
             if stop is not None and stop.is_set():
@@ -447,8 +447,8 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
                 result.unavailable.append((url, item["unavailable"]))
                 continue
             if item["end"]:
-                result.records.append((url, writer.submit(shard.finish, item["skipped"], item["inputs"],
-                                                          item["input"], item["renamed"])))
+                finishing.append((url, writer.submit(shard.finish, item["skipped"], item["inputs"], item["input"],
+                                                     item["renamed"])))
                 del shards[url]
                 if progress is not None:
                     progress(url)
@@ -466,7 +466,7 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
         finally:
             for shard in shards.values():  # interrupted or failed: drop the unfinished tars' staging files
                 shard.abort()
-    done = [(url, f.result()) for url, f in result.records]
+    done = [(url, f.result()) for url, f in finishing]
     result.records, result.kept = [r for _, r in done if r is not None], [u for u, r in done if r is None]
     for r in result.records:
         result.shards += 1

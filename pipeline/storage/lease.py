@@ -123,7 +123,7 @@ class LeasedLock(FolderLock):
     def ensure_ours(self) -> None:
         """Raise (one line) unless the lock object still holds our token: one read, for processes forked from the
         holder (which have no renewal thread of their own)."""
-        holder = (self._holder() or (None, None))[0]
+        holder = self._holder_now()
         if not self._ours(holder):
             raise UserError(f"{self.what} {self.folder}: lost the lock {self.path}: it is held by "
                             f"{self._who(holder, 'nobody (it was removed)')}")

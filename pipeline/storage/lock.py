@@ -62,6 +62,11 @@ class FolderLock:
         found = self.store.read_versioned(self.path)
         return None if found is None else (self._parse(found[0]), found[1])
 
+    def _holder_now(self) -> dict | None:
+        """Who holds the lock object now (None: nobody, or not JSON)."""
+        found = self._holder()
+        return found[0] if found is not None else None
+
     def _ours(self, holder: dict | None) -> bool:
         return holder is not None and holder.get("token") == self.me["token"]
 
@@ -81,7 +86,7 @@ class FolderLock:
         return holder.get("host") == self.me["host"] and not pid_alive(holder.get("pid", 0))
 
     def release(self) -> None:
-        if self.held and self._ours((self._holder() or (None, None))[0]):  # a lock taken over meanwhile is not ours to remove
+        if self.held and self._ours(self._holder_now()):  # a lock taken over meanwhile is not ours to remove
             self.store.delete(self.path)
         self.held = False
 
