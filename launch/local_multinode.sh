@@ -24,6 +24,13 @@ done
 status=0
 while ((${#pids[@]})); do
   wait -n -p done_pid "${pids[@]}" && rc=0 || rc=$?
+  done_pid=${done_pid:-}  # unset when wait -n found nothing to report
+  if [[ -z $done_pid ]]; then  # bash 5.2 at times answers "no such job" for a launcher it has already reaped
+    for pid in "${pids[@]}"; do
+      if ! kill -0 "$pid" 2>/dev/null; then done_pid=$pid; wait "$pid" 2>/dev/null && rc=0 || rc=$?; break; fi
+    done
+    [[ -n $done_pid ]] || { sleep 0.1; continue; }  # none has ended yet: ask again
+  fi
   if ((rc != 0 && status == 0)); then
     status=$rc
     kill -TERM "${pids[@]}" 2>/dev/null || true
