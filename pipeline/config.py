@@ -35,6 +35,16 @@ def _f(default, help: str = "", min: float | None = None, max: float | None = No
     return field(default=default, metadata=meta, **kw)
 
 
+def sections(cls):
+    """@dataclass, where a field typed as another part of this schema (`kl: KLConfig`) defaults to that part's
+    defaults."""
+    hints = typing.get_type_hints(cls)
+    for name in cls.__annotations__:
+        if dataclasses.is_dataclass(hints[name]) and name not in vars(cls):
+            setattr(cls, name, field(default_factory=hints[name]))
+    return dataclass(cls)
+
+
 # ----------------------------------------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
@@ -254,16 +264,16 @@ class LatentNoiseConfig:
                                    "(l-DeTok 3.0, RAE 0.8; sigma-VAE / NextStep-1 use 0.5)", min=0.0)
 
 
-@dataclass
+@sections
 class LossConfig:
-    reconstruction: ReconstructionConfig = _f(ReconstructionConfig())
-    perceptual: PerceptualConfig = _f(PerceptualConfig())
-    kl: KLConfig = _f(KLConfig())
-    adversarial: AdversarialConfig = _f(AdversarialConfig())
-    vq: VQLossConfig = _f(VQLossConfig())
-    equivariance: EquivarianceConfig = _f(EquivarianceConfig())
-    alignment: AlignmentConfig = _f(AlignmentConfig())
-    latent_noise: LatentNoiseConfig = _f(LatentNoiseConfig())
+    reconstruction: ReconstructionConfig
+    perceptual: PerceptualConfig
+    kl: KLConfig
+    adversarial: AdversarialConfig
+    vq: VQLossConfig
+    equivariance: EquivarianceConfig
+    alignment: AlignmentConfig
+    latent_noise: LatentNoiseConfig
 
 
 # ---------------------------------------------------------------------------------------------------------- train
@@ -319,11 +329,11 @@ class EvaluateConfig:
         0.0, "scale of the discretised Gaussian decoder likelihood in [-1, 1] units; 0: learned (ML over the data)",
         min=0.0,
     )
+    diffusability: bool = _f(True, "the diffusability probe: equivariance PSNR (2x downscale, rotations) and the "
+                             "latent's high-frequency share (docs/diffusable-latents.md); 4 more decodes per batch")
     lpips_backbone: Literal["pretrained", "random"] = _f(
         "pretrained", "LPIPS backbone weights for the LPIPS rows; random: tests only, the numbers are meaningless"
     )
-    diffusability: bool = _f(True, "the diffusability probe: equivariance PSNR (2x downscale, rotations) and the "
-                             "latent's high-frequency share (docs/diffusable-latents.md); 4 more decodes per batch")
 
 
 @dataclass
@@ -351,17 +361,17 @@ class EncodeConfig:
         "(its export carries them), model otherwise")
 
 
-@dataclass
+@sections
 class Config:
     output_dir: str = _f("runs/default", "run folder: config.yaml, checkpoints/, samples/, logs/")
     seed: int = _f(0, "global seed")
-    prepare: PrepareConfig = _f(PrepareConfig())
-    data: DataConfig = _f(DataConfig())
-    model: ModelConfig = _f(ModelConfig())
-    loss: LossConfig = _f(LossConfig())
-    train: TrainConfig = _f(TrainConfig())
-    evaluate: EvaluateConfig = _f(EvaluateConfig())
-    encode: EncodeConfig = _f(EncodeConfig())
+    prepare: PrepareConfig
+    data: DataConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    encode: EncodeConfig
 
 
 # ------------------------------------------------------------------------------------------------ building it
