@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import signal
 import sys
 import threading
@@ -171,6 +172,29 @@ def apply_thread_policy() -> int:
     if stages.THREADS and torch.get_num_threads() != stages.THREADS:  # 0: torch's default
         torch.set_num_threads(stages.THREADS)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def start_up(stop: threading.Event, message: str):
+    """Around a stage's heavy imports (torch, diffusers: about 7 s on a busy CPU), before it has written anything: a
+    SIGTERM that came before or comes during them ends a one-process stage at once, `message` on stdout and exit
+    EXIT_PREEMPTED, instead of after them. A rank of a launched job (WORLD_SIZE > 1) only sets `stop`, as outside the
+    block, so that every rank stops at the same point."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        yield
+        return
+
+    def now(*_):
+        print(message, flush=True)
+        raise SystemExit(EXIT_PREEMPTED)
+
+    if stop.is_set():
+        now()
+    previous = signal.signal(signal.SIGTERM, now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

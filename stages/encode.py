@@ -23,7 +23,9 @@ import time
 from pipeline.errors import StorageUnavailable, UserError
 from pipeline.manifest import MANIFEST, deal, parse_part, part_name, summarize_skips
 from pipeline.storage import as_path
-from stages.common import EXIT_PREEMPTED, check_paths, flag_named, sigterm_sets, stage_main, take_output_lock
+from stages.common import EXIT_PREEMPTED, check_paths, flag_named, sigterm_sets, stage_main, start_up, take_output_lock
+
+STOPPED_AT_START = "encode: stopped by SIGTERM during start-up, before any shard; rerun the same command"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,22 +90,23 @@ def _main(argv, stop: threading.Event, grace: list, locks: list) -> None:
 
 
 def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list, locks: list) -> None:
-    from datetime import timedelta
+    with start_up(stop, STOPPED_AT_START):  # SIGTERM now: exit 75 at once (one process)
+        from datetime import timedelta
 
-    import torch
-    from accelerate import PartialState
+        import torch
+        from accelerate import PartialState
 
-    from pipeline.config import parse_overrides
-    from pipeline.data.loader import loader_workers, resolve_shards, shard_sample_counts
-    from pipeline.data.shards import shard_name
-    from pipeline.distributed import all_reduce, print0
-    from pipeline.latents import format as lf
-    from pipeline.latents.buckets import resolve_buckets
-    from pipeline.latents.encoder import (EncodeSettings, check_input_shards, check_output_folder, effective_store,
-                                          encode_shards, non_finite_advice, stored_tensors)
-    from pipeline.models.normalisation import describe
-    from pipeline.progress import Progress
-    from stages.common import pinned_weights, resolve_mixed_precision
+        from pipeline.config import parse_overrides
+        from pipeline.data.loader import loader_workers, resolve_shards, shard_sample_counts
+        from pipeline.data.shards import shard_name
+        from pipeline.distributed import all_reduce, print0
+        from pipeline.latents import format as lf
+        from pipeline.latents.buckets import resolve_buckets
+        from pipeline.latents.encoder import (EncodeSettings, check_input_shards, check_output_folder, effective_store,
+                                              encode_shards, non_finite_advice, stored_tensors)
+        from pipeline.models.normalisation import describe
+        from pipeline.progress import Progress
+        from stages.common import pinned_weights, resolve_mixed_precision
 
     start = time.time()
     data_keys = parse_overrides(args.overrides).get("data")  # the config comes with the model; this key is needed now
@@ -114,7 +117,7 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
     with flag_named("--output"):
         check_output_folder(out, urls)
     if stop.is_set():  # a SIGTERM during start-up: nothing was done, nothing collective has begun
-        print("encode: stopped by SIGTERM during start-up, before any shard; rerun the same command", flush=True)
+        print(STOPPED_AT_START, flush=True)
         raise SystemExit(EXIT_PREEMPTED)
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
     weights = pinned_weights(args.model, ema=not args.no_ema)  # a run folder: the same checkpoint on every rank

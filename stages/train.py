@@ -23,7 +23,7 @@ from pipeline.distributed import is_main_process, print0
 from pipeline.errors import UserError
 from pipeline.storage import LogMirror
 from stages.common import (EXIT_PREEMPTED, add_config_args, check_paths, flag_named, resolve_mixed_precision,
-                           sigterm_sets, stage_main, take_output_lock)
+                           sigterm_sets, stage_main, start_up, take_output_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +84,8 @@ def _exit_preempted(grace: float) -> None:
 
 
 def _run(args, cfg, stop: threading.Event):
-    from pipeline.train.trainer import Trainer, resolve_init, shape_from_init
+    with start_up(stop, "train: preempted during start-up, before any step; rerun with --resume auto"):
+        from pipeline.train.trainer import Trainer, resolve_init, shape_from_init
 
     init = resolve_init(cfg)  # once: the shape and the weights come from the same checkpoint
     shaped = shape_from_init(cfg, args.overrides, init)  # train.init_from brings its shape (also when resuming)

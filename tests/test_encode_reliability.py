@@ -29,7 +29,7 @@ from helpers import make_shards as _make_shards
 from pipeline.errors import DataError, UserError
 from pipeline.latents import LatentDataset
 from pipeline.manifest import read_manifest
-from test_reliability import catches_sigterm, one_line
+from test_reliability import catches_sigterm, loaded, one_line
 
 SMALL = ["data.resolution=32", "data.num_workers=0", "encode.batch_size=4"]
 
@@ -281,13 +281,6 @@ def test_other_data_under_the_same_shard_names_is_encoded_again(vae, tmp_path):
 
 
 # ------------------------------------------------------------------------- 11, 6. SIGTERM: at start-up, in a hung read
-def _loaded(pid: int, library: str) -> bool:
-    try:
-        return library in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
-
-
 def test_sigterm_during_encode_start_up_exits_75(vae, tmp_path):
     """The signal comes while torch is being imported (or as soon as the handler is in place, if that is first):
     encode exits 75, which launch/slurm/encode.sbatch requeues, and has written nothing."""
@@ -296,7 +289,7 @@ def test_sigterm_during_encode_start_up_exits_75(vae, tmp_path):
                              str(tmp_path / "data"), "--output", str(tmp_path / "lat"), *SMALL], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not (catches_sigterm(proc.pid) or _loaded(proc.pid, "libtorch")):
+    while not (catches_sigterm(proc.pid) or loaded(proc.pid, "libtorch")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)

@@ -83,6 +83,13 @@ def catches_sigterm(pid: int) -> bool:
     return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
+def loaded(pid: int, library: str) -> bool:
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def test_sigterm_works_while_the_loader_is_stuck(tmp_path):
     fifo = tmp_path / "stuck-000000.tar"
     os.mkfifo(fifo)  # opening it for reading blocks forever: a loader that never delivers
@@ -241,11 +248,12 @@ def test_sigterm_during_start_up_exits_75_for_requeue(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "stages.train", *TINY, f"data.train={tmp_path / 'shards'}",
                              f"output_dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: catches_sigterm(proc.pid), proc)  # the handler is in place: the rest of start-up follows
+    wait_until(lambda: loaded(proc.pid, "libtorch"), proc)  # while torch and diffusers are being imported
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
-    assert "preempted at step 0" in out and "--resume auto" in out
+    assert "preempted during start-up" in out and "--resume auto" in out
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / ".lock").exists()
 
 
 # ------------------------------------------------------------------------------------------ 9. one line, not a traceback
