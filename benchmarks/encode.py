@@ -39,7 +39,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data.images import crop_to  # noqa: E402
 from pipeline.latents.encoder import EncodeSettings, encode_batch, encode_shards  # noqa: E402
 from pipeline.models import build_autoencoder  # noqa: E402
-from stages.common import apply_thread_policy  # noqa: E402
+from stages import apply_thread_policy  # noqa: E402
 
 
 def naive(vae, urls, out: Path, res: int, batch: int, device) -> int:

@@ -49,7 +49,7 @@ from benchmarks.loader import make_shards, photo_jpeg  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.images import crop_to  # noqa: E402
 from pipeline.models.discriminator import PatchDiscriminator  # noqa: E402
-from stages.common import apply_thread_policy  # noqa: E402
+from stages import apply_thread_policy  # noqa: E402
 
 
 def sync(device) -> None:

@@ -8,7 +8,7 @@ before it starts: it samples /proc/stat for 0.1 s, counts the cores that other w
 ones, shared between the processes of this job on the node (LOCAL_WORLD_SIZE). With every core free it keeps torch's
 default threads; with fewer it takes that many threads and makes them sleep when idle (OMP_WAIT_POLICY=PASSIVE)
 rather than spin. FIRSTSTAGE_THREADS=N fixes the count instead (the test suite sets 1), FIRSTSTAGE_THREADS=torch
-leaves torch's defaults alone; a wait policy the user set wins. stages.common.apply_thread_policy() applies the
+leaves torch's defaults alone; a wait policy the user set wins. apply_thread_policy() applies the
 count to torch at the start of every stage. It is decided here, at import, because evaluate and export import
 torch at module level: a later decision could no longer set OpenMP's wait policy.
 """
@@ -16,6 +16,7 @@ torch at module level: a later decision could no longer set OpenMP's wait policy
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 
@@ -99,3 +100,24 @@ def _decide() -> tuple[int, str]:
 THREADS, THREADS_WHY = _decide()
 if THREADS:  # torch reads it when it is first imported: the stages can import torch late (checks come first)
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
+def say_threads(prog: str, argv) -> None:
+    """A stage's first line: the threads it took and why (on the main process; not for help or `firststage
+    config`, whose output is the config)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0  # before any process group: the launcher's rank
+    if prog in ("config", "cli") or "-h" in args or "--help" in args or not main_process:
+        return
+    print(f"firststage {prog}: {THREADS_WHY}", flush=True)
+
+
+def apply_thread_policy() -> int:
+    """Give a torch imported before the stage (a test, the demo calling stages) the intra-op thread count that
+    this module chose (a torch imported later reads it from OMP_NUM_THREADS); returns the count."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return THREADS
+    if THREADS and torch.get_num_threads() != THREADS:  # 0: torch's default
+        torch.set_num_threads(THREADS)
+    return torch.get_num_threads()

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+import stages
 from pipeline.errors import ConfigError, Diverged, StorageUnavailable, UserError
 from pipeline.storage import no_space_message
 
@@ -125,8 +126,8 @@ def stage_main(fn):
             spec = getattr(sys.modules["__main__"], "__spec__", None)
             module = spec.name if spec is not None else module
         prog = module.rsplit(".", 1)[-1]
-        apply_thread_policy()
-        say_threads(prog, argv)
+        stages.apply_thread_policy()
+        stages.say_threads(prog, argv)
         try:
             return fn(argv, *args, **kwargs)
         except (StorageUnavailable, UserError) as e:  # one line; the exit code says what to do next
@@ -147,31 +148,9 @@ def stage_main(fn):
     return wrapper
 
 
-def say_threads(prog: str, argv) -> None:
-    """A stage's first line: the threads it took and why (on the main process; not for help or `firststage
-    config`, whose output is the config)."""
-    import os
-
-    import stages
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    main_process = int(os.environ.get("RANK", "0") or 0) == 0  # before any process group: the launcher's rank
-    if prog in ("config", "cli") or "-h" in args or "--help" in args or not main_process:
-        return
-    print(f"firststage {prog}: {stages.THREADS_WHY}", flush=True)
-
-
-def apply_thread_policy() -> int:
-    """Give a torch imported before the stage (a test, the demo calling stages) the intra-op thread count that
-    stages/__init__.py chose (a torch imported later reads it from OMP_NUM_THREADS); returns the count."""
-    import stages
-
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return stages.THREADS
-    if stages.THREADS and torch.get_num_threads() != stages.THREADS:  # 0: torch's default
-        torch.set_num_threads(stages.THREADS)
-    return torch.get_num_threads()
+def preempted_now(message: str) -> None:
+    print(message, flush=True)
+    raise SystemExit(EXIT_PREEMPTED)
 
 
 @contextlib.contextmanager
@@ -184,13 +163,9 @@ def start_up(stop: threading.Event, message: str):
         yield
         return
 
-    def now(*_):
-        print(message, flush=True)
-        raise SystemExit(EXIT_PREEMPTED)
-
     if stop.is_set():
-        now()
-    previous = signal.signal(signal.SIGTERM, now)
+        preempted_now(message)
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted_now(message))
     try:
         yield
     finally:

@@ -21,9 +21,11 @@ import time
 # Light imports only: torch, the models and the loader take seconds to import and come inside the functions, after
 # the SIGTERM handler is in place (a SIGTERM during start-up exits 75, which the sbatch script requeues, not 143).
 from pipeline.errors import StorageUnavailable, UserError
+from pipeline.latents import format as lf
 from pipeline.manifest import MANIFEST, deal, parse_part, part_name, summarize_skips
 from pipeline.storage import as_path
-from stages.common import EXIT_PREEMPTED, check_paths, flag_named, sigterm_sets, stage_main, start_up, take_output_lock
+from stages.common import (EXIT_PREEMPTED, check_paths, flag_named, preempted_now, sigterm_sets, stage_main, start_up,
+                           take_output_lock)
 
 STOPPED_AT_START = "encode: stopped by SIGTERM during start-up, before any shard; rerun the same command"
 
@@ -67,8 +69,6 @@ def _main(argv, stop: threading.Event, grace: list, locks: list) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a folder")
     if args.rebuild_manifest:
-        from pipeline.latents import format as lf
-
         m = lf.write_manifest(out)
         print(f"encode: rebuilt {out / MANIFEST} from {len(m['shards'])} shard records: {m['total']} samples, "
               f"{m['skipped_count']} skipped")
@@ -78,14 +78,13 @@ def _main(argv, stop: threading.Event, grace: list, locks: list) -> None:
     with flag_named("--part"):
         part, num_parts = parse_part(args.part)
     if not args.overwrite:  # before torch is imported: another store, resolution, ... refuses in a moment
-        from pipeline.latents.format import check_settings, quick_settings
         from pipeline.weights import resolve_weights
 
         with flag_named("--model"):
             light = resolve_weights(args.model, not args.no_ema).light_config(args.overrides)
         if light is not None:
             with flag_named("--output"):
-                check_settings(out, quick_settings(light), False)
+                lf.check_settings(out, lf.quick_settings(light), False)
     run(args, out, part, num_parts, stop, grace, locks)  # complete shards stay, the one in flight is redone
 
 
@@ -100,10 +99,10 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         from pipeline.data.loader import loader_workers, resolve_shards, shard_sample_counts
         from pipeline.data.shards import shard_name
         from pipeline.distributed import all_reduce, print0
-        from pipeline.latents import format as lf
         from pipeline.latents.buckets import resolve_buckets
         from pipeline.latents.encoder import (EncodeSettings, check_input_shards, check_output_folder, effective_store,
                                               encode_shards, non_finite_advice, stored_tensors)
+        from pipeline.models.autoencoder import downsampling_factor
         from pipeline.models.normalisation import describe
         from pipeline.progress import Progress
         from stages.common import pinned_weights, resolve_mixed_precision
@@ -116,15 +115,12 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         check_input_shards(urls)
     with flag_named("--output"):
         check_output_folder(out, urls)
-    if stop.is_set():  # a SIGTERM during start-up: nothing was done, nothing collective has begun
-        print(STOPPED_AT_START, flush=True)
-        raise SystemExit(EXIT_PREEMPTED)
+    if stop.is_set():  # a SIGTERM during start-up (launched ranks): nothing was done, nothing collective has begun
+        preempted_now(STOPPED_AT_START)
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
     weights = pinned_weights(args.model, ema=not args.no_ema)  # a run folder: the same checkpoint on every rank
     model, cfg = weights.load(args.overrides)
     grace[0] = cfg.encode.sigterm_grace
-    from pipeline.models.autoencoder import downsampling_factor
-
     buckets = resolve_buckets(cfg.encode.buckets, cfg.data.resolution, downsampling_factor(model))
     device, cuda = state.device, state.device.type == "cuda"
     dtype = cfg.encode.dtype if cfg.encode.dtype != "auto" else ("bfloat16" if resolve_mixed_precision("auto") == "bf16" else "float32")

@@ -41,39 +41,65 @@ def photos(tmp_path) -> Path:
     return out
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's folder built by whichever test process asks first (`build(folder)`), the other
+    pytest-xdist workers waiting for it (an flock) and then reading the same folder."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: popen-gwN/.. is the session's
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / f"{name}.done").exists():
+            if folder.exists():  # a worker that failed half-way: build again
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            (shared / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """One tiny trained KL run that evaluate, encode, export and reliability tests share (trained once per test
-    process): root/train (4 shards x 16 images), root/val (5 x 4 other images), root/run (40 steps of the tiny
-    preset at 32 px, mid-block attention on so that its 1x1-conv names are exercised; widths 16/32/64, lr 1e-3 and
-    crops of 1/4 to all of the image: three distinct widths for the shape inference tests, and a model whose
-    GroupNorm count can be told from its reconstructions) and root/run/eval.json (its evaluation on the training
-    shards: the measured latent factors an export takes). Tests write their own outputs elsewhere and leave these
-    alone."""
-    from harness import run_main
-    from helpers import TINY, make_train_val
-    from stages.evaluate import main as evaluate
-    from stages.train import run
+    session, by the first worker that needs it): root/train (4 shards x 16 images), root/val (5 x 4 other images),
+    root/run (40 steps of the tiny preset at 32 px, mid-block attention on so that its 1x1-conv names are exercised;
+    widths 16/32/64, lr 1e-3 and crops of 1/4 to all of the image: three distinct widths for the shape inference
+    tests, and a model whose GroupNorm count can be told from its reconstructions) and root/run/eval.json (its
+    evaluation on the training shards: the measured latent factors an export takes). Tests write their own outputs
+    elsewhere and leave these alone."""
 
-    root = tmp_path_factory.mktemp("tiny-run")
-    make_train_val(root)
-    run([*TINY, f"data.train={root / 'train'}", f"output_dir={root / 'run'}", "train.max_steps=40",
-         "train.log_every=10", "train.checkpoint_every=40", "model.mid_block_attention=true",
-         "model.block_out_channels=[16,32,64]", "train.lr=1e-3", "data.random_resized_scale=[0.25,1.0]"])
-    r = run_main(evaluate, "--model", root / "run", "--data", root / "train", "--lpips-backbone", "random",
-                 "evaluate.likelihood_samples=0")
-    assert r.returncode == 0, r.stderr
-    return root
+    def build(root: Path) -> None:
+        from harness import run_main
+        from helpers import TINY, make_train_val
+        from stages.evaluate import main as evaluate
+        from stages.train import run
+
+        make_train_val(root)
+        run([*TINY, f"data.train={root / 'train'}", f"output_dir={root / 'run'}", "train.max_steps=40",
+             "train.log_every=10", "train.checkpoint_every=40", "model.mid_block_attention=true",
+             "model.block_out_channels=[16,32,64]", "train.lr=1e-3", "data.random_resized_scale=[0.25,1.0]"])
+        r = run_main(evaluate, "--model", root / "run", "--data", root / "train", "--lpips-backbone", "random",
+                     "evaluate.likelihood_samples=0")
+        assert r.returncode == 0, r.stderr
+
+    return built_once(tmp_path_factory, "tiny-run", build)
 
 
 @pytest.fixture(scope="session")
-def encoder_only(tiny_run) -> Path:
-    """tiny_run's run exported by `firststage export --format encoder-only` (once per test process: tracing its
+def encoder_only(tiny_run, tmp_path_factory) -> Path:
+    """tiny_run's run exported by `firststage export --format encoder-only` (once per test session: tracing its
     program takes seconds); tests read it and write elsewhere."""
-    from harness import run_main
-    from stages.export import main as export
 
-    out = tiny_run / "encoder-only"
-    r = run_main(export, "--model", tiny_run / "run", "--output", out, "--format", "encoder-only")
-    assert r.returncode == 0, r.stderr
-    return out
+    def build(out: Path) -> None:
+        from harness import run_main
+        from stages.export import main as export
+
+        out.rmdir()  # export refuses an existing folder that is not one of its own
+        r = run_main(export, "--model", tiny_run / "run", "--output", out, "--format", "encoder-only")
+        assert r.returncode == 0, r.stderr
+
+    return built_once(tmp_path_factory, "encoder-only", build)

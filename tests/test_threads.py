@@ -28,7 +28,7 @@ def test_processes_of_one_job_share_the_cores():
 
 def probe(env_extra: dict) -> str:
     env = {k: v for k, v in ENV.items() if k not in ("FIRSTSTAGE_THREADS", "OMP_WAIT_POLICY")}
-    code = ("import os, stages; from stages.common import apply_thread_policy; import torch; "
+    code = ("import os, stages; from stages import apply_thread_policy; import torch; "
             "print(apply_thread_policy(), torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY'))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **env_extra}, capture_output=True,
                        text=True, timeout=60)
