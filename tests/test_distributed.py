@@ -96,7 +96,7 @@ def test_a_node_that_fails_ends_the_job_instead_of_leaving_its_peer_waiting(tmp_
     one whose rank waits for it (for ever): the script stops the waiting one and fails. Before, it waited for each
     launcher in turn and never returned (seen by hand with real launchers: still waiting after 40 s)."""
     pids = tmp_path / "pids"
-    env = {**ENV, "PATH": f"{ROOT / 'tests' / 'scripts' / 'fake_accelerate'}:{ENV['PATH']}", "FAKE_PIDS": str(pids)}
+    env = {**ENV, "PYTHON": str(ROOT / "tests" / "scripts" / "fake_launcher"), "FAKE_PIDS": str(pids)}
     t0 = time.time()
     r = subprocess.run(["bash", str(ROOT / "launch" / "local_multinode.sh"), "train.py"], env=env,
                        capture_output=True, text=True, timeout=60)
