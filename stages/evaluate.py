@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from pipeline.data.loader import make_loader, plan_subset
+from pipeline.data.loader import batches, make_loader, plan_subset
 from pipeline.distributed import all_reduce, print0
 from pipeline.errors import UserError
 from pipeline.metrics.evaluator import Evaluator
@@ -78,8 +78,8 @@ def main(argv=None) -> None:
                    cfg.data.resolution, device, fid)
     loader = make_loader(urls, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
                          rank=state.process_index, world_size=state.num_processes, limits=limits)
-    with Progress("evaluate", planned, "sample", enabled=state.is_main_process) as bar:
-        for batch in loader:
+    with Progress("evaluate", planned, "sample", enabled=state.is_main_process) as bar, batches(loader) as stream:
+        for batch in stream:
             ev.add(batch["image"], batch["__key__"])
             bar.update(len(batch["__key__"]) * state.num_processes)  # the main process's count, scaled
     res = ev.finalize(lambda tensors: all_reduce(tensors, "sum", device))

@@ -62,11 +62,18 @@ def test_training_on_shards_without_images_stops_with_one_line(tmp_path):
 
 def test_a_long_run_of_undecodable_samples_stops_the_run_from_a_loader_worker(tmp_path):
     write_tar(tmp_path / "bad-000000.tar", [{"__key__": f"k{i}", "jpg": b"not a jpeg at all"} for i in range(30)])
+    before = children()
     r = train(f"data.train={tmp_path / 'bad-000000.tar'}", f"output_dir={tmp_path / 'run'}", "train.max_steps=5",
               "data.num_workers=1", "data.max_bad_samples=25")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "25 undecodable training samples in a row" in r.stderr and "data.max_bad_samples" in r.stderr
     assert one_line(r)
+    assert children() == before  # the loader worker has ended with the run, not at some later garbage collection
+
+
+def children() -> set[int]:
+    """The pids of this process's children, exited ones not yet waited for included."""
+    return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
 
 
 def wait_until(predicate, proc, timeout=60):

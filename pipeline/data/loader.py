@@ -16,6 +16,7 @@ channels_last memory; `pipeline.pixels.to_model_input` turns them into floats in
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import os
@@ -381,6 +382,20 @@ def collate(samples: list[dict], key: str = "image") -> dict:
         if k != key:
             batch[k] = [s.get(k) for s in samples]
     return batch
+
+
+@contextlib.contextmanager
+def batches(loader: DataLoader):
+    """iter(loader), whose worker processes end with the block, also when it ends in an error. Left to the garbage
+    collector (the error's traceback keeps the iterator alive), torch's shutdown no longer reaches the workers through
+    its queues and waits 5 s for each (seen after a training run stopped by undecodable data)."""
+    it = iter(loader)
+    try:
+        yield it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's own __del__ calls; none without workers
+        if shutdown is not None:
+            shutdown()
 
 
 def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_last: bool | None = None,

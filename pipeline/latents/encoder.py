@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data.images import IMAGE_EXTS, BadImage, crop_to, displayed_size, read_header
-from pipeline.data.loader import image_member, read_failure, read_samples, worker_slot
+from pipeline.data.loader import batches, image_member, read_failure, read_samples, worker_slot
 from pipeline.data.shards import ShardWriter, shard_name
 from pipeline.errors import UserError
 from pipeline.latents.buckets import nearest_bucket, size_name
@@ -435,26 +435,27 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
     shards: dict[str, LatentShard] = {}
     finishing: list[tuple[str, Future]] = []  # (input shard, its finish() in the writer thread)
     try:
-        for item in loader:
-            if stop is not None and stop.is_set():
-                result.stopped = True
-                break
-            url = item["shard"]
-            shard = shards.setdefault(url, LatentShard(folder, url, settings))
-            if item["end"] and "unavailable" in item:
-                writer.submit(shard.abort)  # after the batches of it in flight: the writer thread holds its tar
-                del shards[url]
-                result.unavailable.append((url, item["unavailable"]))
-                continue
-            if item["end"]:
-                finishing.append((url, writer.submit(shard.finish, item["skipped"], item["inputs"], item["input"],
-                                                     item["renamed"])))
-                del shards[url]
-                if progress is not None:
-                    progress(url)
-                continue
-            out = encode_batch(model, item["images"], item["keys"], s, device)
-            writer.submit(shard.write_batch, item, out)
+        with batches(loader) as items:
+            for item in items:
+                if stop is not None and stop.is_set():
+                    result.stopped = True
+                    break
+                url = item["shard"]
+                shard = shards.setdefault(url, LatentShard(folder, url, settings))
+                if item["end"] and "unavailable" in item:
+                    writer.submit(shard.abort)  # after the batches of it in flight: the writer thread holds its tar
+                    del shards[url]
+                    result.unavailable.append((url, item["unavailable"]))
+                    continue
+                if item["end"]:
+                    finishing.append((url, writer.submit(shard.finish, item["skipped"], item["inputs"], item["input"],
+                                                         item["renamed"])))
+                    del shards[url]
+                    if progress is not None:
+                        progress(url)
+                    continue
+                out = encode_batch(model, item["images"], item["keys"], s, device)
+                writer.submit(shard.write_batch, item, out)
     except RuntimeError:
         # SLURM signals every process of the job: loader workers may die before the loop sees the stop flag
         if stop is None or not stop.is_set():

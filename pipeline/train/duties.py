@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline.data.loader import batches
 from pipeline.distributed import all_reduce, print0
 from pipeline.errors import Diverged
 from pipeline.metrics.evaluator import Evaluator
@@ -183,8 +184,9 @@ class Validator:
         ev = Evaluator(module.vae, self.opts, self.perceptual, self.resolution, self.acc.device)
         was_training = module.training
         module.eval()
-        for batch in self.loader_factory():
-            ev.add(batch["image"], batch["__key__"])
+        with batches(self.loader_factory()) as stream:
+            for batch in stream:
+                ev.add(batch["image"], batch["__key__"])
         module.train(was_training)  # through the wrapper: a frozen encoder side stays in eval mode
         res = ev.finalize(lambda tensors: all_reduce(tensors, "sum", self.acc.device))
         metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"]}

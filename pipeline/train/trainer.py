@@ -25,7 +25,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, config_from_dict, config_to_dict, merge_dicts, parse_overrides
-from pipeline.data.loader import make_loader, plan_subset, resolve_shards
+from pipeline.data.loader import batches, make_loader, plan_subset, resolve_shards
 from pipeline.distributed import all_reduce
 from pipeline.errors import UserError
 from pipeline.storage import LogMirror, as_path
@@ -373,24 +373,24 @@ class Trainer:
         guard = NonFiniteGuard(t.max_bad_steps, acc.scaler is not None)
         saver = Checkpointer(self.run_dir, acc, t.checkpoint_every, t.max_steps, t.keep_checkpoints, self.logs.sync)
         st.stop_requested = self.agree(stop.is_set())[0]  # a SIGTERM during start-up: requeue before any step
-        data = iter(self.loader)
         self.model.train()
-        while st.step < t.max_steps and not st.stop_requested:
-            try:
-                terms, bad, bad_loss = self.accumulate(data)
-                with worker_deaths_deferred():  # the update, its bookkeeping and a save are never cut in half
-                    stepped, loss_bad, st.stop_requested = self.apply_or_skip(bad, bad_loss, stop.is_set())
-                    if guard.retry(st, stepped, loss_bad):
-                        continue
-                    self.advance()
-                    log.add(terms)
-                    bar.update(1)
-                    self._duties(log, saver, bar)
-            except RuntimeError:
-                if not stop.is_set():  # SLURM signals every process: loader workers may die before the step ends;
-                    raise  # the step in flight is dropped and the last completed one is saved
-                st.stop_requested = True
-                break
+        with batches(self.loader) as data:
+            while st.step < t.max_steps and not st.stop_requested:
+                try:
+                    terms, bad, bad_loss = self.accumulate(data)
+                    with worker_deaths_deferred():  # the update, its bookkeeping and a save are never cut in half
+                        stepped, loss_bad, st.stop_requested = self.apply_or_skip(bad, bad_loss, stop.is_set())
+                        if guard.retry(st, stepped, loss_bad):
+                            continue
+                        self.advance()
+                        log.add(terms)
+                        bar.update(1)
+                        self._duties(log, saver, bar)
+                except RuntimeError:
+                    if not stop.is_set():  # SLURM signals every process: loader workers may die before the step
+                        raise  # ends; the step in flight is dropped and the last completed one is saved
+                    st.stop_requested = True
+                    break
         if st.stop_requested and st.step > 0 and st.last_checkpoint != str(ckpt.checkpoint_dir(self.run_dir, st.step)):
             self._save(saver)
         return st
