@@ -31,11 +31,11 @@ def elapsed(line: str) -> int:
 
 @pytest.mark.parametrize("stage", ["train", "evaluate", "encode"])
 def test_train_evaluate_and_encode_write_progress_lines_into_a_log_file(stage, tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setenv("FIRSTSTAGE_PROGRESS_SECONDS", "0.1" if stage == "encode" else "0.3")  # (encode: 1 s)
+    monkeypatch.setenv("FIRSTSTAGE_PROGRESS_SECONDS", "0.1")
     args = {"train": [*TINY, f"data.train={tiny_run / 'train'}", f"output_dir={tmp_path / 'run'}",
                       "train.max_steps=12", "train.tracker=none"],
-            "evaluate": ["--model", tiny_run / "run", "--data", tiny_run / "train", "--output", tmp_path / "e",
-                         "--lpips-backbone", "random", "evaluate.likelihood_samples=16", "data.num_workers=0"],
+            "evaluate": ["--model", tiny_run / "run", "--data", tiny_run / "val", "--output", tmp_path / "e",
+                         "--lpips-backbone", "random", "evaluate.likelihood_samples=8", "data.num_workers=0"],
             "encode": ["--model", tiny_run / "run", "--data", tiny_run / "train", "--output", tmp_path / "lat",
                        "data.num_workers=0", "encode.batch_size=2"]}[stage]
     proc = ForkedStage(f"stages.{stage}", *args)  # stdout and stderr go to files, as under SLURM

@@ -35,7 +35,7 @@ class Workers:
 
 
 def dead_pid() -> int:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p = subprocess.Popen(["true"])  # a pid that was a process a moment ago
     p.wait()
     return p.pid
 
