@@ -38,10 +38,9 @@ def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
 
 
 def take_output_lock(folder, name: str = ".lock", what: str = "--output"):
-    """The stage's lock on its output folder (a leased one on object storage, renewed while the stage runs), taken
-    after credentials, bucket and conditional writes were checked (one line each); a second run is refused naming
-    the holder. The holder then aborts the multipart uploads that killed runs left under the folder more than an
-    hour ago."""
+    """The stage's lock on its output folder (leased and renewed on object storage), taken after credentials, bucket
+    and conditional writes were checked (one line each); a second run is refused naming the holder, who then aborts
+    the multipart uploads that killed runs left under the folder more than an hour ago."""
     from pipeline.storage import folder_lock
     from pipeline.storage.paths import abort_stale_uploads
 
@@ -89,12 +88,8 @@ def add_alias_flags(parser: argparse.ArgumentParser, aliases: dict[str, tuple]) 
 
 def alias_overrides(args, aliases: dict[str, tuple]) -> list[str]:
     """key=value overrides for the alias flags that were given (they apply after the other overrides)."""
-    out = []
-    for flag, (key, _, _) in aliases.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            out.append(f"{key}={value}")
-    return out
+    given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in aliases.items()}
+    return [f"{key}={value}" for key, value in given.items() if value is not None]
 
 
 @contextlib.contextmanager
@@ -153,21 +148,29 @@ def preempted_now(message: str) -> None:
     raise SystemExit(EXIT_PREEMPTED)
 
 
+class _StopNow(BaseException):
+    """start_up's SIGTERM (BaseException: an `except Exception` in a library being imported lets it through)."""
+
+
+def _stop_now(*_):
+    raise _StopNow
+
+
 @contextlib.contextmanager
 def start_up(stop: threading.Event, message: str):
     """Around a stage's heavy imports (torch, diffusers: about 7 s on a busy CPU), before it has written anything: a
     SIGTERM that came before or comes during them ends a one-process stage at once, `message` on stdout and exit
-    EXIT_PREEMPTED, instead of after them. A rank of a launched job (WORLD_SIZE > 1) only sets `stop`, as outside the
-    block, so that every rank stops at the same point."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        yield
-        return
-
-    if stop.is_set():
-        preempted_now(message)
-    previous = signal.signal(signal.SIGTERM, lambda *_: preempted_now(message))
+    EXIT_PREEMPTED (printed outside the signal handler), instead of after them. A rank of a launched job (WORLD_SIZE >
+    1) only sets `stop`, as outside the block, so that every rank stops at the same point."""
+    alone = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
+    previous = signal.signal(signal.SIGTERM, _stop_now if alone else signal.getsignal(signal.SIGTERM))
     try:
+        if alone and stop.is_set():
+            raise _StopNow
         yield
+    except _StopNow:
+        signal.signal(signal.SIGTERM, previous)  # another SIGTERM from here on only sets `stop`
+        preempted_now(message)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

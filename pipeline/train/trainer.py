@@ -374,9 +374,9 @@ class Trainer:
         saver = Checkpointer(self.run_dir, acc, t.checkpoint_every, t.max_steps, t.keep_checkpoints, self.logs.sync)
         st.stop_requested = self.agree(stop.is_set())[0]  # a SIGTERM during start-up: requeue before any step
         self.model.train()
-        with batches(self.loader) as data:
-            while st.step < t.max_steps and not st.stop_requested:
-                try:
+        try:
+            with batches(self.loader) as data:  # its workers are joined when the loop ends: they may die then too
+                while st.step < t.max_steps and not st.stop_requested:
                     terms, bad, bad_loss = self.accumulate(data)
                     with worker_deaths_deferred():  # the update, its bookkeeping and a save are never cut in half
                         stepped, loss_bad, st.stop_requested = self.apply_or_skip(bad, bad_loss, stop.is_set())
@@ -386,11 +386,10 @@ class Trainer:
                         log.add(terms)
                         bar.update(1)
                         self._duties(log, saver, bar)
-                except RuntimeError:
-                    if not stop.is_set():  # SLURM signals every process: loader workers may die before the step
-                        raise  # ends; the step in flight is dropped and the last completed one is saved
-                    st.stop_requested = True
-                    break
+        except RuntimeError:
+            if not stop.is_set():  # SLURM signals every process: loader workers may die before the step ends;
+                raise  # the step in flight is dropped and the last completed one is saved
+            st.stop_requested = True
         if st.stop_requested and st.step > 0 and st.last_checkpoint != str(ckpt.checkpoint_dir(self.run_dir, st.step)):
             self._save(saver)
         return st
