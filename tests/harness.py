@@ -126,5 +126,6 @@ def sigkill_after_first_checkpoint(run: Path, *args, timeout: float = 120) -> No
 def two_node_launch(script: str, *args, port: int = 29611, timeout: int = 300) -> subprocess.CompletedProcess:
     """A real 2-process gloo world on the CPU as two one-process "nodes" (launch/local_multinode.sh: two accelerate
     launchers, machine ranks 0 and 1, on the loopback address), output captured."""
+    env = {**ENV, "MASTER_PORT": str(port), "PYTHON": sys.executable}  # the launchers run in this test's Python
     return subprocess.run(["bash", str(ROOT / "launch" / "local_multinode.sh"), script, *map(str, args)], cwd=ROOT,
-                          env={**ENV, "MASTER_PORT": str(port)}, capture_output=True, text=True, timeout=timeout)
+                          env=env, capture_output=True, text=True, timeout=timeout)
