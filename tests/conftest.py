@@ -42,7 +42,7 @@ def photos(tmp_path) -> Path:
 
 
 def built_once(tmp_path_factory, name: str, build) -> Path:
-    """A session fixture's folder built by whichever test process asks first (`build(folder)`), the other
+    """A session fixture's folder, made by `build(folder)` in whichever test process asks first, the other
     pytest-xdist workers waiting for it (an flock) and then reading the same folder."""
     import fcntl
 
@@ -56,7 +56,6 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
                 import shutil
 
                 shutil.rmtree(folder)
-            folder.mkdir()
             build(folder)
             (shared / f"{name}.done").touch()
     return folder
@@ -98,7 +97,6 @@ def encoder_only(tiny_run, tmp_path_factory) -> Path:
         from harness import run_main
         from stages.export import main as export
 
-        out.rmdir()  # export refuses an existing folder that is not one of its own
         r = run_main(export, "--model", tiny_run / "run", "--output", out, "--format", "encoder-only")
         assert r.returncode == 0, r.stderr
 
