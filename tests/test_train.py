@@ -234,3 +234,39 @@ def test_discriminator_schedule_continues_across_resume(shards, tmp_path):
     assert resumed.state.step == whole.state.step == 6
     assert resumed.opt_d.param_groups[0]["lr"] == pytest.approx(whole.opt_d.param_groups[0]["lr"])
     assert resumed.opt.param_groups[0]["lr"] == pytest.approx(whole.opt.param_groups[0]["lr"])
+
+
+def _tree(folder: Path) -> dict:
+    """Every file under `folder` with its bytes (what a refused run must leave as it was)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_train_into_a_run_folder_is_refused_and_changes_nothing(tiny_run, shards, tmp_path):
+    """A new user's second `firststage train` into the same output_dir, without --resume: one line naming the run's
+    step and --resume auto, exit 2, and every file of the first run byte for byte as it was (before, it rewrote
+    metrics.jsonl and config.yaml and pruned the first run's checkpoints). Also with --resume naming a checkpoint of
+    another folder, and for a folder whose run saved no checkpoint (its logs)."""
+    import shutil
+
+    from stages.train import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    before = _tree(run)
+    r = run_main(main, *TINY, f"data.train={shards}", f"output_dir={run}", "train.max_steps=60")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"output_dir {run} holds a run at step 40 (step-00000040): --resume auto continues it; choose another " \
+           f"output_dir" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run / "run", other)
+    r = run_main(main, *TINY, f"data.train={shards}", f"output_dir={run}", "train.max_steps=60",
+                 "--resume", find_resume_path(other))
+    assert r.returncode == 2 and "holds a run at step 40" in r.stderr, r.stderr[-2000:]
+    assert _tree(run) == before
+    logs_only = tmp_path / "logs-only"
+    logs_only.mkdir()
+    (logs_only / "metrics.jsonl").write_text('{"step": 5, "train/loss": 1.0}\n')
+    r = run_main(main, *TINY, f"data.train={shards}", f"output_dir={logs_only}", "train.max_steps=2")
+    assert r.returncode == 2 and "saved no checkpoint: --resume auto starts it again there" in r.stderr, r.stderr
+    assert (logs_only / "metrics.jsonl").read_text() == '{"step": 5, "train/loss": 1.0}\n'

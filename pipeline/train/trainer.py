@@ -56,12 +56,25 @@ class State:
 
 
 def find_resume(output_dir: str, resume: str | None) -> Path | None:
-    """`auto`: the newest complete checkpoint of the run folder (None: a fresh start); a path: that checkpoint."""
+    """`auto`: the newest complete checkpoint of the run folder (None: a fresh start); a path: that checkpoint.
+    A run folder that holds another run (a complete checkpoint, or the logs of a run that saved none) is never
+    started over: without `auto` (or a checkpoint of that folder) the run is refused in one line, before anything
+    is written, since a fresh start would replace its metrics.jsonl and config.yaml and prune its checkpoints."""
     if resume == "auto":
         return ckpt.find_resume_path(output_dir)
     if resume and not ckpt.is_checkpoint(resume):
         raise UserError(f"{resume}: not a complete checkpoint folder")
-    return as_path(resume) if resume else None
+    path = as_path(resume) if resume else None
+    held = ckpt.find_resume_path(output_dir)
+    inside = path is not None and str(path).rstrip("/").startswith(str(as_path(output_dir) / ckpt.CHECKPOINTS) + "/")
+    if held is not None and not inside:
+        step = ckpt.read_trainer_state(held).get("step")
+        raise UserError(f"output_dir {output_dir} holds a run at step {step} ({held.name}): --resume auto continues "
+                        f"it; choose another output_dir")
+    if held is None and path is None and (as_path(output_dir) / "metrics.jsonl").exists():
+        raise UserError(f"output_dir {output_dir} holds the logs (metrics.jsonl) of a run that saved no checkpoint: "
+                        f"--resume auto starts it again there; choose another output_dir")
+    return path
 
 
 def resolve_init(cfg: Config):
