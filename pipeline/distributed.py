@@ -4,6 +4,7 @@
   print0(...)                  print once per job, above a tqdm bar when one is running
   all_reduce(tensors, op)      one flat all-reduce for a list of tensors (identity in one process)
   decided_by_main(fn)          fn() run on the main process only, its result (or its one-line error) on every rank
+  on_every_rank(fn, what)      fn() run on every rank; it returns on every rank or fails on every rank
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.errors import UserError
+from pipeline.errors import SaveAbandoned, UserError
 
 
 def _group():
@@ -86,3 +87,29 @@ def decided_by_main(fn):
     if what == "error":
         raise UserError(value)
     return value
+
+
+def on_every_rank(fn, what: str, undo=None, device=None):
+    """`fn()` on every rank, then one all-reduce in which every rank learns whether it succeeded everywhere (the
+    parts of one checkpoint: each rank writes its own). If it failed anywhere, every rank calls `undo()` and raises:
+    a rank whose fn raised raises its own error (a full disk: exit 74), the others SaveAbandoned naming `what`
+    (exit 75), so no rank goes on alone and none is left waiting in the next collective."""
+    import torch
+
+    error = None
+    try:
+        value = fn()
+    except Exception as e:  # noqa: BLE001 (raised again below, after the other ranks have heard of it)
+        error = e
+    failed = all_reduce([torch.tensor(float(error is not None), device=device)], "max")[0].item() > 0
+    if not failed:
+        return value
+    if undo is not None:
+        try:
+            undo()
+        except Exception:  # noqa: BLE001 (what failed first is the error to report; a later save starts afresh)
+            pass
+    if error is not None:
+        raise error
+    raise SaveAbandoned(f"{what}: another process of the job could not write its part, so no process keeps any of "
+                        f"it; rerun with --resume auto (the previous checkpoint is complete)")

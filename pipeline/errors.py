@@ -24,7 +24,22 @@ class Diverged(UserError):
     """Training diverged: too many non-finite steps in a row (exit code 3, naming the last good checkpoint)."""
 
 
-class StorageUnavailable(Exception):
+class TryAgain(Exception):
+    """Nothing is wrong with the user's input, and what was complete is kept: running the same command again finishes
+    the job. Stages print the one line and exit 75 (EX_TEMPFAIL: what SLURM requeue scripts look for)."""
+
+
+class LockLost(TryAgain):
+    """This process can no longer prove, on the store, that it holds its output's lock (another run took it over,
+    or it was removed): it writes nothing more under a final name, and ends with 75."""
+
+
+class SaveAbandoned(TryAgain):
+    """Another rank could not write its part of a checkpoint: no rank keeps any of it (the previous checkpoint is
+    the one to resume from)."""
+
+
+class StorageUnavailable(TryAgain):
     """Object storage kept failing after every retry (throttling, dropped connections, an endpoint gone for longer
     than the retries last). What was complete is kept; running the same command again finishes the job: stages exit
     75 (try again), as after a preemption."""

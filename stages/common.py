@@ -16,7 +16,7 @@ import sys
 import threading
 
 import stages
-from pipeline.errors import ConfigError, Diverged, StorageUnavailable, UserError
+from pipeline.errors import ConfigError, Diverged, TryAgain, UserError
 from pipeline.storage import no_space_message
 
 EXIT_USER = 2
@@ -125,9 +125,9 @@ def stage_main(fn):
         stages.say_threads(prog, argv)
         try:
             return fn(argv, *args, **kwargs)
-        except (StorageUnavailable, UserError) as e:  # one line; the exit code says what to do next
+        except (TryAgain, UserError) as e:  # one line; the exit code says what to do next
             print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
-            code = EXIT_PREEMPTED if isinstance(e, StorageUnavailable) else \
+            code = EXIT_PREEMPTED if isinstance(e, TryAgain) else \
                 EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_USER
             raise SystemExit(code) from None
         except OSError as e:  # a full disk is one line naming the folder, not a traceback

@@ -262,11 +262,15 @@ class FaultProxy:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self._stop = False
+        self._open: set = set()  # the client sockets of connections being served
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self):
+        """Stop accepting, and cut every connection still open (the server is gone for the client)."""
         self._stop = True
         self.sock.close()
+        for s in list(self._open):
+            self._reset(s)
 
     @staticmethod
     def _reset(s):
@@ -290,6 +294,13 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(client, fate, budget), daemon=True).start()
 
     def _serve(self, client, fate, budget):
+        self._open.add(client)
+        try:
+            self._serve_one(client, fate, budget)
+        finally:
+            self._open.discard(client)
+
+    def _serve_one(self, client, fate, budget):
         if fate < self.p_reset + self.p_slowdown:
             head = b""
             while b"\r\n\r\n" not in head:

@@ -392,7 +392,7 @@ def test_taking_over_a_lease_through_a_409_conflict(chain, fresh):
 def test_a_run_that_lost_its_lease_commits_nothing_more(chain):
     """Another run took the lock over (this one's host was cut off past its lease): no unit under the folder is
     committed any more, by the holder (its renewal found out) or by a process forked from it (prepare's workers)."""
-    from pipeline.errors import UserError
+    from pipeline.errors import LockLost
     from pipeline.storage import Unit
     from pipeline.storage.lease import LeasedLock
 
@@ -405,13 +405,13 @@ def test_a_run_that_lost_its_lease_commits_nothing_more(chain):
             try:
                 Unit(f"{folder}/.progress/a.json").commit({"n": 1})
                 os._exit(0)
-            except UserError as e:
+            except LockLost as e:
                 os._exit(3 if "lost the lock" in str(e) and "pid 7 on node-b" in str(e) else 1)
             except BaseException:
                 os._exit(1)
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3
         assert lock.renew() is False
-        with pytest.raises(UserError, match="lost the lock"):
+        with pytest.raises(LockLost, match="lost the lock"):
             Unit(f"{folder}/.progress/b.json").commit({"n": 2})
         assert listing(folder) == [".lock"]
     finally:

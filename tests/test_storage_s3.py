@@ -21,7 +21,7 @@ import pytest
 
 from s3server import FaultProxy, conflicts, operation, s3_env, s3_server  # noqa: F401 (fixtures)
 
-from pipeline.errors import UserError
+from pipeline.errors import LockLost, UserError
 from pipeline.storage import FolderLock, Unit, storage_for
 from pipeline.storage.lease import LeasedLock
 
@@ -247,7 +247,7 @@ def test_lease_renewed_refused_then_taken_after_expiry(where):
         time.sleep(1.0)  # longer than the lease: renewals keep it
         now = json.loads(store.read_bytes(lock.path))
         assert lock.renewals >= 2 and now["expires"] > first["expires"] and now["token"] == first["token"]
-        lock.ensure_held()
+        lock.prove()
         # the same lease held "from another host": refused while valid, naming the holder
         other = LeasedLock(root, lease_s=0.8, skew_s=0)
         other._stale = lambda holder: other.__class__._stale(other, {**holder, "host": "elsewhere"})
@@ -260,8 +260,8 @@ def test_lease_renewed_refused_then_taken_after_expiry(where):
         other.acquire()
         assert json.loads(store.read_bytes(lock.path))["token"] == other.me["token"]
         assert lock.renew() is False and "taken over" in lock.lost
-        with pytest.raises(UserError, match="lost the lock"):
-            lock.ensure_held()
+        with pytest.raises(LockLost, match="lost the lock"):
+            lock.prove()
         lock.release()  # the lost lock is not ours any more: release leaves it alone
         assert json.loads(store.read_bytes(lock.path))["token"] == other.me["token"]
         other.release()

@@ -80,6 +80,31 @@ class Storage(ABC):
         """`folder`/`name`/... in this backend's syntax."""
 
 
+# ------------------------------------------------------------------------------------------------ the write guard
+# The locks this process holds (FolderLock, LeasedLock): before a final name under a locked folder is written or
+# removed, by any backend, the lock proves on the store that it is still this process's (pipeline.storage.lock).
+_GUARDS: list = []
+
+
+def guard_writes(lock) -> None:
+    """From now on, writes under `lock`'s folder first ask `lock.prove()` (raises LockLost once it is lost)."""
+    if lock not in _GUARDS:
+        _GUARDS.append(lock)
+
+
+def unguard_writes(lock) -> None:
+    if lock in _GUARDS:
+        _GUARDS.remove(lock)
+
+
+def check_writable(path) -> None:
+    """Before writing or removing `path` under a final name: every lock of this process that covers it proves that
+    it is still held (LockLost, and nothing written, when it is not). The lock's own object is not covered."""
+    for lock in list(_GUARDS):
+        if lock.covers(str(path)):
+            lock.prove()
+
+
 BACKENDS: dict[str, type] = {}  # URL scheme -> Storage class; the local filesystem serves paths without a scheme
 _INSTANCES: dict[str, Storage] = {}
 # backends imported on first use of their scheme (module, extra that installs what it needs)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.storage.base import storage_for
+from pipeline.storage.local import pid_alive
 from pipeline.storage.paths import ObjectPath, is_remote
 
 INDEX = ".firststage-copy.json"  # in a copied folder: {relative name: [size, ETag]} of what was copied
@@ -108,12 +109,18 @@ def _download(store, url: str, local: Path) -> None:
 
 class LogMirror:
     """The folder a run's appended logs go to: the run folder itself when it is local (sync does nothing), else a
-    local folder whose files sync() uploads under the run folder (each whole; only files that changed)."""
+    local folder whose files sync() uploads under the run folder (each whole; only files that changed). The local
+    folder is the process's own (`runs/SCHEME/BUCKET/KEY/pid-N`): a run that lost its lease to another run of the same
+    URL on this host never appends to the other's logs; those of processes that are gone are removed."""
 
     def __init__(self, folder):
         self.remote = str(ObjectPath(folder)) if is_remote(folder) else None
-        self.local = _under("runs", self.remote) if self.remote else Path(folder)
+        self.local = _under("runs", self.remote) / f"pid-{os.getpid()}" if self.remote else Path(folder)
         self._sent: dict[str, tuple[int, int]] = {}
+        if self.remote and self.local.parent.is_dir():
+            for other in self.local.parent.glob("pid-*"):
+                if other.name[4:].isdigit() and not pid_alive(int(other.name[4:])):
+                    shutil.rmtree(other, ignore_errors=True)
 
     def pull(self, *names: str) -> None:
         """Start from the run folder's copy of these files (a resumed run appends to its metrics.jsonl); when it has

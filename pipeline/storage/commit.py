@@ -15,15 +15,16 @@ is removed.
 
 What was written can be recorded: after put_staged(), `files()` gives the size and SHA-256 of every staged payload
 (every backend's put_file returns them: the object store hashes the bytes it sends, as a multipart ETag is no content
-hash; locally the staging file is hashed before its rename), which the writers put into their records (`files`). A
-unit under a folder whose leased lock this process has lost (pipeline.storage.lease) is not committed: the commit
-raises the lock's one-line error.
+hash; locally the staging file is hashed before its rename), which the writers put into their records (`files`).
+
+Under a folder whose lock this process holds, every payload, record and undo is written only after the lock proved,
+on the store, that it is still held (pipeline.storage.base.check_writable, called by every backend before a final
+name appears or goes): a process that lost its lock writes nothing more and raises LockLost (exit 75).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -84,7 +85,6 @@ class Unit:
         are). False when the record already existed (another run committed this unit first; its payloads are the
         ones that count)."""
         self.put_staged()
-        check_lock(self.record)
         return self.store.create(self.record, record if isinstance(record, bytes) else json_bytes(record))
 
     def files(self) -> dict[str, dict]:
@@ -107,26 +107,3 @@ class Unit:
 def files_of(written: dict[str, dict]) -> dict[str, dict]:
     """{file name: {size, sha256}} for a record, from Unit.written (payload paths or URLs)."""
     return {str(p).rstrip("/").rsplit("/", 1)[-1]: d for p, d in written.items()}
-
-
-# leased locks held by this process: a unit under a folder whose lock was lost is not committed
-_LOCKS: list = []
-
-
-def guard_commits(lock) -> None:
-    """While `lock` (with `folder`, `pid` and `ensure_held()`) is held, commits under its folder check it first."""
-    _LOCKS.append(lock)
-
-
-def unguard_commits(lock) -> None:
-    if lock in _LOCKS:
-        _LOCKS.remove(lock)
-
-
-def check_lock(record: str) -> None:
-    for lock in list(_LOCKS):
-        if record.startswith(lock.folder.rstrip("/") + "/"):
-            if lock.pid == os.getpid():
-                lock.ensure_held()  # what the renewal thread found
-            else:
-                lock.ensure_ours()  # a forked worker (prepare's pool): no renewal thread here, ask the store

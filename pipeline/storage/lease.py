@@ -10,7 +10,14 @@ The holder rewrites it every `renew_every_s` (lease_s / 4 by default) by a compa
 `expires + skew_s` is in the future (or, on the holder's own host, while its pid lives); after that the lock is
 taken over by the same compare-and-swap FolderLock uses for a dead pid, so of two runs that find one expired lease
 exactly one wins. A holder whose renewal finds another token (or fails until its lease ran out) has lost the lock:
-`lost` says why and `ensure_held()` raises it as one line, so a stage can check before each commit.
+`lost` says why.
+
+Before a final name under the folder is written or removed (pipeline.storage.base.check_writable), `prove()` shows
+that the lease is still this run's, on the store: a compare-and-swap renewal that succeeded less than half a lease
+ago (no other run may take the lock before that renewal's lease has run out, plus `skew_s`), else a renewal now, a
+conditional write. A process that was stopped (SIGSTOP, a frozen VM) past its lease therefore finds out at its next
+write, before it writes, and raises LockLost (exit 75); a process forked from the holder (prepare's workers), which
+has no renewal of its own, reads the lock object and needs its token and at least half a lease left in it.
 
 Clocks: expiry compares the holder's clock (in the object) with the taker's; `skew_s` absorbs the difference
 between hosts (NTP keeps it far below the default 10 s).
@@ -25,8 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.storage.commit import guard_commits, unguard_commits
+from pipeline.errors import LockLost, UserError
 from pipeline.storage.lock import FolderLock
 from pipeline.storage.paths import is_remote
 
@@ -42,8 +48,9 @@ class LeasedLock(FolderLock):
         if not 0 < renew_every_s < lease_s:
             raise ValueError(f"renew_every_s ({renew_every_s}) must be between 0 and lease_s ({lease_s})")
         self.lease_s, self.renew_every_s, self.skew_s = lease_s, renew_every_s, skew_s
-        self.lost: str | None = None
         self.renewals = 0
+        self._confirmed = 0.0  # time.monotonic() of the last write on the store that showed the lease is ours
+        self._renewing = threading.Lock()  # the renewal thread and prove() renew one at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stamp()
@@ -69,7 +76,7 @@ class LeasedLock(FolderLock):
     def _held(self) -> "LeasedLock":
         super()._held()
         self.pid = os.getpid()
-        guard_commits(self)  # a unit under the folder is not committed once the lock is lost
+        self._confirmed = time.monotonic()  # the create (or takeover) just written
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease {self.path}", daemon=True)
         self._thread.start()
@@ -89,6 +96,11 @@ class LeasedLock(FolderLock):
 
     def renew(self) -> bool:
         """Extend the lease now; False (and `lost` set) if the lock is no longer ours."""
+        with self._renewing:
+            return self.lost is None and self._renew()
+
+    def _renew(self) -> bool:
+        started = time.monotonic()
         found = self._holder()
         if found is None:
             self._lose("its object was removed")
@@ -102,35 +114,33 @@ class LeasedLock(FolderLock):
         self.me["renewals"] = self.renewals + 1
         if self.store.replace_if(self.path, json.dumps(self.me).encode(), version):
             self.renewals += 1
+            self._confirmed = started  # the lease runs from no earlier than the read that preceded the swap
             return True
         self.me = previous  # changed between our read and our write: somebody else's now
         self._lose("it was taken over while being renewed")
         return False
 
     def _lose(self, why: str) -> None:
-        self.lost = f"{self.what} {self.folder}: lost the lock {self.path}: {why}"
-        self.held = False
+        super()._lose(why)
         self._stop.set()
         log.error("%s", self.lost)
 
-    def ensure_held(self) -> None:
-        """Raise (one line) if the lock was lost: call before committing work that needs it."""
-        if self.lost:
-            raise UserError(self.lost)
-        if not self.held:
-            raise UserError(f"{self.what} {self.folder}: the lock {self.path} is not held")
-
-    def ensure_ours(self) -> None:
-        """Raise (one line) unless the lock object still holds our token: one read, for processes forked from the
-        holder (which have no renewal thread of their own)."""
-        holder = self._holder_now()
-        if not self._ours(holder):
-            raise UserError(f"{self.what} {self.folder}: lost the lock {self.path}: it is held by "
-                            f"{self._who(holder, 'nobody (it was removed)')}")
+    def prove(self) -> None:
+        """Raise LockLost unless the lease is shown, on the store, to be this run's (see the module's docstring)."""
+        if self.lost is None and self.pid == os.getpid():
+            if time.monotonic() - self._confirmed >= self.lease_s / 2:
+                self.renew()  # the renewal thread fell behind (a stopped process, a slow store): ask the store now
+        elif self.lost is None:  # forked from the holder: its renewals are the parent's
+            holder = self._holder_now()
+            if not self._ours(holder):
+                self._lose(f"it is held by {self._who(holder, 'nobody (its object was removed)')}")
+            elif float(holder.get("expires", 0)) - time.time() < self.lease_s / 2:
+                self._lose(f"its lease runs out at {holder.get('expires')} and the holder has not renewed it")
+        if self.lost is not None:
+            raise LockLost(f"{self.lost}; this run writes nothing more (what it committed stays)")
 
     # ------------------------------------------------------------------------------------------------ letting go
     def release(self) -> None:
-        unguard_commits(self)
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=60)
@@ -138,6 +148,17 @@ class LeasedLock(FolderLock):
 
 
 LEASE_S = 120.0  # the default lease of a stage's lock on object storage (FIRSTSTAGE_LOCK_LEASE_S)
+SKEW_S = 10.0  # the clock difference between hosts that a takeover allows for (FIRSTSTAGE_LOCK_SKEW_S)
+
+
+def _seconds(variable: str, default: float, least: float) -> float:
+    try:
+        value = float(os.environ.get(variable) or default)
+    except ValueError:
+        value = float("nan")
+    if not value >= least:
+        raise UserError(f"{variable}={os.environ[variable]!r} is not a number of seconds >= {least:g}")
+    return value
 
 
 def folder_lock(folder, name: str = ".lock", what: str = "output folder", label: str | None = None) -> FolderLock:
@@ -145,10 +166,6 @@ def folder_lock(folder, name: str = ".lock", what: str = "output folder", label:
     pid); a LeasedLock on object storage, renewed while the stage runs (a holder on another host is seen by its
     lease, FIRSTSTAGE_LOCK_LEASE_S seconds, default 120)."""
     if is_remote(folder):
-        try:
-            lease = float(os.environ.get("FIRSTSTAGE_LOCK_LEASE_S") or LEASE_S)
-        except ValueError:
-            raise UserError(f"FIRSTSTAGE_LOCK_LEASE_S={os.environ['FIRSTSTAGE_LOCK_LEASE_S']!r} is not a number "
-                            f"of seconds") from None
-        return LeasedLock(str(folder), name, what, lease_s=lease, label=label)
+        lease, skew = _seconds("FIRSTSTAGE_LOCK_LEASE_S", LEASE_S, 1e-3), _seconds("FIRSTSTAGE_LOCK_SKEW_S", SKEW_S, 0)
+        return LeasedLock(str(folder), name, what, lease_s=lease, skew_s=skew, label=label)
     return FolderLock(folder, name, what, label)

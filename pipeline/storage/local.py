@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.errors import UserError
-from pipeline.storage.base import BACKENDS, Storage, is_url, storage_for
+from pipeline.storage.base import BACKENDS, Storage, check_writable, is_url, storage_for
 
 
 def _local(path) -> Path:
@@ -62,6 +62,7 @@ class LocalStorage(Storage):
         path = _local(path)
         tmp = self._write_temporary(path, data)
         try:
+            check_writable(path)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -69,6 +70,7 @@ class LocalStorage(Storage):
 
     def put_file(self, path, local: Path) -> dict:
         digest = file_digest(local) if Path(local).is_file() else {}
+        check_writable(path)
         os.replace(local, _local(path))  # staging_file lies beside `path` (same filesystem); a folder moves whole
         return digest
 
@@ -76,6 +78,7 @@ class LocalStorage(Storage):
         path = _local(path)
         tmp = self._write_temporary(path, data)
         try:
+            check_writable(path)
             os.link(tmp, path)  # fails on an existing name; the content is complete before the name appears
             return True
         except FileExistsError:
@@ -127,6 +130,7 @@ class LocalStorage(Storage):
                       and not (p.name.startswith(".") and p.name.endswith(".tmp")))
 
     def delete(self, path) -> None:
+        check_writable(path)
         _remove(_local(path))
 
     def staging_file(self, path) -> Path:

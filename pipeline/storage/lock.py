@@ -5,6 +5,10 @@ refused with one line naming the holder. A lock left by a dead process on the sa
 compare-and-swap of exactly the stale content, so two processes that find the same stale lock cannot both take it.
 From another host a holder's liveness cannot be checked: the message names the file to remove once that run is
 known to be gone. Only stages take locks; the library's writers assume the stage holds one.
+
+While a lock is held, every backend asks it before a final name under its folder is written or removed
+(pipeline.storage.base.check_writable -> `prove`): the lock object must still hold this run's token, read from the
+store then and there. A run whose lock was removed or taken over writes nothing more and raises LockLost (exit 75).
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.storage.base import storage_for
+from pipeline.errors import LockLost, UserError
+from pipeline.storage.base import guard_writes, storage_for, unguard_writes
 from pipeline.storage.local import pid_alive
 
 
@@ -29,12 +33,14 @@ class FolderLock:
         self.store = storage_for(folder)
         self.path = self.store.join(str(folder), name)
         self.folder, self.what, self.held = str(folder), what, False
+        self.lost: str | None = None  # why this run no longer holds the lock it took
         self.label = str(label or folder)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "command": " ".join(sys.argv)[:500], "token": os.urandom(8).hex()}
 
     def acquire(self) -> "FolderLock":
         self.store.ensure_folder(self.folder)
+        self.lost = None
         mine = json.dumps(self.me).encode()
         for _ in range(5):
             if self.store.create(self.path, mine):
@@ -54,8 +60,39 @@ class FolderLock:
 
     def _held(self) -> "FolderLock":
         self.held = True
+        guard_writes(self)
         atexit.register(self.release)
         return self
+
+    def covers(self, path: str) -> bool:
+        """Whether writing `path` needs this lock: a path under the folder, other than the lock's own object and the
+        guard file of its compare-and-swap."""
+        folder, path = self._normal(self.folder), self._normal(path)
+        own = self._normal(self.path)
+        return path.startswith(folder.rstrip("/") + "/") and path not in (own, self._swap_guard(own))
+
+    @staticmethod
+    def _normal(path: str) -> str:
+        return path if "://" in path else os.path.abspath(path)
+
+    @staticmethod
+    def _swap_guard(path: str) -> str:
+        folder, _, name = path.rpartition("/")
+        return f"{folder}/.{name}.swap"
+
+    def prove(self) -> None:
+        """Raise LockLost unless the lock object, read from the store now, still holds this run's token. Once lost,
+        always lost: every later write under the folder raises too."""
+        if self.lost is None:
+            holder = self._holder_now()
+            if not self._ours(holder):
+                self._lose(f"it is held by {self._who(holder, 'nobody (its object was removed)')}")
+        if self.lost is not None:
+            raise LockLost(f"{self.lost}; this run writes nothing more (what it committed stays)")
+
+    def _lose(self, why: str) -> None:
+        self.lost = f"{self.what} {self.label}: lost the lock {self.path}: {why}"
+        self.held = False
 
     def _holder(self) -> tuple[dict | None, object] | None:
         """The lock object now: (its holder, None where it is not JSON; its version), or None where it is gone."""
@@ -86,6 +123,7 @@ class FolderLock:
         return holder.get("host") == self.me["host"] and not pid_alive(holder.get("pid", 0))
 
     def release(self) -> None:
+        unguard_writes(self)
         if self.held and self._ours(self._holder_now()):  # a lock taken over meanwhile is not ours to remove
             self.store.delete(self.path)
         self.held = False

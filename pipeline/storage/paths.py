@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterator
 
 import braceexpand
 
-from pipeline.storage.base import is_url, storage_for
+from pipeline.storage.base import check_writable, is_url, storage_for
 
 
 def is_remote(path) -> bool:
@@ -176,6 +176,7 @@ def remove_tree(path) -> None:
     if is_remote(path):
         storage_for(str(path)).delete(str(path))
     else:
+        check_writable(path)
         shutil.rmtree(Path(path), ignore_errors=True)
 
 

@@ -44,8 +44,8 @@ import botocore.exceptions
 import botocore.loaders
 import botocore.session
 
-from pipeline.errors import UserError
-from pipeline.storage.base import BACKENDS, Storage
+from pipeline.errors import StorageUnavailable, UserError
+from pipeline.storage.base import BACKENDS, Storage, check_writable
 from pipeline.storage.local import pid_alive
 
 log = logging.getLogger("firststage.storage")
@@ -109,6 +109,11 @@ def _not_found(e: Exception) -> bool:
         or (_status(e) == 404 and _code(e) not in ("NoSuchBucket", "NoSuchUpload")))
 
 
+# the server cannot be reached: a user error at the start (a wrong AWS_ENDPOINT_URL), a transient fault (exit 75) once
+# it has answered in this process (a store down for minutes during training)
+_UNREACHABLE = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)
+
+
 class S3Storage(Storage):
     """s3://bucket/key. One botocore client per process (made on first use, again after a fork).
 
@@ -125,6 +130,7 @@ class S3Storage(Storage):
         self.retry_reasons: dict[str, int] = {}
         self._client_obj, self._pid, self._lock, self._count_lock = None, None, threading.Lock(), threading.Lock()
         self._cleaned_staging = False
+        self._answered: set[str] = set()  # buckets whose server answered this process: unreachable later is transient
 
     # ------------------------------------------------------------------------------------------------ the client
     def _client(self):
@@ -196,7 +202,7 @@ class S3Storage(Storage):
                              f", or AWS_PROFILE with ~/.aws/credentials)")
         if isinstance(e, botocore.exceptions.ProfileNotFound):
             return UserError(f"s3://{bucket}: AWS profile not found: {e}")
-        if isinstance(e, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
+        if isinstance(e, _UNREACHABLE):
             return UserError(f"s3://{bucket}: cannot reach the object store at {self.endpoint()} "
                              f"({self.retries} retries): is AWS_ENDPOINT_URL right and the server up?")
         if isinstance(e, botocore.exceptions.ClientError):
@@ -213,14 +219,20 @@ class S3Storage(Storage):
         a missing key as FileNotFoundError."""
         args = {"Bucket": bucket, **({"Key": key} if key is not None else {}), **kw}
         try:
-            return getattr(self._client(), op)(**args)
+            answer = getattr(self._client(), op)(**args)
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            if bucket in self._answered and isinstance(e, _UNREACHABLE):  # it answered earlier: a transient fault
+                raise StorageUnavailable(f"s3://{bucket}: the object store at {self.endpoint()} stopped answering "
+                                         f"({self.retries} retries; it answered earlier in this run): run the same "
+                                         f"command again once it is back") from None
             err = self._user_error(e, bucket)
             if err is not None:
                 raise err from None
             if key is not None and op in ("get_object", "head_object") and _not_found(e):
                 raise FileNotFoundError(f"s3://{bucket}/{key}") from None
             raise
+        self._answered.add(bucket)
+        return answer
 
     def check(self, path: str) -> None:
         """Fail early, in one line, on missing or wrong credentials, a missing bucket or an unreachable endpoint:
@@ -385,6 +397,7 @@ class S3Storage(Storage):
         if size < max(self.multipart_threshold, 1):
             data = source.read()
             sha = hashlib.sha256(data).hexdigest()
+            check_writable(f"s3://{bucket}/{key}")
             r = self._call("put_object", bucket, key, Body=data, Metadata={"sha256": sha}, **condition)
             return {"size": len(data), "sha256": sha, "etag": r.get("ETag")}
         part_size = max(self.part_size, -(-size // 10000))
@@ -418,6 +431,7 @@ class S3Storage(Storage):
                               f"bytes)")
             # A multipart upload's metadata is fixed at its start, before the hash is known: the hash is returned
             # (for the unit's record) and info() reports None for the sha256 of a multipart object.
+            check_writable(f"s3://{bucket}/{key}")  # the parts took a while: the object appears only if still ours
             try:
                 r = self._call("complete_multipart_upload", bucket, key, UploadId=upload_id,
                                MultipartUpload={"Parts": sorted(parts, key=lambda p: p["PartNumber"])}, **condition)
@@ -486,6 +500,7 @@ class S3Storage(Storage):
         key = key.rstrip("/")
         if not key:
             raise UserError(f"{path}: refusing to delete a whole bucket")
+        check_writable(path)
         found = [o["Key"] for r in self._listing(bucket, key) for o in r.get("Contents", [])
                  if o["Key"] == key or o["Key"].startswith(key + "/")]
         for k in found:

@@ -18,13 +18,14 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.data.loader import batches
-from pipeline.distributed import all_reduce, print0
+from pipeline.distributed import all_reduce, on_every_rank, print0
 from pipeline.errors import Diverged
 from pipeline.metrics.evaluator import Evaluator
 from pipeline.metrics.grid import save_grid
 from pipeline.models.autoencoder import run_autoencoder
 from pipeline.pixels import to_model_input, to_uint8
 from pipeline.storage import as_path, atomic_write_text
+from pipeline.storage.base import check_writable
 
 
 class NonFiniteGuard:
@@ -104,10 +105,12 @@ class Logbook:
 
 
 class Checkpointer:
-    """Saves every `every` steps and at the last step: the main process un-commits a checkpoint of the same step (a
-    rerun that got no further), every rank writes its part, the main process commits the record (with the size and
-    SHA-256 of its files) when all are done, then prunes to `keep` and calls `after_save` (the logs' upload to an
-    object-store run folder)."""
+    """Saves every `every` steps and at the last step. The main process first shows, on the store, that the run
+    folder's lock is still this run's (a run that lost it writes nothing: LockLost, exit 75) and un-commits a
+    checkpoint of the same step (a rerun that got no further); then every rank writes its part, and the ranks agree
+    (on_every_rank): the main process commits the record (with the size and SHA-256 of its files), prunes to `keep`
+    and calls `after_save` (the logs' upload to an object-store run folder), or, if any rank failed, every rank
+    drops the checkpoint and the job ends (74 on the rank whose disk was full, 75 elsewhere)."""
 
     def __init__(self, run_dir: Path, accelerator, every: int, max_steps: int, keep: int, after_save=None):
         self.run_dir, self.acc = as_path(run_dir), accelerator
@@ -120,15 +123,18 @@ class Checkpointer:
     def save(self, step: int, state: dict) -> Path:
         """`state`: the Trainer's state_dict() (its `trainer` entry is the record)."""
         acc, folder = self.acc, ckpt.checkpoint_dir(self.run_dir, step)
-        if acc.is_main_process and folder.exists():
-            ckpt.uncommit_checkpoint(folder)
-        acc.wait_for_everyone()
-        try:
-            files = ckpt.write_checkpoint_files(folder, state, acc.process_index, acc.is_main_process)
-        except BaseException:
-            ckpt.uncommit_checkpoint(folder)  # a failed save (a full disk) leaves nothing behind
-            raise
-        acc.wait_for_everyone()
+        main, what = acc.is_main_process, f"checkpoint {folder}"
+
+        def begin() -> None:
+            if main:
+                check_writable(folder / ckpt.TRAINER_FILE)  # the lock, proved on the store before any rank writes
+                if folder.exists():
+                    ckpt.uncommit_checkpoint(folder)
+
+        on_every_rank(begin, what, device=acc.device)
+        files = on_every_rank(lambda: ckpt.write_checkpoint_files(folder, state, acc.process_index, main), what,
+                              undo=lambda: main and ckpt.uncommit_checkpoint(folder),  # a failed save leaves nothing
+                              device=acc.device)
         if acc.is_main_process:
             ckpt.commit_checkpoint(folder, state["trainer"], files)
             ckpt.prune_checkpoints(self.run_dir, self.keep)
