@@ -106,3 +106,16 @@ def load_model(path, ema: bool = True, overrides: list[str] | None = None):
     from pipeline.weights import resolve_weights
 
     return resolve_weights(path, ema).load(overrides)
+
+
+def flat(d: dict, prefix: str = ""):
+    """(dotted key, value) of every number in nested dicts and lists: what pytest.approx compares (pytest 9.2 refuses
+    nested containers)."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flat(v, prefix + k + ".")
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                yield f"{prefix}{k}[{i}]", x
+        else:
+            yield prefix + k, v

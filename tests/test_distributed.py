@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from harness import ENV, ROOT, run_main, two_node_launch
-from helpers import TINY, make_train_val, read_tar_samples
+from helpers import TINY, flat, make_train_val, read_tar_samples
 
 
 @pytest.fixture
@@ -33,17 +33,6 @@ def check_train_ranks_end_with_identical_weights(world):
     _, (a, b), _ = world
     assert a["step"] == b["step"] == 4
     assert a["autoencoder"] == b["autoencoder"] and a["ema"] == b["ema"] and a["objective"] == b["objective"]
-
-
-def flat(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from flat(v, prefix + k + ".")
-        elif isinstance(v, list):
-            for i, x in enumerate(v):
-                yield f"{prefix}{k}[{i}]", x
-        else:
-            yield prefix + k, v
 
 
 def check_evaluate_gives_the_same_numbers_on_one_and_two_processes(world):
