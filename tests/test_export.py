@@ -46,7 +46,7 @@ def test_diffusers_folder_loads_in_plain_diffusers_with_the_measured_scaling_fac
     assert f"from {tiny_run / 'run' / 'eval.json'}" in r.stdout
     plain = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
     assert plain.config.scaling_factor == ev["latents"]["scaling_factor"]  # the measured one, not the preset's 1.0
-    assert plain.config.shift_factor is None  # only with --shift
+    assert plain.config.shift_factor == ev["latents"]["shift_factor"]  # LatentDataset subtracts it too
     ours, _ = load_model(tiny_run / "run")
     x = images()
     for a, b in zip(outputs(ours, x), outputs(plain, x)):
@@ -295,9 +295,13 @@ def test_scaling_factor_sources_and_refusals(tiny_run, tmp_path):
     assert run_main(encode, "--model", vae, "--data", tiny_run / "train", "--output", tmp_path / "lat",
                     "data.resolution=32", "data.num_workers=0").returncode == 0
     st = json.loads((tmp_path / "lat" / "manifest.json").read_text())["statistics"]
-    r = export("--model", vae, "--output", tmp_path / "b", "--stats", tmp_path / "lat" / "manifest.json", "--shift")
+    r = export("--model", vae, "--output", tmp_path / "b", "--stats", tmp_path / "lat" / "manifest.json")
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["scaling_factor"] == st["scaling_factor"] and cfg["shift_factor"] == st["shift_factor"]
+    r = export("--model", vae, "--output", tmp_path / "s", "--stats", tmp_path / "lat" / "manifest.json", "--no-shift")
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())  # SD 1.x: z * scale has unit second moment
+    assert cfg["shift_factor"] is None and cfg["scaling_factor"] == pytest.approx((st["std"] ** 2 + st["mean"] ** 2) ** -0.5)
+    assert "latents / scaling_factor` as SD 1.x" in (tmp_path / "s" / "README.md").read_text()
     r = export("--model", vae, "--output", tmp_path / "c", "--data", tiny_run / "train", "--num-samples", "100",
                "data.resolution=32")
     assert r.returncode == 0 and "measured on 64 samples" in r.stdout, r.stderr
@@ -309,3 +313,37 @@ def test_scaling_factor_sources_and_refusals(tiny_run, tmp_path):
     save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), other)
     r = export("--model", other, "--output", tmp_path / "d", "--stats", tmp_path / "lat" / "manifest.json")
     assert r.returncode == 2 and "latents of another model" in r.stderr
+
+
+def test_latents_read_back_decode_through_the_exported_config_as_a_flux_pipeline_undoes_it(tiny_run, tmp_path):
+    """encode -> export -> LatentDataset -> `latents / scaling_factor + shift_factor` (config.json) -> the exported
+    AutoencoderKL: the decode of the true latent; the card and the manifest name the same factors."""
+    from diffusers import AutoencoderKL
+
+    from pipeline.latents import LatentDataset
+    from pipeline.metrics.image import psnr
+    from pipeline.pixels import to_uint8
+    from stages.encode import main as encode
+
+    lat = tmp_path / "lat"
+    assert run_main(encode, "--model", tiny_run / "run", "--data", tiny_run / "train", "--output", lat,
+                    "data.num_workers=0").returncode == 0
+    norm = json.loads((lat / "manifest.json").read_text())["normalisation"]
+    raw = {s["__key__"]: s["latents"] for s in LatentDataset(lat, "eval", scale=False, sample=False)}
+    read = {s["__key__"]: s["latents"] for s in LatentDataset(lat, "eval", sample=False)}
+    keys = sorted(raw)[:8]
+    for name, flags, tight in (("stats", ["--stats", lat / "manifest.json"], True), ("eval", [], False)):
+        r = export("--model", tiny_run / "run", "--output", tmp_path / name, *flags)
+        assert r.returncode == 0, r.stderr
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        vae = AutoencoderKL.from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            true = vae.decode(torch.stack([raw[k] for k in keys])).sample
+            undone = torch.stack([read[k] for k in keys]) / config["scaling_factor"] + (config["shift_factor"] or 0.0)
+            back = vae.decode(undone).sample
+        assert psnr(to_uint8(back), to_uint8(true)).min() > 40  # eval.json: measured on other crops, nearly the same
+        if tight:  # the very normalisation the reader applied (base: no shift_factor in config.json)
+            assert (config["scaling_factor"], config["shift_factor"]) == (norm["scaling_factor"], norm["shift_factor"])
+            torch.testing.assert_close(back, true, rtol=1e-4, atol=1e-4)
+        card = (tmp_path / name / "README.md").read_text()
+        assert f"latents / {config['scaling_factor']!r} + {config['shift_factor']!r}" in card
