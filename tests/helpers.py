@@ -106,3 +106,13 @@ def load_model(path, ema: bool = True, overrides: list[str] | None = None):
     from pipeline.weights import resolve_weights
 
     return resolve_weights(path, ema).load(overrides)
+
+
+def copy_run(src, dst, ignore=()):
+    """A copy of (part of) a run folder, without the private copies of its checkpoint that other test workers'
+    stages pinned in it meanwhile (checkpoints/.pinned/: they come and go while the copy is made)."""
+    import shutil
+
+    from pipeline.weights.firststage import PINS
+
+    return shutil.copytree(src, dst, ignore=shutil.ignore_patterns(PINS, *ignore))

@@ -3,13 +3,14 @@ train.init_from), against diffusers' own loaders and conversion."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from harness import run_main
-from helpers import TINY
+from helpers import TINY, copy_run
 from pipeline.config import load_config
 from pipeline.weights.diffusers import save as save_diffusers
 from pipeline.models import build_autoencoder
@@ -347,3 +348,89 @@ def test_latents_read_back_decode_through_the_exported_config_as_a_flux_pipeline
             torch.testing.assert_close(back, true, rtol=1e-4, atol=1e-4)
         card = (tmp_path / name / "README.md").read_text()
         assert f"latents / {config['scaling_factor']!r} + {config['shift_factor']!r}" in card
+
+
+def test_a_checkpoint_pruned_by_its_running_training_after_pinning_is_read_and_described_as_pinned(
+        tiny_run, tmp_path, monkeypatch):
+    """keep_checkpoints=1 and a run still training: the checkpoint evaluate / export pinned is pruned when the next
+    one lands. They read and describe the pinned copy: the same step, the EMA weights they loaded."""
+    import shutil
+
+    import pipeline.weights as weights
+    from pipeline.checkpoint import load_tensors, prune_checkpoints
+    from pipeline.weights.card import card_inputs
+    from stages.evaluate import main as evaluate
+
+    run = tmp_path / "run"
+    copy_run(tiny_run / "run", run, ["eval.*"])
+    ema = load_tensors(run / "checkpoints" / "step-00000040" / "ema.safetensors")
+
+    def next_checkpoint_lands():  # the training saves step 41 and prunes step 40 (keep_checkpoints=1)
+        shutil.copytree(run / "checkpoints" / "step-00000040", run / "checkpoints" / "step-00000041")
+        prune_checkpoints(run, 1)
+
+    def back_to_step_40():
+        shutil.rmtree(run / "checkpoints" / "step-00000041")
+        copy_run(tiny_run / "run" / "checkpoints" / "step-00000040", run / "checkpoints" / "step-00000040")
+
+    w = weights.resolve_weights(run)
+    next_checkpoint_lands()
+    assert not (run / "checkpoints" / "step-00000040").exists()
+    assert w.describe() == "ema.safetensors (step-00000040)"  # base: autoencoder.safetensors, the EMA file gone
+    model, cfg = w.load()  # base: config.yaml: no such file
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+    assert card_inputs(w, cfg)[0]["step"] == 40
+
+    back_to_step_40()
+    resolve = weights.resolve_weights
+
+    def pinned_then_pruned(path, ema=True):
+        w = resolve(path, ema)
+        next_checkpoint_lands()
+        return w
+
+    monkeypatch.setattr(weights, "resolve_weights", pinned_then_pruned)
+    r = run_main(evaluate, "--model", run, "--data", tiny_run / "val", "--lpips-backbone", "random",
+                 "evaluate.likelihood_samples=0", "evaluate.diffusability=false")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "eval.json").read_text())["weights"] == "ema.safetensors (step-00000040)"
+    back_to_step_40()
+    r = export("--model", run, "--output", tmp_path / "vae")  # with the eval.json of the same (pinned) weights
+    assert r.returncode == 0, r.stderr  # base: config.yaml: no such file
+    assert "ema.safetensors (step-00000040)" in r.stdout and "step 40" in (tmp_path / "vae" / "README.md").read_text()
+    assert not (run / "checkpoints" / ".pinned").exists()  # the stages' pins went with them
+
+
+def test_a_pin_is_checked_against_the_record_and_copies_where_no_link_can_be_made(tiny_run, tmp_path, monkeypatch):
+    """The checkpoint pruned while it is being linked: the copy misses a file its record lists, and the newest
+    checkpoint is pinned instead; where links fail (another file system, a folder not ours) the files are copied."""
+    import shutil
+
+    import pipeline.weights.firststage as firststage
+    from pipeline.checkpoint import prune_checkpoints
+    from pipeline.weights import resolve_weights
+
+    run = tmp_path / "run"
+    copy_run(tiny_run / "run" / "checkpoints", run / "checkpoints")
+    link = os.link
+
+    def pruned_midway(src, dst):
+        if src.name == "ema.safetensors" and src.parent.name == "step-00000040":
+            shutil.copytree(src.parent, run / "checkpoints" / "step-00000041", ignore=shutil.ignore_patterns(".*"))
+            prune_checkpoints(run, 1)
+        link(src, dst)
+
+    monkeypatch.setattr(firststage.os, "link", pruned_midway)
+    w = resolve_weights(run)
+    assert w.describe() == "ema.safetensors (step-00000041)" and w.path.endswith("step-00000041")
+    assert sorted(p.name for p in (run / "checkpoints" / ".pinned").iterdir()) == [Path(w.pinned).parent.name]
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(firststage.os, "link", no_links)
+    w = resolve_weights(run)
+    shutil.rmtree(run / "checkpoints" / "step-00000041")
+    assert w.describe() == "ema.safetensors (step-00000041)" and w.load()[0] is not None
+    firststage.release_pins()
+    assert not (run / "checkpoints" / ".pinned").exists() and not Path(w.pinned).exists()

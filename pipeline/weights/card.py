@@ -90,7 +90,7 @@ def card_inputs(weights, cfg) -> tuple[dict | None, str | None, str | None]:
     from pipeline.checkpoint import read_trainer_state
     from pipeline.storage import as_path
 
-    trainer = read_trainer_state(weights.checkpoint) if weights.checkpoint is not None else None
+    trainer = read_trainer_state(weights.local) if weights.checkpoint is not None else None  # the pinned record
     data = as_path(cfg.data.train) if cfg.data.train else None  # a local path or an object-store URL
     manifest = data / "manifest.json" if data and data.is_dir() else data
     summary = data_summary(json.loads(manifest.read_text())) if manifest and manifest.suffix == ".json" and manifest.is_file() else None
