@@ -67,8 +67,8 @@ def model_card(fmt: str, cls: str, path: str, source: str, cfg, normalisation: d
 def reading(spec: dict) -> list[str]:
     """How a diffusion model's latents meet this normalisation: what its pipeline undoes before decoding, and the
     LatentDataset that yields latents normalised exactly so (pipeline.latents.reader)."""
-    own = ("- `LatentDataset(folder)` applies the normalisation in its encode manifest (of this model: measured on those "
-           "latents; `firststage export --stats folder/manifest.json` writes exactly that one)")
+    own = ("- `LatentDataset(folder)` applies the normalisation in its encode manifest (of a firststage run: measured on "
+           "those latents; `firststage export --stats folder/manifest.json` writes exactly that one)")
     if spec["kind"] != "scale_shift":
         return [own]
     scale, shift = spec["scaling_factor"], spec.get("shift_factor")
