@@ -32,7 +32,6 @@ def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
     same one-line error on every rank, naming the flag."""
     from pipeline.distributed import decided_by_main
     from pipeline.weights import resolve_weights
-
     with flag_named(flag):
         return decided_by_main(lambda: resolve_weights(path, ema))
 
@@ -127,9 +126,8 @@ def stage_main(fn):
             return fn(argv, *args, **kwargs)
         except (TryAgain, UserError) as e:  # one line; the exit code says what to do next
             print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)
-            code = EXIT_PREEMPTED if isinstance(e, TryAgain) else \
-                EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_USER
-            raise SystemExit(code) from None
+            raise SystemExit(EXIT_PREEMPTED if isinstance(e, TryAgain) else
+                             EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_USER) from None
         except OSError as e:  # a full disk is one line naming the folder, not a traceback
             msg = no_space_message(e.filename or ".", e)
             if msg is None:
@@ -139,6 +137,8 @@ def stage_main(fn):
         except KeyboardInterrupt:
             print(f"firststage {prog}: interrupted", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_INTERRUPTED) from None
+        finally:  # the checkpoints the stage pinned (pipeline.weights.firststage: private copies) go with it
+            getattr(sys.modules.get("pipeline.weights.firststage"), "release_pins", lambda: None)()
 
     return wrapper
 

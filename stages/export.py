@@ -7,9 +7,10 @@
 
 The latent normalisation written into the export comes from measured statistics: --stats latents/manifest.json (an
 encode manifest of this model), --data SHARDS [--num-samples N] (measured now), or the eval.json that evaluate wrote
-beside the model; without any, the export refuses unless --keep-scaling-factor. Every export writes a model card and
-is one unit of the commit protocol (the files, then the card), taken under a lock beside --output (.NAME.lock), so
-two exports to one output cannot interleave. An existing output is never replaced without --overwrite, and
+beside the model; without any, the export refuses unless --keep-scaling-factor. It is the convention LatentDataset
+applies, (z - shift_factor) * scaling_factor, undone by FLUX / SD3 pipelines (--no-shift: SD 1.x's, no shift). Every
+export writes a model card and is one unit of the commit protocol (the files, then the card), taken under a lock
+beside --output (.NAME.lock), so two exports to one output cannot interleave. An existing output is never replaced without --overwrite, and
 --overwrite replaces only a previous export: never the model's own run, checkpoint or folder, nor anything an export
 did not write. Weights or a latent normalisation that are not finite are refused.
 """
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1000, help="samples measured with --data (default 1000)")
     p.add_argument("--keep-scaling-factor", action="store_true",
                    help="no measured statistics: keep the model's own normalisation")
-    p.add_argument("--shift", action="store_true", help="also set shift_factor (SD3 / FLUX convention)")
+    p.add_argument("--no-shift", action="store_true", help="no shift_factor, scaling_factor = 1/RMS (SD 1.x pipelines "
+                   "add none back); by default the export writes the shift that LatentDataset subtracts")
+    p.add_argument("--shift", action="store_true", help=argparse.SUPPRESS)  # the default now; older commands still run
     p.add_argument("--prefix", default="", help="single-file key prefix, e.g. first_stage_model. for full-checkpoint tools")
     p.add_argument("--with-discriminator", action="store_true",
                    help="also write the PatchGAN (discriminator.safetensors), for a fine-tune to continue with it")
@@ -111,7 +114,7 @@ def export(args, out: Path, weights, start: float, evaluated: tuple | None) -> N
     with flag_named("--stats" if args.stats else "--data" if args.data else None), \
             statistics_from(args.stats or args.data or evaluated[1]):
         normalisation = export_normalisation(weights, model, cfg, args.stats, args.data, args.num_samples,
-                                             args.keep_scaling_factor, args.shift, evaluated)
+                                             args.keep_scaling_factor, not args.no_shift, evaluated)
     check_factors(normalisation)
     cls, described = type(model).__name__, weights.describe()
     note = "diffusers has no FSQ model: this folder loads with firststage (--model, train.init_from)." \

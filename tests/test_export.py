@@ -3,13 +3,14 @@ train.init_from), against diffusers' own loaders and conversion."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from harness import run_main
-from helpers import TINY
+from helpers import TINY, copy_run
 from pipeline.config import load_config
 from pipeline.weights.diffusers import save as save_diffusers
 from pipeline.models import build_autoencoder
@@ -46,7 +47,7 @@ def test_diffusers_folder_loads_in_plain_diffusers_with_the_measured_scaling_fac
     assert f"from {tiny_run / 'run' / 'eval.json'}" in r.stdout
     plain = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
     assert plain.config.scaling_factor == ev["latents"]["scaling_factor"]  # the measured one, not the preset's 1.0
-    assert plain.config.shift_factor is None  # only with --shift
+    assert plain.config.shift_factor == ev["latents"]["shift_factor"]  # LatentDataset subtracts it too
     ours, _ = load_model(tiny_run / "run")
     x = images()
     for a, b in zip(outputs(ours, x), outputs(plain, x)):
@@ -295,9 +296,13 @@ def test_scaling_factor_sources_and_refusals(tiny_run, tmp_path):
     assert run_main(encode, "--model", vae, "--data", tiny_run / "train", "--output", tmp_path / "lat",
                     "data.resolution=32", "data.num_workers=0").returncode == 0
     st = json.loads((tmp_path / "lat" / "manifest.json").read_text())["statistics"]
-    r = export("--model", vae, "--output", tmp_path / "b", "--stats", tmp_path / "lat" / "manifest.json", "--shift")
+    r = export("--model", vae, "--output", tmp_path / "b", "--stats", tmp_path / "lat" / "manifest.json")
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["scaling_factor"] == st["scaling_factor"] and cfg["shift_factor"] == st["shift_factor"]
+    r = export("--model", vae, "--output", tmp_path / "s", "--stats", tmp_path / "lat" / "manifest.json", "--no-shift")
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())  # SD 1.x: z * scale has unit second moment
+    assert cfg["shift_factor"] is None and cfg["scaling_factor"] == pytest.approx((st["std"] ** 2 + st["mean"] ** 2) ** -0.5)
+    assert "latents / scaling_factor` as SD 1.x" in (tmp_path / "s" / "README.md").read_text()
     r = export("--model", vae, "--output", tmp_path / "c", "--data", tiny_run / "train", "--num-samples", "100",
                "data.resolution=32")
     assert r.returncode == 0 and "measured on 64 samples" in r.stdout, r.stderr
@@ -309,3 +314,123 @@ def test_scaling_factor_sources_and_refusals(tiny_run, tmp_path):
     save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), other)
     r = export("--model", other, "--output", tmp_path / "d", "--stats", tmp_path / "lat" / "manifest.json")
     assert r.returncode == 2 and "latents of another model" in r.stderr
+
+
+def test_latents_read_back_decode_through_the_exported_config_as_a_flux_pipeline_undoes_it(tiny_run, tmp_path):
+    """encode -> export -> LatentDataset -> `latents / scaling_factor + shift_factor` (config.json) -> the exported
+    AutoencoderKL: the decode of the true latent; the card and the manifest name the same factors."""
+    from diffusers import AutoencoderKL
+
+    from pipeline.latents import LatentDataset
+    from pipeline.metrics.image import psnr
+    from pipeline.pixels import to_uint8
+    from stages.encode import main as encode
+
+    lat = tmp_path / "lat"
+    assert run_main(encode, "--model", tiny_run / "run", "--data", tiny_run / "train", "--output", lat,
+                    "data.num_workers=0").returncode == 0
+    norm = json.loads((lat / "manifest.json").read_text())["normalisation"]
+    raw = {s["__key__"]: s["latents"] for s in LatentDataset(lat, "eval", scale=False, sample=False)}
+    read = {s["__key__"]: s["latents"] for s in LatentDataset(lat, "eval", sample=False)}
+    keys = sorted(raw)[:8]
+    for name, flags, tight in (("stats", ["--stats", lat / "manifest.json"], True), ("eval", [], False)):
+        r = export("--model", tiny_run / "run", "--output", tmp_path / name, *flags)
+        assert r.returncode == 0, r.stderr
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        vae = AutoencoderKL.from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            true = vae.decode(torch.stack([raw[k] for k in keys])).sample
+            undone = torch.stack([read[k] for k in keys]) / config["scaling_factor"] + (config["shift_factor"] or 0.0)
+            back = vae.decode(undone).sample
+        assert psnr(to_uint8(back), to_uint8(true)).min() > 40  # eval.json: measured on other crops, nearly the same
+        if tight:  # the very normalisation the reader applied (base: no shift_factor in config.json)
+            assert (config["scaling_factor"], config["shift_factor"]) == (norm["scaling_factor"], norm["shift_factor"])
+            torch.testing.assert_close(back, true, rtol=1e-4, atol=1e-4)
+        card = (tmp_path / name / "README.md").read_text()
+        assert f"latents / {config['scaling_factor']!r} + {config['shift_factor']!r}" in card
+
+
+def test_a_checkpoint_pruned_by_its_running_training_after_pinning_is_read_and_described_as_pinned(
+        tiny_run, tmp_path, monkeypatch):
+    """keep_checkpoints=1 and a run still training: the checkpoint evaluate / export pinned is pruned when the next
+    one lands. They read and describe the pinned copy: the same step, the EMA weights they loaded."""
+    import shutil
+
+    import pipeline.weights as weights
+    from pipeline.checkpoint import load_tensors, prune_checkpoints
+    from pipeline.weights.card import card_inputs
+    from stages.evaluate import main as evaluate
+
+    run = tmp_path / "run"
+    copy_run(tiny_run / "run", run, ["eval.*"])
+    ema = load_tensors(run / "checkpoints" / "step-00000040" / "ema.safetensors")
+
+    def next_checkpoint_lands():  # the training saves step 41 and prunes step 40 (keep_checkpoints=1)
+        shutil.copytree(run / "checkpoints" / "step-00000040", run / "checkpoints" / "step-00000041")
+        prune_checkpoints(run, 1)
+
+    def back_to_step_40():
+        shutil.rmtree(run / "checkpoints" / "step-00000041")
+        copy_run(tiny_run / "run" / "checkpoints" / "step-00000040", run / "checkpoints" / "step-00000040")
+
+    w = weights.resolve_weights(run)
+    next_checkpoint_lands()
+    assert not (run / "checkpoints" / "step-00000040").exists()
+    assert w.describe() == "ema.safetensors (step-00000040)"  # base: autoencoder.safetensors, the EMA file gone
+    model, cfg = w.load()  # base: config.yaml: no such file
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+    assert card_inputs(w, cfg)[0]["step"] == 40
+
+    back_to_step_40()
+    resolve = weights.resolve_weights
+
+    def pinned_then_pruned(path, ema=True):
+        w = resolve(path, ema)
+        next_checkpoint_lands()
+        return w
+
+    monkeypatch.setattr(weights, "resolve_weights", pinned_then_pruned)
+    r = run_main(evaluate, "--model", run, "--data", tiny_run / "val", "--lpips-backbone", "random",
+                 "evaluate.likelihood_samples=0", "evaluate.diffusability=false")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "eval.json").read_text())["weights"] == "ema.safetensors (step-00000040)"
+    back_to_step_40()
+    r = export("--model", run, "--output", tmp_path / "vae")  # with the eval.json of the same (pinned) weights
+    assert r.returncode == 0, r.stderr  # base: config.yaml: no such file
+    assert "ema.safetensors (step-00000040)" in r.stdout and "step 40" in (tmp_path / "vae" / "README.md").read_text()
+    assert not (run / "checkpoints" / ".pinned").exists()  # the stages' pins went with them
+
+
+def test_a_pin_is_checked_against_the_record_and_copies_where_no_link_can_be_made(tiny_run, tmp_path, monkeypatch):
+    """The checkpoint pruned while it is being linked: the copy misses a file its record lists, and the newest
+    checkpoint is pinned instead; where links fail (another file system, a folder not ours) the files are copied."""
+    import shutil
+
+    import pipeline.weights.firststage as firststage
+    from pipeline.checkpoint import prune_checkpoints
+    from pipeline.weights import resolve_weights
+
+    run = tmp_path / "run"
+    copy_run(tiny_run / "run" / "checkpoints", run / "checkpoints")
+    link = os.link
+
+    def pruned_midway(src, dst):
+        if src.name == "ema.safetensors" and src.parent.name == "step-00000040":
+            shutil.copytree(src.parent, run / "checkpoints" / "step-00000041", ignore=shutil.ignore_patterns(".*"))
+            prune_checkpoints(run, 1)
+        link(src, dst)
+
+    monkeypatch.setattr(firststage.os, "link", pruned_midway)
+    w = resolve_weights(run)
+    assert w.describe() == "ema.safetensors (step-00000041)" and w.path.endswith("step-00000041")
+    assert sorted(p.name for p in (run / "checkpoints" / ".pinned").iterdir()) == [Path(w.pinned).parent.name]
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(firststage.os, "link", no_links)
+    w = resolve_weights(run)
+    shutil.rmtree(run / "checkpoints" / "step-00000041")
+    assert w.describe() == "ema.safetensors (step-00000041)" and w.load()[0] is not None
+    firststage.release_pins()
+    assert not (run / "checkpoints" / ".pinned").exists() and not Path(w.pinned).exists()

@@ -39,17 +39,19 @@ def eval_beside(given: str, weights) -> tuple[dict | None, str]:
 
 
 def export_normalisation(weights, model, cfg, stats: str | None = None, data: str | None = None,
-                         num_samples: int = 1000, keep: bool = False, shift: bool = False,
+                         num_samples: int = 1000, keep: bool = False, shift: bool = True,
                          evaluated: tuple[dict | None, str] | None = None) -> dict:
     """The normalisation spec an export writes into the model, from `stats` (an encode manifest), `data` (measured
     now) or else the eval.json beside the model (`evaluated`: what eval_beside found, if the caller has looked
     already); a NoStatistics error when nothing was measured and `keep` was not asked for. A scaling / shift spec
-    keeps its shift only with `shift` (SD3 / FLUX convention)."""
+    has the shift that LatentDataset subtracts from the same statistics (`(z - shift_factor) * scaling_factor`, the
+    SD3 / FLUX convention), so latents read back decode as exported; without `shift` (SD 1.x pipelines, which never
+    add one back) it has none, and the scale is 1 / RMS (`measured`)."""
     from pipeline.models.families import family_of
     from pipeline.models.normalisation import measured
 
     fam = family_of(model)
-    own = fam.normalisation(model)
+    own, shift = fam.normalisation(model), shift and fam.shift
     if stats:
         from pipeline.latents.format import model_sha256
 
@@ -58,7 +60,7 @@ def export_normalisation(weights, model, cfg, stats: str | None = None, data: st
             raise UserError(f"{stats}: latents of another model (weights hash differs)")
         if not m["statistics"].get("channel_std"):
             raise UserError(f"{stats}: the manifest holds no latent statistics (no latent was encoded)")
-        spec = measured(own, m["statistics"], f"encode manifest {stats}", fam.shift)
+        spec = measured(own, m["statistics"], f"encode manifest {stats}", shift)
     elif data:
         from pipeline.data.loader import plan_subset
         from pipeline.latents.encoder import measure_statistics
@@ -67,15 +69,15 @@ def export_normalisation(weights, model, cfg, stats: str | None = None, data: st
         st = measure_statistics(model, urls, limits, cfg.data.resolution, cfg.encode.batch_size)
         if not st:
             raise UserError(f"{data}: no decodable image to measure the latent statistics on")
-        spec = measured(own, st, f"measured on {planned} samples of {data}", fam.shift)
+        spec = measured(own, st, f"measured on {planned} samples of {data}", shift)
     else:
         res, why = evaluated or eval_beside(weights.given, weights)
         if res is not None:
-            spec = measured(own, res["latents"], f"{why} ({res['samples']} samples)", fam.shift)
+            spec = measured(own, res["latents"], f"{why} ({res['samples']} samples)", shift)
         elif keep:
             spec = {**own, "source": "the model's own config (--keep-scaling-factor: not measured)"}
         else:
             raise NoStatistics(f"no measured latent statistics for {weights.given} ({why})")
-    if spec["kind"] == "scale_shift" and not shift:
+    if spec["kind"] == "scale_shift" and not shift:  # the model's own, kept without its shift
         spec["shift_factor"] = None
     return spec

@@ -9,8 +9,9 @@
 Each format module has NAME, detect(path) -> the concrete path or None, describe, load (model, Config),
 state_dict (diffusers names, for fine-tuning); those that can be written have save(). FORMATS is the dispatch table,
 in detection order. `resolve_weights(path)` pins a path once (a run folder becomes the checkpoint folder it means
-now, so a checkpoint written later cannot change what a running job loads or how it labels it) and returns a
-`Weights`, which describes and loads exactly that. Adding a format is one module and one row here.
+now, so a checkpoint written later cannot change what a running job loads or how it labels it; its files are
+linked into a private copy, so pruning cannot take them away either) and returns a `Weights`, which describes and
+loads exactly that. Adding a format is one module and one row here.
 """
 
 from __future__ import annotations
@@ -40,15 +41,19 @@ class Weights:
     path: str
     ema: bool = True
     url: str = ""  # weights on object storage: the URL `path` is a local copy of (each process takes its own copy)
+    pinned: str = ""  # a run's checkpoint: its private copy, which pruning cannot take away (firststage.pin)
 
     @property
     def _module(self):
         return BY_NAME[self.format]
 
     @functools.cached_property
-    def _local(self) -> Path:
-        """The weights on this machine: the path, or this process's copy of the object URL (made on first use, then
-        the same copy for describe, load and the rest: one listing, not one per question)."""
+    def local(self) -> Path:
+        """The weights on this machine, which describe, load and the rest read: a checkpoint's pinned copy, the path,
+        or this process's copy of the object URL (made on first use, then the same copy for describe, load and the
+        rest: one listing, not one per question; the pinned copy where the pinning process's machine is this one)."""
+        if self.pinned and Path(self.pinned).is_dir():
+            return Path(self.pinned)
         if self.url:
             from pipeline.storage import local_copy
 
@@ -56,7 +61,7 @@ class Weights:
         return Path(self.path)
 
     def __getstate__(self) -> dict:  # handed to other ranks (decided_by_main): each makes its own copy, on its node
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+        return {k: v for k, v in self.__dict__.items() if k != "local"}
 
     @property
     def where(self) -> str:
@@ -65,11 +70,11 @@ class Weights:
 
     def describe(self) -> str:
         """For summaries and records: a checkpoint's EMA or raw file, a diffusers folder, a single file, ..."""
-        return self._module.describe(self._local, self.ema)
+        return self._module.describe(self.local, self.ema)
 
     def load(self, overrides: list[str] | None = None):
         """(model in eval mode, Config)."""
-        model, cfg = self._module.load(self._local, self.ema, overrides)
+        model, cfg = self._module.load(self.local, self.ema, overrides)
         return model.eval(), cfg
 
     def light_config(self, overrides: list[str] | None = None):
@@ -77,11 +82,11 @@ class Weights:
         a firststage checkpoint's config.yaml, a diffusers folder's config.json; None for a format whose config
         needs the tensors (single files, legacy files, encoder-only exports)."""
         light = getattr(self._module, "light_config", None)
-        return light(self._local, overrides) if light is not None else None
+        return light(self.local, overrides) if light is not None else None
 
     def state_dict(self) -> dict:
         """The tensors under diffusers names (to initialise a model built from another config)."""
-        return self._module.state_dict(self._local, self.ema)
+        return self._module.state_dict(self.local, self.ema)
 
     def load_into(self, model, source: str) -> None:
         """Initialise `model` (built from a run's config) from these weights; a shape mismatch names the tensor."""
@@ -125,6 +130,9 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Weights:
         regular_file(p, "weights file")  # a FIFO or a device: one line, never opened
     for fmt in FORMATS:
         found = fmt.detect(p)
+        if found is not None and fmt is firststage:  # a checkpoint a running training could prune: a private copy
+            found, copy = firststage.pin(p, found)
+            return Weights(str(path), fmt.NAME, str(found), ema, pinned=str(copy or ""))
         if found is not None:
             return Weights(str(path), fmt.NAME, str(found), ema)
     if p.is_file():

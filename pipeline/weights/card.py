@@ -53,7 +53,8 @@ def model_card(fmt: str, cls: str, path: str, source: str, cfg, normalisation: d
     lines = [f"# {cls} {MARK} ({fmt})", "",
              f"Source: `{source}`" + (f", step {trainer['step']}, {trainer['samples']} images seen"
                                       if trainer and "step" in trainer else ""),
-             "", "## Latent normalisation", "", f"- {describe(normalisation)}", "", "## Load it", "",
+             "", "## Latent normalisation", "", f"- {describe(normalisation)}", *reading(normalisation), "",
+             "## Load it", "",
              LOAD[fmt].format(cls=cls, path=path), ""] + ([note, ""] if note else [])
     if data_summary:
         lines += ["## Training data", "", data_summary, ""]
@@ -61,6 +62,20 @@ def model_card(fmt: str, cls: str, path: str, source: str, cfg, normalisation: d
         lines += ["## Evaluation", "", eval_table.strip(), ""]
     lines += ["## Training config", "", "```yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
+
+
+def reading(spec: dict) -> list[str]:
+    """How a diffusion model's latents meet this normalisation: what its pipeline undoes before decoding, and the
+    LatentDataset that yields latents normalised exactly so (pipeline.latents.reader)."""
+    own = ("- `LatentDataset(folder)` applies the normalisation in its encode manifest (of a firststage run: measured on "
+           "those latents; `firststage export --stats folder/manifest.json` writes exactly that one)")
+    if spec["kind"] != "scale_shift":
+        return [own]
+    scale, shift = spec["scaling_factor"], spec.get("shift_factor")
+    undo = f"latents / {scale!r}" + (f" + {shift!r}" if shift is not None else "")
+    return [f"- decoding: `vae.decode({undo})`, i.e. `latents / scaling_factor"
+            + (" + shift_factor` as FLUX / SD3 pipelines do" if shift is not None else "` as SD 1.x pipelines do"),
+            own + f"; `LatentDataset(folder, scaling_factor={scale!r}, shift_factor={shift or 0.0!r})` applies this one"]
 
 
 def data_summary(manifest: dict) -> str:
@@ -75,7 +90,7 @@ def card_inputs(weights, cfg) -> tuple[dict | None, str | None, str | None]:
     from pipeline.checkpoint import read_trainer_state
     from pipeline.storage import as_path
 
-    trainer = read_trainer_state(weights.checkpoint) if weights.checkpoint is not None else None
+    trainer = read_trainer_state(weights.local) if weights.checkpoint is not None else None  # the pinned record
     data = as_path(cfg.data.train) if cfg.data.train else None  # a local path or an object-store URL
     manifest = data / "manifest.json" if data and data.is_dir() else data
     summary = data_summary(json.loads(manifest.read_text())) if manifest and manifest.suffix == ".json" and manifest.is_file() else None

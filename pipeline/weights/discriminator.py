@@ -22,7 +22,7 @@ def read(weights, prefix: str = PREFIX) -> dict[str, torch.Tensor] | None:
     with another `prefix`, that part of a checkpoint's objective (the alignment projection: `alignment.projection.`)."""
     from pipeline.checkpoint import TENSOR_FILES, load_tensors
 
-    folder = Path(weights.path)
+    folder = Path(weights.local)  # a checkpoint's pinned copy
     if weights.checkpoint is not None and (folder / TENSOR_FILES["objective"]).is_file():
         part = load_tensors(folder / TENSOR_FILES["objective"], prefix)  # that part alone is read
         state = {k[len(prefix):]: v for k, v in part.items()}

@@ -1,11 +1,24 @@
 """Format: a firststage run folder (its newest complete checkpoint) or one checkpoint folder (pipeline.checkpoint).
-The model is rebuilt from the checkpoint's own config.yaml; the EMA weights are used unless asked otherwise."""
+The model is rebuilt from the checkpoint's own config.yaml; the EMA weights are used unless asked otherwise.
+
+A checkpoint of a run folder is pinned (`pin`): what is read of it (record, config, tensors) is hard-linked into a
+private folder, checkpoints/.pinned/HOST-PID-*/step-N/ (copied where no link can be made; into a temporary folder
+where the run's folder is not writable), and checked against the record, so a run still training that prunes the checkpoint (train.keep_checkpoints) takes
+nothing away from an evaluate or export that reads it. The process removes its pins when its stage ends or it exits;
+a pin left by a killed process of this host goes when the next one pins beside it."""
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 
-from pipeline.checkpoint import CHECKPOINTS, CONFIG_FILE, TENSOR_FILES, find_resume_path, is_checkpoint, load_tensors
+from pipeline.checkpoint import (CHECKPOINTS, CONFIG_FILE, TENSOR_FILES, TRAINER_FILE, find_resume_path, is_checkpoint,
+                                 load_tensors, read_trainer_state)
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.storage import regular_file
@@ -27,6 +40,119 @@ def detect(p: Path) -> Path | None:
             raise UserError(f"{p}: incomplete checkpoint (its save did not finish: no trainer.json)")
         return p
     return None
+
+
+PINS = ".pinned"  # in a run's checkpoints/ folder: the private copies of the checkpoints that readers pinned
+_pins: list[Path] = []  # this process's
+
+
+def pin(given: Path, found: Path, tries: int = 5) -> tuple[Path, Path | None]:
+    """(the checkpoint `given` means, its private copy); a checkpoint outside a run's checkpoints/ folder (an export)
+    is read where it is: (found, None). A copy that does not match its record (the checkpoint was pruned or saved
+    again meanwhile) is made again, of the newest checkpoint then; one that does not match it twice is damaged and
+    kept as it is, for the loader to say what is wrong with it."""
+    seen = set()
+    for _ in range(tries):
+        if found.parent.name != CHECKPOINTS:
+            return found, None
+        copy = _pinned_copy(found)
+        if _matches_record(copy) or found in seen:
+            return found, copy
+        drop(copy.parent)
+        seen.add(found)
+        again = detect(given)
+        if again is None:
+            break
+        found = again
+    raise UserError(f"{given}: its checkpoint {found.name} was removed (pruned by its run) while being pinned; "
+                    f"run the command again")
+
+
+def _pinned_copy(folder: Path) -> Path:
+    """The record, config and tensors of a checkpoint in a new private folder (hard links, else copies), record
+    first, so that the files can be checked against the record they came with."""
+    root, mine = folder.parent / PINS, f"{socket.gethostname()}-{os.getpid()}-"
+    try:
+        root.mkdir(exist_ok=True)
+        _sweep(root)
+        private = Path(tempfile.mkdtemp(prefix=mine, dir=root))
+    except OSError:  # a run folder this user may not write into
+        private = Path(tempfile.mkdtemp(prefix=f"firststage-pin-{mine}"))
+    _pins.append(private)
+    dest = private / folder.name
+    dest.mkdir()
+    for name in (TRAINER_FILE, CONFIG_FILE, *TENSOR_FILES.values()):
+        try:
+            os.link(folder / name, dest / name)
+        except FileNotFoundError:
+            continue  # an optional file, or the checkpoint went: the record says which
+        except OSError:  # no hard links here (another file system, a read-only folder): a copy
+            if (folder / name).is_file():  # never a FIFO: the loader refuses what is not a regular file
+                shutil.copyfile(folder / name, dest / name)
+    return dest
+
+
+def _matches_record(copy: Path) -> bool:
+    """The record and the config are there, and every tensor file the record lists, of its size and SHA-256."""
+    try:
+        files = read_trainer_state(copy).get("files") or {} if (copy / CONFIG_FILE).exists() else None
+    except (OSError, ValueError, AttributeError):  # no record, or not one
+        return False
+    if not isinstance(files, dict):
+        return False
+    for name, want in files.items():
+        f, want = copy / name, want if isinstance(want, dict) else {}
+        if name in TENSOR_FILES.values() and (not f.is_file() or f.stat().st_size != want.get("size")
+                                              or _sha256(f) != want.get("sha256")):
+            return False
+    return True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sweep(root: Path) -> None:
+    """Pins that killed processes of this host left behind."""
+    host = socket.gethostname()
+    for p in root.iterdir():
+        h, _, rest = p.name.rpartition("-")[0].rpartition("-")
+        if h == host and rest.isdigit() and not _alive(int(rest)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def drop(private: Path) -> None:
+    """Remove one of this process's pins, and the pins' folder when it was the last one there."""
+    _pins.remove(private)
+    shutil.rmtree(private, ignore_errors=True)
+    if private.parent.name == PINS:
+        try:
+            private.parent.rmdir()
+        except OSError:
+            pass
+
+
+def release_pins() -> None:
+    """Remove this process's pins (the stage is done with its weights)."""
+    while _pins:
+        drop(_pins[-1])
+
+
+atexit.register(release_pins)
 
 
 def weights_file(folder: Path, ema: bool) -> Path:
