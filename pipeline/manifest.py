@@ -82,6 +82,45 @@ def deal(items: list[str], counts: dict[str, int] | None, slots: int) -> list[li
     return [[items[i] for i in sorted(d)] for d in dealt]
 
 
+# ------------------------------------------------------------------------------------- runs sharing a folder
+_LOCK = re.compile(r"\.lock(?:\.part-(\d+)-of-(\d+))?")
+
+
+def lock_split(name: str) -> int | None:
+    """The N of a stage's lock object: 1 for a whole job's `.lock`, N for `.lock.part-K-of-N`; None for another
+    name."""
+    m = _LOCK.fullmatch(name)
+    return None if m is None else int(m.group(2) or 1)
+
+
+def live_locks(folder, skip: str | None = None) -> dict[str, dict]:
+    """{lock name: holder} of the stages' locks in `folder` (all but `skip`) whose runs may still be alive."""
+    from pipeline.storage import folder_lock, storage_for
+
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in storage_for(str(folder)).list(str(folder))]
+    holders = {n: folder_lock(folder, n).live_holder() for n in names if n != skip and lock_split(n) is not None}
+    return {n: h for n, h in holders.items() if h is not None}
+
+
+def exclude_other_splits(lock) -> dict[str, dict]:
+    """Release `lock` (a stage's, just taken) and refuse in one line while a run of another split of the job holds
+    a lock on the same folder: a whole job (`.lock`) and its `--part` runs, or parts of different N, deal the shards
+    differently and would write one shard at once (the parts of one N write disjoint shards, and share the folder).
+    Two such runs that take their locks in the same moment may both be refused, never both let in: run one again.
+    Returns the other live locks of the folder."""
+    name = lock.path.rstrip("/").rsplit("/", 1)[-1]
+    live = live_locks(lock.folder, skip=name)
+    clash = next((n for n in live if lock_split(n) != lock_split(name)), None)
+    if clash is None:
+        return live
+    lock.release()
+    holder, split = live[clash], "the whole job" if lock_split(clash) == 1 else f"--part K/{lock_split(clash)}"
+    raise UserError(f"{lock.what} {lock.label} is being written by {split} (pid {holder.get('pid')} on "
+                    f"{holder.get('host')} since {holder.get('started')}; {lock.store.join(lock.folder, clash)}), "
+                    f"which writes the same shards as {'the whole job' if lock_split(name) == 1 else 'this part'}: "
+                    f"wait for it to end, or remove that file if the run is gone")
+
+
 # ------------------------------------------------------------------------------- image manifests of parts
 def part_manifests(folder: str | Path) -> list[Path]:
     return sorted(as_path(folder).glob("manifest.part-*-of-*.json"))

@@ -38,14 +38,14 @@ def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
 
 
 def take_output_lock(folder, name: str = ".lock", what: str = "--output"):
-    """The stage's lock on its output folder (leased and renewed on object storage), taken after credentials, bucket
-    and conditional writes were checked (one line each); a second run is refused naming the holder, who then aborts
-    the multipart uploads that killed runs left under the folder more than an hour ago."""
+    """The stage's lock on its output folder (leased on object storage), after check_paths; a second run is refused
+    naming the holder, as is another split's (exclude_other_splits); it aborts uploads killed runs left an hour ago."""
+    from pipeline.manifest import exclude_other_splits
     from pipeline.storage import folder_lock
     from pipeline.storage.paths import abort_stale_uploads
 
     check_paths([(what, folder)], writes=True)
-    lock = folder_lock(folder, name, what=what).acquire()
+    exclude_other_splits(lock := folder_lock(folder, name, what=what).acquire())
     abort_stale_uploads(folder)
     return lock
 

@@ -193,3 +193,24 @@ def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         prepare([str(tmp_path / "empty")], tmp_path / "out", PrepareOptions())
+
+
+def test_a_rerun_writes_again_a_shard_whose_tar_is_not_the_one_its_record_describes(tmp_path):
+    """Issue 29, item 4: a tar replaced after its record was created (two runs writing one shard at once) was
+    trusted by the rerun. The rerun checks each complete shard's SHA-256 against its record and writes it again."""
+    import hashlib
+
+    write_images(tmp_path / "in", 12)
+    out, other = tmp_path / "out", tmp_path / "other"
+    args = ["--input", tmp_path / "in", "--size", "32", "--shard-size", "4"]
+    run_cli(*args, "--output", out)
+    run_cli(*args, "--output", other)
+    samples = keys_in_tars(out)
+    os.replace(other / "shards-000000.tar", out / "shards-000001.tar")  # another shard's tar under this name
+    r = run_cli(*args, "--output", out)
+    assert "wrote 12 samples" in r.stdout, r.stdout
+    assert sorted(keys_in_tars(out)) == sorted(samples)  # every key once again
+    for rec in (out / ".progress").glob("*.tar.json"):
+        files = json.loads(rec.read_text())["files"]
+        for name, d in files.items():
+            assert hashlib.sha256((out / name).read_bytes()).hexdigest() == d["sha256"], name

@@ -4,8 +4,9 @@ How it stays exactly-once without a coordinator:
   * the inputs are listed and sorted, then split into N deterministic parts (`part K/N` takes every N-th source);
   * a part's samples are cut into fixed chunks of `shard_size` inputs, chunk j -> shard j, whatever gets skipped;
   * shard j is one unit of the commit protocol (pipeline.storage.Unit): the tar, then its completion record
-    (.progress/NAME.json). A rerun of the same command redoes exactly the chunks whose record is missing, and
-    never writes a sample twice.
+    (.progress/NAME.json). A rerun of the same command redoes exactly the chunks whose record is missing or whose
+    tar is not the one the record describes (its SHA-256; its ETag on object storage), and never writes a sample
+    twice.
 The caller (the prepare stage) holds the output folder's lock.
 
 Inputs and output may be on object storage (s3://). An input folder is listed by prefix, a brace pattern of tars is
@@ -457,7 +458,7 @@ def write_shard(task) -> dict:
         "input_shorter_side": {"min": min(shorter), "max": max(shorter)} if shorter else None,
     }
     unit.put_staged()
-    record["files"] = unit.files()  # the tar's size and SHA-256
+    record["files"] = unit.files(etag=True)  # the tar's size and SHA-256 (and its ETag on object storage)
     unit.commit(record)
     return record
 
@@ -560,7 +561,11 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
         listed = _listed_units(out)
         for j, chunk in chunks(items, opts.shard_size):
             name = output_shard_name(opts, j)
-            record = shard_unit(out, name).read_record() if listed is None or name in listed else None
+            unit = shard_unit(out, name)
+            record = unit.read_record() if listed is None or str(out / name) in listed else None
+            if record is not None and not unit.intact(record, listed):
+                unit.undo()  # its tar is not the one its record describes (another run replaced it): written again
+                record = None
             if record is not None:
                 records[j] = record
                 if progress:
@@ -592,13 +597,14 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
     return manifest
 
 
-def _listed_units(out) -> set[str] | None:
-    """On object storage: the shard names whose tar and record both exist (two listings, instead of three requests
-    per shard for the shards not done yet); None locally (looking is cheap there)."""
+def _listed_units(out) -> dict[str, tuple] | None:
+    """On object storage: {tar URL: (size, ETag)} of the shards whose tar and record both exist (two listings,
+    instead of three requests per shard for the shards not done yet); None locally (looking is cheap there)."""
     if not is_remote(out):
         return None
     records = {p.name[: -len(".json")] for p in (out / PROGRESS_DIR).glob("*.tar.json")}
-    return records & {p.name for p in out.glob("*.tar")}
+    tars = storage_for(str(out)).entries(str(out))[0]
+    return {url: entry for url, entry in tars.items() if url.rsplit("/", 1)[-1] in records}
 
 
 def build_manifest(records: list[dict], opts: PrepareOptions, kind: str, num_items: int) -> dict:

@@ -67,6 +67,11 @@ class FolderLock:
         found = self._holder()
         return found[0] if found is not None else None
 
+    def live_holder(self) -> dict | None:
+        """Who holds this lock now, where that run may still be alive (None: nobody, not JSON, or a stale lock)."""
+        holder = self._holder_now()
+        return holder if holder is not None and not self._stale(holder) else None
+
     def _ours(self, holder: dict | None) -> bool:
         return holder is not None and holder.get("token") == self.me["token"]
 
