@@ -8,13 +8,15 @@ when a job is split into `--part K/N` partitions and merged afterwards; latent m
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 from pipeline.errors import UserError
-from pipeline.storage import as_path, atomic_write_json, read_json
+from pipeline.storage import as_path, atomic_write_json, is_remote, read_json
 
 MANIFEST = "manifest.json"
 IMAGE_FORMAT = "firststage-image-shards/1"
@@ -119,6 +121,42 @@ def exclude_other_splits(lock) -> dict[str, dict]:
                     f"{holder.get('host')} since {holder.get('started')}; {lock.store.join(lock.folder, clash)}), "
                     f"which writes the same shards as {'the whole job' if lock_split(name) == 1 else 'this part'}: "
                     f"wait for it to end, or remove that file if the run is gone")
+
+
+CLOCK_SKEW_S = 10.0  # what abort_orphan_uploads allows between the store's clock and a lock holder's
+
+
+def abort_orphan_uploads(folder, live: dict[str, dict]) -> int:
+    """Abort, at once, the multipart uploads under an object-store folder that no live run can own: what runs
+    killed mid-upload left (invisible, but stored and billed). For the holder of the folder's lock, with the other
+    live locks there (`live`: exclude_other_splits). The rule: a run starts its uploads after it took its lock
+    (`since`), so an upload started before every live lock that covers its key was taken (less CLOCK_SKEW_S for the
+    clocks, the store's and the holders') is nobody's; the locks that cover a key are those in `folder` and in each
+    folder between it and the key (another output folder inside this one). With no live lock around it an upload is
+    aborted whatever its age; one started over an hour ago is aborted in any case (the rule before, and all there is
+    for a live lock without `since`, an older firststage's). Returns how many were aborted; 0 locally."""
+    from pipeline.storage import storage_for
+
+    store, root = storage_for(str(folder)), str(folder).rstrip("/")
+    if not is_remote(root) or not hasattr(store, "uploads"):
+        return 0
+    covering = {root: live}
+
+    def cutoff(url: str) -> float:
+        starts, sub = [], root
+        for name in [""] + url[len(root) + 1:].split("/")[:-1]:
+            sub = f"{sub}/{name}" if name else sub
+            if sub not in covering:
+                covering[sub] = live_locks(sub)
+            starts += [h.get("since") for h in covering[sub].values()]
+        if any(not isinstance(s, (int, float)) for s in starts):
+            return time.time() - 3600
+        return max(min(starts) - CLOCK_SKEW_S, time.time() - 3600) if starts else math.inf
+
+    orphans = [(url, upload_id) for url, upload_id, started in store.uploads(root) if started < cutoff(url)]
+    for url, upload_id in orphans:
+        store.abort_upload(url, upload_id)
+    return len(orphans)
 
 
 # ------------------------------------------------------------------------------- image manifests of parts

@@ -38,15 +38,15 @@ def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
 
 
 def take_output_lock(folder, name: str = ".lock", what: str = "--output"):
-    """The stage's lock on its output folder (leased on object storage), after check_paths; a second run is refused
-    naming the holder, as is another split's (exclude_other_splits); it aborts uploads killed runs left an hour ago."""
-    from pipeline.manifest import exclude_other_splits
+    """The stage's lock on its output folder (leased on object storage), taken after credentials, bucket and
+    conditional writes were checked; a second run is refused naming the holder, as is a run of another split of
+    the job (pipeline.manifest.exclude_other_splits); the holder aborts the uploads no live run owns."""
+    from pipeline.manifest import abort_orphan_uploads, exclude_other_splits
     from pipeline.storage import folder_lock
-    from pipeline.storage.paths import abort_stale_uploads
 
     check_paths([(what, folder)], writes=True)
-    exclude_other_splits(lock := folder_lock(folder, name, what=what).acquire())
-    abort_stale_uploads(folder)
+    lock = folder_lock(folder, name, what=what).acquire()
+    abort_orphan_uploads(folder, exclude_other_splits(lock))
     return lock
 
 

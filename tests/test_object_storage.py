@@ -274,21 +274,22 @@ def test_prepare_killed_during_uploads_then_again(chain):
         lambda op, key: op == "put_object" and key.endswith("/.progress/shards-000003.tar.json"),  # tar, no record
         lambda op, key: op == "put_object" and key.endswith("/manifest.json"),  # every record, no manifest
     ]
-    for when in moments:
+    for i, when in enumerate(moments):
         code, text = run_killed("stages.prepare", when, *args)
         assert code == -signal.SIGKILL, text
         assert not storage_for(out).object_exists(f"{out}/manifest.json")
         for name in listing(out):  # nothing half-written under a final name: every tar is a whole tar
             if name.endswith(".tar"):
                 assert tarfile.open(fileobj=io.BytesIO(read(f"{out}/{name}"))).getmembers()
-    assert open_uploads(out), "the kill mid-upload left its parts (invisible: no object)"
+        if i == 0:
+            assert open_uploads(out), "the kill mid-upload left its parts (invisible: no object)"
     ok(run_main(stage("prepare"), *args))
+    assert open_uploads(out) == [], "the next holder of the lock aborted them at once (issue 29, item 15)"
     ok(run_main(stage("prepare"), *[a.replace(f"{s3}/raw", str(root / "raw")).replace(out, str(root / "ref"))
                                    for a in args]))
     assert read_json(f"{out}/manifest.json") == read_json(str(root / "ref" / "manifest.json"))
     assert read_tar_samples(out) == read_tar_samples(str(root / "ref"))  # every key exactly once, the same bytes
     assert listing(out) == listing(str(root / "ref"))  # nothing else: no lock, no temporary
-    assert storage_for(out).abort_uploads(out, older_than_s=0) >= 1 and open_uploads(out) == []
     digests_match(out)
 
 
@@ -301,6 +302,40 @@ def digests_match(folder: str) -> None:
         for name, d in read_json(f"{folder}/{rec}")["files"].items():
             assert hashlib.sha256(read(f"{folder}/{name}")).hexdigest() == d["sha256"], name
             assert tars[f"{folder}/{name}"][1] == d["etag"], name
+
+
+def start_upload(url: str) -> str:
+    """A multipart upload with one part, left open: what a run SIGKILLed mid-upload leaves."""
+    store = storage_for(url)
+    bucket, key = url[5:].split("/", 1)
+    upload = store._client().create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    store._client().upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    return upload
+
+
+def test_the_next_holder_aborts_at_once_the_uploads_no_live_run_owns(chain, monkeypatch):
+    """Issue 29, item 15: killed runs' multipart uploads held their parts for an hour. The next holder of a lock
+    aborts at once the uploads under its output that started before every live lock there was taken (here a part
+    killed before part 1, which still runs, took its lock), and keeps those a live run may own (part 1's)."""
+    import pipeline.manifest
+
+    s3, store = chain["s3"], chain["store"]
+    out = f"{s3}/orphans/shards"
+    # the store's clock is this host's; its times are whole seconds
+    monkeypatch.setattr(pipeline.manifest, "CLOCK_SKEW_S", 1.0, raising=False)
+    dead = start_upload(f"{out}/shards-p00000-000000.tar")
+    time.sleep(1.5)  # part 1 takes its lock after the dead run began its upload
+    now = time.time()
+    store.write_bytes(f"{out}/.lock.part-00001-of-00002", json.dumps({
+        "host": "node-b", "pid": 7, "started": "now", "token": "theirs", "since": now, "lease_s": 120,
+        "renewed": now, "expires": now + 120}).encode())
+    live = start_upload(f"{out}/shards-p00001-000000.tar")
+    args = ["--input", f"{s3}/raw/raw-{{000000..000002}}.tar", "--output", out, "--size", "32"]
+    ok(run_main(stage("prepare"), *args, "--part", "0/2"))
+    assert [u["UploadId"] for u in open_uploads(out)] == [live]  # the dead run's is gone, part 1's is kept
+    store.delete(f"{out}/.lock.part-00001-of-00002")  # part 1 ended (killed): its upload is nobody's now
+    ok(run_main(stage("prepare"), *args, "--part", "0/2"))
+    assert open_uploads(out) == [] and dead != live
 
 
 def test_a_whole_job_and_its_parts_exclude_each_other_by_their_leases(chain):

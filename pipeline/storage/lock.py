@@ -35,6 +35,7 @@ class FolderLock:
 
     def acquire(self) -> "FolderLock":
         self.store.ensure_folder(self.folder)
+        self.me["since"] = round(time.time(), 3)  # when this run took it: its uploads started after (Unix time)
         mine = json.dumps(self.me).encode()
         for _ in range(5):
             if self.store.create(self.path, mine):
