@@ -96,11 +96,13 @@ def lock_split(name: str) -> int | None:
 
 
 def live_locks(folder, skip: str | None = None) -> dict[str, dict]:
-    """{lock name: holder} of the stages' locks in `folder` (all but `skip`) whose runs may still be alive."""
+    """{lock name: holder} of the locks in `folder` (all but `skip`) whose runs may still be alive: the stages'
+    (`.lock`, `.lock.part-K-of-N`) and exports' (`.NAME.lock`, beside their output)."""
     from pipeline.storage import folder_lock, storage_for
 
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in storage_for(str(folder)).list(str(folder))]
-    holders = {n: folder_lock(folder, n).live_holder() for n in names if n != skip and lock_split(n) is not None}
+    holders = {n: folder_lock(folder, n).live_holder() for n in names
+               if n != skip and (n.startswith(".") and n.endswith(".lock") or lock_split(n) is not None)}
     return {n: h for n, h in holders.items() if h is not None}
 
 
@@ -112,7 +114,7 @@ def exclude_other_splits(lock) -> dict[str, dict]:
     Returns the other live locks of the folder."""
     name = lock.path.rstrip("/").rsplit("/", 1)[-1]
     live = live_locks(lock.folder, skip=name)
-    clash = next((n for n in live if lock_split(n) != lock_split(name)), None)
+    clash = next((n for n in live if lock_split(n) not in (None, lock_split(name))), None)
     if clash is None:
         return live
     lock.release()

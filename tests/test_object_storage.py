@@ -326,16 +326,20 @@ def test_the_next_holder_aborts_at_once_the_uploads_no_live_run_owns(chain, monk
     dead = start_upload(f"{out}/shards-p00000-000000.tar")
     time.sleep(1.5)  # part 1 takes its lock after the dead run began its upload
     now = time.time()
-    store.write_bytes(f"{out}/.lock.part-00001-of-00002", json.dumps({
-        "host": "node-b", "pid": 7, "started": "now", "token": "theirs", "since": now, "lease_s": 120,
-        "renewed": now, "expires": now + 120}).encode())
-    live = start_upload(f"{out}/shards-p00001-000000.tar")
+    for lock in (".lock.part-00001-of-00002", "vae/.export.lock"):  # part 1; an export into a folder in ours
+        store.write_bytes(f"{out}/{lock}", json.dumps({
+            "host": "node-b", "pid": 7, "started": "now", "token": "theirs", "since": now, "lease_s": 120,
+            "renewed": now, "expires": now + 120}).encode())
+    part_1, export = start_upload(f"{out}/shards-p00001-000000.tar"), start_upload(f"{out}/vae/export/model.bin")
     args = ["--input", f"{s3}/raw/raw-{{000000..000002}}.tar", "--output", out, "--size", "32"]
     ok(run_main(stage("prepare"), *args, "--part", "0/2"))
-    assert [u["UploadId"] for u in open_uploads(out)] == [live]  # the dead run's is gone, part 1's is kept
-    store.delete(f"{out}/.lock.part-00001-of-00002")  # part 1 ended (killed): its upload is nobody's now
+    assert {u["UploadId"] for u in open_uploads(out)} == {part_1, export}  # the dead run's is gone
+    store.delete(f"{out}/.lock.part-00001-of-00002")  # part 1 was killed: its upload is nobody's now
     ok(run_main(stage("prepare"), *args, "--part", "0/2"))
-    assert open_uploads(out) == [] and dead != live
+    assert [u["UploadId"] for u in open_uploads(out)] == [export]  # covered by the export's own lock
+    store.delete(f"{out}/vae/.export.lock")
+    ok(run_main(stage("prepare"), *args, "--part", "0/2"))
+    assert open_uploads(out) == [] and dead not in (part_1, export)
 
 
 def test_a_whole_job_and_its_parts_exclude_each_other_by_their_leases(chain):
