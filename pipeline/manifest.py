@@ -8,13 +8,15 @@ when a job is split into `--part K/N` partitions and merged afterwards; latent m
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 from pipeline.errors import UserError
-from pipeline.storage import as_path, atomic_write_json, read_json
+from pipeline.storage import as_path, atomic_write_json, is_remote, read_json
 
 MANIFEST = "manifest.json"
 IMAGE_FORMAT = "firststage-image-shards/1"
@@ -80,6 +82,83 @@ def deal(items: list[str], counts: dict[str, int] | None, slots: int) -> list[li
         dealt[j].append(i)
         loads[j] += max(1, counts.get(items[i], 0))
     return [[items[i] for i in sorted(d)] for d in dealt]
+
+
+# ------------------------------------------------------------------------------------- runs sharing a folder
+_LOCK = re.compile(r"\.lock(?:\.part-(\d+)-of-(\d+))?")
+
+
+def lock_split(name: str) -> int | None:
+    """The N of a stage's lock object: 1 for a whole job's `.lock`, N for `.lock.part-K-of-N`; None for another
+    name."""
+    m = _LOCK.fullmatch(name)
+    return None if m is None else int(m.group(2) or 1)
+
+
+def live_locks(folder, skip: str | None = None) -> dict[str, dict]:
+    """{lock name: holder} of the locks in `folder` (all but `skip`) whose runs may still be alive: the stages'
+    (`.lock`, `.lock.part-K-of-N`) and exports' (`.NAME.lock`, beside their output)."""
+    from pipeline.storage import folder_lock, storage_for
+
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in storage_for(str(folder)).list(str(folder))]
+    holders = {n: folder_lock(folder, n).live_holder() for n in names
+               if n != skip and (n.startswith(".") and n.endswith(".lock") or lock_split(n) is not None)}
+    return {n: h for n, h in holders.items() if h is not None}
+
+
+def exclude_other_splits(lock) -> dict[str, dict]:
+    """Release `lock` (a stage's, just taken) and refuse in one line while a run of another split of the job holds
+    a lock on the same folder: a whole job (`.lock`) and its `--part` runs, or parts of different N, deal the shards
+    differently and would write one shard at once (the parts of one N write disjoint shards, and share the folder).
+    Two such runs that take their locks in the same moment may both be refused, never both let in: run one again.
+    Returns the other live locks of the folder."""
+    name = lock.path.rstrip("/").rsplit("/", 1)[-1]
+    live = live_locks(lock.folder, skip=name)
+    clash = next((n for n in live if lock_split(n) not in (None, lock_split(name))), None)
+    if clash is None:
+        return live
+    lock.release()
+    holder, split = live[clash], "the whole job" if lock_split(clash) == 1 else f"--part K/{lock_split(clash)}"
+    raise UserError(f"{lock.what} {lock.label} is being written by {split} (pid {holder.get('pid')} on "
+                    f"{holder.get('host')} since {holder.get('started')}; {lock.store.join(lock.folder, clash)}), "
+                    f"which writes the same shards as {'the whole job' if lock_split(name) == 1 else 'this part'}: "
+                    f"wait for it to end, or remove that file if the run is gone")
+
+
+CLOCK_SKEW_S = 10.0  # what abort_orphan_uploads allows between the store's clock and a lock holder's
+
+
+def abort_orphan_uploads(folder, live: dict[str, dict]) -> int:
+    """Abort, at once, the multipart uploads under an object-store folder that no live run can own: what runs
+    killed mid-upload left (invisible, but stored and billed). For the holder of the folder's lock, with the other
+    live locks there (`live`: exclude_other_splits). The rule: a run starts its uploads after it took its lock
+    (`since`), so an upload started before every live lock that covers its key was taken (less CLOCK_SKEW_S for the
+    clocks, the store's and the holders') is nobody's; the locks that cover a key are those in `folder` and in each
+    folder between it and the key (another output folder inside this one). With no live lock around it an upload is
+    aborted whatever its age; one started over an hour ago is aborted in any case (the rule before, and all there is
+    for a live lock without `since`, an older firststage's). Returns how many were aborted; 0 locally."""
+    from pipeline.storage import storage_for
+
+    store, root = storage_for(str(folder)), str(folder).rstrip("/")
+    if not is_remote(root) or not hasattr(store, "uploads"):
+        return 0
+    covering = {root: live}
+
+    def cutoff(url: str) -> float:
+        starts, sub = [], root
+        for name in [""] + url[len(root) + 1:].split("/")[:-1]:
+            sub = f"{sub}/{name}" if name else sub
+            if sub not in covering:
+                covering[sub] = live_locks(sub)
+            starts += [h.get("since") for h in covering[sub].values()]
+        if any(not isinstance(s, (int, float)) for s in starts):
+            return time.time() - 3600
+        return max(min(starts) - CLOCK_SKEW_S, time.time() - 3600) if starts else math.inf
+
+    orphans = [(url, upload_id) for url, upload_id, started in store.uploads(root) if started < cutoff(url)]
+    for url, upload_id in orphans:
+        store.abort_upload(url, upload_id)
+    return len(orphans)
 
 
 # ------------------------------------------------------------------------------- image manifests of parts

@@ -37,15 +37,15 @@ def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
 
 
 def take_output_lock(folder, name: str = ".lock", what: str = "--output"):
-    """The stage's lock on its output folder (leased and renewed on object storage), taken after credentials, bucket
-    and conditional writes were checked (one line each); a second run is refused naming the holder, who then aborts
-    the multipart uploads that killed runs left under the folder more than an hour ago."""
+    """The stage's lock on its output folder (leased on object storage), taken after credentials, bucket and
+    conditional writes were checked; a second run is refused naming the holder, as is a run of another split of
+    the job (pipeline.manifest.exclude_other_splits); the holder aborts the uploads no live run owns."""
+    from pipeline.manifest import abort_orphan_uploads, exclude_other_splits
     from pipeline.storage import folder_lock
-    from pipeline.storage.paths import abort_stale_uploads
 
     check_paths([(what, folder)], writes=True)
     lock = folder_lock(folder, name, what=what).acquire()
-    abort_stale_uploads(folder)
+    abort_orphan_uploads(folder, exclude_other_splits(lock))
     return lock
 
 

@@ -275,21 +275,117 @@ def test_prepare_killed_during_uploads_then_again(chain):
         lambda op, key: op == "put_object" and key.endswith("/.progress/shards-000003.tar.json"),  # tar, no record
         lambda op, key: op == "put_object" and key.endswith("/manifest.json"),  # every record, no manifest
     ]
-    for when in moments:
+    for i, when in enumerate(moments):
         code, text = run_killed("stages.prepare", when, *args)
         assert code == -signal.SIGKILL, text
         assert not storage_for(out).object_exists(f"{out}/manifest.json")
         for name in listing(out):  # nothing half-written under a final name: every tar is a whole tar
             if name.endswith(".tar"):
                 assert tarfile.open(fileobj=io.BytesIO(read(f"{out}/{name}"))).getmembers()
-    assert open_uploads(out), "the kill mid-upload left its parts (invisible: no object)"
+        if i == 0:
+            assert open_uploads(out), "the kill mid-upload left its parts (invisible: no object)"
     ok(run_main(stage("prepare"), *args))
+    assert open_uploads(out) == [], "the next holder of the lock aborted them at once (issue 29, item 15)"
     ok(run_main(stage("prepare"), *[a.replace(f"{s3}/raw", str(root / "raw")).replace(out, str(root / "ref"))
                                    for a in args]))
     assert read_json(f"{out}/manifest.json") == read_json(str(root / "ref" / "manifest.json"))
     assert read_tar_samples(out) == read_tar_samples(str(root / "ref"))  # every key exactly once, the same bytes
     assert listing(out) == listing(str(root / "ref"))  # nothing else: no lock, no temporary
-    assert storage_for(out).abort_uploads(out, older_than_s=0) >= 1 and open_uploads(out) == []
+    digests_match(out)
+
+
+def digests_match(folder: str) -> None:
+    """Every shard record's SHA-256 is its object's, and its ETag the listing's."""
+    records = [n for n in listing(folder) if n.startswith(".progress/") and n.endswith(".tar.json")]
+    tars = storage_for(folder).entries(folder)[0]
+    assert records
+    for rec in records:
+        for name, d in read_json(f"{folder}/{rec}")["files"].items():
+            assert hashlib.sha256(read(f"{folder}/{name}")).hexdigest() == d["sha256"], name
+            assert tars[f"{folder}/{name}"][1] == d["etag"], name
+
+
+def start_upload(url: str) -> str:
+    """A multipart upload with one part, left open: what a run SIGKILLed mid-upload leaves."""
+    store = storage_for(url)
+    bucket, key = url[5:].split("/", 1)
+    upload = store._client().create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    store._client().upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    return upload
+
+
+def test_the_next_holder_aborts_at_once_the_uploads_no_live_run_owns(chain, monkeypatch):
+    """Issue 29, item 15: killed runs' multipart uploads held their parts for an hour. The next holder of a lock
+    aborts at once the uploads under its output that started before every live lock there was taken (here a part
+    killed before part 1, which still runs, took its lock), and keeps those a live run may own (part 1's)."""
+    import pipeline.manifest
+
+    s3, store = chain["s3"], chain["store"]
+    out = f"{s3}/orphans/shards"
+    # the store's clock is this host's; its times are whole seconds
+    monkeypatch.setattr(pipeline.manifest, "CLOCK_SKEW_S", 1.0, raising=False)
+    dead = start_upload(f"{out}/shards-p00000-000000.tar")
+    time.sleep(1.5)  # part 1 takes its lock after the dead run began its upload
+    now = time.time()
+    for lock in (".lock.part-00001-of-00002", "vae/.export.lock"):  # part 1; an export into a folder in ours
+        store.write_bytes(f"{out}/{lock}", json.dumps({
+            "host": "node-b", "pid": 7, "started": "now", "token": "theirs", "since": now, "lease_s": 120,
+            "renewed": now, "expires": now + 120}).encode())
+    part_1, export = start_upload(f"{out}/shards-p00001-000000.tar"), start_upload(f"{out}/vae/export/model.bin")
+    args = ["--input", f"{s3}/raw/raw-{{000000..000002}}.tar", "--output", out, "--size", "32"]
+    ok(run_main(stage("prepare"), *args, "--part", "0/2"))
+    assert {u["UploadId"] for u in open_uploads(out)} == {part_1, export}  # the dead run's is gone
+    store.delete(f"{out}/.lock.part-00001-of-00002")  # part 1 was killed: its upload is nobody's now
+    ok(run_main(stage("prepare"), *args, "--part", "0/2"))
+    assert [u["UploadId"] for u in open_uploads(out)] == [export]  # covered by the export's own lock
+    store.delete(f"{out}/vae/.export.lock")
+    ok(run_main(stage("prepare"), *args, "--part", "0/2"))
+    assert open_uploads(out) == [] and dead not in (part_1, export)
+
+
+def test_a_whole_job_and_its_parts_exclude_each_other_by_their_leases(chain):
+    """Issue 29, item 4 on object storage: a part is refused while the whole job's lease runs (and the whole job
+    while a part's does), in one line naming it; once that lease ran out the part runs, and after its partner part
+    every key is there once and every record's digest (and ETag) is its object's."""
+    s3, store = chain["s3"], chain["store"]
+    out = f"{s3}/split/shards"
+    args = ["--input", f"{s3}/raw/raw-{{000000..000002}}.tar", "--output", out, "--size", "32"]
+    for theirs, part in ((".lock", ["--part", "0/2"]), (".lock.part-00001-of-00002", [])):
+        holder(store, f"{out}/{theirs}", expires_in=60)
+        r = run_main(stage("prepare"), *args, *part)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"--output {out} is being written by" in r.stderr and f"{out}/{theirs}" in r.stderr, r.stderr
+        assert listing(out) == [theirs]  # nothing written, our lock released
+        store.delete(f"{out}/{theirs}")
+    holder(store, f"{out}/.lock", expires_in=-30)  # the whole job's host died: its lease ran out
+    for k in range(2):
+        ok(run_main(stage("prepare"), *args, "--part", f"{k}/2"))
+    m = ok(run_main(stage("prepare"), "--merge-manifests", out)) and read_json(f"{out}/manifest.json")
+    assert m["total"] == len(read_tar_samples(out)) == 24  # every key once
+    digests_match(out)
+
+
+def test_a_rerun_writes_again_a_shard_replaced_after_its_record(chain):
+    """Issue 29, item 4 on object storage: a tar replaced after its record was created is found by its ETag (from
+    the listing, no object read) and written again; then every key is there once."""
+    from pipeline.storage.s3 import S3Storage
+
+    s3 = chain["s3"]
+    out = f"{s3}/replaced/shards"
+    args = ["--input", f"{s3}/raw/raw-{{000000..000002}}.tar", "--output", out, "--size", "32", "--shard-size", "4"]
+    with pytest.MonkeyPatch.context() as m:  # the tars go up in parts: their ETags are no MD5 of the bytes
+        m.setitem(base._INSTANCES, "s3", S3Storage(multipart_threshold=8192, part_size=5 * 2**20))
+        ok(run_main(stage("prepare"), *args))
+        store = storage_for(out)
+        store.write_bytes(f"{out}/shards-000001.tar", read(f"{out}/shards-000000.tar"))  # another shard's tar
+        before = store.entries(out)[0]
+        ok(run_main(stage("prepare"), *args))
+    after = storage_for(out).entries(out)[0]
+    assert len(read_tar_samples(out)) == 24  # a key twice fails here
+    assert all("-" in etag for u, (_, etag) in after.items() if u.endswith(".tar"))  # multipart ETags
+    changed = sorted(u.rsplit("/", 1)[-1] for u in after if u.endswith(".tar") and after[u] != before[u])
+    assert changed == ["shards-000001.tar"]  # the others were checked by their ETags and kept
+    digests_match(out)
 
 
 def test_encode_killed_during_uploads_then_again(chain):

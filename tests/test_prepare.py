@@ -193,3 +193,61 @@ def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         prepare([str(tmp_path / "empty")], tmp_path / "out", PrepareOptions())
+
+
+def test_a_folder_of_one_number_of_parts_refuses_another_in_one_line(tmp_path):
+    """Issue 29, item 5: shard names carry the part K but not N, so `--part 0/4` into a folder of `--part K/2` took
+    part 0/2's shards for its own (800 samples listed, 600 distinct). Another N is refused in one line; --overwrite
+    replaces the other split's shards; then every key is there once, and the merged manifest lists each once."""
+    keys = write_images(tmp_path / "in", 16)
+    out = tmp_path / "out"
+    for k in range(2):
+        run_cli("--input", tmp_path / "in", "--output", out, "--size", "32", "--part", f"{k}/2")
+    for part in ("0/4", "0/1"):
+        r = run_cli("--input", tmp_path / "in", "--output", out, "--size", "32", *(["--part", part] * (part != "0/1")),
+                    check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "holds the shards of a prepare split into 2 parts (--part K/2)" in r.stderr, r.stderr
+    assert sorted(keys_in_tars(out)) == sorted(keys)  # nothing of the /2 parts was touched
+    run_cli("--input", tmp_path / "in", "--output", out, "--size", "32", "--part", "0/4", "--overwrite")
+    for k in range(1, 4):
+        run_cli("--input", tmp_path / "in", "--output", out, "--size", "32", "--part", f"{k}/4")
+    m = json.loads(run_cli("--merge-manifests", out) and (out / "manifest.json").read_text())
+    got = keys_in_tars(out)
+    assert sorted(got) == sorted(keys) and m["total"] == 16 and m["parts"] == 4
+    assert sorted(s["name"] for s in m["shards"]) == [f"shards-p{k:05d}-000000.tar" for k in range(4)]
+
+
+def test_overwrite_of_one_part_leaves_the_other_parts_shards(tmp_path):
+    """--overwrite of part 0/2 with other options removes what part 0 wrote, not part 1's shards (which another
+    process may be writing at the same moment)."""
+    write_images(tmp_path / "in", 8)
+    out = tmp_path / "out"
+    for k in range(2):
+        run_cli("--input", tmp_path / "in", "--output", out, "--size", "32", "--part", f"{k}/2")
+    theirs = (out / "shards-p00001-000000.tar").read_bytes()
+    run_cli("--input", tmp_path / "in", "--output", out, "--size", "24", "--part", "0/2", "--overwrite")
+    assert (out / "shards-p00001-000000.tar").read_bytes() == theirs
+    assert (out / ".progress" / "shards-p00001-000000.tar.json").is_file()
+    assert run_cli("--merge-manifests", out, check=False).returncode == 0
+
+
+def test_a_rerun_writes_again_a_shard_whose_tar_is_not_the_one_its_record_describes(tmp_path):
+    """Issue 29, item 4: a tar replaced after its record was created (two runs writing one shard at once) was
+    trusted by the rerun. The rerun checks each complete shard's SHA-256 against its record and writes it again."""
+    import hashlib
+
+    write_images(tmp_path / "in", 12)
+    out, other = tmp_path / "out", tmp_path / "other"
+    args = ["--input", tmp_path / "in", "--size", "32", "--shard-size", "4"]
+    run_cli(*args, "--output", out)
+    run_cli(*args, "--output", other)
+    samples = keys_in_tars(out)
+    os.replace(other / "shards-000000.tar", out / "shards-000001.tar")  # another shard's tar under this name
+    r = run_cli(*args, "--output", out)
+    assert "wrote 12 samples" in r.stdout, r.stdout
+    assert sorted(keys_in_tars(out)) == sorted(samples)  # every key once again
+    for rec in (out / ".progress").glob("*.tar.json"):
+        files = json.loads(rec.read_text())["files"]
+        for name, d in files.items():
+            assert hashlib.sha256((out / name).read_bytes()).hexdigest() == d["sha256"], name

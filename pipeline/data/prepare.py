@@ -4,8 +4,11 @@ How it stays exactly-once without a coordinator:
   * the inputs are listed and sorted, then split into N deterministic parts (`part K/N` takes every N-th source);
   * a part's samples are cut into fixed chunks of `shard_size` inputs, chunk j -> shard j, whatever gets skipped;
   * shard j is one unit of the commit protocol (pipeline.storage.Unit): the tar, then its completion record
-    (.progress/NAME.json). A rerun of the same command redoes exactly the chunks whose record is missing, and
-    never writes a sample twice.
+    (.progress/NAME.json). A rerun of the same command redoes exactly the chunks whose record is missing or whose
+    tar is not the one the record describes (its SHA-256; its ETag on object storage), and never writes a sample
+    twice;
+  * shard names carry the part K, not N: a folder holds the parts of one N (check_split), and the stage's lock
+    keeps a whole job and its parts, or parts of different N, from writing into one folder at once.
 The caller (the prepare stage) holds the output folder's lock.
 
 Inputs and output may be on object storage (s3://). An input folder is listed by prefix, a brace pattern of tars is
@@ -51,7 +54,7 @@ from pipeline.data.images import (
 from pipeline.config import PrepareConfig, validate_section
 from pipeline.data.shards import ShardWriter, split_key
 from pipeline.errors import StorageUnavailable, UserError
-from pipeline.manifest import IMAGE_FORMAT, part_name, shard_list
+from pipeline.manifest import IMAGE_FORMAT, MANIFEST, part_name, shard_list
 from pipeline.storage import Unit, as_path, atomic_write_json, is_remote, remove_stale_temporaries, storage_for
 from pipeline.storage.paths import expand_pattern, open_range
 
@@ -457,7 +460,7 @@ def write_shard(task) -> dict:
         "input_shorter_side": {"min": min(shorter), "max": max(shorter)} if shorter else None,
     }
     unit.put_staged()
-    record["files"] = unit.files()  # the tar's size and SHA-256
+    record["files"] = unit.files(etag=True)  # the tar's size and SHA-256 (and its ETag on object storage)
     unit.commit(record)
     return record
 
@@ -528,12 +531,42 @@ def check_fingerprint(out: Path, fp: dict, opts: PrepareOptions, overwrite: bool
 
 
 def clear_part(out: Path, opts: PrepareOptions) -> None:
-    """Remove what this part wrote before (shards with a record, the records, its manifest); nothing else."""
+    """Remove what this part wrote before (shards with a record, the records, its manifest); nothing else (not the
+    shards of the job's other parts, which may be running)."""
+    ours = re.compile(re.escape(output_shard_name(opts, 0)[: -len("000000.tar")]) + r"\d{6}\.tar")
     for rec in (out / PROGRESS_DIR).glob("*.tar.json"):
         name = rec.name[: -len(".json")]
-        if name.startswith(opts.prefix + "-") and (opts.num_parts == 1) == ("-p" not in name[len(opts.prefix):]):
+        if ours.fullmatch(name):
             shard_unit(out, name).undo()
     (out / part_name("manifest", opts.part, opts.num_parts, ".json")).unlink(missing_ok=True)
+
+
+_FINGERPRINT = re.compile(r"fingerprint(?:\.part-(\d+)-of-(\d+))?\.json")
+
+
+def check_split(out: Path, opts: PrepareOptions, overwrite: bool) -> None:
+    """One folder holds one split of a job (its number of parts N): shard names carry the part K, not N, so the
+    parts of another N would take the shards of the same K for theirs. Another N's fingerprints are refused in one
+    line, unless --overwrite, which removes what those parts wrote (no run of them is alive: the stage's lock
+    excludes it) and the merged manifest."""
+    found = {p.name: _FINGERPRINT.fullmatch(p.name) for p in (out / PROGRESS_DIR).glob("fingerprint*.json")}
+    other = {name: (int(m.group(1) or 0), int(m.group(2) or 1)) for name, m in found.items()
+             if m and int(m.group(2) or 1) != opts.num_parts}
+    if not other:
+        return
+    n = next(iter(other.values()))[1]
+    if not overwrite:
+        then = "a whole-job prepare (no --part)" if n == 1 else f"a prepare split into {n} parts (--part K/{n})"
+        now = "a whole job" if opts.num_parts == 1 else f"part {opts.part}/{opts.num_parts}"
+        raise UserError(f"{out} holds the shards of {then} ({PROGRESS_DIR}/{next(iter(other))}), and this run is "
+                        f"{now}; use {'no --part' if n == 1 else f'--part K/{n}'}, another folder, or --overwrite "
+                        f"to replace them")
+    for name, (k, n) in other.items():
+        path = out / PROGRESS_DIR / name
+        prefix = json.loads(path.read_text()).get("options", {}).get("prefix", opts.prefix)
+        clear_part(out, PrepareOptions(prefix=prefix, part=k, num_parts=n))
+        path.unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the merged manifest of those parts
 
 
 def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progress=None, overwrite: bool = False) -> dict:
@@ -555,12 +588,17 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
     try:
         items = plan_part(kind, sources, opts, pool)
         fp = fingerprint(items, opts)
+        check_split(out, opts, overwrite)
         check_fingerprint(out, fp, opts, overwrite)
         records, todo, unavailable = {}, [], []
         listed = _listed_units(out)
         for j, chunk in chunks(items, opts.shard_size):
             name = output_shard_name(opts, j)
-            record = shard_unit(out, name).read_record() if listed is None or name in listed else None
+            unit = shard_unit(out, name)
+            record = unit.read_record() if listed is None or str(out / name) in listed else None
+            if record is not None and not unit.intact(record, listed):
+                unit.undo()  # its tar is not the one its record describes (another run replaced it): written again
+                record = None
             if record is not None:
                 records[j] = record
                 if progress:
@@ -592,13 +630,14 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
     return manifest
 
 
-def _listed_units(out) -> set[str] | None:
-    """On object storage: the shard names whose tar and record both exist (two listings, instead of three requests
-    per shard for the shards not done yet); None locally (looking is cheap there)."""
+def _listed_units(out) -> dict[str, tuple] | None:
+    """On object storage: {tar URL: (size, ETag)} of the shards whose tar and record both exist (two listings,
+    instead of three requests per shard for the shards not done yet); None locally (looking is cheap there)."""
     if not is_remote(out):
         return None
     records = {p.name[: -len(".json")] for p in (out / PROGRESS_DIR).glob("*.tar.json")}
-    return records & {p.name for p in out.glob("*.tar")}
+    tars = storage_for(str(out)).entries(str(out))[0]
+    return {url: entry for url, entry in tars.items() if url.rsplit("/", 1)[-1] in records}
 
 
 def build_manifest(records: list[dict], opts: PrepareOptions, kind: str, num_items: int) -> dict:

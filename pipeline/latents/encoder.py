@@ -2,8 +2,8 @@
 
 Exactly once without a coordinator: every input shard gives one output shard with the same base name, a unit of
 the commit protocol (pipeline.storage.Unit: the tar, then its record records/NAME.json). A shard counts as done
-only when its record exists with the folder's settings, so a rerun after a kill at any moment redoes exactly the
-shards that were not finished. The work inside one shard is deterministic (the same batches, the same noise per
+only when its record exists with the folder's settings and its tar is the one the record describes (the rerun's
+check: format.shard_state), so a rerun after a kill at any moment redoes exactly the shards that were not finished. The work inside one shard is deterministic (the same batches, the same noise per
 key), so the output does not depend on how many processes or loader workers ran.
 """
 
@@ -370,7 +370,7 @@ class LatentShard:
             self.unit.discard()
             return None
         self.unit.put_staged()
-        record["files"] = self.unit.files()  # the tar's size and SHA-256
+        record["files"] = self.unit.files(etag=True)  # the tar's size and SHA-256 (and ETag on object storage)
         return record if self.unit.commit(record) else None  # False: the other run's record came first
 
 

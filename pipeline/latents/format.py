@@ -14,7 +14,6 @@ docs/latent-format.md is the specification for readers that do not import firsts
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -210,15 +209,30 @@ def input_identity(url: str) -> dict | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def shard_state(folder: Path, name: str, settings: dict, url: str | None = None) -> str:
+def shard_state(folder: Path, name: str, settings: dict, url: str | None = None, listed: dict | None = None) -> str:
     """'complete' when the shard's unit is done (tar and record), with these settings, from the input shard `url` as
-    it is now; 'changed' when it is done with these settings but from another input (other data under the same
-    shard name, or the input was rewritten): a rerun encodes it again; else 'todo'."""
-    return record_state(shard_unit(folder, name).read_record(), settings, url)
+    it is now, and its tar is the one its record describes (Unit.intact: its SHA-256, or its ETag on object storage,
+    from `listed`); 'changed' when it is done with these settings but from another input (other data under the same
+    shard name, or the input was rewritten): a rerun encodes it again; else 'todo'. A shard whose tar was replaced
+    after its record was created (two runs writing it at once) is undone here, so that it is written again."""
+    unit = shard_unit(folder, name)
+    record = unit.read_record(listed=listed is not None)
+    state = record_state(record, settings, url)
+    if state == "complete" and not unit.intact(record, listed):
+        unit.undo()
+        return "todo"
+    return state
+
+
+def shard_intact(folder, name: str) -> bool:
+    """Whether shard NAME is done and its tar is the one its record describes (LatentDataset's `verify`)."""
+    unit = shard_unit(folder, name)
+    record = unit.read_record()
+    return record is not None and unit.intact(record)
 
 
 def record_state(record: dict | None, settings: dict, url: str | None) -> str:
-    """shard_state of a record already read (None: no done shard)."""
+    """shard_state of a record already read (None: no done shard), without looking at its tar."""
     if record is None or not same_latents(record, settings):
         return "todo"
     if url is None:
@@ -229,30 +243,29 @@ def record_state(record: dict | None, settings: dict, url: str | None) -> str:
 
 
 def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
-    """shard_state of the output shard of every input shard in `urls`: {url: state}. On object storage the folder
-    and records/ are listed once (a shard without both its tar and its record is 'todo' without a request), and the
-    records of the others are read, 16 at a time."""
+    """shard_state of the output shard of every input shard in `urls`: {url: state}, 16 at a time (each complete
+    shard's tar is checked against its record: read and hashed locally). On object storage the folder and records/
+    are listed once (a shard without both its tar and its record is 'todo' without a request; the ETags of the
+    listing stand for the tars)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.data.shards import shard_name
 
     folder = as_path(folder)
-    if not is_remote(folder):
-        return {u: shard_state(folder, shard_name(u), settings, u) for u in urls}
-    records = _listed_records(folder)
-    look = [u for u in urls if Path(shard_name(u)).stem in records]
+    listed = _listed_tars(folder) if is_remote(folder) else None
+    look = [u for u in urls if listed is None or str(folder / shard_name(u)) in listed]
     with ThreadPoolExecutor(16) as pool:
-        found = dict(zip(look, pool.map(lambda u: record_state(records[Path(shard_name(u)).stem](), settings, u),
-                                        look)))
+        found = dict(zip(look, pool.map(lambda u: shard_state(folder, shard_name(u), settings, u, listed), look)))
     return {u: found.get(u, "todo") for u in urls}
 
 
-def _listed_records(folder) -> dict:
-    """On object storage: {stem: read()} for the shards whose tar and record both exist (two listings); read() is
-    the record (one GET; None if it is not JSON)."""
-    tars = {p.name for p in folder.glob("*.tar")}
-    return {rec.stem: functools.partial(shard_unit(folder, rec.stem + ".tar").read_record, listed=True)
-            for rec in (folder / RECORDS).glob("*.json") if rec.stem + ".tar" in tars}
+def _listed_tars(folder) -> dict[str, tuple]:
+    """On object storage: {tar URL: (size, ETag)} of the shards whose tar and record both exist (two listings)."""
+    from pipeline.storage import storage_for
+
+    records = {rec.stem for rec in (folder / RECORDS).glob("*.json")}
+    tars = storage_for(str(folder)).entries(str(folder))[0]
+    return {url: entry for url, entry in tars.items() if url.endswith(".tar") and Path(url).stem in records}
 
 
 def same_latents(record: dict, settings: dict) -> bool:
@@ -268,9 +281,9 @@ def read_records(folder: Path, settings: dict) -> list[dict]:
 
     folder = as_path(folder)
     if is_remote(folder):
-        listed = _listed_records(folder)
+        units = [shard_unit(folder, as_path(url).name) for url in sorted(_listed_tars(folder))]
         with ThreadPoolExecutor(16) as pool:
-            found = list(pool.map(lambda stem: listed[stem](), sorted(listed)))
+            found = list(pool.map(lambda unit: unit.read_record(listed=True), units))
     else:
         found = [shard_unit(folder, rec.stem + ".tar").read_record()
                  for rec in (sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else [])]
@@ -359,11 +372,23 @@ def reader_normalisation(settings: dict, statistics: dict) -> dict | None:
 
 
 def write_manifest(folder: Path, expected: list[str] | None = None, processes: int | None = None) -> dict:
-    """manifest.json from settings.json and the records in the folder (also `--rebuild-manifest`)."""
+    """manifest.json from settings.json and the records in the folder (also `--rebuild-manifest`). The parts of a
+    job each write it when they end, from the records there at that moment: it is written again (up to 10 times)
+    until the records it was built from are still all the records, so that the part that writes it last leaves the
+    manifest of every record, whichever part read them first."""
     folder = as_path(folder)
     if not (folder / SETTINGS).is_file():
         raise UserError(f"{folder}: no {SETTINGS}; not a firststage latent folder (run firststage encode first)")
     settings = json.loads((folder / SETTINGS).read_text())
-    manifest = build_manifest(folder, settings, read_records(folder, settings), expected, processes)
-    atomic_write_json(folder / MANIFEST, manifest)
+    names = _record_names(folder)
+    for _ in range(10):
+        manifest = build_manifest(folder, settings, read_records(folder, settings), expected, processes)
+        atomic_write_json(folder / MANIFEST, manifest)
+        names, before = _record_names(folder), names
+        if names == before:
+            break
     return manifest
+
+
+def _record_names(folder) -> set[str]:
+    return {p.name for p in (folder / RECORDS).glob("*.json")} if (folder / RECORDS).is_dir() else set()

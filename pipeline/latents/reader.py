@@ -19,7 +19,9 @@ A sample that cannot be read (a malformed or missing KEY.latents.safetensors, a 
 does not name, a NaN/Inf latent) is skipped and counted, with a warning at 1, 2, 4, ... as the image loader does;
 `max_bad_samples` of them in a row stop the stream (DataError). The manifest is checked against the folder: a shard it
 lists that is not there stops the constructor, and a shard holding another number of samples than the manifest says
-stops the stream once that shard has been read.
+stops the stream once that shard has been read. `verify=True` checks, before anything is read, that every shard is
+the tar its record describes (its SHA-256, or its ETag on object storage): a folder two runs wrote at once stops the
+constructor.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from webdataset.utils import make_seed
 
 from pipeline.data.loader import ShardStream, collate, read_samples, worker_slot
 from pipeline.errors import DataError
-from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, read_latent
+from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, read_latent, shard_intact
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, read_manifest
 from pipeline.models.normalisation import normalise
 from pipeline.models.posterior import key_generator, reparameterize
@@ -57,7 +59,8 @@ class LatentDataset(ShardStream):
     def __init__(self, path: str | Path, mode: str = "train", batch_size: int | None = None, *, scale: bool = True,
                  scaling_factor: float | None = None, shift_factor: float | None = None, sample: bool = True,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, epoch: int = 0,
-                 shuffle_buffer: int = 1000, drop_last: bool | None = None, max_bad_samples: int = 1000):
+                 shuffle_buffer: int = 1000, drop_last: bool | None = None, max_bad_samples: int = 1000,
+                 verify: bool = False):
         folder = as_path(path)  # a local folder, or one on object storage (s3://bucket/prefix)
         folder = folder.parent if folder.is_file() else folder
         self.folder = folder
@@ -70,6 +73,11 @@ class LatentDataset(ShardStream):
             raise DataError(f"{folder / MANIFEST} lists {len(absent)} shard(s) that are not in the folder (first: "
                             f"{as_path(absent[0]).name}); finish the encode (run its command again) or rebuild the "
                             f"manifest: firststage encode --output {folder} --rebuild-manifest")
+        if verify:  # each tar against its record (SHA-256: every shard read once more; the ETag on object storage)
+            bad = [s["name"] for s in self.manifest["shards"] if not shard_intact(folder, s["name"])]
+            if bad:
+                raise DataError(f"{folder}: {len(bad)} shard(s) are not the tars their records describe (first: "
+                                f"{bad[0]}); run the encode command again, which writes them again")
         r, w = _default_rank_world()
         super().__init__(list(self.expected), mode, shuffle_buffer, seed, r if rank is None else rank,
                          w if world_size is None else world_size, epoch, max_bad_samples=max_bad_samples)

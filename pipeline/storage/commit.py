@@ -24,6 +24,7 @@ name appears or goes): a process that lost its lock writes nothing more and rais
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -56,6 +57,13 @@ class Unit:
             return None
         return record if isinstance(record, dict) else None
 
+    def _info(self, payload: str) -> tuple[int, str] | None:
+        try:
+            info = self.store.info(payload)
+        except FileNotFoundError:
+            return None
+        return info["size"], info["etag"]
+
     def staging(self, payload: str | Path) -> Path:
         """A local path (not yet created) to write `payload` into, a file or a folder; commit() moves it under its
         final name."""
@@ -77,7 +85,7 @@ class Unit:
         for payload, local in list(self._staged.items()):
             written = self.store.put_file(payload, local)
             if isinstance(written.get("sha256"), str):  # a file's digest (a folder's is one per file name)
-                self.written[payload] = {"size": written["size"], "sha256": written["sha256"]}
+                self.written[payload] = {k: written[k] for k in ("size", "sha256", "etag") if written.get(k)}
             del self._staged[payload]
 
     def commit(self, record: dict | bytes) -> bool:
@@ -87,9 +95,28 @@ class Unit:
         self.put_staged()
         return self.store.create(self.record, record if isinstance(record, bytes) else json_bytes(record))
 
-    def files(self) -> dict[str, dict]:
-        """{file name: {size, sha256}} of the payloads put so far, for the record (call put_staged() first)."""
-        return files_of(self.written)
+    def files(self, etag: bool = False) -> dict[str, dict]:
+        """{file name: {size, sha256}} of the payloads put so far, for the record (call put_staged() first); `etag`:
+        with the object store's ETag of each (what `intact` compares with a listing, without reading the object)."""
+        return {name: {k: v for k, v in d.items() if etag or k != "etag"} for name, d in files_of(self.written).items()}
+
+    def intact(self, record: dict, listed: dict | None = None) -> bool:
+        """Whether every payload is still the file its record describes (`files`): a payload that another run
+        replaced after the record was created is not. Compared by the ETag where the record has one (object
+        storage: from `listed`, {URL: (size, ETag)} of a listing, else a HEAD; a new upload changes it), else by
+        size and SHA-256 of the bytes (one read). A record without `files` (an older run's) is taken as it is."""
+        files = record.get("files")
+        for payload in self.payloads if isinstance(files, dict) else []:
+            want = files.get(payload.rstrip("/").rsplit("/", 1)[-1])
+            if not isinstance(want, dict) or "sha256" not in want:
+                continue  # a folder payload (an export: a digest per file) or one the record does not name
+            if want.get("etag"):
+                found = (listed or {}).get(payload) or self._info(payload)
+                if found is None or found[1] != want["etag"]:
+                    return False
+            elif stream_digest(self.store, payload) != {"size": want.get("size"), "sha256": want["sha256"]}:
+                return False
+        return True
 
     def discard(self) -> None:
         """Drop the staging files of an unfinished unit (a failed or interrupted write)."""
@@ -102,6 +129,19 @@ class Unit:
         self.store.delete(self.record)
         for p in self.payloads:
             self.store.delete(p)
+
+
+def stream_digest(store, path: str) -> dict | None:
+    """{size, sha256} of the object `path` read once (None when it is gone)."""
+    h, size = hashlib.sha256(), 0
+    try:
+        with store.open_read(path) as f:
+            while chunk := f.read(8 * 2**20):
+                h.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        return None
+    return {"size": size, "sha256": h.hexdigest()}
 
 
 def files_of(written: dict[str, dict]) -> dict[str, dict]:

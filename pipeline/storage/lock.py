@@ -41,6 +41,7 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         self.store.ensure_folder(self.folder)
         self.lost = None
+        self.me["since"] = round(time.time(), 3)  # when this run took it: its uploads started after (Unix time)
         mine = json.dumps(self.me).encode()
         for _ in range(5):
             if self.store.create(self.path, mine):
@@ -103,6 +104,11 @@ class FolderLock:
         """Who holds the lock object now (None: nobody, or not JSON)."""
         found = self._holder()
         return found[0] if found is not None else None
+
+    def live_holder(self) -> dict | None:
+        """Who holds this lock now, where that run may still be alive (None: nobody, not JSON, or a stale lock)."""
+        holder = self._holder_now()
+        return holder if holder is not None and not self._stale(holder) else None
 
     def _ours(self, holder: dict | None) -> bool:
         return holder is not None and holder.get("token") == self.me["token"]

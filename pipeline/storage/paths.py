@@ -226,12 +226,3 @@ def open_range(path, start: int, length: int) -> BinaryIO:
     f = open(path, "rb")
     f.seek(start)
     return f
-
-
-def abort_stale_uploads(folder, older_than_s: float = 3600) -> int:
-    """Abort the multipart uploads under an object-store folder that were started more than `older_than_s` ago: what
-    killed runs left (invisible, but stored and billed). For the holder of the folder's lock; 0 locally."""
-    if not is_remote(folder):
-        return 0
-    store = storage_for(str(folder))
-    return store.abort_uploads(str(folder), older_than_s) if hasattr(store, "abort_uploads") else 0

@@ -478,20 +478,31 @@ class S3Storage(Storage):
         seconds ago: what a run killed mid-upload (SIGKILL, a lost node) left behind. Nothing of them is visible as
         an object, but their parts are stored (and billed) until aborted; a bucket lifecycle rule
         (AbortIncompleteMultipartUpload) does the same server-side. Returns how many were aborted."""
+        cutoff = time.time() - older_than_s
+        found = [(url, upload_id) for url, upload_id, started in self.uploads(folder) if started <= cutoff]
+        for url, upload_id in found:
+            self.abort_upload(url, upload_id)
+        return len(found)
+
+    def uploads(self, folder: str) -> list[tuple[str, str, float]]:
+        """The unfinished multipart uploads under `folder` (at any depth): (object URL, upload id, when it was
+        started, Unix time of the store's clock)."""
         bucket, prefix = split_url(folder)
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-        cutoff = time.time() - older_than_s
-        n, kw = 0, {}
+        found, kw = [], {}
         while True:
             r = self._call("list_multipart_uploads", bucket, Prefix=prefix, **kw)
             for u in r.get("Uploads", []):
                 initiated = u["Initiated"]
-                if isinstance(initiated, datetime) and initiated.astimezone(timezone.utc).timestamp() <= cutoff:
-                    self._abort(bucket, u["Key"], u["UploadId"])
-                    n += 1
+                if isinstance(initiated, datetime):
+                    found.append((f"s3://{bucket}/{u['Key']}", u["UploadId"],
+                                  initiated.astimezone(timezone.utc).timestamp()))
             if not r.get("IsTruncated"):
-                return n
+                return found
             kw = {"KeyMarker": r.get("NextKeyMarker"), "UploadIdMarker": r.get("NextUploadIdMarker")}
+
+    def abort_upload(self, url: str, upload_id: str) -> None:
+        self._abort(*split_url(url), upload_id)
 
     def delete(self, path) -> None:
         """The object, and every object under `path/` (a folder: an export, a checkpoint); absent: no error. One
