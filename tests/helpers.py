@@ -119,13 +119,3 @@ def flat(d: dict, prefix: str = ""):
                 yield f"{prefix}{k}[{i}]", x
         else:
             yield prefix + k, v
-
-
-def copy_run(src, dst, ignore=()):
-    """A copy of (part of) a run folder, without the private copies of its checkpoint that other test workers'
-    stages pinned in it meanwhile (checkpoints/.pinned/: they come and go while the copy is made)."""
-    import shutil
-
-    from pipeline.weights.firststage import PINS
-
-    return shutil.copytree(src, dst, ignore=shutil.ignore_patterns(PINS, *ignore))

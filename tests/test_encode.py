@@ -140,6 +140,20 @@ def test_rerun_skips_complete_shards_and_a_different_model_is_refused(data, tmp_
     assert read_manifest(data / "ref")["store"] == "moments"  # nothing was touched
 
 
+def test_a_copied_latent_folder_is_complete_without_encoding_again(data, tmp_path, capsys):
+    """The rerun checks each complete shard against its record: a stat where the tar is the file the record named
+    (its inode and mtime), the bytes' SHA-256 where it is not (a copied or moved folder): nothing encoded again."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(data / "ref", moved)
+    before = {p.name: p.read_bytes() for p in moved.glob("*.tar")}
+    encode("--model", data / "vae", "--data", data / "shards", "--output", moved, "data.resolution=32",
+           "data.num_workers=0")
+    assert "0 samples from 0 shards (4 already complete)" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in moved.glob("*.tar")} == before
+
+
 def test_overwrite_replaces_and_rebuild_manifest_agrees(data, tmp_path, capsys):
     out = tmp_path / "lat"
     base = ["--data", data / "shards", "--output", out, "data.resolution=32", "data.num_workers=0"]

@@ -5,12 +5,14 @@ import json
 import os
 from pathlib import Path
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from harness import run_main
-from helpers import TINY, copy_run
+from helpers import TINY
 from pipeline.config import load_config
 from pipeline.weights.diffusers import save as save_diffusers
 from pipeline.models import build_autoencoder
@@ -362,7 +364,8 @@ def test_a_checkpoint_pruned_by_its_running_training_after_pinning_is_read_and_d
     from stages.evaluate import main as evaluate
 
     run = tmp_path / "run"
-    copy_run(tiny_run / "run", run, ["eval.*"])
+    shutil.copytree(tiny_run / "run", run, ignore=shutil.ignore_patterns("eval.*"))
+    monkeypatch.setenv("FIRSTSTAGE_CACHE", str(tmp_path / "cache"))
     ema = load_tensors(run / "checkpoints" / "step-00000040" / "ema.safetensors")
 
     def next_checkpoint_lands():  # the training saves step 41 and prunes step 40 (keep_checkpoints=1)
@@ -371,7 +374,7 @@ def test_a_checkpoint_pruned_by_its_running_training_after_pinning_is_read_and_d
 
     def back_to_step_40():
         shutil.rmtree(run / "checkpoints" / "step-00000041")
-        copy_run(tiny_run / "run" / "checkpoints" / "step-00000040", run / "checkpoints" / "step-00000040")
+        shutil.copytree(tiny_run / "run" / "checkpoints" / "step-00000040", run / "checkpoints" / "step-00000040")
 
     w = weights.resolve_weights(run)
     next_checkpoint_lands()
@@ -398,7 +401,8 @@ def test_a_checkpoint_pruned_by_its_running_training_after_pinning_is_read_and_d
     r = export("--model", run, "--output", tmp_path / "vae")  # with the eval.json of the same (pinned) weights
     assert r.returncode == 0, r.stderr  # base: config.yaml: no such file
     assert "ema.safetensors (step-00000040)" in r.stdout and "step 40" in (tmp_path / "vae" / "README.md").read_text()
-    assert not (run / "checkpoints" / ".pinned").exists()  # the stages' pins went with them
+    assert not list((tmp_path / "cache" / "pins").glob("*"))  # the stages' pins went with them
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000041"]  # nothing written there
 
 
 def test_a_pin_is_checked_against_the_record_and_copies_where_no_link_can_be_made(tiny_run, tmp_path, monkeypatch):
@@ -411,7 +415,8 @@ def test_a_pin_is_checked_against_the_record_and_copies_where_no_link_can_be_mad
     from pipeline.weights import resolve_weights
 
     run = tmp_path / "run"
-    copy_run(tiny_run / "run" / "checkpoints", run / "checkpoints")
+    shutil.copytree(tiny_run / "run" / "checkpoints", run / "checkpoints")
+    monkeypatch.setenv("FIRSTSTAGE_CACHE", str(tmp_path / "cache"))
     link = os.link
 
     def pruned_midway(src, dst):
@@ -423,7 +428,7 @@ def test_a_pin_is_checked_against_the_record_and_copies_where_no_link_can_be_mad
     monkeypatch.setattr(firststage.os, "link", pruned_midway)
     w = resolve_weights(run)
     assert w.describe() == "ema.safetensors (step-00000041)" and w.path.endswith("step-00000041")
-    assert sorted(p.name for p in (run / "checkpoints" / ".pinned").iterdir()) == [Path(w.pinned).parent.name]
+    assert sorted(p.name for p in (tmp_path / "cache" / "pins").iterdir()) == [Path(w.pinned).parent.name]
 
     def no_links(src, dst):
         raise PermissionError(1, "Operation not permitted", str(src))
@@ -433,4 +438,4 @@ def test_a_pin_is_checked_against_the_record_and_copies_where_no_link_can_be_mad
     shutil.rmtree(run / "checkpoints" / "step-00000041")
     assert w.describe() == "ema.safetensors (step-00000041)" and w.load()[0] is not None
     firststage.release_pins()
-    assert not (run / "checkpoints" / ".pinned").exists() and not Path(w.pinned).exists()
+    assert not Path(w.pinned).exists() and not list((tmp_path / "cache" / "pins").glob("*"))

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harness import ForkedStage, run_main
-from helpers import TINY, copy_run
+from helpers import TINY
 from pipeline.config import config_to_dict, load_config
 from pipeline.models import build_autoencoder
 from pipeline.weights.diffusers import save as save_diffusers
@@ -74,7 +74,7 @@ def capped(fn, headroom=2**30):
 # ------------------------------------------------------------------------------ 2. export over its own model
 def test_export_never_writes_over_or_into_the_models_own_folders(tiny_run, tmp_path, monkeypatch):
     run = tmp_path / "runs" / "A"
-    copy_run(tiny_run / "run", run)
+    shutil.copytree(tiny_run / "run", run)
     before = files_of(run)
     cases = {
         (run,): "is the model's folder",
@@ -231,7 +231,7 @@ def test_export_refuses_non_finite_weights_and_latent_factors(tiny_run, tmp_path
     r = export("--model", tmp_path / "nan", "--output", tmp_path / "out", "--keep-scaling-factor")
     assert r.returncode == 2 and "decoder.conv_out.weight holds 1 non-finite value(s)" in r.stderr and one_line(r)
     run = tmp_path / "run"
-    copy_run(tiny_run / "run", run)
+    shutil.copytree(tiny_run / "run", run)
     ev = json.loads((run / "eval.json").read_text())
     ev["latents"]["std"] = float("nan")  # the measured std the scaling factor comes from
     (run / "eval.json").write_text(json.dumps(ev))  # json writes NaN, and reads it back

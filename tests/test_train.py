@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import shutil
+
 import pytest
 import torch
 
 from harness import ENV, ForkedStage, ROOT, run_main
-from helpers import TINY, copy_run, make_shards
+from helpers import TINY, make_shards
 from pipeline.checkpoint import find_resume_path, list_checkpoints, read_trainer_state
 from pipeline.losses.objective import FirstStageObjective
 
@@ -249,7 +251,7 @@ def test_a_second_train_into_a_run_folder_is_refused_and_changes_nothing(tiny_ru
     from stages.train import main
 
     run = tmp_path / "run"
-    copy_run(tiny_run / "run", run)
+    shutil.copytree(tiny_run / "run", run)
     before = _tree(run)
     r = run_main(main, *TINY, f"data.train={shards}", f"output_dir={run}", "train.max_steps=60")
     assert r.returncode == 2, r.stderr[-2000:]
@@ -257,7 +259,7 @@ def test_a_second_train_into_a_run_folder_is_refused_and_changes_nothing(tiny_ru
            f"output_dir" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     other = tmp_path / "other"
-    copy_run(tiny_run / "run", other)
+    shutil.copytree(tiny_run / "run", other)
     r = run_main(main, *TINY, f"data.train={shards}", f"output_dir={run}", "train.max_steps=60",
                  "--resume", find_resume_path(other))
     assert r.returncode == 2 and "holds a run at step 40" in r.stderr, r.stderr[-2000:]

@@ -25,6 +25,10 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 class Storage(ABC):
     """Files by full path. Implementations: LocalStorage (pipeline.storage.local); object stores by URL scheme."""
 
+    # an object store's ETag changes with every write of the object and only then; a local file's (its inode and
+    # mtime) also changes when the folder is copied or moved, so a local mismatch is settled by reading the bytes
+    etag_names_the_bytes = True
+
     @abstractmethod
     def read_bytes(self, path: str) -> bytes:
         """The whole object; FileNotFoundError when absent."""

@@ -37,7 +37,19 @@ def temporary_name(path: str | Path, unique: bool = True) -> Path:
     return path.with_name(f".{path.name}{tag}.tmp")
 
 
+def _identity(st: os.stat_result) -> str:
+    """A local file's ETag: its inode and mtime (a file renamed over it, or written again, gets another)."""
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}"
+
+
 class LocalStorage(Storage):
+    etag_names_the_bytes = False
+
+    def info(self, path) -> dict:
+        """size and ETag (inode and mtime) of a file; FileNotFoundError when absent."""
+        st = os.stat(_local(path))
+        return {"size": st.st_size, "etag": _identity(st)}
+
     def read_bytes(self, path) -> bytes:
         return _local(path).read_bytes()
 
@@ -72,6 +84,8 @@ class LocalStorage(Storage):
         digest = file_digest(local) if Path(local).is_file() else {}
         check_writable(path)
         os.replace(local, _local(path))  # staging_file lies beside `path` (same filesystem); a folder moves whole
+        if digest:
+            digest["etag"] = _identity(os.stat(_local(path)))
         return digest
 
     def create(self, path, data: bytes) -> bool:

@@ -2,10 +2,11 @@
 The model is rebuilt from the checkpoint's own config.yaml; the EMA weights are used unless asked otherwise.
 
 A checkpoint of a run folder is pinned (`pin`): what is read of it (record, config, tensors) is hard-linked into a
-private folder, checkpoints/.pinned/HOST-PID-*/step-N/ (copied where no link can be made; into a temporary folder
-where the run's folder is not writable), and checked against the record, so a run still training that prunes the checkpoint (train.keep_checkpoints) takes
-nothing away from an evaluate or export that reads it. The process removes its pins when its stage ends or it exits;
-a pin left by a killed process of this host goes when the next one pins beside it."""
+private folder of the cache, $FIRSTSTAGE_CACHE/pins/HOST-PID-*/step-N/ (copied where no link can be made: the cache
+on another file system than the run), and checked against the record, so a run still training that prunes the
+checkpoint (train.keep_checkpoints) takes nothing away from an evaluate or export that reads it, and nothing is
+written into the run's folder. The process removes its pins when its stage ends or it exits; a pin left by a killed
+process of this host goes when the next one pins beside it."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def detect(p: Path) -> Path | None:
     return None
 
 
-PINS = ".pinned"  # in a run's checkpoints/ folder: the private copies of the checkpoints that readers pinned
+PINS = "pins"  # in the cache (FIRSTSTAGE_CACHE): the private copies of the checkpoints that readers pinned
 _pins: list[Path] = []  # this process's
 
 
@@ -71,13 +72,12 @@ def pin(given: Path, found: Path, tries: int = 5) -> tuple[Path, Path | None]:
 def _pinned_copy(folder: Path) -> Path:
     """The record, config and tensors of a checkpoint in a new private folder (hard links, else copies), record
     first, so that the files can be checked against the record they came with."""
-    root, mine = folder.parent / PINS, f"{socket.gethostname()}-{os.getpid()}-"
-    try:
-        root.mkdir(exist_ok=True)
-        _sweep(root)
-        private = Path(tempfile.mkdtemp(prefix=mine, dir=root))
-    except OSError:  # a run folder this user may not write into
-        private = Path(tempfile.mkdtemp(prefix=f"firststage-pin-{mine}"))
+    from pipeline.storage.cache import cache_root
+
+    root, mine = cache_root() / PINS, f"{socket.gethostname()}-{os.getpid()}-"
+    root.mkdir(parents=True, exist_ok=True)  # never in the run's folder: a reader writes nothing outside its output
+    _sweep(root)
+    private = Path(tempfile.mkdtemp(prefix=mine, dir=root))
     _pins.append(private)
     dest = private / folder.name
     dest.mkdir()
