@@ -5,6 +5,7 @@
   all_reduce(tensors, op)      one flat all-reduce for a list of tensors (identity in one process)
   decided_by_main(fn)          fn() run on the main process only, its result (or its one-line error) on every rank
   on_every_rank(fn, what)      fn() run on every rank; it returns on every rank or fails on every rank
+  held_by_main(take, follow)   a lock taken by the main process and followed by every other rank
 """
 
 from __future__ import annotations
@@ -113,3 +114,12 @@ def on_every_rank(fn, what: str, undo=None, device=None):
         raise error
     raise SaveAbandoned(f"{what}: another process of the job could not write its part, so no process keeps any of "
                         f"it; rerun with --resume auto (the previous checkpoint is complete)")
+
+
+def held_by_main(take, follow):
+    """`take()` (a lock) on the main process, its token handed to every other rank, which returns `follow(token)`:
+    the writes of every rank then prove the main process's lock (pipeline.storage.lock). A UserError taking it is
+    the same one line on every rank."""
+    held: list = []
+    token = decided_by_main(lambda: held.append(take()) or held[0].me["token"])
+    return held[0] if held else follow(token)

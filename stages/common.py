@@ -27,26 +27,29 @@ EXIT_INTERRUPTED = 130
 
 
 def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
-    """`--model` pinned once for the whole job (pipeline.weights.resolve_weights on the main process, handed to every
-    rank): ranks that start a moment apart around a new checkpoint cannot load different weights. A bad path is the
-    same one-line error on every rank, naming the flag."""
+    """`--model` pinned once for the whole job (resolve_weights on the main process, handed to every rank): ranks that
+    start a moment apart cannot load different weights; a bad path is one line on every rank, naming the flag."""
     from pipeline.distributed import decided_by_main
     from pipeline.weights import resolve_weights
     with flag_named(flag):
         return decided_by_main(lambda: resolve_weights(path, ema))
 
 
-def take_output_lock(folder, name: str = ".lock", what: str = "--output"):
-    """The stage's lock on its output folder (leased on object storage), taken after credentials, bucket and
-    conditional writes were checked; a second run is refused naming the holder, as is a run of another split of
-    the job (pipeline.manifest.exclude_other_splits); the holder aborts the uploads no live run owns."""
+def take_output_lock(folder, name: str = ".lock", what: str = "--output", ranks: bool = False):
+    """The output's lock (leased on object storage), after credentials, bucket and conditional writes were checked; a
+    second run, or one of another split of the job, is refused naming the holder, who aborts the uploads no live run
+    owns. `ranks`: the main process's, followed by every other rank (pipeline.distributed.held_by_main)."""
+    from pipeline.distributed import held_by_main
     from pipeline.manifest import abort_orphan_uploads, exclude_other_splits
     from pipeline.storage import folder_lock
 
-    check_paths([(what, folder)], writes=True)
-    lock = folder_lock(folder, name, what=what).acquire()
-    abort_orphan_uploads(folder, exclude_other_splits(lock))
-    return lock
+    def take():
+        check_paths([(what, folder)], writes=True)
+        lock = folder_lock(folder, name, what=what).acquire()
+        abort_orphan_uploads(folder, exclude_other_splits(lock))
+        return lock
+
+    return held_by_main(take, lambda token: folder_lock(folder, name, what=what).follow(token)) if ranks else take()
 
 
 @contextlib.contextmanager
@@ -74,9 +77,8 @@ def resolve_mixed_precision(choice: str) -> str:
     """'auto' -> bf16 on a GPU that has it, else 'no'."""
     import torch
 
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return choice if choice != "auto" else "bf16" if bf16 else "no"
 
 
 def add_alias_flags(parser: argparse.ArgumentParser, aliases: dict[str, tuple]) -> None:
@@ -104,8 +106,7 @@ def alias_errors(aliases: dict[str, tuple]):
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--config", required=required, metavar="PRESET|FILE",
-                        help="a preset name from configs/ (kl-f8, tiny, ...) or a YAML file")
+    parser.add_argument("--config", required=required, metavar="PRESET|FILE", help="a preset (configs/) or a YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=100 "
                         "loss.kl.weight=1e-6 (see `firststage config --keys`)")
 
@@ -158,10 +159,9 @@ def _stop_now(*_):
 
 @contextlib.contextmanager
 def start_up(stop: threading.Event, message: str):
-    """Around a stage's heavy imports (torch, diffusers: about 7 s on a busy CPU), before it has written anything: a
-    SIGTERM that came before or comes during them ends a one-process stage at once, `message` on stdout and exit
-    EXIT_PREEMPTED (printed outside the signal handler), instead of after them. A rank of a launched job (WORLD_SIZE >
-    1) only sets `stop`, as outside the block, so that every rank stops at the same point."""
+    """Around a stage's heavy imports (torch, diffusers: about 7 s), before it wrote anything: a SIGTERM before or
+    during them ends a one-process stage at once, `message` on stdout (outside the handler) and EXIT_PREEMPTED. A rank
+    of a launched job (WORLD_SIZE > 1) only sets `stop`, as outside the block: every rank stops at the same point."""
     alone = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1
     previous = signal.signal(signal.SIGTERM, _stop_now if alone else signal.getsignal(signal.SIGTERM))
     try:

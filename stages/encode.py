@@ -127,8 +127,8 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
     mp = resolve_mixed_precision(cfg.encode.mixed_precision) if cuda else "no"
     store = effective_store(model, cfg.encode.store)
     settings = lf.folder_settings(model, cfg, weights, dtype, buckets, store, stored_tensors(store, cfg.encode.flip))
-    lock = take_output_lock(out, part_name(".lock", part, num_parts)) if state.is_main_process else None
-    locks += [lock] if lock else []
+    lock = take_output_lock(out, part_name(".lock", part, num_parts), ranks=True)  # every rank's writes prove it
+    locks.append(lock)
     try:
         if state.is_main_process:
             with flag_named("--output"):

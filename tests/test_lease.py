@@ -265,3 +265,32 @@ def test_a_local_run_whose_lock_was_taken_writes_nothing_under_a_final_name(tmp_
     finally:
         lock.release()
     assert (out / ".lock").exists()  # not ours: left to its holder
+
+
+def test_the_other_ranks_of_a_job_follow_the_main_process_lock(aws, tmp_path):  # noqa: F811
+    """A multi-process encode: only the main process takes the lock, and every other rank writes shards too. A rank
+    follows the main process's lock (its token): its writes prove the lease as the holder's do, by reading the lock
+    object (once per quarter lease), and write nothing once another run holds it. Before, only the main process
+    checked, so the other ranks went on writing into a folder another run had taken over."""
+    from pipeline.errors import LockLost
+    from pipeline.storage import FolderLock, LeasedLock, Unit, base
+
+    folder = f"s3://{aws.bucket}/{uuid.uuid4().hex[:10]}/latents"
+    for holder, follower, where in ((LeasedLock(folder, lease_s=4, skew_s=0), LeasedLock(folder, lease_s=4),
+                                     folder), (FolderLock(tmp_path / "out"), FolderLock(tmp_path / "out"),
+                                               str(tmp_path / "out"))):
+        holder.acquire()
+        base.unguard_writes(holder)  # the holder is another process: only the follower guards this one's writes
+        try:
+            follower.follow(holder.me["token"])
+            storage_for(where).ensure_folder(f"{where}/records")
+            Unit(f"{where}/records/a.json").commit({"n": 1})  # the lease is the main process's: written
+            storage_for(where).write_bytes(holder.path, json.dumps({"host": "node-b", "pid": 7,
+                                                                     "token": "theirs"}).encode())
+            time.sleep(1.05)  # a quarter lease: this process's last read proves nothing any more
+            with pytest.raises(LockLost, match="held by pid 7 on node-b"):
+                Unit(f"{where}/records/b.json").commit({"n": 2})
+            assert sorted(n for n in listing(where) if not n.startswith(".")) == ["records/a.json"]
+        finally:
+            follower.release()
+            holder.release()

@@ -50,6 +50,7 @@ class LeasedLock(FolderLock):
         self.lease_s, self.renew_every_s, self.skew_s = lease_s, renew_every_s, skew_s
         self.renewals = 0
         self._confirmed = 0.0  # time.monotonic() of the last write on the store that showed the lease is ours
+        self._seen = (0, 0.0)  # (pid, time.monotonic()) of a process's last read that showed the lease is ours
         self._renewing = threading.Lock()  # the renewal thread and prove() renew one at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,6 +73,10 @@ class LeasedLock(FolderLock):
             return time.time() > float(holder["expires"]) + self.skew_s
         except (KeyError, TypeError, ValueError):
             return False  # a lock without a lease (FolderLock's): only its pid check applies
+
+    def follow(self, token: str) -> "LeasedLock":
+        self.pid = None  # no renewals here: prove() reads the holder's lease
+        return super().follow(token)
 
     def _held(self) -> "LeasedLock":
         super()._held()
@@ -130,12 +135,18 @@ class LeasedLock(FolderLock):
         if self.lost is None and self.pid == os.getpid():
             if time.monotonic() - self._confirmed >= self.lease_s / 2:
                 self.renew()  # the renewal thread fell behind (a stopped process, a slow store): ask the store now
-        elif self.lost is None:  # forked from the holder: its renewals are the parent's
-            holder = self._holder_now()
+        elif self.lost is None and not (self._seen[0] == os.getpid() and
+                                        time.monotonic() - self._seen[1] < self.lease_s / 4):
+            # forked from the holder, or following it (another rank): the renewals are the holder's. A read by this
+            # process that found our token with half a lease left proves it for a quarter lease: nobody may take
+            # the lock before that lease has run out
+            looked, holder = time.monotonic(), self._holder_now()
             if not self._ours(holder):
                 self._lose(f"it is held by {self._who(holder, 'nobody (its object was removed)')}")
             elif float(holder.get("expires", 0)) - time.time() < self.lease_s / 2:
                 self._lose(f"its lease runs out at {holder.get('expires')} and the holder has not renewed it")
+            else:
+                self._seen = (os.getpid(), looked)
         if self.lost is not None:
             raise LockLost(f"{self.lost}; this run writes nothing more (what it committed stays)")
 

@@ -128,8 +128,19 @@ class FolderLock:
     def _stale(self, holder: dict) -> bool:
         return holder.get("host") == self.me["host"] and not pid_alive(holder.get("pid", 0))
 
+    def follow(self, token: str) -> "FolderLock":
+        """The lock another process of the job holds (`token`: its holder's), followed by this one: writes here under
+        the folder prove, as the holder's do, that the lock is still that run's (the other ranks of a multi-process
+        encode). A follower never takes, renews or removes the lock."""
+        self.me["token"], self.following, self.held, self.lost = token, True, True, None
+        guard_writes(self)
+        return self
+
     def release(self) -> None:
         unguard_writes(self)
+        if getattr(self, "following", False):
+            self.held = False
+            return
         if self.held and self._ours(self._holder_now()):  # a lock taken over meanwhile is not ours to remove
             self.store.delete(self.path)
         self.held = False
