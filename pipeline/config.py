@@ -46,6 +46,12 @@ def sections(cls):
 
 
 # ----------------------------------------------------------------------------------------------------------- data
+# The largest file or tar member read as one sample. An image within prepare.max_pixels (1e8) is at most ~400 MB even
+# as an uncompressed 32-bit BMP, a latent of a 4096 px image (f8, 16 channels, moments in float32) 33 MB; a sparse
+# 2 GiB member in a 10 KB shard, or a link to /dev/zero, is neither, and is skipped before its bytes are read.
+MAX_MEMBER_BYTES = 512 * 2**20
+
+
 @dataclass
 class DataConfig:
     train: str = _f("", "training shards: brace pattern, folder, list file or manifest.json")
@@ -58,6 +64,9 @@ class DataConfig:
     num_workers: Optional[int] = _f(None, "loader worker processes per rank; null: from the machine (one fewer than "
                                     "the cores of each of this job's processes on the node, at most 8)", min=0)
     max_bad_samples: int = _f(1000, "undecodable training samples in a row before the run stops", min=1)
+    max_member_bytes: int = _f(MAX_MEMBER_BYTES, "tar members larger than this (bytes; the tar header's size, sparse "
+                               "members at their full size) are not read: their sample is skipped and counted (train, "
+                               "evaluate) or listed in the manifest (encode)", min=1)
     allow_pipe: bool = _f(False, "let data.train / data.val / --data name `pipe:COMMAND` sources (webdataset runs "
                           "COMMAND in a shell); off: such a source is refused")
 
@@ -76,6 +85,9 @@ class PrepareConfig:
     workers: int = _f(1, "processes (decoding is CPU-bound)", min=1)
     max_pixels: int = _f(100_000_000, "images with more pixels are skipped and listed (JPEGs decode at reduced scale "
                          "when that fits): bounds each worker's memory", min=1)
+    max_file_bytes: int = _f(MAX_MEMBER_BYTES, "input images (files, objects or tar members) larger than this (bytes) "
+                             "are skipped and listed before they are read; inputs that are not regular files (a FIFO, "
+                             "a link to a device) are skipped and listed too, never read", min=1)
 
 
 # ---------------------------------------------------------------------------------------------------------- model

@@ -55,11 +55,16 @@ def summarize_skips(skipped: list[dict], top: int | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ partitions
+MAX_PARTS = 99_999  # part names carry K and N in five digits; more parts than that is a typo, not a job
+
+
 def parse_part(text: str) -> tuple[int, int]:
-    """'K/N' -> (K, N) with 0 <= K < N."""
+    """'K/N' -> (K, N) with 0 <= K < N <= MAX_PARTS."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
     if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
         raise UserError(f"must be K/N with 0 <= K < N (e.g. 3/16), got {text!r}")
+    if int(m.group(2)) > MAX_PARTS:  # encode deals shards to N slots: 10**20 of them never fit in memory
+        raise UserError(f"must be K/N with N at most {MAX_PARTS}, got {text.strip()!r}")
     return int(m.group(1)), int(m.group(2))
 
 

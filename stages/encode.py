@@ -155,7 +155,7 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         workers = loader_workers(cfg.data.num_workers) if cuda else 0
         res = encode_shards(model, todo, out, settings, s, device, resolution=cfg.data.resolution, buckets=buckets,
                             batch_size=cfg.encode.batch_size, num_workers=workers, pin_memory=cuda,
-                            stop=stop, progress=lambda _: bar.update(1))
+                            stop=stop, progress=lambda _: bar.update(1), max_member_bytes=cfg.data.max_member_bytes)
         bar.close()
         done_before, changed = done_before + len(res.kept), changed - sum(states.get(u) == "changed" for u in res.kept)
         mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, changed,

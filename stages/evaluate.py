@@ -77,7 +77,8 @@ def main(argv=None) -> None:
     ev = Evaluator(model, replace(cfg.evaluate, num_samples=planned), load_perceptual(cfg.evaluate.lpips_backbone, device),
                    cfg.data.resolution, device, fid)
     loader = make_loader(urls, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
-                         rank=state.process_index, world_size=state.num_processes, limits=limits)
+                         rank=state.process_index, world_size=state.num_processes, limits=limits,
+                         max_member_bytes=cfg.data.max_member_bytes)
     with Progress("evaluate", planned, "sample", enabled=state.is_main_process) as bar, batches(loader) as stream:
         for batch in stream:
             ev.add(batch["image"], batch["__key__"])

@@ -269,7 +269,7 @@ def test_images_are_decoded_upright_in_8_bit_rgb(tmp_path):
 def test_too_many_pixels_has_its_own_reason_and_jpegs_decode_smaller(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    (src / "big.png").write_bytes(png(Image.new("L", (400, 300))))
+    (src / "huge.png").write_bytes(png(Image.new("L", (400, 300))))  # not big.png: one key, one file
     (src / "big.jpg").write_bytes(image_bytes(random_image(800, 600)))
     r = prepare("--input", src, "--output", tmp_path / "out", "prepare.max_pixels=100000", "--size", "64")
     assert r.returncode == 0, r.stderr

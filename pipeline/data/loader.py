@@ -21,6 +21,7 @@ import glob
 import importlib
 import os
 import random
+import re
 import tarfile
 import warnings
 
@@ -28,9 +29,10 @@ import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 from webdataset.utils import make_seed
 
+from pipeline.config import MAX_MEMBER_BYTES
 from pipeline.data.images import CAPTION_EXTS, IMAGE_EXTS, BadImage, to_array
 from pipeline.data.shards import split_key
 from pipeline.errors import DataError, UserError
@@ -171,10 +173,53 @@ def read_failure(url: str, err: Exception) -> bool:
                                                     FileNotFoundError))
 
 
-def read_samples(urls, limits: dict[str, int] | None = None, handler=None):
+class MemberTooLarge(ValueError):
+    """A sample with a tar member over data.max_member_bytes, skipped without reading that member's bytes (the size
+    comes from its tar header: a sparse member of 2 GiB in a 10 KB shard counts as 2 GiB)."""
+
+    def __init__(self, key: str, member: str, size: int, limit: int):
+        self.key, self.member, self.size, self.limit = key, member, size, limit
+        super().__init__(f"too large ({size} bytes in member {member}, over data.max_member_bytes={limit}; not read)")
+
+
+class _Unread:
+    """In a sample being grouped: a member that was not read (over the size limit)."""
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: members such as __index__ are not sample data
+
+
+def tar_members(fileobj, max_bytes: int | None, handler):
+    """{fname, data} of each regular member of a tar stream, as webdataset's tar_file_iterator yields them, except
+    that a member larger than `max_bytes` (its header's size) is not read: its data is an _Unread. A member that
+    fails is passed to `handler`, which says whether to go on."""
+    stream = tarfile.open(fileobj=fileobj, mode="r|*")
+    for info in stream:
+        try:
+            if not info.isreg() or info.name is None or _META.match(info.name):
+                continue
+            if max_bytes is not None and info.size > max_bytes:
+                data = _Unread(info.name, info.size)  # tarfile skips its stored bytes; nothing is decompressed
+            else:
+                data = stream.extractfile(info).read()
+            yield {"fname": info.name, "data": data}
+            stream.members = []  # one member at a time in memory, as webdataset does
+        except Exception as exn:
+            if exn.args:
+                exn.args = (f"{exn.args[0]} @ {fileobj}",) + exn.args[1:]
+            if not handler(exn):
+                break
+
+
+def read_samples(urls, limits: dict[str, int] | None = None, handler=None, max_member_bytes: int | None = None):
     """Raw samples (ext -> bytes, `__key__`, `__url__`) of each shard in turn; each shard file is closed as soon as
     it is read. A broken member or tail is passed to `handler` (default: warn) and reading goes on; a shard whose
-    reading failed on the storage's side (`read_failure`) is passed to `handler` once and left."""
+    reading failed on the storage's side (`read_failure`) is passed to `handler` once and left. A sample with a
+    member over `max_member_bytes` is passed to `handler` as MemberTooLarge instead of being yielded (that member
+    is never read)."""
     handler = handler or _warn_and_continue
     for url in urls:
         try:
@@ -187,11 +232,15 @@ def read_samples(urls, limits: dict[str, int] | None = None, handler=None):
             return handler(e) and not read_failure(url, e)
 
         try:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream, handler=member_failed))
+            files = ({**f, "__url__": url} for f in tar_members(stream, max_member_bytes, member_failed))
             limit = (limits or {}).get(url)
             for i, sample in enumerate(group_by_keys(files, handler=handler)):
                 if limit is not None and i >= limit:
                     break
+                unread = next((v for v in sample.values() if isinstance(v, _Unread)), None)
+                if unread is not None:
+                    handler(MemberTooLarge(sample["__key__"], unread.name, unread.size, max_member_bytes))
+                    continue
                 yield sample
         except Exception as e:  # a tar broken mid-way: keep what was read, go on with the next shard
             handler(e)
@@ -206,7 +255,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], mode: str = "train", shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, limits: dict[str, int] | None = None,
-                 max_bad_samples: int = 1000):
+                 max_bad_samples: int = 1000, max_member_bytes: int = MAX_MEMBER_BYTES):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be train or eval, got {mode}")
         if not urls:
@@ -216,6 +265,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.limits = limits or {}  # eval: read at most this many samples of a shard (a fixed subset)
         self.max_bad_samples = max_bad_samples  # train: undecodable samples in a row before DataError
+        self.max_member_bytes = max_member_bytes  # a sample with a larger member is skipped and counted, unread
         self.skipped = _SkipCounter()
         # object-store shards (or their tails) that could not be read after the storage's retries
         self.unreadable = _SkipCounter("unreadable shard(s)")
@@ -239,14 +289,19 @@ class ShardStream(IterableDataset):
 
     def _samples(self, urls):
         for url in urls:
-            yield from read_samples([url], self.limits, handler=self.handler(url))
+            yield from read_samples([url], self.limits, handler=self.handler(url),
+                                    max_member_bytes=self.max_member_bytes)
 
     def handler(self, url: str, failed: list | None = None):
-        """What a shard's reading errors do: broken tar data is warned about and reading goes on; a shard on object
+        """What a shard's reading errors do: broken tar data is warned about and reading goes on; a sample with a
+        member over max_member_bytes is skipped and counted as an undecodable one is (`skipped`); a shard on object
         storage that could not be read after the storage's retries is skipped and counted (`unreadable`, warned at
         1, 2, 4, ...), as an undecodable sample is, and noted in `failed`."""
 
         def handle(err: Exception) -> bool:
+            if isinstance(err, MemberTooLarge):
+                self.skipped(f"{url}:{err.key}", err)
+                return True
             if not read_failure(url, err):
                 return _warn_and_continue(err)
             self.unreadable(url, err)
@@ -336,8 +391,10 @@ class ImageStream(ShardStream):
         epoch: int = 0,
         limits: dict[str, int] | None = None,
         max_bad_samples: int = 1000,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
     ):
-        super().__init__(urls, mode, shuffle_buffer, seed, rank, world_size, epoch, limits, max_bad_samples)
+        super().__init__(urls, mode, shuffle_buffer, seed, rank, world_size, epoch, limits, max_bad_samples,
+                         max_member_bytes)
         crop = crop or ("random" if mode == "train" else "center")
         if mode == "eval" and crop not in ("center", "none"):
             raise ValueError(f"eval mode crops 'center' or 'none', got {crop!r}")
@@ -402,7 +459,7 @@ def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_
                 pin_memory: bool = False, limits: dict[str, int] | None = None, allow_pipe: bool = False,
                 **stream) -> DataLoader:
     """A DataLoader of ImageStream batches. `stream`: ImageStream's options (resolution, crop, flip, scale,
-    shuffle_buffer, seed, rank, world_size, epoch)."""
+    shuffle_buffer, seed, rank, world_size, epoch, max_bad_samples, max_member_bytes)."""
     urls = list(spec) if limits is not None else resolve_shards(spec, allow_pipe)  # a planned subset is resolved
     ds = ImageStream(urls, mode, limits=limits, **stream)
     num_workers = loader_workers(num_workers)

@@ -21,6 +21,7 @@ StorageUnavailable, and the same command again writes the missing ones.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tarfile
 import tempfile
@@ -147,6 +149,8 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
         elif ".tar" in spec and not p.is_file() or p.suffix == ".tar":
             found = expand_tar_spec(str(p))
             missing = [f for f in found if not os.path.isfile(f)]
+            if missing and os.path.exists(missing[0]):  # a FIFO or a device named like a shard: never opened
+                raise UserError(f"--input {spec}: {missing[0]} is {special_kind(missing[0])}, not a tar shard")
             if not found or missing:
                 raise UserError(f"--input {spec}: no such tar shard {missing[0] if missing else spec}")
             tars += found
@@ -172,11 +176,40 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
                 except ValueError:
                     rel = str(f.with_suffix("")).lstrip("/")
                 images.append(_image_item(f, prefix + _sanitize_key(rel)))
+        elif p.exists():
+            raise UserError(f"--input {spec}: {special_kind(p)}, not a folder, list file or tar shard")
         else:
             raise UserError(f"--input {spec}: no such file or folder")
     if images and tars:
         raise UserError("mixing image files and tar shards in one prepare run is not supported; run them separately")
-    return ("tars", tars) if tars else ("images", images)
+    return ("tars", list(dict.fromkeys(tars))) if tars else ("images", unique_keys(images))
+
+
+def unique_keys(items: list) -> list:
+    """Image items with one sample per key: a file named twice (a list file's repeated line, a folder given twice)
+    is one input; a second file under a key already taken (`anim.png` beside `anim.webp`, `a.b.jpg` beside
+    `a_b.jpg`) becomes a 'bad' item in its place, listed with its reason."""
+    out, paths, keys = [], set(), {}
+    for item in items:
+        kind, key, src, _ = item
+        where = src if is_remote(src) else os.path.normpath(src)
+        if where in paths:
+            continue
+        paths.add(where)
+        if key in keys:
+            out.append(("bad", key, src, f"duplicate key ({key}: also the key of {keys[key]}; the first is kept)"))
+            continue
+        keys[key] = src
+        out.append(item)
+    return out
+
+
+def special_kind(path) -> str:
+    """What a path that is not a regular file or folder is, in words (it is never opened)."""
+    mode = os.stat(path).st_mode
+    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
 
 
 # size and ETag of the object-store inputs, from the listings (the fingerprint of a remote input)
@@ -241,13 +274,18 @@ def safe_key(raw: str) -> str:
     return key
 
 
-def list_tar(path: str) -> list:
+def list_tar(path: str, max_bytes: int | None = None) -> list:
     """Items of one input tar with member offsets. Broken members and a broken tail, links, folders and duplicate
-    keys become 'bad' items with their reason (the first sample of a key is kept)."""
+    keys become 'bad' items with their reason (the first sample of a key is kept), and so does a sample with a
+    member over `max_bytes` (prepare.max_file_bytes; its header's size) or a sparse member: never read. A local
+    path that is not a regular file (a FIFO, a link to a device) is one 'bad' item, never opened."""
     samples: dict[str, dict] = {}
     raw_keys: dict[str, str] = {}
+    unread: dict[str, str] = {}  # key -> why the sample is skipped without reading it
     bad = []
     remote = is_remote(path)
+    if not remote and os.path.exists(path) and not os.path.isfile(path):
+        return [("bad", "", path, f"not a regular file ({special_kind(path)}; not opened)")]
     stream = storage_for(path).open_read(path) if remote else None  # read once, as it arrives (no seeking)
     size = stream.raw.size if remote else os.path.getsize(path)
     expected = 0
@@ -268,12 +306,18 @@ def list_tar(path: str) -> list:
                 if ks is None or ks[0].startswith("__"):
                     continue
                 key = safe_key(ks[0])
-                if m.offset_data + m.size > size:
+                too_large = max_bytes is not None and m.size > max_bytes
+                if not too_large and m.sparse is None and m.offset_data + m.size > size:
                     bad.append(("bad", key, path, f"broken tar member {m.name} (truncated)"))
                     continue
                 if key in samples and (key != last or ks[1] in samples[key]):
                     bad.append(("bad", key, path, f"duplicate key {key} (member {m.name}; the first sample is kept)"))
                     continue
+                if too_large:
+                    unread.setdefault(key, f"too large ({m.size} bytes in member {m.name}, over "
+                                           f"prepare.max_file_bytes={max_bytes}; not read)")
+                elif m.sparse is not None:  # its stored bytes are not its content: never read by offset
+                    unread.setdefault(key, f"sparse tar member {m.name} ({m.size} bytes; not read)")
                 samples.setdefault(key, {})[ks[1]] = (m.offset_data, m.size)
                 raw_keys[key] = ks[0]
                 last = key
@@ -285,14 +329,15 @@ def list_tar(path: str) -> list:
     finally:
         if stream is not None:
             stream.close()
-    items = [("tar", key, path, {**members, **({"source_key": raw_keys[key]} if raw_keys[key] != key else {})})
+    items = [("bad", key, path, unread[key]) if key in unread else
+             ("tar", key, path, {**members, **({"source_key": raw_keys[key]} if raw_keys[key] != key else {})})
              for key, members in samples.items()]
     return items + bad
 
 
-def _list_tar_safe(path: str) -> list:
+def _list_tar_safe(path: str, max_bytes: int | None = None) -> list:
     try:
-        return list_tar(path)
+        return list_tar(path, max_bytes)
     except (StorageUnavailable, UserError):
         raise  # object storage failing, or credentials: nothing is planned on a partial listing
     except Exception as e:  # unreadable file: one skipped entry, never a crash
@@ -303,12 +348,20 @@ def _list_tar_safe(path: str) -> list:
 
 
 def plan_part(kind: str, sources: list, opts: PrepareOptions, pool=None) -> list:
-    """The ordered items of this part."""
+    """The ordered items of this part. A key that an earlier input tar of the part already has is a 'bad' item
+    (the first sample is kept): keys are unique within a run."""
     mine = sources[opts.part :: opts.num_parts]
     if kind == "images":
         return mine
-    listed = pool.map(_list_tar_safe, mine) if pool is not None else [_list_tar_safe(t) for t in mine]
-    return [item for items in listed for item in items]
+    list_one = functools.partial(_list_tar_safe, max_bytes=opts.max_file_bytes)
+    listed = pool.map(list_one, mine) if pool is not None else [list_one(t) for t in mine]
+    out, first = [], {}
+    for item in (item for items in listed for item in items):
+        kind_, key, src, _ = item
+        if kind_ == "tar" and first.setdefault(key, src) != src:
+            item = ("bad", key, src, f"duplicate key ({key}: also in {first[key]}; the first sample is kept)")
+        out.append(item)
+    return out
 
 
 def output_shard_name(opts: PrepareOptions, index: int) -> str:
@@ -318,16 +371,17 @@ def output_shard_name(opts: PrepareOptions, index: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- worker
-def _read_bytes(item, spans: dict | None = None) -> tuple[bytes, dict]:
+def _read_bytes(item, spans: dict | None = None, max_bytes: int | None = None) -> tuple[bytes, dict]:
     """(image bytes, other members to store: captions, and the original key when it had to be made safe).
-    `spans`: the fetched byte spans of object-store tars (`fetch_spans`)."""
+    `spans`: the fetched byte spans of object-store tars (`fetch_spans`). `max_bytes`: files are read only up to
+    it (BadImage beyond; tar members over it never get here, list_tar made them 'bad' items)."""
     kind, key, src, extra = item
     kept = {"source_key.txt": extra["source_key"].encode()} if "source_key" in extra else {}
     extra = {k: v for k, v in extra.items() if k != "source_key"}
     if kind == "file":
-        data = _read_file(src)
+        data = _read_file(src, max_bytes)
         for ext, cpath in extra.items():
-            kept[ext] = _read_file(cpath)
+            kept[ext] = _read_file(cpath, max_bytes)
         return data, kept
     members = {}
     start, f = (spans or {}).get(src, (0, None))
@@ -342,16 +396,38 @@ def _read_bytes(item, spans: dict | None = None) -> tuple[bytes, dict]:
     return members[image_exts[0]], kept
 
 
-def _read_file(path: str) -> bytes:
+def _read_file(path: str, max_bytes: int | None = None) -> bytes:
+    """A file's or object's bytes. A local path that is not a regular file (a FIFO would block the open, a link to
+    /dev/zero would never end) is BadImage without being read, and so is anything over `max_bytes`: at most
+    max_bytes + 1 bytes are read to tell."""
     if not is_remote(path):
-        with open(path, "rb") as f:
-            return f.read()
+        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; fstat then refuses it, and
+        # a regular file reads as usual
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BadImage(f"not a regular file ({special_kind(path)}; not read)")
+            if max_bytes is not None and st.st_size > max_bytes:
+                raise BadImage(f"too large ({st.st_size} bytes, over prepare.max_file_bytes={max_bytes}; not read)")
+            return _read_at_most(f, max_bytes, st.st_size)
     try:
-        return storage_for(path).read_bytes(path)
-    except FileNotFoundError:
+        with storage_for(path).open_read(path) as f:
+            return _read_at_most(f, max_bytes, getattr(getattr(f, "raw", None), "size", None))
+    except (FileNotFoundError, BadImage):
         raise
     except Exception as e:  # the backend's retries are spent: not the image's fault
         raise StorageUnavailable(f"{path}: {e}") from None
+
+
+def _read_at_most(f, max_bytes: int | None, size: int | None) -> bytes:
+    """The stream's bytes, or BadImage once there are more than `max_bytes` (a file that grew after its stat)."""
+    if max_bytes is not None and size is not None and size > max_bytes:
+        raise BadImage(f"too large ({size} bytes, over prepare.max_file_bytes={max_bytes}; not read)")
+    data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise BadImage(f"too large (over prepare.max_file_bytes={max_bytes} bytes; not read past them)")
+    return data
 
 
 def fetch_spans(items: list) -> dict:
@@ -430,7 +506,7 @@ def write_shard(task) -> dict:
                 skipped.append({"input": src, "reason": extra})
                 continue
             try:
-                data, captions = _read_bytes(item, spans)
+                data, captions = _read_bytes(item, spans, opts.max_file_bytes)
                 encoded, ext, in_size, out_size = convert_one(data, opts)
             except BadImage as e:
                 skipped.append({"input": where, "reason": str(e)})
@@ -515,8 +591,9 @@ def check_fingerprint(out: Path, fp: dict, opts: PrepareOptions, overwrite: bool
     path = out / PROGRESS_DIR / part_name("fingerprint", opts.part, opts.num_parts, ".json")
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = [f"{k} {old['options'].get(k)!r} then, {v!r} now" for k, v in fp["options"].items()
-                if old["options"].get(k) != v]
+        # a key that a run of an older version did not record had its default then (prepare.max_file_bytes)
+        then = {**asdict(PrepareConfig()), **old["options"]}
+        diff = [f"{k} {then.get(k)!r} then, {v!r} now" for k, v in fp["options"].items() if then.get(k) != v]
         if not diff and old["shards"] != fp["shards"]:
             first = next((j for j, (a, b) in enumerate(zip(old["shards"], fp["shards"])) if a != b),
                          min(len(old["shards"]), len(fp["shards"])))

@@ -24,7 +24,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.data.images import IMAGE_EXTS, BadImage, crop_to, displayed_size, read_header
-from pipeline.data.loader import batches, image_member, read_failure, read_samples, worker_slot
+from pipeline.config import MAX_MEMBER_BYTES
+from pipeline.data.loader import MemberTooLarge, batches, image_member, read_failure, read_samples, worker_slot
 from pipeline.data.shards import ShardWriter, shard_name
 from pipeline.errors import UserError
 from pipeline.latents.buckets import nearest_bucket, size_name
@@ -64,10 +65,13 @@ def stored_tensors(store: str, flip: bool) -> list[str]:
 # ------------------------------------------------------------------------------------------------ the stream
 class EncodeStream(IterableDataset):
     """Whole input shards per loader worker. Yields batches of one shard and one bucket (no padding), then, after a
-    shard's last batch, an end marker carrying the samples it skipped and why."""
+    shard's last batch, an end marker carrying the samples it skipped and why (a sample with a member over
+    `max_member_bytes` among them, that member unread)."""
 
-    def __init__(self, urls: list[str], resolution: int, buckets: list[tuple[int, int]] | None, batch_size: int):
+    def __init__(self, urls: list[str], resolution: int, buckets: list[tuple[int, int]] | None, batch_size: int,
+                 max_member_bytes: int = MAX_MEMBER_BYTES):
         self.urls, self.resolution, self.buckets, self.batch_size = list(urls), resolution, buckets, batch_size
+        self.max_member_bytes = max_member_bytes
 
     def __iter__(self):
         worker, num_workers = worker_slot()
@@ -85,6 +89,11 @@ class EncodeStream(IterableDataset):
         unavailable: list[str] = []
 
         def broken(e: Exception) -> bool:
+            nonlocal inputs
+            if isinstance(e, MemberTooLarge):  # an input sample, skipped before the member was read
+                inputs += 1
+                skipped.append({"shard": name, "key": printable(e.key), "reason": str(e)})
+                return True
             if read_failure(url, e):  # the storage's retries spent: this shard is not written, a rerun does it
                 unavailable.append(f"{type(e).__name__}: {printable(str(e))}")
                 return False
@@ -92,7 +101,7 @@ class EncodeStream(IterableDataset):
                             "reason": f"broken tar data ({type(e).__name__}: {printable(str(e))})"})
             return True
 
-        for sample in read_samples([url], handler=broken):
+        for sample in read_samples([url], handler=broken, max_member_bytes=self.max_member_bytes):
             inputs += 1
             key = sample["__key__"]
             problem = unsafe_names(key, [k for k in sample if not k.startswith("__")])
@@ -420,20 +429,24 @@ class EncodeResult:
 
 def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: EncodeSettings, device, *,
                   resolution: int, buckets, batch_size: int, num_workers: int, pin_memory: bool = False,
-                  stop: threading.Event | None = None, progress=None) -> EncodeResult:
+                  stop: threading.Event | None = None, progress=None,
+                  max_member_bytes: int = MAX_MEMBER_BYTES) -> EncodeResult:
     """Encode the given input shards into `folder`. Returns what was written. `stop` (set by a SIGTERM handler)
     ends the loop at the next batch: finished shards stay, the shard in flight is redone by the next run. An input
-    shard on object storage that cannot be read after the storage's retries is not written (`unavailable`)."""
+    shard on object storage that cannot be read after the storage's retries is not written (`unavailable`). The
+    device (or the CPU allocator) running out of memory ends it the same way, then raises a UserError naming
+    encode.batch_size."""
     result = EncodeResult()
     folder = as_path(folder)
     if not urls:
         return result
     workers = min(num_workers, len(urls))
-    loader = DataLoader(EncodeStream(urls, resolution, buckets, batch_size), batch_size=None, num_workers=workers,
-                        pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None)
+    loader = DataLoader(EncodeStream(urls, resolution, buckets, batch_size, max_member_bytes), batch_size=None,
+                        num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None)
     writer = BackgroundWriter()
     shards: dict[str, LatentShard] = {}
     finishing: list[tuple[str, Future]] = []  # (input shard, its finish() in the writer thread)
+    oom = None
     try:
         with batches(loader) as items:
             for item in items:
@@ -456,11 +469,14 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
                     continue
                 out = encode_batch(model, item["images"], item["keys"], s, device)
                 writer.submit(shard.write_batch, item, out)
-    except RuntimeError:
+    except RuntimeError as e:
         # SLURM signals every process of the job: loader workers may die before the loop sees the stop flag
-        if stop is None or not stop.is_set():
+        if stop is not None and stop.is_set():
+            result.stopped = True
+        elif out_of_memory(e):  # torch.OutOfMemoryError is a RuntimeError: the finished shards are committed first
+            oom = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+        else:
             raise
-        result.stopped = True
     finally:
         try:
             writer.close()
@@ -468,6 +484,12 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
             for shard in shards.values():  # interrupted or failed: drop the unfinished tars' staging files
                 shard.abort()
     done = [(url, f.result()) for url, f in finishing]
+    if oom is not None:
+        fix = (f"lower encode.batch_size (e.g. encode.batch_size={batch_size // 2})" if batch_size > 1 else
+               "encode.batch_size=1 does not fit either: lower data.resolution or use a device with more memory")
+        raise UserError(f"out of memory on {device} encoding batches of {batch_size} images at {resolution}px "
+                        f"({oom}); {fix} and run the same command again: the shards finished are kept "
+                        f"({sum(r is not None for _, r in done)} by this run), the others are encoded then")
     result.records, result.kept = [r for _, r in done if r is not None], [u for u, r in done if r is None]
     for r in result.records:
         result.shards += 1
@@ -475,6 +497,12 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
         result.skipped += len(r["skipped"])
         result.non_finite += r["non_finite"]
     return result
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an error is the device (torch.OutOfMemoryError) or the CPU allocator running out of memory."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def check_input_shards(urls: list[str]) -> None:

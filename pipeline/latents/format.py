@@ -63,13 +63,19 @@ def model_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# A latent's safetensors header names at most four tensors (mean, logvar and their flips) in a few hundred bytes; a
+# longer one is refused before it is parsed (a header naming 200,000 tensors took seconds to read per sample).
+MAX_HEADER_BYTES = 2**16
+
+
 class BadLatent(ValueError):
     """A latent sample that cannot be read back (its reason goes to the reader's skip count)."""
 
 
 def read_latent(data: bytes) -> dict[str, torch.Tensor]:
     """The tensors of a KEY.latents.safetensors member, or BadLatent naming what is wrong: a header longer than the
-    member, a tensor name twice (safetensors would keep one silently), a bogus dtype or out-of-range offsets."""
+    member or than MAX_HEADER_BYTES, a tensor name twice (safetensors would keep one silently), a bogus dtype or
+    out-of-range offsets."""
     from safetensors.torch import load as load_safetensors
 
     if len(data) < 8:
@@ -77,13 +83,16 @@ def read_latent(data: bytes) -> dict[str, torch.Tensor]:
     size = int.from_bytes(data[:8], "little")
     if size > len(data) - 8:
         raise BadLatent(f"safetensors header of {size} bytes in a member of {len(data)}")
+    if size > MAX_HEADER_BYTES:
+        raise BadLatent(f"safetensors header of {size} bytes, over the {MAX_HEADER_BYTES} a latent's few tensors need")
 
     def unique(pairs):
-        names = [k for k, _ in pairs]
-        twice = sorted({k for k in names if names.count(k) > 1})
-        if twice:
+        out = dict(pairs)
+        if len(out) < len(pairs):  # one pass, not a count per name: a header may name 200,000 tensors
+            seen = set()
+            twice = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
             raise BadLatent(f"tensor {twice[0]} twice in the safetensors header")
-        return dict(pairs)
+        return out
 
     try:
         json.loads(data[8:8 + size], object_pairs_hook=unique)
@@ -156,7 +165,7 @@ def check_settings(folder: Path, settings: dict, overwrite: bool) -> None:
         return
     try:
         old = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply to parse
         old = {}
     diff = [k for k in IDENTITY_KEYS if k in settings and old.get(k) != settings.get(k)]
     if not diff:

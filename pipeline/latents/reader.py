@@ -16,7 +16,9 @@ so the latents equal what its diffusers pipeline feeds its transformer (FLUX.2: 
 a firststage run the factors measured on these latents. VQ and FSQ latents are integer codes.
 
 A sample that cannot be read (a malformed or missing KEY.latents.safetensors, a missing KEY.json, tensors the manifest
-does not name, a NaN/Inf latent) is skipped and counted, with a warning at 1, 2, 4, ... as the image loader does;
+does not name, tensors of different shapes or of another dtype than the manifest's, a NaN/Inf latent, a member over
+`max_member_bytes`, which is never read) is skipped and counted, with a warning at 1, 2, 4, ... as the image loader
+does;
 `max_bad_samples` of them in a row stop the stream (DataError). The manifest is checked against the folder: a shard it
 lists that is not there stops the constructor, and a shard holding another number of samples than the manifest says
 stops the stream once that shard has been read. `verify=True` checks, before anything is read, that every shard is
@@ -34,7 +36,8 @@ from pathlib import Path
 import torch
 from webdataset.utils import make_seed
 
-from pipeline.data.loader import ShardStream, collate, read_samples, worker_slot
+from pipeline.config import MAX_MEMBER_BYTES
+from pipeline.data.loader import MemberTooLarge, ShardStream, collate, read_samples, worker_slot
 from pipeline.errors import DataError
 from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, read_latent, shard_intact
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, read_manifest
@@ -42,6 +45,9 @@ from pipeline.models.normalisation import normalise
 from pipeline.models.posterior import key_generator, reparameterize
 from pipeline.storage import as_path, is_remote
 from pipeline.storage.paths import missing_objects
+
+
+_FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # encode.dtype's
 
 
 def _default_rank_world() -> tuple[int, int]:
@@ -60,7 +66,7 @@ class LatentDataset(ShardStream):
                  scaling_factor: float | None = None, shift_factor: float | None = None, sample: bool = True,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, epoch: int = 0,
                  shuffle_buffer: int = 1000, drop_last: bool | None = None, max_bad_samples: int = 1000,
-                 verify: bool = False):
+                 verify: bool = False, max_member_bytes: int = MAX_MEMBER_BYTES):
         folder = as_path(path)  # a local folder, or one on object storage (s3://bucket/prefix)
         folder = folder.parent if folder.is_file() else folder
         self.folder = folder
@@ -80,7 +86,8 @@ class LatentDataset(ShardStream):
                                 f"{bad[0]}); run the encode command again, which writes them again")
         r, w = _default_rank_world()
         super().__init__(list(self.expected), mode, shuffle_buffer, seed, r if rank is None else rank,
-                         w if world_size is None else world_size, epoch, max_bad_samples=max_bad_samples)
+                         w if world_size is None else world_size, epoch, max_bad_samples=max_bad_samples,
+                         max_member_bytes=max_member_bytes)
         self.shapes = {tuple(v) for v in (self.manifest.get("latent_shapes") or {}).values()}
         stats = self.manifest["statistics"]
         # the manifest's normalisation; a manifest from before it existed: the measured factors
@@ -111,7 +118,14 @@ class LatentDataset(ShardStream):
         on the storage's side after its retries: then it is skipped and counted, as an undecodable sample is)."""
         for url in urls:
             count, failed = 0, []
-            for sample in read_samples([url], handler=self.handler(url, failed)):
+            handle = self.handler(url, failed)
+
+            def handler(err: Exception) -> bool:
+                nonlocal count
+                count += isinstance(err, MemberTooLarge)  # a sample of the shard, skipped unread
+                return handle(err)
+
+            for sample in read_samples([url], handler=handler, max_member_bytes=self.max_member_bytes):
                 count += 1
                 yield sample
             if not failed and count != self.expected.get(url, count):
@@ -138,10 +152,11 @@ class LatentDataset(ShardStream):
         if odd:
             raise BadLatent(f"tensor {odd[0]} of shape {list(tensors[odd[0]].shape)}, none of the manifest's "
                             f"latent_shapes")
+        self._check_tensors(tensors)
         try:
             meta = json.loads(raw[META_EXT])
-        except ValueError as e:
-            raise BadLatent(f"KEY.json is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
+            raise BadLatent(f"KEY.json is not JSON ({str(e)[:160]})") from None
         suffix = "_flip" if train and rng is not None and any(k.endswith("_flip") for k in tensors) \
             and rng.random() < 0.5 else ""
         if "codes" in tensors:
@@ -156,13 +171,46 @@ class LatentDataset(ShardStream):
             if not torch.isfinite(z).all():
                 raise BadLatent("non-finite latent (NaN/Inf)")
             if self.normalisation is not None:
-                z = normalise(z, self.normalisation)
+                try:
+                    z = normalise(z, self.normalisation)
+                except RuntimeError as e:  # a latent whose channels or size the normalisation cannot take
+                    raise BadLatent(f"latent of shape {list(z.shape)} cannot be normalised as the manifest says "
+                                    f"({str(e)[:120]})") from None
         out = {"latents": z, "__key__": raw["__key__"], "meta": meta,
                "txt": raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else None}
         for k, v in raw.items():
             if not k.startswith("__") and k not in (LATENT_EXT, META_EXT, "txt"):
                 out[k] = v
         return out
+
+    def _check_tensors(self, tensors: dict) -> None:
+        """BadLatent unless the tensors are what this folder's encode writes: [C, h, w] latents, all of one shape
+        (mean and logvar, and their flips), floats of the manifest's dtype, integer codes."""
+        if not any(n in tensors for n in ("codes", "mean", "sample", "latent")):
+            raise BadLatent(f"no latent tensor (codes, mean, sample or latent; it holds "
+                            f"{', '.join(sorted(tensors)[:4]) or 'none'})")
+        if "logvar" in tensors and "mean" not in tensors:
+            raise BadLatent("tensor logvar without mean")
+        flips = [n for n in tensors if n.endswith("_flip")]
+        unpaired = [n for n in tensors if not n.endswith("_flip") and n + "_flip" not in tensors]
+        if flips and unpaired:
+            raise BadLatent(f"tensor {unpaired[0]} without {unpaired[0]}_flip beside {flips[0]}")
+        shapes = {tuple(t.shape) for t in tensors.values()}
+        if len(shapes) > 1:
+            listed = ", ".join(f"{n} {list(t.shape)}" for n, t in sorted(tensors.items()))
+            raise BadLatent(f"tensors of different shapes ({listed})")
+        (shape,) = shapes
+        codes = "codes" in tensors  # VQ / FSQ: one index per position, [height, width]
+        if len(shape) not in ((2, 3) if codes else (3,)) or 0 in shape:
+            raise BadLatent(f"tensors of shape {list(shape)}, not [{'' if codes else 'channels, '}height, width]")
+        want = _FLOATS.get(self.manifest.get("dtype"))
+        for n, t in sorted(tensors.items()):
+            if n.startswith("codes"):
+                if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                    raise BadLatent(f"tensor {n} of dtype {str(t.dtype).split('.')[-1]}, not integer codes")
+            elif not t.is_floating_point() or want is not None and t.dtype != want:
+                raise BadLatent(f"tensor {n} of dtype {str(t.dtype).split('.')[-1]}, the manifest says "
+                                f"{self.manifest.get('dtype') or 'a floating-point type'}")
 
     def __iter__(self):
         worker, _ = worker_slot()

@@ -198,6 +198,8 @@ def read_json(path: str | Path, what: str = "file") -> dict:
         raise UserError(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # json's C parser recurses per level: 200,000 nested brackets exhaust the stack
+        raise UserError(f"{path}: not a firststage {what} (JSON nested too deeply to read)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a firststage {what} (not a JSON object)")
     return data

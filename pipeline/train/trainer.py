@@ -195,6 +195,7 @@ class Trainer:
             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=acc.process_index,
             world_size=acc.num_processes, epoch=self.state.step,  # a resumed run draws a fresh stream
             pin_memory=torch.cuda.is_available(), max_bad_samples=cfg.data.max_bad_samples, allow_pipe=pipes,
+            max_member_bytes=cfg.data.max_member_bytes,
         )
         self.grid = GridWriter(self.logs.local, acc, cfg.train.image_every)
         self.validator = None
@@ -203,6 +204,7 @@ class Trainer:
             val_loader = lambda: make_loader(  # noqa: E731 (rebuilt for each validation: eval streams end)
                 val_urls, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
                 rank=acc.process_index, world_size=acc.num_processes, limits=val_limits,
+                max_member_bytes=cfg.data.max_member_bytes,
             )
             perceptual = {cfg.loss.perceptual.net: self.objective.perceptual} if self.objective.perceptual else {}
             self.validator = Validator(acc, cfg.train.val_every, cfg.train.val_samples, val_loader, cfg.evaluate,
