@@ -87,7 +87,7 @@ def describe(spec: dict) -> str:
     """One line for summaries and tables."""
     if spec["kind"] == "scale_shift":
         shift = spec.get("shift_factor")
-        return (f"(z - {shift:.5g}) * {spec['scaling_factor']:.5g}" if shift is not None
+        return (f"(z {'+' if shift < 0 else '-'} {abs(shift):.5g}) * {spec['scaling_factor']:.5g}" if shift is not None
                 else f"z * {spec['scaling_factor']:.5g}") + f", from {spec.get('source', '?')}"
     patch = f"patchified {spec['patch']}x{spec['patch']}, " if spec.get("patch", 1) > 1 else ""
     return f"per channel ({patch}{len(spec['mean'])} channels): (z - mean_c) / std_c, from {spec.get('source', '?')}"
