@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,9 +122,12 @@ class DCConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["kl", "vq", "fsq", "dc", "flux2", "qwenimage", "wan", "tiny"] = _f(
+    kind: Literal["kl", "vq", "fsq", "dc", "flux2", "qwenimage", "wan", "tiny", "generic",
+                  "generic-latent"] = _f(
         "kl", "model family (docs/model-families.md): kl AutoencoderKL, vq VQModel, fsq FSQ, dc AutoencoderDC; "
-        "flux2, qwenimage, wan, tiny: diffusers classes built from model.diffusers (set by train.init_from)")
+        "flux2, qwenimage, wan, tiny, generic and generic-latent (every other diffusers image autoencoder: a posterior "
+        "or a deterministic latent): diffusers classes built "
+        "from model.diffusers (set by train.init_from)")
     in_channels: int = _f(3, "image channels", min=1)
     block_out_channels: list[int] = _f([128, 256, 512, 512], "channels per resolution level; downsampling factor is 2**(levels-1)")
     layers_per_block: int = _f(2, "resnet layers per level", min=1)
@@ -153,10 +157,18 @@ class ModelConfig:
 
 def downsampling_factor_of(config: dict) -> int:
     """The spatial downsampling of an autoencoder from its diffusers config, for every class firststage knows: one 2x
-    step between consecutive levels (AutoencoderKL, VQModel, Flux2, DC-AE, Tiny), or one per entry of Wan's /
-    Qwen-Image's temperal_downsample times Wan 2.2's pixel patch."""
+    step between consecutive levels (AutoencoderKL, VQModel, Flux2, DC-AE, Tiny, KVAE's ch_mult, the asymmetric
+    VAE's down blocks), one per entry of Wan's / Qwen-Image's temperal_downsample times Wan 2.2's pixel patch, or
+    the config's own ratio (HunyuanImage, Cosmos: spatial_compression_ratio; MiniMax H3: its factors)."""
     if "temperal_downsample" in config:
         return 2 ** len(config["temperal_downsample"]) * (config.get("patch_size") or 1)
+    if config.get("spatial_compression_ratio"):
+        return int(config["spatial_compression_ratio"])
+    if config.get("spatial_downsample_factors"):
+        return int(math.prod(config["spatial_downsample_factors"]))
+    for key in ("ch_mult", "down_block_out_channels"):
+        if config.get(key):
+            return 2 ** (len(config[key]) - 1)
     return 2 ** (len(config.get("encoder_block_out_channels") or config["block_out_channels"]) - 1)
 
 
@@ -475,7 +487,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.block_out_channels: {bad} not divisible by model.norm_num_groups={m.norm_num_groups}"
         )
-    if m.kind in ("flux2", "qwenimage", "wan", "tiny") and not m.diffusers:
+    if m.kind in ("flux2", "qwenimage", "wan", "tiny", "generic", "generic-latent") and not m.diffusers:
         raise ConfigError(f"model.kind {m.kind}: built from a diffusers config; give train.init_from (or --model) a "
                           f"diffusers folder of that class")
     if m.kind == "dc":

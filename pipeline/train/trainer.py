@@ -144,6 +144,7 @@ class Trainer:
         np.random.seed(cfg.seed)
 
         vae, init = self._initial_model(resume_path is not None, init)
+        family_of(vae).check_trainable(vae)
         if cfg.train.gradient_checkpointing:
             family_of(vae).enable_gradient_checkpointing(vae)
         module = TrainableAutoencoder(vae, cfg.train.trainable, cfg.train.freeze_encoder)

@@ -1,6 +1,7 @@
 """Format: a diffusers folder (config.json + safetensors), also a pipeline folder's `vae/`, of any class a model
 family knows (AutoencoderKL, VQModel, AutoencoderDC, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan,
-AutoencoderTiny). Loaded and saved by diffusers itself (safetensors only), so an export works as the `vae` of that
+AutoencoderTiny, and every other image autoencoder of diffusers.models.autoencoders: the generic family); an audio,
+video or other autoencoder of diffusers is refused as such in one line. Loaded and saved by diffusers itself (safetensors only), so an export works as the `vae` of that
 family's diffusers pipelines."""
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def describe(folder: Path, ema: bool) -> str:
-    return "diffusers weights"
+    return f"diffusers weights ({read_config(folder).get('_class_name')})"
 
 
 def state_dict(folder: Path, ema: bool) -> dict:
@@ -100,8 +101,9 @@ def light_config(folder: Path, overrides: list[str] | None = None):
     """The Config from config.json alone (no model, no torch): the family and its diffusers config, the resolution;
     what encode compares with an output folder's settings before loading anything."""
     config = read_config(folder)
-    section = {"kind": family_of_class_name(config.get("_class_name")),
-               "diffusers": {k: v for k, v in config.items() if not k.startswith("_")}}
+    kind = family_of_class_name(config.get("_class_name"))
+    section = {"kind": kind, "diffusers": {k: v for k, v in config.items()
+                                           if not k.startswith("_") or (kind.startswith("generic") and k == "_class_name")}}
     return config_from_dict(merge_dicts({"model": section, "data": {"resolution": default_resolution(config)}},
                                         parse_overrides(overrides or [])))
 
