@@ -121,13 +121,43 @@ class DCConfig:
 
 
 @dataclass
+class FoundationEncoderConfig:
+    """The frozen vision foundation model an RAE encodes with (transformers' Dinov2WithRegisters, Siglip2 or ViTMAE):
+    the width, patch and depth of the weights at `weights`, which must fit them."""
+
+    type: Literal["dinov2", "siglip2", "mae"] = _f("dinov2", "dinov2 (with registers), siglip2 or mae")
+    weights: str = _f("", "a transformers folder of the encoder (facebook/dinov2-with-registers-base)")
+    backbone: Literal["pretrained", "random"] = _f(
+        "pretrained", "pretrained: the weights at model.rae.encoder.weights; random: seeded random weights (tests only)")
+    hidden_size: int = _f(768, "the encoder's width: the latent's channels", min=1)
+    patch_size: int = _f(14, "the encoder's patch size", min=1)
+    num_layers: int = _f(12, "the encoder's depth", min=1)
+    input_size: int = _f(224, "the image is resized bicubically to this square before the encoder", min=1)
+    norm_mean: Optional[list[float]] = _f(None, "the encoder's input mean; null: its type's (ImageNet; SigLIP 0.5)")
+    norm_std: Optional[list[float]] = _f(None, "the encoder's input std; null: its type's (ImageNet; SigLIP 0.5)")
+
+
+@dataclass
+class RAEConfig:
+    """A representation autoencoder (Zheng et al. 2025, bytetriper/RAE): a frozen foundation encoder and the ViT
+    decoder of diffusers' AutoencoderRAE; the defaults are DINOv2-B with the paper's ViT-XL decoder."""
+
+    encoder: FoundationEncoderConfig = _f(FoundationEncoderConfig(), "the frozen encoder")
+    decoder_hidden_size: int = _f(1152, "ViT decoder width (ViT-XL: 1152)", min=1)
+    decoder_layers: int = _f(28, "ViT decoder depth (ViT-XL: 28)", min=1)
+    decoder_heads: int = _f(16, "ViT decoder attention heads", min=1)
+    decoder_intermediate_size: int = _f(4096, "ViT decoder MLP width", min=1)
+    patch_size: int = _f(16, "decoder patch: the image is patch_size x the encoder's grid", min=1)
+
+
+@dataclass
 class ModelConfig:
     kind: Literal["kl", "vq", "fsq", "dc", "flux2", "qwenimage", "wan", "tiny", "generic",
-                  "generic-latent"] = _f(
+                  "generic-latent", "rae"] = _f(
         "kl", "model family (docs/model-families.md): kl AutoencoderKL, vq VQModel, fsq FSQ, dc AutoencoderDC; "
         "flux2, qwenimage, wan, tiny, generic and generic-latent (every other diffusers image autoencoder: a posterior "
         "or a deterministic latent): diffusers classes built "
-        "from model.diffusers (set by train.init_from)")
+        "from model.diffusers (set by train.init_from); rae a representation autoencoder (model.rae)")
     in_channels: int = _f(3, "image channels", min=1)
     block_out_channels: list[int] = _f([128, 256, 512, 512], "channels per resolution level; downsampling factor is 2**(levels-1)")
     layers_per_block: int = _f(2, "resnet layers per level", min=1)
@@ -143,12 +173,15 @@ class ModelConfig:
     codebook: CodebookConfig = _f(CodebookConfig(), "VQ codebook (kind: vq only)")
     fsq: FSQConfig = _f(FSQConfig(), "FSQ quantizer (kind: fsq only)")
     dc: DCConfig = _f(DCConfig(), "AutoencoderDC shape (kind: dc only)")
+    rae: RAEConfig = _f(RAEConfig(), "representation autoencoder (kind: rae only)")
     diffusers: dict = _f({}, "the diffusers config of a family whose shape the keys above do not describe (flux2, "
                          "qwenimage, wan, tiny); written by train.init_from, empty otherwise")
 
     @property
     def downsampling_factor(self) -> int:
         """Spatial downsampling of the model this section builds."""
+        if self.kind == "rae":
+            return self.rae.patch_size
         if self.diffusers:
             return downsampling_factor_of(self.diffusers)
         return downsampling_factor_of({"block_out_channels": self.dc.block_out_channels if self.kind == "dc"
@@ -162,6 +195,8 @@ def downsampling_factor_of(config: dict) -> int:
     the config's own ratio (HunyuanImage, Cosmos: spatial_compression_ratio; MiniMax H3: its factors)."""
     if "temperal_downsample" in config:
         return 2 ** len(config["temperal_downsample"]) * (config.get("patch_size") or 1)
+    if "encoder_input_size" in config:  # AutoencoderRAE: the decoder's patch per latent position
+        return int(config.get("patch_size") or 16)
     if config.get("spatial_compression_ratio"):
         return int(config["spatial_compression_ratio"])
     if config.get("spatial_downsample_factors"):
@@ -490,6 +525,18 @@ def validate(cfg: Config) -> Config:
     if m.kind in ("flux2", "qwenimage", "wan", "tiny", "generic", "generic-latent") and not m.diffusers:
         raise ConfigError(f"model.kind {m.kind}: built from a diffusers config; give train.init_from (or --model) a "
                           f"diffusers folder of that class")
+    if m.kind == "rae":
+        e = m.rae.encoder
+        if e.input_size % e.patch_size:
+            raise ConfigError(f"model.rae.encoder.input_size {e.input_size}: not a multiple of its patch_size "
+                              f"{e.patch_size}")
+        size = m.rae.patch_size * (e.input_size // e.patch_size)
+        if cfg.data.resolution != size:
+            raise ConfigError(f"data.resolution {cfg.data.resolution}: this RAE decodes {size}px images (model.rae."
+                              f"patch_size x model.rae.encoder.input_size / patch_size); set data.resolution={size}")
+        if cfg.loss.equivariance.enabled or cfg.loss.alignment.enabled:
+            raise ConfigError("loss.equivariance / loss.alignment: an RAE's latent is a frozen encoder's fixed grid "
+                              "of features; turn them off (loss.latent_noise is its augmentation)")
     if m.kind == "dc":
         d = m.dc
         lengths = {len(v) for v in (d.block_types, d.block_out_channels, d.encoder_layers_per_block,

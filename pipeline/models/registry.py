@@ -21,17 +21,16 @@ AUDIO = ("AutoencoderOobleck", "AutoencoderSAME", "AutoencoderKLKVAEAudio", "Aut
 VIDEO = ("AutoencoderKLAllegro", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15",
          "AutoencoderKLKVAEVideo", "AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video", "AutoencoderKLMagvit",
          "AutoencoderKLMochi", "AutoencoderVidTok", "Kandinsky6SRVAE", "LTX2VideoDiffusionDecoderModel")
-OTHER = {"RFD4ProteinaAutoencoder": "a protein structure autoencoder",
-         "AutoencoderRAE": "a representation autoencoder, not yet taken by firststage"}
+OTHER = {"RFD4ProteinaAutoencoder": "a protein structure autoencoder"}
 
 # family (model.kind) -> the diffusers classes it holds (FSQ has none: no diffusers model has its quantizer)
 FAMILY_CLASSES = {"kl": ("AutoencoderKL",), "vq": ("VQModel",), "fsq": (), "dc": ("AutoencoderDC",),
                   "flux2": ("AutoencoderKLFlux2",), "qwenimage": ("AutoencoderKLQwenImage",),
-                  "wan": ("AutoencoderKLWan",), "tiny": ("AutoencoderTiny",),
+                  "wan": ("AutoencoderKLWan",), "tiny": ("AutoencoderTiny",), "rae": ("AutoencoderRAE",),
                   "generic": tuple(n for n in GENERIC if n not in DETERMINISTIC), "generic-latent": DETERMINISTIC}
 # what its encoder gives: a Gaussian posterior, code indices, or a deterministic latent
 LATENT = {"kl": "posterior", "flux2": "posterior", "qwenimage": "posterior", "wan": "posterior", "vq": "codes",
-          "fsq": "codes", "dc": "latent", "tiny": "latent", "generic": "posterior",
+          "fsq": "codes", "dc": "latent", "tiny": "latent", "rae": "latent", "generic": "posterior",
           "generic-latent": "latent"}
 
 

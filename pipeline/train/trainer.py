@@ -32,7 +32,7 @@ from pipeline.storage import LogMirror, as_path
 from pipeline.losses import FirstStageObjective
 from pipeline.losses.equivariance import draw_plan
 from pipeline.models.autoencoder import build_autoencoder, family_of
-from pipeline.models.foundation import foundation_source
+from pipeline.models.foundation import foundation_source, rae_encoder_source
 from pipeline.pixels import to_model_input
 from pipeline.progress import Progress
 from pipeline.train.duties import Checkpointer, GridWriter, Logbook, NonFiniteGuard, Validator
@@ -135,6 +135,8 @@ class Trainer:
             resolve_shards(cfg.data.val, pipes)
         if cfg.loss.alignment.enabled and cfg.loss.alignment.backbone == "pretrained":
             foundation_source(cfg.loss.alignment.model)  # missing DINOv2 weights: one line, before anything is built
+        if cfg.model.kind == "rae" and cfg.model.rae.encoder.backbone == "pretrained" and not cfg.train.init_from:
+            rae_encoder_source(cfg.model.rae.encoder)  # and a missing RAE encoder
         resume_path = find_resume(cfg.output_dir, resume)
         if cfg.train.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -217,6 +219,8 @@ class Trainer:
         cfg = self.cfg
         vae = build_autoencoder(cfg.model, cfg.data.resolution)
         if not cfg.train.init_from or resuming:
+            if not resuming:
+                family_of(vae).initialise(vae, cfg)
             return vae, None
         init = init or resolve_init(cfg)
         init.load_into(vae, f"train.init_from {cfg.train.init_from}")

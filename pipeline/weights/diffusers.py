@@ -84,6 +84,8 @@ def default_resolution(config) -> int:
     """data.resolution of a diffusers model: its sample_size when that fits its downsampling factor, else 256 (or
     the nearest multiple of the factor below it)."""
     f = downsampling_factor_of(config)
+    if "encoder_input_size" in config:  # AutoencoderRAE decodes one size: its patch times the encoder's grid
+        return f * (config["encoder_input_size"] // config.get("encoder_patch_size", 14))
     size = config.get("sample_size")
     return size if isinstance(size, int) and size > 0 and size % f == 0 else max(f, 256 - 256 % f)
 

@@ -1,0 +1,125 @@
+"""Representation autoencoders (model.kind rae): tiny-rae trains on CPU with its encoder frozen bit for bit, resumes
+after SIGKILL to the same state, evaluates and encodes without noise augmentation (latent statistics per [C, H, W]),
+and exports to a folder AutoencoderRAE.from_pretrained loads with firststage's encode and decode outputs; a missing
+foundation model stops before training in one line, a present one is the encoder it starts from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness import run_main, sigkill_after_first_checkpoint
+from helpers import load_model, make_shards
+
+RES = 32
+RUN = ["--config", "tiny-rae", "data.num_workers=0", "data.shuffle_buffer=2", "train.batch_size=2",
+       "train.tracker=none"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rae")
+    make_shards(root / "shards", 1, 3, size=(RES, RES))
+    return root / "shards"
+
+
+def test_tiny_rae_trains_resumes_evaluates_encodes_and_exports(shards, tmp_path):
+    from diffusers import AutoencoderRAE
+
+    from pipeline.checkpoint import find_resume_path, load_training_checkpoint
+    from pipeline.config import load_config
+    from pipeline.latents import LatentDataset
+    from pipeline.models import build_autoencoder, family_of
+    from pipeline.models.normalisation import denormalise
+    from stages.encode import main as encode
+    from stages.evaluate import main as evaluate
+    from stages.export import main as export
+    from test_families import images_by_key, trainer_state
+
+    run = tmp_path / "run"
+    sigkill_after_first_checkpoint(run, *RUN, f"data.train={shards}", f"output_dir={run}", "train.max_steps=400",
+                                   "train.checkpoint_every=2", "train.keep_checkpoints=3")
+    saved = load_training_checkpoint(find_resume_path(run))
+    state = trainer_state(run)  # what --resume auto starts from
+    for part in ("autoencoder", "ema"):
+        assert set(state[part]) == set(saved[part])
+        assert all(torch.equal(state[part][k].cpu(), saved[part][k]) for k in saved[part]), part
+    opt = state["optimizer"]["state"]
+    assert opt and all(torch.equal(opt[i]["exp_avg"].cpu(), saved["optimizer"]["state"][i]["exp_avg"]) for i in opt)
+
+    cfg = load_config(run / "config.yaml")
+    torch.manual_seed(cfg.seed)  # the model the run started from (the trainer seeds, then builds)
+    start = build_autoencoder(cfg.model, RES).state_dict()
+    trained = saved["autoencoder"]
+    assert any(k.startswith("encoder.") for k in trained)
+    assert all(torch.equal(trained[k], start[k]) for k in trained if k.startswith("encoder."))  # frozen, bit for bit
+    assert any(not torch.equal(trained[k], start[k]) for k in trained if k.startswith("decoder."))
+
+    small = ["data.num_workers=0"]
+    for out in ("eval", "eval2"):  # no noise augmentation: the same numbers twice
+        r = run_main(evaluate, "--model", run, "--data", shards, "--output", tmp_path / out, "--lpips-backbone",
+                     "random", "evaluate.diffusability=false", *small)
+        assert r.returncode == 0, r.stderr[-3000:]
+    first, second = (json.loads((tmp_path / o / "eval.json").read_text()) for o in ("eval", "eval2"))
+    assert first["samples"] == 3 and first["psnr"] == second["psnr"] and "kl_per_sample" not in first
+
+    r = run_main(encode, "--model", run, "--data", shards, "--output", tmp_path / "lat", *small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "lat" / "manifest.json").read_text())
+    norm = manifest["normalisation"]
+    assert manifest["kind"] == "rae" and manifest["store"] == "latent"
+    assert norm["per_position"] and len(norm["mean"]) == len(norm["std"]) == 64 * 4 * 4  # per [C, H, W]
+    assert len(manifest["statistics"]["channel_mean"]) == 64 * 4 * 4
+    got = {s["__key__"]: s["latents"] for s in LatentDataset(tmp_path / "lat", mode="eval", sample=False)}
+    model, _ = load_model(run)
+    fam = family_of(model)
+    images = images_by_key(shards)
+    with torch.no_grad():
+        for key, x in images.items():  # what the reader yields is the noiseless latent, normalised
+            z = fam.encode(model.eval(), x[None]).mean[0]
+            torch.testing.assert_close(denormalise(got[key], norm), z, rtol=1e-4, atol=1e-4)
+            assert got[key].shape == (64, 4, 4)
+
+    r = run_main(export, "--model", run, "--output", tmp_path / "vae", "--stats", tmp_path / "lat" / "manifest.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = AutoencoderRAE.from_pretrained(tmp_path / "vae").eval()
+    assert sum(p.numel() for n, p in plain.named_parameters() if n.startswith("encoder.")) > 0  # encoder included
+    x = torch.stack(list(images.values()))
+    zn = torch.stack([got[k] for k in images])
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode((x + 1) / 2).latent, zn, rtol=1e-4, atol=1e-4)
+        theirs = plain.decode(zn).sample * 2 - 1
+        ours = fam.decode(model, denormalise(zn, norm))
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    r = run_main(export, "--model", run, "--output", tmp_path / "rae.safetensors", "--format", "single-file",
+                 "--stats", tmp_path / "lat" / "manifest.json")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "single-file" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_missing_foundation_model_stops_before_training(shards, tmp_path):
+    from stages.train import main as train
+
+    r = run_main(train, *RUN, f"data.train={shards}", f"output_dir={tmp_path / 'run'}",
+                 "model.rae.encoder.backbone=pretrained", f"model.rae.encoder.weights={tmp_path / 'dinov2'}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert f"model.rae.encoder.weights {tmp_path / 'dinov2'}" in r.stderr
+    assert "huggingface-cli download facebook/dinov2-with-registers-base" in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_pretrained_encoder_is_the_one_training_starts_from(shards, tmp_path):
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from stages.train import run
+
+    torch.manual_seed(1)
+    dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=1,
+                                                              num_attention_heads=1, patch_size=14, image_size=518))
+    dino.save_pretrained(tmp_path / "dinov2")
+    tr = run([*RUN, f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+              "model.rae.encoder.backbone=pretrained", f"model.rae.encoder.weights={tmp_path / 'dinov2'}"])
+    encoder = tr.unwrapped.vae.encoder.state_dict()
+    want = {k: v for k, v in dino.state_dict().items() if not k.startswith("layernorm.")}
+    assert set(want) <= set(encoder) and all(torch.equal(encoder[k].cpu(), v) for k, v in want.items())
