@@ -97,6 +97,24 @@ def test_tiny_rae_trains_resumes_evaluates_encodes_and_exports(shards, tmp_path)
                  "--stats", tmp_path / "lat" / "manifest.json")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "single-file" in r.stderr, r.stderr[-2000:]
 
+    # the export as a published AutoencoderRAE: evaluated, encoded with its own normalisation, fine-tuned
+    r = run_main(evaluate, "--model", tmp_path / "vae", "--data", shards, "--output", tmp_path / "eval3",
+                 "--lpips-backbone", "random", "evaluate.diffusability=false", *small)
+    assert r.returncode == 0 and "diffusers weights (AutoencoderRAE)" in r.stdout, r.stderr[-3000:]
+    r = run_main(encode, "--model", tmp_path / "vae", "--data", shards, "--output", tmp_path / "lat2", *small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = {s["__key__"]: s["latents"] for s in LatentDataset(tmp_path / "lat2", mode="eval", sample=False)}
+    for key in images:
+        torch.testing.assert_close(again[key], got[key], rtol=1e-4, atol=1e-4)
+    from stages.train import run as train
+
+    tr = train([*RUN, f"data.train={shards}", f"output_dir={tmp_path / 'ft'}", "train.max_steps=1",
+                f"train.init_from={tmp_path / 'vae'}", "model.rae.encoder.backbone=pretrained"])
+    after = tr.unwrapped.vae.state_dict()
+    assert tr.cfg.model.kind == "rae" and type(tr.unwrapped.vae) is AutoencoderRAE
+    assert all(torch.equal(after[k].cpu(), v) for k, v in plain.state_dict().items() if k.startswith("encoder."))
+    assert any(not torch.equal(after[k].cpu(), v) for k, v in plain.state_dict().items() if k.startswith("decoder."))
+
 
 def test_a_missing_foundation_model_stops_before_training(shards, tmp_path):
     from stages.train import main as train
@@ -123,3 +141,12 @@ def test_a_pretrained_encoder_is_the_one_training_starts_from(shards, tmp_path):
     encoder = tr.unwrapped.vae.encoder.state_dict()
     want = {k: v for k, v in dino.state_dict().items() if not k.startswith("layernorm.")}
     assert set(want) <= set(encoder) and all(torch.equal(encoder[k].cpu(), v) for k, v in want.items())
+
+
+def test_equivariance_and_alignment_are_refused_for_an_rae():
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    for key in ("loss.equivariance.enabled=true", "loss.alignment.enabled=true"):
+        with pytest.raises(ConfigError, match="an RAE's latent is a frozen encoder's fixed grid"):
+            load_config("tiny-rae", [key])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.config import config_from_dict, downsampling_factor_of, merge_dicts, parse_overrides
 from pipeline.errors import UserError
-from pipeline.models.registry import diffusers_classes, family_of_class_name
+from pipeline.models.registry import diffusers_classes, family_of_class_name, rae_section
 from pipeline.storage import regular_file
 from pipeline.weights.loading import check_fit, read_json_config, safetensors_shapes
 
@@ -106,6 +106,8 @@ def light_config(folder: Path, overrides: list[str] | None = None):
     kind = family_of_class_name(config.get("_class_name"))
     section = {"kind": kind, "diffusers": {k: v for k, v in config.items()
                                            if not k.startswith("_") or (kind.startswith("generic") and k == "_class_name")}}
+    if kind == "rae":
+        section["rae"] = rae_section(config)
     return config_from_dict(merge_dicts({"model": section, "data": {"resolution": default_resolution(config)}},
                                         parse_overrides(overrides or [])))
 

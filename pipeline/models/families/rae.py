@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.models.families.base import Family, Latent, plain_config
-from pipeline.models.registry import diffusers_classes
+from pipeline.models.registry import diffusers_classes, rae_section
 
 EPS = 1e-5  # AutoencoderRAE divides by latents_std + 1e-5
 NORM = {"siglip2": ([0.5] * 3, [0.5] * 3)}  # the encoder's input normalisation by type; else ImageNet's
@@ -55,17 +55,14 @@ class RAEFamily(Family):
                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
     def model_section(self, model) -> dict:
-        c = model.config
-        return {"kind": self.name, "in_channels": c.num_channels, "latent_channels": c.encoder_hidden_size,
-                "rae": {"encoder": {"type": c.encoder_type, "hidden_size": c.encoder_hidden_size,
-                                    "patch_size": c.encoder_patch_size, "num_layers": c.encoder_num_hidden_layers,
-                                    "input_size": c.encoder_input_size, "backbone": "random",
-                                    "norm_mean": model.encoder_mean.flatten().tolist(),
-                                    "norm_std": model.encoder_std.flatten().tolist()},
-                        "decoder_hidden_size": c.decoder_hidden_size, "decoder_layers": c.decoder_num_hidden_layers,
-                        "decoder_heads": c.decoder_num_attention_heads,
-                        "decoder_intermediate_size": c.decoder_intermediate_size, "patch_size": c.patch_size},
-                "diffusers": plain_config(c)}
+        """model.rae from its config (the encoder's weights are the model's own: backbone random means "not read from
+        model.rae.encoder.weights"), and its whole config in model.diffusers (latents_mean / latents_std shapes)."""
+        c = plain_config(model.config)
+        section = rae_section(c)
+        section["encoder"].update(norm_mean=model.encoder_mean.flatten().tolist(),
+                                  norm_std=model.encoder_std.flatten().tolist())
+        return {"kind": self.name, "in_channels": c["num_channels"], "latent_channels": c["encoder_hidden_size"],
+                "rae": section, "diffusers": c}
 
     # ------------------------------------------------------------------------------------------ running
     def encode(self, model, x: torch.Tensor) -> Latent:
