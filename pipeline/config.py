@@ -241,6 +241,12 @@ class AdversarialConfig:
     weight: float = _f(0.5, "base weight of the generator's adversarial term", min=0.0)
     start_step: int = _f(50001, "step at which the discriminator starts", min=0)
     loss: Literal["hinge", "non-saturating"] = _f("hinge", "discriminator / generator loss")
+    generator_start_step: Optional[int] = _f(
+        None, "step at which the generator's adversarial term starts (RAE: 2 epochs after the discriminator); null: "
+        "start_step", min=0)
+    generator_loss: Optional[Literal["hinge", "non-saturating"]] = _f(
+        None, "the generator's loss when it differs from the discriminator's (RAE: hinge D, non-saturating "
+        "('vanilla') G); null: loss")
     adaptive_weight: bool = _f(True, "scale by ||grad L_rec|| / (||grad L_gan|| + 1e-4) at the decoder's last layer")
     disc_layers: int = _f(3, "PatchGAN depth (strided conv layers)", min=1)
     disc_channels: int = _f(64, "PatchGAN width of the first layer", min=1)
@@ -335,6 +341,8 @@ class TrainConfig:
         "per_sample", "per_sample: lr is multiplied by the global batch (LDM convention); absolute: used as is"
     )
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "after warm-up")
+    final_lr_ratio: float = _f(0.0, "cosine: the learning rate it ends at, as a fraction of lr (RAE: 2e-4 to 2e-5, "
+                               "0.1)", min=0.0, max=1.0)
     warmup_steps: int = _f(0, "linear learning-rate warm-up", min=0)
     betas: list[float] = _f([0.5, 0.9], "AdamW betas (LDM autoencoders use 0.5, 0.9)")
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)

@@ -150,3 +150,34 @@ def test_equivariance_and_alignment_are_refused_for_an_rae():
     for key in ("loss.equivariance.enabled=true", "loss.alignment.enabled=true"):
         with pytest.raises(ConfigError, match="an RAE's latent is a frozen encoder's fixed grid"):
             load_config("tiny-rae", [key])
+
+
+def test_the_rae_recipe_starts_d_before_g_with_its_own_losses_and_a_cosine_to_a_floor():
+    """D from start_step, the generator's term from generator_start_step, hinge D with a non-saturating G; the
+    cosine learning rate ends at final_lr_ratio of lr (RAE: 2e-4 to 2e-5)."""
+    import torch.nn.functional as F
+
+    from pipeline.config import load_config
+    from pipeline.losses import FirstStageObjective
+    from pipeline.models.autoencoder import AutoencoderOutput
+    from pipeline.train.schedules import lr_factor
+
+    cfg = load_config("rae-dinov2-b", ["model.rae.encoder.backbone=random"])
+    assert lr_factor(cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.max_steps, "cosine",
+                     cfg.train.final_lr_ratio) == pytest.approx(0.1)
+    a = cfg.loss.adversarial
+    assert (a.start_step, a.generator_start_step, a.loss, a.generator_loss) == (15000, 20000, "hinge", "non-saturating")
+    loss = load_config("tiny-rae", ["loss.adversarial.enabled=true", "loss.adversarial.start_step=1",
+                                    "loss.adversarial.generator_start_step=3", "loss.adversarial.adaptive_weight=false",
+                                    "loss.adversarial.generator_loss=non-saturating"]).loss
+    obj = FirstStageObjective(loss, False, 3, 64)
+    x = torch.rand(2, 3, RES, RES) * 2 - 1
+    rec = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
+    out = AutoencoderOutput(rec, torch.zeros(2, 64, 4, 4))
+    assert [obj.gan_active(s) for s in (0, 1, 3)] == [False, True, True]
+    assert [obj.generator_active(s) for s in (0, 1, 3)] == [False, False, True]
+    _, early = obj.autoencoder_terms(x, out, 1)
+    _, late = obj.autoencoder_terms(x, out, 3)
+    assert "g" not in early and "g" in late
+    with torch.no_grad():
+        torch.testing.assert_close(late["g"], F.softplus(-obj.discriminator(rec)).mean())

@@ -115,7 +115,8 @@ def make_optimizer(params, lr: float, cfg: Config):
 def make_scheduler(opt, cfg: Config):
     """Warm-up, then constant or cosine. Its position is saved in the checkpoint (a resumed run continues it)."""
     t = cfg.train
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule,
+                                                                   t.final_lr_ratio))
 
 
 class Trainer:
