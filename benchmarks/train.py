@@ -18,8 +18,8 @@ has its own benchmark). Naive: the LDM recipe as it is usually reimplemented: fp
 channels_last, LPIPS and the discriminator as plain modules, the adaptive weight from two autograd.grad calls and a
 full backward, the discriminator's gradients left on during the generator step, a per-tensor EMA loop and
 `loss.item()` every step; for an RAE (`--rae`) the same loop around the frozen encoder's features (no gradient),
-RAE's additive latent noise and the ViT decoder. Variants (`--variant NAME=key=value,key=value`) are the firststage path with config
-overrides. Repeats interleave the paths; each figure is the median over repeats after a warm-up.
+RAE's additive latent noise and the ViT decoder. Variants (`--variant NAME=key=value,key=value`) are the firststage
+path with config overrides. Repeats interleave the paths; each figure is the median over repeats after a warm-up.
 
 FLOPs are counted once per path with torch.utils.flop_counter (matrix products and convolutions, forward and
 backward): "TFLOP/s" is what each path executes. The peak is a large matrix product timed in the same run (bf16 on a

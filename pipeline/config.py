@@ -128,7 +128,8 @@ class FoundationEncoderConfig:
     type: Literal["dinov2", "siglip2", "mae"] = _f("dinov2", "dinov2 (with registers), siglip2 or mae")
     weights: str = _f("", "a transformers folder of the encoder (facebook/dinov2-with-registers-base)")
     backbone: Literal["pretrained", "random"] = _f(
-        "pretrained", "pretrained: the weights at model.rae.encoder.weights; random: seeded random weights (tests only)")
+        "pretrained", "pretrained: the weights at model.rae.encoder.weights; random: seeded random weights (tests "
+        "only)")
     hidden_size: int = _f(768, "the encoder's width: the latent's channels", min=1)
     patch_size: int = _f(14, "the encoder's patch size", min=1)
     num_layers: int = _f(12, "the encoder's depth", min=1)

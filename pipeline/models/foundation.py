@@ -198,7 +198,8 @@ _LOADED: dict[tuple[str, str], nn.Module] = {}  # (folder, class name) -> model:
 
 # an RAE's encoder type -> (model_types of its config.json, the transformers class diffusers' AutoencoderRAE holds,
 # where to download one)
-RAE_ENCODERS = {"dinov2": (("dinov2_with_registers",), "Dinov2WithRegistersModel", "facebook/dinov2-with-registers-base"),
+RAE_ENCODERS = {"dinov2": (("dinov2_with_registers",), "Dinov2WithRegistersModel",
+                           "facebook/dinov2-with-registers-base"),
                 "siglip2": (("siglip", "siglip_vision_model"), "SiglipVisionModel", "google/siglip2-base-patch16-256"),
                 "mae": (("vit_mae",), "ViTMAEModel", "facebook/vit-mae-base")}
 

@@ -70,10 +70,12 @@ def stored(kind: str, requested: str) -> str:
 def rae_section(c: dict) -> dict:
     """The model.rae keys of an AutoencoderRAE config (config.json or a model's), without torch: what a light config
     needs to check data.resolution against the image size it decodes."""
-    return {"encoder": {"type": c.get("encoder_type", "dinov2"), "hidden_size": c.get("encoder_hidden_size", 768),
-                        "patch_size": c.get("encoder_patch_size", 14), "num_layers": c.get("encoder_num_hidden_layers", 12),
-                        "input_size": c.get("encoder_input_size", 224), "backbone": "random",
-                        "norm_mean": c.get("encoder_norm_mean"), "norm_std": c.get("encoder_norm_std")},
-            "decoder_hidden_size": c.get("decoder_hidden_size", 512), "decoder_layers": c.get("decoder_num_hidden_layers", 8),
-            "decoder_heads": c.get("decoder_num_attention_heads", 16),
-            "decoder_intermediate_size": c.get("decoder_intermediate_size", 2048), "patch_size": c.get("patch_size", 16)}
+    get = c.get  # AutoencoderRAE's defaults where a key is absent
+    return {"encoder": {"type": get("encoder_type", "dinov2"), "hidden_size": get("encoder_hidden_size", 768),
+                        "patch_size": get("encoder_patch_size", 14), "num_layers": get("encoder_num_hidden_layers", 12),
+                        "input_size": get("encoder_input_size", 224), "backbone": "random",
+                        "norm_mean": get("encoder_norm_mean"), "norm_std": get("encoder_norm_std")},
+            "decoder_hidden_size": get("decoder_hidden_size", 512),
+            "decoder_layers": get("decoder_num_hidden_layers", 8),
+            "decoder_heads": get("decoder_num_attention_heads", 16),
+            "decoder_intermediate_size": get("decoder_intermediate_size", 2048), "patch_size": get("patch_size", 16)}

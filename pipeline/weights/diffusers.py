@@ -1,8 +1,8 @@
 """Format: a diffusers folder (config.json + safetensors), also a pipeline folder's `vae/`, of any class a model
 family knows (AutoencoderKL, VQModel, AutoencoderDC, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan,
-AutoencoderTiny, and every other image autoencoder of diffusers.models.autoencoders: the generic family); an audio,
-video or other autoencoder of diffusers is refused as such in one line. Loaded and saved by diffusers itself (safetensors only), so an export works as the `vae` of that
-family's diffusers pipelines."""
+AutoencoderTiny, AutoencoderRAE, and every other image autoencoder of diffusers.models.autoencoders: the generic
+families); an audio, video or other autoencoder of diffusers is refused as such in one line. Loaded and saved by
+diffusers itself (safetensors only), so an export works as the `vae` of that family's diffusers pipelines."""
 
 from __future__ import annotations
 
@@ -104,8 +104,9 @@ def light_config(folder: Path, overrides: list[str] | None = None):
     what encode compares with an output folder's settings before loading anything."""
     config = read_config(folder)
     kind = family_of_class_name(config.get("_class_name"))
+    named = kind.startswith("generic")  # the generic families hold several classes: the config names its own
     section = {"kind": kind, "diffusers": {k: v for k, v in config.items()
-                                           if not k.startswith("_") or (kind.startswith("generic") and k == "_class_name")}}
+                                           if not k.startswith("_") or (named and k == "_class_name")}}
     if kind == "rae":
         section["rae"] = rae_section(config)
     return config_from_dict(merge_dicts({"model": section, "data": {"resolution": default_resolution(config)}},
