@@ -146,7 +146,13 @@ class Naive:
 
 class NaiveRAE(Naive):
     """An RAE's decoder trained the plain way: AutoencoderRAE's own encode path (the frozen encoder under no_grad),
-    RAE's additive noise (sigma ~ U(0, 0.8) per sample), the decoder, then the same loss and updates as Naive."""
+    RAE's additive noise (sigma ~ U(0, 0.8) per sample), the decoder, then the same loss and updates as Naive, with
+    a copy of the run's discriminator (RAE's DINO one)."""
+
+    def __init__(self, ours: Ours):
+        super().__init__(ours)
+        self.disc = copy.deepcopy(ours.tr.objective.discriminator).to(self.device).train()
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=1e-5, betas=tuple(self.cfg.train.betas))
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         vae = self.vae
@@ -328,6 +334,8 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=0)
     ap.add_argument("--rae", action="store_true", help="an RAE's decoder step (default preset tiny-rae, 32 px) "
                     "against a plain loop of the same decoder")
+    ap.add_argument("--dino", default="", help="with --rae: DINO ViT-S/8 weights for the discriminator (default: a "
+                    "tiny random ViT, much cheaper than the real one)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     ap.add_argument("--repeats", type=int, default=5)
@@ -372,7 +380,9 @@ def main() -> None:
                 "loss.perceptual.weight=1.0", "loss.perceptual.backbone=random", "loss.adversarial.enabled=true",
                 "loss.adversarial.start_step=0", "loss.adversarial.adaptive_weight=true", "data.num_workers=0"]
         if args.rae:  # the encoder's speed does not depend on its weights (as LPIPS's above)
-            base.append("model.rae.encoder.backbone=random")
+            base += ["model.rae.encoder.backbone=random", "loss.adversarial.generator_start_step=0"]
+            base += [f"loss.adversarial.dino_model={args.dino}", "loss.adversarial.dino_backbone=pretrained"] \
+                if args.dino else ["loss.adversarial.dino_backbone=random"]
         if args.max_batch_gb:
             over = parse_variant(args.variant[0])[1] if args.variant else []
             b, tried = max_batch(base, over, args.resolution, args.max_batch_gb)

@@ -249,6 +249,14 @@ class AdversarialConfig:
         None, "the generator's loss when it differs from the discriminator's (RAE: hinge D, non-saturating "
         "('vanilla') G); null: loss")
     adaptive_weight: bool = _f(True, "scale by ||grad L_rec|| / (||grad L_gan|| + 1e-4) at the decoder's last layer")
+    discriminator: Literal["patchgan", "dino"] = _f(
+        "patchgan", "patchgan (taming / LDM), or dino: RAE's heads on a frozen DINO ViT-S/8 with DiffAug")
+    dino_model: str = _f("", "dino: a transformers folder of DINO ViT-S/8 (facebook/dino-vits8)")
+    dino_backbone: Literal["pretrained", "random"] = _f(
+        "pretrained", "dino: the weights at dino_model, or a tiny seeded random ViT (tests only)")
+    dino_kernel: int = _f(9, "dino: the heads' convolution kernel (RAE's ks)", min=1)
+    diffaug_p: float = _f(1.0, "dino: probability of DiffAug (colour, translation, cutout) per batch", min=0.0,
+                          max=1.0)
     disc_layers: int = _f(3, "PatchGAN depth (strided conv layers)", min=1)
     disc_channels: int = _f(64, "PatchGAN width of the first layer", min=1)
     r1_weight: float = _f(0.0, "R1 gradient penalty on real images", min=0.0)

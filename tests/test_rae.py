@@ -49,6 +49,8 @@ def test_tiny_rae_trains_resumes_evaluates_encodes_and_exports(shards, tmp_path)
     assert any(k.startswith("encoder.") for k in trained)
     assert all(torch.equal(trained[k], start[k]) for k in trained if k.startswith("encoder."))  # frozen, bit for bit
     assert any(not torch.equal(trained[k], start[k]) for k in trained if k.startswith("decoder."))
+    heads = [k for k in saved["objective"] if k.startswith("discriminator.")]  # RAE's discriminator: heads only
+    assert heads and all(k.startswith("discriminator.heads.") for k in heads)
 
     small = ["data.num_workers=0"]
     for out in ("eval", "eval2"):  # no noise augmentation: the same numbers twice
@@ -118,6 +120,10 @@ def test_a_missing_foundation_model_stops_before_training(shards, tmp_path):
     assert f"model.rae.encoder.weights {tmp_path / 'dinov2'}" in r.stderr
     assert "huggingface-cli download facebook/dinov2-with-registers-base" in r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+    r = run_main(train, *RUN, f"data.train={shards}", f"output_dir={tmp_path / 'run'}",
+                 "loss.adversarial.dino_backbone=pretrained", f"loss.adversarial.dino_model={tmp_path / 'dino'}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert f"loss.adversarial.dino_model {tmp_path / 'dino'}" in r.stderr and "facebook/dino-vits8" in r.stderr
 
 
 def test_a_pretrained_encoder_is_the_one_training_starts_from(shards, tmp_path):
@@ -162,8 +168,9 @@ def test_the_rae_recipe_starts_d_before_g_with_its_own_losses_and_a_cosine_to_a_
     assert (a.start_step, a.generator_start_step, a.loss, a.generator_loss) == (15000, 20000, "hinge", "non-saturating")
     loss = load_config("tiny-rae", ["loss.adversarial.enabled=true", "loss.adversarial.start_step=1",
                                     "loss.adversarial.generator_start_step=3", "loss.adversarial.adaptive_weight=false",
-                                    "loss.adversarial.generator_loss=non-saturating"]).loss
-    obj = FirstStageObjective(loss, False, 3, 64)
+                                    "loss.adversarial.generator_loss=non-saturating",
+                                    "loss.adversarial.diffaug_p=0"]).loss
+    obj = FirstStageObjective(loss, False, 3, 64).eval()  # (no DiffAug, no spectral-norm power step: repeatable)
     x = torch.rand(2, 3, RES, RES) * 2 - 1
     rec = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
     out = AutoencoderOutput(rec, torch.zeros(2, 64, 4, 4))
@@ -174,3 +181,31 @@ def test_the_rae_recipe_starts_d_before_g_with_its_own_losses_and_a_cosine_to_a_
     assert "g" not in early and "g" in late
     with torch.no_grad():
         torch.testing.assert_close(late["g"], F.softplus(-obj.discriminator(rec)).mean())
+
+
+def test_the_dino_discriminator_trains_its_heads_on_a_frozen_vit_through_diffaug():
+    """RAE's discriminator: DiffAug changes the images it reads (p 1) or not (p 0); its gradient reaches the images
+    through the frozen ViT, whose weights get none and are no part of its state (checkpoints, exports)."""
+    from pipeline.models.dino_discriminator import DinoDiscriminator, diff_augment
+    from pipeline.models.foundation import dino_backbone
+
+    x = torch.rand(4, 3, RES, RES) * 2 - 1
+    torch.manual_seed(0)
+    augmented = diff_augment(x)
+    assert augmented.shape == x.shape and not torch.equal(augmented, x)
+    assert ((augmented == 0).all(1).flatten(1).sum(1) >= 8 * 8).all()  # a 16 x 16 cutout in each (cut at edges)
+    backbone = dino_backbone("", "random")
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    d = DinoDiscriminator(backbone, kernel=9, p=1.0)
+    assert set(d.state_dict()) and not any("backbone" in k or k.startswith("embeddings") for k in d.state_dict())
+    assert all(id(p) not in {id(q) for q in backbone.parameters()} for p in d.parameters())
+    rec = x.clone().requires_grad_(True)
+    logits = d(rec)
+    assert logits.shape == (4, len(d.hooks) * (1 + (224 // 8) ** 2))
+    (-logits.mean()).backward()
+    assert rec.grad.abs().sum() > 0 and all(p.grad is None for p in backbone.parameters())
+    assert all(p.grad is not None for p in d.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    with torch.no_grad():
+        d.p = 0.0
+        assert torch.equal(d.eval()(x), d(x))  # without DiffAug (and in eval mode) the same logits twice

@@ -52,7 +52,15 @@ class FirstStageObjective(nn.Module):
         r = cfg.reconstruction
         self.logvar = nn.Parameter(torch.tensor(float(r.logvar_init))) if r.learned_logvar else None
         a = cfg.adversarial
-        self.discriminator = PatchDiscriminator(in_channels, a.disc_channels, a.disc_layers) if a.enabled else None
+        self.discriminator = None
+        if a.enabled and a.discriminator == "dino":
+            from pipeline.models.dino_discriminator import DinoDiscriminator
+            from pipeline.models.foundation import dino_backbone
+
+            self.discriminator = DinoDiscriminator(dino_backbone(a.dino_model, a.dino_backbone), a.dino_kernel,
+                                                   a.diffaug_p)
+        elif a.enabled:
+            self.discriminator = PatchDiscriminator(in_channels, a.disc_channels, a.disc_layers)
         self.lecam = LeCam(a.lecam_decay) if a.enabled and a.lecam_weight > 0 else None
         self.alignment = Alignment(cfg.alignment, latent_channels) if cfg.alignment.enabled else None
 

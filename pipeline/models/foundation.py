@@ -248,3 +248,38 @@ def load_rae_encoder(encoder) -> nn.Module:
                             f"{str(e).splitlines()[0][:200]})") from None
 
     return once((str(folder.resolve()), cls.__name__), load)
+
+
+def dino_source(path: str) -> Path:
+    """The transformers folder of DINO ViT-S/8 (RAE's discriminator backbone), or one line naming what to download
+    and where to put it; cheap, so the trainer asks first."""
+    fix = (f"download facebook/dino-vits8 (`huggingface-cli download facebook/dino-vits8 --local-dir "
+           f"{path or 'FOLDER'}`) and set loss.adversarial.dino_model to it")
+    p = Path(path) if path else None
+    if p is None or not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
+        raise UserError(f"loss.adversarial.dino_model {path or '(not set)'}: no config.json and *.safetensors of "
+                        f"DINO ViT-S/8 there; {fix}")
+    return p
+
+
+def dino_backbone(path: str, backbone: str) -> nn.Module:
+    """The frozen ViT of RAE's discriminator: DINO ViT-S/8 from a transformers folder (once per process), or a tiny
+    seeded random one (tests only)."""
+    from transformers import ViTConfig, ViTModel
+
+    if backbone == "random":
+        config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                           patch_size=8, image_size=224)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return ViTModel(config, add_pooling_layer=False)
+    folder = dino_source(path)
+
+    def load():
+        try:
+            return ViTModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
+        except Exception as e:
+            raise UserError(f"loss.adversarial.dino_model {folder}: could not load a ViT ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+
+    return once((str(folder.resolve()), "ViTModel"), load)

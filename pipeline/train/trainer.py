@@ -32,7 +32,7 @@ from pipeline.storage import LogMirror, as_path
 from pipeline.losses import FirstStageObjective
 from pipeline.losses.equivariance import draw_plan
 from pipeline.models.autoencoder import build_autoencoder, family_of
-from pipeline.models.foundation import foundation_source, rae_encoder_source
+from pipeline.models.foundation import dino_source, foundation_source, rae_encoder_source
 from pipeline.pixels import to_model_input
 from pipeline.progress import Progress
 from pipeline.train.duties import Checkpointer, GridWriter, Logbook, NonFiniteGuard, Validator
@@ -138,6 +138,9 @@ class Trainer:
             foundation_source(cfg.loss.alignment.model)  # missing DINOv2 weights: one line, before anything is built
         if cfg.model.kind == "rae" and cfg.model.rae.encoder.backbone == "pretrained" and not cfg.train.init_from:
             rae_encoder_source(cfg.model.rae.encoder)  # and a missing RAE encoder
+        a = cfg.loss.adversarial
+        if a.enabled and a.discriminator == "dino" and a.dino_backbone == "pretrained":
+            dino_source(a.dino_model)  # and the DINO discriminator's backbone
         resume_path = find_resume(cfg.output_dir, resume)
         if cfg.train.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
