@@ -1,7 +1,8 @@
 """Every other image autoencoder diffusers ships (the generic family): a tiny random model of each class of
 diffusers.models.autoencoders that the registry calls an image autoencoder is evaluated, encoded (the latents read
 back equal its pipeline's normalised latents) and fine-tuned through train.init_from; a class that cannot be is
-refused in one line, and so are audio, video and other autoencoders."""
+refused in one line, and so are audio, video and other autoencoders. A plain diffusers VQModel (its own quantizer)
+is tested here too; the other families' classes in tests/test_families.py, AutoencoderRAE in tests/test_rae.py."""
 
 from __future__ import annotations
 
@@ -158,3 +159,35 @@ def test_audio_video_and_other_autoencoders_are_refused_as_such(name, tmp_path):
     r = run_main(evaluate, "--model", tmp_path / "vae", "--data", tmp_path, "--output", tmp_path / "eval")
     assert r.returncode == 2 and r.stderr.strip().endswith(refused_class(name)), r.stderr[-2000:]
     assert r.stderr.count("\n") == 1
+
+
+def test_a_plain_diffusers_vqmodel_evaluates_encodes_codes_and_fine_tunes(shards, tmp_path):
+    """VQModel as diffusers saves it (its own quantizer, not firststage's), the one image class of diffusers the
+    family tests do not build: codes are encoded and read back as the model's own code indices."""
+    from pipeline.latents import LatentDataset
+    from stages.encode import main as encode
+    from stages.evaluate import main as evaluate
+    from stages.train import run
+    from test_families import images_by_key
+
+    torch.manual_seed(0)
+    vae = diffusers.VQModel(**SD2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                            latent_channels=4, norm_num_groups=4, num_vq_embeddings=16, sample_size=RES).eval()
+    vae.save_pretrained(tmp_path / "vae")
+    small = ["data.num_workers=0", f"data.resolution={RES}"]
+    r = run_main(evaluate, "--model", tmp_path / "vae", "--data", shards, "--output", tmp_path / "eval",
+                 "--lpips-backbone", "random", "evaluate.diffusability=false", *small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["codebook"]["size"] == 16
+    r = run_main(encode, "--model", tmp_path / "vae", "--data", shards, "--output", tmp_path / "lat", *small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {s["__key__"]: s["latents"] for s in LatentDataset(tmp_path / "lat", mode="eval", sample=False)}
+    with torch.no_grad():
+        for key, x in images_by_key(shards).items():
+            h = vae.quant_conv(vae.encoder(x[None]))
+            codes = vae.quantize(h)[2][2].reshape(h.shape[2], h.shape[3])
+            assert torch.equal(got[key], codes)
+    tr = run(["--config", "tiny", f"data.resolution={RES}", "data.num_workers=0", "data.shuffle_buffer=2",
+              "train.batch_size=2", "train.tracker=none", f"data.train={shards}", f"output_dir={tmp_path / 'ft'}",
+              "train.max_steps=1", f"train.init_from={tmp_path / 'vae'}"])
+    assert tr.cfg.model.kind == "vq" and type(tr.unwrapped.vae) is diffusers.VQModel
