@@ -6,6 +6,7 @@
       --variant ckpt=train.gradient_checkpointing=true --memory-limit-gb 24   # does it fit a 24 GB card?
   python benchmarks/train.py --preset kl-f8 --resolution 512 --no-naive --max-batch-gb 80   # largest batch in 80 GB
   python benchmarks/train.py --no-naive --diffusable --out benchmarks/RESULTS.md   # EQ-VAE, scale eq., alignment
+  python benchmarks/train.py --rae --out benchmarks/RESULTS.md     # an RAE's decoder step (tiny-rae, 32 px)
 
 One step is the full GAN-phase step: autoencoder forward and backward, LPIPS, the PatchGAN generator term with the
 adaptive weight, the discriminator's own step, both AdamW updates and the EMA. The GAN is switched on from step 0
@@ -16,8 +17,9 @@ firststage: `pipeline.train.trainer.Trainer` from the preset, then exactly what 
 has its own benchmark). Naive: the LDM recipe as it is usually reimplemented: fp32 (torch's default TF32 flags), no
 channels_last, LPIPS and the discriminator as plain modules, the adaptive weight from two autograd.grad calls and a
 full backward, the discriminator's gradients left on during the generator step, a per-tensor EMA loop and
-`loss.item()` every step. Variants (`--variant NAME=key=value,key=value`) are the firststage path with config
-overrides. Repeats interleave the paths; each figure is the median over repeats after a warm-up.
+`loss.item()` every step; for an RAE (`--rae`) the same loop around the frozen encoder's features (no gradient),
+RAE's additive latent noise and the ViT decoder. Variants (`--variant NAME=key=value,key=value`) are the firststage
+path with config overrides. Repeats interleave the paths; each figure is the median over repeats after a warm-up.
 
 FLOPs are counted once per path with torch.utils.flop_counter (matrix products and convolutions, forward and
 backward): "TFLOP/s" is what each path executes. The peak is a large matrix product timed in the same run (bf16 on a
@@ -109,18 +111,21 @@ class Naive:
         self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=lr, betas=betas, weight_decay=0.0)
         self.ema = {k: v.detach().clone() for k, v in self.vae.state_dict().items()}
 
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reconstruction, the KL term and the decoder's last weight."""
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl().sum() / x.shape[0], \
+            self.vae.decoder.conv_out.weight
+
     def step(self, images: torch.Tensor) -> None:
         set_tf32(False)
         cfg, d = self.cfg, 0.999
         x = images.to(self.device).float() / 127.5 - 1
-        posterior = self.vae.encode(x).latent_dist
-        rec = self.vae.decode(posterior.sample()).sample
+        rec, kl, last = self.reconstruct(x)
         pixel = (x - rec).abs() if cfg.loss.reconstruction.type == "l1" else (x - rec) ** 2  # as the preset says
         per_pixel = pixel + cfg.loss.perceptual.weight * self.lpips(x, rec)
         nll = per_pixel.sum() / x.shape[0]
-        kl = posterior.kl().sum() / x.shape[0]
         g = -self.disc(rec).mean()
-        last = self.vae.decoder.conv_out.weight
         g_rec = torch.autograd.grad(nll, last, retain_graph=True)[0]
         g_gan = torch.autograd.grad(g, last, retain_graph=True)[0]
         w = (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
@@ -137,6 +142,25 @@ class Naive:
                 if v.is_floating_point():
                     self.ema[k].mul_(d).add_(v, alpha=1 - d)
         loss.item()
+
+
+class NaiveRAE(Naive):
+    """An RAE's decoder trained the plain way: AutoencoderRAE's own encode path (the frozen encoder under no_grad),
+    RAE's additive noise (sigma ~ U(0, 0.8) per sample), the decoder, then the same loss and updates as Naive, with
+    a copy of the run's discriminator (RAE's DINO one)."""
+
+    def __init__(self, ours: Ours):
+        super().__init__(ours)
+        self.disc = copy.deepcopy(ours.tr.objective.discriminator).to(self.device).train()
+        self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=1e-5, betas=tuple(self.cfg.train.betas))
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        vae = self.vae
+        with torch.no_grad():
+            tokens = vae._encoder_forward_fn(vae.encoder, vae._resize_and_normalize((x + 1) / 2))
+        tokens = tokens + 0.8 * torch.rand(tokens.shape[0], 1, 1, device=x.device) * torch.randn_like(tokens)
+        rec = vae._denormalize_image(vae.decoder.unpatchify(vae.decoder(tokens).logits)) * 2 - 1
+        return rec, torch.zeros((), device=x.device), vae.decoder.decoder_pred.weight
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -306,8 +330,12 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--preset", default="")
+    ap.add_argument("--resolution", type=int, default=0)
+    ap.add_argument("--rae", action="store_true", help="an RAE's decoder step (default preset tiny-rae, 32 px) "
+                    "against a plain loop of the same decoder")
+    ap.add_argument("--dino", default="", help="with --rae: DINO ViT-S/8 weights for the discriminator (default: a "
+                    "tiny random ViT, much cheaper than the real one)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     ap.add_argument("--repeats", type=int, default=5)
@@ -323,6 +351,8 @@ def main() -> None:
     ap.add_argument("--max-batch-gb", type=float, default=0, help="find the largest batch that fits this many GB")
     ap.add_argument("--out", default="", help="append a results section to this markdown file")
     args = ap.parse_args()
+    args.preset = args.preset or ("tiny-rae" if args.rae else "tiny")
+    args.resolution = args.resolution or (32 if args.rae else 64)
     if args.diffusable:
         dino = f"loss.alignment.model={args.dinov2}" if args.dinov2 else "loss.alignment.backbone=random"
         align = [f"align=loss.alignment.enabled=true,{dino}"]
@@ -349,6 +379,10 @@ def main() -> None:
                 f"train.batch_size={args.batch}", f"output_dir={tmp / 'run'}", "train.tracker=none",
                 "loss.perceptual.weight=1.0", "loss.perceptual.backbone=random", "loss.adversarial.enabled=true",
                 "loss.adversarial.start_step=0", "loss.adversarial.adaptive_weight=true", "data.num_workers=0"]
+        if args.rae:  # the encoder's speed does not depend on its weights (as LPIPS's above)
+            base += ["model.rae.encoder.backbone=random", "loss.adversarial.generator_start_step=0"]
+            base += [f"loss.adversarial.dino_model={args.dino}", "loss.adversarial.dino_backbone=pretrained"] \
+                if args.dino else ["loss.adversarial.dino_backbone=random"]
         if args.max_batch_gb:
             over = parse_variant(args.variant[0])[1] if args.variant else []
             b, tried = max_batch(base, over, args.resolution, args.max_batch_gb)
@@ -363,7 +397,7 @@ def main() -> None:
         warnings.filterwarnings("ignore", message=".*randomly initialised backbone.*")
         variants = [parse_variant(v) for v in args.variant] or [("firststage", [])]
         ours = [Ours(name, over, base) for name, over in variants]
-        paths = ([] if args.no_naive else [Naive(ours[0])]) + ours
+        paths = ([] if args.no_naive else [(NaiveRAE if args.rae else Naive)(ours[0])]) + ours
         batches_of = {p.batch: batches_for(args.resolution, p.batch) for p in paths}
         results = measure(paths, batches_of, args.steps, args.repeats)
         foundation = foundation_rates(paths, batches_of, args.steps, args.repeats)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,10 +133,44 @@ class DCConfig:
 
 
 @dataclass
+class FoundationEncoderConfig:
+    """The frozen vision foundation model an RAE encodes with (transformers' Dinov2WithRegisters, Siglip2 or ViTMAE):
+    the width, patch and depth of the weights at `weights`, which must fit them."""
+
+    type: Literal["dinov2", "siglip2", "mae"] = _f("dinov2", "dinov2 (with registers), siglip2 or mae")
+    weights: str = _f("", "a transformers folder of the encoder (facebook/dinov2-with-registers-base)")
+    backbone: Literal["pretrained", "random"] = _f(
+        "pretrained", "pretrained: the weights at model.rae.encoder.weights; random: seeded random weights (tests "
+        "only)")
+    hidden_size: int = _f(768, "the encoder's width: the latent's channels", min=1)
+    patch_size: int = _f(14, "the encoder's patch size", min=1)
+    num_layers: int = _f(12, "the encoder's depth", min=1)
+    input_size: int = _f(224, "the image is resized bicubically to this square before the encoder", min=1)
+    norm_mean: Optional[list[float]] = _f(None, "the encoder's input mean; null: its type's (ImageNet; SigLIP 0.5)")
+    norm_std: Optional[list[float]] = _f(None, "the encoder's input std; null: its type's (ImageNet; SigLIP 0.5)")
+
+
+@dataclass
+class RAEConfig:
+    """A representation autoencoder (Zheng et al. 2025, bytetriper/RAE): a frozen foundation encoder and the ViT
+    decoder of diffusers' AutoencoderRAE; the defaults are DINOv2-B with the paper's ViT-XL decoder."""
+
+    encoder: FoundationEncoderConfig = _f(FoundationEncoderConfig(), "the frozen encoder")
+    decoder_hidden_size: int = _f(1152, "ViT decoder width (ViT-XL: 1152)", min=1)
+    decoder_layers: int = _f(28, "ViT decoder depth (ViT-XL: 28)", min=1)
+    decoder_heads: int = _f(16, "ViT decoder attention heads", min=1)
+    decoder_intermediate_size: int = _f(4096, "ViT decoder MLP width", min=1)
+    patch_size: int = _f(16, "decoder patch: the image is patch_size x the encoder's grid", min=1)
+
+
+@dataclass
 class ModelConfig:
-    kind: Literal["kl", "vq", "fsq", "dc", "flux2", "qwenimage", "wan", "tiny"] = _f(
+    kind: Literal["kl", "vq", "fsq", "dc", "flux2", "qwenimage", "wan", "tiny", "generic",
+                  "generic-latent", "rae"] = _f(
         "kl", "model family (docs/model-families.md): kl AutoencoderKL, vq VQModel, fsq FSQ, dc AutoencoderDC; "
-        "flux2, qwenimage, wan, tiny: diffusers classes built from model.diffusers (set by train.init_from)")
+        "flux2, qwenimage, wan, tiny, generic and generic-latent (every other diffusers image autoencoder: a posterior "
+        "or a deterministic latent): diffusers classes built "
+        "from model.diffusers (set by train.init_from); rae a representation autoencoder (model.rae)")
     in_channels: int = _f(3, "image channels", min=1)
     block_out_channels: list[int] = _f([128, 256, 512, 512], "channels per resolution level; downsampling factor is 2**(levels-1)")
     layers_per_block: int = _f(2, "resnet layers per level", min=1)
@@ -151,12 +186,15 @@ class ModelConfig:
     codebook: CodebookConfig = _f(CodebookConfig(), "VQ codebook (kind: vq only)")
     fsq: FSQConfig = _f(FSQConfig(), "FSQ quantizer (kind: fsq only)")
     dc: DCConfig = _f(DCConfig(), "AutoencoderDC shape (kind: dc only)")
+    rae: RAEConfig = _f(RAEConfig(), "representation autoencoder (kind: rae only)")
     diffusers: dict = _f({}, "the diffusers config of a family whose shape the keys above do not describe (flux2, "
                          "qwenimage, wan, tiny); written by train.init_from, empty otherwise")
 
     @property
     def downsampling_factor(self) -> int:
         """Spatial downsampling of the model this section builds."""
+        if self.kind == "rae":
+            return self.rae.patch_size
         if self.diffusers:
             return downsampling_factor_of(self.diffusers)
         return downsampling_factor_of({"block_out_channels": self.dc.block_out_channels if self.kind == "dc"
@@ -165,10 +203,20 @@ class ModelConfig:
 
 def downsampling_factor_of(config: dict) -> int:
     """The spatial downsampling of an autoencoder from its diffusers config, for every class firststage knows: one 2x
-    step between consecutive levels (AutoencoderKL, VQModel, Flux2, DC-AE, Tiny), or one per entry of Wan's /
-    Qwen-Image's temperal_downsample times Wan 2.2's pixel patch."""
+    step between consecutive levels (AutoencoderKL, VQModel, Flux2, DC-AE, Tiny, KVAE's ch_mult, the asymmetric
+    VAE's down blocks), one per entry of Wan's / Qwen-Image's temperal_downsample times Wan 2.2's pixel patch, or
+    the config's own ratio (HunyuanImage, Cosmos: spatial_compression_ratio; MiniMax H3: its factors)."""
     if "temperal_downsample" in config:
         return 2 ** len(config["temperal_downsample"]) * (config.get("patch_size") or 1)
+    if "encoder_input_size" in config:  # AutoencoderRAE: the decoder's patch per latent position
+        return int(config.get("patch_size") or 16)
+    if config.get("spatial_compression_ratio"):
+        return int(config["spatial_compression_ratio"])
+    if config.get("spatial_downsample_factors"):
+        return int(math.prod(config["spatial_downsample_factors"]))
+    for key in ("ch_mult", "down_block_out_channels"):
+        if config.get(key):
+            return 2 ** (len(config[key]) - 1)
     return 2 ** (len(config.get("encoder_block_out_channels") or config["block_out_channels"]) - 1)
 
 
@@ -206,7 +254,21 @@ class AdversarialConfig:
     weight: float = _f(0.5, "base weight of the generator's adversarial term", min=0.0)
     start_step: int = _f(50001, "step at which the discriminator starts", min=0)
     loss: Literal["hinge", "non-saturating"] = _f("hinge", "discriminator / generator loss")
+    generator_start_step: Optional[int] = _f(
+        None, "step at which the generator's adversarial term starts (RAE: 2 epochs after the discriminator); null: "
+        "start_step", min=0)
+    generator_loss: Optional[Literal["hinge", "non-saturating"]] = _f(
+        None, "the generator's loss when it differs from the discriminator's (RAE: hinge D, non-saturating "
+        "('vanilla') G); null: loss")
     adaptive_weight: bool = _f(True, "scale by ||grad L_rec|| / (||grad L_gan|| + 1e-4) at the decoder's last layer")
+    discriminator: Literal["patchgan", "dino"] = _f(
+        "patchgan", "patchgan (taming / LDM), or dino: RAE's heads on a frozen DINO ViT-S/8 with DiffAug")
+    dino_model: str = _f("", "dino: a transformers folder of DINO ViT-S/8 (facebook/dino-vits8)")
+    dino_backbone: Literal["pretrained", "random"] = _f(
+        "pretrained", "dino: the weights at dino_model, or a tiny seeded random ViT (tests only)")
+    dino_kernel: int = _f(9, "dino: the heads' convolution kernel (RAE's ks)", min=1)
+    diffaug_p: float = _f(1.0, "dino: probability of DiffAug (colour, translation, cutout) per batch", min=0.0,
+                          max=1.0)
     disc_layers: int = _f(3, "PatchGAN depth (strided conv layers)", min=1)
     disc_channels: int = _f(64, "PatchGAN width of the first layer", min=1)
     r1_weight: float = _f(0.0, "R1 gradient penalty on real images", min=0.0)
@@ -300,6 +362,8 @@ class TrainConfig:
         "per_sample", "per_sample: lr is multiplied by the global batch (LDM convention); absolute: used as is"
     )
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "after warm-up")
+    final_lr_ratio: float = _f(0.0, "cosine: the learning rate it ends at, as a fraction of lr (RAE: 2e-4 to 2e-5, "
+                               "0.1)", min=0.0, max=1.0)
     warmup_steps: int = _f(0, "linear learning-rate warm-up", min=0)
     betas: list[float] = _f([0.5, 0.9], "AdamW betas (LDM autoencoders use 0.5, 0.9)")
     weight_decay: float = _f(0.0, "AdamW weight decay", min=0.0)
@@ -487,9 +551,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.block_out_channels: {bad} not divisible by model.norm_num_groups={m.norm_num_groups}"
         )
-    if m.kind in ("flux2", "qwenimage", "wan", "tiny") and not m.diffusers:
+    if m.kind in ("flux2", "qwenimage", "wan", "tiny", "generic", "generic-latent") and not m.diffusers:
         raise ConfigError(f"model.kind {m.kind}: built from a diffusers config; give train.init_from (or --model) a "
                           f"diffusers folder of that class")
+    if m.kind == "rae":
+        e = m.rae.encoder
+        if e.input_size % e.patch_size:
+            raise ConfigError(f"model.rae.encoder.input_size {e.input_size}: not a multiple of its patch_size "
+                              f"{e.patch_size}")
+        size = m.rae.patch_size * (e.input_size // e.patch_size)
+        if cfg.data.resolution != size:
+            raise ConfigError(f"data.resolution {cfg.data.resolution}: this RAE decodes {size}px images (model.rae."
+                              f"patch_size x model.rae.encoder.input_size / patch_size); set data.resolution={size}")
+        if cfg.loss.equivariance.enabled or cfg.loss.alignment.enabled:
+            raise ConfigError("loss.equivariance / loss.alignment: an RAE's latent is a frozen encoder's fixed grid "
+                              "of features; turn them off (loss.latent_noise is its augmentation)")
     if m.kind == "dc":
         d = m.dc
         lengths = {len(v) for v in (d.block_types, d.block_out_channels, d.encoder_layers_per_block,

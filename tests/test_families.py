@@ -217,9 +217,23 @@ def trainer_state(run) -> dict:
     return tr.state_dict()
 
 
+def resumes_exactly(run) -> dict:
+    """Asserts that a resumed Trainer holds exactly the newest checkpoint's model, EMA and optimizer state, and
+    returns that checkpoint."""
+    from pipeline.checkpoint import find_resume_path, load_training_checkpoint
+
+    saved = load_training_checkpoint(find_resume_path(run))
+    state = trainer_state(run)  # what --resume auto starts from
+    for part in ("autoencoder", "ema"):
+        assert set(state[part]) == set(saved[part])
+        assert all(torch.equal(state[part][k].cpu(), saved[part][k]) for k in saved[part]), part
+    opt = state["optimizer"]["state"]
+    assert opt and all(torch.equal(opt[i]["exp_avg"].cpu(), saved["optimizer"]["state"][i]["exp_avg"]) for i in opt)
+    return saved
+
+
 @pytest.mark.parametrize("preset", ["tiny-dc", "tiny-fsq"])
 def test_dc_and_fsq_presets_train_resume_exactly_evaluate_and_encode(preset, shards, tmp_path):
-    from pipeline.checkpoint import find_resume_path, load_training_checkpoint
     from stages.encode import main as encode
     from stages.evaluate import main as evaluate
 
@@ -228,13 +242,7 @@ def test_dc_and_fsq_presets_train_resume_exactly_evaluate_and_encode(preset, sha
             "train.batch_size=4", "train.tracker=none", f"data.train={shards}", f"output_dir={run}",
             "train.max_steps=400", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
     sigkill_after_first_checkpoint(run, *args)
-    saved = load_training_checkpoint(find_resume_path(run))
-    state = trainer_state(run)  # what --resume auto starts from
-    for part in ("autoencoder", "ema"):
-        assert set(state[part]) == set(saved[part])
-        assert all(torch.equal(state[part][k].cpu(), saved[part][k]) for k in saved[part]), part
-    opt = state["optimizer"]["state"]
-    assert all(torch.equal(opt[i]["exp_avg"].cpu(), saved["optimizer"]["state"][i]["exp_avg"]) for i in opt)
+    resumes_exactly(run)
 
     r = run_main(evaluate, "--model", run, "--data", shards, "--output", tmp_path / "eval", "--lpips-backbone",
                  "random", "data.num_workers=0")

@@ -52,7 +52,15 @@ class FirstStageObjective(nn.Module):
         r = cfg.reconstruction
         self.logvar = nn.Parameter(torch.tensor(float(r.logvar_init))) if r.learned_logvar else None
         a = cfg.adversarial
-        self.discriminator = PatchDiscriminator(in_channels, a.disc_channels, a.disc_layers) if a.enabled else None
+        self.discriminator = None
+        if a.enabled and a.discriminator == "dino":
+            from pipeline.models.dino_discriminator import DinoDiscriminator
+            from pipeline.models.foundation import dino_backbone
+
+            self.discriminator = DinoDiscriminator(dino_backbone(a.dino_model, a.dino_backbone), a.dino_kernel,
+                                                   a.diffaug_p)
+        elif a.enabled:
+            self.discriminator = PatchDiscriminator(in_channels, a.disc_channels, a.disc_layers)
         self.lecam = LeCam(a.lecam_decay) if a.enabled and a.lecam_weight > 0 else None
         self.alignment = Alignment(cfg.alignment, latent_channels) if cfg.alignment.enabled else None
 
@@ -67,7 +75,13 @@ class FirstStageObjective(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
     def gan_active(self, step: int) -> bool:
+        """Whether the discriminator trains at this step."""
         return self.discriminator is not None and step >= self.cfg.adversarial.start_step
+
+    def generator_active(self, step: int) -> bool:
+        """Whether the generator's adversarial term counts at this step (from generator_start_step, if later)."""
+        a = self.cfg.adversarial
+        return self.gan_active(step) and step >= (a.generator_start_step or 0)
 
     def _reduce(self, per_pixel: torch.Tensor) -> torch.Tensor:
         if self.posterior:
@@ -135,10 +149,10 @@ class FirstStageObjective(nn.Module):
         grad = torch.is_grad_enabled()
         al = cfg.alignment
         adaptive_vf = vf is not None and al.adaptive_weight and encoder_layer is not None and grad
-        gan = self.gan_active(step)
+        gan = self.generator_active(step)
         a = cfg.adversarial
         adaptive_gan = gan and a.adaptive_weight and last_layer is not None and grad
-        g = generator_loss(self.discriminator(x_rec), a.loss) if gan else None
+        g = generator_loss(self.discriminator(x_rec), a.generator_loss or a.loss) if gan else None
         w = torch.ones((), device=nll.device)
         w_vf = torch.tensor(al.weight, device=nll.device)
         if not (adaptive_gan or adaptive_vf):

@@ -1,4 +1,5 @@
-"""Frozen vision foundation models for latent alignment (VA-VAE): DINOv2's patch features.
+"""Frozen vision foundation models: DINOv2's patch features for latent alignment (VA-VAE), and the encoder of a
+representation autoencoder (RAE: DINOv2 with registers, SigLIP-2, MAE), each read once per process (`once`).
 
 VA-VAE (hustvl/LightningDiT, vavae/ldm/models/foundation_models.py) loads timm's vit_large_patch14_dinov2.lvd142m
 with dynamic_img_size and takes forward_features(x)[:, 1:]: the image in [-1, 1] (no ImageNet normalisation)
@@ -188,4 +189,97 @@ def foundation_model(model_path: str, backbone: str, resolution: int) -> DINOv2F
         warnings.warn("loss.alignment with a tiny random DINOv2 (loss.alignment.backbone=random): meant for tests "
                       "only, it is not a foundation model")
         return DINOv2Features(random_dinov2(), resolution)
-    return DINOv2Features(load_dinov2(model_path), resolution)
+    return DINOv2Features(once((str(Path(model_path).resolve()), "DINOv2"), lambda: load_dinov2(model_path)),
+                          resolution)
+
+
+# ------------------------------------------------------------------------------------- every foundation model, once
+_LOADED: dict[tuple[str, str], nn.Module] = {}  # (folder, class name) -> model: weights are read once per process
+
+# an RAE's encoder type -> (model_types of its config.json, the transformers class diffusers' AutoencoderRAE holds,
+# where to download one)
+RAE_ENCODERS = {"dinov2": (("dinov2_with_registers",), "Dinov2WithRegistersModel",
+                           "facebook/dinov2-with-registers-base"),
+                "siglip2": (("siglip", "siglip_vision_model"), "SiglipVisionModel", "google/siglip2-base-patch16-256"),
+                "mae": (("vit_mae",), "ViTMAEModel", "facebook/vit-mae-base")}
+
+
+def once(key: tuple[str, str], load):
+    """The model `load()` gives for `key`, loaded at most once in this process (alignment's DINOv2, an RAE's
+    encoder: the same folder is read once however many users it has)."""
+    if key not in _LOADED:
+        _LOADED[key] = load()
+    return _LOADED[key]
+
+
+def rae_encoder_source(encoder) -> Path:
+    """The transformers folder model.rae.encoder names, or one line naming what to download and where to put it;
+    cheap (config.json only), so the trainer asks before building anything."""
+    model_types, _, repo = RAE_ENCODERS[encoder.type]
+    where = encoder.weights or "FOLDER"
+    fix = (f"download {repo} (`huggingface-cli download {repo} --local-dir {where}`) and set "
+           f"model.rae.encoder.weights={where}")
+    if not encoder.weights:
+        raise UserError(f"model.rae.encoder.weights is not set: the frozen {encoder.type} encoder's weights; {fix}")
+    p = Path(encoder.weights)
+    config = p / "config.json"
+    if not config.is_file() or not any(p.glob("*.safetensors")):
+        raise UserError(f"model.rae.encoder.weights {p}: no {config.name} and *.safetensors of {encoder.type} there; "
+                        f"{fix}")
+    found = json.loads(config.read_text()).get("model_type")
+    if found not in model_types:
+        raise UserError(f"model.rae.encoder.weights {config}: model_type {found!r}, not {model_types[0]!r} "
+                        f"(model.rae.encoder.type {encoder.type}); {fix}")
+    return p
+
+
+def load_rae_encoder(encoder) -> nn.Module:
+    """The pretrained encoder model.rae.encoder names (transformers, local files only), once per process."""
+    import transformers
+
+    folder = rae_encoder_source(encoder)
+    cls = getattr(transformers, RAE_ENCODERS[encoder.type][1])
+
+    def load():
+        try:
+            return cls.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
+        except Exception as e:
+            raise UserError(f"model.rae.encoder.weights {folder}: could not load {cls.__name__} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+
+    return once((str(folder.resolve()), cls.__name__), load)
+
+
+def dino_source(path: str) -> Path:
+    """The transformers folder of DINO ViT-S/8 (RAE's discriminator backbone), or one line naming what to download
+    and where to put it; cheap, so the trainer asks first."""
+    fix = (f"download facebook/dino-vits8 (`huggingface-cli download facebook/dino-vits8 --local-dir "
+           f"{path or 'FOLDER'}`) and set loss.adversarial.dino_model to it")
+    p = Path(path) if path else None
+    if p is None or not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
+        raise UserError(f"loss.adversarial.dino_model {path or '(not set)'}: no config.json and *.safetensors of "
+                        f"DINO ViT-S/8 there; {fix}")
+    return p
+
+
+def dino_backbone(path: str, backbone: str) -> nn.Module:
+    """The frozen ViT of RAE's discriminator: DINO ViT-S/8 from a transformers folder (once per process), or a tiny
+    seeded random one (tests only)."""
+    from transformers import ViTConfig, ViTModel
+
+    if backbone == "random":
+        config = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                           patch_size=8, image_size=224)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return ViTModel(config, add_pooling_layer=False)
+    folder = dino_source(path)
+
+    def load():
+        try:
+            return ViTModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
+        except Exception as e:
+            raise UserError(f"loss.adversarial.dino_model {folder}: could not load a ViT ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+
+    return once((str(folder.resolve()), "ViTModel"), load)

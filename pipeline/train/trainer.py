@@ -32,7 +32,7 @@ from pipeline.storage import LogMirror, as_path
 from pipeline.losses import FirstStageObjective
 from pipeline.losses.equivariance import draw_plan
 from pipeline.models.autoencoder import build_autoencoder, family_of
-from pipeline.models.foundation import foundation_source
+from pipeline.models.foundation import dino_source, foundation_source, rae_encoder_source
 from pipeline.pixels import to_model_input
 from pipeline.progress import Progress
 from pipeline.train.duties import Checkpointer, GridWriter, Logbook, NonFiniteGuard, Validator
@@ -115,7 +115,8 @@ def make_optimizer(params, lr: float, cfg: Config):
 def make_scheduler(opt, cfg: Config):
     """Warm-up, then constant or cosine. Its position is saved in the checkpoint (a resumed run continues it)."""
     t = cfg.train
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.lr_schedule,
+                                                                   t.final_lr_ratio))
 
 
 class Trainer:
@@ -135,6 +136,11 @@ class Trainer:
             resolve_shards(cfg.data.val, pipes)
         if cfg.loss.alignment.enabled and cfg.loss.alignment.backbone == "pretrained":
             foundation_source(cfg.loss.alignment.model)  # missing DINOv2 weights: one line, before anything is built
+        if cfg.model.kind == "rae" and cfg.model.rae.encoder.backbone == "pretrained" and not cfg.train.init_from:
+            rae_encoder_source(cfg.model.rae.encoder)  # and a missing RAE encoder
+        a = cfg.loss.adversarial
+        if a.enabled and a.discriminator == "dino" and a.dino_backbone == "pretrained":
+            dino_source(a.dino_model)  # and the DINO discriminator's backbone
         resume_path = find_resume(cfg.output_dir, resume)
         if cfg.train.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -144,6 +150,7 @@ class Trainer:
         np.random.seed(cfg.seed)
 
         vae, init = self._initial_model(resume_path is not None, init)
+        family_of(vae).check_trainable(vae)
         if cfg.train.gradient_checkpointing:
             family_of(vae).enable_gradient_checkpointing(vae)
         module = TrainableAutoencoder(vae, cfg.train.trainable, cfg.train.freeze_encoder)
@@ -218,6 +225,8 @@ class Trainer:
         cfg = self.cfg
         vae = build_autoencoder(cfg.model, cfg.data.resolution)
         if not cfg.train.init_from or resuming:
+            if not resuming:
+                family_of(vae).initialise(vae, cfg)
             return vae, None
         init = init or resolve_init(cfg)
         init.load_into(vae, f"train.init_from {cfg.train.init_from}")

@@ -1,7 +1,8 @@
 """Format: a diffusers folder (config.json + safetensors), also a pipeline folder's `vae/`, of any class a model
 family knows (AutoencoderKL, VQModel, AutoencoderDC, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan,
-AutoencoderTiny). Loaded and saved by diffusers itself (safetensors only), so an export works as the `vae` of that
-family's diffusers pipelines."""
+AutoencoderTiny, AutoencoderRAE, and every other image autoencoder of diffusers.models.autoencoders: the generic
+families); an audio, video or other autoencoder of diffusers is refused as such in one line. Loaded and saved by
+diffusers itself (safetensors only), so an export works as the `vae` of that family's diffusers pipelines."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from pipeline.config import config_from_dict, downsampling_factor_of, merge_dicts, parse_overrides
 from pipeline.errors import UserError
-from pipeline.models.registry import diffusers_classes, family_of_class_name
+from pipeline.models.registry import diffusers_classes, family_of_class_name, rae_section
 from pipeline.storage import regular_file
 from pipeline.weights.loading import check_fit, read_json_config, safetensors_shapes
 
@@ -45,7 +46,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def describe(folder: Path, ema: bool) -> str:
-    return "diffusers weights"
+    return f"diffusers weights ({read_config(folder).get('_class_name')})"
 
 
 def state_dict(folder: Path, ema: bool) -> dict:
@@ -83,6 +84,8 @@ def default_resolution(config) -> int:
     """data.resolution of a diffusers model: its sample_size when that fits its downsampling factor, else 256 (or
     the nearest multiple of the factor below it)."""
     f = downsampling_factor_of(config)
+    if "encoder_input_size" in config:  # AutoencoderRAE decodes one size: its patch times the encoder's grid
+        return f * (config["encoder_input_size"] // config.get("encoder_patch_size", 14))
     size = config.get("sample_size")
     return size if isinstance(size, int) and size > 0 and size % f == 0 else max(f, 256 - 256 % f)
 
@@ -100,8 +103,12 @@ def light_config(folder: Path, overrides: list[str] | None = None):
     """The Config from config.json alone (no model, no torch): the family and its diffusers config, the resolution;
     what encode compares with an output folder's settings before loading anything."""
     config = read_config(folder)
-    section = {"kind": family_of_class_name(config.get("_class_name")),
-               "diffusers": {k: v for k, v in config.items() if not k.startswith("_")}}
+    kind = family_of_class_name(config.get("_class_name"))
+    named = kind.startswith("generic")  # the generic families hold several classes: the config names its own
+    section = {"kind": kind, "diffusers": {k: v for k, v in config.items()
+                                           if not k.startswith("_") or (named and k == "_class_name")}}
+    if kind == "rae":
+        section["rae"] = rae_section(config)
     return config_from_dict(merge_dicts({"model": section, "data": {"resolution": default_resolution(config)}},
                                         parse_overrides(overrides or [])))
 

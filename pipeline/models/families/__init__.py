@@ -8,6 +8,9 @@
   qwenimage  AutoencoderKLQwenImage                                                      pipeline.models.families.video
   wan        AutoencoderKLWan                                                            pipeline.models.families.video
   tiny       AutoencoderTiny (TAESD and kin)                                             pipeline.models.families.tiny
+  rae        AutoencoderRAE: a frozen foundation encoder, a ViT decoder                 pipeline.models.families.rae
+  generic    every other diffusers image autoencoder (registry.GENERIC), a posterior    pipeline.models.families.generic
+  generic-latent  the same with a deterministic latent (Cosmos)                         pipeline.models.families.generic
 
 A family answers: build from the `model:` section, encode to a `Latent` (posterior moments, a deterministic latent,
 or codes), decode, the forward the objective needs, the decoder's last layer (adaptive GAN weight), the encoder side
@@ -22,13 +25,16 @@ from pipeline.errors import UserError
 from pipeline.models.families.base import AutoencoderOutput, Family, Latent, plain_config  # noqa: F401
 from pipeline.models.families.dc import DCFamily
 from pipeline.models.families.flux2 import Flux2Family
+from pipeline.models.families.generic import GenericFamily, GenericLatentFamily
+from pipeline.models.families.rae import RAEFamily
 from pipeline.models.families.sd import FSQFamily, KLFamily, VQFamily, is_fsq  # noqa: F401
 from pipeline.models.families.tiny import TinyFamily
 from pipeline.models.families.video import QwenImageFamily, WanFamily
 from pipeline.models.registry import FAMILY_CLASSES
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (KLFamily(), VQFamily(), FSQFamily(), DCFamily(), Flux2Family(),
-                                                     QwenImageFamily(), WanFamily(), TinyFamily())}
+                                                     QwenImageFamily(), WanFamily(), TinyFamily(),
+                                                     RAEFamily(), GenericFamily(), GenericLatentFamily())}
 assert set(FAMILIES) == set(FAMILY_CLASSES)  # pipeline.models.registry names every family
 
 

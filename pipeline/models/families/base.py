@@ -113,6 +113,12 @@ class Family:
         """What a decoder-only fine-tune freezes: the latent space an existing diffusion model was trained on."""
         return [m for m in (model.encoder, getattr(model, "quant_conv", None)) if isinstance(m, nn.Module)]
 
+    def initialise(self, model, cfg) -> None:
+        """A new run's model after it is built (not a resumed or train.init_from one): pretrained parts it has."""
+
+    def check_trainable(self, model) -> None:
+        """One line when firststage cannot train this model (the trainer asks before building anything else)."""
+
     def untrained_parameters(self, model) -> list[str]:
         """Parameters that images never reach (they get no gradient): frozen, so DDP does not wait for them."""
         return []
