@@ -58,11 +58,11 @@ def spectrum_energy(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high.sum((0, 2, 3)), e.sum((0, 2, 3))
 
 
-def equivariance_pairs(z: torch.Tensor, x: torch.Tensor, factor: int):
+def equivariance_pairs(z: torch.Tensor, x: torch.Tensor, factor: int, scale: bool = True):
     """(name, transformed latent, transformed image) for the probe's transforms; the 2x downscale only when the
-    latent has at least 2 positions per side."""
+    latent has at least 2 positions per side and the decoder decodes a latent of any size (`scale`)."""
     h, w = z.shape[-2:]
-    if h >= 2 and w >= 2:
+    if scale and h >= 2 and w >= 2:
         yield "scale_1/2", resize(z, (h // 2, w // 2)), resize(x, (factor * (h // 2), factor * (w // 2)))
     for name, k in ROTATIONS.items():
         yield name, rotate(z, k), rotate(x, k)
@@ -71,9 +71,9 @@ def equivariance_pairs(z: torch.Tensor, x: torch.Tensor, factor: int):
 class DiffusabilityProbe:
     """Float64 sums of the probe over batches (`sums`, keyed for the evaluator's reduction), and their results."""
 
-    def __init__(self, latent_channels: int, latent_side: int):
-        names = (["scale_1/2"] if latent_side >= 2 else []) + list(ROTATIONS)
-        self.names = names
+    def __init__(self, latent_channels: int, latent_side: int, any_size: bool = True):
+        names = (["scale_1/2"] if latent_side >= 2 and any_size else []) + list(ROTATIONS)
+        self.names, self.any_size = names, any_size
         self.sums = {f"eq_psnr_{n}": torch.zeros((), dtype=torch.float64) for n in names}
         self.sums["hf_energy"] = torch.zeros(latent_channels, dtype=torch.float64)
         self.sums["dct_energy"] = torch.zeros(latent_channels, dtype=torch.float64)
@@ -81,7 +81,7 @@ class DiffusabilityProbe:
     @torch.no_grad()
     def add(self, decode, z: torch.Tensor, x: torch.Tensor, factor: int) -> None:
         """`decode`: latent -> image in [-1, 1]; z the latent of the images x (in [-1, 1])."""
-        for name, tz, tx in equivariance_pairs(z, x, factor):
+        for name, tz, tx in equivariance_pairs(z, x, factor, self.any_size):
             value = psnr(to_uint8(tx), to_uint8(decode(tz))).clamp(max=100.0)
             self.sums[f"eq_psnr_{name}"] += value.double().sum().cpu()
         high, total = spectrum_energy(z.float())

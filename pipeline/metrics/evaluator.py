@@ -53,7 +53,7 @@ class Evaluator:
         self.code_counts = torch.zeros(num_codes, dtype=torch.float64) if num_codes else None
         self.grid: list[tuple] = []  # (key, image, reconstruction, PSNR) of the first GRID_SAMPLES, for the figure
         self.factor = f
-        self.probe = DiffusabilityProbe(latent_c, resolution // f) if opts.diffusability else None
+        self.probe = DiffusabilityProbe(latent_c, resolution // f, self.family.any_size) if opts.diffusability else None
 
     def _add(self, name: str, value: torch.Tensor, per_channel: bool = False) -> None:
         v = value.detach().double().cpu()

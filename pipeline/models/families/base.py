@@ -57,6 +57,7 @@ class Family:
 
     shift = True  # its pipelines subtract a shift (measured normalisation then removes the mean)
     exports = ("diffusers", "firststage")  # pipeline.weights export formats that can hold this family
+    any_size = True  # its decoder decodes a latent of any size (False: a ViT decoder's fixed grid, an RAE's)
 
     # ------------------------------------------------------------------------------------------ building
     def build(self, cfg, sample_size: int) -> nn.Module:

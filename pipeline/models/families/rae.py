@@ -27,6 +27,7 @@ class RAEFamily(Family):
     name = "rae"
     classes = diffusers_classes("rae")
     shift = True
+    any_size = False  # the ViT decoder's position embeddings fix its grid: the probe's 2x downscale is left out
 
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
         r, e = cfg.rae, cfg.rae.encoder
