@@ -3,7 +3,7 @@
   firststage probe --latents latents/train --val latents/val --output probes/klf8 --config probe-b1
   accelerate launch --config_file launch/accelerate/multi_gpu.yaml -m stages.probe --latents ... --config probe-b1
   firststage probe --latents demo/latents --output demo/probe --config probe-tiny        # CPU, minutes
-  firststage probe ... --resume auto                                                    # after a crash or preemption
+  firststage probe --latents latents/train --output probes/klf8 --config probe-b1 --resume auto   # after preemption
 
 diffusers' DiTTransformer2DModel trained with the rectified-flow objective of SiT / LightningDiT (velocity, logit-
 normal t, RAE's time shift) on what LatentDataset yields; writes probe.json and probe.md (the validation loss at a
