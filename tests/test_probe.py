@@ -139,3 +139,21 @@ def test_a_model_that_did_not_encode_the_latents_is_refused(tiny_run, tmp_path):
     assert r.returncode == 2, r.stderr
     assert f"--model {tiny_run / 'run'} is not the model that encoded {folder}" in r.stderr
     assert "000000000000 in its manifest" in r.stderr and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_sigterm_saves_and_exits_75(gaussian, tmp_path):
+    from pipeline.checkpoint import find_resume_path, read_trainer_state
+
+    out = tmp_path / "probe"
+    proc = ForkedStage("stages.probe", *TINY_PROBE, "--latents", gaussian / "train", "--output", out,
+                       "train.max_steps=100000", "train.checkpoint_every=5", "probe.val_every=100000",
+                       "probe.val_samples=16")
+    deadline = time.time() + 120
+    while find_resume_path(out) is None:
+        assert proc.poll() is None and time.time() < deadline, proc.output()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 75, proc.output()
+    stdout, _ = proc.output()
+    step = read_trainer_state(find_resume_path(out))["step"]
+    assert f"probe: preempted at step {step}; saved" in stdout and "rerun with --resume auto" in stdout
