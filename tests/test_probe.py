@@ -1,7 +1,7 @@
 """The generation probe (firststage probe): on exactly Gaussian latents its validation loss reaches the analytic
 minimum of the rectified-flow loss at every t of the grid; it resumes after SIGKILL to the state it saved; a folder
 without a manifest, a model that did not encode the latents and codes are refused in one line. Its run on 2 gloo
-processes is part of test_distributed's world; the demo's report shows its samples (test_readme's demo run)."""
+processes is part of test_distributed's world; the demo's report shows its samples (test_docs' demo test)."""
 
 import json
 import signal
@@ -9,40 +9,14 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import save as save_safetensors
 
 from harness import ForkedStage, run_main
-from pipeline.manifest import LATENT_FORMAT
-from helpers import write_tar
+from pipeline.probe.gaussian import write_gaussian_latents
 
 # a 1-block DiT on 4x4x4 latents, uniform t (every t of the grid trained alike), no time shift
 TINY_PROBE = ["--config", "probe-tiny", "probe.depth=1", "probe.hidden=32", "probe.heads=2", "probe.patch=1",
               "probe.t_sampling=uniform", "probe.time_shift=1", "probe.sample_steps=4", "probe.num_samples=4",
               "train.batch_size=64", "train.lr=3e-3", "train.warmup_steps=0", "evaluate.batch_size=128"]
-
-
-def write_gaussian_latents(folder, n: int, shape=(4, 4, 4), per_shard: int = 64, store: str = "moments") -> None:
-    """A latent folder in the encode stage's format whose latents are exactly N(0, I): every sample stores the
-    posterior moments mean 0, logvar 0, so LatentDataset draws z = eps, fresh in training and seeded by key in eval.
-    The manifest names no first stage (nothing decodes these)."""
-    folder.mkdir(parents=True)
-    tensors = ["codes"] if store == "codes" else ["mean", "logvar"]
-    shards = []
-    for s in range(0, n, per_shard):
-        samples = []
-        for i in range(s, min(n, s + per_shard)):
-            z = {t: torch.zeros(shape, dtype=torch.int64 if t == "codes" else torch.float32) for t in tensors}
-            samples.append({"__key__": f"g{i:05d}", "latents.safetensors": save_safetensors(z),
-                            "json": json.dumps({"source": "gaussian"}).encode()})
-        name = f"shards-{s // per_shard:06d}.tar"
-        write_tar(folder / name, samples)
-        shards.append({"name": name, "samples": len(samples)})
-    stats = {"mean": 0.0, "std": 1.0, "scaling_factor": 1.0, "shift_factor": 0.0}
-    manifest = {"format": LATENT_FORMAT, "model": None, "model_sha256": None, "kind": "kl", "store": store,
-                "tensors": tensors, "dtype": "float32", "latent_shapes": {"none": list(shape)}, "shards": shards,
-                "total": n, "statistics": stats,
-                "normalisation": {"kind": "scale_shift", "scaling_factor": 1.0, "shift_factor": 0.0}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.fixture

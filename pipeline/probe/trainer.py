@@ -106,6 +106,8 @@ class ProbeTrainer:
             raise UserError(f"probe.patch {p.patch} does not divide the latent side {self.shape[1]}")
         self.shift = p.time_shift if p.time_shift is not None else default_shift(self.shape)
         resume_path = find_resume(cfg.output_dir, resume)
+        if cfg.train.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_transformer(p, self.shape[0], self.shape[1])
         self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -193,6 +195,24 @@ class ProbeTrainer:
         bad = ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
         return {"loss": loss.detach(), "grad_norm": grad_norm}, bad
 
+    def accumulate(self, data) -> tuple[dict, torch.Tensor]:
+        """train.grad_accum micro-steps: (the last one's terms, any non-finite loss or gradient)."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
+        for _ in range(self.cfg.train.grad_accum):
+            terms, micro_bad = self.train_step(next(data))
+            bad = bad | micro_bad
+        return terms, bad
+
+    def apply_or_skip(self, bad: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+        """The one host sync per step: every rank applies the update only if all were finite, and stops if any was
+        told to. Returns (stepped, stop)."""
+        bad_any, stop_any = self.agree(bad, stop)
+        if not bad_any:
+            self.opt.step()
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return not bad_any, stop_any
+
     def agree(self, *flags) -> list[bool]:
         t = torch.stack([torch.as_tensor(f, device=self.accelerator.device).float().reshape(()) for f in flags])
         return [bool(v) for v in all_reduce([t], "max")[0].tolist()]
@@ -210,19 +230,16 @@ class ProbeTrainer:
         try:
             with batches(self.loader) as data:
                 while st.step < t.max_steps and not st.stop_requested:
-                    bad = torch.zeros((), dtype=torch.bool, device=acc.device)
-                    for _ in range(t.grad_accum):
-                        terms, micro_bad = self.train_step(next(data))
-                        bad = bad | micro_bad
-                    with worker_deaths_deferred():
-                        bad_any, st.stop_requested = self.agree(bad, stop.is_set())
-                        if not bad_any:
-                            self.opt.step()
-                            self.sched.step()
-                        self.opt.zero_grad(set_to_none=True)
-                        if guard.retry(st, not bad_any, bad_any):
+                    terms, bad = self.accumulate(data)
+                    with worker_deaths_deferred():  # the update, its bookkeeping and a save are never cut in half
+                        stepped, st.stop_requested = self.apply_or_skip(bad, stop.is_set())
+                        if guard.retry(st, stepped, not stepped):
                             continue
                         self.advance(terms, log, saver, bar)
+        except RuntimeError:
+            if not stop.is_set():  # SLURM signals every process: loader workers may die before the step ends;
+                raise  # the step in flight is dropped and the last completed one is saved
+            st.stop_requested = True
         finally:
             bar.close()
         if st.stop_requested and st.step > 0 and st.last_checkpoint != str(ckpt.checkpoint_dir(self.run_dir, st.step)):
