@@ -21,12 +21,12 @@ import threading
 import time
 
 from pipeline.config import load_config, save_config
-from pipeline.distributed import decided_by_main, is_main_process, print0
+from pipeline.distributed import decided_by_main, print0
 from pipeline.errors import UserError
 from pipeline.manifest import MANIFEST
 from pipeline.storage import as_path
 from stages.common import (EXIT_PREEMPTED, add_alias_flags, add_config_args, alias_errors, alias_overrides,
-                           check_paths, flag_named, sigterm_sets, stage_main, start_up, take_output_lock)
+                           check_paths, flag_named, sigterm_sets, stage_main, start_up)
 
 ALIASES = {"--latents": ("probe.latents", str, "latent folder to train on (firststage encode's output)"),
            "--val": ("probe.val", str, "held-out latent folder for the validation loss"),
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None):
     """Probe as the command line says; returns (ProbeTrainer, probe.json's dict)."""
-    from stages.train import _exit_preempted
+    from stages.train import _exit_preempted, locked_on_main
 
     stop, grace = threading.Event(), [100.0]
     with sigterm_sets(stop, lambda: grace[0], _exit_preempted):
@@ -63,13 +63,7 @@ def run(argv=None):
             if folder and not (as_path(folder) / MANIFEST).is_file():
                 raise UserError(f"{flag} {folder}: no {MANIFEST}; not a latent folder written by firststage encode "
                                 f"(or its encode has not finished: run it again)")
-        if not is_main_process():
-            return _run(args, cfg, stop)
-        lock = take_output_lock(cfg.output_dir, what="--output")
-        try:
-            return _run(args, cfg, stop)
-        finally:
-            lock.release()
+        return locked_on_main(cfg.output_dir, "--output", lambda: _run(args, cfg, stop))
 
 
 def _run(args, cfg, stop: threading.Event):

@@ -33,7 +33,7 @@ from pipeline.storage import LogMirror, as_path
 from pipeline.train.duties import Checkpointer, Logbook, NonFiniteGuard
 from pipeline.train.ema import EMA
 from pipeline.train.schedules import base_learning_rate
-from pipeline.train.trainer import State, _grad_norm, find_resume, make_optimizer, make_scheduler, \
+from pipeline.train.trainer import State, Trainer, _grad_norm, find_resume, make_optimizer, make_scheduler, \
     worker_deaths_deferred
 
 
@@ -128,14 +128,8 @@ class ProbeTrainer:
         self.val = held_out(p.val or p.latents, p.val_samples, data.normalisation)
         self.curve: list[dict] = []  # validations of this run: {step, loss per t, mean}
 
-    @property
-    def unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def global_batch(self) -> int:
-        t = self.cfg.train
-        return t.batch_size * t.grad_accum * self.accelerator.num_processes
+    # the first-stage trainer's: they read only self.accelerator, self.model and self.cfg.train
+    unwrapped, global_batch, agree = Trainer.unwrapped, Trainer.global_batch, Trainer.agree
 
     def state_dict(self) -> dict:
         acc = self.accelerator
@@ -212,10 +206,6 @@ class ProbeTrainer:
             self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return not bad_any, stop_any
-
-    def agree(self, *flags) -> list[bool]:
-        t = torch.stack([torch.as_tensor(f, device=self.accelerator.device).float().reshape(()) for f in flags])
-        return [bool(v) for v in all_reduce([t], "max")[0].tolist()]
 
     def fit(self, stop: threading.Event) -> State:
         st, t, acc = self.state, self.cfg.train, self.accelerator
