@@ -100,7 +100,8 @@ def _run(args, cfg, stop: threading.Event):
     fid = res and (f"FID {res['fid']:.2f}" if isinstance(res["fid"], float) else f"FID {res['fid']}")
     print0(f"probe: steps {start_step}->{st.step}, {st.samples} latents seen, validation loss {final['mean']:.4f} "
            f"(mean over t; {final['0.1']:.4f} at t=0.1, {final['0.5']:.4f} at 0.5, {final['0.9']:.4f} at 0.9), "
-           f"{fid}; wrote {tr.run_dir}/probe.json, probe.md, samples.png in {time.time() - start:.1f}s")
+           f"{fid}; wrote {tr.run_dir}/probe.json, probe.md{', samples.png' if res and res['samples_png'] else ''} "
+           f"in {time.time() - start:.1f}s")
     acc.wait_for_everyone()
     return tr, res
 

@@ -131,3 +131,20 @@ def test_sigterm_saves_and_exits_75(gaussian, tmp_path):
     stdout, _ = proc.output()
     step = read_trainer_state(find_resume_path(out))["step"]
     assert f"probe: preempted at step {step}; saved" in stdout and "rerun with --resume auto" in stdout
+
+
+def test_class_labels_and_the_time_shift():
+    """Class-conditional probes read the shards' `cls` member; RAE's shift is sqrt(dim / 4096), 1 at 4x32x32."""
+    from pipeline.errors import UserError
+    from pipeline.probe.flow import default_shift, shift_t
+    from pipeline.probe.trainer import class_labels
+
+    assert class_labels({"cls": [b"1", b"0", "2"]}, 3, "cpu").tolist() == [1, 0, 2]
+    assert class_labels({"cls": [b"1"]}, 0, "cpu") is None  # unconditional: the member is ignored
+    with pytest.raises(UserError, match="has no `cls` member"):
+        class_labels({"cls": [b"1", None]}, 3, "cpu")
+    with pytest.raises(UserError, match="class 3 is outside 0..2"):
+        class_labels({"cls": [b"3"]}, 3, "cpu")
+    assert default_shift((4, 32, 32)) == 1.0 and default_shift((32, 16, 16)) == pytest.approx(2 ** 0.5)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(shift_t(t, 2.0), torch.tensor([0.0, 0.4, 2 / 3, 1.0]))  # noisier t, same ends
