@@ -96,6 +96,9 @@ step encode-256 150 "$py" benchmarks/encode.py "${K[@]}" --resolution $R256 --so
     --batch 64 --workers $WORKERS --repeats $REPEATS
 step encode-512 150 "$py" benchmarks/encode.py "${K[@]}" --resolution $R512 --source $SRC512 --images $N512 \
     --batch 32 --workers $WORKERS --repeats $REPEATS
+# The generation probe's step (LightningDiT-B/1 on f16c32 latents of 256 px, bf16) against a plain fp32 loop.
+if ((smoke)); then PROBE=(--preset probe-tiny --shape 4,16,16 --batch 8); else PROBE=(--preset probe-b1 --shape 32,16,16 --batch 128); fi
+step probe-b1 120 "$py" benchmarks/probe.py "${PROBE[@]}" --steps $STEPS --repeats $REPEATS --out "$results"
 if ((!smoke)); then
 # Memory: the 512x512 step at batch 4 on a 24 GB card (this process capped at 24 GB), then the largest batch in 80 GB.
 step memory-512-24gb 80 "$py" benchmarks/train.py "${K[@]}" --resolution 512 --batch 4 --steps 3 --repeats 3 \

@@ -1,7 +1,8 @@
 """Training checkpoints: one folder per step that holds everything needed to resume and describes itself.
 
   run/checkpoints/step-00005000/
-      autoencoder.safetensors   ema.safetensors   objective.safetensors   (tensors: safetensors, never pickle)
+      autoencoder.safetensors   ema.safetensors   objective.safetensors   (tensors: safetensors, never pickle;
+      a generation probe's run: transformer.safetensors and its ema.safetensors)
       optimizer.pt  optimizer_d.pt  schedulers.pt  scaler.pt  rng-rank{r}.pt   (torch.load(weights_only=True))
       config.yaml
       trainer.json              the completion record (step, samples, world size), written last
@@ -39,7 +40,8 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
 # the files of a checkpoint, by the state they hold
-TENSOR_FILES = {"autoencoder": "autoencoder.safetensors", "ema": "ema.safetensors", "objective": "objective.safetensors"}
+TENSOR_FILES = {"autoencoder": "autoencoder.safetensors", "ema": "ema.safetensors", "objective": "objective.safetensors",
+                "transformer": "transformer.safetensors"}  # transformer: the generation probe's (pipeline.probe)
 OBJECT_FILES = {"optimizer": "optimizer.pt", "optimizer_d": "optimizer_d.pt", "schedulers": "schedulers.pt",
                 "scaler": "scaler.pt"}
 TRAINER_FILE = "trainer.json"  # the completion record: its presence marks a complete checkpoint

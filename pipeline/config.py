@@ -437,6 +437,35 @@ class EncodeConfig:
         "(its export carries them), model otherwise")
 
 
+@dataclass
+class ProbeConfig:
+    """The generation probe (firststage probe, docs/diffusable-latents.md): a diffusion transformer (diffusers'
+    DiTTransformer2DModel) trained on latent shards with the rectified-flow objective; its schedule, optimizer, EMA,
+    checkpoints and precision are the train.* keys."""
+
+    latents: str = _f("", "latent folder written by firststage encode: what the probe trains on (probe --latents)")
+    val: str = _f("", "held-out latent folder for the validation loss; empty: the first val_samples of probe.latents")
+    model: str = _f("", "the first stage that decodes the samples (any --model format); empty: the one the latent "
+                    "manifest names")
+    images: str = _f("", "held-out image shards for the FID of decoded samples (needs Inception weights)")
+    depth: int = _f(12, "transformer blocks (LightningDiT-B: 12)", min=1)
+    hidden: int = _f(768, "transformer width (LightningDiT-B: 768)", min=1)
+    heads: int = _f(12, "attention heads; must divide probe.hidden", min=1)
+    patch: int = _f(1, "patch size on the latent (LightningDiT-B/1: 1)", min=1)
+    num_classes: int = _f(0, "0: unconditional; N: class-conditional on the shards' `cls` member (0..N-1)", min=0)
+    t_sampling: Literal["logit-normal", "uniform"] = _f("logit-normal", "training distribution of t (SiT / "
+                                                        "LightningDiT: logit-normal)")
+    logit_mean: float = _f(0.0, "logit-normal: mean of logit(t)")
+    logit_std: float = _f(1.0, "logit-normal: std of logit(t)", min=0.0)
+    time_shift: Optional[float] = _f(None, "t -> a t / (1 + (a - 1) t) in training and sampling; null: a = "
+                                     "sqrt(latent dimension / 4096) (RAE); 1: no shift", min=0.0)
+    val_every: int = _f(500, "steps between validations (also at the last step)", min=1)
+    val_samples: int = _f(256, "held-out latents in the validation loss", min=1)
+    sample_steps: int = _f(50, "Euler steps of the sampler (FlowMatchEulerDiscreteScheduler)", min=1)
+    num_samples: int = _f(16, "samples decoded into the grid", min=1)
+    fid_samples: int = _f(5000, "samples for FID against probe.images (when Inception weights are present)", min=1)
+
+
 @sections
 class Config:
     output_dir: str = _f("runs/default", "run folder: config.yaml, checkpoints/, samples/, logs/")
@@ -448,6 +477,7 @@ class Config:
     train: TrainConfig
     evaluate: EvaluateConfig
     encode: EncodeConfig
+    probe: ProbeConfig
 
 
 # ------------------------------------------------------------------------------------------------ building it
@@ -597,6 +627,8 @@ def validate(cfg: Config) -> Config:
             "loss scaler); use bf16 or no"
         )
     _validate_diffusability(cfg)
+    if cfg.probe.hidden % cfg.probe.heads:
+        raise ConfigError(f"probe.heads: {cfg.probe.heads} does not divide probe.hidden ({cfg.probe.hidden})")
     if m.kind == "kl" and m.shift_factor is not None and not isinstance(m.shift_factor, float):
         raise ConfigError(f"model.shift_factor: expected a float or null, got {m.shift_factor!r}")
     return cfg

@@ -13,6 +13,7 @@ STAGES = {
     "train": "train a KL or VQ autoencoder (accelerate: CPU, one GPU, many nodes); resumable",
     "evaluate": "PSNR, SSIM, LPIPS, rFID, KL, active units, ELBO/IWAE, codebook use, latent scaling of a model",
     "encode": "image shards -> latent shards + manifest.json (scaling factor), exactly once, resumable",
+    "probe": "train a small diffusion transformer on latent shards: how well they diffuse (loss, samples, FID)",
     "export": "a model -> diffusers folder | single-file .safetensors (LDM names) | encoder only + torch.export",
     "demo": "the whole pipeline on scikit-image's photos with the tiny preset (CPU, minutes)",
     "config": "print the resolved config of a preset/file with overrides, or every key (--keys)",

@@ -6,7 +6,8 @@ every 5th (in name order) is held out whole, the rest train.
   prepare (image shards) -> train the `tiny` preset -> evaluate on the held-out photos (against the mean-colour
   baseline) and on the training photos' tiles (the generalisation gap) -> encode the training shards to latent
   shards -> export a diffusers folder -> reload it with plain diffusers and decode a latent read back from the latent
-  shards -> demo/report.md (grid, training curves, table)
+  shards -> the generation probe (probe-tiny) on the latents of the training photos' tiles, validated on the
+  held-out tiles' -> demo/report.md (grid, training curves, table, the probe's decoded samples and loss)
 
   bash launch/demo.sh                       # set up, then this
   bash launch/demo.sh --photos ~/Pictures   # the same on your photos
@@ -68,6 +69,7 @@ def main(argv=None) -> None:
     from stages.encode import main as encode
     from stages.evaluate import main as evaluate
     from stages.export import main as export
+    from stages.probe import run as probe
     from stages.prepare import locked_prepare
     from stages.train import run as train
 
@@ -88,6 +90,12 @@ def main(argv=None) -> None:
     export(["--model", str(run), "--output", str(out / "export" / "vae"), "--stats",
             str(out / "latents" / "manifest.json"), "--overwrite", *at_tile])
     key = decode_one_latent(out / "export" / "vae", out / "latents", out / "decoded_latent.png")
+    for part, name, extra in (("traintiles", "latents-tiles", ["encode.flip=true"]), ("heldout", "latents-heldout", [])):
+        encode(["--model", str(run), "--data", str(out / "shards" / part), "--output", str(out / name), *at_tile, *extra])
+    _, probed = probe(["--config", "probe-tiny", "--latents", str(out / "latents-tiles"), "--val",
+                       str(out / "latents-heldout"), "--images", str(out / "shards" / "heldout"), "--output",
+                       str(out / "probe"), f"seed={args.seed}", "--resume",
+                       "auto", *([f"train.max_steps={args.steps}", f"probe.val_every={args.steps}"] if args.steps else [])])
     training_curves(run / "metrics.jsonl", out / "loss.png", f"the tiny preset, {tr.state.step} steps")
     res = json.loads((out / "eval" / "eval.json").read_text())
     seen = json.loads((out / "eval-train" / "eval.json").read_text())
@@ -96,16 +104,21 @@ def main(argv=None) -> None:
     verdict = (f"held-out PSNR {res['psnr']:.2f} dB vs {res['psnr_mean_colour']:.2f} dB for the mean-colour baseline "
                f"({gain:+.2f} dB) on {res['samples']} tiles of {names} (photos never trained on); "
                f"{seen['psnr']:.2f} dB on the training photos' tiles (gap {seen['psnr'] - res['psnr']:+.2f} dB)")
-    write_report(out, tr.state.step, photos, verdict, key, args.photos)
-    print(f"demo: outputs in {out}/: shards/, run/, eval/, latents/, export/vae/, report.md (grid, training curves, "
-          f"decoded latent)")
+    probe_line = (f"validation loss {probed['val_loss']['mean']:.4f} (mean over t) on the held-out tiles' latents "
+                  f"after {probed['step']} steps; FID {probed['fid']}")
+    write_report(out, tr.state.step, photos, verdict, key, args.photos, probe_line)
+    print(f"demo: outputs in {out}/: shards/, run/, eval/, latents/, export/vae/, probe/, report.md (grid, training "
+          f"curves, decoded latent, the probe's samples)")
     print(f"demo: {verdict}")
+    print(f"demo: generation probe: {probe_line}")
     print(f"demo: done in {time.time() - start:.1f}s on this machine ({stages.THREADS_WHY}; {what} measured at the "
           f"start: {peak / 1e12:.2f} TFLOP/s)")
 
 
-def write_report(out: Path, steps: int, photos: dict, verdict: str, key: str, source: str | None) -> None:
+def write_report(out: Path, steps: int, photos: dict, verdict: str, key: str, source: str | None,
+                 probe_line: str) -> None:
     table = (out / "eval" / "eval.md").read_text().split("\n\n", 2)[-1]
+    probe_table = (out / "probe" / "probe.md").read_text().split("\n\n")[1]
     run = out / "run"
     atomic_write_text(out / "report.md", f"""# firststage demo
 
@@ -127,6 +140,18 @@ def write_report(out: Path, steps: int, photos: dict, verdict: str, key: str, so
 ## Evaluation on the held-out tiles
 
 {table}
+## The generation probe: how well these latents diffuse
+
+A small diffusion transformer (`probe-tiny`) trained on the latents of the training photos' tiles:
+{probe_line}.
+Its samples, decoded by the model above:
+
+![probe samples](probe/samples.png)
+
+![probe training loss and validation loss](probe/curve.png)
+
+{probe_table}
+
 ## Where everything went
 
 | what | where |
@@ -137,6 +162,7 @@ def write_report(out: Path, steps: int, photos: dict, verdict: str, key: str, so
 | evaluation | {out / 'eval'} (held out) and {out / 'eval-train'} (training tiles): eval.json, eval.md, eval_grid.png |
 | latent shards | {out / 'latents'} (manifest.json with the scaling factor) |
 | diffusers folder | {out / 'export' / 'vae'} (AutoencoderKL.from_pretrained) |
+| generation probe | {out / 'probe'} (probe.json, probe.md, samples.png, curve.png; latents-tiles/ and latents-heldout/ beside) |
 """)
 
 

@@ -68,13 +68,18 @@ def run(argv=None):
         grace[0] = cfg.train.sigterm_grace
         inputs = {"data.train": cfg.data.train, "data.val": cfg.data.val, "train.init_from": cfg.train.init_from}
         check_paths(inputs.items())
-        if not is_main_process():
-            return _run(args, cfg, stop)
-        lock = take_output_lock(cfg.output_dir, what="output_dir")
-        try:
-            return _run(args, cfg, stop)
-        finally:
-            lock.release()
+        return locked_on_main(cfg.output_dir, "output_dir", lambda: _run(args, cfg, stop))
+
+
+def locked_on_main(folder: str, what: str, fn):
+    """fn() on every rank, the main process holding the run folder's lock meanwhile (train, probe)."""
+    if not is_main_process():
+        return fn()
+    lock = take_output_lock(folder, what=what)
+    try:
+        return fn()
+    finally:
+        lock.release()
 
 
 def _exit_preempted(grace: float) -> None:

@@ -1,4 +1,4 @@
-"""One real two-process gloo world runs train, evaluate and encode one after the other (tests/scripts/world.py); each
+"""One real two-process gloo world runs train, evaluate, encode and the generation probe one after the other (tests/scripts/world.py); each
 stage's results are checked against one process. The world is two one-process "nodes" (launch/local_multinode.sh:
 two accelerate launchers on the loopback address), so the multi-node launch is exercised by the same run and
 start-up is paid once for all of it."""
@@ -20,7 +20,7 @@ from helpers import TINY, flat, make_train_val, read_tar_samples
 def world(tmp_path):
     root = tmp_path
     make_train_val(root)
-    r = two_node_launch("tests/scripts/world.py", root / "rep", root, "train,evaluate,encode", *TINY,
+    r = two_node_launch("tests/scripts/world.py", root / "rep", root, "train,evaluate,encode,probe", *TINY,
                         "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=4",
                         "loss.adversarial.enabled=true", "loss.adversarial.start_step=0", port=29611)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -72,12 +72,23 @@ def check_encode_gives_the_same_keys_and_latents_on_one_and_two_processes(world)
     assert one["statistics"]["scaling_factor"] == pytest.approx(two["statistics"]["scaling_factor"], rel=1e-9)
 
 
+def check_probe_ranks_end_with_identical_transformers_and_decoded_samples(world):
+    root, (a, b), stdout = world
+    assert a["probe"]["step"] == b["probe"]["step"] == 4
+    assert a["probe"] == b["probe"]  # the transformer and its EMA, bit for bit on both ranks
+    assert "probe: DiT depth 1" in stdout and "2 process(es)" in stdout
+    res = json.loads((root / "probe-2" / "probe.json").read_text())
+    assert res["step"] == 4 and res["samples_seen"] == 4 * 4 * 2 and res["samples_png"] == "samples.png"
+    assert res["decoded_by"].startswith("ema.safetensors") and (root / "probe-2" / "samples.png").is_file()
+
+
 def test_one_and_two_processes_agree_on_train_evaluate_and_encode(world):
     """One test, not three sharing a module fixture: pytest-xdist could give them to both workers, which would each
     launch a world (twice the start-up, two launches competing for one rendezvous port)."""
     check_train_ranks_end_with_identical_weights(world)
     check_evaluate_gives_the_same_numbers_on_one_and_two_processes(world)
     check_encode_gives_the_same_keys_and_latents_on_one_and_two_processes(world)
+    check_probe_ranks_end_with_identical_transformers_and_decoded_samples(world)
 
 
 def test_a_node_that_fails_ends_the_job_instead_of_leaving_its_peer_waiting(tmp_path):

@@ -18,9 +18,11 @@ def test_demo_runs_end_to_end_on_a_reduced_budget_and_resumes(tmp_path):
     assert "held-out PSNR" in r.stdout and "mean-colour baseline" in r.stdout
     report = (out / "report.md").read_text()
     assert "on the training photos' tiles (gap" in r.stdout
-    for linked in ("eval/eval_grid.png", "loss.png", "decoded_latent.png"):
+    for linked in ("eval/eval_grid.png", "loss.png", "decoded_latent.png", "probe/samples.png", "probe/curve.png"):
         assert f"({linked})" in report and (out / linked).is_file()
-    assert "| PSNR (dB) |" in report
+    assert "| PSNR (dB) |" in report and "| validation loss, mean over t |" in report
+    probed = json.loads((out / "probe" / "probe.json").read_text())  # the generation probe on the tiles' latents
+    assert probed["step"] == 3 and probed["decoded_by"].startswith("ema.safetensors") and "generation probe" in r.stdout
     vae = AutoencoderKL.from_pretrained(out / "export" / "vae")
     assert vae.config.scaling_factor == json.loads((out / "latents" / "manifest.json").read_text())["statistics"]["scaling_factor"]
     ev = json.loads((out / "eval" / "eval.json").read_text())
@@ -43,7 +45,7 @@ def test_the_demo_runs_on_a_folder_of_your_photos_holding_photos_out_whole(photo
     assert r.returncode == 2 and "no such folder" in r.stderr
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "encode", "export", "demo", "config"])
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "encode", "export", "probe", "demo", "config"])
 def test_every_stage_help_names_the_stage_and_its_examples_parse(stage):
     """`firststage STAGE --help` exits 0 with the stage's usage line, and every example command in it (the module
     docstring's `firststage STAGE ...` lines) is accepted by the stage's own argument parser."""

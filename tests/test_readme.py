@@ -23,7 +23,7 @@ from harness import ROOT, run_main
 from helpers import make_shards, write_images
 
 README = (ROOT / "README.md").read_text()
-SECTIONS = ("prepare", "data", "model", "loss", "train", "evaluate", "encode")
+SECTIONS = ("prepare", "data", "model", "loss", "train", "evaluate", "encode", "probe")
 
 TINY_MODEL = ["model.block_out_channels=[16,16,32]", "model.layers_per_block=1", "model.norm_num_groups=8",
               "model.mid_block_attention=false", "model.latent_channels=4"]
@@ -35,6 +35,8 @@ FOREIGN = {"path/to/FLUX.2-dev/vae": "flux2", "path/to/Qwen-Image/vae": "qwenima
 SMALL_TRAIN = ["data.resolution=32", "data.num_workers=0", "data.shuffle_buffer=4", "train.batch_size=4",
                "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.tracker=none",
                "loss.perceptual.backbone=random"]
+SMALL_PROBE = ["probe.depth=1", "probe.hidden=32", "probe.val_samples=8", "probe.sample_steps=2", "probe.num_samples=2",
+               "train.max_steps=2", "train.batch_size=4", "train.checkpoint_every=2"]
 
 
 
@@ -110,7 +112,7 @@ def small(stage: str, rest: str, root: Path) -> list[str]:
     r = r.replace(" val/", f" {root}/shards")
     r = r.replace("vae-ft-mse-840000-ema-pruned.safetensors", str(root / "exports" / "klf8.safetensors"))
     r = re.sub(r"(?<![\w/.'])(data/val|shards/val)\b", str(root / "data" / "shards"), r)
-    r = re.sub(r"(?<![\w/.'])(data/|shards/|runs/|exports/|latents/)", lambda m: f"{root}/{m.group(1)}", r)
+    r = re.sub(r"(?<![\w/.'])(data/|shards/|runs/|exports/|latents/|probes/)", lambda m: f"{root}/{m.group(1)}", r)
     r = r.replace("data.train=... ", f"data.train={root}/shards ").replace("--data ...", f"--data {root}/shards")
     r = r.replace("--config kl-f8 ... ", f"--config kl-f8 data.train={root}/shards output_dir={root}/runs/klf8 ")
     r = re.sub(r"--size \d+", "--size 32", r).replace("prepare.size=512", "prepare.size=32")
@@ -130,6 +132,9 @@ def small(stage: str, rest: str, root: Path) -> list[str]:
         argv += ["evaluate.lpips_backbone=random", "evaluate.likelihood_samples=0", "data.resolution=32"]
     elif stage == "encode" and "--rebuild-manifest" not in argv:
         argv += ["data.resolution=32", "data.num_workers=0"]
+    elif stage == "probe":  # probe-b1 becomes a 1-block probe-tiny; a held-out folder, the training latents
+        argv = [a.replace(f"{root}/latents/val", f"{root}/latents/train") if a != "probe-b1" else "probe-tiny"
+                for a in argv] + SMALL_PROBE
     assert "..." not in " ".join(argv), f"a placeholder this test does not know: {rest}"
     return argv
 
@@ -145,7 +150,7 @@ def value(argv: list[str], flag: str) -> str | None:
 
 def inputs_missing(argv: list[str]) -> bool:
     """True while something the command reads is not there yet (made by a later command)."""
-    for flag in ("--model", "--stats", "train.init_from", "--data", "data.train", "--input"):
+    for flag in ("--model", "--stats", "train.init_from", "--data", "data.train", "--input", "--latents"):
         v = value(argv, flag)
         if v and not (Path(v.split("{")[0]).parent.exists() if "{" in v else Path(v).exists()):
             return True

@@ -31,13 +31,14 @@ def _pyplot():
     return plt
 
 
-def training_curves(metrics: Path, out: Path, title: str = "") -> None:
+def training_curves(metrics: Path, out: Path, title: str = "", second: str = "val/psnr",
+                    second_label: str = "held-out PSNR (dB)") -> None:
     """From a run's metrics.jsonl: the training loss against the step (log scale) and, where validation ran, the
-    held-out PSNR on a second axis."""
+    held-out metric `second` (the PSNR; the probe's validation loss) on a second axis."""
     plt = _pyplot()
     rows = [json.loads(ln) for ln in Path(metrics).read_text().splitlines() if ln.strip()] if Path(metrics).is_file() else []
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], r["val/psnr"]) for r in rows if "val/psnr" in r]
+    val = [(r["step"], r[second]) for r in rows if second in r]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     if train:
         ax.plot(*zip(*train), color="tab:red", lw=1.5, label="training loss")
@@ -49,8 +50,8 @@ def training_curves(metrics: Path, out: Path, title: str = "") -> None:
     handles = ax.get_legend_handles_labels()
     if val:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val), color="tab:blue", marker="o", ms=3, lw=1.2, label="held-out PSNR (dB)")
-        ax2.set_ylabel("held-out PSNR (dB)", color="tab:blue")
+        ax2.plot(*zip(*val), color="tab:blue", marker="o", ms=3, lw=1.2, label=second_label)
+        ax2.set_ylabel(second_label, color="tab:blue")
         h2 = ax2.get_legend_handles_labels()
         handles = (handles[0] + h2[0], handles[1] + h2[1])
     if handles[0]:

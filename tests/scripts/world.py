@@ -1,9 +1,9 @@
 """Run stages one after the other in one process of a (multi-process) world, then write what the tests check.
 
-  bash launch/local_multinode.sh tests/scripts/world.py REPORT_DIR ROOT train,evaluate,encode [train key=value ...]
+  bash launch/local_multinode.sh tests/scripts/world.py REPORT_DIR ROOT train,evaluate,encode,probe [train key=value ...]
 
-ROOT holds train/ and val/ shards; the run folder is ROOT/run, evaluate writes ROOT/eval-N and encode ROOT/latents-N
-(N: the number of processes). One launch serves every 1-vs-N-process test: start-up (torch, diffusers, the process
+ROOT holds train/ and val/ shards; the run folder is ROOT/run, evaluate writes ROOT/eval-N, encode ROOT/latents-N
+and the probe (on those latents) ROOT/probe-N (N: the number of processes). One launch serves every 1-vs-N-process test: start-up (torch, diffusers, the process
 group) is paid once.
 """
 
@@ -49,6 +49,16 @@ def main() -> None:
 
         encode(["--model", str(root / "run"), "--data", str(root / "val"), "--output", str(root / f"latents-{n}"),
                 "data.num_workers=0", "encode.batch_size=3"])
+    if "probe" in stages:  # the generation probe on the latents encode just wrote, decoded by the run's model
+        from stages.probe import run as probe
+
+        acc.wait_for_everyone()  # encode's manifest, which the main process writes last, is there for every rank
+        ptr, _ = probe(["--config", "probe-tiny", "--latents", str(root / f"latents-{n}"), "--output",
+                        str(root / f"probe-{n}"), "probe.depth=1", "probe.hidden=32", "probe.val_samples=8",
+                        "probe.val_every=2", "probe.sample_steps=2", "probe.num_samples=2", "train.max_steps=4",
+                        "train.batch_size=4", "train.checkpoint_every=4", "data.shuffle_buffer=8"])
+        report["probe"] = {"step": ptr.state.step, "transformer": digest(ptr.unwrapped.state_dict()),
+                           "ema": digest(ptr.ema.state_dict())}
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"rank{acc.process_index}.json").write_text(json.dumps(report))
 
