@@ -90,11 +90,13 @@ def decided_by_main(fn):
     return value
 
 
-def on_every_rank(fn, what: str, undo=None, device=None):
+def on_every_rank(fn, what: str, undo=None, device=None,
+                  elsewhere: str = "another process of the job could not write its part, so no process keeps any of "
+                                   "it; rerun with --resume auto (the previous checkpoint is complete)"):
     """`fn()` on every rank, then one all-reduce in which every rank learns whether it succeeded everywhere (the
     parts of one checkpoint: each rank writes its own). If it failed anywhere, every rank calls `undo()` and raises:
-    a rank whose fn raised raises its own error (a full disk: exit 74), the others SaveAbandoned naming `what`
-    (exit 75), so no rank goes on alone and none is left waiting in the next collective."""
+    a rank whose fn raised raises its own error (a full disk: exit 74), the others SaveAbandoned naming `what`, and
+    `elsewhere` (exit 75), so no rank goes on alone and none is left waiting in the next collective."""
     import torch
 
     error = None
@@ -112,8 +114,7 @@ def on_every_rank(fn, what: str, undo=None, device=None):
             pass
     if error is not None:
         raise error
-    raise SaveAbandoned(f"{what}: another process of the job could not write its part, so no process keeps any of "
-                        f"it; rerun with --resume auto (the previous checkpoint is complete)")
+    raise SaveAbandoned(f"{what}: {elsewhere}")
 
 
 def held_by_main(take, follow):

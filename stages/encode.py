@@ -98,7 +98,7 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         from pipeline.config import parse_overrides
         from pipeline.data.loader import loader_workers, resolve_shards, shard_sample_counts
         from pipeline.data.shards import shard_name
-        from pipeline.distributed import all_reduce, print0
+        from pipeline.distributed import all_reduce, on_every_rank, print0
         from pipeline.latents.buckets import resolve_buckets
         from pipeline.latents.encoder import (EncodeSettings, check_input_shards, check_output_folder, effective_store,
                                               encode_shards, non_finite_advice, stored_tensors)
@@ -153,9 +153,11 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         # On a CPU the encoder's threads already take the free cores: a loader worker decoding beside them made the
         # loop slower than a plain main-process loop on 2 cores (0.92x against 1.10x, benchmarks/RESULTS.md).
         workers = loader_workers(cfg.data.num_workers) if cuda else 0
-        res = encode_shards(model, todo, out, settings, s, device, resolution=cfg.data.resolution, buckets=buckets,
-                            batch_size=cfg.encode.batch_size, num_workers=workers, pin_memory=cuda,
-                            stop=stop, progress=lambda _: bar.update(1), max_member_bytes=cfg.data.max_member_bytes)
+        res = on_every_rank(lambda: encode_shards(  # one rank's error (out of memory, a lost lock) ends every rank
+            model, todo, out, settings, s, device, resolution=cfg.data.resolution, buckets=buckets,
+            batch_size=cfg.encode.batch_size, num_workers=workers, pin_memory=cuda, stop=stop,
+            progress=lambda _: bar.update(1), max_member_bytes=cfg.data.max_member_bytes), "encode", device=device,
+            elsewhere="another process of the job failed; complete shards are kept, run the same command again")
         bar.close()
         done_before, changed = done_before + len(res.kept), changed - sum(states.get(u) == "changed" for u in res.kept)
         mine_t = torch.tensor([res.shards, res.samples, res.skipped, res.non_finite, done_before, changed,

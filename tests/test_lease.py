@@ -176,8 +176,9 @@ def test_an_object_store_that_stops_answering_during_training_is_transient(aws, 
     assert r.returncode == 2 and "cannot reach the object store" in r.stderr, r.stderr[-3000:]
 
 
-def _save_rank(rank: int, init_file: str, folder: str, results) -> None:
-    """One rank of a two-process gloo world saving a checkpoint; rank 1's disk is full."""
+def _save_rank(rank: int, init_file: str, folder: str, results, fault: str) -> None:
+    """One rank of a two-process gloo world saving a checkpoint; `fault`: rank 1's disk is full ("disk"), or the main
+    process finds at its commit that it lost the lock ("lock")."""
     import errno
 
     import torch
@@ -196,11 +197,18 @@ def _save_rank(rank: int, init_file: str, folder: str, results) -> None:
         def wait_for_everyone():
             dist.barrier()
 
-    if rank == 1:
+    if rank == 1 and fault == "disk":
         def full(path, obj):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
         ckpt.save_object = full
+    if rank == 0 and fault == "lock":
+        from pipeline.errors import LockLost
+
+        def lost(*a, **k):
+            raise LockLost("output folder run: lost the lock run/.lock: it is held by pid 7 on node-b")
+
+        ckpt.commit_checkpoint = lost
 
     @stage_main
     def main(argv=None):
@@ -221,25 +229,32 @@ def _save_rank(rank: int, init_file: str, folder: str, results) -> None:
     dist.destroy_process_group()
 
 
-def test_a_checkpoint_that_one_rank_could_not_write_is_dropped_by_every_rank(tmp_path):
+@pytest.mark.parametrize("fault", ["disk", "lock"])
+def test_a_checkpoint_that_one_rank_could_not_write_is_dropped_by_every_rank(tmp_path, fault):
     """Item 8: rank 1 cannot write its RNG file (a full disk). Before, its cleanup removed the folder rank 0 was
     writing into and the job ended in a traceback (exit 1). Now every rank writes, the ranks agree, and every rank
-    drops the checkpoint: 74 on the rank whose disk was full, 75 on the other, one line each, no folder left."""
+    drops the checkpoint: 74 on the rank whose disk was full, 75 on the other, one line each, no folder left. The
+    same when the main process finds at its commit that it lost the lock: before, the other rank was left waiting
+    in a barrier and ended in a gloo traceback."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     run = tmp_path / "run"
-    procs = [ctx.Process(target=_save_rank, args=(r, str(tmp_path / "init"), str(run), results)) for r in range(2)]
+    procs = [ctx.Process(target=_save_rank, args=(r, str(tmp_path / "init"), str(run), results, fault))
+             for r in range(2)]
     for p in procs:
         p.start()
     got = {rank: (code, err) for rank, code, err in (results.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(30)
-    assert got[1][0] == 74 and "no space left" in got[1][1], got
-    assert got[0][0] == 75 and "another process of the job could not write its part" in got[0][1], got
+    failing, other = (1, 0) if fault == "disk" else (0, 1)
+    assert got[failing][0] == (74 if fault == "disk" else 75), got
+    assert ("no space left" if fault == "disk" else "lost the lock") in got[failing][1], got
+    assert got[other][0] == 75 and "another process of the job could not write its part" in got[other][1], got
     assert all(len(err.strip().splitlines()) == 1 and "Traceback" not in err for _, err in got.values()), got
-    assert not (run / "checkpoints" / "step-00000002").exists()
+    if fault == "disk":
+        assert not (run / "checkpoints" / "step-00000002").exists()
 
 
 def test_a_local_run_whose_lock_was_taken_writes_nothing_under_a_final_name(tmp_path):
@@ -294,3 +309,21 @@ def test_the_other_ranks_of_a_job_follow_the_main_process_lock(aws, tmp_path):  
         finally:
             follower.release()
             holder.release()
+
+
+def test_the_guard_covers_a_folder_however_its_path_is_spelled(tmp_path, monkeypatch):
+    """`--output file:///abs/out`, `out` from its parent, `/abs/out/`: the writes, spelled as the library spells them,
+    are guarded (before, a lock taken on `file://...` covered no plain path: a run that lost it went on writing)."""
+    from pipeline.storage import FolderLock
+    from pipeline.train.trainer import find_resume
+
+    monkeypatch.chdir(tmp_path)
+    for spelling in (f"file://{tmp_path}/out", "out", f"{tmp_path}/out/"):
+        lock = FolderLock(spelling)
+        assert lock.covers(f"{tmp_path}/out/a.tar") and lock.covers("out/.progress/a.json"), spelling
+        assert not lock.covers(f"{tmp_path}/out/.lock") and not lock.covers(f"{tmp_path}/other/a.tar"), spelling
+    # a checkpoint of the run folder itself, spelled relative while output_dir is absolute: resumed, not refused
+    ck = tmp_path / "run" / "checkpoints" / "step-00000010"
+    ck.mkdir(parents=True)
+    (ck / "trainer.json").write_text('{"step": 10}')
+    assert find_resume(str(tmp_path / "run"), "run/checkpoints/step-00000010") is not None

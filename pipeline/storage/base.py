@@ -25,10 +25,6 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 class Storage(ABC):
     """Files by full path. Implementations: LocalStorage (pipeline.storage.local); object stores by URL scheme."""
 
-    # an object store's ETag changes with every write of the object and only then; a local file's (its inode and
-    # mtime) also changes when the folder is copied or moved, so a local mismatch is settled by reading the bytes
-    etag_names_the_bytes = True
-
     @abstractmethod
     def read_bytes(self, path: str) -> bytes:
         """The whole object; FileNotFoundError when absent."""
@@ -99,6 +95,11 @@ def guard_writes(lock) -> None:
 def unguard_writes(lock) -> None:
     if lock in _GUARDS:
         _GUARDS.remove(lock)
+
+
+def held_token(path) -> str | None:
+    """The token of this process's lock that covers `path` (for the other ranks of its job to follow), or None."""
+    return next((lock.me["token"] for lock in _GUARDS if lock.covers(str(path))), None)
 
 
 def check_writable(path) -> None:

@@ -43,8 +43,6 @@ def _identity(st: os.stat_result) -> str:
 
 
 class LocalStorage(Storage):
-    etag_names_the_bytes = False
-
     def info(self, path) -> dict:
         """size and ETag (inode and mtime) of a file; FileNotFoundError when absent."""
         st = os.stat(_local(path))
@@ -82,10 +80,10 @@ class LocalStorage(Storage):
 
     def put_file(self, path, local: Path) -> dict:
         digest = file_digest(local) if Path(local).is_file() else {}
+        if digest:  # taken before the rename, which keeps inode and mtime: never another writer's file
+            digest["etag"] = _identity(os.stat(local))
         check_writable(path)
         os.replace(local, _local(path))  # staging_file lies beside `path` (same filesystem); a folder moves whole
-        if digest:
-            digest["etag"] = _identity(os.stat(_local(path)))
         return digest
 
     def create(self, path, data: bytes) -> bool:

@@ -74,6 +74,7 @@ class FolderLock:
 
     @staticmethod
     def _normal(path: str) -> str:
+        path = path[len("file://"):] if path.startswith("file://") else path
         return path if "://" in path else os.path.abspath(path)
 
     @staticmethod

@@ -18,14 +18,15 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.data.loader import batches
-from pipeline.distributed import all_reduce, on_every_rank, print0
+from pipeline.distributed import all_reduce, decided_by_main, on_every_rank, print0
 from pipeline.errors import Diverged
 from pipeline.metrics.evaluator import Evaluator
 from pipeline.metrics.grid import save_grid
 from pipeline.models.autoencoder import run_autoencoder
 from pipeline.pixels import to_model_input, to_uint8
 from pipeline.storage import as_path, atomic_write_text
-from pipeline.storage.base import check_writable
+from pipeline.storage import folder_lock
+from pipeline.storage.base import check_writable, held_token
 
 
 class NonFiniteGuard:
@@ -74,6 +75,7 @@ class Logbook:
     def record(self, step: int, scalars: dict) -> None:
         """One row of metrics.jsonl (the main process's): the averaged training terms, or a validation's metrics."""
         if self.acc.is_main_process:
+            check_writable(self.path)  # a local run folder whose lock was taken over: no more rows
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
@@ -116,6 +118,16 @@ class Checkpointer:
         self.run_dir, self.acc = as_path(run_dir), accelerator
         self.every, self.max_steps, self.keep = every, max_steps, keep
         self.after_save = after_save
+        self.followed = False
+
+    def _follow_the_lock(self) -> None:
+        """Once: the other ranks follow the main process's lock of the run folder (taken before the process group
+        existed), so that their part of a checkpoint proves it too (pipeline.storage.lock.FolderLock.follow)."""
+        if not self.followed:
+            self.followed = True
+            token = decided_by_main(lambda: held_token(self.run_dir / ckpt.TRAINER_FILE))
+            if token and not self.acc.is_main_process:
+                folder_lock(self.run_dir, what="output_dir").follow(token)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
@@ -131,16 +143,19 @@ class Checkpointer:
                 if folder.exists():
                     ckpt.uncommit_checkpoint(folder)
 
+        def commit() -> None:
+            if main:
+                ckpt.commit_checkpoint(folder, state["trainer"], files)
+                ckpt.prune_checkpoints(self.run_dir, self.keep)
+                if self.after_save is not None:
+                    self.after_save()
+
+        self._follow_the_lock()
         on_every_rank(begin, what, device=acc.device)
         files = on_every_rank(lambda: ckpt.write_checkpoint_files(folder, state, acc.process_index, main), what,
                               undo=lambda: main and ckpt.uncommit_checkpoint(folder),  # a failed save leaves nothing
                               device=acc.device)
-        if acc.is_main_process:
-            ckpt.commit_checkpoint(folder, state["trainer"], files)
-            ckpt.prune_checkpoints(self.run_dir, self.keep)
-            if self.after_save is not None:
-                self.after_save()
-        acc.wait_for_everyone()
+        on_every_rank(commit, what, device=acc.device)  # a failure there (a lost lock) ends every rank in one line
         return folder
 
 

@@ -13,6 +13,7 @@ pipeline.train.duties.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import threading
@@ -55,6 +56,11 @@ class State:
     history: list = field(default_factory=list)  # (step, loss) at each log point, for the summary
 
 
+def same_place(path) -> str:
+    """A path spelled one way: absolute for a local path, the URL for an object."""
+    return str(path).rstrip("/") if "://" in str(path) else os.path.abspath(path)
+
+
 def find_resume(output_dir: str, resume: str | None) -> Path | None:
     """`auto`: the newest complete checkpoint of the run folder (None: a fresh start); a path: that checkpoint.
     A run folder that holds another run (a complete checkpoint, or the logs of a run that saved none) is never
@@ -66,7 +72,7 @@ def find_resume(output_dir: str, resume: str | None) -> Path | None:
         raise UserError(f"{resume}: not a complete checkpoint folder")
     path = as_path(resume) if resume else None
     held = ckpt.find_resume_path(output_dir)
-    inside = path is not None and str(path).rstrip("/").startswith(str(as_path(output_dir) / ckpt.CHECKPOINTS) + "/")
+    inside = path is not None and same_place(path).startswith(same_place(as_path(output_dir) / ckpt.CHECKPOINTS) + "/")
     if held is not None and not inside:
         step = ckpt.read_trainer_state(held).get("step")
         raise UserError(f"output_dir {output_dir} holds a run at step {step} ({held.name}): --resume auto continues "
