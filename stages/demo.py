@@ -2,7 +2,8 @@
 
 scikit-image's photographs (shipped inside the package, no download): 14 for training, and two held out whole
 (rocket, coffee), cut into 64x64 tiles that the model never sees in training. With --photos DIR, your own photos:
-every 5th (in name order) is held out whole, the rest train.
+every 5th (in name order) is held out whole, the rest train, and everything goes to demo/photos-NAME/ (NAME: the
+folder's name) unless --output says where: each photo set keeps its own folder, so the plain demo still resumes.
   prepare (image shards) -> train the `tiny` preset -> evaluate on the held-out photos (against the mean-colour
   baseline) and on the training photos' tiles (the generalisation gap) -> encode the training shards to latent
   shards -> export a diffusers folder -> reload it with plain diffusers and decode a latent read back from the latent
@@ -48,7 +49,8 @@ def decode_one_latent(export: Path, latents: Path, out: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="firststage demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", default="demo", help="folder for everything the demo writes (default demo/)")
+    p.add_argument("--output", help="folder for everything the demo writes (default demo/; with --photos DIR, "
+                                    "demo/photos-NAME/ with NAME the folder's name)")
     p.add_argument("--photos", metavar="DIR", help="a folder of your photos instead of scikit-image's")
     p.add_argument("--steps", type=int, help="training steps (default: the tiny preset's train.max_steps)")
     p.add_argument("--seed", type=int, default=0, help="the training run's seed (default 0)")
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 @stage_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    out = Path(args.output)
+    photos_dir = Path(args.photos).expanduser() if args.photos else None
+    out = Path(args.output or (f"demo/photos-{photos_dir.resolve().name or 'root'}" if photos_dir else "demo"))
     start = time.time()
     import stages
     from pipeline.data.photos import TILE, write_demo_photos
@@ -73,8 +76,8 @@ def main(argv=None) -> None:
     from stages.prepare import locked_prepare
     from stages.train import run as train
 
+    photos = write_demo_photos(out / "images", photos_dir, args.subset)  # refuses another photo set before copying
     peak, what = matmul_peak(n=1024, repeats=5)  # what this machine gives now, so the time below can be compared
-    photos = write_demo_photos(out / "images", Path(args.photos).expanduser() if args.photos else None, args.subset)
     for part, size in (("train", 2 * TILE), ("heldout", TILE), ("traintiles", TILE)):
         m = locked_prepare([str(out / "images" / part)], str(out / "shards" / part), PrepareOptions(size=size, shard_size=4))
         print(f"demo: prepare {part}: {m['total']} samples in {len(m['shards'])} shards ({out / 'shards' / part})")

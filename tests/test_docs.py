@@ -7,12 +7,15 @@ import pytest
 from harness import run_main
 
 
-def test_demo_runs_end_to_end_on_a_reduced_budget_and_resumes(tmp_path):
+def test_demo_runs_end_to_end_then_on_your_photos_then_resumes(tmp_path, photos, monkeypatch):
+    """The plain demo, then `--photos DIR` (into its own folder, holding photos out whole), then the plain demo again
+    (it resumes); a photo set aimed at a folder that holds another is refused before anything is copied."""
     from diffusers import AutoencoderKL
 
     from stages.demo import main
 
-    r = run_main(main, "--output", tmp_path / "demo", "--steps", "3", "--subset", "2")
+    monkeypatch.chdir(tmp_path)
+    r = run_main(main, "--steps", "3", "--subset", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "demo"
     assert "held-out PSNR" in r.stdout and "mean-colour baseline" in r.stdout
@@ -27,22 +30,23 @@ def test_demo_runs_end_to_end_on_a_reduced_budget_and_resumes(tmp_path):
     assert vae.config.scaling_factor == json.loads((out / "latents" / "manifest.json").read_text())["statistics"]["scaling_factor"]
     ev = json.loads((out / "eval" / "eval.json").read_text())
     assert ev["samples"] == 12 and ev["weights"].startswith("ema.safetensors")  # 12 tiles of two held-out photos
-    again = run_main(main, "--output", out, "--steps", "3", "--subset", "2")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "steps 3->3" in again.stdout and "(1 already complete)" in again.stdout  # resumed: nothing redone
 
-
-def test_the_demo_runs_on_a_folder_of_your_photos_holding_photos_out_whole(photos, tmp_path):
-    from stages.demo import main
-
-    r = run_main(main, "--output", tmp_path / "demo", "--photos", photos, "--steps", "2")
+    r = run_main(main, "--photos", photos, "--steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     # four photos in name order (astronaut, chelsea, coffee, rocket): the second is held out whole
     assert "tiles of chelsea (photos never trained on)" in r.stdout
-    assert sorted(p.stem for p in (tmp_path / "demo" / "images" / "train").glob("*.png")) == ["astronaut", "coffee",
-                                                                                              "rocket"]
+    assert sorted(p.stem for p in (out / "photos-photos" / "images" / "train").glob("*.png")) == [
+        "astronaut", "coffee", "rocket"]
+    before = sorted(p.name for p in (out / "images").rglob("*"))
+    r = run_main(main, "--output", out, "--photos", photos)
+    assert r.returncode == 2 and "holds the demo of scikit-image's photos (--subset 2)" in r.stderr, r.stderr
+    assert sorted(p.name for p in (out / "images").rglob("*")) == before  # nothing copied
     r = run_main(main, "--output", tmp_path / "demo2", "--photos", tmp_path / "nothing-here")
     assert r.returncode == 2 and "no such folder" in r.stderr
+
+    again = run_main(main, "--steps", "3", "--subset", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "steps 3->3" in again.stdout and "(1 already complete)" in again.stdout  # resumed: nothing redone
 
 
 @pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "encode", "export", "probe", "demo", "config"])

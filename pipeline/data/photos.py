@@ -6,6 +6,7 @@ scores, against the PSNR of predicting each tile's mean colour."""
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -78,10 +79,29 @@ def _tiles_of(folder: Path, key: str) -> list[Path]:
     return [p for p in folder.iterdir() if p.name.startswith(key + "_") and p.suffix == ".png"]
 
 
+def check_photo_set(folder: Path, source: dict, train_keys: list[str]) -> None:
+    """Before anything is copied: `folder` holds no other photo set (its record, folder/source.json, or, for a folder
+    written before the record existed, its training photos' names), so the shards made from it still match it."""
+    record = folder / "source.json"
+    if record.is_file():
+        held = json.loads(record.read_text())
+    elif (folder / "train").is_dir():
+        strays = sorted(p.stem for p in (folder / "train").glob("*.png") if p.stem not in train_keys)
+        held = {"photos": f"other photos ({', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''})"} if strays else source
+    else:
+        held = source
+    if held != source:
+        def said(s: dict) -> str:
+            return s["photos"] + (f" (--subset {s['subset']})" if s.get("subset") else "")
+        raise UserError(f"{folder.parent} holds the demo of {said(held)}, not of {said(source)}: give --output another "
+                        f"folder, or delete {folder.parent}")
+
+
 def write_demo_photos(folder: Path, photos: Path | None = None, subset: int | None = None) -> dict:
     """folder/train (whole training photos with a caption), folder/heldout (the held-out photos' tiles) and
     folder/traintiles (the training photos' tiles, for the generalisation gap). From scikit-image's photos, or from
-    the folder `photos` split by photo. `subset`: the first N of each (tests). Returns what went where."""
+    the folder `photos` split by photo. `subset`: the first N of each (tests). A folder that holds another photo set
+    is refused before anything is copied (check_photo_set). Returns what went where."""
     if photos is None:
         train = [(n, lambda n=n: skimage_photo(n)) for n in SKIMAGE_TRAIN[:subset]]
         held = [(n, lambda n=n: skimage_photo(n)) for n in SKIMAGE_HELD_OUT[:subset]]
@@ -89,6 +109,10 @@ def write_demo_photos(folder: Path, photos: Path | None = None, subset: int | No
         train_paths, held_paths = split_by_photo(folder_photos(photos))
         train = [(p.stem, lambda p=p: Image.open(p)) for p in train_paths[:subset]]
         held = [(p.stem, lambda p=p: Image.open(p)) for p in held_paths[:subset]]
+    source = {"photos": str(photos.resolve()) if photos else "scikit-image's photos", "subset": subset}
+    check_photo_set(folder, source, [name.replace(".", "_") for name, _ in train])
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "source.json", json.dumps(source))
     for part in ("train", "heldout", "traintiles"):
         (folder / part).mkdir(parents=True, exist_ok=True)
     counts = {"train": len(train), "held_out": len(held), "held_out_tiles": 0, "train_tiles": 0}
