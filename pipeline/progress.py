@@ -30,7 +30,9 @@ def _clock(seconds: float) -> str:
 class Progress:
     def __init__(self, desc: str, total: int | None, unit: str = "it", initial: int = 0, enabled: bool = True,
                  interval: float | None = None, file=None):
-        self.desc, self.total, self.unit, self.done = desc, total, unit, initial
+        self.base = self.desc = desc
+        self.total, self.unit, self.done, self.enabled = total, unit, initial, enabled
+        self._phased = False
         self.start_done, self.t0 = initial, time.time()
         self.file = file or sys.stderr
         self.postfix: dict[str, str] = {}
@@ -49,6 +51,22 @@ class Progress:
             self.interval = interval if interval is not None else progress_interval()
             self._timer = threading.Thread(target=self._tick, daemon=True, name=f"{desc}-progress")
             self._timer.start()
+
+    def phase(self, name: str, total: int | None, unit: str) -> None:
+        """A new phase of the same job: the line names it (`evaluate: likelihood bounds: draw 37/192 ...`) and counts
+        from 0 with its own rate and ETA. Outside a terminal the phase that ends writes its last line, so a log shows
+        where each one got to and when the next began."""
+        if self._phased and self.bar is None and self.enabled:
+            print(self.line(), file=self.file, flush=True)
+        with self._lock:
+            self.desc, self.total, self.unit = f"{self.base}: {name}", total, unit
+            self.done = self.start_done = 0
+            self.t0, self.postfix, self._phased = time.time(), {}, True
+        if self.bar is not None:
+            self.bar.reset(total=total)
+            self.bar.set_description(self.desc, refresh=False)
+            self.bar.unit = unit
+            self.bar.set_postfix({}, refresh=True)
 
     def samples(self, n: int) -> int:
         """A running count beside the unit (samples written so far, for a bar that counts shards)."""
@@ -82,7 +100,11 @@ class Progress:
             print(self.line(), file=self.file, flush=True)
 
     def close(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
+        if self._phased and self.bar is None and self.enabled:
+            print(self.line(), file=self.file, flush=True)  # where the last phase got to
         if self.bar is not None:
             self.bar.close()
 

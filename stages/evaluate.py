@@ -74,16 +74,18 @@ def main(argv=None) -> None:
     device = state.device
     model = model.to(device).eval()
     fid, fid_reason = load_fid(device)
-    ev = Evaluator(model, replace(cfg.evaluate, num_samples=planned), load_perceptual(cfg.evaluate.lpips_backbone, device),
-                   cfg.data.resolution, device, fid)
     loader = make_loader(urls, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
                          rank=state.process_index, world_size=state.num_processes, limits=limits,
                          max_member_bytes=cfg.data.max_member_bytes)
-    with Progress("evaluate", planned, "sample", enabled=state.is_main_process) as bar, batches(loader) as stream:
-        for batch in stream:
-            ev.add(batch["image"], batch["__key__"])
-            bar.update(len(batch["__key__"]) * state.num_processes)  # the main process's count, scaled
-    res = ev.finalize(lambda tensors: all_reduce(tensors, "sum", device))
+    with Progress("evaluate", planned, "sample", enabled=state.is_main_process) as bar:
+        bar.phase("reconstruction", planned, "sample")  # then the likelihood bounds (Evaluator.finalize)
+        ev = Evaluator(model, replace(cfg.evaluate, num_samples=planned),
+                       load_perceptual(cfg.evaluate.lpips_backbone, device), cfg.data.resolution, device, fid, bar)
+        with batches(loader) as stream:
+            for batch in stream:
+                ev.add(batch["image"], batch["__key__"])
+                bar.update(len(batch["__key__"]) * state.num_processes)  # the main process's count, scaled
+        res = ev.finalize(lambda tensors: all_reduce(tensors, "sum", device))
     if res["samples"] == 0:
         raise UserError(f"--data {args.data}: no decodable images among the {planned} samples read")
     res["rfid"] = float(fid.compute()) if fid is not None else fid_reason

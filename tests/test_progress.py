@@ -46,3 +46,20 @@ def test_train_evaluate_and_encode_write_progress_lines_into_a_log_file(stage, t
     times = [elapsed(ln) for ln in lines]
     assert all(b - a <= 2 for a, b in zip(times, times[1:]))  # never a silent stretch longer than the interval
     assert out.startswith(f"firststage {stage}: 1 thread (FIRSTSTAGE_THREADS=1)")  # its first line: the threads
+    if stage == "evaluate":  # the line names its phase; each phase's last line shows it advanced to its end
+        assert any(ln.startswith("evaluate: reconstruction: sample ") for ln in lines), err[-2000:]
+        bounds = [ln for ln in lines if ln.startswith("evaluate: likelihood bounds: draw ")]
+        assert bounds and re.match(r"evaluate: likelihood bounds: draw (\d+)/\1 \(100%\), .*k (\d+) of \2, images (\d+)/\3",
+                                   bounds[-1]), bounds
+
+
+def test_the_diffusability_probe_names_each_transform_before_its_decode():
+    import torch
+
+    from pipeline.metrics.diffusability import DiffusabilityProbe
+
+    told = []
+    probe = DiffusabilityProbe(4, 4)
+    probe.add(lambda z: z[:, :3].repeat_interleave(2, -1).repeat_interleave(2, -2), torch.zeros(2, 4, 4, 4),
+              torch.zeros(2, 3, 8, 8), 2, lambda name, i, n: told.append((name, i, n)))
+    assert told == [("scale_1/2", 1, 4), ("rot90", 2, 4), ("rot180", 3, 4), ("rot270", 4, 4)]

@@ -79,9 +79,12 @@ class DiffusabilityProbe:
         self.sums["dct_energy"] = torch.zeros(latent_channels, dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, decode, z: torch.Tensor, x: torch.Tensor, factor: int) -> None:
-        """`decode`: latent -> image in [-1, 1]; z the latent of the images x (in [-1, 1])."""
-        for name, tz, tx in equivariance_pairs(z, x, factor, self.any_size):
+    def add(self, decode, z: torch.Tensor, x: torch.Tensor, factor: int, on_transform=None) -> None:
+        """`decode`: latent -> image in [-1, 1]; z the latent of the images x (in [-1, 1]); `on_transform(name, i,
+        n)` is told before each of the n decodes."""
+        for i, (name, tz, tx) in enumerate(equivariance_pairs(z, x, factor, self.any_size)):
+            if on_transform is not None:
+                on_transform(name, i + 1, len(self.names))
             value = psnr(to_uint8(tx), to_uint8(decode(tz))).clamp(max=100.0)
             self.sums[f"eq_psnr_{name}"] += value.double().sum().cpu()
         high, total = spectrum_energy(z.float())

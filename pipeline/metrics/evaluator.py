@@ -28,10 +28,13 @@ GRID_SAMPLES = 48  # the evaluation figure shows every sample up to this many
 
 
 class Evaluator:
-    def __init__(self, model, opts: EvaluateConfig, perceptual: dict, resolution: int, device="cpu", fid=None):
-        """perceptual: name -> LPIPS module, or name -> reason string when it could not be loaded.
+    def __init__(self, model, opts: EvaluateConfig, perceptual: dict, resolution: int, device="cpu", fid=None,
+                 progress=None):
+        """perceptual: name -> LPIPS module, or name -> reason string when it could not be loaded. progress: a
+        pipeline.progress.Progress whose line the evaluator keeps naming what it does (its phases: reconstruction,
+        with the diffusability probe per batch, then the likelihood bounds draw by draw), or None.
         Every sum exists from the start, so ranks that receive no images still join the same reductions."""
-        self.model, self.opts, self.device, self.fid = model, opts, device, fid
+        self.model, self.opts, self.device, self.fid, self.progress = model, opts, device, fid, progress
         self.perceptual = perceptual
         self.family = family_of(model)
         self.normalisation = self.family.normalisation(model)
@@ -58,6 +61,10 @@ class Evaluator:
     def _add(self, name: str, value: torch.Tensor, per_channel: bool = False) -> None:
         v = value.detach().double().cpu()
         self.sums[name] = self.sums[name] + (v.sum(0) if per_channel else v.sum())
+
+    def _now(self, what: str) -> None:
+        if self.progress is not None:
+            self.progress.update(0, now=what)
 
     @torch.no_grad()
     def add(self, images: torch.Tensor, keys: list[str]) -> None:
@@ -95,7 +102,9 @@ class Evaluator:
         self.ch.add(zc)
         self.all.add(zc.reshape(-1))
         if self.probe is not None:
-            self.probe.add(lambda zt: self.family.decode(self.model, zt), lat.mean, x, self.factor)
+            self.probe.add(lambda zt: self.family.decode(self.model, zt), lat.mean, x, self.factor,
+                           lambda name, i, k: self._now(f"diffusability probe {name} ({i} of {k})"))
+            self._now("reconstruction")
         if self.fid is not None:
             self.fid.update(images, real=True)
             self.fid.update(rec8, real=False)
@@ -109,10 +118,19 @@ class Evaluator:
         k = self.opts.iwae_k
         ks = sorted({1, *[2**i for i in range(1, 20) if 2**i < k], k})
         self.sums = {name: torch.zeros((), dtype=torch.float64) for name in ["lik_n", "elbo"] + [f"iwae_{kk}" for kk in ks]}
+        images = sum(x.shape[0] for x, *_ in self.buffered)
+        if self.progress is not None:  # one decode per draw and batch: the unit that advances
+            self.progress.phase("likelihood bounds", len(self.buffered) * k, "draw")
+        done = 0
         for x, mean, logvar, keys in self.buffered:
             gens = [key_generator("iwae/" + key) for key in keys]
+            tell = None if self.progress is None else (  # noqa: E731
+                lambda j, done=done: self.progress.update(1, k=f"{j} of {k}", images=f"{done}/{images}"))
             log_w = importance_log_weights(decode, x.to(self.device), mean.to(self.device), logvar.to(self.device),
-                                           k, sigma, gens).cpu()
+                                           k, sigma, gens, tell).cpu()
+            done += x.shape[0]
+            if self.progress is not None:
+                self.progress.update(0, images=f"{done}/{images}")
             self._add("lik_n", torch.tensor(float(x.shape[0])))
             self._add("elbo", log_w.mean(1))
             for kk in ks:

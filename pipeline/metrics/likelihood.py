@@ -51,11 +51,11 @@ def log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> tor
 
 
 def importance_log_weights(decode, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, k: int, sigma: float,
-                           generators: list[torch.Generator]) -> torch.Tensor:
+                           generators: list[torch.Generator], on_draw=None) -> torch.Tensor:
     """log w [B, k] for k posterior samples per image; `generators[b]` draws image b's noise, so the numbers do not
-    depend on how images are batched or split across ranks."""
+    depend on how images are batched or split across ranks. `on_draw(j)` is told after the j-th of the k draws."""
     weights = []
-    for _ in range(k):
+    for j in range(k):
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
         z = reparameterize(mean, logvar, eps)
         rec = decode(z).float()
@@ -63,6 +63,8 @@ def importance_log_weights(decode, x: torch.Tensor, mean: torch.Tensor, logvar: 
         log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
         log_qz = log_normal(z, mean, logvar)
         weights.append(log_px + log_pz - log_qz)
+        if on_draw is not None:
+            on_draw(j + 1)
     return torch.stack(weights, dim=1)
 
 
