@@ -226,6 +226,29 @@ def test_frozen_vq_codebook_does_not_drift_through_grids_and_validation(shards, 
     assert int(q.steps) == 0  # no statistics were updated
 
 
+def test_validation_logs_the_ema_weights_too_and_puts_the_raw_weights_back(shards, tmp_path):
+    """val_ema/psnr is the PSNR of the EMA weights (what evaluate reports by default), val/psnr that of the raw
+    weights, which are back in the model after the pass; the loss plot labels both curves."""
+    import copy
+
+    from pipeline.metrics.plots import training_curves
+
+    run = tmp_path / "run"
+    tr = train_inprocess(f"data.train={shards}", f"data.val={shards}", f"output_dir={run}", "train.max_steps=4",
+                         "train.val_every=2", "train.val_samples=8", "train.ema_decay=0.9", "train.log_every=2")
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r for r in rows if "val_ema/psnr" in r}
+    assert sorted(val) == [2, 4]
+    ema_vae = copy.deepcopy(tr.unwrapped.vae)
+    ema_vae.load_state_dict(tr.ema.state_dict())
+    assert tr.validator._evaluate(ema_vae.eval())["psnr"] == pytest.approx(val[4]["val_ema/psnr"], abs=1e-9)
+    assert tr.validator._evaluate(tr.unwrapped.vae.eval())["psnr"] == pytest.approx(val[4]["val/psnr"], abs=1e-9)
+    assert abs(val[4]["val/psnr"] - val[4]["val_ema/psnr"]) > 1e-6  # two different sets of weights
+    labels = training_curves(run / "metrics.jsonl", tmp_path / "loss.png")
+    assert labels == ["training loss", "held-out PSNR (dB), EMA weights (evaluate's default)",
+                      "held-out PSNR (dB), raw weights"]
+
+
 def test_discriminator_schedule_continues_across_resume(shards, tmp_path):
     """The discriminator's warm-up counts from the GAN start; a resumed run used to count it from step 0."""
     args = [f"data.train={shards}", "loss.adversarial.enabled=true", "loss.adversarial.start_step=2",

@@ -32,13 +32,20 @@ def _pyplot():
 
 
 def training_curves(metrics: Path, out: Path, title: str = "", second: str = "val/psnr",
-                    second_label: str = "held-out PSNR (dB)") -> None:
+                    second_label: str = "held-out PSNR (dB)") -> list[str]:
     """From a run's metrics.jsonl: the training loss against the step (log scale) and, where validation ran, the
-    held-out metric `second` (the PSNR; the probe's validation loss) on a second axis."""
+    held-out metric `second` (the PSNR; the probe's validation loss) on a second axis. For the PSNR, the curves of
+    the EMA weights (what evaluate, encode and export use by default, so what a headline PSNR is) and of the raw
+    weights being trained, each labelled. Returns the legend's labels."""
     plt = _pyplot()
     rows = [json.loads(ln) for ln in Path(metrics).read_text().splitlines() if ln.strip()] if Path(metrics).is_file() else []
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], r[second]) for r in rows if second in r]
+    ema = "val_ema/psnr" if second == "val/psnr" else None  # the probe draws its own metric, one curve
+    curves = [(label, [(r["step"], r[key]) for r in rows if key in r], style) for key, label, style in (
+        (ema, f"{second_label}, EMA weights (evaluate's default)", dict(color="tab:blue", lw=1.6)),
+        (second, f"{second_label}, raw weights" if ema else second_label,
+         dict(color="tab:cyan", lw=1.0, ls="--") if ema else dict(color="tab:blue", lw=1.2)))]
+    curves = [c for c in curves if c[1]]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     if train:
         ax.plot(*zip(*train), color="tab:red", lw=1.5, label="training loss")
@@ -48,18 +55,20 @@ def training_curves(metrics: Path, out: Path, title: str = "", second: str = "va
     ax.set_ylabel("training loss" + (" (log scale)" if train and ax.get_yscale() == "log" else ""), color="tab:red")
     ax.grid(True, which="both", alpha=0.3)
     handles = ax.get_legend_handles_labels()
-    if val:
+    if curves:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val), color="tab:blue", marker="o", ms=3, lw=1.2, label=second_label)
+        for label, points, style in curves:
+            ax2.plot(*zip(*points), marker="o", ms=3, label=label, **style)
         ax2.set_ylabel(second_label, color="tab:blue")
         h2 = ax2.get_legend_handles_labels()
         handles = (handles[0] + h2[0], handles[1] + h2[1])
     if handles[0]:
         ax.legend(*handles, loc="upper center", fontsize=8)
-    if not train and not val:
+    if not train and not curves:
         ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title or "training", fontsize=10)
     atomic_write_bytes(out, _figure_bytes(fig))
+    return list(handles[1])
 
 
 def reconstruction_grid(images: np.ndarray, reconstructions: np.ndarray, psnr: list[float], names: list[str],

@@ -190,7 +190,7 @@ class GridWriter:
 class Validator:
     """Every `every` steps: the evaluate stage's metrics (PSNR, SSIM, LPIPS when the objective has it, KL, active
     units, codebook use; no likelihood bounds, no diffusability probe) on `samples` held-out samples, split across
-    ranks."""
+    ranks; with an EMA, PSNR and SSIM of the EMA weights too."""
 
     def __init__(self, accelerator, every: int, samples: int, loader_factory, evaluate_opts, resolution: int,
                  perceptual: dict):
@@ -198,18 +198,31 @@ class Validator:
         self.opts = replace(evaluate_opts, likelihood_samples=0, num_samples=samples, diffusability=False)
         self.resolution, self.perceptual = resolution, perceptual
 
-    @torch.no_grad()
-    def maybe_validate(self, step: int, module) -> dict | None:
-        if step % self.every:
-            return None
-        ev = Evaluator(module.vae, self.opts, self.perceptual, self.resolution, self.acc.device)
-        was_training = module.training
-        module.eval()
+    def _evaluate(self, vae) -> dict:
+        ev = Evaluator(vae, self.opts, self.perceptual, self.resolution, self.acc.device)
         with batches(self.loader_factory()) as stream:
             for batch in stream:
                 ev.add(batch["image"], batch["__key__"])
+        return ev.finalize(lambda tensors: all_reduce(tensors, "sum", self.acc.device))
+
+    @torch.no_grad()
+    def maybe_validate(self, step: int, module, ema=None) -> dict | None:
+        """val/* of the weights being trained and, with an EMA, val_ema/psnr and val_ema/ssim of the EMA weights
+        (what evaluate, encode and export use by default), loaded into the model for the pass and then put back
+        bit for bit."""
+        if step % self.every:
+            return None
+        was_training = module.training
+        module.eval()
+        res = self._evaluate(module.vae)
+        if ema is not None:
+            raw = {k: v.detach().clone() for k, v in module.vae.state_dict().items()}
+            module.vae.load_state_dict(ema.state_dict())
+            try:
+                res_ema = self._evaluate(module.vae)
+            finally:
+                module.vae.load_state_dict(raw)
         module.train(was_training)  # through the wrapper: a frozen encoder side stays in eval mode
-        res = ev.finalize(lambda tensors: all_reduce(tensors, "sum", self.acc.device))
         metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"]}
         metrics.update({f"val/lpips_{k}": res[f"lpips_{k}"] for k in self.perceptual})
         if "kl_per_sample" in res:
@@ -217,7 +230,9 @@ class Validator:
             metrics["val/active_units"] = res["active_units"]["active_units"]
         if "codebook" in res:
             metrics["val/codebook_usage"] = res["codebook"]["usage"]
+        if ema is not None:
+            metrics.update({"val_ema/psnr": res_ema["psnr"], "val_ema/ssim": res_ema["ssim"]})
         self.acc.log(metrics, step=step)
         print0(f"validate: step {step}, {res['samples']} samples: "
-               + ", ".join(f"{k[4:]} {v:.4g}" for k, v in metrics.items()))
+               + ", ".join(f"{k[4:] if k.startswith('val/') else k} {v:.4g}" for k, v in metrics.items()))
         return metrics

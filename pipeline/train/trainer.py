@@ -434,7 +434,7 @@ class Trainer:
             st.history.append((st.step, loss))
         self.grid.maybe_write(st.step, self.unwrapped)
         if self.validator is not None:
-            metrics = self.validator.maybe_validate(st.step, self.unwrapped)
+            metrics = self.validator.maybe_validate(st.step, self.unwrapped, self.ema)
             if metrics is not None:
                 log.record(st.step, metrics)
         if saver.due(st.step):
