@@ -1,12 +1,14 @@
 """Thread policy: wall time of a short tiny training run under three policies, on idle and on loaded cores.
 
   python benchmarks/threads.py [--steps 30] [--repeats 3] [--competitors 0,1,3] [--out benchmarks/RESULTS.md]
+  python benchmarks/threads.py --steps 80 --competitors 1@10     # one competitor starting 10 s into each run
 
 Each run is the train stage as a user starts it (`python -m stages.train --config tiny ...`, batch 16, one loader
 worker, photo-like 160-px JPEG shards), timed from start to exit (start-up included). Policies: torch's default (a
 spinning thread per core: FIRSTSTAGE_THREADS=torch), one thread (FIRSTSTAGE_THREADS=1), and firststage's own choice
 (stages/__init__.py: the free cores, spinning only when all are free). "Loaded" runs beside N CPU-bound processes
-(`while True: pass`) started a second before. Repeats interleave the policies; the table gives medians and, per
+(`while True: pass`) started a second before; "N@S" starts them S seconds after the run began (the stages choose
+at start, then follow the machine: pipeline/threads.py). Repeats interleave the policies; the table gives medians and, per
 condition, how far each policy is behind the better of torch's default and one thread.
 """
 
@@ -28,17 +30,47 @@ sys.path.insert(0, str(ROOT))
 POLICIES = {"torch default (a spinning thread per core)": "torch", "one thread": "1", "firststage policy": ""}
 
 
-def run_train(shards: Path, out: Path, steps: int, policy: str) -> float:
+def hogs(n: int) -> list:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stop(procs: list) -> None:
+    for h in procs:
+        h.kill()
+        h.wait()
+
+
+def run_train(shards: Path, out: Path, steps: int, policy: str, late: tuple[int, float] | None = None) -> float:
+    """Wall time of one run; `late` = (n, s): n competitors start s seconds after it."""
     env = {k: v for k, v in os.environ.items() if k not in ("FIRSTSTAGE_THREADS", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     if policy:
         env["FIRSTSTAGE_THREADS"] = policy
     cmd = [sys.executable, "-m", "stages.train", "--config", "tiny", f"data.train={shards}", f"output_dir={out}",
            f"train.max_steps={steps}", f"train.log_every={steps}", "train.tracker=none", "data.num_workers=1"]
     t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"train failed ({r.returncode}): {r.stderr[-800:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        competing = []
+        try:
+            if late is not None:
+                try:
+                    proc.wait(timeout=late[1])
+                except subprocess.TimeoutExpired:
+                    competing = hogs(late[0])
+            proc.wait()
+        finally:
+            stop(competing)
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.exit(f"train failed ({proc.returncode}): {err.read()[-800:]}")
     return time.perf_counter() - t
+
+
+def label(condition: str) -> str:
+    n, _, after = condition.partition("@")
+    if after:
+        return f"{n} competing from {float(after):g} s into the run"
+    return "idle" if n == "0" else f"{n} competing"
 
 
 def main() -> None:
@@ -50,26 +82,26 @@ def main() -> None:
     ap.add_argument("--competitors", default="0,1", help="comma-separated numbers of competing CPU-bound processes")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    conditions = [int(c) for c in args.competitors.split(",")]
+    conditions = args.competitors.split(",")
     times = {(c, p): [] for c in conditions for p in POLICIES}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards = tmp / "shards"
         make_shards(shards, 160, 96, per_shard=24)
         for c in conditions:
-            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(c)]
+            n, _, after = c.partition("@")
+            late = (int(n), float(after)) if after else None
+            before = hogs(0 if late else int(n))
             try:
-                time.sleep(1.0 if c else 0.0)
+                time.sleep(1.0 if before else 0.0)
                 for rep in range(args.repeats):
                     for name, policy in POLICIES.items():
-                        t = run_train(shards, tmp / f"run-{c}-{rep}-{policy or 'auto'}", args.steps, policy)
+                        t = run_train(shards, tmp / f"run-{c}-{rep}-{policy or 'auto'}", args.steps, policy, late)
                         times[(c, name)].append(t)
-                        print(f"{c} competing, {name}: {t:.1f} s", flush=True)
+                        print(f"{label(c)}, {name}: {t:.1f} s", flush=True)
             finally:
-                for h in hogs:
-                    h.kill()
-                    h.wait()
-    header = "| policy | " + " | ".join(f"{'idle' if c == 0 else f'{c} competing'} (s)" for c in conditions) + " |"
+                stop(before)
+    header = "| policy | " + " | ".join(f"{label(c)} (s)" for c in conditions) + " |"
     lines = [header, "|---|" + "---:|" * len(conditions)]
     for name in POLICIES:
         cells = []

@@ -15,6 +15,8 @@ import threading
 import time
 from datetime import timedelta
 
+from pipeline.threads import follow
+
 
 def progress_interval() -> float:
     try:
@@ -74,6 +76,7 @@ class Progress:
         return self._samples
 
     def update(self, n: int = 1, **postfix) -> None:
+        follow()  # every long loop reports here, on its own thread: where a new thread count can take effect
         with self._lock:
             self.done += n
             self.postfix.update({k: v if isinstance(v, str) else f"{v:.4g}" for k, v in postfix.items()})

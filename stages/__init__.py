@@ -7,8 +7,9 @@ when idle, but 27.0 s against 17.8 s beside one CPU-bound process (benchmarks/RE
 before it starts: it samples /proc/stat for 0.1 s, counts the cores that other work keeps busy, and uses the free
 ones, shared between the processes of this job on the node (LOCAL_WORLD_SIZE). With every core free it keeps torch's
 default threads; with fewer it takes that many threads and makes them sleep when idle (OMP_WAIT_POLICY=PASSIVE)
-rather than spin. FIRSTSTAGE_THREADS=N fixes the count instead (the test suite sets 1), FIRSTSTAGE_THREADS=torch
-leaves torch's defaults alone; a wait policy the user set wins. apply_thread_policy() applies the
+rather than spin. During the run the count follows the machine (pipeline/threads.py: looked at again every 2 s,
+applied at the loop's next progress update). FIRSTSTAGE_THREADS=N fixes the count instead (the test suite sets 1),
+FIRSTSTAGE_THREADS=torch leaves torch's defaults alone; a wait policy the user set wins. apply_thread_policy() applies the
 count to torch at the start of every stage. It is decided here, at import, because evaluate and export import
 torch at module level: a later decision could no longer set OpenMP's wait policy.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+
+from pipeline.threads import busy_cores, choose_threads, start_following  # no torch: read before torch exists
 
 
 def _allowed_cores() -> list[int]:
@@ -37,39 +39,6 @@ def _quota() -> float | None:
         return None
 
 
-def _busy_cores(cores: list[int], seconds: float = 0.1) -> float | None:
-    """How many of `cores` other processes kept busy over `seconds` (this process sleeps meanwhile)."""
-
-    def sample() -> tuple[int, int]:
-        total = idle = 0
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *fields = line.split()
-                if name.startswith("cpu") and name != "cpu" and int(name[3:]) in cores:
-                    values = [int(v) for v in fields[:8]]
-                    total += sum(values)
-                    idle += values[3] + values[4]  # idle + iowait
-        return total, idle
-
-    try:
-        t0, i0 = sample()
-        time.sleep(seconds)
-        t1, i1 = sample()
-    except (OSError, ValueError):
-        return None
-    if t1 <= t0:
-        return None
-    return len(cores) * (1 - (i1 - i0) / (t1 - t0))
-
-
-def choose_threads(cores: float, free: float, local_processes: int) -> tuple[int, bool]:
-    """(intra-op threads per process, whether they may spin): of `cores` granted, `free` are idle; they are shared
-    among this node's processes. Spinning only when the threads fill the granted cores exactly: none is busy with
-    other work and none is oversubscribed."""
-    threads = max(1, round(min(cores, free)) // max(1, local_processes))
-    return threads, threads * max(1, local_processes) == round(cores)
-
-
 def _decide() -> tuple[int, str]:
     """(intra-op threads, 0 for torch's default; why, in words)."""
     fixed = os.environ.get("FIRSTSTAGE_THREADS", "").strip()
@@ -85,18 +54,21 @@ def _decide() -> tuple[int, str]:
     cores = _allowed_cores()
     quota = _quota()
     count = min(len(cores), quota) if quota else len(cores)
-    busy = _busy_cores(cores)
+    busy = busy_cores(cores)
     free = len(cores) - (busy if busy is not None else 0.0)  # no /proc/stat: assume the machine is ours
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     threads, spin = choose_threads(count, free, local)
     if not spin:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    global _AUTO
+    _AUTO = (cores, count, local, threads)
     why = (f"{threads} thread{'s' * (threads > 1)}: {free:.1f} of {count:g} cores free"
            + (f", shared by {local} processes of this job on the node" if local > 1 else "")
            + ("; spinning, as every core is ours" if spin else "; sleeping when idle, as other work holds cores"))
     return threads, why
 
 
+_AUTO: tuple | None = None  # (cores, granted count, local processes, threads) when the count is chosen, not fixed
 THREADS, THREADS_WHY = _decide()
 if THREADS:  # torch reads it when it is first imported: the stages can import torch late (checks come first)
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
@@ -114,7 +86,10 @@ def say_threads(prog: str, argv) -> None:
 
 def apply_thread_policy() -> int:
     """Give a torch imported before the stage (a test, the demo calling stages) the intra-op thread count that
-    this module chose (a torch imported later reads it from OMP_NUM_THREADS); returns the count."""
+    this module chose (a torch imported later reads it from OMP_NUM_THREADS), and, when the count was chosen from
+    the free cores, start choosing it again during the run (pipeline/threads.py); returns the count."""
+    if _AUTO is not None:
+        start_following(*_AUTO)
     torch = sys.modules.get("torch")
     if torch is None:
         return THREADS

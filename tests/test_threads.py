@@ -39,3 +39,46 @@ def probe(env_extra: dict) -> str:
 def test_fixed_count_is_applied_to_torch_and_a_bad_value_is_one_line():
     assert probe({"FIRSTSTAGE_THREADS": "3"}) == "3 3 PASSIVE"
     assert probe({"FIRSTSTAGE_THREADS": "many"}) == "firststage: error: FIRSTSTAGE_THREADS='many' is not a whole number"
+
+
+def test_the_count_follows_other_work_that_starts_during_the_run():
+    """Other work (processes outside this job) that fills the cores after the start: the Follower chooses one thread
+    and the loop's thread applies it; this job's own children count as its own work, not as other work."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    from pipeline import threads
+
+    kid = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a loader worker, say: this job's
+    try:
+        before = threads.job_ticks([os.getpid()])
+        time.sleep(0.5)
+        assert threads.job_ticks([os.getpid()]) > before  # the child's CPU time is counted as the job's
+    finally:
+        kid.kill()
+        kid.wait()
+    cores = sorted(os.sched_getaffinity(0))
+    follower = threads.Follower(cores, len(cores), 1, len(cores), every=0.3)
+    spawn = " ".join(f"{sys.executable} -c 'while True: pass' >/dev/null 2>&1 & echo $!;" for _ in cores)
+    others = subprocess.run(["sh", "-c", spawn], capture_output=True, text=True).stdout.split()  # not our children
+    try:
+        deadline = time.time() + 15
+        while follower.wanted != 1 and time.time() < deadline:
+            time.sleep(0.1)
+        assert follower.wanted == 1
+    finally:
+        for pid in others:
+            os.kill(int(pid), signal.SIGKILL)
+        follower.stop()
+    was = torch.get_num_threads()
+    torch.set_num_threads(len(cores))
+    try:
+        threads.FOLLOWER = follower
+        threads.follow()
+        assert torch.get_num_threads() == 1 and follower.changes[-1][1] == 1
+    finally:
+        threads.FOLLOWER = None
+        torch.set_num_threads(was)
