@@ -80,9 +80,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--competitors", default="0,1", help="comma-separated numbers of competing CPU-bound processes")
+    ap.add_argument("--policies", default="torch,1,auto", help="which of torch (torch's default), 1 (one thread) and "
+                                                             "auto (firststage's policy) to run")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     conditions = args.competitors.split(",")
+    chosen = {name: policy for name, policy in POLICIES.items() if (policy or "auto") in args.policies.split(",")}
     times = {(c, p): [] for c in conditions for p in POLICIES}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -95,7 +98,7 @@ def main() -> None:
             try:
                 time.sleep(1.0 if before else 0.0)
                 for rep in range(args.repeats):
-                    for name, policy in POLICIES.items():
+                    for name, policy in chosen.items():
                         t = run_train(shards, tmp / f"run-{c}-{rep}-{policy or 'auto'}", args.steps, policy, late)
                         times[(c, name)].append(t)
                         print(f"{label(c)}, {name}: {t:.1f} s", flush=True)
@@ -103,11 +106,12 @@ def main() -> None:
                 stop(before)
     header = "| policy | " + " | ".join(f"{label(c)} (s)" for c in conditions) + " |"
     lines = [header, "|---|" + "---:|" * len(conditions)]
-    for name in POLICIES:
+    fixed = [n for n in list(POLICIES)[:2] if n in chosen]
+    for name in chosen:
         cells = []
         for c in conditions:
             med = statistics.median(times[(c, name)])
-            best = min(statistics.median(times[(c, n)]) for n in list(POLICIES)[:2])
+            best = min(statistics.median(times[(c, n)]) for n in fixed)
             cells.append(f"{med:.1f} ({med / best - 1:+.0%})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
@@ -119,10 +123,10 @@ def main() -> None:
         with open(args.out, "a") as f:
             f.write(f"\n## Thread policy of the stages ({date.today().isoformat()}, {cpu}, {os.cpu_count()} cores, "
                     f"torch {torch.__version__}, commit {commit})\n\n`python benchmarks/threads.py --steps {args.steps} "
-                    f"--repeats {args.repeats} --competitors {args.competitors}`: wall time of `python -m stages.train "
+                    f"--repeats {args.repeats} --competitors {args.competitors} --policies {args.policies}`: wall time of `python -m stages.train "
                     f"--config tiny` for {args.steps} steps (batch 16, one loader worker, start-up included), median "
-                    f"of {args.repeats} interleaved runs; in brackets, the distance to the better of torch's default "
-                    f"and one thread in the same condition.\n\n" + "\n".join(lines) + "\n")
+                    f"of {args.repeats} interleaved runs; in brackets, the distance to the best fixed choice run (torch's "
+                    f"default, one thread) in the same condition.\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
   firststage evaluate --model runs/klf8 --data 'val-{000000..000009}.tar' --num-samples 5000
   firststage evaluate --model path/to/diffusers_vae_folder --data ...     # any diffusers autoencoder folder
+  firststage evaluate --model stabilityai/sd-vae-ft-mse --data ...        # a Hub id: its autoencoder, cached
   accelerate launch -m stages.evaluate --model ... --data ...            # split across processes, same numbers
 
 Prints a table and writes eval.json, eval.md and a reconstruction grid PNG next to the model (or to --output).
@@ -30,10 +31,11 @@ from stages.common import add_alias_flags, alias_overrides, alias_errors, flag_n
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="firststage evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="run folder, checkpoint folder, diffusers folder or a single file")
+    p.add_argument("--model", required=True, help="run folder, checkpoint folder, diffusers folder, a single file, or "
+                                                  "a Hugging Face Hub id (org/name[@revision])")
     p.add_argument("--data", required=True, help="shards: brace pattern, folder, list file or manifest.json")
-    p.add_argument("--output", help="folder for eval.json, eval.md and the grid (default: the model folder, or the "
-                                    "folder of a single file)")
+    p.add_argument("--output", help="folder for eval.json, eval.md and the grid (default: the model folder, the "
+                                    "folder of a single file, or ORG--NAME/ for a Hub id)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights of a firststage checkpoint, not EMA")
     add_alias_flags(p, ALIASES)
     p.add_argument("overrides", nargs="*", metavar="key=value",

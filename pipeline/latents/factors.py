@@ -25,7 +25,7 @@ def eval_beside(given: str, weights) -> tuple[dict | None, str]:
     """The newest eval.json beside the model (where --model pointed, the checkpoint folder, then its run folder)
     that evaluated exactly these weights; (None, why not) otherwise. `weights`: the pinned Weights."""
     folder = Path(weights.path)
-    places = [Path(given)] * (not is_remote(given)) + [folder] + \
+    places = [weights.beside if weights.hub else Path(given)] * (not is_remote(given)) + [folder] + \
         ([folder.parent.parent] if folder.parent.name == CHECKPOINTS else [])  # weights on S3: folder is their copy
     found = sorted({p / "eval.json" for p in places if (p / "eval.json").is_file()}, key=lambda p: p.stat().st_mtime)
     described = weights.describe()

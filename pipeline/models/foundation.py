@@ -7,7 +7,8 @@ resized bilinearly to 224, patch tokens after the final LayerNorm, CLS dropped. 
 transformers' Dinov2Model (no timm dependency) with timm's position-embedding resampling (bicubic with antialiasing,
 37x37 -> 16x16), which transformers' own interpolate_pos_encoding does not use (no antialiasing): with it the
 features equal timm's on the same weights (docs/diffusable-latents.md: how this was checked). Weights load from a
-transformers folder (facebook/dinov2-large) or from timm's model.safetensors (converted here, by name).
+transformers folder (facebook/dinov2-large) or from timm's model.safetensors (converted here, by name), either one
+also named by its Hub id (pipeline/weights/hub.py: from the Hugging Face cache).
 
 The model is frozen and runs without gradients, in bf16 on GPUs. `random_dinov2()` is a tiny randomly initialised
 DINOv2 of the same kind, for tests, as LPIPS has its random backbone.
@@ -24,10 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.weights import hub
 
-DOWNLOAD = ("download facebook/dinov2-large (`huggingface-cli download facebook/dinov2-large --local-dir {path}`) "
+DOWNLOAD = ("name a Hub id (loss.alignment.model=facebook/dinov2-large), or download facebook/dinov2-large (`huggingface-cli download facebook/dinov2-large --local-dir {path}`) "
             "or timm's vit_large_patch14_dinov2.lvd142m (`huggingface-cli download "
             "timm/vit_large_patch14_dinov2.lvd142m --local-dir {path}`), or set loss.alignment.model to where it is")
+
+
+FOUNDATION_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
 
 
 def _dinov2_classes():
@@ -45,6 +50,9 @@ def foundation_source(path: str) -> tuple[str, Path]:
         raise UserError("loss.alignment.model is not set: give the DINOv2 weights (loss.alignment.model=FOLDER); "
                         + DOWNLOAD.format(path="FOLDER"))
     p = Path(path)
+    parsed = hub.parse(path)  # facebook/dinov2-large: from the Hugging Face cache (fetched into it when online)
+    if parsed is not None:
+        p = Path(hub.snapshot(f"loss.alignment.model {path}", *parsed, patterns=FOUNDATION_FILES).folder)
     if p.is_file() and p.suffix == ".safetensors":
         return "timm", p
     if p.is_dir():

@@ -17,7 +17,7 @@ loads exactly that. Adding a format is one module and one row here.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -42,6 +42,7 @@ class Weights:
     ema: bool = True
     url: str = ""  # weights on object storage: the URL `path` is a local copy of (each process takes its own copy)
     pinned: str = ""  # a run's checkpoint: its private copy, which pruning cannot take away (firststage.pin)
+    hub: str = ""  # a Hugging Face Hub id: org/name@commit, the commit it meant when pinned (pipeline.weights.hub)
 
     @property
     def _module(self):
@@ -58,6 +59,10 @@ class Weights:
             from pipeline.storage import local_copy
 
             return local_copy(self.url)
+        if self.hub:
+            from pipeline.weights.hub import here
+
+            return here(self.hub, self.path)
         return Path(self.path)
 
     def __getstate__(self) -> dict:  # handed to other ranks (decided_by_main): each makes its own copy, on its node
@@ -69,8 +74,10 @@ class Weights:
         return self.url or self.path
 
     def describe(self) -> str:
-        """For summaries and records: a checkpoint's EMA or raw file, a diffusers folder, a single file, ..."""
-        return self._module.describe(self.local, self.ema)
+        """For summaries and records: a checkpoint's EMA or raw file, a diffusers folder, a single file, ...; of a
+        Hub id, with the commit it meant."""
+        what = self._module.describe(self.local, self.ema)
+        return f"{what} of {self.hub}" + ("/vae" if Path(self.path).name == "vae" else "") if self.hub else what
 
     def load(self, overrides: list[str] | None = None):
         """(model in eval mode, Config)."""
@@ -101,9 +108,12 @@ class Weights:
 
     @property
     def beside(self):
-        """The folder that results about these weights go into by default: the folder given, or a file's folder."""
+        """The folder that results about these weights go into by default: the folder given, or a file's folder; for
+        a Hub id (whose cache is not written to), ORG--NAME/ in the working folder."""
         from pipeline.storage import as_path
 
+        if self.hub:
+            return Path(self.hub.split("@")[0].replace("/", "--"))
         given = as_path(self.given).expanduser()
         return given if given.is_dir() else given.parent
 
@@ -117,15 +127,19 @@ def resolve_weights(path: str | Path, ema: bool = True) -> Weights:
     """Which weights `path` means now, or one line saying why it means none. On object storage: pinned there, read
     from a local copy (pipeline.weights.remote)."""
     if is_remote(path):
-        from dataclasses import replace
-
         from pipeline.weights.remote import pin
 
         url, local = pin(str(path))
         return replace(resolve_weights(local, ema), given=str(path), url=url)
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"{path}: no such file or folder")
+        from pipeline.weights.hub import resolve
+
+        found = resolve(str(path))  # org/name[@revision] on the Hugging Face Hub, in its cache; None: not an id
+        if found is None:
+            raise UserError(f"{path}: no such file or folder")
+        hub, folder = found
+        return replace(resolve_weights(folder, ema), given=str(path), hub=str(hub))
     if not p.is_dir():
         regular_file(p, "weights file")  # a FIFO or a device: one line, never opened
     for fmt in FORMATS:
