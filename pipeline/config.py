@@ -89,6 +89,8 @@ class PrepareConfig:
     max_file_bytes: int = _f(MAX_MEMBER_BYTES, "input images (files, objects or tar members) larger than this (bytes) "
                              "are skipped and listed before they are read; inputs that are not regular files (a FIFO, "
                              "a link to a device) are skipped and listed too, never read", min=1)
+    image_column: str = _f("", "Parquet input: the column of encoded images (default: found by type, a binary "
+                           "column or a struct with bytes)")
 
 
 # ---------------------------------------------------------------------------------------------------------- model

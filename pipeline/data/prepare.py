@@ -137,7 +137,7 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
                     ext = _ext(name)
                     if ext in IMAGE_EXTS:
                         found_images.append(Path(root) / name)
-                    elif ext == "tar":
+                    elif ext in ("tar", "parquet"):
                         found_tars.append(str(Path(root) / name))
             if found_images:
                 images += [_image_item(f, prefix + _sanitize_key(str(f.relative_to(p).with_suffix(""))))
@@ -145,14 +145,16 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
             else:
                 tars += found_tars
             if not found_images and not found_tars:
-                raise UserError(f"--input {spec}: folder holds no images ({', '.join(IMAGE_EXTS)}) and no .tar shards")
-        elif ".tar" in spec and not p.is_file() or p.suffix == ".tar":
+                raise UserError(f"--input {spec}: folder holds no images ({', '.join(IMAGE_EXTS)}), no .tar shards "
+                                f"and no .parquet files")
+        elif (".tar" in spec or ".parquet" in spec) and not p.is_file() or p.suffix in (".tar", ".parquet"):
             found = expand_tar_spec(str(p))
             missing = [f for f in found if not os.path.isfile(f)]
             if missing and os.path.exists(missing[0]):  # a FIFO or a device named like a shard: never opened
                 raise UserError(f"--input {spec}: {missing[0]} is {special_kind(missing[0])}, not a tar shard")
             if not found or missing:
-                raise UserError(f"--input {spec}: no such tar shard {missing[0] if missing else spec}")
+                raise UserError(f"--input {spec}: no such {'Parquet file' if '.parquet' in spec else 'tar shard'} "
+                                f"{missing[0] if missing else spec}")
             tars += found
         elif p.is_file():
             base = p.parent
@@ -180,8 +182,12 @@ def list_sources(inputs: list[str]) -> tuple[str, list]:
             raise UserError(f"--input {spec}: {special_kind(p)}, not a folder, list file or tar shard")
         else:
             raise UserError(f"--input {spec}: no such file or folder")
-    if images and tars:
-        raise UserError("mixing image files and tar shards in one prepare run is not supported; run them separately")
+    parquet = [t for t in tars if _ext(t) == "parquet"]
+    if images and tars or parquet and len(parquet) != len(tars):
+        raise UserError("mixing image files, tar shards and Parquet files in one prepare run is not supported; run "
+                        "them separately")
+    if parquet:
+        return "parquet", list(dict.fromkeys(parquet))
     return ("tars", list(dict.fromkeys(tars))) if tars else ("images", unique_keys(images))
 
 
@@ -220,7 +226,7 @@ def _list_remote(spec: str, prefix: str) -> tuple[list, list]:
     """(image items, tar URLs) of an object-store input: a brace pattern (or wildcards) of tars, a folder (every
     image or, without images, every tar under the prefix), or a text file listing URLs or relative names."""
     store = storage_for(spec)
-    if any(c in spec for c in "{*?[") or spec.endswith(".tar"):
+    if any(c in spec for c in "{*?[") or spec.endswith((".tar", ".parquet")):
         urls = expand_pattern(spec)
         folders = {u.rsplit("/", 1)[0] for u in urls}
         for folder in folders:
@@ -234,9 +240,10 @@ def _list_remote(spec: str, prefix: str) -> tuple[list, list]:
         _LISTED.update(listing)
         folder = str(as_path(spec))
         found_images = [u for u in listing if _ext(u) in IMAGE_EXTS]
-        if not found_images and not any(_ext(u) == "tar" for u in listing):
-            raise UserError(f"--input {spec}: folder holds no images ({', '.join(IMAGE_EXTS)}) and no .tar shards")
-        names = [u[len(folder) + 1:] for u in (found_images or [u for u in listing if _ext(u) == "tar"])]
+        if not found_images and not any(_ext(u) in ("tar", "parquet") for u in listing):
+            raise UserError(f"--input {spec}: folder holds no images ({', '.join(IMAGE_EXTS)}), no .tar shards and "
+                            f"no .parquet files")
+        names = [u[len(folder) + 1:] for u in (found_images or [u for u in listing if _ext(u) in ("tar", "parquet")])]
         return _list_remote_items(names, prefix, folder, set(listing))
     if not store.object_exists(spec):
         raise UserError(f"--input {spec}: no such file or folder")
@@ -251,7 +258,7 @@ def _list_remote_items(names: list[str], prefix: str, folder: str, listed: set |
     images, tars = [], []
     for name in names:
         url = name if is_remote(name) else f"{folder}/{name}"
-        if _ext(url) == "tar":
+        if _ext(url) in ("tar", "parquet"):
             tars.append(url)
             continue
         rel = url[len(folder) + 1:] if url.startswith(folder + "/") else url.split("://", 1)[1]
@@ -353,6 +360,10 @@ def plan_part(kind: str, sources: list, opts: PrepareOptions, pool=None) -> list
     mine = sources[opts.part :: opts.num_parts]
     if kind == "images":
         return mine
+    if kind == "parquet":  # the rows of this part's files (pipeline/data/parquet.py)
+        from pipeline.data.parquet import list_parquet
+
+        return [item for f in mine for item in list_parquet(f, "", opts.image_column)]
     list_one = functools.partial(_list_tar_safe, max_bytes=opts.max_file_bytes)
     listed = pool.map(list_one, mine) if pool is not None else [list_one(t) for t in mine]
     out, first = [], {}
@@ -371,11 +382,14 @@ def output_shard_name(opts: PrepareOptions, index: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- worker
-def _read_bytes(item, spans: dict | None = None, max_bytes: int | None = None) -> tuple[bytes, dict]:
+def _read_bytes(item, spans: dict | None = None, max_bytes: int | None = None, rows=None) -> tuple[bytes, dict]:
     """(image bytes, other members to store: captions, and the original key when it had to be made safe).
     `spans`: the fetched byte spans of object-store tars (`fetch_spans`). `max_bytes`: files are read only up to
-    it (BadImage beyond; tar members over it never get here, list_tar made them 'bad' items)."""
+    it (BadImage beyond; tar members over it never get here, list_tar made them 'bad' items). `rows`: the shard's
+    ParquetRows."""
     kind, key, src, extra = item
+    if kind == "parquet":
+        return rows.read(item)
     kept = {"source_key.txt": extra["source_key"].encode()} if "source_key" in extra else {}
     extra = {k: v for k, v in extra.items() if k != "source_key"}
     if kind == "file":
@@ -498,15 +512,20 @@ def write_shard(task) -> dict:
         return {"name": name, "unavailable": str(e)}
     writer = ShardWriter(unit.staging(as_path(out) / name))
     skipped, sizes, shorter = [], Counter(), []
+    rows = None
+    if any(item[0] == "parquet" for item in items):
+        from pipeline.data.parquet import ParquetRows
+
+        rows = ParquetRows()
     try:
         for item in items:
             kind, key, src, extra = item
-            where = src if kind == "file" else f"{src}:{key}"
+            where = src if kind == "file" else f"{src}:{extra['row']}" if kind == "parquet" else f"{src}:{key}"
             if kind == "bad":
                 skipped.append({"input": src, "reason": extra})
                 continue
             try:
-                data, captions = _read_bytes(item, spans, opts.max_file_bytes)
+                data, captions = _read_bytes(item, spans, opts.max_file_bytes, rows)
                 encoded, ext, in_size, out_size = convert_one(data, opts)
             except BadImage as e:
                 skipped.append({"input": where, "reason": str(e)})
