@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 ROWS_PER_GROUP = 100  # datasets' row group size for image datasets
 
 
@@ -85,14 +86,13 @@ def main() -> None:
     text = "\n".join(lines) + f"\n\npeak RSS ratio, {sizes[-1]} MB file / {sizes[0]} MB file: {ratio:.2f}"
     print(text)
     if args.out:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-        commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or "?"
-        with open(args.out, "a") as f:
-            f.write(f"\n## prepare from Parquet: memory against file size ({date.today().isoformat()}, {cpu}, "
-                    f"commit {commit})\n\n`python benchmarks/parquet.py --mb {args.mb} --repeats {args.repeats}`: "
-                    f"median of {args.repeats} runs each, files in the layout of Hugging Face datasets (100 rows per "
-                    f"row group, ~1 MB JPEGs).\n\n{text}\n")
+        from benchmarks.loader import cpu_name
 
+        where = f"{date.today().isoformat()}, {cpu_name()}, commit {os.popen('git rev-parse --short HEAD').read().strip()}"
+        Path(args.out).open("a").write(
+            f"\n## prepare from Parquet: memory against file size ({where})\n\n`python benchmarks/parquet.py --mb "
+            f"{args.mb} --repeats {args.repeats}`: median of {args.repeats} runs each, files in the layout of Hugging "
+            f"Face datasets (100 rows per row group, ~1 MB JPEGs).\n\n{text}\n")
 
 if __name__ == "__main__":
     main()

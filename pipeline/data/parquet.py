@@ -89,11 +89,9 @@ def columns(schema, path: str, image_column: str = "") -> tuple[str, bool, str |
     return image, struct, caption, plain
 
 
-def list_parquet(path: str, prefix: str = "", image_column: str = "") -> list:
+def list_parquet(path: str, image_column: str, sanitize, safe_key, prefix: str = "") -> list:
     """The items of one Parquet file: ("parquet", key, path, {"row": i, ...}), and ("bad", ...) for a file that
-    cannot be read or a key seen before in it."""
-    from pipeline.data.prepare import _sanitize_key, safe_key
-
+    cannot be read or a key seen before in it; `sanitize` and `safe_key` make keys as prepare makes a folder's."""
     _, pq = _pyarrow()
     try:
         pf = pq.ParquetFile(_local(path))
@@ -109,8 +107,8 @@ def list_parquet(path: str, prefix: str = "", image_column: str = "") -> list:
     items, seen = [], set()
     for row, name in enumerate(names):
         name = name.get("path") if isinstance(name, dict) else name
-        raw = prefix + (_sanitize_key(name.rsplit(".", 1)[0] if "." in name else name) if name
-                        else f"{_sanitize_key(stem)}/{row:09d}")
+        raw = prefix + (sanitize(name.rsplit(".", 1)[0] if "." in name else name) if name
+                        else f"{sanitize(stem)}/{row:09d}")
         key = safe_key(raw)
         if key in seen:
             items.append(("bad", key, f"{path}:{row}", f"duplicate key {key} (row {row}; the first row is kept)"))

@@ -363,7 +363,7 @@ def plan_part(kind: str, sources: list, opts: PrepareOptions, pool=None) -> list
     if kind == "parquet":  # the rows of this part's files (pipeline/data/parquet.py)
         from pipeline.data.parquet import list_parquet
 
-        return [item for f in mine for item in list_parquet(f, "", opts.image_column)]
+        return [item for f in mine for item in list_parquet(f, opts.image_column, _sanitize_key, safe_key)]
     list_one = functools.partial(_list_tar_safe, max_bytes=opts.max_file_bytes)
     listed = pool.map(list_one, mine) if pool is not None else [list_one(t) for t in mine]
     out, first = [], {}
