@@ -126,8 +126,21 @@ def test_encode_export_and_init_from_take_a_hub_id_and_record_its_commit(offline
     tr = train(*[TINY + [f"data.train={shards}", f"output_dir={tmp_path / 'run'}", f"train.init_from={REPO}",
                          "train.max_steps=1", "train.tracker=none"]])
     assert tr.state.step == 1
-    assert not (offline_cache / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT /
-                "unet" / "diffusion_pytorch_model.safetensors").exists()  # nothing but the autoencoder was asked for
+
+
+def test_only_the_autoencoder_of_a_pipeline_repository_is_asked_for():
+    """The patterns handed to snapshot_download, as it filters a repository's files with them."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from pipeline.weights.hub import PATTERNS
+
+    files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+             "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+             "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.safetensors", "README.md"]
+    assert list(filter_repo_objects(files, allow_patterns=PATTERNS)) == [
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    single = ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "README.md"]
+    assert list(filter_repo_objects(single, allow_patterns=PATTERNS)) == single[:2]
 
 
 def test_a_local_path_wins_over_a_hub_id_that_spells_the_same(offline_cache, tmp_path, monkeypatch):
