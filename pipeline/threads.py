@@ -127,8 +127,10 @@ class Follower:
                 self.free = free
 
     def apply(self) -> None:
-        import torch
-
+        torch = sys.modules.get("torch")
+        if torch is None:  # a stage without torch (prepare), or not yet: a later import reads the count from here
+            os.environ["OMP_NUM_THREADS"] = str(self.wanted)
+            return
         if torch.get_num_threads() != self.wanted:
             torch.set_num_threads(self.wanted)
             free = getattr(self, "free", float("nan"))
