@@ -85,6 +85,17 @@ def job_ticks(roots: list[int]) -> int:
     return ticks
 
 
+def follow_rule(threads: int, cores: float, free: float, local_processes: int) -> int:
+    """The next count from the current one: down as choose_threads says (other work came: every moment with too
+    many threads costs most), up only by whole free cores (a quarter of a core short counts as free), so that the
+    count does not swing with every passing process."""
+    down, _ = choose_threads(cores, free, local_processes)
+    if down <= threads:
+        return down
+    up, _ = choose_threads(cores, int(free + 0.25), local_processes)
+    return max(threads, up)
+
+
 class Follower:
     """Chooses the thread count again every `every` seconds on a daemon thread; `wanted` is the latest choice."""
 
@@ -123,7 +134,7 @@ class Follower:
             except (OSError, ValueError):
                 return
             if free is not None:
-                self.wanted, _ = choose_threads(self.count, free, self.local)
+                self.wanted = follow_rule(self.wanted, self.count, free, self.local)
                 self.free = free
 
     def apply(self) -> None:

@@ -26,6 +26,15 @@ def test_processes_of_one_job_share_the_cores():
     assert choose_threads(cores=4, free=4.0, local_processes=8) == (1, False)
 
 
+def test_the_count_follows_down_at_once_and_up_by_whole_free_cores():
+    from pipeline.threads import follow_rule
+
+    assert follow_rule(2, cores=2, free=1.4, local_processes=1) == 1  # other work came: down at once
+    assert follow_rule(1, cores=2, free=1.6, local_processes=1) == 1  # not a whole core more: no swing up
+    assert follow_rule(1, cores=2, free=1.8, local_processes=1) == 2  # it went: up
+    assert follow_rule(4, cores=8, free=8.0, local_processes=2) == 4  # shared by the job's processes
+
+
 def probe(env_extra: dict) -> str:
     env = {k: v for k, v in ENV.items() if k not in ("FIRSTSTAGE_THREADS", "OMP_WAIT_POLICY")}
     code = ("import os, stages; from stages import apply_thread_policy; import torch; "
