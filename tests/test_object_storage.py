@@ -635,3 +635,21 @@ def test_wrong_credentials_missing_bucket_and_missing_extra_one_line_before_any_
     assert r.returncode == 2 and r.stderr.strip() == (
         f"firststage prepare: error: --output {s3}/never/shards: s3:// needs the s3 extra (botocore is not "
         f"installed): pip install 'firststage[s3]'"), r.stderr
+
+
+def test_the_readmes_command_makes_a_bucket_that_prepare_then_writes_into(aws, fresh, tmp_path):
+    """README, Object storage: a bucket made with botocore alone (the s3 extra), from the same AWS variables."""
+    import subprocess
+    import sys
+
+    from helpers import write_images
+
+    bucket = f"made-{uuid.uuid4().hex[:8]}"
+    make = ("import botocore.session; "
+            f"botocore.session.get_session().create_client('s3').create_bucket(Bucket='{bucket}')")
+    r = subprocess.run([sys.executable, "-c", make], env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-1000:]
+    write_images(tmp_path / "images", 2, size=(40, 40))
+    r = run_main(stage("prepare"), "--input", tmp_path / "images", "--output", f"s3://{bucket}/shards", "--size", "32")
+    assert r.returncode == 0, r.stderr
+    assert storage_for(f"s3://{bucket}/shards").object_exists(f"s3://{bucket}/shards/manifest.json")
