@@ -119,7 +119,7 @@ class Evaluator:
         ks = sorted({1, *[2**i for i in range(1, 20) if 2**i < k], k})
         self.sums = {name: torch.zeros((), dtype=torch.float64) for name in ["lik_n", "elbo"] + [f"iwae_{kk}" for kk in ks]}
         images = sum(x.shape[0] for x, *_ in self.buffered)
-        if self.progress is not None:  # one decode per draw and batch: the unit that advances
+        if self.progress is not None and self.buffered:  # one decode per draw and batch: the unit that advances
             self.progress.phase("likelihood bounds", len(self.buffered) * k, "draw")
         done = 0
         for x, mean, logvar, keys in self.buffered:
