@@ -3,10 +3,11 @@
   python benchmarks/parquet.py [--mb 100,1000] [--repeats 3] [--out benchmarks/RESULTS.md]
 
 Each file is laid out as Hugging Face `datasets` writes an image dataset: an image struct {bytes, path} and a text
-column, 100 rows per row group; each row a ~1 MB JPEG (1024x1024 noise, quality 95; 16 distinct images, repeated).
+column, 100 rows per row group; each row a ~300 KB JPEG (512x512 noise, quality 95; 16 distinct images, repeated,
+written without dictionary encoding, which would otherwise store the 16 once).
 Each run is `python -m stages.prepare --input FILE --output DIR --size 64 --shard-size 256` (one process), its peak
 RSS read from the kernel (getrusage of a wrapper's children), median of the repeats; the ratio of the largest
-file's peak to the smallest's says whether memory follows the file or stays flat (rows are read 64 at a time).
+file's peak to the smallest's says whether memory follows the file or stays flat (rows are read 16 at a time).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ def write_file(path: Path, mb: int) -> int:
     images = []
     for _ in range(16):
         buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
         images.append(buf.getvalue())
-    rows = max(1, mb * 2**20 // len(images[0]))
+    rows = max(1, mb * 2**20 * len(images) // sum(len(i) for i in images))
     schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("text", pa.string())])
-    with pq.ParquetWriter(path, schema) as w:
+    with pq.ParquetWriter(path, schema, use_dictionary=False) as w:
         for start in range(0, rows, ROWS_PER_GROUP):
             n = min(ROWS_PER_GROUP, rows - start)
             w.write_table(pa.table({"image": [{"bytes": images[(start + i) % 16], "path": f"img{start + i:06d}.jpg"}
@@ -92,7 +93,7 @@ def main() -> None:
         Path(args.out).open("a").write(
             f"\n## prepare from Parquet: memory against file size ({where})\n\n`python benchmarks/parquet.py --mb "
             f"{args.mb} --repeats {args.repeats}`: median of {args.repeats} runs each, files in the layout of Hugging "
-            f"Face datasets (100 rows per row group, ~1 MB JPEGs).\n\n{text}\n")
+            f"Face datasets (100 rows per row group, ~300 KB JPEGs).\n\n{text}\n")
 
 if __name__ == "__main__":
     main()

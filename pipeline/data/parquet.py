@@ -7,8 +7,10 @@ struct {"bytes", "path"}; img2dataset a binary column), local or on object stora
                      images), else FILE-STEM/ROW; a key twice in a file: the first row is kept
   the caption        the text column (caption / text / txt / prompt, or the only one) becomes the sample's `txt`;
                      the other plain columns (text, numbers, booleans), when there are any, its `json`
-  reading            listing reads the footer and the key column only; a shard reads its rows in batches of 64,
-                     through the row groups in order, so memory holds one batch, whatever the file's size
+  reading            listing reads the footer and the key column only; a shard streams its rows in batches of 16
+                     through the row groups in order, pages read through a 64 KiB buffer on one thread: memory
+                     follows the row group's size, not the file's (with pyarrow's defaults, which read ahead, it
+                     grew with the file; benchmarks/parquet.py measures it)
 
 A file of URLs only is refused in one line: download the images with img2dataset first. Needs pyarrow (the parquet
 extra), one line when it is missing.
@@ -24,7 +26,7 @@ from pipeline.errors import UserError
 TEXT_NAMES = ("caption", "text", "txt", "prompt", "captions", "alt", "description")
 IMAGE_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img")
 URL_NAMES = ("url", "image_url", "img_url", "URL", "link")
-BATCH_ROWS = 64
+BATCH_ROWS = 16
 
 
 def _pyarrow():
@@ -157,12 +159,12 @@ class ParquetRows:
 
     def _start(self, path: str, how: dict, row: int) -> list:
         _, pq = _pyarrow()
-        pf = pq.ParquetFile(_local(path))
+        pf = pq.ParquetFile(_local(path), buffer_size=1 << 16, pre_buffer=False)
         first, group = 0, 0
         while group < pf.metadata.num_row_groups and first + pf.metadata.row_group(group).num_rows <= row:
             first += pf.metadata.row_group(group).num_rows
             group += 1
         cols = [how["image"]] + ([how["caption"]] if how["caption"] else []) + how["plain"]
         it = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=list(range(group, pf.metadata.num_row_groups)),
-                             columns=cols)
+                             columns=cols, use_threads=False)
         return [it, first, []]
