@@ -33,8 +33,7 @@ STOPPED_AT_START = "encode: stopped by SIGTERM during start-up, before any shard
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="firststage encode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="run folder, checkpoint folder, diffusers folder, single file, encoder-only export or "
-                   "Hub id org/name[@revision]")
+    p.add_argument("--model", help="run, checkpoint or diffusers folder, single file, encoder-only export, Hub id")
     p.add_argument("--data", help="image shards: brace pattern, folder, list file or manifest.json")
     p.add_argument("--output", required=True, help="folder for latent shards, records and manifest.json")
     p.add_argument("--no-ema", action="store_true", help="encode with the raw weights of a firststage checkpoint")

@@ -88,7 +88,7 @@ def test_hf_home_and_offline_are_honoured_and_an_uncached_id_is_one_line(hf_home
     assert r.returncode == 0, r.stderr[-2000:]
     found, missing = r.stdout.strip().splitlines()
     snapshot = hf_home / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
-    assert found == f"diffusers weights of {REPO}@{COMMIT}/vae {snapshot / 'vae'}"
+    assert found == f"diffusers weights (AutoencoderKL) of {REPO}@{COMMIT}/vae {snapshot / 'vae'}"
     assert missing.startswith(f"someone/not-cached@v2: no such file or folder, and someone/not-cached@v2 is not in "
                               f"the Hugging Face cache {hf_home / 'hub'} (HF_HUB_OFFLINE=1); fetch it where there "
                               f"is a network: hf download someone/not-cached --revision v2 --include 'config.json'")
@@ -101,7 +101,7 @@ def test_evaluate_names_the_commit_in_its_summary_and_eval_json(offline_cache, s
                  "random", "data.resolution=32", "data.num_workers=0", "evaluate.likelihood_samples=0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["weights"] == \
-        f"diffusers weights of {REPO}@{COMMIT}/vae"
+        f"diffusers weights (AutoencoderKL) of {REPO}@{COMMIT}/vae"
     assert f"{REPO}@{COMMIT}" in r.stdout.splitlines()[-1]  # the summary line
     r = run_main(evaluate, "--model", "someone/not-cached", "--data", shards)
     assert r.returncode == 2 and r.stderr.startswith("firststage evaluate: error: --model someone/not-cached: no such "
@@ -118,7 +118,7 @@ def test_encode_export_and_init_from_take_a_hub_id_and_record_its_commit(offline
                  "data.num_workers=0")
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = json.loads((tmp_path / "lat" / "manifest.json").read_text())
-    assert manifest["model"]["weights"] == f"diffusers weights of {pinned}/vae"
+    assert manifest["model"]["weights"] == f"diffusers weights (AutoencoderKL) of {pinned}/vae"
     r = run_main(export, "--model", f"{REPO}@main", "--output", tmp_path / "x", "--stats", tmp_path / "lat" /
                  "manifest.json", "data.resolution=32")
     assert r.returncode == 0, r.stderr[-2000:]
