@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import tarfile
@@ -645,8 +646,8 @@ def test_the_readmes_command_makes_a_bucket_that_prepare_then_writes_into(aws, f
     from helpers import write_images
 
     bucket = f"made-{uuid.uuid4().hex[:8]}"
-    make = ("import botocore.session; "
-            f"botocore.session.get_session().create_client('s3').create_bucket(Bucket='{bucket}')")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    make = re.search(r'`python -c "(import botocore.session;[^"]+)"`', readme).group(1).replace("'data'", f"'{bucket}'")
     r = subprocess.run([sys.executable, "-c", make], env=dict(os.environ), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-1000:]
     write_images(tmp_path / "images", 2, size=(40, 40))
