@@ -23,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.metrics.evaluator import Evaluator
 from pipeline.metrics.plots import reconstruction_grid
 from pipeline.metrics.report import format_table, load_fid, load_perceptual
+from pipeline.models.families import family_of
 from pipeline.progress import Progress
 from pipeline.storage import ObjectPath, as_path, atomic_write_json, atomic_write_text
 from stages.common import add_alias_flags, alias_overrides, alias_errors, flag_named, pinned_weights, stage_main
@@ -73,6 +74,7 @@ def main(argv=None) -> None:
     if planned < n and asked:
         print0(f"evaluate: warning: asked for {n} samples, the data holds {planned}; evaluating {planned}",
                file=sys.stderr)
+    family_of(model).normalisation(model)  # a class whose latent normalisation cannot be determined: refused now
     device = state.device
     model = model.to(device).eval()
     fid, fid_reason = load_fid(device)
