@@ -360,3 +360,23 @@ class FaultProxy:
             pass
         client.close()
         server.close()
+
+
+# ------------------------------------------------------------------------------------------------ counting
+@contextlib.contextmanager
+def count_requests(store):
+    """While the block runs, every request the backend `store` (an S3Storage) sends, counted by operation
+    (`before-call`: once per API call, retries not counted again): yields the Counter, filled as they go."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+
+    def note(model=None, **_):
+        counts[model.name] += 1
+
+    events = store._client().meta.events
+    events.register("before-call.s3", note)
+    try:
+        yield counts
+    finally:
+        events.unregister("before-call.s3", note)

@@ -1,0 +1,93 @@
+"""Issue 31: what bookkeeping costs per shard. The requests of encoding a small folder on a real S3 server
+(SeaweedFS, tests/s3server.py) and of its no-op rerun, counted by operation, against what docs/scaling.md states;
+the paths that only run on a GPU (bf16 autocast, torch.compile), run on the CPU."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import ROOT, run_main
+from helpers import image_bytes, random_image, write_tar
+from s3server import _AWS_VARS, count_requests, s3_server  # noqa: F401 (fixture)
+
+from pipeline.storage import base, storage_for
+
+KINDS = {"HEAD": ("HeadObject",), "GET": ("GetObject",), "PUT": ("PutObject", "CreateMultipartUpload", "UploadPart",
+                                                                 "CompleteMultipartUpload"),
+         "LIST": ("ListObjectsV2",), "DELETE": ("DeleteObject",)}
+
+
+def documented() -> dict[str, dict[str, int]]:
+    """The rows of docs/scaling.md's table of requests per shard: {row: {HEAD: n, GET: n, PUT: n, LIST: n}}."""
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    head = re.search(r"^\| requests per shard \| (.+) \|$", text, re.M)
+    assert head, "docs/scaling.md has no table of requests per shard"
+    kinds = [k.strip() for k in head.group(1).split("|")]
+    rows = {}
+    for m in re.finditer(r"^\| (new shard|no-op rerun|per run, at most) \| (.+) \|$", text, re.M):
+        rows[m.group(1)] = dict(zip(kinds, (int(v) for v in m.group(2).split("|"))))
+    assert set(rows) == {"new shard", "no-op rerun", "per run, at most"}, rows
+    return rows
+
+
+def by_kind(counts) -> dict[str, int]:
+    return {k: sum(counts[op] for op in ops) for k, ops in KINDS.items()}
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    for var in _AWS_VARS:
+        mp.delenv(var, raising=False)
+    for var, value in s3_server.env().items():
+        mp.setenv(var, value)
+    mp.setenv("FIRSTSTAGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    base._INSTANCES.pop("s3", None)
+    root = tmp_path_factory.mktemp("scale")
+    from pipeline.config import load_config
+    from pipeline.models import build_autoencoder
+    from pipeline.weights.diffusers import save as save_diffusers
+
+    torch.manual_seed(0)
+    save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), root / "vae")
+    s3 = f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:10]}"
+    storage_for(s3).check_conditional_writes(s3)  # once per process, before any count (the stages ask for it)
+    for s in range(6):
+        write_tar(root / f"in-{s:06d}.tar", [{"__key__": f"k{s}", "jpg": image_bytes(random_image(40, 36, seed=s))}])
+        storage_for(s3).write_bytes(f"{s3}/in/in-{s:06d}.tar", (root / f"in-{s:06d}.tar").read_bytes())
+    yield root, s3
+    mp.undo()
+    base._INSTANCES.pop("s3", None)
+
+
+def encode_counted(root: Path, s3: str, shards: int, out: str) -> dict[str, int]:
+    from stages.encode import main
+
+    data = f"{s3}/in/in-{{000000..{shards - 1:06d}}}.tar"
+    with count_requests(storage_for(s3)) as counts:
+        r = run_main(main, "--model", root / "vae", "--data", data, "--output", out, "data.resolution=32",
+                     "data.num_workers=0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return by_kind(counts)
+
+
+def test_requests_of_encoding_on_s3_and_of_its_no_op_rerun_are_what_the_docs_state(bucket):
+    """Two folders of 2 and 6 input shards (inputs and outputs on the server): the difference per shard is what a
+    shard costs, the rest what a run costs; each no more than docs/scaling.md says. Before issue 31 a new shard cost
+    2 LIST + 3 HEAD + 2 GET + 2 PUT, and a no-op rerun GET every record twice."""
+    root, s3 = bucket
+    docs = documented()
+    for row in ("new shard", "no-op rerun"):  # the same commands twice: the second finds every shard complete
+        small, large = (encode_counted(root, s3, n, f"{s3}/out-{n}") for n in (2, 6))
+        per_shard = {k: (large[k] - small[k]) / 4 for k in KINDS}
+        per_run = {k: small[k] - 2 * per_shard[k] for k in KINDS}
+        for k, n in docs[row].items():
+            assert per_shard[k] <= n, (row, k, per_shard, small, large)
+        for k, n in docs["per run, at most"].items():
+            assert per_run[k] <= n, (row, k, per_run, small, large)
+    assert per_shard["PUT"] == per_shard["LIST"] == 0 and per_shard["GET"] == 1  # the rerun reads each record once
