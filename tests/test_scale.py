@@ -91,3 +91,55 @@ def test_requests_of_encoding_on_s3_and_of_its_no_op_rerun_are_what_the_docs_sta
         for k, n in docs["per run, at most"].items():
             assert per_run[k] <= n, (row, k, per_run, small, large)
     assert per_shard["PUT"] == per_shard["LIST"] == 0 and per_shard["GET"] == 1  # the rerun reads each record once
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """A tiny VAE and 5 image shards of one image each, in a local folder."""
+    from pipeline.config import load_config
+    from pipeline.models import build_autoencoder
+    from pipeline.weights.diffusers import save as save_diffusers
+
+    root = tmp_path_factory.mktemp("scale-local")
+    torch.manual_seed(0)
+    save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), root / "vae")
+    (root / "in").mkdir()
+    for s in range(5):
+        write_tar(root / "in" / f"in-{s:06d}.tar", [{"__key__": f"k{s}", "jpg": image_bytes(random_image(40, 36, s))}])
+    return root
+
+
+def test_a_local_encode_lists_its_folder_a_fixed_number_of_times_and_removes_only_dead_temporaries_of_its_shards(
+        local, monkeypatch):
+    """Issue 31: the dead temporaries of the run's shards were looked for by one glob of the output folder per
+    shard (O(N^2) over a job in a folder of N shards). Now the folder is listed a fixed number of times per run,
+    whatever the number of shards; a dead writer's temporary of a shard of this run goes, a live writer's and one
+    of a shard this run does not write (another host's run may own it) stay."""
+    import os
+
+    from stages.encode import main
+
+    listed = []
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def counting(path=".", _real=real):
+            listed.append(os.path.abspath(os.fspath(path)))
+            return _real(path)
+
+        monkeypatch.setattr(os, name, counting)
+    counts = []
+    for shards in (2, 5):
+        out = local / f"out-{shards}"
+        out.mkdir()
+        dead, alive = (out / f".in-000000.tar.{pid}-abc123.tmp" for pid in (2**22 + 1, os.getpid()))
+        other = out / f".in-999999.tar.{2**22 + 1}-abc123.tmp"
+        for p in (dead, alive, other):
+            p.write_bytes(b"half a shard")
+        listed.clear()
+        r = run_main(main, "--model", local / "vae", "--data", local / "in" / f"in-{{000000..{shards - 1:06d}}}.tar",
+                     "--output", out, "data.resolution=32", "data.num_workers=0")
+        assert r.returncode == 0, r.stderr[-2000:]
+        counts.append(listed.count(str(out)))
+        assert not dead.exists() and alive.exists() and other.exists()
+    assert counts[0] == counts[1] <= 3, counts
