@@ -143,3 +143,30 @@ def test_a_local_encode_lists_its_folder_a_fixed_number_of_times_and_removes_onl
         counts.append(listed.count(str(out)))
         assert not dead.exists() and alive.exists() and other.exists()
     assert counts[0] == counts[1] <= 3, counts
+
+
+def test_dealing_by_a_heap_gives_the_least_loaded_slot_and_a_part_holds_the_same_shards_whatever_its_processes():
+    """deal() takes the least loaded slot (the lowest among equals) from a heap, O(N log slots), instead of a min over
+    every slot per shard: the same assignment as that min. share() deals the parts first, then each part among its
+    ranks, so the shards of part K of N, whose part manifest covers them, do not depend on the launcher."""
+    import random
+
+    from pipeline.manifest import deal, share
+
+    rnd = random.Random(0)
+    items = [f"s-{i:04d}.tar" for i in range(300)]
+    counts = {x: rnd.choice([0, 5, 7, 100, 101]) for x in items}
+    for slots in (1, 3, 8):
+        loads, want = [0] * slots, [[] for _ in range(slots)]
+        for i in sorted(range(len(items)), key=lambda i: (-counts[items[i]], i)):
+            j = min(range(slots), key=lambda k: (loads[k], k))
+            want[j].append(items[i])
+            loads[j] += max(1, counts[items[i]])
+        assert deal(items, counts, slots) == [sorted(w) for w in want]
+    for c in (counts, None):
+        for part in range(3):
+            whole = share(items, c, part, 3, 0, 1)[0]
+            for ranks in (2, 5):
+                mine = [share(items, c, part, 3, r, ranks) for r in range(ranks)]
+                assert all(m[0] == whole for m in mine)
+                assert sorted(x for m in mine for x in m[1]) == sorted(whole)
