@@ -13,9 +13,9 @@ import torch
 
 from harness import ROOT, run_main
 from helpers import image_bytes, random_image, write_tar
-from s3server import _AWS_VARS, count_requests, s3_server  # noqa: F401 (fixture)
+from s3server import count_requests, s3_module_env, s3_server  # noqa: F401 (fixture)
 
-from pipeline.storage import base, storage_for
+from pipeline.storage import storage_for
 
 KINDS = {"HEAD": ("HeadObject",), "GET": ("GetObject",), "PUT": ("PutObject", "CreateMultipartUpload", "UploadPart",
                                                                  "CompleteMultipartUpload"),
@@ -40,14 +40,7 @@ def by_kind(counts) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_server, tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    for var in _AWS_VARS:
-        mp.delenv(var, raising=False)
-    for var, value in s3_server.env().items():
-        mp.setenv(var, value)
-    mp.setenv("FIRSTSTAGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    base._INSTANCES.pop("s3", None)
+def bucket(s3_module_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
     from pipeline.config import load_config
     from pipeline.models import build_autoencoder
@@ -55,14 +48,12 @@ def bucket(s3_server, tmp_path_factory):
 
     torch.manual_seed(0)
     save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), root / "vae")
-    s3 = f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:10]}"
+    s3 = f"s3://{s3_module_env.bucket}/{uuid.uuid4().hex[:10]}"
     storage_for(s3).check_conditional_writes(s3)  # once per process, before any count (the stages ask for it)
     for s in range(6):
         write_tar(root / f"in-{s:06d}.tar", [{"__key__": f"k{s}", "jpg": image_bytes(random_image(40, 36, seed=s))}])
         storage_for(s3).write_bytes(f"{s3}/in/in-{s:06d}.tar", (root / f"in-{s:06d}.tar").read_bytes())
-    yield root, s3
-    mp.undo()
-    base._INSTANCES.pop("s3", None)
+    return root, s3
 
 
 def encode_counted(root: Path, s3: str, shards: int, out: str) -> dict[str, int]:
