@@ -117,7 +117,7 @@ def live_locks(folder, skip: str | None = None) -> dict[str, dict]:
     (`.lock`, `.lock.part-K-of-N`) and exports' (`.NAME.lock`, beside their output)."""
     from pipeline.storage import folder_lock, storage_for
 
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in storage_for(str(folder)).list(str(folder))]
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in storage_for(str(folder)).list(str(folder), prefix=".")]
     holders = {n: folder_lock(folder, n).live_holder() for n in names
                if n != skip and (n.startswith(".") and n.endswith(".lock") or lock_split(n) is not None)}
     return {n: h for n, h in holders.items() if h is not None}

@@ -134,17 +134,17 @@ class LocalStorage(Storage):
     def exists(self, path) -> bool:
         return _local(path).exists()
 
-    def list(self, folder, suffix: str = "") -> list[str]:
-        """The files in `folder` whose names end with `suffix`: one scandir, names filtered before any stat (a
-        DirEntry knows a regular file without one), so that a folder of 100,000 files is listed in milliseconds."""
+    def list(self, folder, suffix: str = "", prefix: str = "") -> list[str]:
+        """The files in `folder` whose names start with `prefix` and end with `suffix`: one scandir, names filtered
+        before any stat (a DirEntry knows a regular file without one): a folder of 100,000 files in milliseconds."""
         root = _local(folder)
         try:
             entries = os.scandir(root)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        prefix = os.path.join(root, "")
+        path = os.path.join(root, "")
         with entries:
-            return sorted(prefix + e.name for e in entries if e.name.endswith(suffix)
+            return sorted(path + e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(suffix)
                           and not (e.name.startswith(".") and e.name.endswith(".tmp")) and e.is_file())
 
     def delete(self, path) -> None:
