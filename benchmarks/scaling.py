@@ -3,8 +3,9 @@
   python benchmarks/scaling.py [--preset kl-f8] [--step-ms 109] [--images-per-step 12]
   python benchmarks/scaling.py --measure-gloo       # what can be measured on a CPU: a 2-process gloo all-reduce
 
-Encoding on object storage: the requests the encoder sends per shard (counted from its code), their rate against the
-per-prefix limits S3 documents, and the egress at stated list prices.
+Encoding on object storage: the requests the encoder sends per shard (counted on a real server by
+tests/test_scale.py and benchmarks/scale.py), their rate against the per-prefix limits S3 documents, and the egress
+at stated list prices.
 
 Training: DDP all-reduces the autoencoder's fp32 gradients every step, bucketed and overlapped with the backward;
 the discriminator's gradients (and the learned log-variance) are averaged in one flat all-reduce after it, not
@@ -122,24 +123,34 @@ def s3_internet_egress(gb: float) -> float:
 
 
 def object_storage_table(images: float, per_gpu: float, jpeg_kb: float, latent_kb: float, shard_images: int,
-                         part_mib: float = 16, threshold_mib: float = 64) -> list[str]:
+                         part_mib: float = 16, threshold_mib: float = 64, parts_of_job: int = 64) -> list[str]:
     """Requests and egress of an encode reading its input shards from and writing its latents to object storage, as
-    pipeline.latents.encoder does it: per input shard a HEAD (its identity) and a streaming GET; per output shard two
-    listings (the un-commit of a shard being redone), a multipart upload (create, parts, complete) or one PUT, and
-    the create-only PUT of its record; at the end one GET per record for the manifest."""
+    pipeline.latents.encoder does it (counted by tests/test_scale.py): per input shard a HEAD (its identity) and a
+    streaming GET; per output shard one GET that finds no record (its state, just before the commit), a multipart
+    upload (create, parts, complete) or one PUT, and the create-only PUT of its record. Per run (`parts_of_job`
+    `--part` runs): a listing of the folder and of records/ for the plan (a page per 1000 entries each), the last
+    part two more for the merged manifest, and a constant (lock, settings, manifests: at most 13 LIST, 4 HEAD,
+    4 GET, 3 PUT, tests/test_scale.py)."""
     import math
 
     shards = images / shard_images
     out_mib = shard_images * latent_kb * 1e3 / 2**20
     parts = math.ceil(out_mib / part_mib) if out_mib >= threshold_mib else 0
     upload = parts + 2 if parts else 1
-    per_shard = {"reads": 1 + 1 + 1, "writes": 2 + upload + 1}  # HEAD, GET, manifest GET | 2 LIST, upload, record
-    total = {k: v * shards for k, v in per_shard.items()}
+    per_shard = {"reads": 1 + 1 + 1, "writes": upload + 1}  # HEAD, GET, the record's GET (404) | upload, record
+    pages = math.ceil(shards / 1000)
+    per_run = {"reads": 8, "writes": 3 + 13 + 2 * pages}
+    total = {k: v * shards + per_run[k] * parts_of_job for k, v in per_shard.items()}
+    total["writes"] += 2 * pages  # the last part's listings for the merge
+    total["reads"] += parts_of_job ** 2  # at most: each part's look at the others' part manifests, the last one's GETs
     read_gb, write_gb = images * jpeg_kb / 1e6, images * latent_kb / 1e6
-    lines = [f"Per input shard of {shard_images:,} images: {per_shard['reads']} read-class requests (HEAD, GET, the "
-             f"manifest's GET) and {per_shard['writes']} write-class ones (2 LIST, "
+    lines = [f"Per input shard of {shard_images:,} images: {per_shard['reads']} read-class requests (HEAD and GET of "
+             f"the input, the GET that finds no record) and {per_shard['writes']} write-class ones ("
              f"{'a multipart upload of ' + str(parts) + ' parts of ' + str(int(part_mib)) + ' MiB + create + complete' if parts else 'one PUT'} "
-             f"for its {out_mib:.0f} MiB of latents, the record's PUT); {shards:,.0f} shards: "
+             f"for its {out_mib:.0f} MiB of latents, the record's PUT); per `--part` run ({parts_of_job} of them) "
+             f"{per_run['reads']} read-class and {per_run['writes']:,} write-class (two listings of {pages:,} pages, "
+             f"lock, settings, manifests), at most {parts_of_job}^2 looks at part manifests in all; {shards:,.0f} "
+             f"shards: "
              f"{total['reads'] / 1e6:.2f} M + {total['writes'] / 1e6:.2f} M requests, "
              f"${total['reads'] / 1e3 * PRICE_PER_1000['reads'] + total['writes'] / 1e3 * PRICE_PER_1000['writes']:,.0f} "
              f"at S3's request prices. {read_gb / 1e3:,.0f} TB read, {write_gb / 1e3:,.0f} TB written.", "",

@@ -6,6 +6,7 @@
   decided_by_main(fn)          fn() run on the main process only, its result (or its one-line error) on every rank
   on_every_rank(fn, what)      fn() run on every rank; it returns on every rank or fails on every rank
   held_by_main(take, follow)   a lock taken by the main process and followed by every other rank
+  gather_objects(obj)          [obj of every rank] on every rank
 """
 
 from __future__ import annotations
@@ -124,3 +125,15 @@ def held_by_main(take, follow):
     held: list = []
     token = decided_by_main(lambda: held.append(take()) or held[0].me["token"])
     return held[0] if held else follow(token)
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: the records a rank wrote); [obj] in one
+    process."""
+    if not _world():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -75,18 +75,30 @@ def part_name(stem: str, part: int, num_parts: int, ext: str = "") -> str:
 
 
 def deal(items: list[str], counts: dict[str, int] | None, slots: int) -> list[list[str]]:
-    """Deal shards to `slots` workers (ranks x parts) deterministically: balanced by sample count when the counts
-    are known (largest first to the least loaded slot), else round-robin. Each list keeps the input order."""
+    """Deal shards to `slots` workers deterministically: balanced by sample count when the counts are known (largest
+    first to the least loaded slot, the lowest slot among equals; a heap of the slots' loads: O(N log slots)), else
+    round-robin. Each list keeps the input order."""
+    import heapq
+
     if not counts:
         return [items[i::slots] for i in range(slots)]
-    loads = [0] * slots
+    heap = [(0, k) for k in range(slots)]  # (load, slot): already a heap
     dealt: list[list[int]] = [[] for _ in range(slots)]
     order = sorted(range(len(items)), key=lambda i: (-counts.get(items[i], 0), i))
     for i in order:
-        j = min(range(slots), key=lambda k: (loads[k], k))
+        load, j = heap[0]
         dealt[j].append(i)
-        loads[j] += max(1, counts.get(items[i], 0))
+        heapq.heapreplace(heap, (load + max(1, counts.get(items[i], 0)), j))
     return [[items[i] for i in sorted(d)] for d in dealt]
+
+
+def share(items: list[str], counts: dict[str, int] | None, part: int, num_parts: int, rank: int,
+          ranks: int) -> tuple[list[str], list[str]]:
+    """(the shards of part K of N, this rank's share of them): the parts are dealt first, then each part among its
+    ranks, so that which shards a part holds does not depend on how many processes run it (its part manifest covers
+    the same shards whatever the launcher)."""
+    mine = deal(items, counts, num_parts)[part]
+    return mine, deal(mine, counts, ranks)[rank]
 
 
 # ------------------------------------------------------------------------------------- runs sharing a folder
@@ -105,7 +117,7 @@ def live_locks(folder, skip: str | None = None) -> dict[str, dict]:
     (`.lock`, `.lock.part-K-of-N`) and exports' (`.NAME.lock`, beside their output)."""
     from pipeline.storage import folder_lock, storage_for
 
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in storage_for(str(folder)).list(str(folder))]
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in storage_for(str(folder)).list(str(folder), prefix=".")]
     holders = {n: folder_lock(folder, n).live_holder() for n in names
                if n != skip and (n.startswith(".") and n.endswith(".lock") or lock_split(n) is not None)}
     return {n: h for n, h in holders.items() if h is not None}

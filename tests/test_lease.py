@@ -19,7 +19,7 @@ import pytest
 
 from harness import ForkedStage, run_main
 from helpers import TINY, make_shards, write_images
-from s3server import s3_server  # noqa: F401 (fixture)
+from s3server import s3_module_env, s3_server  # noqa: F401 (fixtures)
 from test_object_storage import aws, fresh, listing, read, read_json, stage  # noqa: F401 (fixtures)
 
 from pipeline.storage import storage_for

@@ -25,26 +25,17 @@ import torch
 
 from harness import ForkedStage, run_main
 from helpers import TINY, flat, make_shards, read_tar_samples
-from s3server import _AWS_VARS, FaultProxy, conflicts, s3_server  # noqa: F401 (fixture)
+from s3server import FaultProxy, conflicts, s3_module_env, s3_server  # noqa: F401 (fixture)
 
 from pipeline.storage import base, storage_for
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def aws(s3_server, tmp_path_factory):
+def aws(s3_module_env):
     """The server's credentials and endpoint in the standard AWS variables for the whole module, a cache folder of
     our own (model copies, run logs), and a fresh backend."""
-    mp = pytest.MonkeyPatch()
-    for var in _AWS_VARS:
-        mp.delenv(var, raising=False)
-    for var, value in s3_server.env().items():
-        mp.setenv(var, value)
-    mp.setenv("FIRSTSTAGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    base._INSTANCES.pop("s3", None)
-    yield s3_server
-    mp.undo()
-    base._INSTANCES.pop("s3", None)
+    return s3_module_env
 
 
 @pytest.fixture

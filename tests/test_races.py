@@ -249,34 +249,35 @@ def test_the_reader_verifies_the_shards_against_their_records_on_request(tiny_ru
     LatentDataset(out, verify=True)
 
 
-def test_the_part_that_writes_the_manifest_last_leaves_every_record_in_it(tiny_run, tmp_path, monkeypatch):
-    """Issue 29, item 4: each part wrote manifest.json from the records there when it read them, so the folder's
-    manifest depended on which part wrote last (one said "folder total 790"). Here part 1 ends between part 0's
-    reading of the records and its writing of the manifest: the manifest part 0 leaves lists all of them."""
+def test_the_part_that_ends_last_merges_every_part_manifest(tiny_run, tmp_path, monkeypatch):
+    """Issue 29, item 4, and issue 31: each part writes its own part manifest from what it knows (no part re-reads
+    every record); the part that finds all N part manifests merges them into manifest.json. Here part 1 ends (its
+    shards, records and part manifest land) after part 0 wrote its part manifest and before it looked for the
+    others: part 0 finds them and its manifest lists every record, without reading any record again."""
     import shutil
 
     import pipeline.latents.format as lf
     from harness import run_main
+    from pipeline.storage.commit import Unit
     from stages.encode import main as encode
 
     out, other = tmp_path / "latents", tmp_path / "other"
     base = ["--model", tiny_run / "run", "--data", tiny_run / "train", "data.num_workers=0"]
     assert run_main(encode, *base, "--output", other, "--part", "1/2").returncode == 0
-    read = lf.read_records
+    assert not (other / "manifest.json").exists()  # part 0 has not ended: no folder manifest yet
+    look = lf._other_parts
 
-    def part_1_ends_meanwhile(folder, settings):
-        records = read(folder, settings)
-        if not (out / "records" / sorted(p.name for p in (other / "records").glob("*.json"))[0]).exists():
-            for p in (*other.glob("*.tar"), *other.glob("records/*.json")):
-                shutil.copy2(p, out / p.relative_to(other))
-            lf.atomic_write_json(out / "manifest.json", lf.build_manifest(out, settings, read(folder, settings)))
-        return records
+    def part_1_ends_meanwhile(folder, *args):
+        for p in (*other.glob("*.tar"), *other.glob("records/*.json"), *other.glob("manifest.part-*.json")):
+            shutil.copy2(p, out / p.relative_to(other))
+        monkeypatch.setattr(Unit, "read_record", lambda *a, **k: pytest.fail("a record read again for the manifest"))
+        return look(folder, *args)
 
-    monkeypatch.setattr(lf, "read_records", part_1_ends_meanwhile)
+    monkeypatch.setattr(lf, "_other_parts", part_1_ends_meanwhile)
     r = run_main(encode, *base, "--output", out, "--part", "0/2")
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
-    assert m["total"] == 64 and len(m["shards"]) == 4 and m["missing"] == []
+    assert m["total"] == 64 and len(m["shards"]) == 4 and m["missing"] == [] and "folder total 64" in r.stdout
 
 
 @pytest.mark.parametrize("planned", ["todo", "changed"])
@@ -295,7 +296,8 @@ def test_a_shard_another_run_completed_after_this_run_planned_it_is_kept_not_red
     assert run_main(encode, *args).returncode == 0
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (*out.glob("*.tar"), *out.glob("records/*"))}
     samples = read_tar_samples(out)
-    monkeypatch.setattr(lf, "shard_states", lambda folder, urls, settings: {u: planned for u in urls})  # a stale plan
+    monkeypatch.setattr(lf, "plan_shards", lambda folder, urls, settings: lf.Plan(  # a stale plan
+        {u: planned for u in urls}, {}, {os.path.basename(u) for u in urls} if planned == "changed" else set()))
     r = run_main(encode, *args)
     assert r.returncode == 0, r.stderr[-2000:]
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (*out.glob("*.tar"), *out.glob("records/*"))}

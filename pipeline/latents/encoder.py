@@ -266,6 +266,7 @@ class LatentShard:
     non_finite: int = 0
     failed: BaseException | None = None  # a write that failed: this shard is never committed
     kept: bool = False  # another run completed this shard meanwhile: its tar and record stay, nothing is written
+    had_record: bool | None = None  # whether the plan saw a record of this shard (None: not known, ask the store)
 
     @property
     def name(self) -> str:
@@ -289,17 +290,18 @@ class LatentShard:
         if self.writer is None and not self.kept:
             self.unit = shard_unit(self.folder, self.name)
             # a tar without a record is not done, and this run's tar replaces it (it may be another run's, whose
-            # record is on its way); a record of another model, settings or input is undone: it stops counting
-            if self.unit.store.exists(self.unit.record):
+            # record is on its way); a record of another model, settings or input is undone: it stops counting.
+            # A new shard costs no request here: the plan's listing said it has no record (_finish looks again)
+            if self.unit.recorded() if self.had_record is None else self.had_record:
                 if self._completed_meanwhile():
                     return None
                 self.unit.undo()
-            remove_dead_temporaries(self.folder / self.name)  # what a killed run left of this shard
             self.writer = ShardWriter(self.unit.staging(self.folder / self.name))
         return self.writer
 
     def _completed_meanwhile(self) -> bool:
-        self.kept = record_state(self.unit.read_record(), self.settings, self.url) == "complete"
+        # one GET (a missing record: its 404), never a HEAD and a listing before it
+        self.kept = record_state(self.unit.read_record(listed=True), self.settings, self.url) == "complete"
         return self.kept
 
     def abort(self) -> None:
@@ -430,16 +432,20 @@ class EncodeResult:
 def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: EncodeSettings, device, *,
                   resolution: int, buckets, batch_size: int, num_workers: int, pin_memory: bool = False,
                   stop: threading.Event | None = None, progress=None,
-                  max_member_bytes: int = MAX_MEMBER_BYTES) -> EncodeResult:
-    """Encode the given input shards into `folder`. Returns what was written. `stop` (set by a SIGTERM handler)
-    ends the loop at the next batch: finished shards stay, the shard in flight is redone by the next run. An input
-    shard on object storage that cannot be read after the storage's retries is not written (`unavailable`). The
-    device (or the CPU allocator) running out of memory ends it the same way, then raises a UserError naming
-    encode.batch_size."""
+                  max_member_bytes: int = MAX_MEMBER_BYTES, had_record: set[str] | None = None) -> EncodeResult:
+    """Encode the given input shards into `folder`. Returns what was written. `had_record`: the output shards that
+    had a record when the run planned (format.plan_shards; None: each shard asks the store once). `stop` (set by a
+    SIGTERM handler) ends the loop at the next batch: finished shards stay, the shard in flight is redone by the next
+    run. An input shard on object storage that cannot be read after the storage's retries is not written
+    (`unavailable`). The device (or the CPU allocator) running out of memory ends it the same way, then raises a
+    UserError naming encode.batch_size."""
     result = EncodeResult()
     folder = as_path(folder)
     if not urls:
         return result
+    names = [shard_name(u) for u in urls]
+    remove_dead_temporaries(folder, names)  # what killed runs left of these shards: one listing per run, not per shard
+    remove_dead_temporaries(folder / RECORDS, [Path(n).stem + ".json" for n in names])
     workers = min(num_workers, len(urls))
     loader = DataLoader(EncodeStream(urls, resolution, buckets, batch_size, max_member_bytes), batch_size=None,
                         num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None)
@@ -454,7 +460,10 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
                     result.stopped = True
                     break
                 url = item["shard"]
-                shard = shards.setdefault(url, LatentShard(folder, url, settings))
+                if url not in shards:
+                    known = None if had_record is None else shard_name(url) in had_record
+                    shards[url] = LatentShard(folder, url, settings, had_record=known)
+                shard = shards[url]
                 if item["end"] and "unavailable" in item:
                     writer.submit(shard.abort)  # after the batches of it in flight: the writer thread holds its tar
                     del shards[url]

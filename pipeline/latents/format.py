@@ -18,11 +18,12 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
 from pipeline.errors import UserError
-from pipeline.manifest import LATENT_FORMAT, MANIFEST, shard_list
+from pipeline.manifest import LATENT_FORMAT, MANIFEST, part_name, shard_list
 from pipeline.storage import Unit, as_path, atomic_write_json, is_remote
 
 from typing import TYPE_CHECKING
@@ -188,6 +189,8 @@ def clear_folder(folder: Path) -> None:
         shard_unit(folder, rec.stem + ".tar").undo()
     for name in (SETTINGS, MANIFEST):
         (folder / name).unlink(missing_ok=True)
+    for p in folder.glob("manifest.part-*-of-*.json"):
+        p.unlink(missing_ok=True)
 
 
 def write_settings(folder: Path, settings: dict) -> None:
@@ -224,13 +227,18 @@ def shard_state(folder: Path, name: str, settings: dict, url: str | None = None,
     from `listed`); 'changed' when it is done with these settings but from another input (other data under the same
     shard name, or the input was rewritten): a rerun encodes it again; else 'todo'. A shard whose tar was replaced
     after its record was created (two runs writing it at once) is undone here, so that it is written again."""
+    return _look(folder, name, settings, url, listed)[0]
+
+
+def _look(folder, name: str, settings: dict, url: str | None, listed: dict | None) -> tuple[str, dict | None]:
+    """(shard_state, the record read for it: one read, which the run's manifest uses too)."""
     unit = shard_unit(folder, name)
     record = unit.read_record(listed=listed is not None)
     state = record_state(record, settings, url)
     if state == "complete" and not unit.intact(record, listed):
         unit.undo()
-        return "todo"
-    return state
+        return "undone", None
+    return state, record
 
 
 def shard_intact(folder, name: str) -> bool:
@@ -251,28 +259,61 @@ def record_state(record: dict | None, settings: dict, url: str | None) -> str:
     return "complete" if same else "changed"
 
 
-def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
-    """shard_state of the output shard of every input shard in `urls`: {url: state}, 16 at a time (each complete
-    shard's tar is checked against its record: read and hashed locally). On object storage the folder and records/
-    are listed once (a shard without both its tar and its record is 'todo' without a request; the ETags of the
-    listing stand for the tars)."""
+@dataclass
+class Plan:
+    """What a run learns of its shards before encoding: `states` {input URL: complete | changed | todo}, `records`
+    {input URL: the record of a complete shard} (read once: the run's manifest is built from them, not read again)
+    and `had_record`, the output shards that have a record (the encoder undoes those that are not complete; the
+    others cost it no request to look at)."""
+
+    states: dict[str, str]
+    records: dict[str, dict]
+    had_record: set[str]
+
+
+def plan_shards(folder, urls: list[str], settings: dict) -> Plan:
+    """shard_state of the output shard of every input shard in `urls`, 16 at a time. One listing of records/ first
+    (on object storage also one of the folder: the ETags of the listing stand for the tars): a shard without a
+    record is 'todo' without a further look; each one with a record is read once (locally its tar is checked
+    against it by a stat, see Unit.intact)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.data.shards import shard_name
 
     folder = as_path(folder)
-    listed = _listed_tars(folder) if is_remote(folder) else None
-    look = [u for u in urls if listed is None or str(folder / shard_name(u)) in listed]
+    recorded = _record_stems(folder)
+    listed = _listed_tars(folder, recorded) if is_remote(folder) else None
+    have = [u for u in urls if Path(shard_name(u)).stem in recorded]
+    look = [u for u in have if listed is None or str(folder / shard_name(u)) in listed]
     with ThreadPoolExecutor(16) as pool:
-        found = dict(zip(look, pool.map(lambda u: shard_state(folder, shard_name(u), settings, u, listed), look)))
-    return {u: found.get(u, "todo") for u in urls}
+        found = dict(zip(look, pool.map(lambda u: _look(folder, shard_name(u), settings, u, listed), look)))
+    states = {u: found.get(u, ("todo", None))[0] for u in urls}
+    had = {shard_name(u) for u in have if states[u] != "undone"}
+    return Plan({u: "todo" if st == "undone" else st for u, st in states.items()},
+                {u: r for u, (st, r) in found.items() if st == "complete"}, had)
 
 
-def _listed_tars(folder) -> dict[str, tuple]:
-    """On object storage: {tar URL: (size, ETag)} of the shards whose tar and record both exist (two listings)."""
+def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
+    """{input URL: shard_state} (plan_shards' states)."""
+    return plan_shards(folder, urls, settings).states
+
+
+def _record_stems(folder) -> set[str]:
+    """The names (without .json) of the records in records/: one listing."""
+    if is_remote(folder):
+        return {rec.stem for rec in (folder / RECORDS).glob("*.json")}
+    try:
+        return {n[:-5] for n in os.listdir(folder / RECORDS) if n.endswith(".json") and not n.startswith(".")}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def _listed_tars(folder, recorded: set[str] | None = None) -> dict[str, tuple]:
+    """On object storage: {tar URL: (size, ETag)} of the shards whose tar and record both exist (two listings; one
+    when the records' are given)."""
     from pipeline.storage import storage_for
 
-    records = {rec.stem for rec in (folder / RECORDS).glob("*.json")}
+    records = _record_stems(folder) if recorded is None else recorded
     tars = storage_for(str(folder)).entries(str(folder))[0]
     return {url: entry for url, entry in tars.items() if url.endswith(".tar") and Path(url).stem in records}
 
@@ -381,23 +422,107 @@ def reader_normalisation(settings: dict, statistics: dict) -> dict | None:
 
 
 def write_manifest(folder: Path, expected: list[str] | None = None, processes: int | None = None) -> dict:
-    """manifest.json from settings.json and the records in the folder (also `--rebuild-manifest`). The parts of a
-    job each write it when they end, from the records there at that moment: it is written again (up to 10 times)
-    until the records it was built from are still all the records, so that the part that writes it last leaves the
-    manifest of every record, whichever part read them first."""
+    """manifest.json from settings.json and every record in the folder, each read once (`--rebuild-manifest`)."""
     folder = as_path(folder)
-    if not (folder / SETTINGS).is_file():
-        raise UserError(f"{folder}: no {SETTINGS}; not a firststage latent folder (run firststage encode first)")
-    settings = json.loads((folder / SETTINGS).read_text())
-    names = _record_names(folder)
-    for _ in range(10):
-        manifest = build_manifest(folder, settings, read_records(folder, settings), expected, processes)
-        atomic_write_json(folder / MANIFEST, manifest)
-        names, before = _record_names(folder), names
-        if names == before:
-            break
+    settings = _folder_settings(folder)
+    manifest = build_manifest(folder, settings, read_records(folder, settings), expected, processes)
+    atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 
 
-def _record_names(folder) -> set[str]:
-    return {p.name for p in (folder / RECORDS).glob("*.json")} if (folder / RECORDS).is_dir() else set()
+def _folder_settings(folder) -> dict:
+    if not (folder / SETTINGS).is_file():
+        raise UserError(f"{folder}: no {SETTINGS}; not a firststage latent folder (run firststage encode first)")
+    return json.loads((folder / SETTINGS).read_text())
+
+
+PART_FORMAT = "firststage-latent-part/1"
+# what build_manifest reads of a record: a part manifest keeps these of each of its shards' records
+SUMMARY_KEYS = ("name", "source", "samples", "keys_sha256", "skipped", "renamed", "buckets", "latent_shapes", "stats")
+
+
+def part_manifest(part: int, num_parts: int) -> str:
+    return part_name("manifest", part, num_parts, ".json")
+
+
+def finish_manifest(folder, records: list[dict], expected: list[str], part: int = 0, num_parts: int = 1,
+                    processes: int | None = None) -> tuple[dict, bool]:
+    """The manifest at the end of a run, from what the run knows (`records`: those its plan read and those it wrote,
+    of every process) plus one listing of the folder, never by reading every record again. A whole job (N = 1)
+    writes manifest.json. A part of N writes its part manifest (manifest.part-K-of-N.json: its shards' records, as
+    build_manifest reads them); the part that finds the part manifests of all N parts merges them into manifest.json
+    (two parts that end together both merge the same files). In the merge, a record the listing shows that no part
+    knows (another run's, a shard encoded before with other --data) is read, once; a shard no longer complete is
+    left out. Returns (the manifest, whether it is the folder's manifest.json): a part that is not the last gets its
+    own shards' manifest and leaves manifest.json as it was."""
+    folder = as_path(folder)
+    settings = _folder_settings(folder)
+    identity = {k: settings.get(k) for k in IDENTITY_KEYS}
+    known = {r["name"]: {k: r[k] for k in SUMMARY_KEYS if k in r} for r in records}
+    if num_parts > 1:
+        atomic_write_json(folder / part_manifest(part, num_parts),
+                          {"format": PART_FORMAT, "part": part, "num_parts": num_parts, "settings": identity,
+                           "records": [known[n] for n in sorted(known)]})
+        others = _other_parts(folder, part, num_parts, identity)
+        if others is None:
+            return build_manifest(folder, settings, [known[n] for n in sorted(known)], expected, processes), False
+        known = {**{r["name"]: r for r in others}, **known}
+    complete, stale = _complete_names(folder, num_parts)
+    unknown = sorted(complete - known.keys())
+    for r in _read_named(folder, unknown, settings):
+        known[r["name"]] = {k: r[k] for k in SUMMARY_KEYS if k in r}
+    manifest = build_manifest(folder, settings, [known[n] for n in sorted(known) if n in complete], expected,
+                              processes)
+    atomic_write_json(folder / MANIFEST, manifest)
+    for p in stale:  # part manifests of another split (N) of the job, which no live run can be writing: superseded
+        p.unlink(missing_ok=True)
+    return manifest, True
+
+
+def _other_parts(folder, part: int, num_parts: int, identity: dict) -> list[dict] | None:
+    """The records of the other parts' manifests, or None while one is missing (that part has not ended): one
+    look at each before any is read. A part manifest of other settings counts as missing."""
+    from pipeline.storage import storage_for
+
+    paths = [folder / part_manifest(k, num_parts) for k in range(num_parts) if k != part]
+    store = storage_for(str(folder))
+    exists = getattr(store, "object_exists", store.exists)
+    if not all(exists(str(p)) for p in paths):
+        return None
+    records = []
+    for p in paths:
+        try:
+            data = json.loads(p.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("settings") != identity:
+            return None
+        records += data.get("records", [])
+    return records
+
+
+def _complete_names(folder, num_parts: int) -> tuple[set[str], list]:
+    """(names of the shards whose tar and record are both there, the part manifests of splits other than N): one
+    listing of the folder and one of records/."""
+    recorded = _record_stems(folder)
+    if is_remote(folder):
+        from pipeline.storage import storage_for
+
+        names = [u.rsplit("/", 1)[-1] for u in storage_for(str(folder)).entries(str(folder))[0]]
+    else:
+        names = os.listdir(folder)
+    complete = {n for n in names if n.endswith(".tar") and n[:-4] in recorded}
+    keep = f"-of-{num_parts:05d}.json" if num_parts > 1 else None
+    stale = [folder / n for n in names
+             if n.startswith("manifest.part-") and n.endswith(".json") and (keep is None or not n.endswith(keep))]
+    return complete, stale
+
+
+def _read_named(folder, names: list[str], settings: dict) -> list[dict]:
+    """The records of shards `names` with these settings, each read once (16 at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    units = [shard_unit(folder, n) for n in names]
+    with ThreadPoolExecutor(16) as pool:
+        found = list(pool.map(lambda unit: unit.read_record(listed=True), units))
+    return [r for r in found if r is not None and same_latents(r, settings)]

@@ -60,8 +60,9 @@ class Storage(ABC):
         """Whether an object (or a folder: objects under `path/`) of this name exists."""
 
     @abstractmethod
-    def list(self, folder: str, suffix: str = "") -> list[str]:
-        """Full paths of the objects directly in `folder` whose names end with `suffix`, sorted."""
+    def list(self, folder: str, suffix: str = "", prefix: str = "") -> list[str]:
+        """Full paths of the objects directly in `folder` whose names start with `prefix` and end with `suffix`,
+        sorted (a prefix narrows the listing itself: what else the folder holds is not read)."""
 
     @abstractmethod
     def delete(self, path: str) -> None:

@@ -44,7 +44,12 @@ class Unit:
         self.written: dict[str, dict] = {}  # payload -> {size, sha256} of what put_staged wrote
 
     def done(self) -> bool:
-        return self.store.exists(self.record) and all(self.store.exists(p) for p in self.payloads)
+        return self.recorded() and all(self.store.exists(p) for p in self.payloads)
+
+    def recorded(self) -> bool:
+        """Whether the record exists: one request on object storage (a HEAD; the record is an object, never a
+        folder, so no listing follows a 404)."""
+        return getattr(self.store, "object_exists", self.store.exists)(self.record)
 
     def read_record(self, listed: bool = False) -> dict | None:
         """The record of a done unit, or None (not done, or a record that is not JSON: not done either). `listed`:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -134,12 +134,18 @@ class LocalStorage(Storage):
     def exists(self, path) -> bool:
         return _local(path).exists()
 
-    def list(self, folder, suffix: str = "") -> list[str]:
+    def list(self, folder, suffix: str = "", prefix: str = "") -> list[str]:
+        """The files in `folder` whose names start with `prefix` and end with `suffix`: one scandir, names filtered
+        before any stat (a DirEntry knows a regular file without one): a folder of 100,000 files in milliseconds."""
         root = _local(folder)
-        if not root.is_dir():
+        try:
+            entries = os.scandir(root)
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(str(p) for p in root.iterdir() if p.is_file() and p.name.endswith(suffix)
-                      and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        path = os.path.join(root, "")
+        with entries:
+            return sorted(path + e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(suffix)
+                          and not (e.name.startswith(".") and e.name.endswith(".tmp")) and e.is_file())
 
     def delete(self, path) -> None:
         check_writable(path)
@@ -232,18 +238,26 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     return n
 
 
-def remove_dead_temporaries(path: str | Path) -> int:
-    """Delete the temporaries of `path` (`.NAME.<pid>-<tag>.tmp`, see temporary_name) whose writer is no longer
-    running on this host: what a killed run left of the file it was writing, which its rerun would otherwise leave
-    beside the finished file. A temporary whose pid is alive here is kept. Returns how many went."""
-    if is_url(path) and not str(path).startswith("file://"):
+_TEMPORARY = re.compile(r"\.(.+)\.(\d+)-[0-9a-f]+\.tmp")
+
+
+def remove_dead_temporaries(folder: str | Path, names) -> int:
+    """Delete in `folder` the temporaries of the files `names` (`.NAME.<pid>-<tag>.tmp`, see temporary_name) whose
+    writer is no longer running on this host: what a killed run left of the files it was writing, which their rerun
+    would otherwise leave beside the finished files. One listing of the folder for all the names, whatever else it
+    holds (a run calls it once, not once per file); a temporary whose pid is alive here is kept, and so is every
+    temporary of a name not in `names` (another host's run may be writing it). Returns how many went."""
+    if is_url(folder) and not str(folder).startswith("file://"):
         return 0
-    path = _local(path)
-    n = 0
-    for p in path.parent.glob(f".{glob.escape(path.name)}.*-*.tmp"):
-        pid = p.name[len(path.name) + 2:].split("-", 1)[0]
-        if pid.isdigit() and not pid_alive(pid):
-            p.unlink(missing_ok=True)
+    names, n = set(names), 0
+    try:
+        entries = list(os.scandir(_local(folder)))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        m = _TEMPORARY.fullmatch(entry.name) if entry.name.endswith(".tmp") else None
+        if m is not None and m.group(1) in names and not pid_alive(m.group(2)):
+            Path(entry.path).unlink(missing_ok=True)
             n += 1
     return n
 

@@ -305,16 +305,16 @@ class S3Storage(Storage):
         r = self._call("head_object", bucket, key)
         return {"size": r["ContentLength"], "etag": r["ETag"], "sha256": r.get("Metadata", {}).get("sha256")}
 
-    def list(self, folder, suffix: str = "") -> list[str]:
-        return sorted(u for u in self.entries(folder)[0] if u.endswith(suffix))
+    def list(self, folder, suffix: str = "", prefix: str = "") -> list[str]:
+        return sorted(u for u in self.entries(folder, prefix)[0] if u.endswith(suffix))
 
-    def entries(self, folder) -> tuple[dict[str, tuple[int, str]], list[str]]:
-        """What lies directly in `folder`: ({object URL: (size, ETag)}, [sub-folder URLs]), by listing (one request
-        per 1000 entries)."""
+    def entries(self, folder, start: str = "") -> tuple[dict[str, tuple[int, str]], list[str]]:
+        """What lies directly in `folder` (of it, the names that start with `start`): ({object URL: (size, ETag)},
+        [sub-folder URLs]), by listing (one request per 1000 entries)."""
         bucket, prefix = split_url(folder)
         prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
         files, folders = {}, []
-        for r in self._listing(bucket, prefix, Delimiter="/"):
+        for r in self._listing(bucket, prefix + start, Delimiter="/"):
             files.update({f"s3://{bucket}/{o['Key']}": (o["Size"], o.get("ETag", "")) for o in r.get("Contents", [])
                           if o["Key"] != prefix})
             folders += [f"s3://{bucket}/{c['Prefix'].rstrip('/')}" for c in r.get("CommonPrefixes", [])]
