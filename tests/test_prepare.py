@@ -172,6 +172,26 @@ def test_parts_then_merge(tmp_path):
     assert sorted(s["name"] for s in m["shards"]) == [f"shards-p{k:05d}-000000.tar" for k in range(3)]
 
 
+def test_a_part_starting_leaves_another_parts_writes_alone(tmp_path):
+    """The parts of one job share the folder: part 0 starting removes what a killed run of part 0 left (a temporary
+    whose writer is dead), never the temporary part 1 is writing into now (before, every `.*.tmp` in the folder went
+    and part 1 died in a traceback at its rename)."""
+    write_images(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    (out / ".progress").mkdir(parents=True)
+    dead = os.fork()  # a pid that is gone once reaped
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    live = out / f".shards-p00001-000000.tar.{os.getpid()}-abc123.tmp"  # part 1, writing now
+    left = out / f".shards-p00000-000000.tar.{dead}-def456.tmp"  # part 0's killed run
+    live_record = out / ".progress" / f".shards-p00001-000000.tar.json.{os.getpid()}-abc124.tmp"
+    for p in (live, left, live_record):
+        p.write_bytes(b"partial")
+    run_cli("--input", tmp_path / "in", "--output", out, "--size", "32", "--part", "0/2")
+    assert live.exists() and live_record.exists() and not left.exists()
+
+
 @pytest.mark.parametrize("args, words", [
     (["--input", "/nonexistent/x", "--output", "o"], "no such file or folder"),
     (["--input", "{in}", "--output", "o", "--part", "3/2"], "--part"),

@@ -57,7 +57,7 @@ from pipeline.config import PrepareConfig, validate_section
 from pipeline.data.shards import ShardWriter, split_key
 from pipeline.errors import StorageUnavailable, UserError
 from pipeline.manifest import IMAGE_FORMAT, MANIFEST, part_name, shard_list
-from pipeline.storage import Unit, as_path, atomic_write_json, is_remote, remove_stale_temporaries, storage_for
+from pipeline.storage import Unit, as_path, atomic_write_json, is_remote, remove_dead_temporaries, storage_for
 from pipeline.storage.paths import expand_pattern, open_range
 
 PROGRESS_DIR = ".progress"
@@ -674,15 +674,18 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
         raise UserError(f"{out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    if not is_remote(out):
-        remove_stale_temporaries(out)
-        remove_stale_temporaries(out / PROGRESS_DIR)
     kind, sources = list_sources(inputs)
 
     ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
     pool = ctx.Pool(opts.workers, initializer=_die_with_parent) if opts.workers > 1 else None
     try:
         items = plan_part(kind, sources, opts, pool)
+        # what a killed run of this part left: temporaries of this part's own files whose writer is dead (the parts
+        # of one job share the folder, and another part's live writes are not ours to remove)
+        names = [output_shard_name(opts, j) for j, _ in chunks(items, opts.shard_size)]
+        remove_dead_temporaries(out, names + [part_name("manifest", opts.part, opts.num_parts, ".json")])
+        remove_dead_temporaries(out / PROGRESS_DIR, [n + ".json" for n in names] +
+                                [part_name("fingerprint", opts.part, opts.num_parts, ".json")])
         fp = fingerprint(items, opts)
         check_split(out, opts, overwrite)
         check_fingerprint(out, fp, opts, overwrite)

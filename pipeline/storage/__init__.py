@@ -29,7 +29,6 @@ from pipeline.storage.local import (  # noqa: F401
     read_json,
     remove_dead_temporaries,
     regular_file,
-    remove_stale_temporaries,
     respect_umask,
     temporary_name,
 )

@@ -229,15 +229,6 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
     return p
 
 
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete `.NAME*.tmp` leftovers of a killed run in a local `folder`; returns how many."""
-    n = 0
-    for p in _local(folder).glob(".*.tmp"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
-
-
 _TEMPORARY = re.compile(r"\.(.+)\.(\d+)-[0-9a-f]+\.tmp")
 
 
