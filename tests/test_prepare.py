@@ -123,8 +123,12 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
     items = plan_part(kind, sources, opts)
     # shard 0 finished completely before the "kill"
     write_shard((items[0:3], str(out), output_shard_name(opts, 0), opts))
-    # shard 1 half-written under its temporary name
-    (out / f".{output_shard_name(opts, 1)}.tmp").write_bytes(b"partial tar bytes")
+    # shard 1 half-written under its temporary name, by a writer that is gone
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    (out / f".{output_shard_name(opts, 1)}.{dead}-0a1b2c.tmp").write_bytes(b"partial tar bytes")
     # shard 2 renamed by an older run but its record never written: must be redone, not trusted
     write_tar(out / output_shard_name(opts, 2), [{"__key__": "stale", "jpg": b"x"}])
     m = prepare([str(tmp_path / "in")], out, opts)
