@@ -459,10 +459,10 @@ class ProbeConfig:
                                                         "LightningDiT: logit-normal)")
     logit_mean: float = _f(0.0, "logit-normal: mean of logit(t)")
     logit_std: float = _f(1.0, "logit-normal: std of logit(t)", min=0.0)
-    time_shift: Optional[float] = _f(None, "t -> a t / (1 + (a - 1) t) in training and sampling; null: a = "
-                                     "sqrt(latent dimension / 4096) (RAE); 1: no shift", min=0.0)
     val_every: int = _f(500, "steps between validations (also at the last step)", min=1)
     val_samples: int = _f(256, "held-out latents in the validation loss", min=1)
+    time_shift: Optional[float] = _f(None, "t -> a t / (1 + (a - 1) t) in training and sampling; null: a = "
+                                     "sqrt(latent dimension / 4096) (RAE); 1: no shift", min=0.0)
     sample_steps: int = _f(50, "Euler steps of the sampler (FlowMatchEulerDiscreteScheduler)", min=1)
     num_samples: int = _f(16, "samples decoded into the grid", min=1)
     fid_samples: int = _f(5000, "samples for FID against probe.images (when Inception weights are present)", min=1)

@@ -101,3 +101,19 @@ def encoder_only(tiny_run, tmp_path_factory) -> Path:
         assert r.returncode == 0, r.stderr
 
     return built_once(tmp_path_factory, "encoder-only", build)
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory) -> Path:
+    """A tiny random AutoencoderKL saved as a diffusers folder (the tiny preset at 32 px), for the tests that need a
+    model but not a trained one."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.models import build_autoencoder
+    from pipeline.weights.diffusers import save as save_diffusers
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), path)
+    return path

@@ -34,18 +34,6 @@ from test_reliability import catches_sigterm, loaded, one_line
 SMALL = ["data.resolution=32", "data.num_workers=0", "encode.batch_size=4"]
 
 
-@pytest.fixture(scope="module")
-def vae(tmp_path_factory) -> Path:
-    from pipeline.config import load_config
-    from pipeline.models import build_autoencoder
-    from pipeline.weights.diffusers import save as save_diffusers
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), path)
-    return path
-
-
 def make_shards(folder: Path, num_shards: int, per_shard: int, size) -> list[str]:
     return _make_shards(folder, num_shards, per_shard, size=size, prefix="shards")  # shards-000000.tar, ...
 

@@ -48,18 +48,6 @@ def one_line(r) -> bool:
     return len(errors) == 1 and "Traceback" not in r.stderr and r.stderr.rstrip().endswith(errors[0])
 
 
-@pytest.fixture(scope="module")
-def vae(tmp_path_factory) -> Path:
-    from pipeline.config import load_config
-    from pipeline.models import build_autoencoder
-    from pipeline.weights.diffusers import save as save_diffusers
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------ tars, written by hand
 def _header(info: tarfile.TarInfo) -> bytearray:
     return bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
