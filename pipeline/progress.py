@@ -102,17 +102,19 @@ class Progress:
         while not self._stop.wait(self.interval):
             print(self.line(), file=self.file, flush=True)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Outside a terminal, a loop that `finished` (not one ended by an error, whose line comes next) writes its
+        last line: a log shows where it got to, also when it took less than one interval."""
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._phased and self.bar is None and self.enabled:
-            print(self.line(), file=self.file, flush=True)  # where the last phase got to
+        if finished and self.bar is None and self.enabled:
+            print(self.line(), file=self.file, flush=True)
         if self.bar is not None:
             self.bar.close()
 
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *_) -> None:
-        self.close()
+    def __exit__(self, kind, *_) -> None:
+        self.close(finished=kind is None)

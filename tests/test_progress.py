@@ -37,12 +37,13 @@ def test_train_evaluate_and_encode_write_progress_lines_into_a_log_file(stage, t
             "evaluate": ["--model", tiny_run / "run", "--data", tiny_run / "val", "--output", tmp_path / "e",
                          "--lpips-backbone", "random", "evaluate.likelihood_samples=8", "data.num_workers=0"],
             "encode": ["--model", tiny_run / "run", "--data", tiny_run / "train", "--output", tmp_path / "lat",
-                       "data.num_workers=0", "encode.batch_size=2"]}[stage]
+                       "data.num_workers=0", "encode.batch_size=1"]}[stage]
     proc = ForkedStage(f"stages.{stage}", *args)  # stdout and stderr go to files, as under SLURM
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.startswith(f"{stage}: ") and "elapsed" in ln]
     assert len(lines) >= 2, err[-2000:]
+    assert re.match(rf"{stage}: .*?(\d+)/\1 \(100%\)", lines[-1]), lines  # the last line: where the loop got to
     times = [elapsed(ln) for ln in lines]
     assert all(b - a <= 2 for a, b in zip(times, times[1:]))  # never a silent stretch longer than the interval
     assert out.startswith(f"firststage {stage}: 1 thread (FIRSTSTAGE_THREADS=1)")  # its first line: the threads
