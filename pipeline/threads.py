@@ -67,9 +67,9 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def job_ticks(roots: list[int]) -> int:
-    """CPU clock ticks (user + system) of the live processes `roots` and their descendants."""
-    seen, todo, ticks = set(), list(roots), 0
+def job_ticks(roots: list[int]) -> dict[int, int]:
+    """{pid: CPU clock ticks (user + system)} of the live processes `roots` and their descendants."""
+    seen, todo, ticks = set(), list(roots), {}
     while todo:
         pid = todo.pop()
         if pid in seen:
@@ -78,7 +78,7 @@ def job_ticks(roots: list[int]) -> int:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+            ticks[pid] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
         except (OSError, ValueError, IndexError):
             continue
         todo += _children(pid)
@@ -111,8 +111,10 @@ class Follower:
         self._thread = threading.Thread(target=self._run, daemon=True, name="threads-follower")
         self._thread.start()
 
-    def window(self, last: tuple[int, int, int]) -> tuple[float | None, tuple[int, int, int]]:
-        """(free cores over the window since `last`, the new sample); None when nothing can be told."""
+    def window(self, last: tuple[int, int, dict]) -> tuple[float | None, tuple[int, int, dict]]:
+        """(free cores over the window since `last`, the new sample); None when nothing can be told. The job's own
+        time is counted per process: one that ended in the window (a loader worker at the end of an epoch) takes
+        nothing away, one that started brings all of its time."""
         total, idle = core_times(self.cores)
         mine = job_ticks(self.roots)
         now = (total, idle, mine)
@@ -120,7 +122,8 @@ class Follower:
             return None, now
         share = (total - last[0]) / len(self.cores)  # ticks per core in the window
         busy = len(self.cores) * (1 - (idle - last[1]) / (total - last[0]))
-        others = max(0.0, busy - (mine - last[2]) / share)
+        ours = sum(max(0, t - last[2].get(pid, 0)) for pid, t in mine.items())
+        others = max(0.0, busy - ours / share)
         return len(self.cores) - others, now
 
     def _run(self) -> None:

@@ -133,7 +133,7 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         if state.is_main_process:
             with flag_named("--output"):
                 lf.check_settings(out, settings, args.overwrite)
-            lf.write_settings(out, settings)
+            lf.write_settings(out, settings, part, num_parts)
         state.wait_for_everyone()  # every rank sees the settings; nobody writes before the folder was checked
         manifest = as_path(args.data) / MANIFEST if as_path(args.data).is_dir() else as_path(args.data)
         counts = shard_sample_counts(args.data) if manifest.suffix == ".json" and manifest.is_file() else None

@@ -356,3 +356,9 @@ def test_parts_split_the_job_without_a_launcher(data, tmp_path, capsys):
     rebuilt = lf.write_manifest(tmp_path / "lat")  # from every record, each read
     assert {k: v for k, v in m.items() if k not in ("processes", "missing")} == rebuilt
     assert sorted(read_tar_samples(tmp_path / "lat")) == sorted(read_tar_samples(data / "ref"))
+    # a part run again drops its old part manifest when it starts: stopped before its new one is written, the other
+    # part does not merge the old one's shards (which the rerun may be encoding again) as complete
+    settings = json.loads((tmp_path / "lat" / "settings.json").read_text())
+    lf.write_settings(tmp_path / "lat", settings, 1, 2)
+    assert not (tmp_path / "lat" / "manifest.part-00001-of-00002.json").exists()
+    assert (tmp_path / "lat" / "manifest.part-00000-of-00002.json").exists()

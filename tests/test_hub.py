@@ -153,6 +153,18 @@ def test_a_local_path_wins_over_a_hub_id_that_spells_the_same(offline_cache, tmp
         resolve_weights(REPO)
 
 
+def test_a_revision_that_is_a_path_is_one_line(offline_cache, tmp_path, monkeypatch):
+    """`org/name@..` (and `@../../models--x--y/refs/main`) would read outside the repository's refs/: refused in one
+    line before the cache is asked (before: an IsADirectoryError traceback)."""
+    from pipeline.errors import UserError
+    from pipeline.weights import resolve_weights
+
+    monkeypatch.chdir(tmp_path)
+    for rev in ("..", "../../models--x--y/refs/main", "a//b"):
+        with pytest.raises(UserError, match="is not a branch, tag or commit name"):
+            resolve_weights(f"{REPO}@{rev}")
+
+
 def test_the_alignment_foundation_model_takes_a_hub_id(offline_cache, tmp_path):
     import torch
 

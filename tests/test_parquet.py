@@ -37,6 +37,25 @@ def test_parquet_in_the_datasets_layout_gives_the_samples_and_captions_of_the_fo
         assert read_tar_samples(out) == expected  # the same keys, image bytes and captions
 
 
+def test_keys_are_unique_across_parquet_files_and_a_dotted_folder_keeps_its_name(tmp_path):
+    """Two `datasets` shard files whose image paths repeat (`0.jpg` in each): the second file's rows are skipped and
+    listed as duplicate keys, never written twice; a path `set.v2/img_1.jpg` is key `set.v2/img_1` (before: both
+    files' rows were written, and `set.v2/img_1`, `set.v2/img_2` were both key `set`)."""
+    write_images(tmp_path / "images", 3, size=(40, 40))
+    images = sorted((tmp_path / "images").glob("*.jpg"))
+    (tmp_path / "pq").mkdir()
+    for k in range(2):
+        pq.write_table(pa.table({"image": [{"bytes": p.read_bytes(), "path": f"{i}.jpg"} for i, p in enumerate(images)]}),
+                       tmp_path / "pq" / f"train-{k:05d}-of-00002.parquet")
+    m = prepare([str(tmp_path / "pq")], tmp_path / "out", PrepareOptions(size=32))
+    assert m["total"] == 3 and sorted(read_tar_samples(tmp_path / "out")) == ["0", "1", "2"]
+    assert sum("duplicate key" in s["reason"] for s in m["skipped"]) == 3, m["skipped"]
+    pq.write_table(pa.table({"image": [{"bytes": p.read_bytes(), "path": f"set.v2/img_{i}.jpg"}
+                                       for i, p in enumerate(images)]}), tmp_path / "dotted.parquet")
+    m = prepare([str(tmp_path / "dotted.parquet")], tmp_path / "dotted", PrepareOptions(size=32))
+    assert m["total"] == 3 and not m["skipped"], m["skipped"]
+
+
 def test_a_parquet_file_of_urls_is_refused_pointing_to_img2dataset(tmp_path):
     pq.write_table(pa.table({"url": ["https://example.com/a.jpg"], "caption": ["a"]}), tmp_path / "urls.parquet")
     with pytest.raises(UserError, match=r"urls.parquet: a Parquet file of image URLs \(column url\), not of "

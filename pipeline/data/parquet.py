@@ -109,7 +109,7 @@ def list_parquet(path: str, image_column: str, sanitize, safe_key, prefix: str =
     items, seen = [], set()
     for row, name in enumerate(names):
         name = name.get("path") if isinstance(name, dict) else name
-        raw = prefix + (sanitize(name.rsplit(".", 1)[0] if "." in name else name) if name
+        raw = prefix + (sanitize(os.path.splitext(name)[0]) if name
                         else f"{sanitize(stem)}/{row:09d}")
         key = safe_key(raw)
         if key in seen:

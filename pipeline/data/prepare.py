@@ -355,21 +355,22 @@ def _list_tar_safe(path: str, max_bytes: int | None = None) -> list:
 
 
 def plan_part(kind: str, sources: list, opts: PrepareOptions, pool=None) -> list:
-    """The ordered items of this part. A key that an earlier input tar of the part already has is a 'bad' item
-    (the first sample is kept): keys are unique within a run."""
+    """The ordered items of this part. A key that an earlier input tar or Parquet file of the part already has is a
+    'bad' item (the first sample is kept): keys are unique within a run."""
     mine = sources[opts.part :: opts.num_parts]
     if kind == "images":
         return mine
     if kind == "parquet":  # the rows of this part's files (pipeline/data/parquet.py)
         from pipeline.data.parquet import list_parquet
 
-        return [item for f in mine for item in list_parquet(f, opts.image_column, _sanitize_key, safe_key)]
-    list_one = functools.partial(_list_tar_safe, max_bytes=opts.max_file_bytes)
-    listed = pool.map(list_one, mine) if pool is not None else [list_one(t) for t in mine]
+        listed = [list_parquet(f, opts.image_column, _sanitize_key, safe_key) for f in mine]
+    else:
+        list_one = functools.partial(_list_tar_safe, max_bytes=opts.max_file_bytes)
+        listed = pool.map(list_one, mine) if pool is not None else [list_one(t) for t in mine]
     out, first = [], {}
     for item in (item for items in listed for item in items):
         kind_, key, src, _ = item
-        if kind_ == "tar" and first.setdefault(key, src) != src:
+        if kind_ in ("tar", "parquet") and first.setdefault(key, src) != src:
             item = ("bad", key, src, f"duplicate key ({key}: also in {first[key]}; the first sample is kept)")
         out.append(item)
     return out

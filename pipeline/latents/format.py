@@ -193,10 +193,14 @@ def clear_folder(folder: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def write_settings(folder: Path, settings: dict) -> None:
+def write_settings(folder: Path, settings: dict, part: int = 0, num_parts: int = 1) -> None:
+    """settings.json; a part of N also drops its part manifest of an earlier run (whose shards this run may encode
+    again): until this run ends, the other parts see this one as unfinished and merge nothing of it."""
     folder = as_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / SETTINGS, settings)
+    if num_parts > 1:
+        (folder / part_manifest(part, num_parts)).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------- records

@@ -42,6 +42,9 @@ class Hub:
 def parse(spec: str) -> tuple[str, str | None] | None:
     """(repository, revision or None) when `spec` is spelled as a Hub id and no such local path exists, else None."""
     m = ID.match(str(spec))
+    if m is not None and m.group("rev") and any(part in ("", ".", "..") for part in m.group("rev").split("/")):
+        raise UserError(f"{spec}: the revision {m.group('rev')!r} is not a branch, tag or commit name (no empty, '.' "
+                        f"or '..' part)")
     if m is None or os.path.lexists(os.path.expanduser(str(spec))):
         return None
     return m["repo"], m["rev"]
@@ -89,6 +92,8 @@ def snapshot(spec: str, repo: str, revision: str | None, patterns=PATTERNS) -> H
     except HfHubHTTPError as e:
         raise UserError(f"{spec}: the Hugging Face Hub answered {e.__class__.__name__}: {str(e).splitlines()[0]}") \
             from None
+    except OSError as e:  # a damaged cache (a ref that is a folder, a snapshot without its files): one line
+        raise UserError(f"{spec}: {where} could not be read for {repo} ({type(e).__name__}: {e})") from None
     return Hub(repo, Path(folder).name, folder)
 
 
