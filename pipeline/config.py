@@ -629,6 +629,8 @@ def validate(cfg: Config) -> Config:
             "loss scaler); use bf16 or no"
         )
     _validate_diffusability(cfg)
+    if cfg.probe.time_shift is not None and cfg.probe.time_shift <= 0:
+        raise ConfigError(f"probe.time_shift: must be > 0 (1: no shift), got {cfg.probe.time_shift}")
     if cfg.probe.hidden % cfg.probe.heads:
         raise ConfigError(f"probe.heads: {cfg.probe.heads} does not divide probe.hidden ({cfg.probe.hidden})")
     if m.kind == "kl" and m.shift_factor is not None and not isinstance(m.shift_factor, float):

@@ -145,6 +145,15 @@ def test_class_labels_and_the_time_shift():
         class_labels({"cls": [b"1", None]}, 3, "cpu")
     with pytest.raises(UserError, match="class 3 is outside 0..2"):
         class_labels({"cls": [b"3"]}, 3, "cpu")
+    with pytest.raises(UserError, match="class -1 is outside 0..2"):  # the label that is out, not the largest
+        class_labels({"cls": [b"2", b"-1"]}, 3, "cpu")
+    with pytest.raises(UserError, match=r"`cls` is not a class index \(b'dog'\)"):  # before: a ValueError traceback
+        class_labels({"cls": [b"1", b"dog"]}, 3, "cpu")
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="probe.time_shift: must be > 0"):  # 0 maps every t to 0: clean latents only
+        load_config("probe-tiny", ["probe.time_shift=0"])
     assert default_shift((4, 32, 32)) == 1.0 and default_shift((32, 16, 16)) == pytest.approx(2 ** 0.5)
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert torch.allclose(shift_t(t, 2.0), torch.tensor([0.0, 0.4, 2 / 3, 1.0]))  # noisier t, same ends

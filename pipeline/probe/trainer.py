@@ -60,9 +60,16 @@ def class_labels(batch: dict, num_classes: int, device) -> torch.Tensor | None:
     if raw is None or any(c is None for c in raw):
         raise UserError(f"probe.num_classes={num_classes} but a latent sample has no `cls` member (the class of "
                         f"its image); set probe.num_classes=0 for an unconditional probe")
-    labels = [int(c.decode() if isinstance(c, bytes) else c) for c in raw]
-    if min(labels) < 0 or max(labels) >= num_classes:
-        raise UserError(f"a latent sample's class {max(labels)} is outside 0..{num_classes - 1} (probe.num_classes)")
+    labels = []
+    for c in raw:
+        try:
+            labels.append(int(c.decode() if isinstance(c, bytes) else c))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"probe.num_classes={num_classes}: a latent sample's `cls` is not a class index "
+                            f"({c!r})") from None
+    outside = [c for c in labels if not 0 <= c < num_classes]
+    if outside:
+        raise UserError(f"a latent sample's class {outside[0]} is outside 0..{num_classes - 1} (probe.num_classes)")
     return torch.tensor(labels, device=device)
 
 
@@ -115,6 +122,8 @@ class ProbeTrainer:
         opt = make_optimizer(model.parameters(), lr, cfg)
         self.sched = make_scheduler(opt, cfg)
         self.model, self.opt = acc.prepare(model, opt)
+        if acc.process_index > 0:  # the weights are the same everywhere; each rank draws its own t and noise
+            torch.manual_seed(cfg.seed + acc.process_index)
         if self.ema is not None:
             self.ema.to(acc.device)
         self.state = State()
