@@ -24,7 +24,7 @@ from pipeline.config import load_config, save_config
 from pipeline.distributed import decided_by_main, print0
 from pipeline.errors import UserError
 from pipeline.manifest import MANIFEST
-from pipeline.storage import as_path
+from pipeline.storage import as_path, read_json
 from stages.common import (EXIT_PREEMPTED, add_alias_flags, add_config_args, alias_errors, alias_overrides,
                            check_paths, flag_named, sigterm_sets, stage_main, start_up)
 
@@ -63,6 +63,8 @@ def run(argv=None):
             if folder and not (as_path(folder) / MANIFEST).is_file():
                 raise UserError(f"{flag} {folder}: no {MANIFEST}; not a latent folder written by firststage encode "
                                 f"(or its encode has not finished: run it again)")
+            if folder and not any(s.get("samples") for s in read_json(as_path(folder) / MANIFEST).get("shards", [])):
+                raise UserError(f"{flag} {folder}: its {MANIFEST} lists no latent (nothing was encoded there)")
         return locked_on_main(cfg.output_dir, "--output", lambda: _run(args, cfg, stop))
 
 

@@ -93,6 +93,9 @@ def test_refusals_are_one_line(gaussian, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert f"--latents {empty}: no manifest.json; not a latent folder" in refused("--latents", empty)
+    write_gaussian_latents(tmp_path / "none", 0)  # a latent folder with nothing in it (before: "no shards to read")
+    assert f"--val {tmp_path / 'none'}: its manifest.json lists no latent" in refused(
+        "--latents", gaussian / "train", "--val", tmp_path / "none")
     write_gaussian_latents(tmp_path / "codes", 8, store="codes")
     assert "holds integer codes" in refused("--latents", tmp_path / "codes")
     assert "probe.heads: 3 does not divide probe.hidden (32)" in refused("--latents", gaussian / "train",
