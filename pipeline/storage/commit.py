@@ -24,13 +24,12 @@ name appears or goes): a process that lost its lock writes nothing more and rais
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from pipeline.storage.base import storage_for
-from pipeline.storage.local import json_bytes
+from pipeline.storage.local import json_bytes, stream_digest
 
 
 class Unit:
@@ -123,7 +122,7 @@ class Unit:
                     continue
                 if found is None:
                     return False  # else another ETag: a new write, or the same bytes copied (settled by reading)
-            if stream_digest(self.store, payload) != {"size": want.get("size"), "sha256": want["sha256"]}:
+            if object_digest(self.store, payload) != {"size": want.get("size"), "sha256": want["sha256"]}:
                 return False
         return True
 
@@ -140,17 +139,13 @@ class Unit:
             self.store.delete(p)
 
 
-def stream_digest(store, path: str) -> dict | None:
+def object_digest(store, path: str) -> dict | None:
     """{size, sha256} of the object `path` read once (None when it is gone)."""
-    h, size = hashlib.sha256(), 0
     try:
         with store.open_read(path) as f:
-            while chunk := f.read(8 * 2**20):
-                h.update(chunk)
-                size += len(chunk)
+            return stream_digest(f)
     except FileNotFoundError:
         return None
-    return {"size": size, "sha256": h.hexdigest()}
 
 
 def files_of(written: dict[str, dict]) -> dict[str, dict]:

@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.errors import LockLost, UserError
+from pipeline.errors import UserError
 from pipeline.storage.lock import FolderLock
 from pipeline.storage.paths import is_remote
 
@@ -147,8 +147,7 @@ class LeasedLock(FolderLock):
                 self._lose(f"its lease runs out at {holder.get('expires')} and the holder has not renewed it")
             else:
                 self._seen = (os.getpid(), looked)
-        if self.lost is not None:
-            raise LockLost(f"{self.lost}; this run writes nothing more (what it committed stays)")
+        self._refuse_if_lost()
 
     # ------------------------------------------------------------------------------------------------ letting go
     def release(self) -> None:

@@ -169,11 +169,16 @@ BACKENDS["file"] = LocalStorage
 # ------------------------------------------------------------------------------- helpers that take any path
 def file_digest(path: str | Path) -> dict:
     """{size, sha256} of a local file."""
-    h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        while chunk := f.read(8 * 2**20):
-            h.update(chunk)
-            size += len(chunk)
+        return stream_digest(f)
+
+
+def stream_digest(f) -> dict:
+    """{size, sha256} of what a binary stream holds, read to its end in 8 MiB chunks."""
+    h, size = hashlib.sha256(), 0
+    while chunk := f.read(8 * 2**20):
+        h.update(chunk)
+        size += len(chunk)
     return {"size": size, "sha256": h.hexdigest()}
 
 

@@ -34,6 +34,7 @@ class FolderLock:
         self.path = self.store.join(str(folder), name)
         self.folder, self.what, self.held = str(folder), what, False
         self.lost: str | None = None  # why this run no longer holds the lock it took
+        self.following = False  # follow(): another process of the job holds it
         self.label = str(label or folder)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "command": " ".join(sys.argv)[:500], "token": os.urandom(8).hex()}
@@ -89,6 +90,9 @@ class FolderLock:
             holder = self._holder_now()
             if not self._ours(holder):
                 self._lose(f"it is held by {self._who(holder, 'nobody (its object was removed)')}")
+        self._refuse_if_lost()
+
+    def _refuse_if_lost(self) -> None:
         if self.lost is not None:
             raise LockLost(f"{self.lost}; this run writes nothing more (what it committed stays)")
 
@@ -139,7 +143,7 @@ class FolderLock:
 
     def release(self) -> None:
         unguard_writes(self)
-        if getattr(self, "following", False):
+        if self.following:
             self.held = False
             return
         if self.held and self._ours(self._holder_now()):  # a lock taken over meanwhile is not ours to remove
