@@ -24,6 +24,7 @@ from pathlib import Path
 from pipeline.errors import LockLost, UserError
 from pipeline.storage.base import guard_writes, storage_for, unguard_writes
 from pipeline.storage.local import pid_alive
+from pipeline.storage.paths import same_place
 
 
 class FolderLock:
@@ -69,14 +70,8 @@ class FolderLock:
     def covers(self, path: str) -> bool:
         """Whether writing `path` needs this lock: a path under the folder, other than the lock's own object and the
         guard file of its compare-and-swap."""
-        folder, path = self._normal(self.folder), self._normal(path)
-        own = self._normal(self.path)
-        return path.startswith(folder.rstrip("/") + "/") and path not in (own, self._swap_guard(own))
-
-    @staticmethod
-    def _normal(path: str) -> str:
-        path = path[len("file://"):] if path.startswith("file://") else path
-        return path if "://" in path else os.path.abspath(path)
+        folder, path, own = same_place(self.folder), same_place(path), same_place(self.path)
+        return path.startswith(folder + "/") and path not in (own, self._swap_guard(own))
 
     @staticmethod
     def _swap_guard(path: str) -> str:

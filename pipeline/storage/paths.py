@@ -12,6 +12,7 @@ s3:/a/b). Whatever needs a local file takes a copy (pipeline.storage.cache) or w
 from __future__ import annotations
 
 import fnmatch
+import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -171,6 +172,14 @@ class ObjectPath:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def same_place(path) -> str:
+    """A path spelled one way, to compare where two paths lead: absolute for a local path (file:// dropped), the URL
+    for an object."""
+    path = str(path)
+    path = path[len("file://"):] if path.startswith("file://") else path
+    return path.rstrip("/") if is_url(path) else os.path.abspath(path)
+
+
 def remove_tree(path) -> None:
     """A folder and everything in it (or one file); no error when absent."""
     if is_remote(path):

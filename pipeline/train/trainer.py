@@ -13,7 +13,6 @@ pipeline.train.duties.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import signal
 import threading
@@ -30,6 +29,7 @@ from pipeline.data.loader import batches, make_loader, plan_subset, resolve_shar
 from pipeline.distributed import all_reduce
 from pipeline.errors import UserError
 from pipeline.storage import LogMirror, as_path
+from pipeline.storage.paths import same_place
 from pipeline.losses import FirstStageObjective
 from pipeline.losses.equivariance import draw_plan
 from pipeline.models.autoencoder import build_autoencoder, family_of
@@ -54,11 +54,6 @@ class State:
     last_checkpoint: str = ""
     stop_requested: bool = False
     history: list = field(default_factory=list)  # (step, loss) at each log point, for the summary
-
-
-def same_place(path) -> str:
-    """A path spelled one way: absolute for a local path, the URL for an object."""
-    return str(path).rstrip("/") if "://" in str(path) else os.path.abspath(path)
 
 
 def find_resume(output_dir: str, resume: str | None) -> Path | None:
