@@ -4,6 +4,10 @@ A config is a YAML file (one per experiment in configs/) loaded into the nested 
 overrides from the command line (`train.max_steps=100 loss.kl.weight=1e-6`). A YAML file may start from another with
 `base: kl-f8` (a preset name or a path), so a derived run is a preset plus a few keys.
 
+The `model:` section holds the keys every family shares and each family's own: a family declares its keys, checks
+them and gives its downsampling factor in its module (pipeline.models.families, read without torch); this module
+reaches the families only through their table, FAMILIES.
+
 Every mistake is a ConfigError with one line that names the key: a misspelt key (with the closest valid one), a
 wrong type, a value out of range or not among the allowed choices. Validation happens at load time, before any work.
 """
@@ -12,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,28 +25,10 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.models.families import DEFAULT as DEFAULT_KIND, FAMILIES, family
+from pipeline.schema import key as _f, sections
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def _f(default, help: str = "", min: float | None = None, max: float | None = None, **kw):
-    """A documented field with an optional range, checked by `validate`."""
-    meta = {"help": help, "min": min, "max": max}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=type(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
-
-
-def sections(cls):
-    """@dataclass, where a field typed as another part of this schema (`kl: KLConfig`) defaults to that part's
-    defaults."""
-    hints = typing.get_type_hints(cls)
-    for name in cls.__annotations__:
-        if dataclasses.is_dataclass(hints[name]) and name not in vars(cls):
-            setattr(cls, name, field(default_factory=hints[name]))
-    return dataclass(cls)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -95,131 +80,86 @@ class PrepareConfig:
 
 # ---------------------------------------------------------------------------------------------------------- model
 @dataclass
-class CodebookConfig:
-    size: int = _f(16384, "number of codes", min=2)
-    dim: int = _f(0, "code dimension; 0 means latent_channels", min=0)
-    beta: float = _f(0.25, "commitment weight (VQ-VAE, van den Oord et al. 2017)", min=0.0)
-    update: Literal["loss", "ema"] = _f("ema", "codebook learned by the codebook loss or by EMA of assignments")
-    ema_decay: float = _f(0.99, "EMA decay of code statistics", min=0.0, max=1.0)
-    cosine: bool = _f(False, "l2-normalise codes and encodings (cosine-similarity lookup)")
-    restart_dead: bool = _f(True, "restart codes unused for `dead_after` steps from recent encoder outputs")
-    dead_after: int = _f(100, "steps without an assignment after which a code counts as dead", min=1)
-    usage_window: int = _f(100, "steps over which codebook usage is measured", min=1)
+class ModelKeys:
+    """The `model:` keys every family shares. The section's other keys are the families' own: each family declares
+    them (its `keys` dataclass, pipeline.models.families) and model_schema() joins them in."""
 
-
-@dataclass
-class FSQConfig:
-    levels: list[int] = _f([8, 5, 5, 5], "FSQ levels per latent channel; the implicit codebook has their product "
-                           "(Mentzer et al. 2023: [8,5,5,5] = 1000, [8,8,8,5,5,5] = 64000)")
-
-
-@dataclass
-class DCConfig:
-    """AutoencoderDC (DC-AE, Chen et al. 2025): the defaults are SANA's dc-ae-f32c32 (with model.latent_channels 32)."""
-
-    block_types: list[str] = _f(["ResBlock"] * 3 + ["EfficientViTBlock"] * 3, "per stage: ResBlock or EfficientViTBlock")
-    block_out_channels: list[int] = _f([128, 256, 512, 512, 1024, 1024], "channels per stage (encoder and decoder); "
-                                       "downsampling factor 2**(stages-1)")
-    encoder_layers_per_block: list[int] = _f([2, 2, 2, 3, 3, 3], "encoder blocks per stage (0: a strided projection)")
-    decoder_layers_per_block: list[int] = _f([3, 3, 3, 3, 3, 3], "decoder blocks per stage")
-    qkv_multiscales: list[list[int]] = _f([[], [], [], [5], [5], [5]], "multi-scale linear attention kernel sizes")
-    attention_head_dim: int = _f(32, "linear attention head width", min=1)
-    downsample_block_type: Literal["conv", "pixel_unshuffle"] = _f("conv", "encoder downsampling")
-    upsample_block_type: Literal["interpolate", "pixel_shuffle"] = _f("interpolate", "decoder upsampling")
-    decoder_norm_types: list[str] = _f(["rms_norm"] * 6, "per stage: rms_norm or batch_norm")
-    decoder_act_fns: list[str] = _f(["silu"] * 6, "per stage: silu, relu, ...")
-    shortcuts: bool = _f(True, "the encoder's channel-averaging and the decoder's channel-duplicating shortcuts "
-                         "(DC-AE 1.5 turns them off)")
-    channel_mask_step: int = _f(0, "DC-AE 1.5 structured latent: in training the decoder sees only the first c' "
-                                "channels, c' a random multiple of this per step; 0: off", min=0)
-
-
-@dataclass
-class FoundationEncoderConfig:
-    """The frozen vision foundation model an RAE encodes with (transformers' Dinov2WithRegisters, Siglip2 or ViTMAE):
-    the width, patch and depth of the weights at `weights`, which must fit them."""
-
-    type: Literal["dinov2", "siglip2", "mae"] = _f("dinov2", "dinov2 (with registers), siglip2 or mae")
-    weights: str = _f("", "a transformers folder of the encoder (facebook/dinov2-with-registers-base)")
-    backbone: Literal["pretrained", "random"] = _f(
-        "pretrained", "pretrained: the weights at model.rae.encoder.weights; random: seeded random weights (tests "
-        "only)")
-    hidden_size: int = _f(768, "the encoder's width: the latent's channels", min=1)
-    patch_size: int = _f(14, "the encoder's patch size", min=1)
-    num_layers: int = _f(12, "the encoder's depth", min=1)
-    input_size: int = _f(224, "the image is resized bicubically to this square before the encoder", min=1)
-    norm_mean: Optional[list[float]] = _f(None, "the encoder's input mean; null: its type's (ImageNet; SigLIP 0.5)")
-    norm_std: Optional[list[float]] = _f(None, "the encoder's input std; null: its type's (ImageNet; SigLIP 0.5)")
-
-
-@dataclass
-class RAEConfig:
-    """A representation autoencoder (Zheng et al. 2025, bytetriper/RAE): a frozen foundation encoder and the ViT
-    decoder of diffusers' AutoencoderRAE; the defaults are DINOv2-B with the paper's ViT-XL decoder."""
-
-    encoder: FoundationEncoderConfig = _f(FoundationEncoderConfig(), "the frozen encoder")
-    decoder_hidden_size: int = _f(1152, "ViT decoder width (ViT-XL: 1152)", min=1)
-    decoder_layers: int = _f(28, "ViT decoder depth (ViT-XL: 28)", min=1)
-    decoder_heads: int = _f(16, "ViT decoder attention heads", min=1)
-    decoder_intermediate_size: int = _f(4096, "ViT decoder MLP width", min=1)
-    patch_size: int = _f(16, "decoder patch: the image is patch_size x the encoder's grid", min=1)
-
-
-@dataclass
-class ModelConfig:
-    kind: Literal["kl", "vq", "fsq", "dc", "flux2", "qwenimage", "wan", "tiny", "generic",
-                  "generic-latent", "rae"] = _f(
-        "kl", "model family (docs/model-families.md): kl AutoencoderKL, vq VQModel, fsq FSQ, dc AutoencoderDC; "
-        "flux2, qwenimage, wan, tiny, generic and generic-latent (every other diffusers image autoencoder: a posterior "
-        "or a deterministic latent): diffusers classes built "
-        "from model.diffusers (set by train.init_from); rae a representation autoencoder (model.rae)")
+    kind: str = _f(DEFAULT_KIND, "a family without model.* keys of its own is built from model.diffusers (set by "
+                   "train.init_from)")  # model_schema: "model family: <the table's rows>; " before this
     in_channels: int = _f(3, "image channels", min=1)
-    block_out_channels: list[int] = _f([128, 256, 512, 512], "channels per resolution level; downsampling factor is 2**(levels-1)")
-    layers_per_block: int = _f(2, "resnet layers per level", min=1)
     latent_channels: int = _f(4, "channels of the latent", min=1)
-    mid_block_attention: bool = _f(True, "self-attention in the middle block")
-    norm_num_groups: int = _f(32, "GroupNorm groups; must divide every entry of block_out_channels", min=1)
     scaling_factor: float = _f(0.18215, "latent scale so that scaled latents have unit variance (diffusers convention)")
     shift_factor: Optional[float] = _f(None, "latent shift subtracted before scaling (SD3/FLUX convention); null for none")
-    init_logvar: Optional[float] = _f(
-        None, "KL: initial posterior log-variance (bias of quant_conv's logvar half) of a model trained from scratch; "
-        "-6 starts at sigma 0.05 so the decoder is not drowned in noise early on; null: diffusers' init")
-    use_quant_conv: bool = _f(True, "the 1x1 convolutions around the latent (SD 1/2, SDXL: true; SD3, FLUX.1: false)")
-    codebook: CodebookConfig = _f(CodebookConfig(), "VQ codebook (kind: vq only)")
-    fsq: FSQConfig = _f(FSQConfig(), "FSQ quantizer (kind: fsq only)")
-    dc: DCConfig = _f(DCConfig(), "AutoencoderDC shape (kind: dc only)")
-    rae: RAEConfig = _f(RAEConfig(), "representation autoencoder (kind: rae only)")
-    diffusers: dict = _f({}, "the diffusers config of a family whose shape the keys above do not describe (flux2, "
-                         "qwenimage, wan, tiny); written by train.init_from, empty otherwise")
+    diffusers: dict = _f({}, "the diffusers config of a model whose shape its family's own model.* keys do not "
+                         "describe (or of a family that has none); written by train.init_from, empty otherwise")
+
+
+class ModelConfig:
+    """The `model:` section: the shared keys (ModelKeys) and every family's own, a dataclass that model_schema()
+    assembles from the family table whenever a config is built, so that the families own their keys and this module
+    names none of them. `ModelConfig(...)` builds one; two are equal when their keys are."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(model_schema() if cls is ModelConfig else cls)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModelConfig) and dataclasses.asdict(self) == dataclasses.asdict(other)
+
+    __hash__ = None  # mutable, as every section
+
+    def __reduce__(self):  # pickled by value: a process with the same family table reads it back
+        return _model_section, (dataclasses.asdict(self),)
+
+    @property
+    def family(self):
+        """The family `kind` names (pipeline.models.families.FAMILIES)."""
+        return family(self.kind)
 
     @property
     def downsampling_factor(self) -> int:
-        """Spatial downsampling of the model this section builds."""
-        if self.kind == "rae":
-            return self.rae.patch_size
-        if self.diffusers:
-            return downsampling_factor_of(self.diffusers)
-        return downsampling_factor_of({"block_out_channels": self.dc.block_out_channels if self.kind == "dc"
-                                       else self.block_out_channels})
+        """Spatial downsampling of the model this section builds (its family says)."""
+        return self.family.factor_of_section(self)
+
+    def same_model(self, other: "ModelConfig") -> bool:
+        """Whether `other` builds the model this section builds, once weights are loaded into it: the same family
+        and the same shared and family keys, except those that only initialise a new model's weights."""
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+        keys = [f for f in dataclasses.fields(ModelKeys) + self.family.own_fields()
+                if not f.metadata.get("init_only")]
+        return self.kind == other.kind and all(mine[f.name] == theirs.get(f.name) for f in keys)
 
 
-def downsampling_factor_of(config: dict) -> int:
-    """The spatial downsampling of an autoencoder from its diffusers config, for every class firststage knows: one 2x
-    step between consecutive levels (AutoencoderKL, VQModel, Flux2, DC-AE, Tiny, KVAE's ch_mult, the asymmetric
-    VAE's down blocks), one per entry of Wan's / Qwen-Image's temperal_downsample times Wan 2.2's pixel patch, or
-    the config's own ratio (HunyuanImage, Cosmos: spatial_compression_ratio; MiniMax H3: its factors)."""
-    if "temperal_downsample" in config:
-        return 2 ** len(config["temperal_downsample"]) * (config.get("patch_size") or 1)
-    if "encoder_input_size" in config:  # AutoencoderRAE: the decoder's patch per latent position
-        return int(config.get("patch_size") or 16)
-    if config.get("spatial_compression_ratio"):
-        return int(config["spatial_compression_ratio"])
-    if config.get("spatial_downsample_factors"):
-        return int(math.prod(config["spatial_downsample_factors"]))
-    for key in ("ch_mult", "down_block_out_channels"):
-        if config.get(key):
-            return 2 ** (len(config[key]) - 1)
-    return 2 ** (len(config.get("encoder_block_out_channels") or config["block_out_channels"]) - 1)
+def model_schema() -> type:
+    """The dataclass of the `model:` section for the families the table holds now: `kind` (one of them), the shared
+    keys, each family's own keys (a key two families declare, as KL, VQ and FSQ share the SD encoder's, is one key),
+    then model.diffusers."""
+    shared = dataclasses.fields(ModelKeys)
+    hints = typing.get_type_hints(ModelKeys)
+    kind = shared[0]
+    kind_help = f"model family (docs/model-families.md): {', '.join(FAMILIES)}; {kind.metadata['help']}"
+    spec = [("kind", Literal[tuple(FAMILIES)], _f(kind.default, kind_help))]
+    spec += [(f.name, hints[f.name], _copy(f)) for f in shared if f.name not in ("kind", "diffusers")]
+    owners: dict[str, tuple] = {}
+    for fam in FAMILIES.values():
+        for f in fam.own_fields():
+            owner = owners.setdefault(f.name, (fam.name, f))
+            if owner[1] is not f:
+                raise TypeError(f"model.{f.name}: declared by the families {owner[0]} and {fam.name}; one key, one "
+                                f"declaration (share it by inheriting the keys dataclass)")
+            if owner[0] == fam.name:
+                spec.append((f.name, typing.get_type_hints(fam.keys)[f.name], _copy(f)))
+    spec += [(f.name, hints[f.name], _copy(f)) for f in shared if f.name == "diffusers"]
+    schema = dataclasses.make_dataclass("ModelConfig", spec, bases=(ModelConfig,), eq=False)
+    schema.__module__ = __name__
+    return schema
+
+
+def _copy(f: dataclasses.Field) -> dataclasses.Field:
+    return field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+
+def _model_section(data: dict) -> ModelConfig:
+    return _build(model_schema(), data, "model.")
 
 
 # ----------------------------------------------------------------------------------------------------------- loss
@@ -474,7 +414,7 @@ class Config:
     seed: int = _f(0, "global seed")
     prepare: PrepareConfig
     data: DataConfig
-    model: ModelConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig
     train: TrainConfig
     evaluate: EvaluateConfig
@@ -516,6 +456,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
+    if tp is ModelConfig:  # assembled from the family table (model_schema)
+        tp = model_schema()
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
@@ -576,43 +518,7 @@ def validate(cfg: Config) -> Config:
     """Ranges from field metadata, then the checks that relate several keys."""
     _check_ranges(cfg)
     m = cfg.model
-    if len(m.block_out_channels) < 1:
-        raise ConfigError("model.block_out_channels: needs at least one level")
-    bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
-    if bad and m.kind in ("kl", "vq", "fsq") and not m.diffusers:
-        raise ConfigError(
-            f"model.block_out_channels: {bad} not divisible by model.norm_num_groups={m.norm_num_groups}"
-        )
-    if m.kind in ("flux2", "qwenimage", "wan", "tiny", "generic", "generic-latent") and not m.diffusers:
-        raise ConfigError(f"model.kind {m.kind}: built from a diffusers config; give train.init_from (or --model) a "
-                          f"diffusers folder of that class")
-    if m.kind == "rae":
-        e = m.rae.encoder
-        if e.input_size % e.patch_size:
-            raise ConfigError(f"model.rae.encoder.input_size {e.input_size}: not a multiple of its patch_size "
-                              f"{e.patch_size}")
-        size = m.rae.patch_size * (e.input_size // e.patch_size)
-        if cfg.data.resolution != size:
-            raise ConfigError(f"data.resolution {cfg.data.resolution}: this RAE decodes {size}px images (model.rae."
-                              f"patch_size x model.rae.encoder.input_size / patch_size); set data.resolution={size}")
-        if cfg.loss.equivariance.enabled or cfg.loss.alignment.enabled:
-            raise ConfigError("loss.equivariance / loss.alignment: an RAE's latent is a frozen encoder's fixed grid "
-                              "of features; turn them off (loss.latent_noise is its augmentation)")
-    if m.kind == "dc":
-        d = m.dc
-        lengths = {len(v) for v in (d.block_types, d.block_out_channels, d.encoder_layers_per_block,
-                                    d.decoder_layers_per_block, d.qkv_multiscales, d.decoder_norm_types, d.decoder_act_fns)}
-        if len(lengths) != 1:
-            raise ConfigError("model.dc: block_types, block_out_channels, *_layers_per_block, qkv_multiscales, "
-                              "decoder_norm_types and decoder_act_fns need one entry per stage")
-        if d.block_out_channels[-1] % m.latent_channels:
-            raise ConfigError(f"model.dc.block_out_channels: the last stage ({d.block_out_channels[-1]}) must be a "
-                              f"multiple of model.latent_channels ({m.latent_channels})")
-        if d.channel_mask_step and m.latent_channels % d.channel_mask_step:
-            raise ConfigError(f"model.dc.channel_mask_step: {d.channel_mask_step} does not divide "
-                              f"model.latent_channels ({m.latent_channels})")
-    if m.kind == "fsq" and (len(m.fsq.levels) < 1 or min(m.fsq.levels) < 2):
-        raise ConfigError(f"model.fsq.levels: expected at least one level, each >= 2, got {m.fsq.levels}")
+    m.family.validate(cfg)  # the family's own keys, and what they say about the rest
     if cfg.data.resolution % m.downsampling_factor:
         raise ConfigError(
             f"data.resolution: {cfg.data.resolution} is not a multiple of the downsampling factor "
@@ -633,8 +539,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"probe.time_shift: must be > 0 (1: no shift), got {cfg.probe.time_shift}")
     if cfg.probe.hidden % cfg.probe.heads:
         raise ConfigError(f"probe.heads: {cfg.probe.heads} does not divide probe.hidden ({cfg.probe.hidden})")
-    if m.kind == "kl" and m.shift_factor is not None and not isinstance(m.shift_factor, float):
-        raise ConfigError(f"model.shift_factor: expected a float or null, got {m.shift_factor!r}")
     return cfg
 
 

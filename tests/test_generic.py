@@ -56,10 +56,11 @@ UNTRAINABLE = {"ConsistencyDecoderVAE"}  # a sampled consistency-model decoder
 
 
 def test_every_autoencoder_of_diffusers_is_classified():
-    from pipeline.models.registry import AUDIO, FAMILY_CLASSES, GENERIC as TAKEN, OTHER, VIDEO
+    from pipeline.models.families import FAMILIES
+    from pipeline.models.registry import AUDIO, GENERIC as TAKEN, OTHER, VIDEO
 
     shipped = {n for n, c in vars(autoencoders).items() if isinstance(c, type) and hasattr(c, "config_name")}
-    known = [*AUDIO, *VIDEO, *OTHER, *(c for names in FAMILY_CLASSES.values() for c in names)]
+    known = [*AUDIO, *VIDEO, *OTHER, *(c for f in FAMILIES.values() for c in f.class_names)]
     assert sorted(known) == sorted(shipped) and set(GENERIC) == set(TAKEN)
 
 

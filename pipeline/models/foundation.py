@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.weights import hub
+import pipeline.weights.hub as hub  # the module alone (pipeline.weights reads configs: an import cycle)
 
 DOWNLOAD = ("name a Hub id (loss.alignment.model=facebook/dinov2-large), or download facebook/dinov2-large (`huggingface-cli download facebook/dinov2-large --local-dir {path}`) "
             "or timm's vit_large_patch14_dinov2.lvd142m (`huggingface-cli download "

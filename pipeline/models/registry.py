@@ -1,19 +1,14 @@
-"""The model families by name, without importing torch or diffusers: what a weights folder's config names, and what
-a family stores, known before any model is loaded (a stage's checks come before its heavy imports).
-pipeline.models.families holds the families themselves and takes their classes from here."""
+"""Every class of diffusers.models.autoencoders, classified without importing torch or diffusers: the classes a model
+family holds (each family declares its own, pipeline.models.families), and the audio, video and other autoencoders
+refused as what they are; what a weights folder's config names, and what a family stores, known before any model is
+loaded (a stage's checks come before its heavy imports)."""
 
 from __future__ import annotations
 
 from pipeline.errors import UserError
+from pipeline.models.families import FAMILIES, family
+from pipeline.models.families.generic import DETERMINISTIC, GENERIC  # noqa: F401 (the generic families' classes)
 
-# every image autoencoder in diffusers.models.autoencoders (0.42) that no family of its own holds: the generic
-# families take it, an image [B, C, H, W] ("image") or one frame of a video VAE [B, C, 1, H, W] ("frame"); its
-# encoder gives a Gaussian posterior (family generic) or a deterministic latent (generic-latent: Cosmos)
-GENERIC = {"AsymmetricAutoencoderKL": "image", "AutoencoderKLHunyuanImage": "image", "AutoencoderKLKVAE": "image",
-           "AutoencoderKLTemporalDecoder": "image", "ConsistencyDecoderVAE": "image",
-           "AutoencoderKLCosmos": "frame", "AutoencoderKLHunyuanImageRefiner": "frame",
-           "AutoencoderKLMiniMaxH3": "frame", "AutoencoderKLQwenImage21": "frame"}
-DETERMINISTIC = ("AutoencoderKLCosmos",)
 # the rest of diffusers.models.autoencoders: refused as what they are, in one line
 AUDIO = ("AutoencoderOobleck", "AutoencoderSAME", "AutoencoderKLKVAEAudio", "AutoencoderKLLTX2Audio",
          "AutoencoderKLMiniMaxH3Audio", "Cosmos3AVAEAudioTokenizer", "LongCatAudioDiTVae", "MMAudioVAE",
@@ -22,16 +17,6 @@ VIDEO = ("AutoencoderKLAllegro", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuan
          "AutoencoderKLKVAEVideo", "AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video", "AutoencoderKLMagvit",
          "AutoencoderKLMochi", "AutoencoderVidTok", "Kandinsky6SRVAE", "LTX2VideoDiffusionDecoderModel")
 OTHER = {"RFD4ProteinaAutoencoder": "a protein structure autoencoder"}
-
-# family (model.kind) -> the diffusers classes it holds (FSQ has none: no diffusers model has its quantizer)
-FAMILY_CLASSES = {"kl": ("AutoencoderKL",), "vq": ("VQModel",), "fsq": (), "dc": ("AutoencoderDC",),
-                  "flux2": ("AutoencoderKLFlux2",), "qwenimage": ("AutoencoderKLQwenImage",),
-                  "wan": ("AutoencoderKLWan",), "tiny": ("AutoencoderTiny",), "rae": ("AutoencoderRAE",),
-                  "generic": tuple(n for n in GENERIC if n not in DETERMINISTIC), "generic-latent": DETERMINISTIC}
-# what its encoder gives: a Gaussian posterior, code indices, or a deterministic latent
-LATENT = {"kl": "posterior", "flux2": "posterior", "qwenimage": "posterior", "wan": "posterior", "vq": "codes",
-          "fsq": "codes", "dc": "latent", "tiny": "latent", "rae": "latent", "generic": "posterior",
-          "generic-latent": "latent"}
 
 
 def refused_class(class_name: str | None) -> str | None:
@@ -52,30 +37,10 @@ def family_of_class_name(class_name: str | None) -> str | None:
     why = refused_class(class_name)
     if why:
         raise UserError(why)
-    return next((kind for kind, names in FAMILY_CLASSES.items() if class_name in names), None)
-
-
-def diffusers_classes(kind: str) -> tuple[type, ...]:
-    import diffusers
-
-    return tuple(getattr(diffusers, name) for name in FAMILY_CLASSES[kind])
+    return next((f.name for f in FAMILIES.values() if class_name in f.class_names), None)
 
 
 def stored(kind: str, requested: str) -> str:
     """What encode stores for a family: codes (VQ, FSQ), the deterministic latent (DC-AE, Tiny, RAE), else the
     posterior as encode.store asks (moments, mean or one sample)."""
-    return {"codes": "codes", "latent": "latent"}.get(LATENT[kind], requested)
-
-
-def rae_section(c: dict) -> dict:
-    """The model.rae keys of an AutoencoderRAE config (config.json or a model's), without torch: what a light config
-    needs to check data.resolution against the image size it decodes."""
-    get = c.get  # AutoencoderRAE's defaults where a key is absent
-    return {"encoder": {"type": get("encoder_type", "dinov2"), "hidden_size": get("encoder_hidden_size", 768),
-                        "patch_size": get("encoder_patch_size", 14), "num_layers": get("encoder_num_hidden_layers", 12),
-                        "input_size": get("encoder_input_size", 224), "backbone": "random",
-                        "norm_mean": get("encoder_norm_mean"), "norm_std": get("encoder_norm_std")},
-            "decoder_hidden_size": get("decoder_hidden_size", 512),
-            "decoder_layers": get("decoder_num_hidden_layers", 8),
-            "decoder_heads": get("decoder_num_attention_heads", 16),
-            "decoder_intermediate_size": get("decoder_intermediate_size", 2048), "patch_size": get("patch_size", 16)}
+    return {"codes": "codes", "latent": "latent"}.get(family(kind).latent, requested)

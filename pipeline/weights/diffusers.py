@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from pipeline.config import config_from_dict, downsampling_factor_of, merge_dicts, parse_overrides
+from pipeline.config import config_from_dict, merge_dicts, parse_overrides
 from pipeline.errors import UserError
-from pipeline.models.registry import diffusers_classes, family_of_class_name, rae_section
+from pipeline.models.families import family
+from pipeline.models.families.rae import rae_section
+from pipeline.models.registry import family_of_class_name
 from pipeline.storage import regular_file
 from pipeline.weights.loading import check_fit, read_json_config, safetensors_shapes
 
@@ -25,7 +27,7 @@ def read_config(folder: Path) -> dict:
 
 def model_class(config: dict) -> type:
     name = config.get("_class_name")
-    return next(c for c in diffusers_classes(family_of_class_name(name)) if c.__name__ == name)
+    return next(c for c in family(family_of_class_name(name)).classes if c.__name__ == name)
 
 
 def detect(p: Path) -> Path | None:
@@ -80,10 +82,10 @@ def load(folder: Path, ema: bool, overrides: list[str] | None):
     return model, model_config(model, overrides)
 
 
-def default_resolution(config) -> int:
-    """data.resolution of a diffusers model: its sample_size when that fits its downsampling factor, else 256 (or
-    the nearest multiple of the factor below it)."""
-    f = downsampling_factor_of(config)
+def default_resolution(config, kind: str) -> int:
+    """data.resolution of a diffusers model of the family `kind`: its sample_size when that fits its downsampling
+    factor, else 256 (or the nearest multiple of the factor below it)."""
+    f = family(kind).factor_of_config(config)
     if "encoder_input_size" in config:  # AutoencoderRAE decodes one size: its patch times the encoder's grid
         return f * (config["encoder_input_size"] // config.get("encoder_patch_size", 14))
     size = config.get("sample_size")
@@ -94,8 +96,9 @@ def model_config(model, overrides: list[str] | None = None):
     """A Config whose model section describes a loaded model (for evaluate / encode / export / init_from)."""
     from pipeline.models.families import family_of
 
-    data = {"resolution": default_resolution(model.config)}
-    return config_from_dict(merge_dicts({"model": family_of(model).model_section(model), "data": data},
+    fam = family_of(model)
+    data = {"resolution": default_resolution(model.config, fam.name)}
+    return config_from_dict(merge_dicts({"model": fam.model_section(model), "data": data},
                                         parse_overrides(overrides or [])))
 
 
@@ -109,7 +112,7 @@ def light_config(folder: Path, overrides: list[str] | None = None):
                                            if not k.startswith("_") or (named and k == "_class_name")}}
     if kind == "rae":
         section["rae"] = rae_section(config)
-    return config_from_dict(merge_dicts({"model": section, "data": {"resolution": default_resolution(config)}},
+    return config_from_dict(merge_dicts({"model": section, "data": {"resolution": default_resolution(config, kind)}},
                                         parse_overrides(overrides or [])))
 
 

@@ -9,14 +9,18 @@
   wan        AutoencoderKLWan                                                            pipeline.models.families.video
   tiny       AutoencoderTiny (TAESD and kin)                                             pipeline.models.families.tiny
   rae        AutoencoderRAE: a frozen foundation encoder, a ViT decoder                 pipeline.models.families.rae
-  generic    every other diffusers image autoencoder (registry.GENERIC), a posterior    pipeline.models.families.generic
+  generic    every other diffusers image autoencoder (generic.GENERIC), a posterior     pipeline.models.families.generic
   generic-latent  the same with a deterministic latent (Cosmos)                         pipeline.models.families.generic
 
-A family answers: build from the `model:` section, encode to a `Latent` (posterior moments, a deterministic latent,
-or codes), decode, the forward the objective needs, the decoder's last layer (adaptive GAN weight), the encoder side
-(frozen by a decoder-only fine-tune), the downsampling factor, the `model:` section of a loaded model, and the
-latent normalisation its diffusers pipelines apply. Adding a family is one module and one entry in FAMILIES;
-docs/model-families.md is the table users read.
+A family declares its name (model.kind), its diffusers classes by name, what its encoder gives (a posterior, codes or
+a deterministic latent) and its own model.* keys (a dataclass that pipeline.config joins to the shared keys), and
+answers: validate its `model:` section and give its downsampling factor (without torch: the config asks this table
+before a stage's heavy imports), build from the section, encode to a `Latent` (posterior moments, a deterministic
+latent, or codes), decode, the forward the objective needs, the decoder's last layer (adaptive GAN weight), the
+encoder side (frozen by a decoder-only fine-tune), the `model:` section of a loaded model, and the latent
+normalisation its diffusers pipelines apply. The family modules import torch and diffusers only inside the methods
+that run a model. Adding a family is one module and one row in FAMILIES; docs/model-families.md is the table users
+read.
 """
 
 from __future__ import annotations
@@ -30,12 +34,11 @@ from pipeline.models.families.rae import RAEFamily
 from pipeline.models.families.sd import FSQFamily, KLFamily, VQFamily, is_fsq  # noqa: F401
 from pipeline.models.families.tiny import TinyFamily
 from pipeline.models.families.video import QwenImageFamily, WanFamily
-from pipeline.models.registry import FAMILY_CLASSES
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (KLFamily(), VQFamily(), FSQFamily(), DCFamily(), Flux2Family(),
                                                      QwenImageFamily(), WanFamily(), TinyFamily(),
                                                      RAEFamily(), GenericFamily(), GenericLatentFamily())}
-assert set(FAMILIES) == set(FAMILY_CLASSES)  # pipeline.models.registry names every family
+DEFAULT = "kl"  # the family of a config that names none
 
 
 def family(kind: str) -> Family:

@@ -1,17 +1,21 @@
-"""What every model family answers, with the defaults most diffusers autoencoders share."""
+"""What every model family answers, with the defaults most diffusers autoencoders share.
+
+A family module imports neither torch nor diffusers at module level (they come inside the methods that run a model):
+the config reads the family table to check a `model:` section (Family.keys, validate, factor_of_section) before a
+stage's heavy imports."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from pipeline.errors import ConfigError, UserError
 
-from pipeline.config import downsampling_factor_of
-from pipeline.errors import UserError
-from pipeline.models.posterior import reparameterize
-from pipeline.models.registry import LATENT
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -44,16 +48,50 @@ def plain_config(config) -> dict:
     return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
 
 
+def diffusers_classes(names: tuple[str, ...]) -> tuple[type, ...]:
+    import diffusers
+
+    return tuple(getattr(diffusers, name) for name in names)
+
+
 class Family:
     """One model family: how its models are built, encode, decode and train. Subclasses override what differs."""
 
-    name = ""
-    classes: tuple[type, ...] = ()  # its diffusers classes (pipeline.models.registry names them)
+    name = ""  # model.kind
+    class_names: tuple[str, ...] = ()  # its diffusers classes: a diffusers folder of one is loaded as this family
+    latent = "posterior"  # what its encoder gives: a Gaussian posterior, "codes" (indices), or a deterministic "latent"
+    keys: type | None = None  # a dataclass of its own model.* keys (None: it is built from model.diffusers only)
+
+    @property
+    def classes(self) -> tuple[type, ...]:
+        """Its model classes (diffusers imported here, never when the family table is read)."""
+        return diffusers_classes(self.class_names)
 
     @property
     def has_posterior(self) -> bool:
-        """A Gaussian q(z|x): KL term, active units, likelihood bounds (pipeline.models.registry says which)."""
-        return LATENT[self.name] == "posterior"
+        """A Gaussian q(z|x): KL term, active units, likelihood bounds."""
+        return self.latent == "posterior"
+
+    # ------------------------------------------------------------------------------------------ its config
+    def own_fields(self) -> tuple[dataclasses.Field, ...]:
+        """Its own keys of the `model:` section (pipeline.config.model_schema joins them to the shared ones)."""
+        return dataclasses.fields(self.keys) if self.keys is not None else ()
+
+    def validate(self, cfg) -> None:
+        """One ConfigError line for a `model:` section of this family that cannot work (its own keys, and what they
+        require of the rest of the config); without torch. A family without keys of its own needs model.diffusers."""
+        if self.keys is None and not cfg.model.diffusers:
+            raise ConfigError(f"model.kind {self.name}: built from a diffusers config; give train.init_from (or "
+                              f"--model) a diffusers folder of that class")
+
+    def factor_of_section(self, m) -> int:
+        """The spatial downsampling of the model a `model:` section builds."""
+        return self.factor_of_config(m.diffusers)
+
+    def factor_of_config(self, config) -> int:
+        """The spatial downsampling of a model from its diffusers config: one 2x step between consecutive levels
+        (AutoencoderKL, VQModel, Flux2, DC-AE, Tiny)."""
+        return 2 ** (len(config.get("encoder_block_out_channels") or config["block_out_channels"]) - 1)
 
     shift = True  # its pipelines subtract a shift (measured normalisation then removes the mean)
     exports = ("diffusers", "firststage")  # pipeline.weights export formats that can hold this family
@@ -87,6 +125,8 @@ class Family:
     def forward(self, model, x: torch.Tensor, sample_posterior: bool = True, transform=None) -> AutoencoderOutput:
         """Encode, decode. `transform` (z -> z', training only: a rescale, a rotation, noise) is applied to the
         latent before decoding; `latents` stays the untransformed one."""
+        from pipeline.models.posterior import reparameterize
+
         lat = self.encode(model, x)
         if lat.logvar is not None:
             z = reparameterize(lat.mean, lat.logvar) if sample_posterior else lat.mean
@@ -112,6 +152,8 @@ class Family:
 
     def encoder_side(self, model) -> list[nn.Module]:
         """What a decoder-only fine-tune freezes: the latent space an existing diffusion model was trained on."""
+        from torch import nn
+
         return [m for m in (model.encoder, getattr(model, "quant_conv", None)) if isinstance(m, nn.Module)]
 
     def initialise(self, model, cfg) -> None:
@@ -140,7 +182,7 @@ class Family:
 
     # ------------------------------------------------------------------------------------------ shapes
     def downsampling_factor(self, model) -> int:
-        return downsampling_factor_of(model.config)
+        return self.factor_of_config(model.config)
 
     def image_channels(self, model) -> int:
         return model.config.in_channels

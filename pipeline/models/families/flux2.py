@@ -5,9 +5,6 @@ runs that BatchNorm itself: it only holds the statistics, which an export rewrit
 
 from __future__ import annotations
 
-import torch
-
-from pipeline.models.registry import diffusers_classes
 from pipeline.models.families.base import Family
 
 PATCH = 2
@@ -15,15 +12,19 @@ PATCH = 2
 
 class Flux2Family(Family):
     name = "flux2"
-    classes = diffusers_classes("flux2")
+    class_names = ("AutoencoderKLFlux2",)
 
     def normalisation(self, model) -> dict:
+        import torch
+
         bn = model.bn
         std = torch.sqrt(bn.running_var.double() + model.config.batch_norm_eps)
         return {"kind": "per_channel", "mean": bn.running_mean.double().tolist(), "std": std.tolist(), "patch": PATCH,
                 "source": "the model's BatchNorm running statistics"}
 
     def set_normalisation(self, model, spec: dict) -> None:
+        import torch
+
         with torch.no_grad():
             model.bn.running_mean.copy_(torch.tensor(spec["mean"]))
             model.bn.running_var.copy_(torch.tensor(spec["std"], dtype=torch.float64).pow(2) - model.config.batch_norm_eps)

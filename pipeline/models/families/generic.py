@@ -1,4 +1,4 @@
-"""Every other image autoencoder of diffusers.models.autoencoders (pipeline.models.registry.GENERIC): a class whose
+"""Every other image autoencoder of diffusers.models.autoencoders (GENERIC below): a class whose
 encode gives a Gaussian posterior and whose decode gives an image, [B, C, H, W], or one frame of a video VAE,
 [B, C, 1, H, W] (Cosmos, Qwen-Image 2.1, HunyuanImage's refiner, MiniMax H3: their causal first frame is encoded
 alone, as Wan's). Its latent normalisation is what its config gives, the way its pipelines read it:
@@ -14,12 +14,25 @@ null) is refused in one line when its normalisation is needed, never guessed. Th
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import math
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
 from pipeline.models.families.base import Family, Latent, plain_config
-from pipeline.models.registry import GENERIC, diffusers_classes
+from pipeline.models.families.video import frames_factor
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# every image autoencoder in diffusers.models.autoencoders (0.42) that no family of its own holds: the generic
+# families take it, an image [B, C, H, W] ("image") or one frame of a video VAE [B, C, 1, H, W] ("frame"); its
+# encoder gives a Gaussian posterior (family generic) or a deterministic latent (generic-latent: Cosmos)
+GENERIC = {"AsymmetricAutoencoderKL": "image", "AutoencoderKLHunyuanImage": "image", "AutoencoderKLKVAE": "image",
+           "AutoencoderKLTemporalDecoder": "image", "ConsistencyDecoderVAE": "image",
+           "AutoencoderKLCosmos": "frame", "AutoencoderKLHunyuanImageRefiner": "frame",
+           "AutoencoderKLMiniMaxH3": "frame", "AutoencoderKLQwenImage21": "frame"}
+DETERMINISTIC = ("AutoencoderKLCosmos",)
 
 UNTRAINABLE = {"ConsistencyDecoderVAE": "its decoder is a consistency model sampled in steps, not a decoder "
                                         "firststage's objective trains"}
@@ -31,7 +44,7 @@ def _config_value(c, *names):
 
 class GenericFamily(Family):
     name = "generic"
-    classes = diffusers_classes("generic")
+    class_names = tuple(n for n in GENERIC if n not in DETERMINISTIC)
     shift = False  # none of these classes' pipelines subtract a shift unless the config has one (own normalisation)
 
     @staticmethod
@@ -74,6 +87,8 @@ class GenericFamily(Family):
                             f"evaluate and encode take it")
 
     def _last_weight(self, module: nn.Module) -> nn.Parameter:
+        from torch import nn
+
         conv_out = getattr(module, "conv_out", None)
         if isinstance(conv_out, nn.Module) and any(True for _ in conv_out.parameters()):
             module = conv_out
@@ -93,6 +108,20 @@ class GenericFamily(Family):
         model.encoder.compile()
 
     # ------------------------------------------------------------------------------------------ shapes
+    def factor_of_config(self, config) -> int:
+        """Wan's temperal_downsample (Qwen-Image 2.1), the config's own ratio (HunyuanImage, Cosmos:
+        spatial_compression_ratio; MiniMax H3: its factors), KVAE's ch_mult or the asymmetric VAE's down blocks."""
+        if "temperal_downsample" in config:
+            return frames_factor(config)
+        if config.get("spatial_compression_ratio"):
+            return int(config["spatial_compression_ratio"])
+        if config.get("spatial_downsample_factors"):
+            return int(math.prod(config["spatial_downsample_factors"]))
+        for key in ("ch_mult", "down_block_out_channels"):
+            if config.get(key):
+                return 2 ** (len(config[key]) - 1)
+        return super().factor_of_config(config)
+
     def image_channels(self, model) -> int:
         return _config_value(model.config, "in_channels", "encoder_in_channels") or 3
 
@@ -133,7 +162,8 @@ class GenericFamily(Family):
 
 
 class GenericLatentFamily(GenericFamily):
-    """The generic family's classes whose encoder gives a deterministic latent (registry.DETERMINISTIC)."""
+    """The generic family's classes whose encoder gives a deterministic latent (DETERMINISTIC)."""
 
     name = "generic-latent"
-    classes = diffusers_classes("generic-latent")
+    class_names = DETERMINISTIC
+    latent = "latent"

@@ -10,24 +10,98 @@ drawn by the trainer only, so evaluate and encode never see it (AutoencoderRAE's
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
-from torch import nn
-
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.models.families.base import Family, Latent, plain_config
-from pipeline.models.registry import diffusers_classes, rae_section
+from pipeline.schema import key
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 EPS = 1e-5  # AutoencoderRAE divides by latents_std + 1e-5
 NORM = {"siglip2": ([0.5] * 3, [0.5] * 3)}  # the encoder's input normalisation by type; else ImageNet's
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
+@dataclass
+class FoundationEncoderConfig:
+    """The frozen vision foundation model an RAE encodes with (transformers' Dinov2WithRegisters, Siglip2 or ViTMAE):
+    the width, patch and depth of the weights at `weights`, which must fit them."""
+
+    type: Literal["dinov2", "siglip2", "mae"] = key("dinov2", "dinov2 (with registers), siglip2 or mae")
+    weights: str = key("", "a transformers folder of the encoder (facebook/dinov2-with-registers-base)")
+    backbone: Literal["pretrained", "random"] = key(
+        "pretrained", "pretrained: the weights at model.rae.encoder.weights; random: seeded random weights (tests "
+        "only)")
+    hidden_size: int = key(768, "the encoder's width: the latent's channels", min=1)
+    patch_size: int = key(14, "the encoder's patch size", min=1)
+    num_layers: int = key(12, "the encoder's depth", min=1)
+    input_size: int = key(224, "the image is resized bicubically to this square before the encoder", min=1)
+    norm_mean: Optional[list[float]] = key(None, "the encoder's input mean; null: its type's (ImageNet; SigLIP 0.5)")
+    norm_std: Optional[list[float]] = key(None, "the encoder's input std; null: its type's (ImageNet; SigLIP 0.5)")
+
+
+@dataclass
+class RAEConfig:
+    """A representation autoencoder (Zheng et al. 2025, bytetriper/RAE): a frozen foundation encoder and the ViT
+    decoder of diffusers' AutoencoderRAE; the defaults are DINOv2-B with the paper's ViT-XL decoder."""
+
+    encoder: FoundationEncoderConfig = key(FoundationEncoderConfig(), "the frozen encoder")
+    decoder_hidden_size: int = key(1152, "ViT decoder width (ViT-XL: 1152)", min=1)
+    decoder_layers: int = key(28, "ViT decoder depth (ViT-XL: 28)", min=1)
+    decoder_heads: int = key(16, "ViT decoder attention heads", min=1)
+    decoder_intermediate_size: int = key(4096, "ViT decoder MLP width", min=1)
+    patch_size: int = key(16, "decoder patch: the image is patch_size x the encoder's grid", min=1)
+
+
+@dataclass
+class RAEKeys:
+    rae: RAEConfig = key(RAEConfig(), "representation autoencoder (kind: rae only)")
+
+
+def rae_section(c: dict) -> dict:
+    """The model.rae keys of an AutoencoderRAE config (config.json or a model's), without torch: what a light config
+    needs to check data.resolution against the image size it decodes."""
+    get = c.get  # AutoencoderRAE's defaults where a key is absent
+    return {"encoder": {"type": get("encoder_type", "dinov2"), "hidden_size": get("encoder_hidden_size", 768),
+                        "patch_size": get("encoder_patch_size", 14), "num_layers": get("encoder_num_hidden_layers", 12),
+                        "input_size": get("encoder_input_size", 224), "backbone": "random",
+                        "norm_mean": get("encoder_norm_mean"), "norm_std": get("encoder_norm_std")},
+            "decoder_hidden_size": get("decoder_hidden_size", 512),
+            "decoder_layers": get("decoder_num_hidden_layers", 8),
+            "decoder_heads": get("decoder_num_attention_heads", 16),
+            "decoder_intermediate_size": get("decoder_intermediate_size", 2048), "patch_size": get("patch_size", 16)}
+
+
 class RAEFamily(Family):
     name = "rae"
-    classes = diffusers_classes("rae")
+    class_names = ("AutoencoderRAE",)
+    latent = "latent"
+    keys = RAEKeys
     shift = True
     any_size = False  # the ViT decoder's position embeddings fix its grid: the probe's 2x downscale is left out
+
+    def validate(self, cfg) -> None:
+        e = cfg.model.rae.encoder
+        if e.input_size % e.patch_size:
+            raise ConfigError(f"model.rae.encoder.input_size {e.input_size}: not a multiple of its patch_size "
+                              f"{e.patch_size}")
+        size = cfg.model.rae.patch_size * (e.input_size // e.patch_size)
+        if cfg.data.resolution != size:
+            raise ConfigError(f"data.resolution {cfg.data.resolution}: this RAE decodes {size}px images (model.rae."
+                              f"patch_size x model.rae.encoder.input_size / patch_size); set data.resolution={size}")
+        if cfg.loss.equivariance.enabled or cfg.loss.alignment.enabled:
+            raise ConfigError("loss.equivariance / loss.alignment: an RAE's latent is a frozen encoder's fixed grid "
+                              "of features; turn them off (loss.latent_noise is its augmentation)")
+
+    def factor_of_section(self, m) -> int:
+        return m.rae.patch_size
+
+    def factor_of_config(self, config) -> int:
+        return int(config.get("patch_size") or 16)  # the decoder's patch per latent position
 
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
         r, e = cfg.rae, cfg.rae.encoder
@@ -68,6 +142,8 @@ class RAEFamily(Family):
     # ------------------------------------------------------------------------------------------ running
     def encode(self, model, x: torch.Tensor) -> Latent:
         """The frozen encoder's patch features of images in [-1, 1]: [B, C, g, g] (no gradient: it never trains)."""
+        import torch
+
         size = model.decoder_image_size
         if x.shape[-2:] != (size, size):
             raise UserError(f"this RAE decodes {size}x{size} images; got {x.shape[-2]}x{x.shape[-1]} "
@@ -105,9 +181,6 @@ class RAEFamily(Family):
         model.encoder.compile()
 
     # ------------------------------------------------------------------------------------------ shapes
-    def downsampling_factor(self, model) -> int:
-        return model.config.patch_size
-
     def image_channels(self, model) -> int:
         return model.config.num_channels
 
@@ -121,6 +194,8 @@ class RAEFamily(Family):
     def normalisation(self, model) -> dict:
         """AutoencoderRAE's (z - latents_mean) / (latents_std + 1e-5) * scaling_factor, per element of [C, g, g],
         from its buffers (what its encode uses; a new model's are 0 and 1)."""
+        import torch
+
         c, g = self.latent_channels(model), self.grid(model)
         shape = (c, g, g)
 
@@ -134,6 +209,8 @@ class RAEFamily(Family):
                 "per_position": True, "source": "the model's latents_mean / latents_std"}
 
     def set_normalisation(self, model, spec: dict) -> None:
+        import torch
+
         c, g = self.latent_channels(model), self.grid(model)
         mean = torch.tensor(spec["mean"], dtype=torch.float64).view(c, g, g)
         std = torch.tensor(spec["std"], dtype=torch.float64).view(c, g, g) - EPS

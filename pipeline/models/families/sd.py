@@ -8,16 +8,64 @@
 
 from __future__ import annotations
 
-import torch
-from diffusers import AutoencoderKL, VQModel
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Optional
 
-from pipeline.models.registry import diffusers_classes
+from pipeline.errors import ConfigError
 from pipeline.models.families.base import Family, Latent, plain_config
-from pipeline.models.fsq import FiniteScalarQuantizer
-from pipeline.models.quantizer import VectorQuantizer
+from pipeline.schema import key
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 _SD_BLOCKS = ("DownEncoderBlock2D", "UpDecoderBlock2D")
+
+
+@dataclass
+class SDKeys:
+    """The model.* keys of the SD / LDM encoder-decoder (kl, vq, fsq)."""
+
+    block_out_channels: list[int] = key([128, 256, 512, 512], "channels per resolution level; downsampling factor is "
+                                        "2**(levels-1)")
+    layers_per_block: int = key(2, "resnet layers per level", min=1)
+    mid_block_attention: bool = key(True, "self-attention in the middle block")
+    norm_num_groups: int = key(32, "GroupNorm groups; must divide every entry of block_out_channels", min=1)
+    init_logvar: Optional[float] = key(
+        None, "KL: initial posterior log-variance (bias of quant_conv's logvar half) of a model trained from scratch; "
+        "-6 starts at sigma 0.05 so the decoder is not drowned in noise early on; null: diffusers' init",
+        init_only=True)
+    use_quant_conv: bool = key(True, "the 1x1 convolutions around the latent (SD 1/2, SDXL: true; SD3, FLUX.1: "
+                               "false)")
+
+
+@dataclass
+class CodebookConfig:
+    size: int = key(16384, "number of codes", min=2)
+    dim: int = key(0, "code dimension; 0 means latent_channels", min=0)
+    beta: float = key(0.25, "commitment weight (VQ-VAE, van den Oord et al. 2017)", min=0.0)
+    update: Literal["loss", "ema"] = key("ema", "codebook learned by the codebook loss or by EMA of assignments")
+    ema_decay: float = key(0.99, "EMA decay of code statistics", min=0.0, max=1.0)
+    cosine: bool = key(False, "l2-normalise codes and encodings (cosine-similarity lookup)")
+    restart_dead: bool = key(True, "restart codes unused for `dead_after` steps from recent encoder outputs")
+    dead_after: int = key(100, "steps without an assignment after which a code counts as dead", min=1)
+    usage_window: int = key(100, "steps over which codebook usage is measured", min=1)
+
+
+@dataclass
+class VQKeys(SDKeys):
+    codebook: CodebookConfig = key(CodebookConfig(), "VQ codebook (kind: vq only)")
+
+
+@dataclass
+class FSQConfig:
+    levels: list[int] = key([8, 5, 5, 5], "FSQ levels per latent channel; the implicit codebook has their product "
+                            "(Mentzer et al. 2023: [8,5,5,5] = 1000, [8,8,8,5,5,5] = 64000)")
+
+
+@dataclass
+class FSQKeys(SDKeys):
+    fsq: FSQConfig = key(FSQConfig(), "FSQ quantizer (kind: fsq only)")
 
 
 def _sd_blocks(cfg, sample_size: int) -> dict:
@@ -48,6 +96,19 @@ class SDFamily(Family):
     """What KL, VQ and FSQ share: the encoder / decoder and their blocks."""
 
     exports = ("diffusers", "single-file", "encoder-only", "firststage")
+    keys = SDKeys
+
+    def validate(self, cfg) -> None:
+        m = cfg.model
+        if len(m.block_out_channels) < 1:
+            raise ConfigError("model.block_out_channels: needs at least one level")
+        bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
+        if bad and not m.diffusers:
+            raise ConfigError(f"model.block_out_channels: {bad} not divisible by model.norm_num_groups="
+                              f"{m.norm_num_groups}")
+
+    def factor_of_section(self, m) -> int:
+        return super().factor_of_section(m) if m.diffusers else 2 ** (len(m.block_out_channels) - 1)
 
     def model_section(self, model) -> dict:
         c = model.config
@@ -74,9 +135,12 @@ class SDFamily(Family):
 
 class KLFamily(SDFamily):
     name = "kl"
-    classes = diffusers_classes("kl")
+    class_names = ("AutoencoderKL",)
 
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
+        import torch
+        from diffusers import AutoencoderKL
+
         model = AutoencoderKL(**_sd_blocks(cfg, sample_size), shift_factor=cfg.shift_factor,
                               use_quant_conv=cfg.use_quant_conv, use_post_quant_conv=cfg.use_quant_conv)
         if cfg.init_logvar is not None:  # the second half of the encoder's outputs is the posterior's log-variance
@@ -88,6 +152,8 @@ class KLFamily(SDFamily):
 
 class QuantizedFamily(SDFamily):
     """VQModel's encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder."""
+
+    latent = "codes"
 
     def encode(self, model, x: torch.Tensor) -> Latent:
         h = model.quant_conv(model.encoder(x))
@@ -110,9 +176,14 @@ class QuantizedFamily(SDFamily):
 
 class VQFamily(QuantizedFamily):
     name = "vq"
-    classes = diffusers_classes("vq")
+    class_names = ("VQModel",)
+    keys = VQKeys
 
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
+        from diffusers import VQModel
+
+        from pipeline.models.quantizer import VectorQuantizer
+
         cb = cfg.codebook
         dim = cb.dim or cfg.latent_channels
         model = VQModel(**_sd_blocks(cfg, sample_size), num_vq_embeddings=cb.size, vq_embed_dim=dim)
@@ -142,10 +213,21 @@ class FSQFamily(QuantizedFamily):
     folder is its export format."""
 
     name = "fsq"
-    classes = ()  # recognised by its quantizer (family_of), never loaded from a diffusers folder
+    class_names = ()  # recognised by its quantizer (family_of), never loaded from a diffusers folder
     exports = ("encoder-only", "firststage")
+    keys = FSQKeys
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        levels = cfg.model.fsq.levels
+        if len(levels) < 1 or min(levels) < 2:
+            raise ConfigError(f"model.fsq.levels: expected at least one level, each >= 2, got {levels}")
 
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
+        from diffusers import VQModel
+
+        from pipeline.models.fsq import FiniteScalarQuantizer
+
         levels = cfg.fsq.levels
         model = VQModel(**_sd_blocks(cfg, sample_size), num_vq_embeddings=2, vq_embed_dim=len(levels))
         model.quantize = FiniteScalarQuantizer(levels)  # replaces diffusers' (unused) 2-entry codebook
@@ -162,6 +244,8 @@ class FSQFamily(QuantizedFamily):
 
 
 def is_fsq(model) -> bool:
+    from pipeline.models.fsq import FiniteScalarQuantizer
+
     return isinstance(getattr(model, "quantize", None), FiniteScalarQuantizer)
 
 

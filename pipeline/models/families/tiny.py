@@ -5,17 +5,20 @@ checkpointing skips the encoder's input rescaling, so it is refused."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
-from pipeline.models.registry import diffusers_classes
 from pipeline.models.families.base import Family, Latent
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class TinyFamily(Family):
     name = "tiny"
-    classes = diffusers_classes("tiny")
+    class_names = ("AutoencoderTiny",)
+    latent = "latent"
 
     def encode(self, model, x: torch.Tensor) -> Latent:
         return Latent(model.encode(x).latents)

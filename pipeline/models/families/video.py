@@ -7,13 +7,24 @@ Qwen-Image's network is Wan 2.1's; Wan 2.2 patchifies the pixels inside the mode
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from pipeline.models.registry import diffusers_classes
 from pipeline.models.families.base import Family, Latent
+
+if TYPE_CHECKING:
+    import torch
+
+
+def frames_factor(config) -> int:
+    """The spatial downsampling of a Wan-style network: one 2x step per entry of temperal_downsample (diffusers'
+    spelling), times Wan 2.2's pixel patch."""
+    return 2 ** len(config["temperal_downsample"]) * (config.get("patch_size") or 1)
 
 
 class VideoFamily(Family):
+
+    def factor_of_config(self, config) -> int:
+        return frames_factor(config)
 
     def encode(self, model, x: torch.Tensor) -> Latent:
         posterior = model.encode(x.unsqueeze(2)).latent_dist
@@ -39,7 +50,7 @@ class VideoFamily(Family):
 
 class QwenImageFamily(VideoFamily):
     name = "qwenimage"
-    classes = diffusers_classes("qwenimage")
+    class_names = ("AutoencoderKLQwenImage",)
 
     def image_channels(self, model) -> int:
         return model.config.input_channels
@@ -47,7 +58,7 @@ class QwenImageFamily(VideoFamily):
 
 class WanFamily(VideoFamily):
     name = "wan"
-    classes = diffusers_classes("wan")
+    class_names = ("AutoencoderKLWan",)
 
     def image_channels(self, model) -> int:
         c = model.config
