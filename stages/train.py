@@ -90,9 +90,9 @@ def _exit_preempted(grace: float) -> None:
 
 def _run(args, cfg, stop: threading.Event):
     with start_up(stop, "train: preempted during start-up, before any step; rerun with --resume auto"):
-        from pipeline.train.trainer import Trainer, resolve_init, shape_from_init
+        from pipeline.train.trainer import Trainer, load_init, shape_from_init
 
-    init = resolve_init(cfg)  # once: the shape and the weights come from the same checkpoint
+    init = load_init(cfg)  # read once: the shape and the weights come from the same checkpoint, the same read
     shaped = shape_from_init(cfg, args.overrides, init)  # train.init_from brings its shape (also when resuming)
     if shaped.model != cfg.model:
         print0(f"train: the model's shape comes from train.init_from {cfg.train.init_from} "
@@ -101,6 +101,7 @@ def _run(args, cfg, stop: threading.Event):
     acc = make_accelerator(cfg)
     with flag_named("--resume") if args.resume not in (None, "auto") else contextlib.nullcontext():
         tr = Trainer(cfg, acc, args.resume, init)
+    del init  # its model is the trainer's now, or gave the trainer's its tensors: not held for the whole run
     if acc.is_main_process:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, tr.run_dir / "config.yaml")

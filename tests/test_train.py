@@ -201,6 +201,28 @@ def test_init_from_brings_its_shape_and_an_explicit_other_shape_is_a_clear_error
                         f"train.init_from={tmp_path / 'other'}", "model.latent_channels=4")  # asked for explicitly
 
 
+@pytest.mark.parametrize("extra", [[], ["model.scaling_factor=0.5"]], ids=["its-own-model", "another-section"])
+def test_init_from_reads_its_weights_once(shards, tmp_path, monkeypatch, extra):
+    """train.init_from's weights file is read once per process: the shape comes from that read, and the model it was
+    read into is the one trained (its own model section) or hands its tensors to the run's model (another one)."""
+    from pipeline.config import config_to_dict, load_config
+    from pipeline.models import build_autoencoder
+    from pipeline.weights import firststage
+
+    cfg = load_config("tiny")
+    torch.manual_seed(7)
+    start = build_autoencoder(cfg.model, 32)
+    firststage.save(start, tmp_path / "init", config_to_dict(cfg)["model"], 32)
+    reads, read = [], firststage.load_tensors
+    monkeypatch.setattr(firststage, "load_tensors", lambda path, *a: reads.append(Path(path).name) or read(path, *a))
+    tr = train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                         f"train.init_from={tmp_path / 'init'}", "train.freeze_encoder=true", *extra)
+    assert reads == ["autoencoder.safetensors"]
+    after = tr.unwrapped.vae.state_dict()
+    assert all(torch.equal(v, after[k].cpu()) for k, v in start.state_dict().items() if k.startswith("encoder."))
+    assert tr.unwrapped.vae.config.scaling_factor == (0.5 if extra else 1.0)
+
+
 def test_sigterm_handler_is_restored_after_an_in_process_run(shards, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1")

@@ -40,7 +40,7 @@ from pipeline.train.duties import Checkpointer, GridWriter, Logbook, NonFiniteGu
 from pipeline.train.ema import EMA
 from pipeline.train.module import TrainableAutoencoder
 from pipeline.train.schedules import base_learning_rate, lr_factor
-from pipeline.weights import resolve_weights
+from pipeline.weights import Weights, resolve_weights
 from pipeline.weights.discriminator import read as read_objective_part
 from pipeline.weights.loading import check_shapes, load_state
 
@@ -89,15 +89,36 @@ def resolve_init(cfg: Config):
     return init
 
 
-def shape_from_init(cfg: Config, explicit: list[str] = (), init=None) -> Config:
+@dataclass
+class Initial:
+    """train.init_from's weights read once in this process: `weights` as resolve_init gave them, the `model` they
+    were loaded into (eval mode) and the Config that came with it. The shape of the run and its initial model both
+    come from it; nothing reads the weights file again."""
+
+    weights: Weights
+    model: torch.nn.Module
+    config: Config
+
+
+def load_init(cfg: Config, init: Weights | None = None) -> Initial | None:
+    """train.init_from's weights (resolved here unless given), built and read once; None without train.init_from."""
+    init = init or resolve_init(cfg)
+    if init is None:
+        return None
+    model, own = init.load()
+    return Initial(init, model, own)
+
+
+def shape_from_init(cfg: Config, explicit: list[str] = (), initial: Initial | None = None) -> Config:
     """train.init_from brings the model's shape: the run's model section becomes the preset's with the weights' own
     shape on top (their family, widths, latent channels, normalisation; model.diffusers for a class the model.*
     keys cannot describe), and the model.* keys given explicitly (`explicit`: the command line's key=value) on top
-    of that, so a shape the user asked for that the weights do not have is named by the load, tensor and shapes."""
-    init = init or resolve_init(cfg)
-    if init is None:
+    of that, so a shape the user asked for that the weights do not have is named by the load, tensor and shapes.
+    `initial`: the weights as load_init read them (read here when not given)."""
+    initial = initial or load_init(cfg)
+    if initial is None:
         return cfg
-    model, _ = init.load()
+    model = initial.model
     section = family_of(model).model_section(model)
     mine = config_to_dict(cfg)["model"]
     if section.get("diffusers") or section["kind"] != mine["kind"]:
@@ -121,9 +142,9 @@ def make_scheduler(opt, cfg: Config):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator, resume: str | None = None, init=None):
+    def __init__(self, cfg: Config, accelerator, resume: str | None = None, init: Initial | None = None):
         """Everything a run needs, built and (with `resume`) restored; prepared with accelerate once. `init`:
-        train.init_from as resolve_init gave it (resolved here when not given)."""
+        train.init_from as load_init read it (read here when not given)."""
         self.cfg, self.accelerator, acc = cfg, accelerator, accelerator
         self.run_dir = as_path(cfg.output_dir)
         # metrics.jsonl, samples/ and TensorBoard's logs/ are appended locally, uploaded at checkpoints when the
@@ -165,7 +186,7 @@ class Trainer:
                                 "trainable / train.freeze_encoder); train it, or set loss.alignment.adaptive_weight=false")
         for part, module_ in (("discriminator", self.objective.discriminator),
                               ("alignment.projection", getattr(self.objective.alignment, "projection", None))):
-            if init is not None and module_ is not None and (state := read_objective_part(init, part + ".")):
+            if init is not None and module_ is not None and (state := read_objective_part(init.weights, part + ".")):
                 load_state(module_, state, f"train.init_from {cfg.train.init_from} ({part})")  # continues, as VA-VAE's stages
         self.ema = EMA(vae, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
@@ -219,19 +240,24 @@ class Trainer:
                                        cfg.data.resolution, perceptual)
             self.grid.keep(next(iter(val_loader()))["image"])  # the grid shows held-out images
 
-    def _initial_model(self, resuming: bool, init=None):
-        """The autoencoder to train (from the config: see shape_from_init), with train.init_from's weights loaded
-        unless resuming (then the checkpoint's come), and those weights (their discriminator and alignment
-        projection, when they have them, initialise the objective's), or None."""
+    def _initial_model(self, resuming: bool, init: Initial | None = None):
+        """The autoencoder to train (from the config: see shape_from_init), with train.init_from's weights unless
+        resuming (then the checkpoint's come), and those weights (their discriminator and alignment projection, when
+        they have them, initialise the objective's), or None. The model train.init_from's weights were loaded into
+        is the one trained when the run's model section builds the same model; otherwise the run's model is built
+        and takes that model's tensors (a shape it lacks is named, tensor and shapes). The file is read once."""
         cfg = self.cfg
-        vae = build_autoencoder(cfg.model, cfg.data.resolution)
-        if not cfg.train.init_from or resuming:
-            if not resuming:
-                family_of(vae).initialise(vae, cfg)
-            return vae, None
-        init = init or resolve_init(cfg)
-        init.load_into(vae, f"train.init_from {cfg.train.init_from}")
-        return vae, init
+        if cfg.train.init_from and init is None and not resuming:
+            init = load_init(cfg)
+        if init is not None and init.config.model.same_model(cfg.model):
+            vae = init.model.float()  # as a model built from the config is, whatever the weights' dtype
+        else:
+            vae = build_autoencoder(cfg.model, cfg.data.resolution)
+            if init is not None and not resuming:
+                load_state(vae, init.model.state_dict(), f"train.init_from {cfg.train.init_from}")
+        if not cfg.train.init_from and not resuming:
+            family_of(vae).initialise(vae, cfg)
+        return vae, None if resuming else init
 
     @property
     def unwrapped(self) -> TrainableAutoencoder:

@@ -95,12 +95,6 @@ class Weights:
         """The tensors under diffusers names (to initialise a model built from another config)."""
         return self._module.state_dict(self.local, self.ema)
 
-    def load_into(self, model, source: str) -> None:
-        """Initialise `model` (built from a run's config) from these weights; a shape mismatch names the tensor."""
-        from pipeline.weights.loading import load_state
-
-        load_state(model, self.state_dict(), source)
-
     def require_decoder(self, why: str) -> None:
         """One line when these weights have no decoder (an encoder-only export) and `why` needs one."""
         if self.format == encoder_only.NAME:
