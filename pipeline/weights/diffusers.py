@@ -12,7 +12,6 @@ from pathlib import Path
 from pipeline.config import config_from_dict, merge_dicts, parse_overrides
 from pipeline.errors import UserError
 from pipeline.models.families import family
-from pipeline.models.families.rae import rae_section
 from pipeline.models.registry import family_of_class_name
 from pipeline.storage import regular_file
 from pipeline.weights.loading import check_fit, read_json_config, safetensors_shapes
@@ -107,11 +106,7 @@ def light_config(folder: Path, overrides: list[str] | None = None):
     what encode compares with an output folder's settings before loading anything."""
     config = read_config(folder)
     kind = family_of_class_name(config.get("_class_name"))
-    named = kind.startswith("generic")  # the generic families hold several classes: the config names its own
-    section = {"kind": kind, "diffusers": {k: v for k, v in config.items()
-                                           if not k.startswith("_") or (named and k == "_class_name")}}
-    if kind == "rae":
-        section["rae"] = rae_section(config)
+    section = family(kind).light_section(config)
     return config_from_dict(merge_dicts({"model": section, "data": {"resolution": default_resolution(config, kind)}},
                                         parse_overrides(overrides or [])))
 

@@ -107,6 +107,11 @@ class Family:
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
         raise UserError(f"model.kind {self.name}: built from a diffusers config only (model.diffusers is empty)")
 
+    def light_section(self, config: dict) -> dict:
+        """The `model:` section of a diffusers folder's config.json, read without torch (a light config: what encode
+        compares with an output folder's settings before loading anything)."""
+        return {"kind": self.name, "diffusers": {k: v for k, v in config.items() if not k.startswith("_")}}
+
     def model_section(self, model) -> dict:
         """The `model:` config section that rebuilds a loaded model of this family."""
         return {"kind": self.name, "in_channels": self.image_channels(model),

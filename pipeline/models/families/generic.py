@@ -59,6 +59,11 @@ class GenericFamily(Family):
                             f"({', '.join(c.__name__ for c in self.classes)})")
         return next(c for c in self.classes if c.__name__ == name).from_config(d)
 
+    def light_section(self, config: dict) -> dict:
+        """With the config's _class_name: the family holds several classes."""
+        return {"kind": self.name, "diffusers": {k: v for k, v in config.items()
+                                                 if not k.startswith("_") or k == "_class_name"}}
+
     def model_section(self, model) -> dict:
         return {"kind": self.name, "in_channels": self.image_channels(model),
                 "latent_channels": self.latent_channels(model),

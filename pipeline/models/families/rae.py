@@ -129,6 +129,9 @@ class RAEFamily(Family):
                             f"{e.hidden_size}, patch_size {e.patch_size}, num_layers {e.num_layers}): missing "
                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
+    def light_section(self, config: dict) -> dict:
+        return {**super().light_section(config), "rae": rae_section(config)}
+
     def model_section(self, model) -> dict:
         """model.rae from its config (the encoder's weights are the model's own: backbone random means "not read from
         model.rae.encoder.weights"), and its whole config in model.diffusers (latents_mean / latents_std shapes)."""
