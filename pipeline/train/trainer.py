@@ -33,7 +33,7 @@ from pipeline.storage.paths import same_place
 from pipeline.losses import FirstStageObjective
 from pipeline.losses.equivariance import draw_plan
 from pipeline.models.autoencoder import build_autoencoder, family_of
-from pipeline.models.foundation import dino_source, foundation_source, rae_encoder_source
+from pipeline.models.foundation import dino_source, foundation_source
 from pipeline.pixels import to_model_input
 from pipeline.progress import Progress
 from pipeline.train.duties import Checkpointer, GridWriter, Logbook, NonFiniteGuard, Validator
@@ -158,8 +158,8 @@ class Trainer:
             resolve_shards(cfg.data.val, pipes)
         if cfg.loss.alignment.enabled and cfg.loss.alignment.backbone == "pretrained":
             foundation_source(cfg.loss.alignment.model)  # missing DINOv2 weights: one line, before anything is built
-        if cfg.model.kind == "rae" and cfg.model.rae.encoder.backbone == "pretrained" and not cfg.train.init_from:
-            rae_encoder_source(cfg.model.rae.encoder)  # and a missing RAE encoder
+        if not cfg.train.init_from:
+            cfg.model.family.check_initialise(cfg)  # and what a new model's pretrained parts are read from
         a = cfg.loss.adversarial
         if a.enabled and a.discriminator == "dino" and a.dino_backbone == "pretrained":
             dino_source(a.dino_model)  # and the DINO discriminator's backbone

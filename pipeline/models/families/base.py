@@ -164,6 +164,9 @@ class Family:
     def initialise(self, model, cfg) -> None:
         """A new run's model after it is built (not a resumed or train.init_from one): pretrained parts it has."""
 
+    def check_initialise(self, cfg) -> None:
+        """One line when what initialise reads is missing (the trainer asks before anything is built)."""
+
     def check_trainable(self, model) -> None:
         """One line when firststage cannot train this model (the trainer asks before building anything else)."""
 

@@ -132,6 +132,12 @@ class RAEFamily(Family):
     def light_section(self, config: dict) -> dict:
         return {**super().light_section(config), "rae": rae_section(config)}
 
+    def check_initialise(self, cfg) -> None:
+        from pipeline.models.foundation import rae_encoder_source
+
+        if cfg.model.rae.encoder.backbone == "pretrained":
+            rae_encoder_source(cfg.model.rae.encoder)
+
     def model_section(self, model) -> dict:
         """model.rae from its config (the encoder's weights are the model's own: backbone random means "not read from
         model.rae.encoder.weights"), and its whole config in model.diffusers (latents_mean / latents_std shapes)."""
