@@ -108,7 +108,7 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
             job.prepare_folder()
         with flag_named("--data", only=EmptyData):
             r = job.run(stop)
-        print0(job.summary(r, time.time() - start)) if r.stopped or r.manifest is not None else None
+        print0(r.summary(time.time() - start)) if r.stopped or r.manifest is not None else None
         if r.stopped:
             raise SystemExit(EXIT_PREEMPTED)
         r.check()  # every rank: unread input shards (object storage) say "run it again" in the exit code

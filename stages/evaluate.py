@@ -58,8 +58,7 @@ def main(argv=None) -> None:
     with flag_named("--data", only=EmptyData):
         r = job.run()
     print0(r.table)
-    print0(f"evaluate: {r.results['samples']} samples from {args.data} with {r.results['weights']} on {r.processes} "
-           f"process(es) in {time.time() - start:.1f}s; wrote {r.output / 'eval.json'}, eval.md, eval_grid.png")
+    print0(r.summary(time.time() - start))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import time
 
 from pipeline.errors import UserError
 from pipeline.latents.factors import eval_beside
-from pipeline.models.normalisation import describe
 from pipeline.storage import as_path
 from pipeline.weights import EXPORT_FORMATS
 from pipeline.weights.job import ExportJob, ExportOptions, FormatRefused, NoDiscriminator, card_path
@@ -92,9 +91,7 @@ def main(argv=None) -> None:
         with flag_named("--stats" if args.stats else "--data" if args.data else None):
             job.normalisation()
         r = job.run()
-    print(f"export: {r.format} {out} ({r.model_class}, {r.parameters / 1e6:.1f}M parameters, {r.weights}"
-          f"{', with its discriminator' if r.discriminator else ''}); latent normalisation "
-          f"{describe(r.normalisation)}; model card {r.card}; {time.time() - start:.1f}s")
+    print(r.summary(time.time() - start))
 
 
 if __name__ == "__main__":

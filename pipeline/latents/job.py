@@ -49,6 +49,33 @@ class EncodeReport:
     first_unread: tuple | None = None  # (shard, why), on the process that met it
     manifest: dict | None = None  # the main process's: the part manifest, or the folder's when `whole`
     whole: bool = False  # manifest.json now covers the folder (every part is done)
+    output: object = None  # the latent folder
+    what: dict = field(default_factory=dict)  # store, dtype, resolution, buckets, flip: how the latents were made
+
+    def summary(self, seconds: float | None = None) -> str:
+        """The one line that says what the job did (of a job that stopped, or of the main process's report, which
+        has the manifest); `seconds`: the time to state (default: the job's own)."""
+        from pipeline.latents.encoder import non_finite_advice
+        from pipeline.models.normalisation import describe
+
+        if self.stopped:
+            return (f"encode: stopped by SIGTERM after {self.shards} shards ({self.samples} samples); complete shards "
+                    f"are kept, rerun the same command to finish")
+        m, w = self.manifest, self.what
+        reasons = summarize_skips(m["skipped"], 4) or "nothing decodable"
+        norm = m["normalisation"]
+        factor = ("codes, not normalised" if w["store"] == "codes" else "no statistics" if norm is None
+                  else f"normalisation {describe(norm)}")
+        left = f"; {len(m['missing'])} shards left to other parts or a rerun" if m["missing"] else ""
+        why = f" ({reasons}; listed in the manifest)" if m["skipped_count"] else ""
+        why += f"; {len(m['renamed'])} input members renamed (ours have their names)" if m["renamed"] else ""
+        return (f"encode: {self.samples} samples from {self.shards} shards ({self.done_before} already complete"
+                f"{f', {self.changed} encoded again: their input changed' if self.changed else ''}) -> {self.output} "
+                f"({w['store']}, {w['dtype']}, {w['resolution']}px{', buckets' if w['buckets'] else ''}"
+                f"{', flip' if w['flip'] else ''}) on {self.processes} process(es) in "
+                f"{self.seconds if seconds is None else seconds:.1f}s; {'folder' if self.whole else 'this part'} total "
+                f"{m['total']} samples, skipped {m['skipped_count']}{why}; {factor}{left}"
+                f"{non_finite_advice(self.non_finite, self.samples + self.non_finite)}")
 
     def check(self) -> None:
         """StorageUnavailable (try again) when some input shards could not be read."""
@@ -173,8 +200,10 @@ class EncodeJob:
                                float(res.stopped), len(res.unavailable)], dtype=torch.float64)
         totals = all_reduce([mine_t], device=device)[0].tolist()  # also the barrier: every rank has finished
         shards, samples, skipped, non_finite, done_before, changed, stopped, unread = (int(v) for v in totals)
+        what = {"store": self.store, "dtype": self.dtype, "resolution": cfg.data.resolution,
+                "buckets": bool(self.buckets), "flip": cfg.encode.flip}
         report = EncodeReport(shards, samples, skipped, non_finite, done_before, changed, world, 0.0, bool(stopped),
-                              unread, res.unavailable[0] if res.unavailable else None)
+                              unread, res.unavailable[0] if res.unavailable else None, output=self.output, what=what)
         known = gather_objects([] if stopped else [*plan.records.values(), *res.records])  # what the manifest needs
         if not stopped and rank == 0:
             report.manifest, report.whole = lf.finish_manifest(
@@ -186,27 +215,3 @@ class EncodeJob:
                                 f"({summarize_skips(m['skipped'], 4) or 'nothing decodable'})")
         report.seconds = time.time() - start
         return report
-
-    def summary(self, r: EncodeReport, seconds: float) -> str:
-        """The one line that says what the job did (of a job that stopped, or of the main process's report, which
-        has the manifest)."""
-        from pipeline.latents.encoder import non_finite_advice
-        from pipeline.models.normalisation import describe
-
-        if r.stopped:
-            return (f"encode: stopped by SIGTERM after {r.shards} shards ({r.samples} samples); complete shards are "
-                    f"kept, rerun the same command to finish")
-        m, cfg, store = r.manifest, self.cfg, self.settings["store"]
-        reasons = summarize_skips(m["skipped"], 4) or "nothing decodable"
-        norm = m["normalisation"]
-        factor = ("codes, not normalised" if store == "codes" else "no statistics" if norm is None
-                  else f"normalisation {describe(norm)}")
-        left = f"; {len(m['missing'])} shards left to other parts or a rerun" if m["missing"] else ""
-        why = f" ({reasons}; listed in the manifest)" if m["skipped_count"] else ""
-        why += f"; {len(m['renamed'])} input members renamed (ours have their names)" if m["renamed"] else ""
-        return (f"encode: {r.samples} samples from {r.shards} shards ({r.done_before} already complete"
-                f"{f', {r.changed} encoded again: their input changed' if r.changed else ''}) -> {self.output} "
-                f"({store}, {self.dtype}, {cfg.data.resolution}px{', buckets' if self.buckets else ''}"
-                f"{', flip' if cfg.encode.flip else ''}) on {r.processes} process(es) in {seconds:.1f}s; "
-                f"{'folder' if r.whole else 'this part'} total {m['total']} samples, skipped {m['skipped_count']}"
-                f"{why}; {factor}{left}{non_finite_advice(r.non_finite, r.samples + r.non_finite)}")

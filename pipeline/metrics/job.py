@@ -36,6 +36,13 @@ class EvaluateReport:
     processes: int
     seconds: float
 
+    def summary(self, seconds: float | None = None) -> str:
+        """The line the stage prints below the table; `seconds`: the time to state (default: the job's own)."""
+        r = self.results
+        return (f"evaluate: {r['samples']} samples from {r['data']} with {r['weights']} on {self.processes} "
+                f"process(es) in {self.seconds if seconds is None else seconds:.1f}s; wrote "
+                f"{self.output / 'eval.json'}, eval.md, eval_grid.png")
+
 
 class EvaluateJob:
     """Evaluate `weights` (pipeline.weights.resolve_weights) on the image shards `data`; `output`: the folder for

@@ -16,6 +16,7 @@ model's own run, checkpoint or folder. Weights or a latent normalisation that ar
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,16 @@ class ExportReport:
     discriminator: bool
     normalisation: dict  # the latent normalisation written into the export
     card: object  # the model card: the export's completion record
+    seconds: float = 0.0
+
+    def summary(self, seconds: float | None = None) -> str:
+        """The line the stage prints; `seconds`: the time to state (default: the job's own)."""
+        from pipeline.models.normalisation import describe
+
+        return (f"export: {self.format} {self.output} ({self.model_class}, {self.parameters / 1e6:.1f}M parameters, "
+                f"{self.weights}{', with its discriminator' if self.discriminator else ''}); latent normalisation "
+                f"{describe(self.normalisation)}; model card {self.card}; "
+                f"{self.seconds if seconds is None else seconds:.1f}s")
 
 
 def card_path(out: Path) -> Path:
@@ -120,12 +131,14 @@ class ExportJob:
         return self.spec
 
     def run(self) -> ExportReport:
-        out = self.output
+        start, out = time.time(), self.output
         check_output_path(out, self.weights)  # never over or into the model's own folders, nor the working folder
         out.parent.mkdir(parents=True, exist_ok=True)
         with under_lock(out, lambda: self.lock().acquire()):
             check_replaceable(out, card_path(out), self.options.overwrite)  # under the lock: one export at a time
-            return self._write()
+            report = self._write()
+        report.seconds = time.time() - start
+        return report
 
     def _write(self) -> ExportReport:
         import torch
