@@ -7,6 +7,8 @@
   on_every_rank(fn, what)      fn() run on every rank; it returns on every rank or fails on every rank
   held_by_main(take, follow)   a lock taken by the main process and followed by every other rank
   gather_objects(obj)          [obj of every rank] on every rank
+  rank_and_world()             (this process's global rank, the number of processes): (0, 1) without a group
+  wait_for_everyone()          a barrier (nothing in one process)
 """
 
 from __future__ import annotations
@@ -137,3 +139,17 @@ def gather_objects(obj) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(global rank, world size) of the process group the stage started (accelerate), or (0, 1) without one."""
+    dist = _group()
+    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+
+
+def wait_for_everyone() -> None:
+    """Every rank waits here until all have arrived (nothing in one process)."""
+    if _world():
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -20,6 +20,11 @@ class DataError(UserError):
         super().__init__(msg)
 
 
+class EmptyData(UserError):
+    """The data a job was given holds nothing it could work on. The message starts with the data as given (a
+    stage puts its flag in front: stages.common.flag_named(..., only=EmptyData))."""
+
+
 class Diverged(UserError):
     """Training diverged: too many non-finite steps in a row (exit code 3, naming the last good checkpoint)."""
 

@@ -28,3 +28,11 @@ def matmul_peak(device=None, n: int | None = None, repeats: int = 7) -> tuple[fl
         if i >= 2:
             times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times), f"{'bf16' if cuda else 'fp32'} {n}^3 matmul"
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """'auto' -> bf16 on a GPU that has it, else 'no'."""
+    import torch
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return choice if choice != "auto" else "bf16" if bf16 else "no"

@@ -10,8 +10,8 @@ default threads; with fewer it takes that many threads and makes them sleep when
 rather than spin. During the run the count follows the machine (pipeline/threads.py: looked at again every 2 s,
 applied at the loop's next progress update). FIRSTSTAGE_THREADS=N fixes the count instead (the test suite sets 1),
 FIRSTSTAGE_THREADS=torch leaves torch's defaults alone; a wait policy the user set wins. apply_thread_policy() applies the
-count to torch at the start of every stage. It is decided here, at import, because evaluate and export import
-torch at module level: a later decision could no longer set OpenMP's wait policy.
+count to torch at the start of every stage. It is decided here, at import, because whatever imports torch
+first (a test, the demo, a stage's heavy imports) fixes it: a later decision could no longer set OpenMP's wait policy.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import threading
 
 import stages
 from pipeline.errors import ConfigError, Diverged, TryAgain, UserError
+from pipeline.machine import resolve_mixed_precision  # noqa: F401 (train's, and the stages' one place to find it)
 from pipeline.storage import no_space_message
 
 EXIT_USER = 2
@@ -35,30 +36,29 @@ def pinned_weights(path: str, ema: bool = True, flag: str = "--model"):
         return decided_by_main(lambda: resolve_weights(path, ema))
 
 
+def ranks_and_weights(path: str, ema: bool = True, **state):
+    """accelerate's PartialState (a launched job's ranks: the process group) and `--model` pinned for all of them."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), **state), pinned_weights(path, ema)
+
+
 def take_output_lock(folder, name: str = ".lock", what: str = "--output", ranks: bool = False):
-    """The output's lock (leased on object storage), after credentials, bucket and conditional writes were checked; a
-    second run, or one of another split of the job, is refused naming the holder, who aborts the uploads no live run
-    owns. `ranks`: the main process's, followed by every other rank (pipeline.distributed.held_by_main)."""
-    from pipeline.distributed import held_by_main
-    from pipeline.manifest import abort_orphan_uploads, exclude_other_splits
-    from pipeline.storage import folder_lock
+    """The output's lock (pipeline.jobs.output_lock), after check_paths of the folder for writing, naming `what`."""
+    from pipeline.jobs import output_lock
 
-    def take():
-        check_paths([(what, folder)], writes=True)
-        lock = folder_lock(folder, name, what=what).acquire()
-        abort_orphan_uploads(folder, exclude_other_splits(lock))
-        return lock
-
-    return held_by_main(take, lambda token: folder_lock(folder, name, what=what).follow(token)) if ranks else take()
+    return output_lock(folder, name, what, ranks, check=lambda: check_paths([(what, folder)], writes=True))
 
 
 @contextlib.contextmanager
-def flag_named(flag: str | None, value=None):
+def flag_named(flag: str | None, value=None, only: type = UserError):
     """A library error about the value of a flag (a path, a part) gets the flag's name in front (None: as it is);
-    with `value`, only an error that starts with that value (others are about something else)."""
+    with `value`, only an error that starts with that value (others are about something else); with `only`, only
+    errors of that class (a job's EmptyData: the data it was given)."""
     try:
         yield
-    except UserError as e:
+    except only as e:
         if flag is None or (value is not None and not str(e).startswith(str(value))):
             raise
         raise type(e)(f"{flag} {e}") from None
@@ -71,14 +71,6 @@ def check_paths(named, writes: bool = False) -> None:
     for flag, path in named:
         with flag_named(flag):
             check_access(path or "", writes)
-
-
-def resolve_mixed_precision(choice: str) -> str:
-    """'auto' -> bf16 on a GPU that has it, else 'no'."""
-    import torch
-
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return choice if choice != "auto" else "bf16" if bf16 else "no"
 
 
 def add_alias_flags(parser: argparse.ArgumentParser, aliases: dict[str, tuple]) -> None:

@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import threading
 import time
 from pathlib import Path
 
 from pipeline.storage import atomic_write_bytes, atomic_write_text
-from stages.common import stage_main
+from stages.common import EXIT_PREEMPTED, sigterm_sets, stage_main
 
 
 def decode_one_latent(export: Path, latents: Path, out: Path) -> str:
@@ -44,6 +45,18 @@ def decode_one_latent(export: Path, latents: Path, out: Path) -> str:
     Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0] * 2), Image.Resampling.NEAREST).save(buf, "PNG")
     atomic_write_bytes(out, buf.getvalue())
     return sample["__key__"]
+
+
+def encode(weights, data: Path, output: Path, overrides: list[str]) -> None:
+    """The encode job (pipeline.latents.job), its summary printed; a SIGTERM ends it as it ends the stage (75)."""
+    from pipeline.latents.job import EncodeJob, EncodeOptions
+
+    stop = threading.Event()
+    with sigterm_sets(stop):
+        report = EncodeJob(weights, str(data), output, options=EncodeOptions(overrides)).run(stop)
+    print(report.summary())
+    if report.stopped:
+        raise SystemExit(EXIT_PREEMPTED)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +82,9 @@ def main(argv=None) -> None:
     from pipeline.machine import matmul_peak
     from pipeline.data.prepare import PrepareOptions
     from pipeline.metrics.plots import training_curves
-    from stages.encode import main as encode
-    from stages.evaluate import main as evaluate
-    from stages.export import main as export
+    from pipeline.metrics.job import EvaluateJob, EvaluateOptions
+    from pipeline.weights import resolve_weights
+    from pipeline.weights.job import ExportJob, ExportOptions
     from stages.probe import run as probe
     from stages.prepare import locked_prepare
     from stages.train import run as train
@@ -86,15 +99,17 @@ def main(argv=None) -> None:
                 f"output_dir={out / 'run'}", "train.tracker=tensorboard", f"seed={args.seed}", "--resume", "auto",
                 *steps])
     run = out / "run"
+    weights = resolve_weights(run)  # the run's newest checkpoint (EMA weights), the same one for every job below
     at_tile = [f"data.resolution={TILE}"]  # the preset trains on smaller crops; it is fully convolutional
     for part, folder in (("heldout", "eval"), ("traintiles", "eval-train")):
-        evaluate(["--model", str(run), "--data", str(out / "shards" / part), "--output", str(out / folder), *at_tile])
-    encode(["--model", str(run), "--data", str(out / "shards" / "train"), "--output", str(out / "latents"), *at_tile])
-    export(["--model", str(run), "--output", str(out / "export" / "vae"), "--stats",
-            str(out / "latents" / "manifest.json"), "--overwrite", *at_tile])
+        evaluated = EvaluateJob(weights, str(out / "shards" / part), out / folder, EvaluateOptions(at_tile)).run()
+        print(f"{evaluated.table}\n{evaluated.summary()}")
+    encode(weights, out / "shards" / "train", out / "latents", at_tile)
+    print(ExportJob(weights, out / "export" / "vae", "diffusers", ExportOptions(
+        at_tile, stats=str(out / "latents" / "manifest.json"), overwrite=True)).run().summary())
     key = decode_one_latent(out / "export" / "vae", out / "latents", out / "decoded_latent.png")
     for part, name, extra in (("traintiles", "latents-tiles", ["encode.flip=true"]), ("heldout", "latents-heldout", [])):
-        encode(["--model", str(run), "--data", str(out / "shards" / part), "--output", str(out / name), *at_tile, *extra])
+        encode(weights, out / "shards" / part, out / name, at_tile + extra)
     _, probed = probe(["--config", "probe-tiny", "--latents", str(out / "latents-tiles"), "--val",
                        str(out / "latents-heldout"), "--images", str(out / "shards" / "heldout"), "--output",
                        str(out / "probe"), f"seed={args.seed}", "--resume",

@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from pipeline.config import config_to_dict
 from pipeline.errors import UserError
-from pipeline.latents.factors import eval_beside, export_normalisation
-from pipeline.models.normalisation import describe
-from pipeline.storage import Unit, as_path, disk_full_as_oserror, folder_lock, respect_umask
+from pipeline.latents.factors import eval_beside
+from pipeline.storage import as_path
 from pipeline.weights import EXPORT_FORMATS
-from pipeline.weights import discriminator as disc
-from pipeline.weights.card import card_inputs, model_card
-from pipeline.weights.output import (check_factors, check_finite_weights, check_output_path, check_replaceable,
-                                     statistics_from)
+from pipeline.weights.job import ExportJob, ExportOptions, FormatRefused, NoDiscriminator, card_path
+from pipeline.weights.output import check_output_path, check_replaceable, statistics_from
 from stages.common import check_paths, flag_named, pinned_weights, stage_main
 
 
@@ -55,11 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output (a previous export only)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.resolution=512 (encoder-only example size)")
     return p
-
-
-def card_path(out: Path) -> Path:
-    """The model card: README.md in a folder, NAME.md beside a single file. It is the export's completion record."""
-    return out.with_suffix(".md") if out.suffix == ".safetensors" else out / "README.md"
 
 
 @stage_main
@@ -88,57 +78,20 @@ def main(argv=None) -> None:
             raise UserError(f"no measured latent statistics for {args.model} ({evaluated[1]}): give --stats "
                             f"latents/manifest.json, or --data SHARDS, or run firststage evaluate first; "
                             f"--keep-scaling-factor keeps the model's own normalisation")
-    with folder_lock(out.parent, f".{out.resolve().name}.lock", what="--output", label=str(out)):
+    job = ExportJob(weights, out, args.format, ExportOptions(
+        args.overrides, args.stats, args.data, args.num_samples, args.keep_scaling_factor, not args.no_shift,
+        args.prefix, args.with_discriminator, args.overwrite), evaluated)
+    with job.lock("--output"):
         with flag_named("--output"):
             check_replaceable(out, card_path(out), args.overwrite)  # under the lock: one export of `out` at a time
-        export(args, out, weights, start, evaluated)
-
-
-def export(args, out: Path, weights, start: float, evaluated: tuple | None) -> None:
-    import torch
-
-    from pipeline.models.families import family_of
-
-    unit = Unit(card_path(out), [out])
-    model, cfg = weights.load(args.overrides)
-    model = model.eval().requires_grad_(False)
-    check_finite_weights(model, f"--model {args.model}")
-    fam = family_of(model)
-    if args.format not in fam.exports:
-        why = " (diffusers has no FSQ model)" if fam.name == "fsq" else ""
-        raise UserError(f"--format {args.format}: a {fam.name} model cannot be exported so{why}; formats for it: "
-                        f"{', '.join(fam.exports)}")
-    discriminator = disc.read(weights) if args.with_discriminator else None
-    if args.with_discriminator and discriminator is None:
-        raise UserError(f"--with-discriminator: {args.model} holds no discriminator (its run trained none)")
-    with flag_named("--stats" if args.stats else "--data" if args.data else None), \
-            statistics_from(args.stats or args.data or evaluated[1]):
-        normalisation = export_normalisation(weights, model, cfg, args.stats, args.data, args.num_samples,
-                                             args.keep_scaling_factor, not args.no_shift, evaluated)
-    check_factors(normalisation)
-    cls, described = type(model).__name__, weights.describe()
-    note = "diffusers has no FSQ model: this folder loads with firststage (--model, train.init_from)." \
-        if fam.name == "fsq" else ""
-    card = model_card(args.format, cls, str(out), f"{args.model}: {described}", cfg, normalisation,
-                      *card_inputs(weights, cfg), note=note)
-    staged = unit.staging(out)
-    try:
-        with torch.no_grad(), disk_full_as_oserror(staged):
-            EXPORT_FORMATS[args.format].save(model, staged, config_to_dict(cfg)["model"], cfg.data.resolution,
-                                             normalisation, prefix=args.prefix)
-            if discriminator is not None:
-                disc.write(staged, discriminator)
-        for f in [staged] if staged.is_file() else [q for q in staged.rglob("*") if q.is_file()]:
-            respect_umask(f)
-        if args.overwrite:
-            Unit(card_path(out), [out]).undo()  # the old export stops counting (card first), then goes
-        unit.commit(card.encode())
-    finally:
-        unit.discard()
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"export: {args.format} {out} ({cls}, {params:.1f}M parameters, {described}"
-          f"{', with its discriminator' if discriminator is not None else ''}); latent normalisation "
-          f"{describe(normalisation)}; model card {card_path(out)}; {time.time() - start:.1f}s")
+        job.load()
+        with flag_named("--model", args.model), flag_named("--format", only=FormatRefused), \
+                flag_named("--with-discriminator:", only=NoDiscriminator):
+            job.check_model()
+        with flag_named("--stats" if args.stats else "--data" if args.data else None):
+            job.normalisation()
+        r = job.run()
+    print(r.summary(time.time() - start))
 
 
 if __name__ == "__main__":

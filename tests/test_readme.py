@@ -223,16 +223,17 @@ def readme_python_blocks() -> list[str]:
 
 
 def test_every_readme_python_snippet_runs_as_written_and_ends(tmp_path, monkeypatch):
-    """Each python block of the README runs as written (in a folder holding what it reads: latent shards of a tiny
-    model under latents/train) and ends within a minute."""
+    """Each python block of the README runs as written (in a folder holding what it reads: image shards under shards/,
+    a tiny model in exports/klf8-vae and its latent shards under latents/train) and ends within a minute."""
     from pipeline.config import load_config
     from pipeline.models import build_autoencoder
     from pipeline.weights.diffusers import save as save_diffusers
     from stages.encode import main as encode
 
     make_shards(tmp_path / "shards", 2, 5, size=(40, 40))
-    save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), tmp_path / "vae")
-    assert run_main(encode, "--model", tmp_path / "vae", "--data", tmp_path / "shards", "--output",
+    vae = tmp_path / "exports" / "klf8-vae"
+    save_diffusers(build_autoencoder(load_config("tiny", ["data.resolution=32"]).model, 32), vae)
+    assert run_main(encode, "--model", vae, "--data", tmp_path / "shards", "--output",
                     tmp_path / "latents" / "train", "data.resolution=32", "data.num_workers=0").returncode == 0
     monkeypatch.chdir(tmp_path)
     blocks = readme_python_blocks()
@@ -251,5 +252,9 @@ def test_every_readme_python_snippet_runs_as_written_and_ends(tmp_path, monkeypa
             signal.alarm(0)
             if "batch" in scope:
                 assert scope["z"].shape[1:] == (4, 8, 8) and len(scope["captions"]) == len(scope["z"])
+            if "report" in scope:  # the encode job: every sample, a manifest, its lock taken and given back
+                flipped = tmp_path / "latents" / "flipped"
+                assert scope["report"].samples == 10 and scope["report"].manifest["total"] == 10
+                assert (flipped / "manifest.json").is_file() and not (flipped / ".lock").exists()
     finally:
         signal.signal(signal.SIGALRM, previous)
