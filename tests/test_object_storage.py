@@ -217,12 +217,12 @@ def test_loader_workers_read_s3_shards_with_their_own_clients(chain):
     assert sorted(keys) == sorted(read_tar_samples(f"{chain['local']}/data/shards"))
     with gopen(urls[0]) as f:
         assert f.read() == read(urls[0])
-    from pipeline.latents.encoder import EncodeStream  # encode's stream, as it runs on a GPU machine: in workers
+    from pipeline.latents.encoder import EncodeStream, ShardEnd  # encode's stream, as on a GPU machine: in workers
 
     items = list(DataLoader(EncodeStream(urls, 32, None, 4), batch_size=None, num_workers=2))
-    ends = [i for i in items if i["end"]]
-    assert sorted(i["shard"] for i in ends) == urls and all(not i["skipped"] for i in ends)
-    assert sum(len(i["keys"]) for i in items if not i["end"]) == 24
+    ends = [i for i in items if isinstance(i, ShardEnd)]
+    assert sorted(i.shard for i in ends) == urls and all(not i.skipped for i in ends)
+    assert sum(len(i["keys"]) for i in items if isinstance(i, dict)) == 24 and len(items) == len(ends) + 6
 
 
 # ------------------------------------------------------------------------------------------------ kills

@@ -28,7 +28,8 @@ FAMILY_CLASSES = {"kl": ("AutoencoderKL",), "vq": ("VQModel",), "fsq": (), "dc":
                   "flux2": ("AutoencoderKLFlux2",), "qwenimage": ("AutoencoderKLQwenImage",),
                   "wan": ("AutoencoderKLWan",), "tiny": ("AutoencoderTiny",), "rae": ("AutoencoderRAE",),
                   "generic": tuple(n for n in GENERIC if n not in DETERMINISTIC), "generic-latent": DETERMINISTIC}
-# what its encoder gives: a Gaussian posterior, code indices, or a deterministic latent
+# what its encoder gives: a Gaussian posterior, code indices, or a deterministic latent; what encode stores of each is
+# pipeline.latents.format's StoredKind whose `of` it is (format.stored_kind: a posterior as encode.store asks)
 LATENT = {"kl": "posterior", "flux2": "posterior", "qwenimage": "posterior", "wan": "posterior", "vq": "codes",
           "fsq": "codes", "dc": "latent", "tiny": "latent", "rae": "latent", "generic": "posterior",
           "generic-latent": "latent"}
@@ -59,12 +60,6 @@ def diffusers_classes(kind: str) -> tuple[type, ...]:
     import diffusers
 
     return tuple(getattr(diffusers, name) for name in FAMILY_CLASSES[kind])
-
-
-def stored(kind: str, requested: str) -> str:
-    """What encode stores for a family: codes (VQ, FSQ), the deterministic latent (DC-AE, Tiny, RAE), else the
-    posterior as encode.store asks (moments, mean or one sample)."""
-    return {"codes": "codes", "latent": "latent"}.get(LATENT[kind], requested)
 
 
 def rae_section(c: dict) -> dict:
