@@ -400,24 +400,17 @@ def read_record(unit: Unit, listed: bool = False) -> ShardRecord | None:
 
 
 def input_identity(url: str) -> dict | None:
-    """What says that an input shard is the one a record was encoded from: its size and modification time (a stat,
-    cheap for thousands of shards; a copy or a rewrite changes them, a move keeps them); on object storage its size and
-    ETag (one request). None for another URL or a file that cannot be looked at (the shard's path decides then)."""
-    from pipeline.storage import is_remote, is_url, storage_for
+    """What says that an input shard is the one a record was encoded from: its storage's identity of it (locally size
+    and modification time, a stat; on object storage size and ETag, one request). None for a `pipe:` source, an
+    unknown scheme or a file that cannot be looked at (the shard's path decides then)."""
+    from pipeline.storage import storage_for
 
-    if is_remote(url) and url.lower().startswith("s3://"):
-        try:
-            info = storage_for(url).info(url)
-        except (OSError, UserError):
-            return None
-        return {"size": info["size"], "etag": info["etag"]}
-    if url.startswith("pipe:") or is_url(url):
+    if url.startswith("pipe:"):
         return None
     try:
-        st = os.stat(url)
-    except OSError:
+        return storage_for(url).identity(url)
+    except UserError:
         return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def shard_state(folder: Path, name: str, settings: dict, url: str | None = None, listed: dict | None = None) -> str:
