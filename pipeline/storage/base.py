@@ -127,6 +127,17 @@ class Storage(ABC):
     """Whether a stream of open_read can seek cheaply (a local file); an object store streams (a seek would be a new
     request), so readers that can read either way read it as a stream."""
 
+    def not_a_file(self, path: str) -> str | None:
+        """What `path` is when it exists but is not a regular file, which a reader would block on or never finish
+        ("a FIFO", "a folder", "a character device", ...); None for a regular file or nothing there. No request by
+        default: an object store holds only objects."""
+        return None
+
+    def canonical(self, path: str) -> str:
+        """Where `path` leads, spelled one way, to compare two paths of this backend: locally the real path (links
+        resolved, file:// dropped), the URL without a trailing slash by default. No request."""
+        return str(path).rstrip("/")
+
     def local_file(self, path: str) -> Path:
         """A local file (or folder) holding `path`'s content, for libraries that open files themselves (safetensors,
         torch.load, pyarrow, diffusers): the path itself locally, a checked copy in the cache on an object store."""

@@ -108,6 +108,16 @@ class LocalStorage(Storage):
     def local_file(self, path) -> Path:
         return _local(path)
 
+    def not_a_file(self, path) -> str | None:
+        try:
+            mode = os.stat(_local(path)).st_mode
+        except (OSError, ValueError):
+            return None
+        return None if stat.S_ISREG(mode) else _kind(mode)
+
+    def canonical(self, path) -> str:
+        return os.path.realpath(_local(path))
+
     def read_bytes(self, path) -> bytes:
         return _local(path).read_bytes()
 
@@ -278,6 +288,11 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, 
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is (os.stat's mode)."""
+    return next((k for test, k in _KINDS if test(mode)), "not a plain file")
+
+
 def regular_file(path: str | Path, what: str = "file") -> Path:
     """`path` if it is a regular file (or a link to one), checked before anything opens it: opening a FIFO blocks
     until a writer comes (no SIGTERM handler runs meanwhile), a device streams without end. Else one line naming it."""
@@ -289,8 +304,7 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     if not stat.S_ISREG(mode):
-        kind = next((k for test, k in _KINDS if test(mode)), "not a plain file")
-        raise UserError(f"{path}: {kind}, not a regular file; a {what} must be a regular file")
+        raise UserError(f"{path}: {_kind(mode)}, not a regular file; a {what} must be a regular file")
     return p
 
 
