@@ -116,3 +116,37 @@ def test_an_older_record_reads_with_defaults_and_a_broken_one_is_no_record(tmp_p
     assert lf.read_record(unit) is None  # not a record: the shard is not done (a rerun encodes it again)
     (tmp_path / "records" / "shards-000000.json").write_text(json.dumps(ON_DISK))
     assert lf.read_record(unit) == lf.ShardRecord.from_json(ON_DISK)
+
+
+# ------------------------------------------------------------------------------------------------ the encoder's checks
+def test_the_encoders_input_and_output_checks_lead_through_links_and_name_what_is_not_a_file(tmp_path):
+    """Through the storage interface (not_a_file, canonical): an output folder that is the inputs' folder by
+    another name, or whose NAME.tar is a link to the input, is refused; a FIFO or a folder among the inputs is named."""
+    import os
+
+    from helpers import image_bytes, random_image, write_tar
+    from pipeline.errors import UserError
+    from pipeline.latents.encoder import check_input_shards, check_output_folder
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    write_tar(data / "shards-000000.tar", [{"__key__": "k", "jpg": image_bytes(random_image(40, 36, 0))}])
+    urls = [str(data / "shards-000000.tar")]
+    (tmp_path / "alias").symlink_to(data)
+    out.mkdir()
+    (out / "shards-000000.tar").symlink_to(urls[0])
+    for folder in (data, tmp_path / "alias", out):
+        with pytest.raises(UserError, match=f"^{folder} holds the input shard shards-000000.tar"):
+            check_output_folder(folder, urls)
+    check_output_folder(tmp_path / "elsewhere", urls)
+    check_output_folder(data / "latents", urls)  # a folder inside the inputs' folder overwrites none
+    check_input_shards(urls)
+    os.mkfifo(data / "shards-000001.tar")
+    (data / "shards-000002.tar").mkdir()
+    with pytest.raises(UserError, match=r"shards-000001.tar is a FIFO, not a shard file \(reading it would block"):
+        check_input_shards(urls + [str(data / "shards-000001.tar")])
+    with pytest.raises(UserError, match=r"shards-000002.tar is a folder, not a shard file; remove it"):
+        check_input_shards(urls + [str(data / "shards-000002.tar")])
+    write_tar(data / "texts.tar", [{"__key__": "k", "txt": b"no image"}])
+    with pytest.raises(UserError, match="texts.tar holds no images"):
+        check_input_shards([str(data / "texts.tar")])

@@ -225,6 +225,23 @@ def test_loader_workers_read_s3_shards_with_their_own_clients(chain):
     assert sum(len(i["keys"]) for i in items if isinstance(i, dict)) == 24 and len(items) == len(ends) + 6
 
 
+def test_the_encoders_checks_of_shards_on_s3_send_no_request(chain):
+    """check_input_shards and check_output_folder ask the storage interface (not_a_file, seekable, canonical),
+    which answers for object storage without a request; the folder of the inputs is refused there too."""
+    from s3server import count_requests
+
+    from pipeline.data.loader import resolve_shards
+    from pipeline.errors import UserError
+    from pipeline.latents.encoder import check_input_shards, check_output_folder
+
+    urls = resolve_shards(f"{chain['s3']}/data/shards")
+    with count_requests(storage_for(chain["s3"])) as counts:
+        check_input_shards(urls)
+        check_output_folder(f"{chain['s3']}/latents-elsewhere", urls)
+        with pytest.raises(UserError, match="holds the input shard shards-000000.tar"):
+            check_output_folder(f"{chain['s3']}/data/shards/", urls)
+    assert sum(counts.values()) == 0, counts
+
 # ------------------------------------------------------------------------------------------------ kills
 def open_uploads(prefix: str) -> list:
     store = storage_for(prefix)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
-import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,7 +47,7 @@ from pipeline.latents.format import (
 from pipeline.models.autoencoder import family_of
 from pipeline.models.normalisation import patchify
 from pipeline.pixels import to_model_input
-from pipeline.storage import as_path, is_remote, is_url, remove_dead_temporaries
+from pipeline.storage import as_path, remove_dead_temporaries, storage_for
 
 
 def effective_store(model, requested: str) -> str:
@@ -507,7 +505,8 @@ def out_of_memory(e: BaseException) -> bool:
 
 def check_input_shards(urls: list[str]) -> None:
     """Before any model runs: every input shard gives an output shard of the same name, so names must be unique;
-    every local shard must be a file (a named pipe would block the reader forever, SIGTERM or not); and a cheap look
+    every shard must be a regular file (a named pipe would block the reader forever, SIGTERM or not; an object
+    store's objects always are); and, where a look costs no request (a seekable store: a local shard), a cheap look
     at the first shard's member names (no decoding) catches shards that hold no images."""
     import tarfile
 
@@ -520,17 +519,15 @@ def check_input_shards(urls: list[str]) -> None:
             raise UserError(f"two input shards share the name {n} ({seen[n]} and {u}); every input shard gives an "
                             f"output shard of the same name, so encode them into separate folders")
         seen[n] = u
-        try:
-            mode = None if u.startswith("pipe:") or is_url(u) else os.stat(u).st_mode
-        except OSError:
-            continue  # a shard that cannot be opened is reported with its reason in the manifest, not here
-        if mode is not None and not stat.S_ISREG(mode):
-            what = "a named pipe (FIFO), not a shard file (reading it would block forever)" if stat.S_ISFIFO(mode) \
-                else f"a {'folder' if stat.S_ISDIR(mode) else 'device or socket'}, not a shard file"
-            raise UserError(f"{u} is {what}; remove it from the data or name the shards explicitly")
+        what = None if u.startswith("pipe:") else storage_for(u).not_a_file(u)  # a missing shard is reported later
+        if what is not None:
+            blocks = " (reading it would block forever)" if what == "a FIFO" else ""
+            raise UserError(f"{u} is {what}, not a shard file{blocks}; remove it from the data or name the shards "
+                            f"explicitly")
+    store = None if urls[0].startswith("pipe:") else storage_for(urls[0])
     try:
-        if os.path.isfile(urls[0]):
-            with tarfile.open(urls[0]) as tf:
+        if store is not None and store.seekable and store.object_exists(urls[0]):
+            with store.open_read(urls[0]) as f, tarfile.open(fileobj=f) as tf:
                 exts = {ks[1] for ks in map(split_key, tf.getnames()) if ks}
         else:
             exts = set()
@@ -544,20 +541,16 @@ def check_input_shards(urls: list[str]) -> None:
 def check_output_folder(folder: Path, urls: list[str]) -> None:
     """Refuse an output folder where encoding would overwrite its inputs: every output shard takes its input's name
     (and the folder gets a manifest.json), so the folder of any input shard, or a folder whose NAME.tar already is
-    that input (a link), would have its image shards replaced by latent shards."""
-    if is_remote(folder):
-        for u in urls:
-            if is_remote(u) and str(as_path(u).parent) == str(as_path(folder)):
-                raise UserError(f"{folder} holds the input shard {shard_name(u)}: encoding into it would replace the "
-                                f"image shards with latent shards of the same names; choose another output folder")
-        return
-    target = os.path.realpath(folder)
+    that input (a link), would have its image shards replaced by latent shards. Compared by where the paths lead
+    (Storage.canonical: links resolved locally), without a request."""
+    out = storage_for(str(folder))
+    target = out.canonical(str(folder))
     for u in urls:
-        if u.startswith("pipe:") or is_url(u):
+        if u.startswith("pipe:"):
             continue
-        out = os.path.join(target, shard_name(u))
-        if os.path.realpath(os.path.dirname(os.path.abspath(u))) == target or \
-                (os.path.exists(out) and os.path.exists(u) and os.path.samefile(out, u)):
+        store = storage_for(u)
+        if store.canonical(str(as_path(u).parent)) == target or \
+                store.canonical(u) == out.canonical(out.join(str(folder), shard_name(u))):
             raise UserError(f"{folder} holds the input shard {shard_name(u)}: encoding into it would replace the "
                             f"image shards with latent shards of the same names; choose another output folder")
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, part_name, shard_list
-from pipeline.storage import Unit, as_path, atomic_write_json, is_remote
+from pipeline.storage import Unit, as_path, atomic_write_json, storage_for
 
 from typing import TYPE_CHECKING
 
@@ -403,8 +402,6 @@ def input_identity(url: str) -> dict | None:
     """What says that an input shard is the one a record was encoded from: its storage's identity of it (locally size
     and modification time, a stat; on object storage size and ETag, one request). None for a `pipe:` source, an
     unknown scheme or a file that cannot be looked at (the shard's path decides then)."""
-    from pipeline.storage import storage_for
-
     if url.startswith("pipe:"):
         return None
     try:
@@ -464,19 +461,19 @@ class Plan:
 
 
 def plan_shards(folder, urls: list[str], settings: dict) -> Plan:
-    """shard_state of the output shard of every input shard in `urls`, 16 at a time. One listing of records/ first
-    (on object storage also one of the folder: the ETags of the listing stand for the tars): a shard without a
-    record is 'todo' without a further look; each one with a record is read once (locally its tar is checked
-    against it by a stat, see Unit.intact)."""
+    """shard_state of the output shard of every input shard in `urls`, 16 at a time. One listing of records/ and
+    one of the folder first (the ETags of the listing stand for the tars: an object store's, locally inode and
+    mtime; not when records/ is empty): a shard without a record and a tar is 'todo' without a further look; each
+    one with both is read once and its tar checked against it by the listing's ETag (see Unit.intact)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.data.shards import shard_name
 
     folder = as_path(folder)
     recorded = _record_stems(folder)
-    listed = _listed_tars(folder, recorded) if is_remote(folder) else None
+    listed = _listed_tars(folder, recorded) if recorded else {}  # no record: no shard is done, nothing to list
     have = [u for u in urls if Path(shard_name(u)).stem in recorded]
-    look = [u for u in have if listed is None or str(folder / shard_name(u)) in listed]
+    look = [u for u in have if str(folder / shard_name(u)) in listed]
     with ThreadPoolExecutor(16) as pool:
         found = dict(zip(look, pool.map(lambda u: _look(folder, shard_name(u), settings, u, listed), look)))
     states = {u: found.get(u, ("todo", None))[0] for u in urls}
@@ -490,24 +487,22 @@ def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
     return plan_shards(folder, urls, settings).states
 
 
+def _names(folder) -> list[str]:
+    """The names of the files directly in `folder` (a writer's temporaries never among them): one listing."""
+    return [path.rsplit("/", 1)[-1] for path in storage_for(str(folder)).entries(str(folder))[0]]
+
+
 def _record_stems(folder) -> set[str]:
     """The names (without .json) of the records in records/: one listing."""
-    if is_remote(folder):
-        return {rec.stem for rec in (folder / RECORDS).glob("*.json")}
-    try:
-        return {n[:-5] for n in os.listdir(folder / RECORDS) if n.endswith(".json") and not n.startswith(".")}
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
+    return {n[:-5] for n in _names(folder / RECORDS) if n.endswith(".json") and not n.startswith(".")}
 
 
 def _listed_tars(folder, recorded: set[str] | None = None) -> dict[str, tuple]:
-    """On object storage: {tar URL: (size, ETag)} of the shards whose tar and record both exist (two listings; one
-    when the records' are given)."""
-    from pipeline.storage import storage_for
-
+    """{tar path: (size, ETag)} of the shards whose tar and record both exist (two listings; one when the records'
+    are given)."""
     records = _record_stems(folder) if recorded is None else recorded
     tars = storage_for(str(folder)).entries(str(folder))[0]
-    return {url: entry for url, entry in tars.items() if url.endswith(".tar") and Path(url).stem in records}
+    return {path: entry for path, entry in tars.items() if path.endswith(".tar") and Path(path).stem in records}
 
 
 def same_latents(record: ShardRecord, settings: dict) -> bool:
@@ -517,19 +512,10 @@ def same_latents(record: ShardRecord, settings: dict) -> bool:
 
 def read_records(folder: Path, settings: dict) -> list[ShardRecord]:
     """Records of the shards that are complete (tar present) and encoded with `settings`, in name order: a shard
-    written with anything else (another model's weights) never enters the manifest; a rerun encodes it again. On
-    object storage: two listings, then one GET per record, 16 at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    written with anything else (another model's weights) never enters the manifest; a rerun encodes it again. Two
+    listings, then one read per record (a GET on object storage), 16 at a time."""
     folder = as_path(folder)
-    if is_remote(folder):
-        units = [shard_unit(folder, as_path(url).name) for url in sorted(_listed_tars(folder))]
-        with ThreadPoolExecutor(16) as pool:
-            found = list(pool.map(lambda unit: read_record(unit, listed=True), units))
-    else:
-        found = [read_record(shard_unit(folder, rec.stem + ".tar"))
-                 for rec in (sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else [])]
-    return [r for r in found if r is not None and same_latents(r, settings)]
+    return _read_named(folder, [as_path(path).name for path in sorted(_listed_tars(folder))], settings)
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
@@ -672,12 +658,9 @@ def finish_manifest(folder, records: list[ShardRecord], expected: list[str], par
 def _other_parts(folder, part: int, num_parts: int, identity: dict) -> list[ShardRecord] | None:
     """The records of the other parts' manifests, or None while one is missing (that part has not ended): one
     look at each before any is read. A part manifest of other settings counts as missing."""
-    from pipeline.storage import storage_for
-
     paths = [folder / part_manifest(k, num_parts) for k in range(num_parts) if k != part]
     store = storage_for(str(folder))
-    exists = getattr(store, "object_exists", store.exists)
-    if not all(exists(str(p)) for p in paths):
+    if not all(store.object_exists(str(p)) for p in paths):
         return None
     records = []
     for p in paths:
@@ -698,12 +681,7 @@ def _complete_names(folder, num_parts: int) -> tuple[set[str], list]:
     """(names of the shards whose tar and record are both there, the part manifests of splits other than N): one
     listing of the folder and one of records/."""
     recorded = _record_stems(folder)
-    if is_remote(folder):
-        from pipeline.storage import storage_for
-
-        names = [u.rsplit("/", 1)[-1] for u in storage_for(str(folder)).entries(str(folder))[0]]
-    else:
-        names = os.listdir(folder)
+    names = _names(folder)
     complete = {n for n in names if n.endswith(".tar") and n[:-4] in recorded}
     keep = f"-of-{num_parts:05d}.json" if num_parts > 1 else None
     stale = [folder / n for n in names

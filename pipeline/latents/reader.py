@@ -43,7 +43,7 @@ from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, kind_named,
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, read_manifest
 from pipeline.models.normalisation import normalise
 from pipeline.models.posterior import key_generator
-from pipeline.storage import as_path, is_remote
+from pipeline.storage import as_path
 from pipeline.storage.paths import missing_objects
 
 
@@ -74,8 +74,7 @@ class LatentDataset(ShardStream):
             raise DataError(f"{folder / MANIFEST}: {e}") from None
         # every listed shard, also those the manifest says are empty: what they hold is checked against it
         self.expected = {str(folder / s["name"]): int(s["samples"]) for s in self.manifest["shards"]}
-        absent = missing_objects(list(self.expected)) if is_remote(folder) else \
-            [u for u in self.expected if not os.path.isfile(u)]
+        absent = missing_objects(list(self.expected))  # one listing per folder
         if absent:
             raise DataError(f"{folder / MANIFEST} lists {len(absent)} shard(s) that are not in the folder (first: "
                             f"{as_path(absent[0]).name}); finish the encode (run its command again) or rebuild the "
