@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.errors import UserError
-from pipeline.storage import as_path, atomic_write_json, is_remote, read_json
+from pipeline.storage import as_path, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
 IMAGE_FORMAT = "firststage-image-shards/1"
@@ -157,7 +157,8 @@ def abort_orphan_uploads(folder, live: dict[str, dict]) -> int:
     from pipeline.storage import storage_for
 
     store, root = storage_for(str(folder)), str(folder).rstrip("/")
-    if not is_remote(root) or not hasattr(store, "uploads"):
+    uploads = store.uploads(root)
+    if not uploads:
         return 0
     covering = {root: live}
 
@@ -172,7 +173,7 @@ def abort_orphan_uploads(folder, live: dict[str, dict]) -> int:
             return time.time() - 3600
         return max(min(starts) - CLOCK_SKEW_S, time.time() - 3600) if starts else math.inf
 
-    orphans = [(url, upload_id) for url, upload_id, started in store.uploads(root) if started < cutoff(url)]
+    orphans = [(url, upload_id) for url, upload_id, started in uploads if started < cutoff(url)]
     for url, upload_id in orphans:
         store.abort_upload(url, upload_id)
     return len(orphans)

@@ -67,6 +67,10 @@ def test_manifest_records_and_the_corrupt_sample(data):
     assert m["latent_shapes"] == {"32x32": [4, 8, 8]} and m["processes"] == 1
     assert len(m["model"]["config"]["block_out_channels"]) == 3
     assert not list((data / "ref").rglob(".*.tmp"))
+    for path in sorted((data / "ref" / "records").glob("*.json")):  # the typed record reads and writes them unchanged
+        record = lf.ShardRecord.from_json(json.loads(path.read_text()))
+        assert json.dumps(record.to_json(), indent=1) + "\n" == path.read_text()
+        assert record.settings["store"] == "moments" and record.samples == 6 - (path.stem == "part-000001")
 
 
 def test_captions_arrive_byte_identical_and_metadata_is_there(data):

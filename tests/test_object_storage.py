@@ -217,13 +217,30 @@ def test_loader_workers_read_s3_shards_with_their_own_clients(chain):
     assert sorted(keys) == sorted(read_tar_samples(f"{chain['local']}/data/shards"))
     with gopen(urls[0]) as f:
         assert f.read() == read(urls[0])
-    from pipeline.latents.encoder import EncodeStream  # encode's stream, as it runs on a GPU machine: in workers
+    from pipeline.latents.encoder import EncodeStream, ShardEnd  # encode's stream, as on a GPU machine: in workers
 
     items = list(DataLoader(EncodeStream(urls, 32, None, 4), batch_size=None, num_workers=2))
-    ends = [i for i in items if i["end"]]
-    assert sorted(i["shard"] for i in ends) == urls and all(not i["skipped"] for i in ends)
-    assert sum(len(i["keys"]) for i in items if not i["end"]) == 24
+    ends = [i for i in items if isinstance(i, ShardEnd)]
+    assert sorted(i.shard for i in ends) == urls and all(not i.skipped for i in ends)
+    assert sum(len(i["keys"]) for i in items if isinstance(i, dict)) == 24 and len(items) == len(ends) + 6
 
+
+def test_the_encoders_checks_of_shards_on_s3_send_no_request(chain):
+    """check_input_shards and check_output_folder ask the storage interface (not_a_file, seekable, canonical),
+    which answers for object storage without a request; the folder of the inputs is refused there too."""
+    from s3server import count_requests
+
+    from pipeline.data.loader import resolve_shards
+    from pipeline.errors import UserError
+    from pipeline.latents.encoder import check_input_shards, check_output_folder
+
+    urls = resolve_shards(f"{chain['s3']}/data/shards")
+    with count_requests(storage_for(chain["s3"])) as counts:
+        check_input_shards(urls)
+        check_output_folder(f"{chain['s3']}/latents-elsewhere", urls)
+        with pytest.raises(UserError, match="holds the input shard shards-000000.tar"):
+            check_output_folder(f"{chain['s3']}/data/shards/", urls)
+    assert sum(counts.values()) == 0, counts
 
 # ------------------------------------------------------------------------------------------------ kills
 def open_uploads(prefix: str) -> list:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
-import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,39 +33,58 @@ from pipeline.latents.format import (
     LATENT_EXT,
     META_EXT,
     RECORDS,
+    ShardRecord,
+    StoredKind,
     carried_name,
     input_identity,
     keys_checksum,
+    kind_named,
+    read_record,
     record_state,
     shard_unit,
+    stored_kind,
 )
-from pipeline.models.autoencoder import family_of, key_noise, reparameterize
+from pipeline.models.autoencoder import family_of
 from pipeline.models.normalisation import patchify
-from pipeline.models.registry import stored
 from pipeline.pixels import to_model_input
-from pipeline.storage import as_path, is_remote, is_url, remove_dead_temporaries
-
-STORE_TENSORS = {"moments": ("mean", "logvar"), "mean": ("mean",), "sample": ("sample",), "codes": ("codes",),
-                 "latent": ("latent",)}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from pipeline.storage import as_path, remove_dead_temporaries, storage_for
 
 
 def effective_store(model, requested: str) -> str:
-    """What is stored for a model (pipeline.models.registry.stored): codes, the deterministic latent or the
-    posterior as encode.store asks."""
-    return stored(family_of(model).name, requested)
+    """What is stored for a model (format.stored_kind): codes, the deterministic latent or the posterior as
+    encode.store asks."""
+    return stored_kind(family_of(model).name, requested).name
 
 
 def stored_tensors(store: str, flip: bool) -> list[str]:
-    names = list(STORE_TENSORS[store])
-    return names + [f"{n}_flip" for n in names] if flip else names
+    """The tensor names of one sample of `store` (StoredKind.names)."""
+    return kind_named(store).names(flip)
+
+
+class ShardUnavailable(NamedTuple):
+    """An input shard the storage could not read after its retries: not written; a rerun encodes it."""
+
+    shard: str  # the input shard's URL
+    why: str  # the storage's error, as one line
+
+
+@dataclass
+class ShardEnd:
+    """The stream's marker after an input shard's last batch: what the shard's record needs besides its batches."""
+
+    shard: str
+    skipped: list  # {shard, key, reason} of each input sample not encoded
+    inputs: int  # input samples read
+    input: dict | None  # the input shard's identity (format.input_identity), taken before it was read
+    renamed: list  # members carried under another name
 
 
 # ------------------------------------------------------------------------------------------------ the stream
 class EncodeStream(IterableDataset):
-    """Whole input shards per loader worker. Yields batches of one shard and one bucket (no padding), then, after a
-    shard's last batch, an end marker carrying the samples it skipped and why (a sample with a member over
-    `max_member_bytes` among them, that member unread)."""
+    """Whole input shards per loader worker. Yields batches of one shard and one bucket (no padding) as dicts, then,
+    after a shard's last batch, its ShardEnd, carrying the samples it skipped and why (a sample with a member over
+    `max_member_bytes` among them, that member unread); or, for a shard the storage could not read, only its
+    ShardUnavailable (after the batches already yielded, which are then dropped)."""
 
     def __init__(self, urls: list[str], resolution: int, buckets: list[tuple[int, int]] | None, batch_size: int,
                  max_member_bytes: int = MAX_MEMBER_BYTES):
@@ -138,18 +156,17 @@ class EncodeStream(IterableDataset):
             if len(pending[target]) == self.batch_size:
                 yield self._batch(url, pending.pop(target))
         if unavailable:
-            yield {"shard": url, "end": True, "unavailable": unavailable[0]}
+            yield ShardUnavailable(url, unavailable[0])
             return
         for target in sorted(pending):
             yield self._batch(url, pending[target])
-        yield {"shard": url, "end": True, "skipped": skipped, "inputs": inputs, "input": source, "renamed": renamed}
+        yield ShardEnd(url, skipped, inputs, source, renamed)
 
     @staticmethod
     def _batch(url: str, items: list) -> dict:
         keys, arrays, metas, extras = zip(*items)
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        return {"shard": url, "end": False, "images": images, "keys": list(keys), "meta": list(metas),
-                "extras": list(extras)}
+        return {"shard": url, "images": images, "keys": list(keys), "meta": list(metas), "extras": list(extras)}
 
 
 def unsafe_names(key: str, exts: list[str]) -> str | None:
@@ -179,17 +196,16 @@ def printable(text: str) -> str:
 # ------------------------------------------------------------------------------------------------ the model
 @dataclass
 class EncodeSettings:
-    store: str  # moments | mean | sample | codes | latent (effective_store)
+    store: str  # moments | mean | sample | codes | latent (effective_store; format.KINDS)
     dtype: str  # float32 | float16 | bfloat16
     flip: bool
     autocast: torch.dtype | None = None  # bf16 / fp16 autocast on GPU, None for full precision
     channels_last: bool = False
     patch: int = 1  # the statistics are of the latent in the family's normalisation layout (FLUX.2: 2x2 patches)
 
-    def tensor_dtype(self, name: str, num_codes: int = 0) -> torch.dtype:
-        if name.startswith("codes"):
-            return torch.int16 if num_codes <= 2**15 else torch.int32
-        return DTYPES[self.dtype]
+    @property
+    def kind(self) -> StoredKind:
+        return kind_named(self.store)
 
 
 @torch.inference_mode()
@@ -206,31 +222,15 @@ def encode_batch(model, images: torch.Tensor, keys: list[str], s: EncodeSettings
     fam = family_of(model)
     with torch.autocast(device_type=torch.device(device).type, dtype=s.autocast, enabled=s.autocast is not None):
         lat = fam.encode(model, x)
-    if s.store == "codes":
-        out = {"codes": lat.codes}
-        yielded = lat.mean.float()  # the reader yields codes; the statistics are of z_q
-    elif s.store == "latent":
-        out = {"latent": lat.mean.float()}
-        yielded = None
-    else:
-        mean, logvar = lat.mean.float(), lat.logvar.float()
-        if s.store == "sample":
-            eps = key_noise(keys + ([f"{k}/flip" for k in keys] if s.flip else []), mean.shape[1:])
-            out = {"sample": reparameterize(mean, logvar, eps)}
-        else:
-            out = {"mean": mean, "logvar": logvar} if s.store == "moments" else {"mean": mean}
-        yielded = None
-    stored = {k: v.to(s.tensor_dtype(k, fam.num_codes(model))) for k, v in out.items()}
+    kind = s.kind
+    out = kind.to_stored(lat, keys + ([f"{k}/flip" for k in keys] if s.flip else []))
+    dtype = kind.dtype(s.dtype, fam.num_codes(model))
+    stored = {k: v.to(dtype) for k, v in out.items()}
     finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for v in stored.values():
         if v.is_floating_point():
             finite &= torch.isfinite(v).flatten(1).all(1)
-    if yielded is None:  # what the reader yields, from the stored values: samples of N(mean, exp(logvar))
-        m = stored.get("mean", stored.get("sample", stored.get("latent"))).double()
-        second = m * m + (stored["logvar"].double().exp() if "logvar" in stored else 0)
-    else:
-        m = yielded.double()
-        second = m * m
+    m, second = kind.moments(lat, stored)  # of what the reader yields, from the stored values
     m, second = patchify(m, s.patch), patchify(second, s.patch)
     keep = finite.view(-1, 1, 1, 1).double()
     elems = m.shape[2] * m.shape[3]
@@ -301,7 +301,7 @@ class LatentShard:
 
     def _completed_meanwhile(self) -> bool:
         # one GET (a missing record: its 404), never a HEAD and a listing before it
-        self.kept = record_state(self.unit.read_record(listed=True), self.settings, self.url) == "complete"
+        self.kept = record_state(read_record(self.unit, listed=True), self.settings, self.url) == "complete"
         return self.kept
 
     def abort(self) -> None:
@@ -338,8 +338,7 @@ class LatentShard:
             self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
             self.shapes[bucket] = list(tensors[names[0]].shape)
 
-    def finish(self, skipped: list[dict], inputs: int, source: dict | None = None,
-               renamed: list | None = None) -> dict | None:
+    def finish(self, end: ShardEnd) -> ShardRecord | None:
         """Close the tar, then commit it: the tar under its final name, then the record. Done (None: another run
         completed this shard meanwhile, and its tar stays). A shard whose writing failed is aborted instead (its
         staging file removed) and the failure raised again."""
@@ -347,42 +346,33 @@ class LatentShard:
             if self.failed is not None:
                 raise self.failed
             with self._writing():
-                return self._finish(skipped, inputs, source, renamed or [])
+                return self._finish(end)
         except BaseException:
             self.abort()
             raise
 
-    def _finish(self, skipped: list[dict], inputs: int, source: dict | None, renamed: list) -> dict | None:
+    def _finish(self, end: ShardEnd) -> ShardRecord | None:
         """The shard's record once committed; None when another run completed it meanwhile (its shard stays)."""
-        self.skipped += skipped
+        self.skipped += end.skipped
         w = self._open()
         if w is None:
             return None
         channels = len(self.stats["sum"]) if self.stats else 0
-        record = {
-            "name": self.name,
-            "source": self.url,
-            "input": source,  # the input shard's size and mtime: another input of this name is encoded again
-            "inputs": inputs,
-            "samples": len(self.keys),
-            "keys_sha256": keys_checksum(self.keys),
-            "skipped": self.skipped,
-            "renamed": renamed,
-            "non_finite": self.non_finite,
-            "buckets": self.buckets,
-            "latent_shapes": self.shapes,
-            "stats": {k: [float(v) for v in self.stats[k]] if self.stats else [0.0] * channels
-                      for k in ("count", "sum", "sumsq")},
-            "settings": {k: self.settings[k] for k in IDENTITY_KEYS},
-        }
+        record = ShardRecord(
+            name=self.name, source=self.url, samples=len(self.keys), keys_sha256=keys_checksum(self.keys),
+            skipped=self.skipped, renamed=end.renamed, buckets=self.buckets, latent_shapes=self.shapes,
+            stats={k: [float(v) for v in self.stats[k]] if self.stats else [0.0] * channels
+                   for k in ("count", "sum", "sumsq")},
+            input=end.input,  # the input shard's size and mtime: another input of this name is encoded again
+            inputs=end.inputs, non_finite=self.non_finite, settings={k: self.settings[k] for k in IDENTITY_KEYS})
         w.close()
         (self.folder / RECORDS).mkdir(parents=True, exist_ok=True)
         if self._completed_meanwhile():  # while this run encoded it: that run's tar is not replaced by this one
             self.unit.discard()
             return None
         self.unit.put_staged()
-        record["files"] = self.unit.files(etag=True)  # the tar's size and SHA-256 (and ETag on object storage)
-        return record if self.unit.commit(record) else None  # False: the other run's record came first
+        record.files = self.unit.files(etag=True)  # the tar's size and SHA-256 (and ETag on object storage)
+        return record if self.unit.commit(record.to_json()) else None  # False: the other run's record came first
 
 
 def _json_bytes(obj) -> bytes:
@@ -423,10 +413,10 @@ class EncodeResult:
     skipped: int = 0
     non_finite: int = 0
     stopped: bool = False
-    records: list = field(default_factory=list)
+    records: list[ShardRecord] = field(default_factory=list)
     kept: list = field(default_factory=list)  # input shards whose output another run completed after this one
     # planned them: that run's shard stays, nothing was written here
-    unavailable: list = field(default_factory=list)  # (input shard, why): not read, not written; a rerun does them
+    unavailable: list[ShardUnavailable] = field(default_factory=list)  # not read, not written; a rerun does them
 
 
 def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: EncodeSettings, device, *,
@@ -459,19 +449,18 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
                 if stop is not None and stop.is_set():
                     result.stopped = True
                     break
-                url = item["shard"]
+                url = item["shard"] if isinstance(item, dict) else item.shard  # a batch, ShardEnd or ShardUnavailable
                 if url not in shards:
                     known = None if had_record is None else shard_name(url) in had_record
                     shards[url] = LatentShard(folder, url, settings, had_record=known)
                 shard = shards[url]
-                if item["end"] and "unavailable" in item:
+                if isinstance(item, ShardUnavailable):
                     writer.submit(shard.abort)  # after the batches of it in flight: the writer thread holds its tar
                     del shards[url]
-                    result.unavailable.append((url, item["unavailable"]))
+                    result.unavailable.append(item)
                     continue
-                if item["end"]:
-                    finishing.append((url, writer.submit(shard.finish, item["skipped"], item["inputs"], item["input"],
-                                                         item["renamed"])))
+                if isinstance(item, ShardEnd):
+                    finishing.append((url, writer.submit(shard.finish, item)))
                     del shards[url]
                     if progress is not None:
                         progress(url)
@@ -502,9 +491,9 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
     result.records, result.kept = [r for _, r in done if r is not None], [u for u, r in done if r is None]
     for r in result.records:
         result.shards += 1
-        result.samples += r["samples"]
-        result.skipped += len(r["skipped"])
-        result.non_finite += r["non_finite"]
+        result.samples += r.samples
+        result.skipped += len(r.skipped)
+        result.non_finite += r.non_finite
     return result
 
 
@@ -516,7 +505,8 @@ def out_of_memory(e: BaseException) -> bool:
 
 def check_input_shards(urls: list[str]) -> None:
     """Before any model runs: every input shard gives an output shard of the same name, so names must be unique;
-    every local shard must be a file (a named pipe would block the reader forever, SIGTERM or not); and a cheap look
+    every shard must be a regular file (a named pipe would block the reader forever, SIGTERM or not; an object
+    store's objects always are); and, where a look costs no request (a seekable store: a local shard), a cheap look
     at the first shard's member names (no decoding) catches shards that hold no images."""
     import tarfile
 
@@ -529,17 +519,15 @@ def check_input_shards(urls: list[str]) -> None:
             raise UserError(f"two input shards share the name {n} ({seen[n]} and {u}); every input shard gives an "
                             f"output shard of the same name, so encode them into separate folders")
         seen[n] = u
-        try:
-            mode = None if u.startswith("pipe:") or is_url(u) else os.stat(u).st_mode
-        except OSError:
-            continue  # a shard that cannot be opened is reported with its reason in the manifest, not here
-        if mode is not None and not stat.S_ISREG(mode):
-            what = "a named pipe (FIFO), not a shard file (reading it would block forever)" if stat.S_ISFIFO(mode) \
-                else f"a {'folder' if stat.S_ISDIR(mode) else 'device or socket'}, not a shard file"
-            raise UserError(f"{u} is {what}; remove it from the data or name the shards explicitly")
+        what = None if u.startswith("pipe:") else storage_for(u).not_a_file(u)  # a missing shard is reported later
+        if what is not None:
+            blocks = " (reading it would block forever)" if what == "a FIFO" else ""
+            raise UserError(f"{u} is {what}, not a shard file{blocks}; remove it from the data or name the shards "
+                            f"explicitly")
+    store = None if urls[0].startswith("pipe:") else storage_for(urls[0])
     try:
-        if os.path.isfile(urls[0]):
-            with tarfile.open(urls[0]) as tf:
+        if store is not None and store.seekable and store.object_exists(urls[0]):
+            with store.open_read(urls[0]) as f, tarfile.open(fileobj=f) as tf:
                 exts = {ks[1] for ks in map(split_key, tf.getnames()) if ks}
         else:
             exts = set()
@@ -553,20 +541,16 @@ def check_input_shards(urls: list[str]) -> None:
 def check_output_folder(folder: Path, urls: list[str]) -> None:
     """Refuse an output folder where encoding would overwrite its inputs: every output shard takes its input's name
     (and the folder gets a manifest.json), so the folder of any input shard, or a folder whose NAME.tar already is
-    that input (a link), would have its image shards replaced by latent shards."""
-    if is_remote(folder):
-        for u in urls:
-            if is_remote(u) and str(as_path(u).parent) == str(as_path(folder)):
-                raise UserError(f"{folder} holds the input shard {shard_name(u)}: encoding into it would replace the "
-                                f"image shards with latent shards of the same names; choose another output folder")
-        return
-    target = os.path.realpath(folder)
+    that input (a link), would have its image shards replaced by latent shards. Compared by where the paths lead
+    (Storage.canonical: links resolved locally), without a request."""
+    out = storage_for(str(folder))
+    target = out.canonical(str(folder))
     for u in urls:
-        if u.startswith("pipe:") or is_url(u):
+        if u.startswith("pipe:"):
             continue
-        out = os.path.join(target, shard_name(u))
-        if os.path.realpath(os.path.dirname(os.path.abspath(u))) == target or \
-                (os.path.exists(out) and os.path.exists(u) and os.path.samefile(out, u)):
+        store = storage_for(u)
+        if store.canonical(str(as_path(u).parent)) == target or \
+                store.canonical(u) == out.canonical(out.join(str(folder), shard_name(u))):
             raise UserError(f"{folder} holds the input shard {shard_name(u)}: encoding into it would replace the "
                             f"image shards with latent shards of the same names; choose another output folder")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.checkpoint import CHECKPOINTS
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, read_manifest
-from pipeline.storage import is_remote
+from pipeline.storage import as_path, storage_for
 from pipeline.storage.cache import source_url
 
 
@@ -24,10 +24,12 @@ class NoStatistics(UserError):
 def eval_beside(given: str, weights) -> tuple[dict | None, str]:
     """The newest eval.json beside the model (where --model pointed, the checkpoint folder, then its run folder)
     that evaluated exactly these weights; (None, why not) otherwise. `weights`: the pinned Weights."""
-    folder = Path(weights.path)
-    places = [weights.beside if weights.hub else Path(given)] * (not is_remote(given)) + [folder] + \
-        ([folder.parent.parent] if folder.parent.name == CHECKPOINTS else [])  # weights on S3: folder is their copy
-    found = sorted({p / "eval.json" for p in places if (p / "eval.json").is_file()}, key=lambda p: p.stat().st_mtime)
+    folder = Path(weights.path)  # on this machine (weights on object storage: their copy, eval.json beside it)
+    places = [weights.beside if weights.hub else as_path(given)] + [folder] + \
+        ([folder.parent.parent] if folder.parent.name == CHECKPOINTS else [])
+    # each as a file on this machine (one on object storage: its copy in the cache, the one pinning made)
+    found = sorted({_here(p / "eval.json") for p in places if (p / "eval.json").is_file()},
+                   key=lambda p: p.stat().st_mtime)
     described = weights.describe()
     for path in reversed(found):
         res = json.loads(path.read_text())
@@ -36,6 +38,10 @@ def eval_beside(given: str, weights) -> tuple[dict | None, str]:
     if found:
         return None, f"{found[-1]} evaluated other weights ({json.loads(found[-1].read_text()).get('weights')})"
     return None, "no eval.json beside the model"
+
+
+def _here(path) -> Path:
+    return storage_for(str(path)).local_file(str(path))
 
 
 def export_normalisation(weights, model, cfg, stats: str | None = None, data: str | None = None,

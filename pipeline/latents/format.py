@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 from pipeline.errors import UserError
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, part_name, shard_list
-from pipeline.storage import Unit, as_path, atomic_write_json, is_remote
+from pipeline.storage import Unit, as_path, atomic_write_json, storage_for
 
 from typing import TYPE_CHECKING
 
@@ -109,13 +108,150 @@ def keys_checksum(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------------- stored kinds
+FLOATS = ("float32", "float16", "bfloat16")  # encode.dtype's
+
+
+@dataclass(frozen=True)
+class StoredKind:
+    """What one kind of latent stores per sample (`store` in settings.json and the manifest): its tensor names in
+    KEY.latents.safetensors, `of` what the encoder gives (the family's `latent`: posterior, codes or a
+    deterministic latent), how a batch of the encoder's Latent becomes the stored tensors (`to_stored`), what
+    statistics they give (`moments`, of the latent a reader yields) and how a reader gets its latent back
+    (`from_stored`). docs/latent-format.md lists the same table for readers without firststage."""
+
+    name: str
+    of: str
+    tensors: tuple[str, ...]
+    statistics_of: str
+    integer: bool = False  # integer codes (VQ, FSQ): never normalised, never checked for NaN
+    draws: bool = False  # the reader draws the latent (from_stored's `generator`): moments
+
+    def names(self, flip: bool) -> list[str]:
+        """The tensor names of one sample: these, then their `_flip` twins."""
+        return [*self.tensors, *(f"{n}_flip" for n in self.tensors)] if flip else list(self.tensors)
+
+    def dtype(self, dtype: str | None, num_codes: int = 0) -> torch.dtype | None:
+        """The dtype this kind's tensors are stored in: `dtype` (encode.dtype: FLOATS) for floats, None for another
+        name; codes in int16, int32 for a codebook of more than 2**15 codes."""
+        import torch
+
+        if self.integer:
+            return torch.int16 if num_codes <= 2**15 else torch.int32
+        return getattr(torch, dtype) if dtype in FLOATS else None
+
+    def to_stored(self, lat, keys: list[str]) -> dict[str, torch.Tensor]:
+        """{tensor name: [B, ...]} of a batch's Latent (float32, or the codes as the quantizer gave them); `keys`
+        seed the noise of a drawn sample (one per row)."""
+        return {self.tensors[0]: lat.mean.float()}
+
+    def moments(self, lat, stored: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[z], E[z^2]) per position, float64, of the latent a reader yields from the stored (cast) tensors."""
+        m = stored[self.tensors[0]].double()
+        return m, m * m
+
+    def from_stored(self, tensors: dict, suffix: str = "", sample: bool = True,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """The latent a reader yields from one sample's tensors (`suffix` "_flip": the mirrored image's)."""
+        return tensors[self.tensors[0] + suffix].float()
+
+    def check(self, tensors: dict, dtype: str | None) -> None:
+        """BadLatent unless a sample's tensors hold this kind's, all of one shape ([C, h, w]; codes [h, w] too),
+        each with its `_flip` twin when any has one, floats of `dtype` (a manifest's; any floats when it names none
+        of FLOATS) or integer codes."""
+        import torch
+
+        absent = [n for n in self.tensors if n not in tensors]
+        if absent:
+            raise BadLatent(f"no tensor {absent[0]} (a {self.name} latent holds {', '.join(self.tensors)}; it holds "
+                            f"{', '.join(sorted(tensors)[:4]) or 'none'})")
+        flips = [n for n in tensors if n.endswith("_flip")]
+        unpaired = [n for n in tensors if not n.endswith("_flip") and n + "_flip" not in tensors]
+        if flips and unpaired:
+            raise BadLatent(f"tensor {unpaired[0]} without {unpaired[0]}_flip beside {flips[0]}")
+        shapes = {tuple(t.shape) for t in tensors.values()}
+        if len(shapes) > 1:
+            listed = ", ".join(f"{n} {list(t.shape)}" for n, t in sorted(tensors.items()))
+            raise BadLatent(f"tensors of different shapes ({listed})")
+        (shape,) = shapes
+        if len(shape) not in ((2, 3) if self.integer else (3,)) or 0 in shape:
+            raise BadLatent(f"tensors of shape {list(shape)}, not [{'' if self.integer else 'channels, '}height, "
+                            f"width]")
+        want = self.dtype(dtype)
+        for n, t in sorted(tensors.items()):
+            if self.integer:
+                if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                    raise BadLatent(f"tensor {n} of dtype {str(t.dtype).split('.')[-1]}, not integer codes")
+            elif not t.is_floating_point() or want is not None and t.dtype != want:
+                raise BadLatent(f"tensor {n} of dtype {str(t.dtype).split('.')[-1]}, the manifest says "
+                                f"{dtype or 'a floating-point type'}")
+
+
+@dataclass(frozen=True)
+class _Moments(StoredKind):
+    def to_stored(self, lat, keys):
+        return {"mean": lat.mean.float(), "logvar": lat.logvar.float()}
+
+    def moments(self, lat, stored):
+        m = stored["mean"].double()
+        return m, m * m + stored["logvar"].double().exp()  # z ~ N(mean, exp(logvar))
+
+    def from_stored(self, tensors, suffix="", sample=True, generator=None):
+        from pipeline.models.posterior import reparameterize
+
+        mean = tensors["mean" + suffix].float()
+        return reparameterize(mean, tensors["logvar" + suffix].float(), generator=generator) if sample else mean
+
+
+@dataclass(frozen=True)
+class _Sample(StoredKind):
+    def to_stored(self, lat, keys):
+        from pipeline.models.posterior import key_noise, reparameterize
+
+        mean = lat.mean.float()
+        return {"sample": reparameterize(mean, lat.logvar.float(), key_noise(keys, mean.shape[1:]))}
+
+
+@dataclass(frozen=True)
+class _Codes(StoredKind):
+    def to_stored(self, lat, keys):
+        return {"codes": lat.codes}
+
+    def moments(self, lat, stored):
+        m = lat.mean.float().double()  # the reader yields codes; the statistics are of the quantised latent z_q
+        return m, m * m
+
+    def from_stored(self, tensors, suffix="", sample=True, generator=None):
+        return tensors["codes" + suffix].long()
+
+
+MOMENTS = _Moments("moments", "posterior", ("mean", "logvar"),
+                   "the latent the reader yields: samples of N(mean, exp(logvar)) (E[z^2] = mean^2 + exp(logvar))",
+                   draws=True)
+MEAN = StoredKind("mean", "posterior", ("mean",), "the stored mean")
+SAMPLE = _Sample("sample", "posterior", ("sample",), "the stored sample")
+CODES = _Codes("codes", "codes", ("codes",), "the quantised latent z_q", integer=True)
+LATENT = StoredKind("latent", "latent", ("latent",), "the stored latent")
+KINDS = {k.name: k for k in (MOMENTS, MEAN, SAMPLE, CODES, LATENT)}
+
+
+def kind_named(store) -> StoredKind:
+    """The StoredKind of a `store` value (settings.json, a manifest); UserError for one firststage never wrote."""
+    if store not in KINDS:
+        raise UserError(f"latents stored as {store!r}: not a kind firststage writes ({', '.join(KINDS)})")
+    return KINDS[store]
+
+
+def stored_kind(family: str, requested: str) -> StoredKind:
+    """What encode stores for a model family (model.kind): its encoder's only kind (codes: VQ, FSQ; the
+    deterministic latent: DC-AE, Tiny, RAE), or for a posterior the one encode.store asks (moments, mean, sample)."""
+    from pipeline.models.families import family as family_named
+
+    fitting = [k for k in KINDS.values() if k.of == family_named(family).latent]
+    return fitting[0] if len(fitting) == 1 else kind_named(requested)
+
+
 # ---------------------------------------------------------------------------------------------------- settings
-STATISTICS_OF = {
-    "moments": "the latent the reader yields: samples of N(mean, exp(logvar)) (E[z^2] = mean^2 + exp(logvar))",
-    "codes": "the quantised latent z_q",
-}
-
-
 def folder_settings(model, cfg, weights, dtype: str, buckets, store: str, tensors: list[str]) -> dict:
     """What every shard of a folder is encoded with: the identity (IDENTITY_KEYS), a description of the model, and
     how the reader normalises (`normalisation`: the model's own, and whether the measured one replaces it).
@@ -136,7 +272,7 @@ def folder_settings(model, cfg, weights, dtype: str, buckets, store: str, tensor
         "resolution": cfg.data.resolution,
         "buckets": [list(b) for b in buckets] if buckets else None,
         "flip": e.flip,
-        "statistics_of": STATISTICS_OF.get(store, f"the stored {store}") + layout,
+        "statistics_of": kind_named(store).statistics_of + layout,
         "normalisation": {"use": choice, "model": own, "shift": fam.shift},
         "model": {"class": type(model).__name__, "path": weights.where, "weights": weights.describe(),
                   "config": plain_config(model.config),
@@ -148,11 +284,11 @@ def quick_settings(cfg) -> dict:
     """The identity settings a config decides without the model (kind, store, resolution, buckets, flip, an explicit
     dtype): what check_settings can compare before anything heavy is imported."""
     from pipeline.latents.buckets import resolve_buckets
-    from pipeline.models.registry import stored
 
     e = cfg.encode
     buckets = resolve_buckets(e.buckets, cfg.data.resolution, cfg.model.downsampling_factor)
-    quick = {"kind": cfg.model.kind, "store": stored(cfg.model.kind, e.store), "resolution": cfg.data.resolution,
+    quick = {"kind": cfg.model.kind, "store": stored_kind(cfg.model.kind, e.store).name,
+             "resolution": cfg.data.resolution,
              "buckets": [list(b) for b in buckets] if buckets else None, "flip": e.flip}
     return {**quick, "dtype": e.dtype} if e.dtype != "auto" else quick
 
@@ -204,25 +340,74 @@ def write_settings(folder: Path, settings: dict, part: int = 0, num_parts: int =
 
 
 # ---------------------------------------------------------------------------------------------------- records
-def input_identity(url: str) -> dict | None:
-    """What says that an input shard is the one a record was encoded from: its size and modification time (a stat,
-    cheap for thousands of shards; a copy or a rewrite changes them, a move keeps them); on object storage its size and
-    ETag (one request). None for another URL or a file that cannot be looked at (the shard's path decides then)."""
-    from pipeline.storage import is_remote, is_url, storage_for
+@dataclass
+class ShardRecord:
+    """records/NAME.json of a complete latent shard (docs/latent-format.md), and what a part manifest keeps of one
+    (`summary`: the fields build_manifest reads). `to_json` writes the keys in the order encode has
+    always written them; `from_json` reads a record of any firststage version (a key an older run did not write
+    takes its default) and raises ValueError for one that is not a record."""
 
-    if is_remote(url) and url.lower().startswith("s3://"):
-        try:
-            info = storage_for(url).info(url)
-        except (OSError, UserError):
-            return None
-        return {"size": info["size"], "etag": info["etag"]}
-    if url.startswith("pipe:") or is_url(url):
+    name: str
+    source: str | None
+    samples: int
+    keys_sha256: str
+    skipped: list = field(default_factory=list)  # {shard, key, reason} of each input sample not written
+    renamed: list = field(default_factory=list)  # {shard, key, member, as} of each member carried under another name
+    buckets: dict = field(default_factory=dict)  # {"WxH": samples}
+    latent_shapes: dict = field(default_factory=dict)  # {"WxH": [C, h, w]}
+    stats: dict = field(default_factory=dict)  # {count, sum, sumsq}: per-channel sums of the yielded latent
+    input: dict | None = None  # the input shard's size and mtime (or ETag): another input of this name is redone
+    inputs: int | None = None  # input samples read
+    non_finite: int = 0
+    settings: dict = field(default_factory=dict)  # the identity settings (IDENTITY_KEYS) it was encoded with
+    files: dict | None = None  # {tar name: {size, sha256[, etag]}} (Unit.files): what Unit.intact compares
+
+    ORDER = ("name", "source", "input", "inputs", "samples", "keys_sha256", "skipped", "renamed", "non_finite",
+             "buckets", "latent_shapes", "stats", "settings", "files")
+    # what build_manifest reads of a record: a part manifest keeps these of each of its shards' records
+    SUMMARY = ("name", "source", "samples", "keys_sha256", "skipped", "renamed", "buckets", "latent_shapes", "stats")
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.ORDER if k != "files" or self.files is not None}
+
+    def summary(self) -> dict:
+        return {k: getattr(self, k) for k in self.SUMMARY}
+
+    @classmethod
+    def from_json(cls, data) -> ShardRecord:
+        if not isinstance(data, dict):
+            raise ValueError("a shard record is a JSON object")
+        known = {k: data[k] for k in cls.ORDER if k in data}
+        absent = [k for k in ("name", "samples", "keys_sha256") if k not in known]
+        if absent:
+            raise ValueError(f"a shard record without {absent[0]}")
+        record = cls(**{"source": None, **known})
+        if not isinstance(record.samples, int) or not isinstance(record.skipped, list) or \
+                not isinstance(record.stats, dict) or not isinstance(record.settings, dict):
+            raise ValueError("a shard record with fields of the wrong type")
+        return record
+
+
+
+def read_record(unit: Unit, listed: bool = False) -> ShardRecord | None:
+    """The record of a done shard unit (Unit.read_record), or None: not done, or a record that is not one."""
+    data = unit.read_record(listed=listed)
+    try:
+        return None if data is None else ShardRecord.from_json(data)
+    except ValueError:
+        return None
+
+
+def input_identity(url: str) -> dict | None:
+    """What says that an input shard is the one a record was encoded from: its storage's identity of it (locally size
+    and modification time, a stat; on object storage size and ETag, one request). None for a `pipe:` source, an
+    unknown scheme or a file that cannot be looked at (the shard's path decides then)."""
+    if url.startswith("pipe:"):
         return None
     try:
-        st = os.stat(url)
-    except OSError:
+        return storage_for(url).identity(url)
+    except UserError:
         return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def shard_state(folder: Path, name: str, settings: dict, url: str | None = None, listed: dict | None = None) -> str:
@@ -234,12 +419,12 @@ def shard_state(folder: Path, name: str, settings: dict, url: str | None = None,
     return _look(folder, name, settings, url, listed)[0]
 
 
-def _look(folder, name: str, settings: dict, url: str | None, listed: dict | None) -> tuple[str, dict | None]:
+def _look(folder, name: str, settings: dict, url: str | None, listed: dict | None) -> tuple[str, ShardRecord | None]:
     """(shard_state, the record read for it: one read, which the run's manifest uses too)."""
     unit = shard_unit(folder, name)
-    record = unit.read_record(listed=listed is not None)
+    record = read_record(unit, listed=listed is not None)
     state = record_state(record, settings, url)
-    if state == "complete" and not unit.intact(record, listed):
+    if state == "complete" and not unit.intact(record.to_json(), listed):
         unit.undo()
         return "undone", None
     return state, record
@@ -248,18 +433,18 @@ def _look(folder, name: str, settings: dict, url: str | None, listed: dict | Non
 def shard_intact(folder, name: str) -> bool:
     """Whether shard NAME is done and its tar is the one its record describes (LatentDataset's `verify`)."""
     unit = shard_unit(folder, name)
-    record = unit.read_record()
-    return record is not None and unit.intact(record)
+    record = read_record(unit)
+    return record is not None and unit.intact(record.to_json())
 
 
-def record_state(record: dict | None, settings: dict, url: str | None) -> str:
+def record_state(record: ShardRecord | None, settings: dict, url: str | None) -> str:
     """shard_state of a record already read (None: no done shard), without looking at its tar."""
     if record is None or not same_latents(record, settings):
         return "todo"
     if url is None:
         return "complete"
-    had, now = record.get("input"), input_identity(url)
-    same = had == now if had is not None and now is not None else record.get("source") == url
+    had, now = record.input, input_identity(url)
+    same = had == now if had is not None and now is not None else record.source == url
     return "complete" if same else "changed"
 
 
@@ -271,24 +456,24 @@ class Plan:
     others cost it no request to look at)."""
 
     states: dict[str, str]
-    records: dict[str, dict]
+    records: dict[str, ShardRecord]
     had_record: set[str]
 
 
 def plan_shards(folder, urls: list[str], settings: dict) -> Plan:
-    """shard_state of the output shard of every input shard in `urls`, 16 at a time. One listing of records/ first
-    (on object storage also one of the folder: the ETags of the listing stand for the tars): a shard without a
-    record is 'todo' without a further look; each one with a record is read once (locally its tar is checked
-    against it by a stat, see Unit.intact)."""
+    """shard_state of the output shard of every input shard in `urls`, 16 at a time. One listing of records/ and
+    one of the folder first (the ETags of the listing stand for the tars: an object store's, locally inode and
+    mtime; not when records/ is empty): a shard without a record and a tar is 'todo' without a further look; each
+    one with both is read once and its tar checked against it by the listing's ETag (see Unit.intact)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.data.shards import shard_name
 
     folder = as_path(folder)
     recorded = _record_stems(folder)
-    listed = _listed_tars(folder, recorded) if is_remote(folder) else None
+    listed = _listed_tars(folder, recorded) if recorded else {}  # no record: no shard is done, nothing to list
     have = [u for u in urls if Path(shard_name(u)).stem in recorded]
-    look = [u for u in have if listed is None or str(folder / shard_name(u)) in listed]
+    look = [u for u in have if str(folder / shard_name(u)) in listed]
     with ThreadPoolExecutor(16) as pool:
         found = dict(zip(look, pool.map(lambda u: _look(folder, shard_name(u), settings, u, listed), look)))
     states = {u: found.get(u, ("todo", None))[0] for u in urls}
@@ -302,46 +487,35 @@ def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
     return plan_shards(folder, urls, settings).states
 
 
+def _names(folder) -> list[str]:
+    """The names of the files directly in `folder` (a writer's temporaries never among them): one listing."""
+    return [path.rsplit("/", 1)[-1] for path in storage_for(str(folder)).entries(str(folder))[0]]
+
+
 def _record_stems(folder) -> set[str]:
     """The names (without .json) of the records in records/: one listing."""
-    if is_remote(folder):
-        return {rec.stem for rec in (folder / RECORDS).glob("*.json")}
-    try:
-        return {n[:-5] for n in os.listdir(folder / RECORDS) if n.endswith(".json") and not n.startswith(".")}
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
+    return {n[:-5] for n in _names(folder / RECORDS) if n.endswith(".json") and not n.startswith(".")}
 
 
 def _listed_tars(folder, recorded: set[str] | None = None) -> dict[str, tuple]:
-    """On object storage: {tar URL: (size, ETag)} of the shards whose tar and record both exist (two listings; one
-    when the records' are given)."""
-    from pipeline.storage import storage_for
-
+    """{tar path: (size, ETag)} of the shards whose tar and record both exist (two listings; one when the records'
+    are given)."""
     records = _record_stems(folder) if recorded is None else recorded
     tars = storage_for(str(folder)).entries(str(folder))[0]
-    return {url: entry for url, entry in tars.items() if url.endswith(".tar") and Path(url).stem in records}
+    return {path: entry for path, entry in tars.items() if path.endswith(".tar") and Path(path).stem in records}
 
 
-def same_latents(record: dict, settings: dict) -> bool:
+def same_latents(record: ShardRecord, settings: dict) -> bool:
     """Whether a shard record was written with the identity settings of `settings` (same model, store, ...)."""
-    return all(record.get("settings", {}).get(k) == settings.get(k) for k in IDENTITY_KEYS)
+    return all(record.settings.get(k) == settings.get(k) for k in IDENTITY_KEYS)
 
 
-def read_records(folder: Path, settings: dict) -> list[dict]:
+def read_records(folder: Path, settings: dict) -> list[ShardRecord]:
     """Records of the shards that are complete (tar present) and encoded with `settings`, in name order: a shard
-    written with anything else (another model's weights) never enters the manifest; a rerun encodes it again. On
-    object storage: two listings, then one GET per record, 16 at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    written with anything else (another model's weights) never enters the manifest; a rerun encodes it again. Two
+    listings, then one read per record (a GET on object storage), 16 at a time."""
     folder = as_path(folder)
-    if is_remote(folder):
-        units = [shard_unit(folder, as_path(url).name) for url in sorted(_listed_tars(folder))]
-        with ThreadPoolExecutor(16) as pool:
-            found = list(pool.map(lambda unit: unit.read_record(listed=True), units))
-    else:
-        found = [shard_unit(folder, rec.stem + ".tar").read_record()
-                 for rec in (sorted((folder / RECORDS).glob("*.json")) if (folder / RECORDS).is_dir() else [])]
-    return [r for r in found if r is not None and same_latents(r, settings)]
+    return _read_named(folder, [as_path(path).name for path in sorted(_listed_tars(folder))], settings)
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
@@ -365,24 +539,24 @@ def channel_statistics(n: list[float], s: list[float], ss: list[float]) -> dict:
     }
 
 
-def build_manifest(folder: Path, settings: dict, records: list[dict], expected: list[str] | None = None,
+def build_manifest(folder: Path, settings: dict, records: list[ShardRecord], expected: list[str] | None = None,
                    processes: int | None = None) -> dict:
     """Sum the per-shard records up. `expected`: the output shard names the current command asked for (the ones
     without a record are listed as missing)."""
-    names = {r["name"] for r in records}
+    names = {r.name for r in records}
     # statistics from the records that have them: a shard with no encodable sample has none (no channels)
-    measured = [r for r in records if r["stats"]["sum"]]
-    channels = len(measured[0]["stats"]["sum"]) if measured else 0
-    sums = {k: [sum(r["stats"][k][c] for r in measured) for c in range(channels)] for k in ("count", "sum", "sumsq")}
+    measured = [r for r in records if r.stats.get("sum")]
+    channels = len(measured[0].stats["sum"]) if measured else 0
+    sums = {k: [sum(r.stats[k][c] for r in measured) for c in range(channels)] for k in ("count", "sum", "sumsq")}
     buckets: dict[str, int] = {}
     shapes: dict[str, list[int]] = {}
     for r in records:
-        for b, count in r["buckets"].items():
+        for b, count in r.buckets.items():
             buckets[b] = buckets.get(b, 0) + count
-        shapes.update(r["latent_shapes"])
-    listed = shard_list(records, "source", "keys_sha256")
+        shapes.update(r.latent_shapes)
+    listed = shard_list([r.summary() for r in records], "source", "keys_sha256")
     for shard, r in zip(listed["shards"], records):
-        shard["skipped"] = len(r["skipped"])
+        shard["skipped"] = len(r.skipped)
     statistics = channel_statistics(sums["count"], sums["sum"], sums["sumsq"])
     manifest = {
         "format": LATENT_FORMAT,
@@ -397,7 +571,7 @@ def build_manifest(folder: Path, settings: dict, records: list[dict], expected: 
         "flip": settings["flip"],
         "latent_shapes": shapes,
         **listed,
-        "renamed": [m for r in records for m in r.get("renamed", [])],
+        "renamed": [m for r in records for m in r.renamed],
         "statistics": {**statistics, "of": settings["statistics_of"]},
         "normalisation": reader_normalisation(settings, statistics),
         "model_scaling_factor": settings["model"]["scaling_factor"],
@@ -416,7 +590,7 @@ def reader_normalisation(settings: dict, statistics: dict) -> dict | None:
     from pipeline.models.normalisation import measured
 
     norm = settings.get("normalisation")
-    if settings["store"] == "codes" or norm is None:
+    if kind_named(settings["store"]).integer or norm is None:
         return None
     if norm["use"] == "measured":
         if not statistics:
@@ -441,15 +615,13 @@ def _folder_settings(folder) -> dict:
 
 
 PART_FORMAT = "firststage-latent-part/1"
-# what build_manifest reads of a record: a part manifest keeps these of each of its shards' records
-SUMMARY_KEYS = ("name", "source", "samples", "keys_sha256", "skipped", "renamed", "buckets", "latent_shapes", "stats")
 
 
 def part_manifest(part: int, num_parts: int) -> str:
     return part_name("manifest", part, num_parts, ".json")
 
 
-def finish_manifest(folder, records: list[dict], expected: list[str], part: int = 0, num_parts: int = 1,
+def finish_manifest(folder, records: list[ShardRecord], expected: list[str], part: int = 0, num_parts: int = 1,
                     processes: int | None = None) -> tuple[dict, bool]:
     """The manifest at the end of a run, from what the run knows (`records`: those its plan read and those it wrote,
     of every process) plus one listing of the folder, never by reading every record again. A whole job (N = 1)
@@ -462,19 +634,19 @@ def finish_manifest(folder, records: list[dict], expected: list[str], part: int 
     folder = as_path(folder)
     settings = _folder_settings(folder)
     identity = {k: settings.get(k) for k in IDENTITY_KEYS}
-    known = {r["name"]: {k: r[k] for k in SUMMARY_KEYS if k in r} for r in records}
+    known = {r.name: r for r in records}
     if num_parts > 1:
         atomic_write_json(folder / part_manifest(part, num_parts),
                           {"format": PART_FORMAT, "part": part, "num_parts": num_parts, "settings": identity,
-                           "records": [known[n] for n in sorted(known)]})
+                           "records": [known[n].summary() for n in sorted(known)]})
         others = _other_parts(folder, part, num_parts, identity)
         if others is None:
             return build_manifest(folder, settings, [known[n] for n in sorted(known)], expected, processes), False
-        known = {**{r["name"]: r for r in others}, **known}
+        known = {**{r.name: r for r in others}, **known}
     complete, stale = _complete_names(folder, num_parts)
     unknown = sorted(complete - known.keys())
     for r in _read_named(folder, unknown, settings):
-        known[r["name"]] = {k: r[k] for k in SUMMARY_KEYS if k in r}
+        known[r.name] = r
     manifest = build_manifest(folder, settings, [known[n] for n in sorted(known) if n in complete], expected,
                               processes)
     atomic_write_json(folder / MANIFEST, manifest)
@@ -483,15 +655,12 @@ def finish_manifest(folder, records: list[dict], expected: list[str], part: int 
     return manifest, True
 
 
-def _other_parts(folder, part: int, num_parts: int, identity: dict) -> list[dict] | None:
+def _other_parts(folder, part: int, num_parts: int, identity: dict) -> list[ShardRecord] | None:
     """The records of the other parts' manifests, or None while one is missing (that part has not ended): one
     look at each before any is read. A part manifest of other settings counts as missing."""
-    from pipeline.storage import storage_for
-
     paths = [folder / part_manifest(k, num_parts) for k in range(num_parts) if k != part]
     store = storage_for(str(folder))
-    exists = getattr(store, "object_exists", store.exists)
-    if not all(exists(str(p)) for p in paths):
+    if not all(store.object_exists(str(p)) for p in paths):
         return None
     records = []
     for p in paths:
@@ -501,7 +670,10 @@ def _other_parts(folder, part: int, num_parts: int, identity: dict) -> list[dict
             return None
         if not isinstance(data, dict) or data.get("settings") != identity:
             return None
-        records += data.get("records", [])
+        try:
+            records += [ShardRecord.from_json(r) for r in data.get("records", [])]
+        except ValueError:  # not one of ours: that part counts as missing
+            return None
     return records
 
 
@@ -509,12 +681,7 @@ def _complete_names(folder, num_parts: int) -> tuple[set[str], list]:
     """(names of the shards whose tar and record are both there, the part manifests of splits other than N): one
     listing of the folder and one of records/."""
     recorded = _record_stems(folder)
-    if is_remote(folder):
-        from pipeline.storage import storage_for
-
-        names = [u.rsplit("/", 1)[-1] for u in storage_for(str(folder)).entries(str(folder))[0]]
-    else:
-        names = os.listdir(folder)
+    names = _names(folder)
     complete = {n for n in names if n.endswith(".tar") and n[:-4] in recorded}
     keep = f"-of-{num_parts:05d}.json" if num_parts > 1 else None
     stale = [folder / n for n in names
@@ -522,11 +689,11 @@ def _complete_names(folder, num_parts: int) -> tuple[set[str], list]:
     return complete, stale
 
 
-def _read_named(folder, names: list[str], settings: dict) -> list[dict]:
+def _read_named(folder, names: list[str], settings: dict) -> list[ShardRecord]:
     """The records of shards `names` with these settings, each read once (16 at a time)."""
     from concurrent.futures import ThreadPoolExecutor
 
     units = [shard_unit(folder, n) for n in names]
     with ThreadPoolExecutor(16) as pool:
-        found = list(pool.map(lambda unit: unit.read_record(listed=True), units))
+        found = list(pool.map(lambda unit: read_record(unit, listed=True), units))
     return [r for r in found if r is not None and same_latents(r, settings)]

@@ -38,16 +38,13 @@ from webdataset.utils import make_seed
 
 from pipeline.config import MAX_MEMBER_BYTES
 from pipeline.data.loader import MemberTooLarge, ShardStream, collate, read_samples, worker_slot
-from pipeline.errors import DataError
-from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, read_latent, shard_intact
+from pipeline.errors import DataError, UserError
+from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, kind_named, read_latent, shard_intact
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, read_manifest
 from pipeline.models.normalisation import normalise
-from pipeline.models.posterior import key_generator, reparameterize
-from pipeline.storage import as_path, is_remote
+from pipeline.models.posterior import key_generator
+from pipeline.storage import as_path
 from pipeline.storage.paths import missing_objects
-
-
-_FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # encode.dtype's
 
 
 def _default_rank_world() -> tuple[int, int]:
@@ -71,10 +68,13 @@ class LatentDataset(ShardStream):
         folder = folder.parent if folder.is_file() else folder
         self.folder = folder
         self.manifest = read_manifest(folder, LATENT_FORMAT)
+        try:
+            self.kind = kind_named(self.manifest.get("store"))  # what each sample stores
+        except UserError as e:
+            raise DataError(f"{folder / MANIFEST}: {e}") from None
         # every listed shard, also those the manifest says are empty: what they hold is checked against it
         self.expected = {str(folder / s["name"]): int(s["samples"]) for s in self.manifest["shards"]}
-        absent = missing_objects(list(self.expected)) if is_remote(folder) else \
-            [u for u in self.expected if not os.path.isfile(u)]
+        absent = missing_objects(list(self.expected))  # one listing per folder
         if absent:
             raise DataError(f"{folder / MANIFEST} lists {len(absent)} shard(s) that are not in the folder (first: "
                             f"{as_path(absent[0]).name}); finish the encode (run its command again) or rebuild the "
@@ -152,22 +152,17 @@ class LatentDataset(ShardStream):
         if odd:
             raise BadLatent(f"tensor {odd[0]} of shape {list(tensors[odd[0]].shape)}, none of the manifest's "
                             f"latent_shapes")
-        self._check_tensors(tensors)
+        self.kind.check(tensors, self.manifest.get("dtype"))
         try:
             meta = json.loads(raw[META_EXT])
         except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
             raise BadLatent(f"KEY.json is not JSON ({str(e)[:160]})") from None
         suffix = "_flip" if train and rng is not None and any(k.endswith("_flip") for k in tensors) \
             and rng.random() < 0.5 else ""
-        if "codes" in tensors:
-            z = tensors["codes" + suffix].long()
-        else:
-            if "logvar" in tensors and self.sample:
-                mean, logvar = tensors["mean" + suffix].float(), tensors["logvar" + suffix].float()
-                gen = self._noise if train else key_generator(raw["__key__"])
-                z = reparameterize(mean, logvar, generator=gen)
-            else:
-                z = tensors[next(n for n in ("mean", "sample", "latent") if n in tensors) + suffix].float()
+        draw = self.sample and self.kind.draws  # moments: z ~ N(mean, exp(logvar)), else the stored latent
+        gen = None if not draw else self._noise if train else key_generator(raw["__key__"])
+        z = self.kind.from_stored(tensors, suffix, draw, gen)
+        if not self.kind.integer:
             if not torch.isfinite(z).all():
                 raise BadLatent("non-finite latent (NaN/Inf)")
             if self.normalisation is not None:
@@ -182,35 +177,6 @@ class LatentDataset(ShardStream):
             if not k.startswith("__") and k not in (LATENT_EXT, META_EXT, "txt"):
                 out[k] = v
         return out
-
-    def _check_tensors(self, tensors: dict) -> None:
-        """BadLatent unless the tensors are what this folder's encode writes: [C, h, w] latents, all of one shape
-        (mean and logvar, and their flips), floats of the manifest's dtype, integer codes."""
-        if not any(n in tensors for n in ("codes", "mean", "sample", "latent")):
-            raise BadLatent(f"no latent tensor (codes, mean, sample or latent; it holds "
-                            f"{', '.join(sorted(tensors)[:4]) or 'none'})")
-        if "logvar" in tensors and "mean" not in tensors:
-            raise BadLatent("tensor logvar without mean")
-        flips = [n for n in tensors if n.endswith("_flip")]
-        unpaired = [n for n in tensors if not n.endswith("_flip") and n + "_flip" not in tensors]
-        if flips and unpaired:
-            raise BadLatent(f"tensor {unpaired[0]} without {unpaired[0]}_flip beside {flips[0]}")
-        shapes = {tuple(t.shape) for t in tensors.values()}
-        if len(shapes) > 1:
-            listed = ", ".join(f"{n} {list(t.shape)}" for n, t in sorted(tensors.items()))
-            raise BadLatent(f"tensors of different shapes ({listed})")
-        (shape,) = shapes
-        codes = "codes" in tensors  # VQ / FSQ: one index per position, [height, width]
-        if len(shape) not in ((2, 3) if codes else (3,)) or 0 in shape:
-            raise BadLatent(f"tensors of shape {list(shape)}, not [{'' if codes else 'channels, '}height, width]")
-        want = _FLOATS.get(self.manifest.get("dtype"))
-        for n, t in sorted(tensors.items()):
-            if n.startswith("codes"):
-                if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-                    raise BadLatent(f"tensor {n} of dtype {str(t.dtype).split('.')[-1]}, not integer codes")
-            elif not t.is_floating_point() or want is not None and t.dtype != want:
-                raise BadLatent(f"tensor {n} of dtype {str(t.dtype).split('.')[-1]}, the manifest says "
-                                f"{self.manifest.get('dtype') or 'a floating-point type'}")
 
     def __iter__(self):
         worker, _ = worker_slot()

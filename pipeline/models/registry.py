@@ -39,8 +39,3 @@ def family_of_class_name(class_name: str | None) -> str | None:
         raise UserError(why)
     return next((f.name for f in FAMILIES.values() if class_name in f.class_names), None)
 
-
-def stored(kind: str, requested: str) -> str:
-    """What encode stores for a family: codes (VQ, FSQ), the deterministic latent (DC-AE, Tiny, RAE), else the
-    posterior as encode.store asks (moments, mean or one sample)."""
-    return {"codes": "codes", "latent": "latent"}.get(family(kind).latent, requested)

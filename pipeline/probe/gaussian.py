@@ -21,8 +21,11 @@ def write_gaussian_latents(folder: str | Path, n: int, shape=(4, 4, 4), per_shar
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = ["codes"] if store == "codes" else ["mean", "logvar"]
-    dtype = torch.int64 if store == "codes" else torch.float32
+    from pipeline.latents.format import CODES, MOMENTS
+
+    kind = CODES if store == "codes" else MOMENTS
+    tensors = kind.names(flip=False)
+    dtype = torch.int64 if kind.integer else torch.float32
     member = save_safetensors({t: torch.zeros(shape, dtype=dtype) for t in tensors})
     shards = []
     for s in range(0, n, per_shard):

@@ -39,7 +39,9 @@ from pipeline.train.trainer import State, Trainer, _grad_norm, find_resume, make
 
 def latent_shape(manifest: dict, folder) -> tuple[int, int, int]:
     """The one [C, H, W] the probe trains on: continuous latents of one square shape (one-line errors otherwise)."""
-    if manifest.get("store") == "codes":
+    from pipeline.latents.format import KINDS
+
+    if getattr(KINDS.get(manifest.get("store")), "integer", False):
         raise UserError(f"{folder} holds integer codes (a {manifest.get('kind')} model); the probe diffuses "
                         f"continuous latents")
     shapes = {tuple(v) for v in (manifest.get("latent_shapes") or {}).values()}

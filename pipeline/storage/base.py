@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
@@ -79,6 +80,93 @@ class Storage(ABC):
     @abstractmethod
     def join(self, folder: str, *names: str) -> str:
         """`folder`/`name`/... in this backend's syntax."""
+
+    # -------------------------------------------------------------------------------- looking at what is stored
+    # A listing maps full paths to (size, ETag): the ETag changes when the object is written again (an object
+    # store's ETag; locally the inode and mtime). It is what a commit record keeps of a payload (Unit.intact).
+
+    @abstractmethod
+    def info(self, path: str) -> dict:
+        """{'size', 'etag'} of an object (and 'sha256' where the backend stored it); FileNotFoundError when absent."""
+
+    @abstractmethod
+    def entries(self, folder: str, start: str = "") -> tuple[dict[str, tuple[int, str]], list[str]]:
+        """What lies directly in `folder` (of it, the names that start with `start`): ({path: (size, ETag)} of the
+        objects, [paths of the sub-folders]); empty when `folder` is absent. One listing (an object store: one request
+        per 1000 entries; locally one scandir)."""
+
+    @abstractmethod
+    def walk(self, folder: str) -> dict[str, tuple[int, str]]:
+        """Every object under `folder` at any depth: {path: (size, ETag)}, in path order; empty when absent."""
+
+    @abstractmethod
+    def object_exists(self, path: str) -> bool:
+        """Whether an object (a file, not a folder) of this name exists (one request on an object store)."""
+
+    @abstractmethod
+    def folder_exists(self, path: str) -> bool:
+        """Whether `path` is a folder (on an object store: any object lies under `path/`)."""
+
+    @abstractmethod
+    def open_range(self, path: str, start: int, length: int) -> BinaryIO:
+        """A binary stream of `length` bytes of the object from byte `start` (locally a seek; an object store: one
+        ranged GET)."""
+
+    def identity(self, path: str, entry: tuple[int, str] | None = None) -> dict | None:
+        """What says that an input is the one a run recorded (prepare's fingerprint, encode's records): a dict of
+        this backend's choosing, compared whole; None when the input cannot be looked at (the path decides then).
+        `entry`: the path's (size, ETag) from a listing of its folder, which saves a request where one costs."""
+        try:
+            size, etag = entry if entry is not None else (lambda i: (i["size"], i["etag"]))(self.info(path))
+        except (OSError, UserError):
+            return None
+        return {"size": size, "etag": etag}
+
+    # -------------------------------------------------------------------------------- capabilities
+    seekable: bool = True
+    """Whether a stream of open_read can seek cheaply (a local file); an object store streams (a seek would be a new
+    request), so readers that can read either way read it as a stream."""
+
+    def not_a_file(self, path: str) -> str | None:
+        """What `path` is when it exists but is not a regular file, which a reader would block on or never finish
+        ("a FIFO", "a folder", "a character device", ...); None for a regular file or nothing there. No request by
+        default: an object store holds only objects."""
+        return None
+
+    def canonical(self, path: str) -> str:
+        """Where `path` leads, spelled one way, to compare two paths of this backend: locally the real path (links
+        resolved, file:// dropped), the URL without a trailing slash by default. No request."""
+        return str(path).rstrip("/")
+
+    def local_file(self, path: str) -> Path:
+        """A local file (or folder) holding `path`'s content, for libraries that open files themselves (safetensors,
+        torch.load, pyarrow, diffusers): the path itself locally, a checked copy in the cache on an object store."""
+        raise NotImplementedError
+
+    def check(self, path: str) -> None:
+        """Before any work: one line (UserError) for what would make every request under `path` fail (credentials,
+        bucket, endpoint). Nothing to check by default (a local path)."""
+
+    def check_conditional_writes(self, folder: str) -> None:
+        """Before any work: one line (UserError) when `create` under `folder` would not be create-only (a server that
+        ignores If-None-Match). Nothing to check by default (a local filesystem's hard link is create-only)."""
+
+    def uploads(self, folder: str) -> list[tuple[str, str, float]]:
+        """Unfinished uploads under `folder` at any depth (what a killed run left, stored but invisible):
+        (path, upload id, Unix time it started). None by default (a backend that writes whole files locally)."""
+        return []
+
+    def abort_upload(self, path: str, upload_id: str) -> None:
+        """Abort one unfinished upload listed by `uploads` (its parts are deleted; nothing appears)."""
+
+    def abort_uploads(self, folder: str, older_than_s: float = 24 * 3600) -> int:
+        """Abort the unfinished uploads under `folder` (at any depth) started more than `older_than_s` seconds ago;
+        returns how many. A bucket lifecycle rule (AbortIncompleteMultipartUpload) does the same server-side."""
+        cutoff = time.time() - older_than_s
+        found = [(path, upload_id) for path, upload_id, started in self.uploads(folder) if started <= cutoff]
+        for path, upload_id in found:
+            self.abort_upload(path, upload_id)
+        return len(found)
 
 
 # ------------------------------------------------------------------------------------------------ the write guard

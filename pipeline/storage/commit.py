@@ -48,7 +48,7 @@ class Unit:
     def recorded(self) -> bool:
         """Whether the record exists: one request on object storage (a HEAD; the record is an object, never a
         folder, so no listing follows a 404)."""
-        return getattr(self.store, "object_exists", self.store.exists)(self.record)
+        return self.store.object_exists(self.record)
 
     def read_record(self, listed: bool = False) -> dict | None:
         """The record of a done unit, or None (not done, or a record that is not JSON: not done either). `listed`:

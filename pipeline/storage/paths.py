@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import braceexpand
 
-from pipeline.storage.base import check_writable, is_url, storage_for
+from pipeline.storage.base import is_url, storage_for
 
 
 def is_remote(path) -> bool:
@@ -182,56 +181,78 @@ def same_place(path) -> str:
 
 def remove_tree(path) -> None:
     """A folder and everything in it (or one file); no error when absent."""
-    if is_remote(path):
-        storage_for(str(path)).delete(str(path))
-    else:
-        check_writable(path)
-        shutil.rmtree(Path(path), ignore_errors=True)
+    storage_for(str(path)).delete(str(path))
 
 
 def check_access(path, writes: bool = False) -> None:
     """Before any work: one line for missing or wrong credentials, a missing bucket or an unreachable endpoint of
     an object-store path (one listing request); with `writes`, also for a server that does not refuse a create-only
-    write of an existing object (a probe written twice). Nothing for a local path."""
-    if is_remote(path):
-        store = storage_for(str(path))
-        if hasattr(store, "check"):
-            store.check(str(path))
-        if writes and hasattr(store, "check_conditional_writes"):
-            store.check_conditional_writes(str(path))
+    write of an existing object (a probe written twice). Nothing for a local path (its backend has nothing to check)."""
+    store = storage_for(str(path))
+    store.check(str(path))
+    if writes:
+        store.check_conditional_writes(str(path))
+
+
+def is_absolute(entry: str) -> bool:
+    """Whether a path someone wrote names its place by itself: a URL, or an absolute local path (`~` expanded)."""
+    return is_url(entry) or os.path.isabs(os.path.expanduser(entry))
+
+
+def beside(folder, entry: str) -> str:
+    """An entry of a list file that lies in `folder`: a URL or an absolute path as it is (`~` expanded), else
+    relative to `folder` (never to the working directory)."""
+    if is_url(entry):
+        return entry
+    entry = os.path.expanduser(entry)
+    return entry if os.path.isabs(entry) else str(as_path(folder) / entry)
+
+
+def has_wildcards(spec: str) -> bool:
+    return any(c in str(spec) for c in "{*?[")
 
 
 def expand_pattern(spec: str) -> list[str]:
-    """A brace pattern (and shell wildcards in file names) of object URLs -> the URLs, sorted per pattern; wildcards
-    are matched against a listing of their folder."""
+    """A brace pattern with shell wildcards (in file and folder names) -> the paths or URLs, sorted per brace
+    alternative; wildcards are matched against a listing of their folder (one per folder, whatever the backend)."""
     out = []
-    for s in braceexpand.braceexpand(spec):
-        if any(c in s for c in "*?["):
-            folder, _, pattern = s.rpartition("/")
-            files, _ = storage_for(folder).entries(folder)
-            out += sorted(u for u in files if fnmatch.fnmatchcase(u.rsplit("/", 1)[-1], pattern))
-        else:
-            out.append(s)
+    for s in braceexpand.braceexpand(str(spec)):
+        out += sorted(_matches(s)) if any(c in s for c in "*?[") else [s]
     return out
 
 
+def _matches(pattern: str, folders: bool = False) -> list[str]:
+    """The files (or, with `folders`, the sub-folders) whose paths match `pattern`, wildcards in any name."""
+    folder, _, name = pattern.rpartition("/")
+    if any(c in folder for c in "*?["):
+        parents = _matches(folder, folders=True)
+    else:
+        parents = [folder] if folder or pattern.startswith("/") else ["."]
+    found = []
+    for parent in parents:
+        files, subfolders = storage_for(parent or "/").entries(parent or "/")
+        for path in (subfolders if folders else files):
+            if fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], name):
+                found.append(path[2:] if not folder and path.startswith("./") else path)
+    return found
+
+
 def missing_objects(urls: list[str]) -> list[str]:
-    """The URLs among `urls` that name no object, found by listing each folder once (10,000 shards in one folder:
-    10 requests, not 10,000)."""
+    """The paths or URLs among `urls` that name no object, found by listing each folder once (10,000 shards in one
+    folder: 10 requests, not 10,000); only what a listing did not show is asked about again, one by one (a local
+    FIFO is no listed file, but it exists)."""
     by_folder: dict[str, list[str]] = defaultdict(list)
     for u in urls:
-        by_folder[u.rsplit("/", 1)[0]].append(u)
+        by_folder[u.rsplit("/", 1)[0] if "/" in u else "."].append(u)
     absent = set()
     for folder, names in by_folder.items():
-        files, _ = storage_for(folder).entries(folder)
-        absent.update(u for u in names if u not in files)
+        store = storage_for(folder)
+        files, _ = store.entries(folder)
+        files = {f[2:] if folder == "." else f for f in files}
+        absent.update(u for u in names if u not in files and not store.exists(u))
     return [u for u in urls if u in absent]
 
 
 def open_range(path, start: int, length: int) -> BinaryIO:
     """A stream of `length` bytes of a file or object from byte `start` (one ranged GET on an object store)."""
-    if is_remote(path):
-        return storage_for(str(path)).open_range(str(path), start, length)
-    f = open(path, "rb")
-    f.seek(start)
-    return f
+    return storage_for(str(path)).open_range(str(path), start, length)

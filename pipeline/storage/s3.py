@@ -299,6 +299,13 @@ class S3Storage(Storage):
         prefix = key.rstrip("/") + "/" if key.strip("/") else ""
         return bool(self._call("list_objects_v2", bucket, Prefix=prefix, MaxKeys=1).get("KeyCount"))
 
+    seekable = False  # a stream is one GET, read as it arrives
+
+    def local_file(self, path) -> Path:
+        from pipeline.storage.cache import local_copy
+
+        return local_copy(path)
+
     def info(self, path) -> dict:
         """size, ETag and the SHA-256 this backend stored with the object (None for an object written otherwise)."""
         bucket, key = split_url(path)
@@ -472,17 +479,6 @@ class S3Storage(Storage):
                 log.warning("could not abort the multipart upload %s of s3://%s/%s: %s", upload_id, bucket, key, e)
         except Exception as e:  # noqa: BLE001 (the original error matters more)
             log.warning("could not abort the multipart upload %s of s3://%s/%s: %s", upload_id, bucket, key, e)
-
-    def abort_uploads(self, folder: str, older_than_s: float = 24 * 3600) -> int:
-        """Abort the unfinished multipart uploads under `folder` (at any depth) started more than `older_than_s`
-        seconds ago: what a run killed mid-upload (SIGKILL, a lost node) left behind. Nothing of them is visible as
-        an object, but their parts are stored (and billed) until aborted; a bucket lifecycle rule
-        (AbortIncompleteMultipartUpload) does the same server-side. Returns how many were aborted."""
-        cutoff = time.time() - older_than_s
-        found = [(url, upload_id) for url, upload_id, started in self.uploads(folder) if started <= cutoff]
-        for url, upload_id in found:
-            self.abort_upload(url, upload_id)
-        return len(found)
 
     def uploads(self, folder: str) -> list[tuple[str, str, float]]:
         """The unfinished multipart uploads under `folder` (at any depth): (object URL, upload id, when it was
