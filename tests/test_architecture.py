@@ -1,5 +1,7 @@
 """The shape of the house: dependencies point one way (stages -> pipeline), the library imports neither accelerate
-nor the stages, and no import cycle exists inside pipeline/ (imports inside functions count too).
+nor the stages, no import cycle exists inside pipeline/ (imports inside functions count too), and no module keeps a
+process-wide registry (a module-level container its code fills at run time): what is loaded once belongs to the object
+that uses it (the Trainer, the Evaluator, a stage) and is handed on, never wired through a global.
 
   python -m pytest tests/test_architecture.py        # the check; `python tests/test_architecture.py` prints the graph
 """
@@ -82,6 +84,93 @@ def test_no_import_cycle_in_the_library():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# ------------------------------------------------------------------------------------------------ registries
+MUTABLE_CALLS = {"dict", "list", "set", "defaultdict", "OrderedDict", "Counter", "deque", "bytearray",
+                 "WeakValueDictionary", "WeakKeyDictionary", "WeakSet"}
+MUTATORS = {"append", "add", "update", "setdefault", "pop", "popitem", "clear", "extend", "insert", "remove", "discard",
+            "appendleft", "extendleft", "difference_update", "intersection_update", "symmetric_difference_update",
+            "sort", "reverse", "__setitem__", "__delitem__"}
+# where a process-wide table is the design: the storage backends' instances, options and held locks; the family table
+# (filled once, at import)
+ALLOWED_FOLDERS = ("pipeline/storage/",)
+ALLOWED = {("pipeline/models/families/__init__.py", "FAMILIES"),
+           # _LISTED is removed by the data/ part of issue 30 (another branch); allowed here until that merges
+           ("pipeline/data/prepare.py", "_LISTED")}
+
+
+def _mutable(value) -> bool:
+    if isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)):
+        return True
+    if isinstance(value, ast.Call):
+        f = value.func
+        return (f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None) in MUTABLE_CALLS
+    return False
+
+
+def _locals(fn) -> set[str]:
+    """Names a function binds itself (parameters, assignments) and does not declare global: they shadow the module's."""
+    declared = {n for node in ast.walk(fn) if isinstance(node, ast.Global) for n in node.names}
+    args = fn.args
+    bound = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg) if a}
+    bound |= {node.id for node in ast.walk(fn) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    return bound - declared
+
+
+def registries(source: str) -> list[str]:
+    """The module-level names of `source` bound to a mutable container (dict, list, set, defaultdict, ...) that its
+    functions mutate (item assignment or deletion, .append / .add / .update / .setdefault / .pop / .clear ..., or
+    rebinding through `global`): process-wide registries. A table built at import and only read is not one."""
+    tree = ast.parse(source)
+    containers = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and _mutable(node.value):
+            containers |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and node.value is not None and _mutable(node.value) \
+                and isinstance(node.target, ast.Name):
+            containers.add(node.target.id)
+    mutated = set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        shadowed = _locals(fn) if not isinstance(fn, ast.Lambda) else set()
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Global):
+                mutated.update(node.names)
+            targets = (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else
+                       [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            mutated |= {t.value.id for t in targets if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name)
+                        and t.value.id not in shadowed}
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id not in shadowed:
+                mutated.add(node.func.value.id)
+    return sorted(containers & mutated)
+
+
+def test_no_module_keeps_a_registry():
+    """Process-wide registries do hidden wiring: what a module fills at run time is state another caller sees (two
+    trainers in one process, a test after another). Outside pipeline/storage/ and the family table, none."""
+    found = []
+    for path in sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(ALLOWED_FOLDERS):
+            continue
+        found += [f"{rel} {name}" for name in registries(path.read_text()) if (rel, name) not in ALLOWED]
+    assert found == []
+
+
+def test_the_registry_finder_finds_a_registry():
+    assert registries("_SEEN = {}\ndef load(k):\n    if k not in _SEEN:\n        _SEEN[k] = k * 2\n    return _SEEN[k]\n") \
+        == ["_SEEN"]
+    assert registries("_PINS: list = []\ndef pin(p):\n    _PINS.append(p)\n") == ["_PINS"]
+    assert registries("_DONE = set()\ndef done(k):\n    _DONE.add(k)\n") == ["_DONE"]
+    assert registries("_T = dict()\ndef reset():\n    global _T\n    _T = {}\n") == ["_T"]
+    assert registries("_T = {}\ndef forget(k):\n    del _T[k]\n") == ["_T"]
+    # constants, a local of the same name, and a table filled at import are not registries
+    assert registries("TABLE = {'a': 1}\ndef get(k):\n    return TABLE[k]\n") == []
+    assert registries("_T = {}\ndef f():\n    _T = {}\n    _T['a'] = 1\n    return _T\n") == []
+    assert registries("_T = {}\n_T['a'] = 1\nfor k in 'bc':\n    _T[k] = 2\n") == []
 
 
 def test_stages_are_entry_points():
