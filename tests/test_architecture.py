@@ -100,13 +100,24 @@ ALLOWED = {("pipeline/models/families/__init__.py", "FAMILIES"),
            ("pipeline/data/prepare.py", "_LISTED")}
 
 
+def _name(node) -> str | None:
+    """`f` of f and of module.f."""
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+
+def _dotted(node) -> str | None:
+    """"a.b.c" of a name or an attribute chain, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
 def _mutable(value) -> bool:
     if isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)):
         return True
-    if isinstance(value, ast.Call):
-        f = value.func
-        return (f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None) in MUTABLE_CALLS
-    return False
+    return isinstance(value, ast.Call) and _name(value.func) in MUTABLE_CALLS
 
 
 def _locals(fn) -> set[str]:
@@ -118,18 +129,34 @@ def _locals(fn) -> set[str]:
     return bound - declared
 
 
-def registries(source: str) -> list[str]:
-    """The module-level names of `source` bound to a mutable container (dict, list, set, defaultdict, ...) that its
-    functions mutate (item assignment or deletion, .append / .add / .update / .setdefault / .pop / .clear ..., or
-    rebinding through `global`): process-wide registries. A table built at import and only read is not one."""
+def _scan(module: str, source: str) -> tuple[set[str], set[str], set[str]]:
+    """(the module's containers, its cached functions, what its functions mutate): "module.NAME" each, a name its
+    functions mutate resolved through its imports (`from m import X`, `import m as a`: a.X) to where it is bound."""
     tree = ast.parse(source)
-    containers = set()
+    containers, cached = set(), set()
     for node in tree.body:
         if isinstance(node, ast.Assign) and _mutable(node.value):
-            containers |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            containers |= {f"{module}.{t.id}" for t in node.targets if isinstance(t, ast.Name)}
         elif isinstance(node, ast.AnnAssign) and node.value is not None and _mutable(node.value) \
                 and isinstance(node.target, ast.Name):
-            containers.add(node.target.id)
+            containers.add(f"{module}.{node.target.id}")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(
+                _name(getattr(d, "func", d)) in ("cache", "lru_cache") for d in node.decorator_list):
+            cached.add(f"{module}.{node.name}")
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0]
+                            for a in node.names})
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+
+    def where(dotted: str | None, shadowed: set[str]) -> set[str]:
+        head, _, rest = (dotted or "").partition(".")
+        if not head or head in shadowed:
+            return set()
+        return {".".join(filter(None, [aliases.get(head, f"{module}.{head}"), rest]))}
+
     mutated = set()
     for fn in ast.walk(tree):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
@@ -137,40 +164,63 @@ def registries(source: str) -> list[str]:
         shadowed = _locals(fn) if not isinstance(fn, ast.Lambda) else set()
         for node in ast.walk(fn):
             if isinstance(node, ast.Global):
-                mutated.update(node.names)
+                mutated |= {f"{module}.{n}" for n in node.names}
             targets = (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else
                        [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
-            mutated |= {t.value.id for t in targets if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name)
-                        and t.value.id not in shadowed}
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS \
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id not in shadowed:
-                mutated.add(node.func.value.id)
-    return sorted(containers & mutated)
+            for t in targets:
+                if isinstance(t, ast.Subscript):
+                    mutated |= where(_dotted(t.value), shadowed)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+                mutated |= where(_dotted(node.func.value), shadowed)
+    return containers, cached, mutated
+
+
+def registries(sources: dict[str, str]) -> list[str]:
+    """Of the modules {name: source}, the module-level names bound to a mutable container (dict, list, set,
+    defaultdict, ...) that a function of any of them mutates (item assignment or deletion, .append / .add / .update /
+    .setdefault / .pop / .clear ..., rebinding through `global`): process-wide registries, as "module NAME". A module
+    function under functools.cache / lru_cache is the same table under another name, and counts too. A table built
+    at import and only read afterwards is not one."""
+    scans = [_scan(module, source) for module, source in sources.items()]
+    mutated = set().union(*(m for _, _, m in scans))
+    found = set().union(*((c & mutated) | cached for c, cached, _ in scans))
+    return sorted(" ".join(name.rsplit(".", 1)) for name in found)
 
 
 def test_no_module_keeps_a_registry():
     """Process-wide registries do hidden wiring: what a module fills at run time is state another caller sees (two
     trainers in one process, a test after another). Outside pipeline/storage/ and the family table, none."""
+    files = {module_name(p): p for p in [*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]}
     found = []
-    for path in sorted([*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]):
-        rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith(ALLOWED_FOLDERS):
-            continue
-        found += [f"{rel} {name}" for name in registries(path.read_text()) if (rel, name) not in ALLOWED]
+    for entry in registries({m: p.read_text() for m, p in files.items()}):
+        module, name = entry.split()
+        rel = files[module].relative_to(ROOT).as_posix()
+        if not rel.startswith(ALLOWED_FOLDERS) and (rel, name) not in ALLOWED:
+            found.append(f"{rel} {name}")
     assert found == []
 
 
 def test_the_registry_finder_finds_a_registry():
-    assert registries("_SEEN = {}\ndef load(k):\n    if k not in _SEEN:\n        _SEEN[k] = k * 2\n    return _SEEN[k]\n") \
+    def one(source: str) -> list[str]:
+        return [e.split()[1] for e in registries({"m": source})]
+
+    assert one("_SEEN = {}\ndef load(k):\n    if k not in _SEEN:\n        _SEEN[k] = k * 2\n    return _SEEN[k]\n") \
         == ["_SEEN"]
-    assert registries("_PINS: list = []\ndef pin(p):\n    _PINS.append(p)\n") == ["_PINS"]
-    assert registries("_DONE = set()\ndef done(k):\n    _DONE.add(k)\n") == ["_DONE"]
-    assert registries("_T = dict()\ndef reset():\n    global _T\n    _T = {}\n") == ["_T"]
-    assert registries("_T = {}\ndef forget(k):\n    del _T[k]\n") == ["_T"]
+    assert one("_PINS: list = []\ndef pin(p):\n    _PINS.append(p)\n") == ["_PINS"]
+    assert one("_DONE = set()\ndef done(k):\n    _DONE.add(k)\n") == ["_DONE"]
+    assert one("_T = dict()\ndef reset():\n    global _T\n    _T = {}\n") == ["_T"]
+    assert one("_T = {}\ndef forget(k):\n    del _T[k]\n") == ["_T"]
+    assert one("import functools\n@functools.lru_cache(maxsize=None)\ndef load(k):\n    return k\n") == ["load"]
+    assert one("from functools import cache\n@cache\ndef load(k):\n    return k\n") == ["load"]
+    # filled from another module, by name or through the module
+    table = "TABLE = {}\n"
+    assert registries({"a.t": table, "b": "from a.t import TABLE\ndef add(k):\n    TABLE[k] = 1\n"}) == ["a.t TABLE"]
+    assert registries({"a.t": table, "b": "import a.t as m\ndef add(k):\n    m.TABLE.update(k=1)\n"}) == ["a.t TABLE"]
     # constants, a local of the same name, and a table filled at import are not registries
-    assert registries("TABLE = {'a': 1}\ndef get(k):\n    return TABLE[k]\n") == []
-    assert registries("_T = {}\ndef f():\n    _T = {}\n    _T['a'] = 1\n    return _T\n") == []
-    assert registries("_T = {}\n_T['a'] = 1\nfor k in 'bc':\n    _T[k] = 2\n") == []
+    assert one("TABLE = {'a': 1}\ndef get(k):\n    return TABLE[k]\n") == []
+    assert one("_T = {}\ndef f():\n    _T = {}\n    _T['a'] = 1\n    return _T\n") == []
+    assert one("_T = {}\n_T['a'] = 1\nfor k in 'bc':\n    _T[k] = 2\n") == []
+    assert registries({"a.t": table, "b": "from a.t import TABLE\nTABLE['k'] = 1\n"}) == []
 
 
 def test_stages_are_entry_points():
