@@ -70,7 +70,7 @@ class WeedServer:
 
 # variables that would point a test at another server or account: unset while the tests run
 AWS_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
-             "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_CA_BUNDLE", "AWS_REQUEST_CHECKSUM_CALCULATION")
+            "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_CA_BUNDLE", "AWS_REQUEST_CHECKSUM_CALCULATION")
 
 
 def aws_environment(monkeypatch, server: WeedServer) -> None:

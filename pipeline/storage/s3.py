@@ -17,9 +17,9 @@ natural first choice, for some of them:
 
 Credentials, region and endpoint come from the backend's storage options where a path has them (S3Storage,
 pipeline.storage.set_storage_options: one process can read one endpoint and write another), else from botocore's
-standard chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
-AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws/{credentials,config}, AWS_REGION, AWS_ENDPOINT_URL(_S3) or `endpoint_url` in
-the profile (an S3-compatible server), instance roles. Retries: AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (or the profile's
+standard chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE and
+~/.aws/{credentials,config}, AWS_REGION, AWS_ENDPOINT_URL(_S3) or `endpoint_url` in the profile (an S3-compatible
+server), instance roles. Retries: AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (or the profile's
 retry_mode / max_attempts), else standard mode with 10 attempts: throttling (503 SlowDown, 429) and dropped
 connections are retried with backoff; every retry is counted (`S3Storage.retries`) and logged.
 """
@@ -114,6 +114,9 @@ def _not_found(e: Exception) -> bool:
 # the server cannot be reached: a user error at the start (a wrong AWS_ENDPOINT_URL), a transient fault (exit 75) once
 # it has answered in this process (a store down for minutes during training)
 _UNREACHABLE = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)
+# the storage options that name an environment variable -> the client argument its value is
+_CREDENTIAL_ARGS = {"key_env": "aws_access_key_id", "secret_env": "aws_secret_access_key",
+                    "token_env": "aws_session_token"}
 
 
 class S3Storage(Storage):
@@ -135,8 +138,7 @@ class S3Storage(Storage):
                  region: str | None = None, profile: str | None = None, key_env: str | None = None,
                  secret_env: str | None = None, token_env: str | None = None):
         self.endpoint_url, self.region, self.profile = endpoint_url, region, profile
-        self.credential_vars = {"aws_access_key_id": key_env, "aws_secret_access_key": secret_env,
-                                "aws_session_token": token_env}
+        self.credential_vars = {"key_env": key_env, "secret_env": secret_env, "token_env": token_env}
         self._conditional_ok: set[tuple[int, str]] = set()  # (pid, bucket) that refused a second create-only write
         self.multipart_threshold, self.part_size = multipart_threshold, part_size
         self.concurrency, self.conflict_attempts, self.page_size = concurrency, conflict_attempts, page_size
@@ -181,12 +183,11 @@ class S3Storage(Storage):
     def _credentials(self) -> dict[str, str]:
         """The credentials the *_env options name, read from the environment now; one line for a variable not set."""
         out = {}
-        for arg, var in self.credential_vars.items():
+        for option, var in self.credential_vars.items():
+            if var and not os.environ.get(var):
+                raise UserError(f"storage option {option}: the environment variable {var} is not set")
             if var:
-                if not os.environ.get(var):
-                    option = {"aws_access_key_id": "key_env", "aws_secret_access_key": "secret_env"}.get(arg, "token_env")
-                    raise UserError(f"storage option {option}: the environment variable {var} is not set")
-                out[arg] = os.environ[var]
+                out[_CREDENTIAL_ARGS[option]] = os.environ[var]
         return out
 
     @staticmethod
@@ -231,9 +232,9 @@ class S3Storage(Storage):
         if isinstance(e, botocore.exceptions.ProfileNotFound):
             return UserError(f"s3://{bucket}: AWS profile not found: {e}")
         if isinstance(e, _UNREACHABLE):
+            where = "its endpoint_url option" if self.endpoint_url else "AWS_ENDPOINT_URL"
             return UserError(f"s3://{bucket}: cannot reach the object store at {self.endpoint()} "
-                             f"({self.retries} retries): is {'its endpoint_url option' if self.endpoint_url else 'AWS_ENDPOINT_URL'} "
-                             f"right and the server up?")
+                             f"({self.retries} retries): is {where} right and the server up?")
         if isinstance(e, botocore.exceptions.ClientError):
             code = _code(e)
             if code == "NoSuchBucket":
