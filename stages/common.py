@@ -18,7 +18,7 @@ import threading
 import stages
 from pipeline.errors import ConfigError, Diverged, TryAgain, UserError
 from pipeline.machine import resolve_mixed_precision  # noqa: F401 (train's, and the stages' one place to find it)
-from pipeline.storage import no_space_message
+from pipeline.storage import load_storage_options, no_space_message
 
 EXIT_USER = 2
 EXIT_DIVERGED = 3
@@ -109,13 +109,13 @@ def stage_main(fn):
     @functools.wraps(fn)
     def wrapper(argv=None, *args, **kwargs):
         module = fn.__module__
-        if module == "__main__":  # python -m stages.X: the real name is on the module's spec
-            spec = getattr(sys.modules["__main__"], "__spec__", None)
-            module = spec.name if spec is not None else module
+        if module == "__main__" and getattr(sys.modules["__main__"], "__spec__", None):  # python -m stages.X: the
+            module = sys.modules["__main__"].__spec__.name  # real name is on the module's spec
         prog = module.rsplit(".", 1)[-1]
         stages.apply_thread_policy()
         stages.say_threads(prog, argv)
         try:
+            load_storage_options(os.environ.get("FIRSTSTAGE_STORAGE_OPTIONS"))  # object storage per URL prefix
             return fn(argv, *args, **kwargs)
         except (TryAgain, UserError) as e:  # one line; the exit code says what to do next
             print(f"firststage {prog}: error: {e}", file=sys.stderr, flush=True)

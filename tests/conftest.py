@@ -1,16 +1,15 @@
-"""Fixtures. Plain helpers (images, shards, launchers, the tiny-run arguments) live in helpers.py."""
+"""Fixtures. Plain helpers (images, shards, launchers, the tiny-run arguments) live in helpers.py, the S3 server in
+s3server.py; the checkout and tests/ are on the import path through pyproject.toml's `pythonpath`."""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py, for the test modules
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, before any installed copy
+from s3server import aws_environment, start_weed
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +27,43 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_storage():
+    """Every test starts and ends with no storage options set and no storage backend made: a backend's client reads
+    the environment (the AWS variables a test sets) when it is made."""
+    from pipeline.storage import reset_storage
+
+    reset_storage()
+    yield
+    reset_storage()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS server (tests/s3server.py) for this pytest process (each xdist worker starts its own, about a
+    second): its endpoint, bucket and credentials."""
+    server = start_weed(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The server's credentials and endpoint in the standard AWS variables for one test (subprocesses inherit them);
+    gives the server."""
+    aws_environment(monkeypatch, s3_server)
+    return s3_server
+
+
+@pytest.fixture(scope="module")
+def s3_module_env(s3_server, tmp_path_factory):
+    """s3_env for a whole module, with a cache folder of its own (model copies, run logs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        aws_environment(mp, s3_server)
+        mp.setenv("FIRSTSTAGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield s3_server
 
 
 @pytest.fixture

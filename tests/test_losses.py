@@ -207,7 +207,9 @@ def test_lpips_backbone_loads_from_torch_cache_without_pickle(tmp_path, monkeypa
     assert p(x, x).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_perceptual_nets_are_built_once_and_each_user_gets_its_own_copy():
+def test_each_perceptual_net_is_its_users_own_and_the_same_in_every_build():
+    """No process-wide cache hands one LPIPS to two users: each builds its own (the objective and the evaluator keep
+    theirs), seeded, so two builds are equal and changing one leaves the other as built."""
     from pipeline.losses.perceptual import Perceptual
 
     with pytest.warns(UserWarning, match="random"):

@@ -25,9 +25,9 @@ import torch
 
 from harness import ForkedStage, run_main
 from helpers import TINY, flat, make_shards, read_tar_samples
-from s3server import FaultProxy, conflicts, s3_module_env, s3_server  # noqa: F401 (fixture)
+from s3server import FaultProxy, conflicts, free_port
 
-from pipeline.storage import base, storage_for
+from pipeline.storage import base, reset_storage, set_storage_options, storage_for
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -40,10 +40,8 @@ def aws(s3_module_env):
 
 @pytest.fixture
 def fresh(monkeypatch):
-    """A backend made anew for this test (its client reads the environment this test sets) and dropped after."""
-    monkeypatch.delitem(base._INSTANCES, "s3", raising=False)
-    yield monkeypatch
-    base._INSTANCES.pop("s3", None)
+    """What this test changes of the environment (every test's backends are made anew: conftest's fresh_storage)."""
+    return monkeypatch
 
 
 def stage(name: str):
@@ -242,6 +240,58 @@ def test_the_encoders_checks_of_shards_on_s3_send_no_request(chain):
             check_output_folder(f"{chain['s3']}/data/shards/", urls)
     assert sum(counts.values()) == 0, counts
 
+
+def test_one_process_reads_one_endpoint_and_writes_another(chain, aws, fresh, tmp_path):
+    """Issue 30, item 7: storage options per URL prefix (FIRSTSTAGE_STORAGE_OPTIONS, read as a stage starts). The raw
+    tars and the run lie on the module's server; a second server (another endpoint, bucket and credential variables)
+    receives prepare's shards and encode's latents, encode reading its model from the first and its data from the
+    second; the environment's endpoint is neither server, so every request went where its path's options said."""
+    import botocore.session
+    import yaml
+
+    from s3server import ACCESS_KEY, SECRET_KEY, start_weed
+
+    s3, bucket = chain["s3"], "firststage-second"
+    second = start_weed(tmp_path / "second", bucket=bucket)
+    try:
+        options = tmp_path / "storage.yaml"
+        options.write_text(yaml.safe_dump({
+            f"s3://{aws.bucket}": {"endpoint_url": aws.endpoint},
+            f"s3://{bucket}/": {"endpoint_url": second.endpoint, "region": "eu-west-1", "key_env": "SECOND_KEY",
+                                "secret_env": "SECOND_SECRET"}}))
+        fresh.setenv("FIRSTSTAGE_STORAGE_OPTIONS", str(options))
+        fresh.setenv("SECOND_KEY", ACCESS_KEY)
+        fresh.setenv("SECOND_SECRET", SECRET_KEY)
+        fresh.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing answers there
+        fresh.setenv("AWS_MAX_ATTEMPTS", "2")
+        out = f"s3://{bucket}/copy"
+        ok(run_main(stage("prepare"), "--input", f"{s3}/raw/raw-{{000000..000002}}.tar", "--output",
+                    f"{out}/shards", "--shard-size", "8", "--size", "32"))
+        r = ok(run_main(stage("encode"), "--model", f"{s3}/runs/klf8", "--data", f"{out}/shards", "--output",
+                        f"{out}/latents"))
+        assert "skipped 0" in r.stdout
+        assert storage_for(f"{out}/x").endpoint() == second.endpoint and storage_for(s3).endpoint() == aws.endpoint
+        assert read_json(f"{out}/shards/manifest.json") == read_json(f"{s3}/data/shards/manifest.json")
+        assert [without(m, "source") for m in read_json(f"{out}/latents/manifest.json")["shards"]] == \
+            [without(m, "source") for m in read_json(f"{s3}/latents/klf8/manifest.json")["shards"]]
+        # on the second server itself, asked without our code: the outputs are there
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=second.endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY)
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="copy/").get("Contents", [])]
+        assert "copy/shards/manifest.json" in keys and "copy/latents/manifest.json" in keys
+        # the same paths without their options: the environment's endpoint, where nothing answers
+        reset_storage()
+        r = run_main(stage("prepare"), "--input", f"{s3}/raw/raw-000000.tar", "--output", f"{out}/again")
+        assert r.returncode == 0, r.stderr  # the file is read again as the stage starts
+        fresh.delenv("FIRSTSTAGE_STORAGE_OPTIONS")
+        reset_storage()
+        r = run_main(stage("prepare"), "--input", f"{s3}/raw/raw-000000.tar", "--output", f"{out}/never")
+        assert r.returncode == 2 and "cannot reach the object store" in r.stderr, r.stderr
+    finally:
+        second.stop()
+
+
 # ------------------------------------------------------------------------------------------------ kills
 def open_uploads(prefix: str) -> list:
     store = storage_for(prefix)
@@ -263,7 +313,7 @@ def killed_before(monkeypatch, when):
         return real(self, op, bucket, key, **kw)
 
     monkeypatch.setattr(S3Storage, "_call", call)
-    monkeypatch.setitem(base._INSTANCES, "s3", S3Storage(multipart_threshold=8192, part_size=5 * 2**20))
+    set_storage_options({"s3://": {"multipart_threshold": 8192, "part_size": 5 * 2**20}})
 
 
 def run_killed(module: str, when, *args) -> tuple[int, str]:
@@ -377,13 +427,11 @@ def test_a_whole_job_and_its_parts_exclude_each_other_by_their_leases(chain):
 def test_a_rerun_writes_again_a_shard_replaced_after_its_record(chain):
     """Issue 29, item 4 on object storage: a tar replaced after its record was created is found by its ETag (from
     the listing, no object read) and written again; then every key is there once."""
-    from pipeline.storage.s3 import S3Storage
-
     s3 = chain["s3"]
     out = f"{s3}/replaced/shards"
     args = ["--input", f"{s3}/raw/raw-{{000000..000002}}.tar", "--output", out, "--size", "32", "--shard-size", "4"]
     with pytest.MonkeyPatch.context() as m:  # the tars go up in parts: their ETags are no MD5 of the bytes
-        m.setitem(base._INSTANCES, "s3", S3Storage(multipart_threshold=8192, part_size=5 * 2**20))
+        set_storage_options({"s3://": {"multipart_threshold": 8192, "part_size": 5 * 2**20}})
         ok(run_main(stage("prepare"), *args))
         store = storage_for(out)
         store.write_bytes(f"{out}/shards-000001.tar", read(f"{out}/shards-000000.tar"))  # another shard's tar
@@ -540,7 +588,7 @@ def through_proxy(aws, fresh):
         fresh.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
         fresh.setenv("AWS_MAX_ATTEMPTS", "10")
         fresh.setattr(botocore.retries.standard.ExponentialBackoff, "delay_amount", lambda self, ctx: 0.01)
-        base._INSTANCES.pop("s3", None)
+        reset_storage()
         proxies.append(proxy)
         return proxy
 
@@ -566,7 +614,7 @@ def test_throttling_and_dropped_connections_are_retried_and_the_run_finishes(cha
     assert sum(proxy.faults.values()) > 0 and store.retries > 0, (proxy.faults, store.retries)
     assert "request(s) retried" in caplog.text
     assert "skipped 0" in r.stdout
-    base._INSTANCES.pop("s3", None)
+    reset_storage()
     assert read_json(f"{out}/manifest.json") == read_json(f"{root}/local/data/shards/manifest.json")
     assert [without(s, "source") for s in read_json(f"{s3}/faulty/latents/manifest.json")["shards"]] == \
         [without(s, "source") for s in read_json(f"{s3}/latents/klf8/manifest.json")["shards"]]
@@ -595,7 +643,7 @@ def test_a_shard_that_cannot_be_read_is_skipped_and_counted(chain, through_proxy
     assert "shards-000001.tar" not in listing(out) and read_json(f"{out}/manifest.json")["missing"] == \
         ["shards-000001.tar"]
     fresh.setenv("AWS_ENDPOINT_URL", aws.endpoint)  # the shard can be read again
-    base._INSTANCES.pop("s3", None)
+    reset_storage()
     r = ok(run_main(stage("encode"), "--model", f"{s3}/runs/klf8", "--data", f"{s3}/data/shards", "--output", out))
     assert "2 already complete" in r.stdout and read_json(f"{out}/manifest.json")["total"] == 24
 
@@ -617,7 +665,7 @@ def test_wrong_credentials_missing_bucket_and_missing_extra_one_line_before_any_
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "access refused" in r.stderr, (name, r.stderr)
         assert "check the AWS credentials" in r.stderr
     fresh.setenv("AWS_SECRET_ACCESS_KEY", aws.env()["AWS_SECRET_ACCESS_KEY"])
-    base._INSTANCES.pop("s3", None)
+    reset_storage()
     r = run_main(stage("prepare"), "--input", f"{s3}/raw/raw-000000.tar", "--output", "s3://no-such-bucket-x/shards")
     assert r.returncode == 2 and r.stderr.strip().endswith(
         f"--output s3://no-such-bucket-x: no such bucket at {aws.endpoint}"), r.stderr
@@ -626,9 +674,7 @@ def test_wrong_credentials_missing_bucket_and_missing_extra_one_line_before_any_
     assert r.returncode == 2 and "--model s3://no-such-bucket-x: no such bucket" in r.stderr, r.stderr
     assert listing(f"{s3}/never") == [] and not (tmp_path / "latents").exists()
     # a server that does not refuse a create-only write of an existing object: refused before any work
-    import pipeline.storage.s3 as s3mod
-
-    fresh.setattr(s3mod, "_CONDITIONAL_OK", set())
+    reset_storage()  # a backend that has not yet seen this bucket refuse a second create-only write
     store = storage_for(s3)
     strip = lambda params, **_: params.pop("IfNoneMatch", None)  # noqa: E731 (the header never sent)
     store._client().meta.events.register("before-parameter-build.s3.PutObject", strip)
@@ -640,7 +686,7 @@ def test_wrong_credentials_missing_bucket_and_missing_extra_one_line_before_any_
     fresh.setitem(sys.modules, "botocore", None)
     fresh.delitem(sys.modules, "pipeline.storage.s3", raising=False)
     fresh.delitem(base.BACKENDS, "s3", raising=False)
-    fresh.delitem(base._INSTANCES, "s3", raising=False)
+    reset_storage()
     r = run_main(stage("prepare"), "--input", str(chain["root"] / "raw"), "--output", f"{s3}/never/shards")
     assert r.returncode == 2 and r.stderr.strip() == (
         f"firststage prepare: error: --output {s3}/never/shards: s3:// needs the s3 extra (botocore is not "

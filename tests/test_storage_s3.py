@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from s3server import FaultProxy, conflicts, operation, s3_env, s3_server  # noqa: F401 (fixtures)
+from s3server import FaultProxy, conflicts, operation
 
 from pipeline.errors import LockLost, UserError
 from pipeline.storage import FolderLock, Unit, storage_for
@@ -445,13 +445,42 @@ def test_wrong_credentials_missing_bucket_no_credentials_one_line(s3_env, monkey
         assert "cannot reach the object store" in _one_line_error(lambda: S3Storage().check(ok))
 
 
+def test_storage_options_go_by_the_longest_prefix_and_a_mistake_is_one_line(s3_env, monkeypatch, tmp_path):
+    """set_storage_options: a path takes the options of the longest prefix it lies under (a prefix ends at a "/"),
+    others the environment's; their backend signs with the credentials the *_env options name. An unknown option, a
+    local prefix, a variable not set and a file that is no mapping are each one line."""
+    from pipeline.storage import load_storage_options, set_storage_options
+
+    b = s3_env.bucket
+    set_storage_options({f"s3://{b}": {"endpoint_url": s3_env.endpoint, "key_env": "K", "secret_env": "S"},
+                         f"s3://{b}/deep/": {"endpoint_url": "http://127.0.0.1:9", "page_size": 7}})
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")  # the environment's credentials are not the ones used
+    monkeypatch.setenv("K", s3_env.env()["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("S", s3_env.env()["AWS_SECRET_ACCESS_KEY"])
+    top, deep = storage_for(f"s3://{b}/x"), storage_for(f"s3://{b}/deep/x")
+    assert storage_for(f"s3://{b}") is top and storage_for(f"s3://{b}/deeper/x") is top and deep is not top
+    assert (deep.page_size, top.page_size) == (7, 1000) and storage_for(f"s3://{b}x/y") not in (top, deep)
+    top.write_bytes(f"s3://{b}/x", b"signed with K and S")
+    assert storage_for(f"s3://{b}/x").read_bytes(f"s3://{b}/x") == b"signed with K and S"
+    assert "access refused" in _one_line_error(lambda: storage_for(f"s3://{b}x/y").check(f"s3://{b}/x"))
+    monkeypatch.delenv("S")
+    set_storage_options({f"s3://{b}": {"key_env": "K", "secret_env": "S"}})  # the backends are made again
+    assert _one_line_error(lambda: storage_for(f"s3://{b}/x").check(f"s3://{b}/x")) == \
+        "storage option secret_env: the environment variable S is not set"
+    assert _one_line_error(lambda: set_storage_options({f"s3://{b}": {"endpoint": "x"}})).startswith(
+        f"storage options: s3://{b}: unknown option 'endpoint' (options of s3://: ")
+    assert "expected an object-storage URL prefix" in _one_line_error(lambda: set_storage_options({"/data": {}}))
+    (tmp_path / "list.yaml").write_text("- s3://a\n")
+    assert _one_line_error(lambda: load_storage_options(tmp_path / "list.yaml")) == \
+        f"FIRSTSTAGE_STORAGE_OPTIONS {tmp_path / 'list.yaml'}: expected a mapping of URL prefixes to options"
+
+
 def test_missing_extra_one_line(monkeypatch):
     from pipeline.storage import base
 
     monkeypatch.setitem(sys.modules, "botocore", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "pipeline.storage.s3", raising=False)
     monkeypatch.delitem(base.BACKENDS, "s3", raising=False)
-    monkeypatch.delitem(base._INSTANCES, "s3", raising=False)
     msg = _one_line_error(lambda: storage_for("s3://bucket/run"))
     assert msg == ("s3://bucket/run: s3:// needs the s3 extra (botocore is not installed): "
                    "pip install 'firststage[s3]'")

@@ -10,7 +10,6 @@ once, and if that fails we stop with one message naming the file, where to put i
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import types
 import warnings
@@ -48,9 +47,9 @@ def _fetch_backbone(net: str) -> Path:
     return path
 
 
-def _load_backbone(lp: nn.Module, net: str) -> None:
-    """Copy torchvision's `features.{i}.*` tensors into lpips' `slice{k}.{i}.*` modules."""
-    state = torch.load(_fetch_backbone(net), map_location="cpu", weights_only=True)
+def _load_backbone(lp: nn.Module, net: str, path: Path) -> None:
+    """Copy torchvision's `features.{i}.*` tensors (the file `path`) into lpips' `slice{k}.{i}.*` modules."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
     features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     target = {}
     for name, _ in lp.net.named_parameters():
@@ -59,9 +58,6 @@ def _load_backbone(lp: nn.Module, net: str) -> None:
             raise UserError(f"{backbone_path(net)} does not look like torchvision's {net} weights (no {index_param})")
         target[name] = features[index_param]
     lp.net.load_state_dict(target, strict=True)
-
-
-_BUILT: dict = {}  # (net, backbone, weight file state) -> a built LPIPS on the CPU, copied for each new user
 
 
 @contextlib.contextmanager
@@ -93,23 +89,17 @@ def _vgg16_features_only():
 
 
 def _build_lpips(net: str, backbone: str) -> nn.Module:
-    """lpips.LPIPS with its backbone: built once per process, then copied for each user."""
+    """lpips.LPIPS with its backbone, frozen: its user (the objective, the evaluator) builds it once and keeps it."""
     import lpips
 
-    state = None
-    if backbone == "pretrained":
-        path = _fetch_backbone(net)
-        state = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
-    key = (net, backbone, state)
-    if key not in _BUILT:
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]), _vgg16_features_only():
-            warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` argument inside lpips
-            torch.manual_seed(0)  # the random backbone is the same in every process and every run
-            built = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        if backbone == "pretrained":
-            _load_backbone(built, net)
-        _BUILT[key] = built.eval().requires_grad_(False)
-    return copy.deepcopy(_BUILT[key])
+    path = _fetch_backbone(net) if backbone == "pretrained" else None  # a missing file is refused before the build
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]), _vgg16_features_only():
+        warnings.simplefilter("ignore")  # torchvision's deprecated `pretrained=` argument inside lpips
+        torch.manual_seed(0)  # the random backbone is the same in every process and every run
+        built = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    if path is not None:
+        _load_backbone(built, net, path)
+    return built.eval().requires_grad_(False)
 
 
 class Perceptual(nn.Module):

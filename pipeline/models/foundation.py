@@ -1,5 +1,6 @@
 """Frozen vision foundation models: DINOv2's patch features for latent alignment (VA-VAE), and the encoder of a
-representation autoencoder (RAE: DINOv2 with registers, SigLIP-2, MAE), each read once per process (`once`).
+representation autoencoder (RAE: DINOv2 with registers, SigLIP-2, MAE), each read once by the one user the Trainer builds
+(its objective keeps the alignment and discriminator models; the RAE family copies its encoder into the model).
 
 VA-VAE (hustvl/LightningDiT, vavae/ldm/models/foundation_models.py) loads timm's vit_large_patch14_dinov2.lvd142m
 with dynamic_img_size and takes forward_features(x)[:, 1:]: the image in [-1, 1] (no ImageNet normalisation)
@@ -197,27 +198,18 @@ def foundation_model(model_path: str, backbone: str, resolution: int) -> DINOv2F
         warnings.warn("loss.alignment with a tiny random DINOv2 (loss.alignment.backbone=random): meant for tests "
                       "only, it is not a foundation model")
         return DINOv2Features(random_dinov2(), resolution)
-    return DINOv2Features(once((str(Path(model_path).resolve()), "DINOv2"), lambda: load_dinov2(model_path)),
-                          resolution)
+    return DINOv2Features(load_dinov2(model_path), resolution)
 
 
-# ------------------------------------------------------------------------------------- every foundation model, once
-_LOADED: dict[tuple[str, str], nn.Module] = {}  # (folder, class name) -> model: weights are read once per process
-
+# ------------------------------------------------------------------------------------- the frozen foundation models
+# Each is read by the one object that uses it (the objective's alignment term or discriminator, the RAE family's
+# initialise), which the Trainer builds once and keeps: no process-wide table hands a model to a second user.
 # an RAE's encoder type -> (model_types of its config.json, the transformers class diffusers' AutoencoderRAE holds,
 # where to download one)
 RAE_ENCODERS = {"dinov2": (("dinov2_with_registers",), "Dinov2WithRegistersModel",
                            "facebook/dinov2-with-registers-base"),
                 "siglip2": (("siglip", "siglip_vision_model"), "SiglipVisionModel", "google/siglip2-base-patch16-256"),
                 "mae": (("vit_mae",), "ViTMAEModel", "facebook/vit-mae-base")}
-
-
-def once(key: tuple[str, str], load):
-    """The model `load()` gives for `key`, loaded at most once in this process (alignment's DINOv2, an RAE's
-    encoder: the same folder is read once however many users it has)."""
-    if key not in _LOADED:
-        _LOADED[key] = load()
-    return _LOADED[key]
 
 
 def rae_encoder_source(encoder) -> Path:
@@ -242,20 +234,16 @@ def rae_encoder_source(encoder) -> Path:
 
 
 def load_rae_encoder(encoder) -> nn.Module:
-    """The pretrained encoder model.rae.encoder names (transformers, local files only), once per process."""
+    """The pretrained encoder model.rae.encoder names (transformers, local files only)."""
     import transformers
 
     folder = rae_encoder_source(encoder)
     cls = getattr(transformers, RAE_ENCODERS[encoder.type][1])
-
-    def load():
-        try:
-            return cls.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
-        except Exception as e:
-            raise UserError(f"model.rae.encoder.weights {folder}: could not load {cls.__name__} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
-
-    return once((str(folder.resolve()), cls.__name__), load)
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
+    except Exception as e:
+        raise UserError(f"model.rae.encoder.weights {folder}: could not load {cls.__name__} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
 
 
 def dino_source(path: str) -> Path:
@@ -271,7 +259,7 @@ def dino_source(path: str) -> Path:
 
 
 def dino_backbone(path: str, backbone: str) -> nn.Module:
-    """The frozen ViT of RAE's discriminator: DINO ViT-S/8 from a transformers folder (once per process), or a tiny
+    """The frozen ViT of RAE's discriminator: DINO ViT-S/8 from a transformers folder, or a tiny
     seeded random one (tests only)."""
     from transformers import ViTConfig, ViTModel
 
@@ -282,12 +270,8 @@ def dino_backbone(path: str, backbone: str) -> nn.Module:
             torch.manual_seed(0)
             return ViTModel(config, add_pooling_layer=False)
     folder = dino_source(path)
-
-    def load():
-        try:
-            return ViTModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
-        except Exception as e:
-            raise UserError(f"loss.adversarial.dino_model {folder}: could not load a ViT ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
-
-    return once((str(folder.resolve()), "ViTModel"), load)
+    try:
+        return ViTModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
+    except Exception as e:
+        raise UserError(f"loss.adversarial.dino_model {folder}: could not load a ViT ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None

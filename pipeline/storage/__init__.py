@@ -14,10 +14,13 @@ Folder locks (pipeline.storage.lock.FolderLock; on object storage pipeline.stora
 `as_path(p)`: a pathlib.Path locally, an ObjectPath (pathlib's manners, I/O through the backend) for a URL; what
 needs a local file takes `local_copy(url)` (pipeline.storage.cache). Every path is a string
 or Path as the user gave it; `storage_for(path)` picks the backend by URL scheme and refuses an unknown one in one
-line (a URL is never taken for a local folder name).
+line (a URL is never taken for a local folder name). Object-storage settings can be given per URL prefix, as fsspec's
+`storage_options` (`set_storage_options`; the stages read $FIRSTSTAGE_STORAGE_OPTIONS, a YAML file of them, as they
+start), so one process reads s3:// from one endpoint and writes to another.
 """
 
-from pipeline.storage.base import BACKENDS, Storage, is_url, storage_for  # noqa: F401
+from pipeline.storage.base import (BACKENDS, Storage, is_url, load_storage_options, reset_storage,  # noqa: F401
+                                   set_storage_options, storage_for)
 from pipeline.storage.commit import Unit  # noqa: F401
 from pipeline.storage.local import (  # noqa: F401
     LocalStorage,

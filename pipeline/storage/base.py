@@ -12,6 +12,7 @@ Every method takes a full path (a local path, or a URL of the backend's scheme).
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 import time
 from abc import ABC, abstractmethod
@@ -200,7 +201,9 @@ def check_writable(path) -> None:
 
 
 BACKENDS: dict[str, type] = {}  # URL scheme -> Storage class; the local filesystem serves paths without a scheme
-_INSTANCES: dict[str, Storage] = {}
+_INSTANCES: dict[tuple[str, str], Storage] = {}  # (scheme, options prefix or "") -> the backend serving those paths
+# URL prefix (ending in "/") -> the keyword arguments of the backend that serves the paths under it (storage_options)
+_OPTIONS: dict[str, dict] = {}
 # backends imported on first use of their scheme (module, extra that installs what it needs)
 _LAZY = {"s3": ("pipeline.storage.s3", "s3")}
 
@@ -209,22 +212,96 @@ def is_url(path) -> bool:
     return bool(_SCHEME.match(str(path)))
 
 
+def _scheme(path) -> str:
+    m = _SCHEME.match(str(path))
+    return m.group(1).lower() if m else "file"
+
+
+def _backend(scheme: str, path) -> type:
+    """The Storage class of `scheme` (its module imported on first use), else one line naming the scheme."""
+    if scheme not in BACKENDS and scheme in _LAZY:
+        module, extra = _LAZY[scheme]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"{path}: {scheme}:// needs the {extra} extra ({e.name or e} is not installed): "
+                            f"pip install 'firststage[{extra}]'") from None
+    if scheme not in BACKENDS:
+        known = ", ".join(f"{s}://" for s in sorted(set(BACKENDS) | set(_LAZY)) if s != "file")
+        raise UserError(f"{path}: unsupported URL scheme {scheme}:// (firststage reads and writes local paths"
+                        f"{' and ' + known if known else ''})")
+    return BACKENDS[scheme]
+
+
+def _normal_prefix(prefix: str) -> str:
+    scheme, sep, rest = str(prefix).partition("://")
+    return f"{scheme.lower()}{sep}{rest.rstrip('/')}/" if rest.strip("/") else f"{scheme.lower()}{sep}"
+
+
+def _options_prefix(path, scheme: str) -> str:
+    """The longest options prefix `path` lies under ("" when none): s3://a/ covers s3://a and s3://a/x, not s3://ab."""
+    if scheme == "file":
+        return ""
+    p = _normal_prefix(str(path))
+    return max((prefix for prefix in _OPTIONS if p.startswith(prefix)), key=len, default="")
+
+
+def set_storage_options(options: dict, source: str = "storage options") -> None:
+    """Object-storage settings per path, as fsspec's `storage_options`: {URL prefix: {option: value}}, e.g.
+    {"s3://raw/": {"endpoint_url": "https://minio.lab:9000", "profile": "lab"}, "s3://results/": {"region":
+    "eu-central-1", "key_env": "RESULTS_KEY", "secret_env": "RESULTS_SECRET"}}. A path takes the options of the
+    longest prefix it lies under (a prefix ends at a "/": s3://a covers s3://a/x, not s3://ab/x); paths under none
+    take the environment's settings. The options are the keyword arguments of the scheme's backend (S3Storage:
+    endpoint_url, region, profile, key_env / secret_env / token_env, the names of the environment variables that
+    hold the credentials, and its upload sizes); an unknown one is one line naming `source`. Replaces what was set
+    before (None or {}: none), and the backends made so far are made again on next use."""
+    checked = {}
+    for prefix, opts in (options or {}).items():
+        scheme = _scheme(prefix)
+        if scheme == "file" or not isinstance(opts, dict):
+            raise UserError(f"{source}: {prefix!r}: expected an object-storage URL prefix (s3://BUCKET/...) mapped to "
+                            f"its options ({{endpoint_url: ..., region: ...}})")
+        cls = _backend(scheme, prefix)
+        known = [n for n in inspect.signature(cls).parameters]
+        unknown = sorted(set(opts) - set(known))
+        if unknown:
+            raise UserError(f"{source}: {prefix}: unknown option {unknown[0]!r} (options of {scheme}://: "
+                            f"{', '.join(known)})")
+        checked[_normal_prefix(prefix)] = dict(opts)
+    reset_storage()
+    _OPTIONS.update(checked)
+
+
+def load_storage_options(file) -> None:
+    """set_storage_options from a YAML (or JSON) file of {URL prefix: {option: value}}; None or "": nothing set. The
+    stages call it as they start, with $FIRSTSTAGE_STORAGE_OPTIONS."""
+    if not file:
+        return
+    import yaml
+
+    try:
+        options = yaml.safe_load(Path(file).expanduser().read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"FIRSTSTAGE_STORAGE_OPTIONS {file}: cannot read it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else e})") from None
+    if not isinstance(options, dict):
+        raise UserError(f"FIRSTSTAGE_STORAGE_OPTIONS {file}: expected a mapping of URL prefixes to options")
+    set_storage_options(options, f"FIRSTSTAGE_STORAGE_OPTIONS {file}")
+
+
+def reset_storage() -> None:
+    """Forget the storage options and the backends made so far (their clients read the environment again on next use):
+    the tests call it around every test that changes the environment."""
+    _OPTIONS.clear()
+    _INSTANCES.clear()
+
+
 def storage_for(path) -> Storage:
     """The backend that holds `path`: the local filesystem for a path without a scheme (or file://), the registered
-    backend of a URL's scheme, else one line naming the scheme (a URL is never taken for a local folder name)."""
-    m = _SCHEME.match(str(path))
-    scheme = m.group(1).lower() if m else "file"
-    if scheme not in _INSTANCES:
-        if scheme not in BACKENDS and scheme in _LAZY:
-            module, extra = _LAZY[scheme]
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                raise UserError(f"{path}: {scheme}:// needs the {extra} extra ({e.name or e} is not installed): "
-                                f"pip install 'firststage[{extra}]'") from None
-        if scheme not in BACKENDS:
-            known = ", ".join(f"{s}://" for s in sorted(set(BACKENDS) | set(_LAZY)) if s != "file")
-            raise UserError(f"{path}: unsupported URL scheme {scheme}:// (firststage reads and writes local paths"
-                            f"{' and ' + known if known else ''})")
-        _INSTANCES[scheme] = BACKENDS[scheme]()
-    return _INSTANCES[scheme]
+    backend of a URL's scheme, made with the storage options of the longest prefix `path` lies under
+    (set_storage_options), else one line naming the scheme (a URL is never taken for a local folder name)."""
+    scheme = _scheme(path)
+    key = (scheme, _options_prefix(path, scheme))
+    if key not in _INSTANCES:
+        _INSTANCES[key] = _backend(scheme, path)(**_OPTIONS.get(key[1], {}))
+    return _INSTANCES[key]

@@ -15,9 +15,11 @@ natural first choice, for some of them:
   * installation: s3fs pins aiobotocore, which pins botocore to a window of three patch releases; botocore alone
     installs beside any boto3 / s3fs / aiobotocore the user has.
 
-Credentials, region and endpoint come only from botocore's standard chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
-AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws/{credentials,config}, AWS_REGION, AWS_ENDPOINT_URL(_S3) or `endpoint_url` in
-the profile (an S3-compatible server), instance roles. Retries: AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (or the profile's
+Credentials, region and endpoint come from the backend's storage options where a path has them (S3Storage,
+pipeline.storage.set_storage_options: one process can read one endpoint and write another), else from botocore's
+standard chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE and
+~/.aws/{credentials,config}, AWS_REGION, AWS_ENDPOINT_URL(_S3) or `endpoint_url` in the profile (an S3-compatible
+server), instance roles. Retries: AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (or the profile's
 retry_mode / max_attempts), else standard mode with 10 attempts: throttling (503 SlowDown, 429) and dropped
 connections are retried with backoff; every retry is counted (`S3Storage.retries`) and logged.
 """
@@ -112,6 +114,9 @@ def _not_found(e: Exception) -> bool:
 # the server cannot be reached: a user error at the start (a wrong AWS_ENDPOINT_URL), a transient fault (exit 75) once
 # it has answered in this process (a store down for minutes during training)
 _UNREACHABLE = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)
+# the storage options that name an environment variable -> the client argument its value is
+_CREDENTIAL_ARGS = {"key_env": "aws_access_key_id", "secret_env": "aws_secret_access_key",
+                    "token_env": "aws_session_token"}
 
 
 class S3Storage(Storage):
@@ -120,10 +125,21 @@ class S3Storage(Storage):
     `multipart_threshold`: objects of at least this many bytes go up as a multipart upload of `part_size` parts,
     `concurrency` in flight (the part size grows when a file would need more than 10,000 parts); S3 refuses parts
     under 5 MiB except the last. `conflict_attempts`: tries of a conditional write refused with 409. `page_size`:
-    entries per listing request (S3's most, 1000)."""
+    entries per listing request (S3's most, 1000).
+
+    Where the store is and who signs (its storage options; pipeline.storage.set_storage_options gives them per URL
+    prefix): `endpoint_url` (an S3-compatible server), `region`, `profile` (of ~/.aws/config), and `key_env` /
+    `secret_env` / `token_env`, the names of the environment variables that hold the access key, secret key and
+    session token (names, so that no secret is written into a config file or a run's records). What is not given
+    comes from botocore's standard chain (the environment, the profile, instance roles)."""
 
     def __init__(self, multipart_threshold: int = 64 * MiB, part_size: int = 16 * MiB, concurrency: int = 4,
-                 conflict_attempts: int = 8, page_size: int = 1000):
+                 conflict_attempts: int = 8, page_size: int = 1000, endpoint_url: str | None = None,
+                 region: str | None = None, profile: str | None = None, key_env: str | None = None,
+                 secret_env: str | None = None, token_env: str | None = None):
+        self.endpoint_url, self.region, self.profile = endpoint_url, region, profile
+        self.credential_vars = {"key_env": key_env, "secret_env": secret_env, "token_env": token_env}
+        self._conditional_ok: set[tuple[int, str]] = set()  # (pid, bucket) that refused a second create-only write
         self.multipart_threshold, self.part_size = multipart_threshold, part_size
         self.concurrency, self.conflict_attempts, self.page_size = concurrency, conflict_attempts, page_size
         self.retries = 0  # requests sent again (botocore's retries, reads resumed, conflicts retried), this process
@@ -147,6 +163,8 @@ class S3Storage(Storage):
     def _make_client(self):
         session = botocore.session.get_session()
         session.register_component("data_loader", _shared_loader())
+        if self.profile:
+            session.set_config_variable("profile", self.profile)
         try:
             scoped = session.get_scoped_config()
         except botocore.exceptions.ProfileNotFound as e:
@@ -156,10 +174,21 @@ class S3Storage(Storage):
         config = botocore.config.Config(retries={"mode": mode, "total_max_attempts": attempts},
                                         connect_timeout=10, read_timeout=60,
                                         max_pool_connections=max(10, 2 * self.concurrency))
-        client = session.create_client("s3", config=config)
+        client = session.create_client("s3", config=config, endpoint_url=self.endpoint_url, region_name=self.region,
+                                       **self._credentials())
         client.meta.events.register("needs-retry.s3", self._note_failure)
         client.meta.events.register("request-created.s3", self._note_attempt)
         return client
+
+    def _credentials(self) -> dict[str, str]:
+        """The credentials the *_env options name, read from the environment now; one line for a variable not set."""
+        out = {}
+        for option, var in self.credential_vars.items():
+            if var and not os.environ.get(var):
+                raise UserError(f"storage option {option}: the environment variable {var} is not set")
+            if var:
+                out[_CREDENTIAL_ARGS[option]] = os.environ[var]
+        return out
 
     @staticmethod
     def _note_failure(request_dict=None, response=None, caught_exception=None, **_):
@@ -203,8 +232,9 @@ class S3Storage(Storage):
         if isinstance(e, botocore.exceptions.ProfileNotFound):
             return UserError(f"s3://{bucket}: AWS profile not found: {e}")
         if isinstance(e, _UNREACHABLE):
+            where = "its endpoint_url option" if self.endpoint_url else "AWS_ENDPOINT_URL"
             return UserError(f"s3://{bucket}: cannot reach the object store at {self.endpoint()} "
-                             f"({self.retries} retries): is AWS_ENDPOINT_URL right and the server up?")
+                             f"({self.retries} retries): is {where} right and the server up?")
         if isinstance(e, botocore.exceptions.ClientError):
             code = _code(e)
             if code == "NoSuchBucket":
@@ -243,9 +273,9 @@ class S3Storage(Storage):
     def check_conditional_writes(self, folder: str) -> None:
         """A create-only write of a probe object, twice, then its deletion: a server that ignores If-None-Match: *
         would let two runs take one lock or commit one unit twice, silently; it is refused in one line instead.
-        Once per bucket and process (the stages call it on their output folder before taking its lock)."""
+        Once per bucket, backend and process (the stages call it on their output folder before taking its lock)."""
         bucket, _ = split_url(folder)
-        if (os.getpid(), bucket) in _CONDITIONAL_OK:
+        if (os.getpid(), bucket) in self._conditional_ok:
             return
         probe = self.join(str(folder), f".firststage-probe-{os.getpid()}-{os.urandom(4).hex()}")
         try:
@@ -256,7 +286,7 @@ class S3Storage(Storage):
             raise UserError(f"s3://{bucket}: the object store at {self.endpoint()} replaced an existing object on a "
                             f"create-only write (If-None-Match: *); firststage needs conditional writes for its "
                             f"records and locks (AWS S3, MinIO and SeaweedFS have them)")
-        _CONDITIONAL_OK.add((os.getpid(), bucket))
+        self._conditional_ok.add((os.getpid(), bucket))
 
     # ------------------------------------------------------------------------------------------------ reads
     def open_read(self, path) -> BinaryIO:
@@ -538,7 +568,6 @@ class S3Storage(Storage):
 
 
 _LOADER = None
-_CONDITIONAL_OK: set[tuple[int, str]] = set()  # (pid, bucket) whose server refused a create-only write of an object
 
 
 def _shared_loader():

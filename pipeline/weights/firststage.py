@@ -11,6 +11,7 @@ process of this host goes when the next one pins beside it."""
 from __future__ import annotations
 
 import atexit
+import glob
 import hashlib
 import os
 import shutil
@@ -43,8 +44,8 @@ def detect(p: Path) -> Path | None:
     return None
 
 
-PINS = "pins"  # in the cache (FIRSTSTAGE_CACHE): the private copies of the checkpoints that readers pinned
-_pins: list[Path] = []  # this process's
+PINS = "pins"  # in the cache (FIRSTSTAGE_CACHE): the private copies of the checkpoints that readers pinned; a pin's
+# folder name, HOST-PID-*, says which process owns it: that name, not a table in memory, is what release_pins reads
 
 
 def pin(given: Path, found: Path, tries: int = 5) -> tuple[Path, Path | None]:
@@ -74,11 +75,10 @@ def _pinned_copy(folder: Path) -> Path:
     first, so that the files can be checked against the record they came with."""
     from pipeline.storage.cache import cache_root
 
-    root, mine = cache_root() / PINS, f"{socket.gethostname()}-{os.getpid()}-"
+    root = cache_root() / PINS
     root.mkdir(parents=True, exist_ok=True)  # never in the run's folder: a reader writes nothing outside its output
     _sweep(root)
-    private = Path(tempfile.mkdtemp(prefix=mine, dir=root))
-    _pins.append(private)
+    private = Path(tempfile.mkdtemp(prefix=_mine(), dir=root))
     dest = private / folder.name
     dest.mkdir()
     for name in (TRAINER_FILE, CONFIG_FILE, *TENSOR_FILES.values()):
@@ -135,9 +135,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _mine() -> str:
+    """The name prefix of this process's pins."""
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
 def drop(private: Path) -> None:
     """Remove one of this process's pins, and the pins' folder when it was the last one there."""
-    _pins.remove(private)
     shutil.rmtree(private, ignore_errors=True)
     if private.parent.name == PINS:
         try:
@@ -147,9 +151,12 @@ def drop(private: Path) -> None:
 
 
 def release_pins() -> None:
-    """Remove this process's pins (the stage is done with its weights)."""
-    while _pins:
-        drop(_pins[-1])
+    """Remove this process's pins (the stage is done with its weights): those of the cache's pins folder named for it."""
+    from pipeline.storage.cache import cache_root
+
+    root = cache_root() / PINS
+    for private in sorted(root.glob(f"{glob.escape(_mine())}*")) if root.is_dir() else ():
+        drop(private)
 
 
 atexit.register(release_pins)

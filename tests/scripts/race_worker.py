@@ -13,10 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from pipeline.errors import UserError  # noqa: E402
-from pipeline.storage import FolderLock, atomic_write_json  # noqa: E402
+from pipeline.errors import UserError
+from pipeline.storage import FolderLock, atomic_write_json
 
 
 def wait_for(t0: float) -> None:

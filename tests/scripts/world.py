@@ -12,9 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from stages.train import run  # noqa: E402
+from stages.train import run
 
 
 def digest(state: dict) -> str:
