@@ -85,9 +85,9 @@ def main(argv=None) -> None:
     from pipeline.metrics.job import EvaluateJob, EvaluateOptions
     from pipeline.weights import resolve_weights
     from pipeline.weights.job import ExportJob, ExportOptions
-    from stages.probe import run as probe
+    from stages.probe import probe
     from stages.prepare import locked_prepare
-    from stages.train import run as train
+    from stages.train import train
 
     photos = write_demo_photos(out / "images", photos_dir, args.subset)  # refuses another photo set before copying
     peak, what = matmul_peak(n=1024, repeats=5)  # what this machine gives now, so the time below can be compared
@@ -95,9 +95,8 @@ def main(argv=None) -> None:
         m = locked_prepare([str(out / "images" / part)], str(out / "shards" / part), PrepareOptions(size=size, shard_size=4))
         print(f"demo: prepare {part}: {m['total']} samples in {len(m['shards'])} shards ({out / 'shards' / part})")
     steps = [f"train.max_steps={args.steps}", f"train.log_every={max(1, min(10, args.steps))}"] if args.steps else []
-    tr = train(["--config", "tiny", f"data.train={out / 'shards' / 'train'}", f"data.val={out / 'shards' / 'heldout'}",
-                f"output_dir={out / 'run'}", "train.tracker=tensorboard", f"seed={args.seed}", "--resume", "auto",
-                *steps])
+    tr = train("tiny", [f"data.train={out / 'shards' / 'train'}", f"data.val={out / 'shards' / 'heldout'}",
+                        f"output_dir={out / 'run'}", "train.tracker=tensorboard", f"seed={args.seed}", *steps], "auto")
     run = out / "run"
     weights = resolve_weights(run)  # the run's newest checkpoint (EMA weights), the same one for every job below
     at_tile = [f"data.resolution={TILE}"]  # the preset trains on smaller crops; it is fully convolutional
@@ -110,10 +109,11 @@ def main(argv=None) -> None:
     key = decode_one_latent(out / "export" / "vae", out / "latents", out / "decoded_latent.png")
     for part, name, extra in (("traintiles", "latents-tiles", ["encode.flip=true"]), ("heldout", "latents-heldout", [])):
         encode(weights, out / "shards" / part, out / name, at_tile + extra)
-    _, probed = probe(["--config", "probe-tiny", "--latents", str(out / "latents-tiles"), "--val",
-                       str(out / "latents-heldout"), "--images", str(out / "shards" / "heldout"), "--output",
-                       str(out / "probe"), f"seed={args.seed}", "--resume",
-                       "auto", *([f"train.max_steps={args.steps}", f"probe.val_every={args.steps}"] if args.steps else [])])
+    _, probed = probe("probe-tiny", [f"probe.latents={out / 'latents-tiles'}", f"probe.val={out / 'latents-heldout'}",
+                                     f"probe.images={out / 'shards' / 'heldout'}", f"output_dir={out / 'probe'}",
+                                     f"seed={args.seed}", *([f"train.max_steps={args.steps}",
+                                                             f"probe.val_every={args.steps}"] if args.steps else [])],
+                      "auto")
     training_curves(run / "metrics.jsonl", out / "loss.png", f"the tiny preset, {tr.state.step} steps")
     res = json.loads((out / "eval" / "eval.json").read_text())
     seen = json.loads((out / "eval-train" / "eval.json").read_text())

@@ -47,13 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None):
     """Probe as the command line says; returns (ProbeTrainer, probe.json's dict)."""
+    args = build_parser().parse_intermixed_args(argv)
+    with alias_errors(ALIASES):
+        return probe(args.config, args.overrides + alias_overrides(args, ALIASES), args.resume)
+
+
+def probe(config: str, overrides=(), resume: str | None = None):
+    """Probe the preset or YAML file `config` with dotted `overrides` (probe.latents=..., as values: the demo calls
+    this); returns (ProbeTrainer, probe.json's dict)."""
     from stages.train import _exit_preempted, locked_on_main
 
     stop, grace = threading.Event(), [100.0]
     with sigterm_sets(stop, lambda: grace[0], _exit_preempted):
-        args = build_parser().parse_intermixed_args(argv)
-        with alias_errors(ALIASES):
-            cfg = load_config(args.config, args.overrides + alias_overrides(args, ALIASES))
+        cfg = load_config(config, list(overrides))
         grace[0] = cfg.train.sigterm_grace
         p = cfg.probe
         if not p.latents:
@@ -65,10 +71,10 @@ def run(argv=None):
                                 f"(or its encode has not finished: run it again)")
             if folder and not any(s.get("samples") for s in read_json(as_path(folder) / MANIFEST).get("shards", [])):
                 raise UserError(f"{flag} {folder}: its {MANIFEST} lists no latent (nothing was encoded there)")
-        return locked_on_main(cfg.output_dir, "--output", lambda: _run(args, cfg, stop))
+        return locked_on_main(cfg.output_dir, "--output", lambda: _run(resume, cfg, stop))
 
 
-def _run(args, cfg, stop: threading.Event):
+def _run(resume: str | None, cfg, stop: threading.Event):
     with start_up(stop, "probe: preempted during start-up, before any step; rerun with --resume auto"):
         from pipeline.manifest import LATENT_FORMAT, read_manifest
         from pipeline.probe.report import first_stage, load_first_stage, write_report
@@ -81,8 +87,8 @@ def _run(args, cfg, stop: threading.Event):
         weights = decided_by_main(lambda: first_stage(p.model, manifest, p.latents))  # one checkpoint on every rank
         vae = load_first_stage(weights, manifest, p.latents, "--model") if weights is not None else None
     acc = make_accelerator(cfg)
-    with flag_named("--resume") if args.resume not in (None, "auto") else contextlib.nullcontext():
-        tr = ProbeTrainer(cfg, acc, args.resume)
+    with flag_named("--resume") if resume not in (None, "auto") else contextlib.nullcontext():
+        tr = ProbeTrainer(cfg, acc, resume)
     if acc.is_main_process:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, tr.run_dir / "config.yaml")

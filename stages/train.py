@@ -59,16 +59,22 @@ def make_accelerator(cfg):
 
 
 def run(argv=None):
-    """Train as the command line says; returns the Trainer. The SIGTERM handler is installed before anything else
-    and the previous one restored on the way out; the output folder is locked for the run (on the main process)."""
+    """Train as the command line says; returns the Trainer."""
+    args = build_parser().parse_intermixed_args(argv)  # key=value may follow --resume
+    return train(args.config, args.overrides, args.resume)
+
+
+def train(config: str, overrides=(), resume: str | None = None):
+    """Train the preset or YAML file `config` with dotted `overrides` (what the command line's words say, as values:
+    the demo calls this); returns the Trainer. The SIGTERM handler is installed first and the previous one restored
+    on the way out; the output folder is locked for the run (on the main process)."""
     stop, grace = threading.Event(), [100.0]
     with sigterm_sets(stop, lambda: grace[0], _exit_preempted):  # finish the step, save, exit 75
-        args = build_parser().parse_intermixed_args(argv)  # key=value may follow --resume
-        cfg = load_config(args.config, args.overrides)  # validated before the heavy imports: a typo costs < 1 s
+        cfg = load_config(config, list(overrides))  # validated before the heavy imports: a typo costs < 1 s
         grace[0] = cfg.train.sigterm_grace
         inputs = {"data.train": cfg.data.train, "data.val": cfg.data.val, "train.init_from": cfg.train.init_from}
         check_paths(inputs.items())
-        return locked_on_main(cfg.output_dir, "output_dir", lambda: _run(args, cfg, stop))
+        return locked_on_main(cfg.output_dir, "output_dir", lambda: _run(list(overrides), resume, cfg, stop))
 
 
 def locked_on_main(folder: str, what: str, fn):
@@ -88,19 +94,19 @@ def _exit_preempted(grace: float) -> None:
     os._exit(EXIT_PREEMPTED)
 
 
-def _run(args, cfg, stop: threading.Event):
+def _run(overrides: list, resume: str | None, cfg, stop: threading.Event):
     with start_up(stop, "train: preempted during start-up, before any step; rerun with --resume auto"):
         from pipeline.train.trainer import Trainer, load_init, shape_from_init
 
     init = load_init(cfg)  # read once: the shape and the weights come from the same checkpoint, the same read
-    shaped = shape_from_init(cfg, args.overrides, init)  # train.init_from brings its shape (also when resuming)
+    shaped = shape_from_init(cfg, overrides, init)  # train.init_from brings its shape (also when resuming)
     if shaped.model != cfg.model:
         print0(f"train: the model's shape comes from train.init_from {cfg.train.init_from} "
                f"(model.kind {shaped.model.kind}{', a diffusers config' if shaped.model.diffusers else ''})")
     cfg = shaped
     acc = make_accelerator(cfg)
-    with flag_named("--resume") if args.resume not in (None, "auto") else contextlib.nullcontext():
-        tr = Trainer(cfg, acc, args.resume, init)
+    with flag_named("--resume") if resume not in (None, "auto") else contextlib.nullcontext():
+        tr = Trainer(cfg, acc, resume, init)
     del init  # its model is the trainer's now, or gave the trainer's its tensors: not held for the whole run
     if acc.is_main_process:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
