@@ -64,7 +64,7 @@ class EncodeReport:
         m, w = self.manifest, self.what
         reasons = summarize_skips(m["skipped"], 4) or "nothing decodable"
         norm = m["normalisation"]
-        factor = ("codes, not normalised" if w["store"] == "codes" else "no statistics" if norm is None
+        factor = ("codes, not normalised" if lf.kind_named(w["store"]).integer else "no statistics" if norm is None
                   else f"normalisation {describe(norm)}")
         left = f"; {len(m['missing'])} shards left to other parts or a rerun" if m["missing"] else ""
         why = f" ({reasons}; listed in the manifest)" if m["skipped_count"] else ""

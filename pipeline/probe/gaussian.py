@@ -21,9 +21,9 @@ def write_gaussian_latents(folder: str | Path, n: int, shape=(4, 4, 4), per_shar
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    from pipeline.latents.format import CODES, MOMENTS
+    from pipeline.latents.format import kind_named
 
-    kind = CODES if store == "codes" else MOMENTS
+    kind = kind_named(store)
     tensors = kind.names(flip=False)
     dtype = torch.int64 if kind.integer else torch.float32
     member = save_safetensors({t: torch.zeros(shape, dtype=dtype) for t in tensors})
