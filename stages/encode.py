@@ -96,7 +96,7 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         from accelerate import PartialState
 
         from pipeline.config import parse_overrides
-        from pipeline.data.loader import loader_workers, resolve_shards, shard_sample_counts
+        from pipeline.data.loader import loader_workers, shard_sample_counts
         from pipeline.data.shards import shard_name
         from pipeline.distributed import all_reduce, gather_objects, on_every_rank, print0
         from pipeline.latents.buckets import resolve_buckets
@@ -105,13 +105,13 @@ def run(args, out, part: int, num_parts: int, stop: threading.Event, grace: list
         from pipeline.models.autoencoder import downsampling_factor
         from pipeline.models.normalisation import describe
         from pipeline.progress import Progress
+        from pipeline.sources import resolve_sources
         from stages.common import pinned_weights, resolve_mixed_precision
-
     start = time.time()
     data_keys = parse_overrides(args.overrides).get("data")  # the config comes with the model; this key is needed now
     allow_pipe = isinstance(data_keys, dict) and data_keys.get("allow_pipe") is True
     with flag_named("--data"):  # cheap checks first, before any model is loaded
-        urls = resolve_shards(args.data, allow_pipe)
+        urls = resolve_sources(args.data, allow_pipe)
         check_input_shards(urls)
     with flag_named("--output"):
         check_output_folder(out, urls)

@@ -209,9 +209,10 @@ def test_loader_workers_read_s3_shards_with_their_own_clients(chain):
     from torch.utils.data import DataLoader
     from webdataset.gopen import gopen
 
-    from pipeline.data.loader import ImageStream, collate, resolve_shards
+    from pipeline.data.loader import ImageStream, collate
+    from pipeline.sources import resolve_sources
 
-    urls = resolve_shards(f"{chain['s3']}/data/shards")
+    urls = resolve_sources(f"{chain['s3']}/data/shards")
     loader = DataLoader(ImageStream(urls, mode="eval", resolution=32), batch_size=4, num_workers=2, collate_fn=collate)
     keys = [k for batch in loader for k in batch["__key__"]]
     assert sorted(keys) == sorted(read_tar_samples(f"{chain['local']}/data/shards"))

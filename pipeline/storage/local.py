@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -40,6 +41,21 @@ def temporary_name(path: str | Path, unique: bool = True) -> Path:
 def _identity(st: os.stat_result) -> str:
     """A local file's ETag: its inode and mtime (a file renamed over it, or written again, gets another)."""
     return f"{st.st_ino:x}-{st.st_mtime_ns:x}"
+
+
+class NotRegularFile(OSError):
+    """A local path that is not a regular file (a FIFO, a device, a folder), refused before any byte is read."""
+
+    def __init__(self, path: str, mode: int):
+        self.kind = kind_of(mode)
+        super().__init__(f"{path}: {self.kind}, not a regular file")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class _SizedFile(io.FileIO):
+    size: int  # as S3ReadStream's: what the object held when it was opened
 
 
 def _temporary(name: str) -> bool:
@@ -78,14 +94,16 @@ class LocalStorage(Storage):
             for e in listing:
                 if not e.name.startswith(start) or _temporary(e.name):
                     continue
-                try:
+                try:  # a FIFO, a device, a dangling link or a loop too: it lies there (open_read says what it is)
                     if e.is_dir():
                         folders.append(root + e.name)
-                    elif e.is_file():
-                        st = e.stat()
-                        files[root + e.name] = (st.st_size, _identity(st))
+                        continue
+                    st = e.stat() if e.is_file() else e.stat(follow_symlinks=False)
                 except FileNotFoundError:  # gone since the listing
                     continue
+                except OSError:  # a link that leads round in a loop
+                    st = e.stat(follow_symlinks=False)
+                files[root + e.name] = (st.st_size, _identity(st))
         return dict(sorted(files.items())), sorted(folders)
 
     def walk(self, folder) -> dict[str, tuple[int, str]]:
@@ -112,7 +130,21 @@ class LocalStorage(Storage):
         return _local(path).read_bytes()
 
     def open_read(self, path) -> BinaryIO:
-        return open(_local(path), "rb")
+        """The file, opened without blocking (a FIFO would wait for a writer) and refused unless it is a regular
+        file (NotRegularFile: a FIFO, a device, a folder is never read); `.raw.size` is its size when opened."""
+        fd = os.open(_local(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotRegularFile(str(path), st.st_mode)
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
+            raw = _SizedFile(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        raw.size = st.st_size
+        return io.BufferedReader(raw)
 
     def _write_temporary(self, path: Path, data: bytes) -> Path:
         tmp = temporary_name(path)
@@ -274,8 +306,13 @@ def read_json(path: str | Path, what: str = "file") -> dict:
     return data
 
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular file is, in words (from its st_mode)."""
+    return next((k for test, k in _KINDS if test(mode)), "not a plain file")
 
 
 def regular_file(path: str | Path, what: str = "file") -> Path:
@@ -289,7 +326,7 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     if not stat.S_ISREG(mode):
-        kind = next((k for test, k in _KINDS if test(mode)), "not a plain file")
+        kind = kind_of(mode)
         raise UserError(f"{path}: {kind}, not a regular file; a {what} must be a regular file")
     return p
 
