@@ -154,7 +154,8 @@ def _object_exists(path: str) -> bool:
 def _relative(path: str, root: str | None) -> str:
     """An input's name under the folder it was found in or listed from (its key), without its extension; a path
     outside it: the whole path, without a URL's scheme."""
-    rel = path[len(root) + 1:] if root and path.startswith(root.rstrip("/") + "/") else without_scheme(path)
+    under = (root or "").rstrip("/") + "/"
+    rel = path[len(under):] if root and path.startswith(under) else without_scheme(path)
     rel = posixpath.normpath(rel.lstrip("/"))
     return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
 
