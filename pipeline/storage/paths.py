@@ -212,11 +212,6 @@ def check_access(path, writes: bool = False) -> None:
         store.check_conditional_writes(str(path))
 
 
-def is_absolute(entry: str) -> bool:
-    """Whether a path someone wrote names its place by itself: a URL, or an absolute local path (`~` expanded)."""
-    return is_url(entry) or os.path.isabs(os.path.expanduser(entry))
-
-
 def beside(folder, entry: str) -> str:
     """An entry of a list file that lies in `folder`: a URL or an absolute path as it is (`~` expanded), else
     relative to `folder` (never to the working directory), `..` taken away locally."""
