@@ -58,6 +58,26 @@ class _SizedFile(io.FileIO):
     size: int  # as S3ReadStream's: what the object held when it was opened
 
 
+class _Range(io.RawIOBase):
+    """The next `length` bytes of an open file, then its end (what a ranged GET returns)."""
+
+    def __init__(self, f, length: int):
+        super().__init__()
+        self.f, self.left = f, max(length, 0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(memoryview(b)[: self.left]) if self.left else 0
+        self.left -= n or 0
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
 def _temporary(name: str) -> bool:
     """A writer's temporary (temporary_name): not a file yet."""
     return name.startswith(".") and name.endswith(".tmp")
@@ -119,9 +139,9 @@ class LocalStorage(Storage):
         return _local(path).is_dir()
 
     def open_range(self, path, start: int, length: int) -> BinaryIO:
-        f = open(_local(path), "rb")
+        f = open(_local(path), "rb", buffering=0)
         f.seek(start)
-        return f
+        return io.BufferedReader(_Range(f, length))
 
     def local_file(self, path) -> Path:
         return _local(path)
