@@ -111,11 +111,9 @@ def exponent(sizes: list[int], values: list[float]) -> float:
 
 
 def size_of(path) -> int:
-    if str(path).startswith("s3://"):
-        from pipeline.storage import storage_for
+    from pipeline.storage import storage_for
 
-        return storage_for(str(path)).info(str(path))["size"]
-    return Path(path).stat().st_size
+    return storage_for(str(path)).info(str(path))["size"]
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -130,15 +128,14 @@ def measure(sizes: list[int], work: Path, env: dict, s3: str | None) -> dict:
                                   "--shard-size", "1"], env)
         rows.setdefault("prepare", {})[n] = {**r, "manifest": size_of(data / "manifest.json")}
         print(f"prepare {n}: {r['seconds']:.1f}s", flush=True)
-        for name, out in (("encode (local)", work / f"latents-{n}"), ("encode (S3)", f"{s3}/latents-{n}" if s3 else None)):
+        remote = f"{s3}/latents-{n}" if s3 else None  # its requests are counted
+        for name, out, count in (("encode (local)", work / f"latents-{n}", None), ("encode (S3)", remote, remote)):
             if out is None:
                 continue
-            r = run_stage("encode", ["--data", data, "--output", out, *encode_args], env,
-                          count=str(out) if str(out).startswith("s3://") else None)
+            r = run_stage("encode", ["--data", data, "--output", out, *encode_args], env, count=count)
             rows.setdefault(name, {})[n] = {**r, "manifest": size_of(f"{out}/manifest.json")}
             print(f"{name} {n}: {r['seconds']:.1f}s", flush=True)
-            r = run_stage("encode", ["--data", data, "--output", out, *encode_args], env,
-                          count=str(out) if str(out).startswith("s3://") else None)
+            r = run_stage("encode", ["--data", data, "--output", out, *encode_args], env, count=count)
             rows.setdefault(name.replace("encode", "no-op rerun"), {})[n] = {**r, "manifest": None}
         r = run_stage("read", [work / f"latents-{n}"], env)
         assert r["samples"] == n, r

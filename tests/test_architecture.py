@@ -95,9 +95,7 @@ MUTATORS = {"append", "add", "update", "setdefault", "pop", "popitem", "clear", 
 # where a process-wide table is the design: the storage backends' instances, options and held locks; the family table
 # (filled once, at import)
 ALLOWED_FOLDERS = ("pipeline/storage/",)
-ALLOWED = {("pipeline/models/families/__init__.py", "FAMILIES"),
-           # _LISTED is removed by the data/ part of issue 30 (another branch); allowed here until that merges
-           ("pipeline/data/prepare.py", "_LISTED")}
+ALLOWED = {("pipeline/models/families/__init__.py", "FAMILIES")}
 
 
 def _name(node) -> str | None:
@@ -226,6 +224,53 @@ def test_the_registry_finder_finds_a_registry():
 def test_stages_are_entry_points():
     long = {p.name: n for p in (ROOT / "stages").glob("*.py") if (n := len(p.read_text().splitlines())) > 200}
     assert long == {}
+
+
+# ------------------------------------------------------------------------------ one storage interface
+# Code outside pipeline/storage/ never tells backends apart by hand: it asks the storage (pipeline.storage.base.Storage)
+# for what it needs. A backend test is a call or an import of is_remote / is_url, or a URL scheme literal ("s3://",
+# "file://", "://") that is compared or matched (==, in, startswith, split...); building a URL in an f-string, and
+# docstrings or comments naming s3:// URLs as examples, are not tests.
+BACKEND_TESTS = {"is_remote", "is_url"}
+MATCHING = {"startswith", "endswith", "partition", "rpartition", "split", "rsplit", "find", "index", "removeprefix",
+            "match", "fullmatch", "search"}
+# pipeline/latents/ still tests backends until the helper that moves it onto the interface lands (issue 30)
+def _scheme(node) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and "://" in node.value
+
+
+def backend_tests(source: str) -> list[str]:
+    """'line: what' for each place in `source` (Python) that tells storage backends apart by hand."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and any(a.name in BACKEND_TESTS for a in node.names):
+            found.append(f"{node.lineno}: imports {', '.join(a.name for a in node.names if a.name in BACKEND_TESTS)}")
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            if name in BACKEND_TESTS:
+                found.append(f"{node.lineno}: calls {name}")
+            elif name in MATCHING and any(_scheme(a) for a in ast.walk(node) if a is not f):
+                found.append(f"{node.lineno}: {name} of a URL scheme")
+        elif isinstance(node, ast.Compare) and any(_scheme(a) for a in [node.left, *node.comparators]):
+            found.append(f"{node.lineno}: compares with a URL scheme")
+    return found
+
+
+def test_the_finder_of_backend_tests_finds_them():
+    assert backend_tests("from pipeline.storage import is_remote\nif is_remote(p): pass") == [
+        "1: imports is_remote", "2: calls is_remote"]
+    assert backend_tests("x = str(p).startswith('s3://')\ny = 's3://' in p\nz = storage.is_url(p)") == [
+        "1: startswith of a URL scheme", "2: compares with a URL scheme", "3: calls is_url"]
+    assert backend_tests('"""Read s3://bucket/key."""\nu = f"s3://{bucket}/{key}"  # s3:// in a comment') == []
+
+
+def test_no_backend_is_told_apart_outside_the_storage():
+    files = [p for folder in ("pipeline", "stages", "benchmarks") for p in sorted((ROOT / folder).rglob("*.py"))]
+    bad = {rel: found for p in files
+           if not (rel := p.relative_to(ROOT).as_posix()).startswith("pipeline/storage/")
+           and (found := backend_tests(p.read_text()))}
+    assert bad == {}, "ask the storage (pipeline.storage.base.Storage) instead of testing for a backend"
 
 
 if __name__ == "__main__":

@@ -324,16 +324,16 @@ def test_sigterm_stops_encode_within_its_grace_while_a_read_hangs(vae, tmp_path)
 
 # ------------------------------------------------------------------------------ sources that are not files
 def test_pipe_and_unknown_url_sources_are_refused_in_one_line(vae, tmp_path):
-    from pipeline.data.loader import resolve_shards
+    from pipeline.sources import resolve_sources
 
     with pytest.raises(UserError, match=r"pipe:touch x: a pipe: source runs a shell command .*data.allow_pipe=true"):
-        resolve_shards("pipe:touch x")
+        resolve_sources("pipe:touch x")
     (tmp_path / "list.txt").write_text("shards-000000.tar\npipe:curl -s http://example.com/{0..3}.tar\n")
     with pytest.raises(UserError, match="a pipe: source"):
-        resolve_shards(tmp_path / "list.txt")
-    assert resolve_shards("pipe:cat a.tar", allow_pipe=True) == ["pipe:cat a.tar"]
+        resolve_sources(tmp_path / "list.txt")
+    assert resolve_sources("pipe:cat a.tar", allow_pipe=True) == ["pipe:cat a.tar"]
     with pytest.raises(UserError, match=r"unsupported URL scheme gs://"):
-        resolve_shards("gs://bucket/shards-{000000..000009}.tar")
+        resolve_sources("gs://bucket/shards-{000000..000009}.tar")
     r = encode(vae, f"pipe:touch {tmp_path / 'ran'}", tmp_path / "lat")
     assert r.returncode == 2 and one_line(r) and "--data pipe:touch" in r.stderr
     assert not (tmp_path / "ran").exists()

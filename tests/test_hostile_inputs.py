@@ -191,7 +191,7 @@ def test_an_image_over_the_size_cap_is_listed_before_it_is_read(tmp_path, monkey
     size = (src / "huge.png").stat().st_size
     reads = []
     real = prep._read_at_most
-    monkeypatch.setattr(prep, "_read_at_most", lambda f, cap, n: reads.append(n) or real(f, cap, n))
+    monkeypatch.setattr(prep, "_read_at_most", lambda f, cap: reads.append(f.raw.size) or real(f, cap))
     r = prepare("--input", src, "--output", tmp_path / "out", "--size", "32", f"prepare.max_file_bytes={size - 1}")
     assert r.returncode == 0, r.stderr
     m = read_manifest(tmp_path / "out")

@@ -140,19 +140,19 @@ def test_a_fifo_as_weights_or_config_is_one_line_and_never_opened(tiny_run, tmp_
     proc = ForkedStage("stages.train", *TINY, f"data.train={tiny_run / 'train'}", f"output_dir={tmp_path / 'run'}",
                        "train.max_steps=1", f"train.init_from={folder}")
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and f"{weights}: a FIFO, not a regular file" in err and "Traceback" not in err, err
+    assert proc.returncode == 2 and f"{weights}: a named pipe (FIFO), not a regular file" in err and "Traceback" not in err, err
     proc = ForkedStage("stages.evaluate", "--model", folder, "--data", tiny_run / "val")
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and f"{weights}: a FIFO, not a regular file" in err, err
+    assert proc.returncode == 2 and f"{weights}: a named pipe (FIFO), not a regular file" in err, err
     config = folder / "config.json"
     config.unlink()
     os.mkfifo(config)
     proc = ForkedStage("stages.export", "--model", folder, "--output", tmp_path / "out", "--keep-scaling-factor")
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and f"{config}: a FIFO, not a regular file" in err, err
+    assert proc.returncode == 2 and f"{config}: a named pipe (FIFO), not a regular file" in err, err
     os.mkfifo(tmp_path / "vae.ckpt")
     r = evaluate("--model", tmp_path / "vae.ckpt", "--data", tiny_run / "val")
-    assert r.returncode == 2 and "vae.ckpt: a FIFO, not a regular file" in r.stderr and one_line(r), r.stderr
+    assert r.returncode == 2 and "vae.ckpt: a named pipe (FIFO), not a regular file" in r.stderr and one_line(r), r.stderr
     r = evaluate("--model", "/dev/zero", "--data", tiny_run / "val")
     assert r.returncode == 2 and "/dev/zero: a character device, not a regular file" in r.stderr, r.stderr
 

@@ -9,10 +9,11 @@ from PIL import Image
 
 from helpers import image_bytes, make_shards, random_image, write_tar
 from pipeline.data.images import crop_to, displayed_size, read_header
-from pipeline.data.loader import ImageStream, make_loader, resolve_shards
+from pipeline.data.loader import ImageStream, make_loader
 from pipeline.pixels import to_model_input, to_uint8
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.errors import UserError
+from pipeline.sources import resolve_sources
 
 
 def eval_keys(spec, world_size, num_workers, batch_size=3):
@@ -55,7 +56,7 @@ def take_keys(ds, n):
 
 
 def test_train_mode_orders_differ_between_ranks_and_repeat_per_seed(tmp_path):
-    urls = resolve_shards(make_shards(tmp_path, num_shards=6, per_shard=4))
+    urls = resolve_sources(make_shards(tmp_path, num_shards=6, per_shard=4))
     common = dict(mode="train", resolution=32, crop="random", shuffle_buffer=8, seed=3, world_size=2)
     r0 = take_keys(ImageStream(urls, rank=0, **common), 40)
     r1 = take_keys(ImageStream(urls, rank=1, **common), 40)
@@ -105,17 +106,17 @@ def test_pickled_members_are_never_unpickled(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
 
 
-def test_resolve_shards_forms(tmp_path):
+def test_resolve_sources_forms(tmp_path):
     paths = make_shards(tmp_path / "d", 3, 1)
-    assert resolve_shards(str(tmp_path / "d" / "shard-{000000..000002}.tar")) == paths
-    assert resolve_shards(str(tmp_path / "d")) == paths
+    assert resolve_sources(str(tmp_path / "d" / "shard-{000000..000002}.tar")) == paths
+    assert resolve_sources(str(tmp_path / "d")) == paths
     (tmp_path / "list.txt").write_text("d/shard-000001.tar\n")
-    assert resolve_shards(str(tmp_path / "list.txt")) == [str(tmp_path / "d" / "shard-000001.tar")]
+    assert resolve_sources(str(tmp_path / "list.txt")) == [str(tmp_path / "d" / "shard-000001.tar")]
     with pytest.raises(UserError, match="not found"):
-        resolve_shards(str(tmp_path / "d" / "shard-{000000..000005}.tar"))
+        resolve_sources(str(tmp_path / "d" / "shard-{000000..000005}.tar"))
     with pytest.raises(UserError, match="no .tar"):
         (tmp_path / "e").mkdir()
-        resolve_shards(str(tmp_path / "e"))
+        resolve_sources(str(tmp_path / "e"))
 
 
 def test_reads_prepared_folder_through_manifest(tmp_path, photos):

@@ -207,9 +207,10 @@ def test_loader_workers_read_s3_shards_with_their_own_clients(chain):
     from torch.utils.data import DataLoader
     from webdataset.gopen import gopen
 
-    from pipeline.data.loader import ImageStream, collate, resolve_shards
+    from pipeline.data.loader import ImageStream, collate
+    from pipeline.sources import resolve_sources
 
-    urls = resolve_shards(f"{chain['s3']}/data/shards")
+    urls = resolve_sources(f"{chain['s3']}/data/shards")
     loader = DataLoader(ImageStream(urls, mode="eval", resolution=32), batch_size=4, num_workers=2, collate_fn=collate)
     keys = [k for batch in loader for k in batch["__key__"]]
     assert sorted(keys) == sorted(read_tar_samples(f"{chain['local']}/data/shards"))
@@ -228,11 +229,11 @@ def test_the_encoders_checks_of_shards_on_s3_send_no_request(chain):
     which answers for object storage without a request; the folder of the inputs is refused there too."""
     from s3server import count_requests
 
-    from pipeline.data.loader import resolve_shards
+    from pipeline.sources import resolve_sources
     from pipeline.errors import UserError
     from pipeline.latents.encoder import check_input_shards, check_output_folder
 
-    urls = resolve_shards(f"{chain['s3']}/data/shards")
+    urls = resolve_sources(f"{chain['s3']}/data/shards")
     with count_requests(storage_for(chain["s3"])) as counts:
         check_input_shards(urls)
         check_output_folder(f"{chain['s3']}/latents-elsewhere", urls)

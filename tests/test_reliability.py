@@ -1,6 +1,7 @@
 """Hostile input, reruns and shared folders: nothing hangs, nothing doubles, nothing is written where it should not
 be, and every mistake is one line (issue 11's reproductions, each failing on the code before the fix)."""
 
+import contextlib
 import errno
 import io
 import json
@@ -98,14 +99,28 @@ def loaded(pid: int, library: str) -> bool:
 
 
 def test_sigterm_works_while_the_loader_is_stuck(tmp_path):
-    fifo = tmp_path / "stuck-000000.tar"
-    os.mkfifo(fifo)  # opening it for reading blocks forever: a loader that never delivers
-    proc = ForkedStage("stages.train", *TINY, f"data.train={fifo}", f"output_dir={tmp_path / 'run'}",
-                       "train.sigterm_grace=2")
-    wait_until(lambda: Path(f"/proc/{proc.pid}/wchan").read_text() == "wait_for_partner", proc)  # blocked opening the pipe
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 75 and "no step boundary within 2s" in err
+    # a source that never delivers: a command that writes nothing (a FIFO named like a shard no longer blocks the
+    # loader: the storage refuses it before reading)
+    started = tmp_path / "started"
+    proc = ForkedStage("stages.train", *TINY, f"data.train=pipe:echo $$ > {started}; exec sleep 600",
+                       "data.allow_pipe=true", f"output_dir={tmp_path / 'run'}", "train.sigterm_grace=2")
+    try:
+        wait_until(lambda: started.is_file() and started.read_text().strip(), proc)  # the loader reads the pipe
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 75 and "no step boundary within 2s" in err
+    finally:
+        if started.is_file():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(started.read_text()), signal.SIGKILL)
+
+
+def test_a_fifo_named_like_a_shard_is_refused_not_waited_for(tmp_path):
+    os.mkfifo(tmp_path / "stuck-000000.tar")  # opening it for reading would block until a writer comes: forever
+    proc = ForkedStage("stages.train", *TINY, f"data.train={tmp_path / 'stuck-000000.tar'}",
+                       f"output_dir={tmp_path / 'run'}", "train.max_steps=1")
+    _, err = proc.communicate(timeout=60)  # killed and failed if it waits for a writer
+    assert proc.returncode == 2 and "1 shard(s) (stuck-000000.tar) hold none" in err, err
 
 
 # ------------------------------------------------------------------------------------------ 2. reruns of prepare

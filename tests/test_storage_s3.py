@@ -150,6 +150,39 @@ def test_list_with_suffix(where):
     assert store.list(root + "/") == [store.join(root, n) for n in ("a.json", "b.json", "c.tar")]
 
 
+def test_both_backends_answer_the_one_interface_alike(where):
+    """Listings with sizes, info, ranged reads, existence, identity (from a listing or asked), the checks and the
+    local file: the same calls, the same answers (names relative to the folder), locally and on S3."""
+    store, root = where
+    store.ensure_folder(store.join(root, "sub", "deeper"))  # (locally; nothing on S3)
+    for name, data in (("a.tar", b"0123456789"), ("sub/b.json", b"{}"), ("sub/deeper/c.txt", b"abc")):
+        store.write_bytes(store.join(root, name), data)
+    rel = lambda paths: sorted(p[len(root) + 1:] for p in paths)  # noqa: E731
+    files, folders = store.entries(root)
+    assert rel(files) == ["a.tar"] and rel(folders) == ["sub"] and files[store.join(root, "a.tar")][0] == 10
+    assert rel(store.entries(store.join(root, "sub"), start="b")[0]) == ["sub/b.json"]
+    assert {k[len(root) + 1:]: v[0] for k, v in store.walk(root).items()} == {
+        "a.tar": 10, "sub/b.json": 2, "sub/deeper/c.txt": 3}
+    assert store.entries(store.join(root, "none")) == ({}, []) and store.walk(store.join(root, "none")) == {}
+    a = store.join(root, "a.tar")
+    assert store.info(a)["size"] == 10 and store.info(a)["etag"] == files[a][1]
+    with store.open_range(a, 3, 4) as f:
+        assert f.read() == b"3456"
+    with store.open_read(a) as f:
+        assert f.raw.size == 10 and f.read() == b"0123456789"
+    assert store.object_exists(a) and not store.folder_exists(a)
+    assert store.folder_exists(store.join(root, "sub")) and not store.object_exists(store.join(root, "sub"))
+    before = store.identity(a)
+    assert before is not None and store.identity(a, files[a]) == before  # a listing's entry says the same
+    store.write_bytes(a, b"98765432100")
+    assert store.identity(a) not in (None, before)  # written again: another input
+    assert store.identity(store.join(root, "none")) is None
+    store.check(root)
+    store.check_conditional_writes(root)
+    assert store.uploads(root) == [] and store.abort_uploads(root, older_than_s=0) == 0
+    assert store.local_file(a).read_bytes() == b"98765432100"
+
+
 def test_listing_walk_and_delete_read_every_page(s3root):
     """Listings of more entries than one page holds (pages of 2 here; S3's are 1000): every page is read."""
     from pipeline.storage.s3 import S3Storage

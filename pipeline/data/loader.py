@@ -17,7 +17,6 @@ channels_last memory; `pipeline.pixels.to_model_input` turns them into floats in
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib
 import os
 import random
@@ -25,7 +24,6 @@ import re
 import tarfile
 import warnings
 
-import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
@@ -36,74 +34,8 @@ from pipeline.config import MAX_MEMBER_BYTES
 from pipeline.data.images import CAPTION_EXTS, IMAGE_EXTS, BadImage, to_array
 from pipeline.data.shards import split_key
 from pipeline.errors import DataError, UserError
-from pipeline.manifest import MANIFEST, part_manifests, read_manifest
-from pipeline.storage import as_path, is_remote, is_url, storage_for
-from pipeline.storage.paths import expand_pattern, missing_objects
-
-
-def check_source(url: str, allow_pipe: bool = False) -> None:
-    """A shard source that is not a plain path: `pipe:COMMAND` (webdataset runs COMMAND in a shell) only with
-    `allow_pipe` (data.allow_pipe=true); a URL only of a scheme a storage backend serves (one line otherwise)."""
-    if url.startswith("pipe:"):
-        if not allow_pipe:
-            raise UserError(f"{url}: a pipe: source runs a shell command and is refused; name shard files, or set "
-                            f"data.allow_pipe=true if you mean it")
-    elif is_url(url):
-        storage_for(url)  # an unknown scheme is refused here, naming it
-
-
-def resolve_shards(spec, allow_pipe: bool = False) -> list[str]:
-    """Shard URLs from a brace pattern, a folder, a manifest.json, a text file listing shards, or a list of these.
-    Each names a file (or a URL of a storage backend); `pipe:` sources only with `allow_pipe` (data.allow_pipe).
-    On object storage the same forms work: a folder is a key prefix (listed), and the shards of a brace pattern are
-    checked by listing each folder once."""
-    if isinstance(spec, (list, tuple)):
-        return [u for s in spec for u in resolve_shards(s, allow_pipe)]
-    spec = str(spec)
-    if not spec:
-        raise UserError("no shards given (data.train / data.val / --data is empty)")
-    if spec.startswith("pipe:") or is_url(spec) and not is_remote(spec):
-        check_source(spec, allow_pipe)
-        return list(braceexpand.braceexpand(spec))
-    remote = is_remote(spec)
-    if remote and any(c in spec for c in "{*?["):  # a pattern: no folder or list file to look for
-        return _existing(expand_pattern(spec), spec)
-    p = as_path(spec).expanduser()
-    if p.is_dir():
-        if (p / MANIFEST).is_file():
-            return resolve_shards(p / MANIFEST)
-        parts = part_manifests(p)
-        if parts:
-            return [str(p / s["name"]) for m in parts for s in read_manifest(m)["shards"]]
-        found = sorted(str(f) for f in p.glob("*.tar"))
-        if not found:
-            raise UserError(f"{spec}: folder holds no .tar shards and no manifest.json")
-        return found
-    is_file = p.is_file()  # one request on object storage
-    if is_file and p.suffix == ".json":
-        m = read_manifest(p)
-        return [str(p.parent / s["name"]) for s in m["shards"] if s.get("samples", 1) > 0]
-    if is_file and p.suffix.lower().lstrip(".") in IMAGE_EXTS:
-        raise UserError(f"{spec} is an image, not shards: turn images into shards with firststage prepare --input "
-                        f"FOLDER --output SHARDS, then point at SHARDS")
-    if is_file and p.suffix != ".tar":
-        try:
-            lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        except UnicodeDecodeError:
-            raise UserError(f"{spec}: not a text file listing shards (and not a .tar, folder or manifest.json)") from None
-        for u in lines:
-            if u.startswith("pipe:") or is_url(u):
-                check_source(u, allow_pipe)
-        return [u if os.path.isabs(u) or u.startswith("pipe:") or is_url(u) else str(p.parent / u) for u in lines]
-    if remote:
-        return _existing([spec], spec)
-    urls = []
-    for s in braceexpand.braceexpand(spec):
-        urls += sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
-    missing = [u for u in urls if not os.path.exists(u)]
-    if not urls or missing:
-        raise UserError(f"shard not found: {missing[0] if missing else spec}")
-    return urls
+from pipeline.sources import resolve_sources
+from pipeline.storage import storage_for
 
 
 def loader_workers(asked: int | None) -> int:
@@ -115,21 +47,12 @@ def loader_workers(asked: int | None) -> int:
     return max(0, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) - 1))
 
 
-def _existing(urls: list[str], spec: str) -> list[str]:
-    """Object URLs that all exist (one listing per folder), or one line naming the first that does not."""
-    missing = missing_objects(urls)
-    if not urls or missing:
-        raise UserError(f"shard not found: {missing[0] if missing else spec}")
-    return urls
-
-
 def _register_gopen(urls: list[str]) -> None:
     """webdataset's gopen opens the object-store URLs too (in this process and the loader workers forked from it),
     for code that reads our shard lists with webdataset's own pipelines."""
-    for scheme in {u.split("://", 1)[0].lower() for u in urls if is_remote(u)}:
-        register = getattr(importlib.import_module(type(storage_for(f"{scheme}://x")).__module__),
-                           "register_gopen", None)
-        if register is not None:
+    for backend in {type(storage_for(u)) for u in urls if not u.startswith("pipe:")}:
+        register = getattr(importlib.import_module(backend.__module__), "register_gopen", None)
+        if register is not None:  # a backend that webdataset cannot open by itself
             register()
 
 
@@ -161,7 +84,7 @@ def _warn_and_continue(exn: Exception) -> bool:
 
 def open_shard(url: str):
     """A binary stream of a shard: a file or a storage backend's URL through pipeline.storage; only a `pipe:` source
-    (let through by resolve_shards with data.allow_pipe) goes to webdataset's gopen, which would also run curl or
+    (let through by pipeline.sources.resolve_sources with data.allow_pipe) goes to webdataset's gopen, which would also run curl or
     gsutil for a name that merely looks like a URL."""
     return gopen(url) if url.startswith("pipe:") else storage_for(url).open_read(url)
 
@@ -169,8 +92,7 @@ def open_shard(url: str):
 def read_failure(url: str, err: Exception) -> bool:
     """Whether reading an object-store shard failed for the storage's sake (its retries spent: throttling, dropped
     connections, an endpoint away), not for its content (broken tar data, a missing object)."""
-    return is_remote(url) and not isinstance(err, (tarfile.TarError, EOFError, ValueError, KeyError,
-                                                    FileNotFoundError))
+    return not url.startswith("pipe:") and storage_for(url).read_failed(err)
 
 
 class MemberTooLarge(ValueError):
@@ -269,8 +191,7 @@ class ShardStream(IterableDataset):
         self.skipped = _SkipCounter()
         # object-store shards (or their tails) that could not be read after the storage's retries
         self.unreadable = _SkipCounter("unreadable shard(s)")
-        if any(is_remote(u) for u in self.urls):
-            _register_gopen(self.urls)
+        _register_gopen(self.urls)
 
     wanted = "sample"  # what a usable sample holds, for messages
     bad_in_eval_stops = False  # whether max_bad_samples in a row also stops an eval stream
@@ -460,7 +381,7 @@ def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_
                 **stream) -> DataLoader:
     """A DataLoader of ImageStream batches. `stream`: ImageStream's options (resolution, crop, flip, scale,
     shuffle_buffer, seed, rank, world_size, epoch, max_bad_samples, max_member_bytes)."""
-    urls = list(spec) if limits is not None else resolve_shards(spec, allow_pipe)  # a planned subset is resolved
+    urls = list(spec) if limits is not None else resolve_sources(spec, allow_pipe)  # a planned subset is resolved
     ds = ImageStream(urls, mode, limits=limits, **stream)
     num_workers = loader_workers(num_workers)
     return DataLoader(
@@ -476,28 +397,24 @@ def make_loader(spec, mode: str, batch_size: int, num_workers: int = 0, *, drop_
 
 
 def shard_sample_counts(spec, allow_pipe: bool = False) -> dict[str, int]:
-    """Samples per shard: from the manifest when the spec is a prepared folder or manifest, else by listing tars."""
-    p = as_path(str(spec)).expanduser() if not str(spec).startswith("pipe:") and \
-        not (is_remote(spec) and any(c in str(spec) for c in "{*?[")) else None
-    manifest = (p / MANIFEST if p.is_dir() else p) if p is not None else None
-    if manifest is not None and manifest.suffix == ".json" and manifest.is_file():
-        m = read_manifest(manifest)
-        return {str(manifest.parent / s["name"]): int(s["samples"]) for s in m["shards"] if s.get("samples", 1) > 0}
+    """Samples per shard: from the manifest for the shards a manifest lists (a prepared folder, a manifest), else by
+    reading the tar's member names (a seek from header to header where the storage can seek, else streamed)."""
+    sources = resolve_sources(spec, allow_pipe)
     counts = {}
-    for url in resolve_shards(spec, allow_pipe):
-        keys, stream = set(), None
+    for url in sources:
+        if url in sources.samples:
+            counts[url] = sources.samples[url]
+            continue
+        keys, store = set(), storage_for(url)
         try:
-            stream = storage_for(url).open_read(url) if is_remote(url) else None  # streamed: no seeking on S3
-            with tarfile.open(fileobj=stream, mode="r|") if stream else tarfile.open(url) as tf:
+            with store.open_read(url) as stream, \
+                    tarfile.open(fileobj=stream, mode="r:" if store.seekable else "r|") as tf:
                 for name in tf.getnames():
                     ks = split_key(name)
                     if ks is not None and not ks[0].startswith("__"):
                         keys.add(ks[0])
-        except (tarfile.TarError, OSError):
+        except (tarfile.TarError, OSError, UserError):
             pass
-        finally:
-            if stream is not None:
-                stream.close()
         counts[url] = len(keys)
     return counts
 

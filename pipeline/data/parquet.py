@@ -39,9 +39,10 @@ def _pyarrow():
 
 
 def _local(path: str) -> str:
-    from pipeline.storage import is_remote, local_copy
+    """A local file of `path` for pyarrow (the path itself, or a checked copy of an object)."""
+    from pipeline.storage import storage_for
 
-    return str(local_copy(path)) if is_remote(path) else path
+    return str(storage_for(path).local_file(path))
 
 
 def _is_binary(pa, t) -> bool:

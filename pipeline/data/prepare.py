@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import glob
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import posixpath
 import re
 import shutil
 import signal
-import stat
 import sys
 import tarfile
 import tempfile
@@ -39,7 +38,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
-import braceexpand
 
 from pipeline.data.images import (
     CAPTION_EXTS,
@@ -57,8 +55,10 @@ from pipeline.config import PrepareConfig, validate_section
 from pipeline.data.shards import ShardWriter, split_key
 from pipeline.errors import StorageUnavailable, UserError
 from pipeline.manifest import IMAGE_FORMAT, MANIFEST, part_name, shard_list
-from pipeline.storage import Unit, as_path, atomic_write_json, is_remote, remove_dead_temporaries, storage_for
-from pipeline.storage.paths import expand_pattern, open_range
+from pipeline.sources import Sources, resolve_sources
+from pipeline.storage import Unit, as_path, atomic_write_json, remove_dead_temporaries, storage_for
+from pipeline.storage.local import NotRegularFile
+from pipeline.storage.paths import open_range, same_place, without_scheme
 
 PROGRESS_DIR = ".progress"
 
@@ -109,86 +109,55 @@ def _image_item(path: str | Path, raw_key: str, exists=os.path.isfile):
     return ("file", key, path, captions)
 
 
-def expand_tar_spec(spec: str) -> list[str]:
-    """A brace pattern or glob of tar paths -> sorted list of existing files."""
-    out = []
-    for s in braceexpand.braceexpand(spec):
-        out += sorted(glob.glob(s)) if any(ch in s for ch in "*?[") else [s]
-    return out
+INPUT_FILES = tuple(f".{e}" for e in IMAGE_EXTS) + (".tar", ".parquet")  # a file named so is an input, not a list
+_NO_INPUT = f"images ({', '.join(IMAGE_EXTS)}), no .tar shards and no .parquet files"
 
 
-def list_sources(inputs: list[str]) -> tuple[str, list]:
-    """Classify the inputs and list their sources: ('images', [file items]) or ('tars', [tar paths])."""
-    images, tars = [], []
+def list_sources(inputs: list[str]) -> tuple[str, Sources]:
+    """Classify the inputs and list their sources: ('images', [file items]), ('tars', [tar paths]) or ('parquet',
+    [files]). Each input is resolved by pipeline.sources (a folder at any depth, a brace pattern, a list file whose
+    entries are relative to its folder, a manifest), local or remote; what its listings saw comes back in `.listed`
+    (the inputs' identities, for the fingerprint)."""
+    images, tars, listed = [], [], {}
     multi = len(inputs) > 1
     for i, spec in enumerate(inputs):
         prefix = f"in{i}/" if multi else ""
-        if is_remote(spec):
-            found_images, found_tars = _list_remote(spec, prefix)
-            images += found_images
-            tars += found_tars
-            continue
-        p = Path(spec).expanduser()
-        if p.is_dir():
-            found_images, found_tars = [], []
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                for name in sorted(files):
-                    ext = _ext(name)
-                    if ext in IMAGE_EXTS:
-                        found_images.append(Path(root) / name)
-                    elif ext in ("tar", "parquet"):
-                        found_tars.append(str(Path(root) / name))
-            if found_images:
-                images += [_image_item(f, prefix + _sanitize_key(str(f.relative_to(p).with_suffix(""))))
-                           for f in found_images]
-            else:
-                tars += found_tars
+        try:
+            found = resolve_sources(spec, suffixes=INPUT_FILES, deep=True, what=_NO_INPUT)
+        except UserError as e:
+            raise type(e)(f"--input {e}" if str(e).startswith(str(spec)) else f"--input {spec}: {e}") from None
+        listed.update(found.listed)
+        found_tars = [u for u in found if _ext(u) in ("tar", "parquet")]
+        if found.form == "folder":  # its images (at any depth) or, without images, its tars and Parquet files
+            found_images = [u for u in found if _ext(u) in IMAGE_EXTS]
             if not found_images and not found_tars:
-                raise UserError(f"--input {spec}: folder holds no images ({', '.join(IMAGE_EXTS)}), no .tar shards "
-                                f"and no .parquet files")
-        elif (".tar" in spec or ".parquet" in spec) and not p.is_file() or p.suffix in (".tar", ".parquet"):
-            found = expand_tar_spec(str(p))
-            missing = [f for f in found if not os.path.isfile(f)]
-            if missing and os.path.exists(missing[0]):  # a FIFO or a device named like a shard: never opened
-                raise UserError(f"--input {spec}: {missing[0]} is {special_kind(missing[0])}, not a tar shard")
-            if not found or missing:
-                raise UserError(f"--input {spec}: no such {'Parquet file' if '.parquet' in spec else 'tar shard'} "
-                                f"{missing[0] if missing else spec}")
-            tars += found
-        elif p.is_file():
-            base = p.parent
-            for ln, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                if is_remote(line):  # a list of object URLs
-                    found_images, found_tars = _list_remote_items([line], prefix, line.rsplit("/", 1)[0])
-                    images += found_images
-                    tars += found_tars
-                    continue
-                f = Path(line).expanduser()
-                if not f.is_absolute():  # relative to the list's folder, else to the working directory
-                    f = base / f if (base / f).exists() or not f.exists() else f.resolve()
-                if _ext(line) == "tar":
-                    tars.append(str(f))
-                    continue
-                try:
-                    rel = str(f.resolve().relative_to(base.resolve()).with_suffix(""))
-                except ValueError:
-                    rel = str(f.with_suffix("")).lstrip("/")
-                images.append(_image_item(f, prefix + _sanitize_key(rel)))
-        elif p.exists():
-            raise UserError(f"--input {spec}: {special_kind(p)}, not a folder, list file or tar shard")
-        else:
-            raise UserError(f"--input {spec}: no such file or folder")
+                raise UserError(f"--input {spec}: folder holds no {_NO_INPUT}")
+            found_tars = [] if found_images else found_tars
+        else:  # a list file names images whatever their extension (a FIFO named like a shard: list_tar says so)
+            found_images = [u for u in found if u not in found_tars]
+        tars += found_tars
+        exists = found.listed.__contains__ if found.form == "folder" else _object_exists
+        images += [_image_item(u, prefix + _sanitize_key(_relative(u, found.root)), exists) for u in found_images]
     parquet = [t for t in tars if _ext(t) == "parquet"]
     if images and tars or parquet and len(parquet) != len(tars):
         raise UserError("mixing image files, tar shards and Parquet files in one prepare run is not supported; run "
                         "them separately")
     if parquet:
-        return "parquet", list(dict.fromkeys(parquet))
-    return ("tars", list(dict.fromkeys(tars))) if tars else ("images", unique_keys(images))
+        return "parquet", Sources(dict.fromkeys(parquet), listed)
+    return ("tars", Sources(dict.fromkeys(tars), listed)) if tars else ("images", Sources(unique_keys(images), listed))
+
+
+def _object_exists(path: str) -> bool:
+    return storage_for(path).object_exists(path)
+
+
+def _relative(path: str, root: str | None) -> str:
+    """An input's name under the folder it was found in or listed from (its key), without its extension; a path
+    outside it: the whole path, without a URL's scheme."""
+    under = (root or "").rstrip("/") + "/"
+    rel = path[len(under):] if root and path.startswith(under) else without_scheme(path)
+    rel = posixpath.normpath(rel.lstrip("/"))
+    return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
 
 
 def unique_keys(items: list) -> list:
@@ -198,7 +167,7 @@ def unique_keys(items: list) -> list:
     out, paths, keys = [], set(), {}
     for item in items:
         kind, key, src, _ = item
-        where = src if is_remote(src) else os.path.normpath(src)
+        where = same_place(src)
         if where in paths:
             continue
         paths.add(where)
@@ -208,63 +177,6 @@ def unique_keys(items: list) -> list:
         keys[key] = src
         out.append(item)
     return out
-
-
-def special_kind(path) -> str:
-    """What a path that is not a regular file or folder is, in words (it is never opened)."""
-    mode = os.stat(path).st_mode
-    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
-            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-
-
-# size and ETag of the object-store inputs, from the listings (the fingerprint of a remote input)
-_LISTED: dict[str, tuple[int, str]] = {}
-
-
-def _list_remote(spec: str, prefix: str) -> tuple[list, list]:
-    """(image items, tar URLs) of an object-store input: a brace pattern (or wildcards) of tars, a folder (every
-    image or, without images, every tar under the prefix), or a text file listing URLs or relative names."""
-    store = storage_for(spec)
-    if any(c in spec for c in "{*?[") or spec.endswith((".tar", ".parquet")):
-        urls = expand_pattern(spec)
-        folders = {u.rsplit("/", 1)[0] for u in urls}
-        for folder in folders:
-            _LISTED.update(store.entries(folder)[0])
-        missing = [u for u in urls if u not in _LISTED]
-        if not urls or missing:
-            raise UserError(f"--input {spec}: no such tar shard {missing[0] if missing else spec}")
-        return [], urls
-    listing = store.walk(spec)
-    if listing:
-        _LISTED.update(listing)
-        folder = str(as_path(spec))
-        found_images = [u for u in listing if _ext(u) in IMAGE_EXTS]
-        if not found_images and not any(_ext(u) in ("tar", "parquet") for u in listing):
-            raise UserError(f"--input {spec}: folder holds no images ({', '.join(IMAGE_EXTS)}), no .tar shards and "
-                            f"no .parquet files")
-        names = [u[len(folder) + 1:] for u in (found_images or [u for u in listing if _ext(u) in ("tar", "parquet")])]
-        return _list_remote_items(names, prefix, folder, set(listing))
-    if not store.object_exists(spec):
-        raise UserError(f"--input {spec}: no such file or folder")
-    lines = [ln.strip() for ln in store.read_bytes(spec).decode("utf-8", "replace").splitlines()]
-    return _list_remote_items([ln for ln in lines if ln and not ln.startswith("#")], prefix, spec.rsplit("/", 1)[0])
-
-
-def _list_remote_items(names: list[str], prefix: str, folder: str, listed: set | None = None) -> tuple[list, list]:
-    """Image items and tar URLs of object names (URLs, or names relative to `folder`); an image's captions are the
-    objects of the same stem with a caption extension (looked up in `listed`, else asked for)."""
-    store = storage_for(folder)
-    images, tars = [], []
-    for name in names:
-        url = name if is_remote(name) else f"{folder}/{name}"
-        if _ext(url) in ("tar", "parquet"):
-            tars.append(url)
-            continue
-        rel = url[len(folder) + 1:] if url.startswith(folder + "/") else url.split("://", 1)[1]
-        raw_key = prefix + _sanitize_key(rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel)
-        images.append(_image_item(url, raw_key, listed.__contains__ if listed is not None else store.object_exists))
-    return images, tars
 
 
 def safe_key(raw: str) -> str:
@@ -290,17 +202,17 @@ def list_tar(path: str, max_bytes: int | None = None) -> list:
     raw_keys: dict[str, str] = {}
     unread: dict[str, str] = {}  # key -> why the sample is skipped without reading it
     bad = []
-    remote = is_remote(path)
-    if not remote and os.path.exists(path) and not os.path.isfile(path):
-        return [("bad", "", path, f"not a regular file ({special_kind(path)}; not opened)")]
-    stream = storage_for(path).open_read(path) if remote else None  # read once, as it arrives (no seeking)
-    size = stream.raw.size if remote else os.path.getsize(path)
+    store = storage_for(path)
+    try:
+        stream = store.open_read(path)  # where the storage cannot seek: read once, as it arrives
+    except NotRegularFile as e:
+        return [("bad", "", path, f"not a regular file ({e.kind}; not opened)")]
+    size = stream.raw.size
     expected = 0
     last = None
     try:
         # ignore_zeros lets tarfile skip a corrupt header block and resynchronise on the next valid member
-        with (tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True) if remote
-              else tarfile.open(path, "r:", ignore_zeros=True)) as tf:
+        with tarfile.open(fileobj=stream, mode="r:" if store.seekable else "r|", ignore_zeros=True) as tf:
             for m in tf:
                 if m.offset > expected:
                     bad.append(("bad", f"@{expected}", path, f"broken tar member at byte {expected} ({m.offset - expected} bytes skipped)"))
@@ -329,13 +241,12 @@ def list_tar(path: str, max_bytes: int | None = None) -> list:
                 raw_keys[key] = ks[0]
                 last = key
     except (tarfile.TarError, OSError, EOFError) as e:
-        if remote and not isinstance(e, tarfile.TarError) and not isinstance(e, EOFError):
+        if store.read_failed(e):
             raise StorageUnavailable(f"{path}: could not be read to list its members ({e}); run the same command "
                                      f"again") from None
         bad.append(("bad", f"@{expected}", path, f"broken tar after byte {expected} ({e})"))
     finally:
-        if stream is not None:
-            stream.close()
+        stream.close()
     items = [("bad", key, path, unread[key]) if key in unread else
              ("tar", key, path, {**members, **({"source_key": raw_keys[key]} if raw_keys[key] != key else {})})
              for key, members in samples.items()]
@@ -348,7 +259,7 @@ def _list_tar_safe(path: str, max_bytes: int | None = None) -> list:
     except (StorageUnavailable, UserError):
         raise  # object storage failing, or credentials: nothing is planned on a partial listing
     except Exception as e:  # unreadable file: one skipped entry, never a crash
-        if is_remote(path) and not isinstance(e, (tarfile.TarError, FileNotFoundError)):
+        if storage_for(path).read_failed(e):
             raise StorageUnavailable(f"{path}: could not be read to list its members ({e}); run the same "
                                      f"command again") from None
         return [("bad", "", path, f"unreadable tar ({e})")]
@@ -400,7 +311,7 @@ def _read_bytes(item, spans: dict | None = None, max_bytes: int | None = None, r
         return data, kept
     members = {}
     start, f = (spans or {}).get(src, (0, None))
-    with open(src, "rb") if f is None else contextlib.nullcontext(f) as f:
+    with storage_for(src).open_read(src) if f is None else contextlib.nullcontext(f) as f:
         for ext, (offset, size) in extra.items():
             f.seek(offset - start)
             members[ext] = f.read(size)
@@ -415,30 +326,24 @@ def _read_file(path: str, max_bytes: int | None = None) -> bytes:
     """A file's or object's bytes. A local path that is not a regular file (a FIFO would block the open, a link to
     /dev/zero would never end) is BadImage without being read, and so is anything over `max_bytes`: at most
     max_bytes + 1 bytes are read to tell."""
-    if not is_remote(path):
-        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; fstat then refuses it, and
-        # a regular file reads as usual
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise BadImage(f"not a regular file ({special_kind(path)}; not read)")
-            if max_bytes is not None and st.st_size > max_bytes:
-                raise BadImage(f"too large ({st.st_size} bytes, over prepare.max_file_bytes={max_bytes}; not read)")
-            return _read_at_most(f, max_bytes, st.st_size)
+    store = storage_for(path)
     try:
-        with storage_for(path).open_read(path) as f:
-            return _read_at_most(f, max_bytes, getattr(getattr(f, "raw", None), "size", None))
+        with store.open_read(path) as f:
+            if max_bytes is not None and f.raw.size > max_bytes:  # refused from its size: not a byte read
+                raise BadImage(f"too large ({f.raw.size} bytes, over prepare.max_file_bytes={max_bytes}; not read)")
+            return _read_at_most(f, max_bytes)
+    except NotRegularFile as e:
+        raise BadImage(f"not a regular file ({e.kind}; not read)") from None
     except (FileNotFoundError, BadImage):
         raise
-    except Exception as e:  # the backend's retries are spent: not the image's fault
-        raise StorageUnavailable(f"{path}: {e}") from None
+    except Exception as e:
+        if store.read_failed(e):  # the backend's retries are spent: not the image's fault
+            raise StorageUnavailable(f"{path}: {e}") from None
+        raise
 
 
-def _read_at_most(f, max_bytes: int | None, size: int | None) -> bytes:
+def _read_at_most(f, max_bytes: int | None) -> bytes:
     """The stream's bytes, or BadImage once there are more than `max_bytes` (a file that grew after its stat)."""
-    if max_bytes is not None and size is not None and size > max_bytes:
-        raise BadImage(f"too large ({size} bytes, over prepare.max_file_bytes={max_bytes}; not read)")
     data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
         raise BadImage(f"too large (over prepare.max_file_bytes={max_bytes} bytes; not read past them)")
@@ -446,11 +351,11 @@ def _read_at_most(f, max_bytes: int | None, size: int | None) -> bytes:
 
 
 def fetch_spans(items: list) -> dict:
-    """The members a chunk needs from each object-store tar, as one ranged GET per tar (the span from its first to
-    its last member) into a local temporary file: {tar URL: (span start, file)}."""
+    """The members a chunk needs from each tar whose storage cannot seek (object storage), as one ranged GET per tar
+    (the span from its first to its last member) into a local temporary file: {tar URL: (span start, file)}."""
     spans: dict[str, list[int]] = {}
     for kind, _, src, extra in items:
-        if kind == "tar" and is_remote(src):
+        if kind == "tar" and not storage_for(src).seekable:
             for v in extra.values():
                 if isinstance(v, tuple):
                     lo, hi = spans.setdefault(src, [v[0], v[0] + v[1]])
@@ -577,21 +482,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def fingerprint(items: list, opts: PrepareOptions) -> dict:
-    """What a run's output depends on: the options, and per shard a hash of its inputs (names, sizes, mtimes; size
-    and ETag on object storage)."""
+def fingerprint(items: list, opts: PrepareOptions, listed: dict | None = None) -> dict:
+    """What a run's output depends on: the options, and per shard a hash of its inputs (names, and each input's
+    identity by its storage: size and mtime locally, size and ETag on object storage, from `listed`, the listings of
+    list_sources, when they had it)."""
     stats: dict[str, tuple] = {}
 
     def stat(path: str) -> tuple:
         if path not in stats:
             try:
-                if is_remote(path):  # size and ETag, from the listing when it had them
-                    stats[path] = _LISTED.get(path) or tuple(storage_for(path).info(path)[k] for k in ("size", "etag"))
-                else:
-                    st = os.stat(path)
-                    stats[path] = (st.st_size, st.st_mtime_ns)
-            except (OSError, UserError):
-                stats[path] = (-1, -1)
+                found = storage_for(path).identity(path, (listed or {}).get(path))
+            except UserError:
+                found = None
+            stats[path] = tuple(found.values()) if found else (-1, -1)
         return stats[path]
 
     chunk_hashes = []
@@ -687,7 +590,7 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
         remove_dead_temporaries(out, names + [part_name("manifest", opts.part, opts.num_parts, ".json")])
         remove_dead_temporaries(out / PROGRESS_DIR, [n + ".json" for n in names] +
                                 [part_name("fingerprint", opts.part, opts.num_parts, ".json")])
-        fp = fingerprint(items, opts)
+        fp = fingerprint(items, opts, sources.listed)
         check_split(out, opts, overwrite)
         check_fingerprint(out, fp, opts, overwrite)
         records, todo, unavailable = {}, [], []
@@ -695,7 +598,7 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
         for j, chunk in chunks(items, opts.shard_size):
             name = output_shard_name(opts, j)
             unit = shard_unit(out, name)
-            record = unit.read_record() if listed is None or str(out / name) in listed else None
+            record = unit.read_record() if str(out / name) in listed else None
             if record is not None and not unit.intact(record, listed):
                 unit.undo()  # its tar is not the one its record describes (another run replaced it): written again
                 record = None
@@ -730,11 +633,9 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
     return manifest
 
 
-def _listed_units(out) -> dict[str, tuple] | None:
-    """On object storage: {tar URL: (size, ETag)} of the shards whose tar and record both exist (two listings,
-    instead of three requests per shard for the shards not done yet); None locally (looking is cheap there)."""
-    if not is_remote(out):
-        return None
+def _listed_units(out) -> dict[str, tuple]:
+    """{tar path: (size, ETag)} of the shards whose tar and record both exist (two listings, instead of three
+    requests per shard on object storage for the shards not done yet)."""
     records = {p.name[: -len(".json")] for p in (out / PROGRESS_DIR).glob("*.tar.json")}
     tars = storage_for(str(out)).entries(str(out))[0]
     return {url: entry for url, entry in tars.items() if url.rsplit("/", 1)[-1] in records}

@@ -88,12 +88,12 @@ class EncodeReport:
 def encode_sources(data: str, overrides: list[str]) -> list[str]:
     """The input shards `data` names (data.allow_pipe from `overrides`), checked before any model is loaded."""
     from pipeline.config import parse_overrides
-    from pipeline.data.loader import resolve_shards
     from pipeline.latents.encoder import check_input_shards
+    from pipeline.sources import resolve_sources
 
     data_keys = parse_overrides(overrides).get("data")  # the config comes with the model; this key is needed now
     allow_pipe = isinstance(data_keys, dict) and data_keys.get("allow_pipe") is True
-    urls = resolve_shards(data, allow_pipe)
+    urls = resolve_sources(data, allow_pipe)
     check_input_shards(urls)
     return urls
 

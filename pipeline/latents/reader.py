@@ -43,8 +43,14 @@ from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, kind_named,
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, read_manifest
 from pipeline.models.normalisation import normalise
 from pipeline.models.posterior import key_generator
+from pipeline.sources import resolve_sources
 from pipeline.storage import as_path
 from pipeline.storage.paths import missing_objects
+
+
+def _convention(manifest: dict) -> tuple:
+    """What must agree between the manifests of the folders one LatentDataset reads."""
+    return tuple(repr(manifest.get(k)) for k in ("tensors", "dtype", "normalisation"))
 
 
 def _default_rank_world() -> tuple[int, int]:
@@ -64,26 +70,45 @@ class LatentDataset(ShardStream):
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, epoch: int = 0,
                  shuffle_buffer: int = 1000, drop_last: bool | None = None, max_bad_samples: int = 1000,
                  verify: bool = False, max_member_bytes: int = MAX_MEMBER_BYTES):
-        folder = as_path(path)  # a local folder, or one on object storage (s3://bucket/prefix)
-        folder = folder.parent if folder.is_file() else folder
-        self.folder = folder
-        self.manifest = read_manifest(folder, LATENT_FORMAT)
+        # a latent folder (local, or on object storage: s3://bucket/prefix), its manifest, or any form of
+        # pipeline.sources naming latent shards (a list file, a pattern); each shard's folder has its manifest
+        sources = resolve_sources(str(path), empty=True, what="latent shards", format=LATENT_FORMAT)
+        manifests = dict(sources.manifests)  # {manifest path: manifest}
+        read = {str(as_path(m).parent) for m in manifests}
+        for folder in dict.fromkeys(str(as_path(u).parent) for u in sources):
+            if folder not in read:
+                manifests[str(as_path(folder) / MANIFEST)] = read_manifest(folder, LATENT_FORMAT)
+        if not manifests:
+            raise DataError(f"{path}: names no latent shards")
+        first = next(iter(manifests))
+        self.folder, self.manifest = as_path(first).parent, manifests[first]
         try:
             self.kind = kind_named(self.manifest.get("store"))  # what each sample stores
         except UserError as e:
-            raise DataError(f"{folder / MANIFEST}: {e}") from None
+            raise DataError(f"{first}: {e}") from None
+        differ = next((m for m, data in manifests.items() if _convention(data) != _convention(self.manifest)), None)
+        if differ:
+            raise DataError(f"{differ}: its latents are not stored or normalised as those of {first} (the "
+                            f"manifests' tensors, dtype or normalisation differ); read them separately")
         # every listed shard, also those the manifest says are empty: what they hold is checked against it
-        self.expected = {str(folder / s["name"]): int(s["samples"]) for s in self.manifest["shards"]}
-        absent = missing_objects(list(self.expected))  # one listing per folder
+        recorded = {str(as_path(m).parent / s["name"]): int(s["samples"]) for m, data in manifests.items()
+                    for s in data["shards"]}
+        unknown = [u for u in sources if u not in recorded]
+        if unknown:
+            raise DataError(f"{unknown[0]}: not a shard that {as_path(unknown[0]).parent / MANIFEST} lists")
+        self.expected = {u: recorded[u] for u in sources}
+        absent = missing_objects(list(self.expected))
         if absent:
-            raise DataError(f"{folder / MANIFEST} lists {len(absent)} shard(s) that are not in the folder (first: "
+            where = as_path(absent[0]).parent
+            raise DataError(f"{where / MANIFEST} lists {len(absent)} shard(s) that are not in the folder (first: "
                             f"{as_path(absent[0]).name}); finish the encode (run its command again) or rebuild the "
-                            f"manifest: firststage encode --output {folder} --rebuild-manifest")
+                            f"manifest: firststage encode --output {where} --rebuild-manifest")
         if verify:  # each tar against its record (SHA-256: every shard read once more; the ETag on object storage)
-            bad = [s["name"] for s in self.manifest["shards"] if not shard_intact(folder, s["name"])]
+            bad = [u for u in self.expected if not shard_intact(as_path(u).parent, as_path(u).name)]
             if bad:
-                raise DataError(f"{folder}: {len(bad)} shard(s) are not the tars their records describe (first: "
-                                f"{bad[0]}); run the encode command again, which writes them again")
+                raise DataError(f"{as_path(bad[0]).parent}: {len(bad)} shard(s) are not the tars their records "
+                                f"describe (first: {as_path(bad[0]).name}); run the encode command again, which "
+                                f"writes them again")
         r, w = _default_rank_world()
         super().__init__(list(self.expected), mode, shuffle_buffer, seed, r if rank is None else rank,
                          w if world_size is None else world_size, epoch, max_bad_samples=max_bad_samples,

@@ -1,9 +1,12 @@
 """Where outputs live, and the one way they are written: exactly once, never half.
 
 Two layers:
-  * a small storage interface (pipeline.storage.base.Storage): read, write an object whole, upload a finished local
-    file whole, create-only, list, delete. The local filesystem (pipeline.storage.local) is one implementation; an
-    object store (s3://) is another, registered by scheme in `BACKENDS`, without touching the stages.
+  * one storage interface (pipeline.storage.base.Storage): read (whole, streamed, a byte range), write an object
+    whole, upload a finished local file whole, create-only, compare-and-swap, list (with sizes and ETags, at one level
+    or at any depth), info, an input's identity, a local file for libraries, and the checks before any work. The
+    local filesystem (pipeline.storage.local) is one implementation, with its fast paths (scandir, seeks); an object
+    store (s3://) is another, registered by scheme in `BACKENDS`, without touching the stages. Code outside this
+    package asks the interface and never tests which backend it has (tests/test_architecture.py).
   * the commit protocol (pipeline.storage.commit.Unit) written against it: a unit of output (an image shard, a latent
     shard, a checkpoint, an export) is its payload files, each appearing whole under its final name, and then a
     completion record. A unit counts as done only when its record exists, so a run killed at any moment is finished

@@ -33,7 +33,9 @@ class Storage(ABC):
 
     @abstractmethod
     def open_read(self, path: str) -> BinaryIO:
-        """A binary stream of the object (shards are read this way, member by member)."""
+        """A buffered binary stream of the object (shards are read this way, member by member); its `raw.size` is
+        the object's size when it was opened. Locally a path that is not a regular file is refused
+        (local.NotRegularFile) before a byte is read."""
 
     @abstractmethod
     def write_bytes(self, path: str, data: bytes) -> None:
@@ -139,10 +141,22 @@ class Storage(ABC):
         resolved, file:// dropped), the URL without a trailing slash by default. No request."""
         return str(path).rstrip("/")
 
+    opens_in_place: bool = True
+    """Whether libraries (safetensors, torch.load, diffusers, a log appended to) open this backend's paths in place,
+    as files of this machine; False: they work on a local copy (`local_file`), and what they write is uploaded whole
+    (pipeline.storage.cache.LogMirror). Weights on such a backend are pinned first (pipeline.weights.remote)."""
+
+    def read_failed(self, err: Exception) -> bool:
+        """Whether `err`, raised while reading one of this backend's objects, is the store's failure (its retries
+        spent: throttling, dropped connections, an endpoint away) rather than the content's (broken tar data, a
+        missing object). A reader skips and counts such an object instead of taking it for broken data. False by
+        default: a local read fails for what the file holds, and says so."""
+        return False
+
+    @abstractmethod
     def local_file(self, path: str) -> Path:
         """A local file (or folder) holding `path`'s content, for libraries that open files themselves (safetensors,
         torch.load, pyarrow, diffusers): the path itself locally, a checked copy in the cache on an object store."""
-        raise NotImplementedError
 
     def check(self, path: str) -> None:
         """Before any work: one line (UserError) for what would make every request under `path` fail (credentials,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -40,6 +41,41 @@ def temporary_name(path: str | Path, unique: bool = True) -> Path:
 def _identity(st: os.stat_result) -> str:
     """A local file's ETag: its inode and mtime (a file renamed over it, or written again, gets another)."""
     return f"{st.st_ino:x}-{st.st_mtime_ns:x}"
+
+
+class NotRegularFile(OSError):
+    """A local path that is not a regular file (a FIFO, a device, a folder), refused before any byte is read."""
+
+    def __init__(self, path: str, mode: int):
+        self.kind = kind_of(mode)
+        super().__init__(f"{path}: {self.kind}, not a regular file")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class _SizedFile(io.FileIO):
+    size: int  # as S3ReadStream's: what the object held when it was opened
+
+
+class _Range(io.RawIOBase):
+    """The next `length` bytes of an open file, then its end (what a ranged GET returns)."""
+
+    def __init__(self, f, length: int):
+        super().__init__()
+        self.f, self.left = f, max(length, 0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(memoryview(b)[: self.left]) if self.left else 0
+        self.left -= n or 0
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def _temporary(name: str) -> bool:
@@ -78,14 +114,16 @@ class LocalStorage(Storage):
             for e in listing:
                 if not e.name.startswith(start) or _temporary(e.name):
                     continue
-                try:
+                try:  # a FIFO, a device, a dangling link or a loop too: it lies there (open_read says what it is)
                     if e.is_dir():
                         folders.append(root + e.name)
-                    elif e.is_file():
-                        st = e.stat()
-                        files[root + e.name] = (st.st_size, _identity(st))
+                        continue
+                    st = e.stat() if e.is_file() else e.stat(follow_symlinks=False)
                 except FileNotFoundError:  # gone since the listing
                     continue
+                except OSError:  # a link that leads round in a loop
+                    st = e.stat(follow_symlinks=False)
+                files[root + e.name] = (st.st_size, _identity(st))
         return dict(sorted(files.items())), sorted(folders)
 
     def walk(self, folder) -> dict[str, tuple[int, str]]:
@@ -101,9 +139,9 @@ class LocalStorage(Storage):
         return _local(path).is_dir()
 
     def open_range(self, path, start: int, length: int) -> BinaryIO:
-        f = open(_local(path), "rb")
+        f = open(_local(path), "rb", buffering=0)
         f.seek(start)
-        return f
+        return io.BufferedReader(_Range(f, length))
 
     def local_file(self, path) -> Path:
         return _local(path)
@@ -113,7 +151,7 @@ class LocalStorage(Storage):
             mode = os.stat(_local(path)).st_mode
         except (OSError, ValueError):
             return None
-        return None if stat.S_ISREG(mode) else _kind(mode)
+        return None if stat.S_ISREG(mode) else kind_of(mode)
 
     def canonical(self, path) -> str:
         return os.path.realpath(_local(path))
@@ -122,7 +160,21 @@ class LocalStorage(Storage):
         return _local(path).read_bytes()
 
     def open_read(self, path) -> BinaryIO:
-        return open(_local(path), "rb")
+        """The file, opened without blocking (a FIFO would wait for a writer) and refused unless it is a regular
+        file (NotRegularFile: a FIFO, a device, a folder is never read); `.raw.size` is its size when opened."""
+        fd = os.open(_local(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotRegularFile(str(path), st.st_mode)
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
+            raw = _SizedFile(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        raw.size = st.st_size
+        return io.BufferedReader(raw)
 
     def _write_temporary(self, path: Path, data: bytes) -> Path:
         tmp = temporary_name(path)
@@ -284,12 +336,12 @@ def read_json(path: str | Path, what: str = "file") -> dict:
     return data
 
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def _kind(mode: int) -> str:
-    """What a file that is not a regular one is (os.stat's mode)."""
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular file is, in words (from its st_mode)."""
     return next((k for test, k in _KINDS if test(mode)), "not a plain file")
 
 
@@ -304,7 +356,8 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
     except OSError as e:
         raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     if not stat.S_ISREG(mode):
-        raise UserError(f"{path}: {_kind(mode)}, not a regular file; a {what} must be a regular file")
+        kind = kind_of(mode)
+        raise UserError(f"{path}: {kind}, not a regular file; a {what} must be a regular file")
     return p
 
 

@@ -171,12 +171,30 @@ class ObjectPath:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def same_place(path) -> str:
-    """A path spelled one way, to compare where two paths lead: absolute for a local path (file:// dropped), the URL
-    for an object."""
+def same_place(path, links: bool = False) -> str:
+    """A path spelled one way, to compare where two paths lead: absolute for a local path (file:// dropped; `~`
+    expanded, and with `links` its symbolic links resolved), the URL for an object."""
     path = str(path)
     path = path[len("file://"):] if path.startswith("file://") else path
-    return path.rstrip("/") if is_url(path) else os.path.abspath(path)
+    if is_url(path):
+        return path.rstrip("/")
+    path = os.path.expanduser(path)
+    return os.path.realpath(path) if links else os.path.abspath(path)
+
+
+def without_scheme(path) -> str:
+    """`path` without its URL scheme (s3://bucket/key -> bucket/key); a local path as it is."""
+    path = str(path)
+    return path.split("://", 1)[1] if is_url(path) else path
+
+
+def place_relation(path, other) -> str | None:
+    """How `path` lies to `other` (both as same_place spells them): "is", "contains", "lies inside", or None."""
+    if path == other:
+        return "is"
+    if other.startswith(path.rstrip("/") + "/"):
+        return "contains"
+    return "lies inside" if path.startswith(other.rstrip("/") + "/") else None
 
 
 def remove_tree(path) -> None:
@@ -194,18 +212,16 @@ def check_access(path, writes: bool = False) -> None:
         store.check_conditional_writes(str(path))
 
 
-def is_absolute(entry: str) -> bool:
-    """Whether a path someone wrote names its place by itself: a URL, or an absolute local path (`~` expanded)."""
-    return is_url(entry) or os.path.isabs(os.path.expanduser(entry))
-
-
 def beside(folder, entry: str) -> str:
     """An entry of a list file that lies in `folder`: a URL or an absolute path as it is (`~` expanded), else
-    relative to `folder` (never to the working directory)."""
+    relative to `folder` (never to the working directory), `..` taken away locally."""
     if is_url(entry):
         return entry
     entry = os.path.expanduser(entry)
-    return entry if os.path.isabs(entry) else str(as_path(folder) / entry)
+    if os.path.isabs(entry):
+        return entry
+    joined = as_path(folder) / entry
+    return str(joined) if isinstance(joined, ObjectPath) else os.path.normpath(joined)  # locally `a/../b` is `b`
 
 
 def has_wildcards(spec: str) -> bool:
@@ -237,20 +253,26 @@ def _matches(pattern: str, folders: bool = False) -> list[str]:
     return found
 
 
-def missing_objects(urls: list[str]) -> list[str]:
-    """The paths or URLs among `urls` that name no object, found by listing each folder once (10,000 shards in one
-    folder: 10 requests, not 10,000); only what a listing did not show is asked about again, one by one (a local
-    FIFO is no listed file, but it exists)."""
-    by_folder: dict[str, list[str]] = defaultdict(list)
-    for u in urls:
-        by_folder[u.rsplit("/", 1)[0] if "/" in u else "."].append(u)
-    absent = set()
+def listing_of(paths: list[str]) -> dict[str, tuple[int, str]]:
+    """{path: (size, ETag)} of the objects among `paths`, found by listing each folder once (10,000 shards in one
+    folder: 10 requests, not 10,000)."""
+    by_folder: dict[str, set[str]] = defaultdict(set)
+    for p in paths:
+        by_folder[p.rsplit("/", 1)[0] if "/" in p else "."].add(p)
+    found = {}
     for folder, names in by_folder.items():
-        store = storage_for(folder)
-        files, _ = store.entries(folder)
-        files = {f[2:] if folder == "." else f for f in files}
-        absent.update(u for u in names if u not in files and not store.exists(u))
-    return [u for u in urls if u in absent]
+        for path, entry in storage_for(folder).entries(folder)[0].items():
+            path = path[2:] if folder == "." else path
+            if path in names:
+                found[path] = entry
+    return found
+
+
+def missing_objects(paths: list[str], listed: dict | None = None) -> list[str]:
+    """The paths or URLs among `paths` that name no object: those a listing of their folders (`listed`, else
+    listing_of) does not show, each asked about once more (a local FIFO is no listed file, but it exists)."""
+    listed = listing_of(paths) if listed is None else listed
+    return [p for p in paths if p not in listed and not storage_for(p).exists(p)]
 
 
 def open_range(path, start: int, length: int) -> BinaryIO:

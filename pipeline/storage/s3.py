@@ -330,6 +330,12 @@ class S3Storage(Storage):
         return bool(self._call("list_objects_v2", bucket, Prefix=prefix, MaxKeys=1).get("KeyCount"))
 
     seekable = False  # a stream is one GET, read as it arrives
+    opens_in_place = False
+
+    def read_failed(self, err: Exception) -> bool:
+        import tarfile
+
+        return not isinstance(err, (tarfile.TarError, EOFError, ValueError, KeyError, FileNotFoundError))
 
     def local_file(self, path) -> Path:
         from pipeline.storage.cache import local_copy

@@ -25,7 +25,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import Config, config_from_dict, config_to_dict, merge_dicts, parse_overrides
-from pipeline.data.loader import batches, make_loader, plan_subset, resolve_shards
+from pipeline.data.loader import batches, make_loader, plan_subset
 from pipeline.distributed import all_reduce
 from pipeline.errors import UserError
 from pipeline.storage import LogMirror, as_path
@@ -36,6 +36,7 @@ from pipeline.models.autoencoder import build_autoencoder, family_of
 from pipeline.models.foundation import dino_source, foundation_source
 from pipeline.pixels import to_model_input
 from pipeline.progress import Progress
+from pipeline.sources import resolve_sources
 from pipeline.train.duties import Checkpointer, GridWriter, Logbook, NonFiniteGuard, Validator
 from pipeline.train.ema import EMA
 from pipeline.train.module import TrainableAutoencoder
@@ -153,9 +154,9 @@ class Trainer:
         if acc.is_main_process:
             self.logs.pull("metrics.jsonl")
         pipes = cfg.data.allow_pipe
-        train_urls = resolve_shards(cfg.data.train, pipes)  # cheap checks first: a user mistake before any model is built
+        train_urls = resolve_sources(cfg.data.train, pipes)  # cheap checks first: a user mistake before any model is built
         if cfg.data.val:
-            resolve_shards(cfg.data.val, pipes)
+            resolve_sources(cfg.data.val, pipes)
         if cfg.loss.alignment.enabled and cfg.loss.alignment.backbone == "pretrained":
             foundation_source(cfg.loss.alignment.model)  # missing DINOv2 weights: one line, before anything is built
         if not cfg.train.init_from:

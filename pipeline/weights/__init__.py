@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.storage import is_remote, regular_file
+from pipeline.storage import regular_file, storage_for
 from pipeline.weights import diffusers, encoder_only, firststage, legacy, single_file
 
 FORMATS = (firststage, encoder_only, diffusers, single_file, legacy)
@@ -120,7 +120,7 @@ class Weights:
 def resolve_weights(path: str | Path, ema: bool = True) -> Weights:
     """Which weights `path` means now, or one line saying why it means none. On object storage: pinned there, read
     from a local copy (pipeline.weights.remote)."""
-    if is_remote(path):
+    if not storage_for(str(path)).opens_in_place:
         from pipeline.weights.remote import pin
 
         url, local = pin(str(path))

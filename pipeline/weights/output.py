@@ -23,34 +23,33 @@ EXPORT_FILES = {"README.md", "config.json", "diffusion_pytorch_model.safetensors
                 "encoder.safetensors", "encoder.pt2"}  # every file a diffusers or encoder-only export writes
 
 
-def model_paths(weights) -> list[Path]:
-    """The model's files and folders, resolved: the path given, the path it means, and a checkpoint's run folder."""
-    paths = [Path(weights.given), Path(weights.path)]
+def model_places(weights) -> list[str]:
+    """The model's files and folders, each spelled as storage.paths.same_place spells it (links resolved): the path
+    given, the path it means (on object storage: its URL and its local copy), and a checkpoint's run folder."""
+    from pipeline.storage.paths import same_place
+
+    paths = [weights.given, weights.path, weights.where]
     if weights.checkpoint is not None and weights.checkpoint.parent.name == CHECKPOINTS:
         paths.append(weights.checkpoint.parent.parent)
-    return [p.expanduser().resolve() for p in paths]
+    return list(dict.fromkeys(same_place(p, links=True) for p in paths))
 
 
-def check_output_path(out: Path, weights) -> None:
-    """`out` is neither the model nor around or inside its folders, nor the working folder (or one containing it)."""
-    from pipeline.storage import is_remote
+def check_output_path(out, weights) -> None:
+    """`out` is neither the model nor around or inside its folders, nor the working folder (or one containing it),
+    wherever either lies (a place on object storage is compared with the model's URL)."""
+    from pipeline.storage import storage_for
+    from pipeline.storage.paths import place_relation, same_place
 
-    if is_remote(out):  # on object storage: not the model's URL, nor around or inside it
-        model, target = weights.where.rstrip("/") + "/", str(out).rstrip("/") + "/"
-        if is_remote(model) and (model.startswith(target) or target.startswith(model)):
-            raise UserError(f"{out} is, contains or lies inside the model {weights.where}; an export never writes "
-                            f"over or into its own model: choose a path outside it")
-        return
-    target = out.expanduser().resolve()
-    for p in model_paths(weights):
-        how = ("is" if target == p else "contains" if target in p.parents else
-               "lies inside" if p in target.parents else None)
+    target = same_place(out, links=True)
+    for p in model_places(weights):
+        how = place_relation(target, p)
         if how:
-            raise UserError(f"{out} {how} the model's {'folder' if p.is_dir() else 'file'} {p}; an export never "
-                            f"writes over or into its own model: choose a path outside it")
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        raise UserError(f"{out} is the working folder{'' if target == cwd else ' or contains it'}; name a new folder "
+            kind = "folder" if storage_for(p).folder_exists(p) else "file"
+            raise UserError(f"{out} {how} the model's {kind} {p}; an export never writes over or into its own model: "
+                            f"choose a path outside it")
+    how = place_relation(target, same_place(Path.cwd(), links=True))
+    if how in ("is", "contains"):
+        raise UserError(f"{out} is the working folder{'' if how == 'is' else ' or contains it'}; name a new folder "
                         f"or file for the export")
 
 

@@ -1,0 +1,89 @@
+"""One source resolver (pipeline.sources.resolve_sources) for prepare, the training loader, evaluate, encode and
+LatentDataset: the same list file means the same sources to each, its relative entries relative to its folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import make_shards
+from pipeline.errors import UserError
+from pipeline.sources import resolve_sources
+
+
+def picked(folder: Path, names: list[str], absolute: Path) -> Path:
+    """A list file in `folder`: a comment, a blank line, `names` (relative) and one absolute entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["# the shards of this run", "", *names, str(absolute)]
+    (folder / "picked.txt").write_text("\n".join(lines) + "\n")
+    return folder / "picked.txt"
+
+
+def test_one_list_file_means_the_same_sources_to_all_five_callers(tmp_path, vae, monkeypatch):
+    from pipeline.data.loader import make_loader, plan_subset
+    from pipeline.data.prepare import list_sources
+    from pipeline.latents import LatentDataset
+    from pipeline.manifest import read_manifest
+    from stages.encode import main as encode
+
+    make_shards(tmp_path / "data", 3, 2, size=(40, 40))
+    listed = picked(tmp_path / "lists", ["../data/shard-000001.tar", "../data/shard-000000.tar"],
+                    tmp_path / "data" / "shard-000002.tar")
+    want = [str(tmp_path / "data" / f"shard-00000{i}.tar") for i in (1, 0, 2)]
+    # the working folder has names of its own that a resolver relative to it would take
+    (tmp_path / "work" / "lists").mkdir(parents=True)
+    make_shards(tmp_path / "work" / "data", 3, 1, size=(40, 40))
+    monkeypatch.chdir(tmp_path / "work" / "lists")
+
+    assert resolve_sources(listed) == want
+    assert list_sources([str(listed)]) == ("tars", want)  # prepare
+    assert make_loader(str(listed), "train", 2, 0, resolution=32).dataset.urls == want  # the training loader
+    assert plan_subset(str(listed), 100) == (want, dict.fromkeys(want, 2), 6)  # evaluate
+    encode(["--model", str(vae), "--data", str(listed), "--output", str(tmp_path / "latents"), "data.resolution=32",
+            "data.num_workers=0", "encode.batch_size=2"])
+    m = read_manifest(tmp_path / "latents")
+    assert sorted(s["source"] for s in m["shards"]) == sorted(want)  # encode (its manifest in name order)
+    # LatentDataset: a list file of latent shards, the same way (relative entries, an absolute one)
+    names = [s["name"] for s in m["shards"]]
+    latent_list = picked(tmp_path / "latent-lists", [f"../latents/{n}" for n in names[:2]],
+                         tmp_path / "latents" / names[2])
+    ds = LatentDataset(latent_list, mode="eval")
+    assert ds.urls == [str(tmp_path / "latents" / n) for n in names]
+    assert ds.folder == tmp_path / "latents" and list(ds.expected.values()) == [2, 2, 2]
+    assert sum(1 for _ in ds) == 6
+    assert LatentDataset(tmp_path / "latents", mode="eval").urls == [str(tmp_path / "latents" / n) for n in names]
+
+
+def test_a_list_entry_is_relative_to_the_list_folder_never_the_working_folder(tmp_path, monkeypatch):
+    """prepare used to take an entry missing beside its list file from the working folder; every caller now reads
+    it beside the list file (and says it is missing there, where it is read)."""
+    from pipeline.data.prepare import list_sources
+
+    make_shards(tmp_path / "work", 1, 1, size=(40, 40))  # work/shard-000000.tar
+    listed = picked(tmp_path / "lists", ["shard-000000.tar"], tmp_path / "work" / "shard-000000.tar")
+    monkeypatch.chdir(tmp_path / "work")
+    want = [str(tmp_path / "lists" / "shard-000000.tar"), str(tmp_path / "work" / "shard-000000.tar")]
+    assert resolve_sources(listed) == want
+    assert list_sources([str(listed)])[1] == want
+
+
+def test_the_forms_and_their_one_line_refusals(tmp_path):
+    paths = make_shards(tmp_path / "d", 3, 1)
+    assert resolve_sources(str(tmp_path / "d" / "shard-{000000..000001}.tar")) == paths[:2]
+    assert resolve_sources(str(tmp_path / "*" / "shard-00000[12].tar")) == paths[1:]  # wildcards in folder names
+    assert resolve_sources([str(tmp_path / "d" / "shard-000002.tar"), str(tmp_path / "d")]) == paths[2:] + paths
+    with pytest.raises(UserError, match=r"^shard not found: .*shard-000003.tar$"):
+        resolve_sources(str(tmp_path / "d" / "shard-{000003..000004}.tar"))
+    with pytest.raises(UserError, match=r"^/nonexistent: no such file or folder$"):
+        resolve_sources("/nonexistent")
+    (tmp_path / "img.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(UserError, match="is an image, not shards"):
+        resolve_sources(str(tmp_path / "img.jpg"))
+    (tmp_path / "bin.lst").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="not a text file listing .tar shards"):
+        resolve_sources(str(tmp_path / "bin.lst"))
+    (tmp_path / "pipes.txt").write_text("pipe:cat a.tar\n")
+    with pytest.raises(UserError, match="a pipe: source runs a shell command"):
+        resolve_sources(str(tmp_path / "pipes.txt"))
+    assert resolve_sources(str(tmp_path / "pipes.txt"), allow_pipe=True) == ["pipe:cat a.tar"]
