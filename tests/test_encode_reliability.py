@@ -250,7 +250,8 @@ def test_a_named_pipe_among_the_shards_is_refused_at_once(vae, tmp_path):
     proc = ForkedStage("stages.encode", "--model", vae, "--data", data, "--output", tmp_path / "lat", *SMALL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, err[-2000:]
-    assert f"--data {data / 'shards-000009.tar'} is a FIFO, not a shard file (reading it would block forever)" in err
+    assert f"--data {data / 'shards-000009.tar'} is a named pipe (FIFO), not a shard file (reading it would block " \
+        f"forever)" in err
     assert "Traceback" not in err
 
 

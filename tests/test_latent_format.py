@@ -143,7 +143,7 @@ def test_the_encoders_input_and_output_checks_lead_through_links_and_name_what_i
     check_input_shards(urls)
     os.mkfifo(data / "shards-000001.tar")
     (data / "shards-000002.tar").mkdir()
-    with pytest.raises(UserError, match=r"shards-000001.tar is a FIFO, not a shard file \(reading it would block"):
+    with pytest.raises(UserError, match=r"shards-000001.tar is a named pipe \(FIFO\), not a shard file \(reading it would block"):
         check_input_shards(urls + [str(data / "shards-000001.tar")])
     with pytest.raises(UserError, match=r"shards-000002.tar is a folder, not a shard file; remove it"):
         check_input_shards(urls + [str(data / "shards-000002.tar")])

@@ -521,7 +521,7 @@ def check_input_shards(urls: list[str]) -> None:
         seen[n] = u
         what = None if u.startswith("pipe:") else storage_for(u).not_a_file(u)  # a missing shard is reported later
         if what is not None:
-            blocks = " (reading it would block forever)" if what == "a FIFO" else ""
+            blocks = " (reading it would block forever)" if "FIFO" in what else ""
             raise UserError(f"{u} is {what}, not a shard file{blocks}; remove it from the data or name the shards "
                             f"explicitly")
     store = None if urls[0].startswith("pipe:") else storage_for(urls[0])
