@@ -190,15 +190,19 @@ class LocalStorage(Storage):
             raise
         return tmp
 
-    def write_bytes(self, path, data: bytes) -> None:
+    def _placed(self, path, data: bytes, place):
+        """Write `data` to a complete temporary file beside `path`, then (the write guard asked) `place(tmp, path)`
+        puts it under its name; the temporary never outlives the call."""
         path = _local(path)
         tmp = self._write_temporary(path, data)
         try:
             check_writable(path)
-            os.replace(tmp, path)
-        except BaseException:
+            return place(tmp, path)
+        finally:
             tmp.unlink(missing_ok=True)
-            raise
+
+    def write_bytes(self, path, data: bytes) -> None:
+        self._placed(path, data, os.replace)
 
     def put_file(self, path, local: Path) -> dict:
         digest = file_digest(local) if Path(local).is_file() else {}
@@ -209,26 +213,24 @@ class LocalStorage(Storage):
         return digest
 
     def create(self, path, data: bytes) -> bool:
-        path = _local(path)
-        tmp = self._write_temporary(path, data)
-        try:
-            check_writable(path)
-            os.link(tmp, path)  # fails on an existing name; the content is complete before the name appears
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:  # a filesystem without hard links: exclusive create, then write
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                raise
+        def link(tmp: Path, path: Path) -> bool:
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, path)  # fails on an existing name; the content is complete before the name appears
+                return True
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        finally:
-            tmp.unlink(missing_ok=True)
+            except OSError as e:  # a filesystem without hard links: exclusive create, then write
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return True
+
+        return self._placed(path, data, link)
 
     def read_versioned(self, path):
         try:

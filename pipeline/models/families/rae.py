@@ -81,7 +81,6 @@ class RAEFamily(Family):
     class_names = ("AutoencoderRAE",)
     latent = "latent"
     keys = RAEKeys
-    shift = True
     any_size = False  # the ViT decoder's position embeddings fix its grid: the probe's 2x downscale is left out
 
     def validate(self, cfg) -> None:
