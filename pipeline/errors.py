@@ -1,4 +1,16 @@
-"""Errors that mean "the user asked for something wrong", reported as one line, never a traceback."""
+"""Errors that mean "the user asked for something wrong", reported as one line, never a traceback; and the one
+failure a unit of work returns as a value."""
+
+from typing import NamedTuple
+
+
+class Unavailable(NamedTuple):
+    """A shard not written because the storage could not read its inputs after every retry (prepare's output shard,
+    encode's input shard): returned as a value by the worker that gave up on it; the others go on, the stage exits
+    75 and a rerun writes it."""
+
+    shard: str  # the shard's name or URL
+    why: str  # the storage's error, as one line
 
 
 class UserError(Exception):

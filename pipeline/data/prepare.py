@@ -53,7 +53,7 @@ from pipeline.data.images import (
 )
 from pipeline.config import PrepareConfig, validate_section
 from pipeline.data.shards import ShardWriter, split_key
-from pipeline.errors import StorageUnavailable, UserError
+from pipeline.errors import StorageUnavailable, Unavailable, UserError
 from pipeline.manifest import IMAGE_FORMAT, MANIFEST, part_name, shard_list
 from pipeline.sources import Sources, resolve_sources
 from pipeline.storage import Unit, as_path, atomic_write_json, remove_dead_temporaries, storage_for
@@ -409,13 +409,13 @@ def shard_unit(out: Path, name: str) -> Unit:
 
 def write_shard(task) -> dict:
     """Process one chunk into one shard. Runs in a worker process. Returns the completion record, or
-    {"name", "unavailable": why} when inputs on object storage could not be read (nothing is written then)."""
+    Unavailable(name, why) when its inputs could not be read from the storage (nothing is written then)."""
     items, out, name, opts = task
     unit = shard_unit(as_path(out), name)
     try:
         spans = fetch_spans(items)
     except StorageUnavailable as e:
-        return {"name": name, "unavailable": str(e)}
+        return Unavailable(name, str(e))
     writer = ShardWriter(unit.staging(as_path(out) / name))
     skipped, sizes, shorter = [], Counter(), []
     rows = None
@@ -445,7 +445,7 @@ def write_shard(task) -> dict:
         writer.close()
     except StorageUnavailable as e:
         writer.abort()
-        return {"name": name, "unavailable": str(e)}
+        return Unavailable(name, str(e))
     except BaseException:
         writer.abort()
         raise
@@ -610,7 +610,7 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
             todo.append((j, (chunk, str(out), name, opts)))  # not done (a killed run's tar is overwritten)
         results = pool.imap(write_shard, [t for _, t in todo]) if pool else map(write_shard, [t for _, t in todo])
         for (j, _), record in zip(todo, results):
-            if "unavailable" in record:  # not written: its inputs could not be read; a rerun writes it
+            if isinstance(record, Unavailable):  # not written: its inputs could not be read; a rerun writes it
                 unavailable.append(record)
                 continue
             records[j] = record
@@ -622,8 +622,8 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
             pool.join()
     if unavailable:
         raise StorageUnavailable(f"{len(unavailable)} of {len(todo)} shards not written: their inputs could not be "
-                                 f"read from object storage after every retry (first: {unavailable[0]['name']}: "
-                                 f"{unavailable[0]['unavailable']}); the others are complete, run the same command "
+                                 f"read from object storage after every retry (first: {unavailable[0].shard}: "
+                                 f"{unavailable[0].why}); the others are complete, run the same command "
                                  f"again to write these")
 
     ordered = [records[j] for j in sorted(records)]

@@ -15,7 +15,6 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from pipeline.data.images import IMAGE_EXTS, BadImage, crop_to, displayed_size, 
 from pipeline.config import MAX_MEMBER_BYTES
 from pipeline.data.loader import MemberTooLarge, batches, image_member, read_failure, read_samples, worker_slot
 from pipeline.data.shards import ShardWriter, shard_name
-from pipeline.errors import UserError
+from pipeline.errors import Unavailable, UserError
 from pipeline.latents.buckets import nearest_bucket, size_name
 from pipeline.latents.format import (
     IDENTITY_KEYS,
@@ -61,13 +60,6 @@ def stored_tensors(store: str, flip: bool) -> list[str]:
     return kind_named(store).names(flip)
 
 
-class ShardUnavailable(NamedTuple):
-    """An input shard the storage could not read after its retries: not written; a rerun encodes it."""
-
-    shard: str  # the input shard's URL
-    why: str  # the storage's error, as one line
-
-
 @dataclass
 class ShardEnd:
     """The stream's marker after an input shard's last batch: what the shard's record needs besides its batches."""
@@ -84,7 +76,7 @@ class EncodeStream(IterableDataset):
     """Whole input shards per loader worker. Yields batches of one shard and one bucket (no padding) as dicts, then,
     after a shard's last batch, its ShardEnd, carrying the samples it skipped and why (a sample with a member over
     `max_member_bytes` among them, that member unread); or, for a shard the storage could not read, only its
-    ShardUnavailable (after the batches already yielded, which are then dropped)."""
+    Unavailable (after the batches already yielded, which are then dropped)."""
 
     def __init__(self, urls: list[str], resolution: int, buckets: list[tuple[int, int]] | None, batch_size: int,
                  max_member_bytes: int = MAX_MEMBER_BYTES):
@@ -156,7 +148,7 @@ class EncodeStream(IterableDataset):
             if len(pending[target]) == self.batch_size:
                 yield self._batch(url, pending.pop(target))
         if unavailable:
-            yield ShardUnavailable(url, unavailable[0])
+            yield Unavailable(url, unavailable[0])
             return
         for target in sorted(pending):
             yield self._batch(url, pending[target])
@@ -416,7 +408,7 @@ class EncodeResult:
     records: list[ShardRecord] = field(default_factory=list)
     kept: list = field(default_factory=list)  # input shards whose output another run completed after this one
     # planned them: that run's shard stays, nothing was written here
-    unavailable: list[ShardUnavailable] = field(default_factory=list)  # not read, not written; a rerun does them
+    unavailable: list[Unavailable] = field(default_factory=list)  # not read, not written; a rerun does them
 
 
 def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: EncodeSettings, device, *,
@@ -449,12 +441,12 @@ def encode_shards(model, urls: list[str], folder: Path, settings: dict, s: Encod
                 if stop is not None and stop.is_set():
                     result.stopped = True
                     break
-                url = item["shard"] if isinstance(item, dict) else item.shard  # a batch, ShardEnd or ShardUnavailable
+                url = item["shard"] if isinstance(item, dict) else item.shard  # a batch, ShardEnd or Unavailable
                 if url not in shards:
                     known = None if had_record is None else shard_name(url) in had_record
                     shards[url] = LatentShard(folder, url, settings, had_record=known)
                 shard = shards[url]
-                if isinstance(item, ShardUnavailable):
+                if isinstance(item, Unavailable):
                     writer.submit(shard.abort)  # after the batches of it in flight: the writer thread holds its tar
                     del shards[url]
                     result.unavailable.append(item)
