@@ -235,13 +235,14 @@ class FaultProxy:
     """A TCP proxy between the client and the server that misbehaves like a congested network or an overloaded
     server: a share of new connections is reset before any answer or answered 503 SlowDown (throttling), and every
     connection is cut (reset) mid-response after a random number of bytes. A connection that asks for a path
-    containing one of `broken` is always cut after 2000 bytes of answer: an object that cannot be read at all."""
+    containing one of `broken` is always cut after 2000 bytes of answer: an object that cannot be read at all (with
+    `ranged_only`, only its ranged reads: an object whose whole reads work and whose byte ranges never do)."""
 
     def __init__(self, upstream: tuple[str, int], seed: int = 0, p_reset=0.15, p_slowdown=0.15,
-                 mean_bytes=1.5 * MiB, broken: tuple[str, ...] = ()):
+                 mean_bytes=1.5 * MiB, broken: tuple[str, ...] = (), ranged_only: bool = False):
         self.upstream, self.rng = upstream, random.Random(seed)
         self.p_reset, self.p_slowdown, self.mean_bytes = p_reset, p_slowdown, mean_bytes
-        self.broken = tuple(b.encode() for b in broken)
+        self.broken, self.ranged_only = tuple(b.encode() for b in broken), ranged_only
         self.faults = {"reset": 0, "slowdown": 0, "cut": 0, "broken": 0}
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -316,7 +317,8 @@ class FaultProxy:
         def up():
             try:
                 while chunk := client.recv(65536):
-                    if any(b in chunk for b in self.broken):
+                    if any(b in chunk for b in self.broken) and (not self.ranged_only or b"\r\nrange:" in
+                                                                  chunk.lower()):
                         poisoned.set()
                     server.sendall(chunk)
             except OSError:

@@ -649,6 +649,29 @@ def test_a_shard_that_cannot_be_read_is_skipped_and_counted(chain, through_proxy
     assert "2 already complete" in r.stdout and read_json(f"{out}/manifest.json")["total"] == 24
 
 
+def test_prepare_writes_the_shards_it_can_read_and_exits_75_for_the_others(chain, through_proxy, fresh, aws):
+    """An input tar that can be listed but whose byte ranges are cut every time: prepare writes the shards of the
+    other inputs, names the first shard it could not write (its worker's typed Unavailable) and exits 75; the same
+    command finishes once the tar can be read."""
+    from pipeline.storage.s3 import S3ReadStream
+
+    s3 = chain["s3"]
+    fresh.setattr(S3ReadStream, "MAX_RESUMES", 2)
+    proxy = through_proxy(p_reset=0, p_slowdown=0, mean_bytes=1e12, broken=("raw-000001.tar",),
+                          ranged_only=True)
+    out = f"{s3}/unreadable/shards"
+    args = ["--input", f"{s3}/raw/raw-{{000000..000002}}.tar", "--output", out, "--shard-size", "8", "--size", "32"]
+    r = run_main(stage("prepare"), *args)
+    assert r.returncode == 75 and proxy.faults["broken"] > 0, r.stderr
+    assert "shards not written: their inputs could not be read" in r.stderr and "(first: shards-" in r.stderr
+    written = [n for n in listing(out) if n.endswith(".tar")]
+    assert 0 < len(written) < 3 and not any(n == "manifest.json" for n in listing(out)), listing(out)
+    fresh.setenv("AWS_ENDPOINT_URL", aws.endpoint)  # the tar can be read again
+    reset_storage()
+    ok(run_main(stage("prepare"), *args))
+    assert read_json(f"{out}/manifest.json") == read_json(f"{s3}/data/shards/manifest.json")
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_wrong_credentials_missing_bucket_and_missing_extra_one_line_before_any_work(chain, fresh, tmp_path, aws):
     import sys
