@@ -33,6 +33,7 @@ def check_train_ranks_end_with_identical_weights(world):
     _, (a, b), _ = world
     assert a["step"] == b["step"] == 4
     assert a["autoencoder"] == b["autoencoder"] and a["ema"] == b["ema"] and a["objective"] == b["objective"]
+    assert a["draw"] != b["draw"]  # each rank drew its own noise (posterior samples, latent noise, augmentations)
 
 
 def check_evaluate_gives_the_same_numbers_on_one_and_two_processes(world):

@@ -215,6 +215,11 @@ class Trainer:
             (self.model, self.opt), self.opt_d = acc.prepare(module, opt), None
         if self.ema is not None:
             self.ema.to(acc.device)
+        if acc.process_index > 0:  # the weights are the same everywhere; each rank draws its own noise (posterior
+            seed = cfg.seed + acc.process_index  # samples, latent noise, augmentations), saved and resumed per rank
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
 
         self.state = State()
         if resume_path is not None:

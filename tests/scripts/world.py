@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from stages.train import run
 
 
@@ -35,6 +37,7 @@ def main() -> None:
         "autoencoder": digest(tr.unwrapped.vae.state_dict()),
         "ema": digest(tr.ema.state_dict()) if tr.ema is not None else None,
         "objective": digest({k: v for k, v in tr.objective.state_dict().items() if not k.startswith("perceptual.")}),
+        "draw": torch.rand(4).tolist(),  # where this rank's random stream stands after training
     }
     if "evaluate" in stages:
         from stages.evaluate import main as evaluate
