@@ -87,3 +87,27 @@ def test_the_forms_and_their_one_line_refusals(tmp_path):
     with pytest.raises(UserError, match="a pipe: source runs a shell command"):
         resolve_sources(str(tmp_path / "pipes.txt"))
     assert resolve_sources(str(tmp_path / "pipes.txt"), allow_pipe=True) == ["pipe:cat a.tar"]
+
+
+def test_a_folder_walk_does_not_follow_links_to_folders(tmp_path):
+    """prepare walked an input folder with os.walk, which does not descend into a link to a folder; the one walk of
+    the storage interface descended, and a link back up (`sub/up -> ..`) listed every image forty times over (until
+    the kernel's link limit), each under another key."""
+    from PIL import Image
+
+    from pipeline.data.prepare import list_sources
+    from pipeline.storage import storage_for
+
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name in ("imgs/a.png", "imgs/sub/b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "imgs" / "sub" / "up").symlink_to("..")
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "c.png")
+    (tmp_path / "imgs" / "there").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "imgs" / "d.png").symlink_to(tmp_path / "elsewhere" / "c.png")  # a link to a file is a file
+    want = [str(tmp_path / n) for n in ("imgs/a.png", "imgs/d.png", "imgs/sub/b.png")]
+    assert list(storage_for(str(tmp_path / "imgs")).walk(str(tmp_path / "imgs"))) == want
+    kind, items = list_sources([str(tmp_path / "imgs")])
+    assert kind == "images" and [(key, src) for _, key, src, _ in items] == [("a", want[0]), ("d", want[1]),
+                                                                             ("sub/b", want[2])]
