@@ -111,3 +111,16 @@ def test_a_folder_walk_does_not_follow_links_to_folders(tmp_path):
     kind, items = list_sources([str(tmp_path / "imgs")])
     assert kind == "images" and [(key, src) for _, key, src, _ in items] == [("a", want[0]), ("d", want[1]),
                                                                              ("sub/b", want[2])]
+
+
+def test_a_pattern_under_the_home_folder(tmp_path, monkeypatch):
+    """A quoted `~/...` pattern reaches us unexpanded: prepare expanded it before the one resolver, and a `~` path
+    without wildcards still is; a pattern was looked for in a folder named `~` ('shard not found')."""
+    from pipeline.data.prepare import list_sources
+
+    paths = make_shards(tmp_path / "d", 3, 1)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_sources("~/d/shard-00000[12].tar") == paths[1:]
+    assert resolve_sources("~/d/shard-{000000..000001}.tar") == paths[:2]
+    assert list_sources(["~/d/*.tar"]) == ("tars", paths)
+    assert resolve_sources("~/d/shard-000000.tar") == paths[:1]

@@ -230,9 +230,11 @@ def has_wildcards(spec: str) -> bool:
 
 def expand_pattern(spec: str) -> list[str]:
     """A brace pattern with shell wildcards (in file and folder names) -> the paths or URLs, sorted per brace
-    alternative; wildcards are matched against a listing of their folder (one per folder, whatever the backend)."""
+    alternative; wildcards are matched against a listing of their folder (one per folder, whatever the backend). A
+    local pattern's `~` is the home folder (a shell leaves a quoted one unexpanded)."""
+    spec = str(spec) if is_url(spec) else os.path.expanduser(str(spec))
     out = []
-    for s in braceexpand.braceexpand(str(spec)):
+    for s in braceexpand.braceexpand(spec):
         out += sorted(_matches(s)) if any(c in s for c in "*?[") else [s]
     return out
 
