@@ -7,7 +7,7 @@ The forms, each local or remote (a URL of a storage backend):
   * a brace pattern, with shell wildcards in file and folder names (`shards/part-{0..3}/*.tar`): the paths, checked to
     exist by listing each folder once (one request per folder, never one per shard);
   * a folder: the shards its manifest.json (or its part manifests) lists, else its files (`suffixes` directly in it,
-    or with `deep` every file at any depth: prepare's folders of images);
+    not hidden ones; or with `deep` every file at any depth: prepare's folders of images);
   * a manifest.json: the shards it lists, relative to its folder;
   * a file named like a source (`suffixes`): itself;
   * any other file: a list file, one entry a line (blank lines and `#` comments skipped). An entry that is a URL or an
@@ -126,7 +126,10 @@ def _folder(folder: str, suffixes: tuple[str, ...], deep: bool, empty: bool, wha
         return out
     store = storage_for(folder)
     listed = store.walk(folder) if deep else store.entries(folder)[0]
-    found = list(listed) if deep else [u for u in listed if u.lower().endswith(suffixes)]
+    # directly in it: its files named like a source, not its hidden ones (glob's *.tar: macOS's ._NAME.tar beside
+    # each copied shard, a partial .NAME.tar)
+    found = list(listed) if deep else [u for u in listed if u.lower().endswith(suffixes)
+                                       and not u.rsplit("/", 1)[-1].startswith(".")]
     if not found:
         raise UserError(f"{folder}: folder holds no {what} and no manifest.json")
     return Sources(found, listed=listed, root=folder, form="folder")

@@ -124,3 +124,16 @@ def test_a_pattern_under_the_home_folder(tmp_path, monkeypatch):
     assert resolve_sources("~/d/shard-{000000..000001}.tar") == paths[:2]
     assert list_sources(["~/d/*.tar"]) == ("tars", paths)
     assert resolve_sources("~/d/shard-000000.tar") == paths[:1]
+
+
+def test_a_folder_of_shards_leaves_its_hidden_files_out(tmp_path):
+    """The loader took a folder's shards as glob('*.tar') did, without its hidden files (macOS's `._NAME.tar`
+    AppleDouble files beside each copied shard, a tool's `.NAME.tar` partial download); the one resolver listed them
+    too, and the loader, evaluate and encode read each as a broken shard."""
+    from pipeline.data.loader import make_loader
+
+    paths = make_shards(tmp_path / "d", 2, 1)
+    (tmp_path / "d" / "._shard-000000.tar").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 4092)
+    (tmp_path / "d" / ".shard-000002.tar").write_bytes(b"partial")
+    assert resolve_sources(str(tmp_path / "d")) == paths
+    assert make_loader(str(tmp_path / "d"), "train", 1, 0, resolution=32).dataset.urls == paths
