@@ -149,7 +149,7 @@ def _manifest(path: str, empty: bool, format: str | None) -> Sources:
 def _list_file(path: str, allow_pipe: bool, what: str) -> Sources:
     """The entries of a list file: URLs and absolute paths as they are, the others relative to its folder."""
     try:
-        text = storage_for(path).read_bytes(path).decode("utf-8")
+        text = storage_for(path).read_bytes(path).decode("utf-8-sig")  # a byte-order mark (Notepad) is no name
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file listing {what} (and not a .tar, folder or manifest.json)") from None
     folder = str(as_path(path).parent)

@@ -137,3 +137,12 @@ def test_a_folder_of_shards_leaves_its_hidden_files_out(tmp_path):
     (tmp_path / "d" / ".shard-000002.tar").write_bytes(b"partial")
     assert resolve_sources(str(tmp_path / "d")) == paths
     assert make_loader(str(tmp_path / "d"), "train", 1, 0, resolution=32).dataset.urls == paths
+
+
+def test_a_list_file_written_on_windows(tmp_path):
+    """Notepad's UTF-8 starts the file with a byte-order mark and ends lines with CRLF: the first entry was read
+    with the mark in its name (a shard that is never found), every caller alike."""
+    paths = make_shards(tmp_path / "d", 2, 1)
+    (tmp_path / "d" / "picked.txt").write_bytes("\ufeffshard-000000.tar\r\n# a comment\r\n\r\nshard-000001.tar\r\n"
+                                                .encode("utf-8"))
+    assert resolve_sources(str(tmp_path / "d" / "picked.txt")) == paths
