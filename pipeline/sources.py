@@ -165,4 +165,6 @@ def _list_file(path: str, allow_pipe: bool, what: str) -> Sources:
         entry = beside(folder, line)
         check_source(entry)
         out.append(entry)
+    if not out:  # nothing to read is a mistake, not an empty dataset
+        raise UserError(f"{path}: lists no {what}")
     return out

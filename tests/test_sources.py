@@ -146,3 +146,15 @@ def test_a_list_file_written_on_windows(tmp_path):
     (tmp_path / "d" / "picked.txt").write_bytes("\ufeffshard-000000.tar\r\n# a comment\r\n\r\nshard-000001.tar\r\n"
                                                 .encode("utf-8"))
     assert resolve_sources(str(tmp_path / "d" / "picked.txt")) == paths
+
+
+def test_an_empty_list_file_is_refused_in_one_line(tmp_path):
+    """A list file with no entry (only comments, or a script that wrote nothing into it): prepare wrote an empty
+    dataset from it and said it was done; every caller now refuses it, naming the file."""
+    from pipeline.data.prepare import list_sources
+
+    (tmp_path / "picked.txt").write_text("# nothing picked yet\n\n")
+    with pytest.raises(UserError, match=r"^.*picked.txt: lists no .tar shards$"):
+        resolve_sources(str(tmp_path / "picked.txt"))
+    with pytest.raises(UserError, match=r"^--input .*picked.txt: lists no images"):
+        list_sources([str(tmp_path / "picked.txt")])
