@@ -158,3 +158,23 @@ def test_an_empty_list_file_is_refused_in_one_line(tmp_path):
         resolve_sources(str(tmp_path / "picked.txt"))
     with pytest.raises(UserError, match=r"^--input .*picked.txt: lists no images"):
         list_sources([str(tmp_path / "picked.txt")])
+
+
+def test_the_working_folder_given_as_dot_spells_its_files_as_before(tmp_path, monkeypatch):
+    """`prepare --input .` and `--data .`: the files were spelled `a.png`, `sub/b.png` (os.walk and Path.glob of
+    Path('.')); the one listing spelled those directly in it `./a.png` (and those below `sub/b.png`), so prepare's
+    fingerprint of a run started before changed and its rerun was refused ('holds shards of another prepare run')."""
+    from PIL import Image
+
+    from pipeline.data.prepare import list_sources
+
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name in ("imgs/a.png", "imgs/sub/b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path / "imgs")
+    assert [(key, src) for _, key, src, _ in list_sources(["."])[1]] == [("a", "a.png"), ("sub/b", "sub/b.png")]
+    make_shards(tmp_path / "d", 2, 1)
+    monkeypatch.chdir(tmp_path / "d")
+    assert resolve_sources(".") == ["shard-000000.tar", "shard-000001.tar"]
+    assert resolve_sources("*.tar") == ["shard-000000.tar", "shard-000001.tar"]
+    assert resolve_sources("shard-{000000..000001}.tar").listed.keys() == {"shard-000000.tar", "shard-000001.tar"}

@@ -105,9 +105,10 @@ class LocalStorage(Storage):
 
     def entries(self, folder, start: str = "") -> tuple[dict[str, tuple[int, str]], list[str]]:
         files, folders = {}, []
-        root = os.path.join(_local(folder), "")
+        where = str(_local(folder))
+        root = "" if where == "." else os.path.join(where, "")  # `a.tar` as pathlib spells it, not `./a.tar`
         try:
-            listing = os.scandir(root)
+            listing = os.scandir(root or ".")
         except (FileNotFoundError, NotADirectoryError):
             return {}, []
         with listing:

@@ -251,7 +251,7 @@ def _matches(pattern: str, folders: bool = False) -> list[str]:
         files, subfolders = storage_for(parent or "/").entries(parent or "/")
         for path in (subfolders if folders else files):
             if fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], name):
-                found.append(path[2:] if not folder and path.startswith("./") else path)
+                found.append(f"./{path}" if parent == "." and folder else path)  # `./x*.tar` gives ./x-0.tar
     return found
 
 
@@ -264,9 +264,9 @@ def listing_of(paths: list[str]) -> dict[str, tuple[int, str]]:
     found = {}
     for folder, names in by_folder.items():
         for path, entry in storage_for(folder).entries(folder)[0].items():
-            path = path[2:] if folder == "." else path
-            if path in names:
-                found[path] = entry
+            for spelled in (path, f"./{path}") if folder == "." else (path,):  # the working folder's, either way
+                if spelled in names:
+                    found[spelled] = entry
     return found
 
 
