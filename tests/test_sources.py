@@ -178,3 +178,17 @@ def test_the_working_folder_given_as_dot_spells_its_files_as_before(tmp_path, mo
     assert resolve_sources(".") == ["shard-000000.tar", "shard-000001.tar"]
     assert resolve_sources("*.tar") == ["shard-000000.tar", "shard-000001.tar"]
     assert resolve_sources("shard-{000000..000001}.tar").listed.keys() == {"shard-000000.tar", "shard-000001.tar"}
+
+
+def test_a_wildcard_does_not_match_a_hidden_name(tmp_path):
+    """glob.glob (the loader's and prepare's patterns before the one resolver) leaves names that start with '.' to a
+    pattern that starts with '.': `d/*.tar` took macOS's `._shard-000000.tar` and a partial `.shard-000002.tar`
+    too, read as broken shards."""
+    paths = make_shards(tmp_path / "d", 2, 1)
+    (tmp_path / "d" / "._shard-000000.tar").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 4092)
+    (tmp_path / "d" / ".shard-000002.tar").write_bytes(b"partial")
+    (tmp_path / ".hidden").mkdir()
+    make_shards(tmp_path / ".hidden", 1, 1)
+    assert resolve_sources(str(tmp_path / "d" / "*.tar")) == paths
+    assert resolve_sources(str(tmp_path / "*" / "shard-00000?.tar")) == paths
+    assert resolve_sources(str(tmp_path / "d" / "._*.tar")) == [str(tmp_path / "d" / "._shard-000000.tar")]

@@ -240,7 +240,8 @@ def expand_pattern(spec: str) -> list[str]:
 
 
 def _matches(pattern: str, folders: bool = False) -> list[str]:
-    """The files (or, with `folders`, the sub-folders) whose paths match `pattern`, wildcards in any name."""
+    """The files (or, with `folders`, the sub-folders) whose paths match `pattern`, wildcards in any name; as glob's,
+    a hidden name (`.x`, macOS's `._x.tar`) only by a name pattern that starts with '.'."""
     folder, _, name = pattern.rpartition("/")
     if any(c in folder for c in "*?["):
         parents = _matches(folder, folders=True)
@@ -250,7 +251,8 @@ def _matches(pattern: str, folders: bool = False) -> list[str]:
     for parent in parents:
         files, subfolders = storage_for(parent or "/").entries(parent or "/")
         for path in (subfolders if folders else files):
-            if fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], name):
+            base = path.rsplit("/", 1)[-1]
+            if fnmatch.fnmatchcase(base, name) and (name.startswith(".") or not base.startswith(".")):
                 found.append(f"./{path}" if parent == "." and folder else path)  # `./x*.tar` gives ./x-0.tar
     return found
 
