@@ -192,3 +192,18 @@ def test_a_wildcard_does_not_match_a_hidden_name(tmp_path):
     assert resolve_sources(str(tmp_path / "d" / "*.tar")) == paths
     assert resolve_sources(str(tmp_path / "*" / "shard-00000?.tar")) == paths
     assert resolve_sources(str(tmp_path / "d" / "._*.tar")) == [str(tmp_path / "d" / "._shard-000000.tar")]
+
+
+@pytest.mark.parametrize("name", ["inputs.txt", "shard-000000.tar"])
+def test_prepare_refuses_an_input_that_is_a_fifo_in_one_line(tmp_path, name):
+    """prepare --input NAMED_PIPE: refused in one line before the one resolver ('a named pipe (FIFO), not a ...');
+    since, the pipe was taken for an image (or a tar) that is skipped, and prepare wrote an empty dataset, exit 0.
+    Nothing opens it (it would block until a writer came)."""
+    import os
+
+    from pipeline.data.prepare import list_sources
+
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(UserError, match=rf"^--input {tmp_path / name}: a named pipe \(FIFO\), not a folder, list "
+                                        rf"file, image, tar shard or Parquet file$"):
+        list_sources([str(tmp_path / name)])

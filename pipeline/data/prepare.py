@@ -126,6 +126,9 @@ def list_sources(inputs: list[str]) -> tuple[str, Sources]:
             found = resolve_sources(spec, suffixes=INPUT_FILES, deep=True, what=_NO_INPUT)
         except UserError as e:
             raise type(e)(f"--input {e}" if str(e).startswith(str(spec)) else f"--input {spec}: {e}") from None
+        what = storage_for(found[0]).not_a_file(found[0]) if found.form == "file" else None
+        if what:  # a FIFO or a device given as the input itself: never opened (a FIFO would block), one line
+            raise UserError(f"--input {spec}: {what}, not a folder, list file, image, tar shard or Parquet file")
         listed.update(found.listed)
         if found.form == "manifest":  # a prepared folder: its shards' identities from one listing of it, not a
             listed.update(listing_of(list(found)))  # request per shard
