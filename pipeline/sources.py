@@ -125,7 +125,10 @@ def _folder(folder: str, suffixes: tuple[str, ...], deep: bool, empty: bool, wha
             out.extend_with(_manifest(str(m), empty, format))
         return out
     store = storage_for(folder)
-    listed = store.walk(folder) if deep else store.entries(folder)[0]
+    try:
+        listed = store.walk(folder) if deep else store.entries(folder)[0]
+    except PermissionError as e:  # a folder this user may not read
+        raise UserError(f"{folder}: cannot list it ({e.strerror or e})") from None
     # directly in it: its files named like a source, not its hidden ones (glob's *.tar: macOS's ._NAME.tar beside
     # each copied shard, a partial .NAME.tar)
     found = list(listed) if deep else [u for u in listed if u.lower().endswith(suffixes)

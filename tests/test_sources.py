@@ -207,3 +207,32 @@ def test_prepare_refuses_an_input_that_is_a_fifo_in_one_line(tmp_path, name):
     with pytest.raises(UserError, match=rf"^--input {tmp_path / name}: a named pipe \(FIFO\), not a folder, list "
                                         rf"file, image, tar shard or Parquet file$"):
         list_sources([str(tmp_path / name)])
+
+
+def test_a_folder_this_user_may_not_read(tmp_path, monkeypatch):
+    """A data disk's lost+found (root's, mode 700) below prepare's input: os.walk passed over it, the one walk raised
+    PermissionError (a traceback); an input folder that cannot be listed at all is one line. The tests run as root,
+    whom no mode stops, so the refusal is the kernel's answer injected at os.scandir for those two folders."""
+    import errno
+    import os
+
+    from PIL import Image
+
+    import pipeline.storage.local as local
+    from pipeline.data.prepare import list_sources
+
+    (tmp_path / "disk" / "lost+found").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "disk" / "a.png")
+    (tmp_path / "locked").mkdir()
+    refused = {str(tmp_path / "disk" / "lost+found"), str(tmp_path / "locked")}
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).rstrip("/") in refused:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(local.os, "scandir", scandir)
+    assert [src for _, _, src, _ in list_sources([str(tmp_path / "disk")])[1]] == [str(tmp_path / "disk" / "a.png")]
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'locked'}: cannot list it \(Permission denied\)$"):
+        resolve_sources(str(tmp_path / "locked"))

@@ -129,11 +129,13 @@ class LocalStorage(Storage):
 
     def walk(self, folder) -> dict[str, tuple[int, str]]:
         """As os.walk: a link to a folder is not descended into (a link back up would list the tree over and over
-        until the kernel's link limit); a link to a file is a file."""
+        until the kernel's link limit), nor a folder this user may not read (a disk's lost+found); a link to a file
+        is a file."""
         files, folders = self.entries(folder)
         for sub in folders:
             if not os.path.islink(sub):
-                files.update(self.walk(sub))
+                with contextlib.suppress(PermissionError):
+                    files.update(self.walk(sub))
         return dict(sorted(files.items()))
 
     def object_exists(self, path) -> bool:
