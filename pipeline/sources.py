@@ -7,7 +7,7 @@ The forms, each local or remote (a URL of a storage backend):
   * a brace pattern, with shell wildcards in file and folder names (`shards/part-{0..3}/*.tar`): the paths, checked to
     exist by listing each folder once (one request per folder, never one per shard);
   * a folder: the shards its manifest.json (or its part manifests) lists, else its files (`suffixes` directly in it,
-    or with `deep` every file at any depth: prepare's folders of images);
+    not hidden ones; or with `deep` every file at any depth: prepare's folders of images);
   * a manifest.json: the shards it lists, relative to its folder;
   * a file named like a source (`suffixes`): itself;
   * any other file: a list file, one entry a line (blank lines and `#` comments skipped). An entry that is a URL or an
@@ -125,8 +125,14 @@ def _folder(folder: str, suffixes: tuple[str, ...], deep: bool, empty: bool, wha
             out.extend_with(_manifest(str(m), empty, format))
         return out
     store = storage_for(folder)
-    listed = store.walk(folder) if deep else store.entries(folder)[0]
-    found = list(listed) if deep else [u for u in listed if u.lower().endswith(suffixes)]
+    try:
+        listed = store.walk(folder) if deep else store.entries(folder)[0]
+    except PermissionError as e:  # a folder this user may not read
+        raise UserError(f"{folder}: cannot list it ({e.strerror or e})") from None
+    # directly in it: its files named like a source, not its hidden ones (glob's *.tar: macOS's ._NAME.tar beside
+    # each copied shard, a partial .NAME.tar)
+    found = list(listed) if deep else [u for u in listed if u.lower().endswith(suffixes)
+                                       and not u.rsplit("/", 1)[-1].startswith(".")]
     if not found:
         raise UserError(f"{folder}: folder holds no {what} and no manifest.json")
     return Sources(found, listed=listed, root=folder, form="folder")
@@ -146,7 +152,7 @@ def _manifest(path: str, empty: bool, format: str | None) -> Sources:
 def _list_file(path: str, allow_pipe: bool, what: str) -> Sources:
     """The entries of a list file: URLs and absolute paths as they are, the others relative to its folder."""
     try:
-        text = storage_for(path).read_bytes(path).decode("utf-8")
+        text = storage_for(path).read_bytes(path).decode("utf-8-sig")  # a byte-order mark (Notepad) is no name
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file listing {what} (and not a .tar, folder or manifest.json)") from None
     folder = str(as_path(path).parent)
@@ -162,4 +168,6 @@ def _list_file(path: str, allow_pipe: bool, what: str) -> Sources:
         entry = beside(folder, line)
         check_source(entry)
         out.append(entry)
+    if not out:  # nothing to read is a mistake, not an empty dataset
+        raise UserError(f"{path}: lists no {what}")
     return out

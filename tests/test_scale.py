@@ -161,3 +161,29 @@ def test_dealing_by_a_heap_gives_the_least_loaded_slot_and_a_part_holds_the_same
                 mine = [share(items, c, part, 3, r, ranks) for r in range(ranks)]
                 assert all(m[0] == whole for m in mine)
                 assert sorted(x for m in mine for x in m[1]) == sorted(whole)
+
+
+def test_prepare_from_a_prepared_folder_on_s3_asks_nothing_per_shard(tmp_path, s3_env):
+    """prepare --input s3://.../shards (a folder with a manifest: re-preparing at another size): its shards'
+    identities for the fingerprint come from one listing of the folder, as they did when prepare walked a remote
+    folder, not one HEAD per shard (the resolver's manifest form lists nothing)."""
+    from helpers import make_shards
+    from pipeline.data.prepare import PrepareOptions, fingerprint, list_sources, prepare
+
+    make_shards(tmp_path / "raw", 4, 1, size=(40, 40))
+    prepare([str(tmp_path / "raw")], tmp_path / "shards", PrepareOptions(shard_size=1, size=32))
+    s3 = f"s3://{s3_env.bucket}/{uuid.uuid4().hex[:10]}/shards"
+    store = storage_for(s3)
+    for p in sorted((tmp_path / "shards").iterdir()):
+        if p.is_file():
+            store.write_bytes(f"{s3}/{p.name}", p.read_bytes())
+    store.write_bytes(f"{s3}/.progress/fingerprint.json", b"{}")  # what else a prepared folder holds
+    with count_requests(store) as counts:
+        kind, sources = list_sources([s3])
+        items = [("tar", f"k{i}", u, {}) for i, u in enumerate(sources)]
+        fp = fingerprint(items, PrepareOptions(shard_size=1), sources.listed)
+    assert kind == "tars" and len(sources) == 4
+    assert counts["HeadObject"] <= 1 and counts["ListObjectsV2"] <= 4, counts  # not one HEAD per shard
+    # the same identities as a pattern's listing gives (a rerun of an earlier version's run resumes)
+    kind, by_pattern = list_sources([f"{s3}/*.tar"])
+    assert fingerprint(items, PrepareOptions(shard_size=1), by_pattern.listed) == fp

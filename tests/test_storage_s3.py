@@ -508,6 +508,24 @@ def test_storage_options_go_by_the_longest_prefix_and_a_mistake_is_one_line(s3_e
         f"FIRSTSTAGE_STORAGE_OPTIONS {tmp_path / 'list.yaml'}: expected a mapping of URL prefixes to options"
 
 
+def test_a_storage_option_of_the_wrong_form_is_one_line_when_it_is_set(tmp_path):
+    """An endpoint_url without http(s):// (`minio.lab:9000`), a size written as a string: botocore's ValueError or a
+    TypeError came out as a traceback at the first request, mid-run; they are refused when the options are set,
+    naming the file and the prefix, as an unknown option is."""
+    from pipeline.storage import load_storage_options, set_storage_options
+
+    assert _one_line_error(lambda: set_storage_options({"s3://raw/": {"endpoint_url": "minio.lab:9000"}})) == (
+        "storage options: s3://raw/: storage option endpoint_url: 'minio.lab:9000' is not an http:// or https:// URL")
+    (tmp_path / "opts.yaml").write_text("s3://raw/:\n  page_size: '1000'\n")
+    assert _one_line_error(lambda: load_storage_options(tmp_path / "opts.yaml")) == (
+        f"FIRSTSTAGE_STORAGE_OPTIONS {tmp_path / 'opts.yaml'}: s3://raw/: storage option page_size: expected a whole "
+        f"number of at least 1, got '1000'")
+    assert "storage option region: expected a string, got 5" in _one_line_error(
+        lambda: set_storage_options({"s3://raw/": {"region": 5}}))
+    set_storage_options({"s3://raw/": {"endpoint_url": "https://minio.lab:9000", "page_size": 10}})  # well formed
+    assert storage_for("s3://raw/x").page_size == 10
+
+
 def test_missing_extra_one_line(monkeypatch):
     from pipeline.storage import base
 

@@ -58,7 +58,7 @@ from pipeline.manifest import IMAGE_FORMAT, MANIFEST, part_name, shard_list
 from pipeline.sources import Sources, resolve_sources
 from pipeline.storage import Unit, as_path, atomic_write_json, remove_dead_temporaries, storage_for
 from pipeline.storage.local import NotRegularFile
-from pipeline.storage.paths import open_range, same_place, without_scheme
+from pipeline.storage.paths import listing_of, open_range, same_place, without_scheme
 
 PROGRESS_DIR = ".progress"
 
@@ -126,7 +126,12 @@ def list_sources(inputs: list[str]) -> tuple[str, Sources]:
             found = resolve_sources(spec, suffixes=INPUT_FILES, deep=True, what=_NO_INPUT)
         except UserError as e:
             raise type(e)(f"--input {e}" if str(e).startswith(str(spec)) else f"--input {spec}: {e}") from None
+        what = storage_for(found[0]).not_a_file(found[0]) if found.form == "file" else None
+        if what:  # a FIFO or a device given as the input itself: never opened (a FIFO would block), one line
+            raise UserError(f"--input {spec}: {what}, not a folder, list file, image, tar shard or Parquet file")
         listed.update(found.listed)
+        if found.form == "manifest":  # a prepared folder: its shards' identities from one listing of it, not a
+            listed.update(listing_of(list(found)))  # request per shard
         found_tars = [u for u in found if _ext(u) in ("tar", "parquet")]
         if found.form == "folder":  # its images (at any depth) or, without images, its tars and Parquet files
             found_images = [u for u in found if _ext(u) in IMAGE_EXTS]

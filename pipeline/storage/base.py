@@ -281,6 +281,10 @@ def set_storage_options(options: dict, source: str = "storage options") -> None:
         if unknown:
             raise UserError(f"{source}: {prefix}: unknown option {unknown[0]!r} (options of {scheme}://: "
                             f"{', '.join(known)})")
+        try:  # a value of the wrong form is refused now, not at the first request mid-run (the backend checks it)
+            cls(**opts)
+        except UserError as e:
+            raise UserError(f"{source}: {prefix}: {e}") from None
         checked[_normal_prefix(prefix)] = dict(opts)
     reset_storage()
     _OPTIONS.update(checked)

@@ -105,9 +105,10 @@ class LocalStorage(Storage):
 
     def entries(self, folder, start: str = "") -> tuple[dict[str, tuple[int, str]], list[str]]:
         files, folders = {}, []
-        root = os.path.join(_local(folder), "")
+        where = str(_local(folder))
+        root = "" if where == "." else os.path.join(where, "")  # `a.tar` as pathlib spells it, not `./a.tar`
         try:
-            listing = os.scandir(root)
+            listing = os.scandir(root or ".")
         except (FileNotFoundError, NotADirectoryError):
             return {}, []
         with listing:
@@ -127,9 +128,14 @@ class LocalStorage(Storage):
         return dict(sorted(files.items())), sorted(folders)
 
     def walk(self, folder) -> dict[str, tuple[int, str]]:
+        """As os.walk: a link to a folder is not descended into (a link back up would list the tree over and over
+        until the kernel's link limit), nor a folder this user may not read (a disk's lost+found); a link to a file
+        is a file."""
         files, folders = self.entries(folder)
         for sub in folders:
-            files.update(self.walk(sub))
+            if not os.path.islink(sub):
+                with contextlib.suppress(PermissionError):
+                    files.update(self.walk(sub))
         return dict(sorted(files.items()))
 
     def object_exists(self, path) -> bool:

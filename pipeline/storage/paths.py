@@ -230,15 +230,18 @@ def has_wildcards(spec: str) -> bool:
 
 def expand_pattern(spec: str) -> list[str]:
     """A brace pattern with shell wildcards (in file and folder names) -> the paths or URLs, sorted per brace
-    alternative; wildcards are matched against a listing of their folder (one per folder, whatever the backend)."""
+    alternative; wildcards are matched against a listing of their folder (one per folder, whatever the backend). A
+    local pattern's `~` is the home folder (a shell leaves a quoted one unexpanded)."""
+    spec = str(spec) if is_url(spec) else os.path.expanduser(str(spec))
     out = []
-    for s in braceexpand.braceexpand(str(spec)):
+    for s in braceexpand.braceexpand(spec):
         out += sorted(_matches(s)) if any(c in s for c in "*?[") else [s]
     return out
 
 
 def _matches(pattern: str, folders: bool = False) -> list[str]:
-    """The files (or, with `folders`, the sub-folders) whose paths match `pattern`, wildcards in any name."""
+    """The files (or, with `folders`, the sub-folders) whose paths match `pattern`, wildcards in any name; as glob's,
+    a hidden name (`.x`, macOS's `._x.tar`) only by a name pattern that starts with '.'."""
     folder, _, name = pattern.rpartition("/")
     if any(c in folder for c in "*?["):
         parents = _matches(folder, folders=True)
@@ -248,8 +251,9 @@ def _matches(pattern: str, folders: bool = False) -> list[str]:
     for parent in parents:
         files, subfolders = storage_for(parent or "/").entries(parent or "/")
         for path in (subfolders if folders else files):
-            if fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], name):
-                found.append(path[2:] if not folder and path.startswith("./") else path)
+            base = path.rsplit("/", 1)[-1]
+            if fnmatch.fnmatchcase(base, name) and (name.startswith(".") or not base.startswith(".")):
+                found.append(f"./{path}" if parent == "." and folder else path)  # `./x*.tar` gives ./x-0.tar
     return found
 
 
@@ -262,9 +266,9 @@ def listing_of(paths: list[str]) -> dict[str, tuple[int, str]]:
     found = {}
     for folder, names in by_folder.items():
         for path, entry in storage_for(folder).entries(folder)[0].items():
-            path = path[2:] if folder == "." else path
-            if path in names:
-                found[path] = entry
+            for spelled in (path, f"./{path}") if folder == "." else (path,):  # the working folder's, either way
+                if spelled in names:
+                    found[spelled] = entry
     return found
 
 

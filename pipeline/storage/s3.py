@@ -137,6 +137,17 @@ class S3Storage(Storage):
                  conflict_attempts: int = 8, page_size: int = 1000, endpoint_url: str | None = None,
                  region: str | None = None, profile: str | None = None, key_env: str | None = None,
                  secret_env: str | None = None, token_env: str | None = None):
+        for name, value in (("multipart_threshold", multipart_threshold), ("part_size", part_size),
+                            ("concurrency", concurrency), ("conflict_attempts", conflict_attempts),
+                            ("page_size", page_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"storage option {name}: expected a whole number of at least 1, got {value!r}")
+        for name, value in (("endpoint_url", endpoint_url), ("region", region), ("profile", profile),
+                            ("key_env", key_env), ("secret_env", secret_env), ("token_env", token_env)):
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"storage option {name}: expected a string, got {value!r}")
+        if endpoint_url is not None and not endpoint_url.lower().startswith(("http://", "https://")):
+            raise UserError(f"storage option endpoint_url: {endpoint_url!r} is not an http:// or https:// URL")
         self.endpoint_url, self.region, self.profile = endpoint_url, region, profile
         self.credential_vars = {"key_env": key_env, "secret_env": secret_env, "token_env": token_env}
         self._conditional_ok: set[tuple[int, str]] = set()  # (pid, bucket) that refused a second create-only write
