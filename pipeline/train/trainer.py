@@ -134,8 +134,11 @@ def _same_modules(model, cfg: Config) -> bool:
     diffusers' own quantizer, where the run trains firststage's (EMA codebook, restarts)."""
     from pipeline.models.families import plain_config
 
-    with torch.device("meta"):
-        built = build_autoencoder(cfg.model, cfg.data.resolution)
+    try:
+        with torch.device("meta"):
+            built = build_autoencoder(cfg.model, cfg.data.resolution)
+    except Exception:  # a class that cannot be built on the meta device (a .item() in its __init__): built for real
+        return False
     classes = [type(m) for m in model.modules()], [type(m) for m in built.modules()]
     return classes[0] == classes[1] and plain_config(model.config) == plain_config(built.config)
 
