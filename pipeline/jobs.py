@@ -1,4 +1,5 @@
-"""What the library's jobs that write into a shared output share (EncodeJob, ExportJob): the output's lock.
+"""What the library's jobs share: the output's lock (EncodeJob, ExportJob), and the process group of a job launched
+as several processes (EncodeJob, EvaluateJob).
 
 A job writes under its output's lock. A stage takes it first (stages.common.take_output_lock, naming its flag) and
 the job finds it held; a Python user who calls a job without one gets it taken by the job for the run and released
@@ -9,8 +10,23 @@ the folder proves it (pipeline.storage.base.check_writable).
 from __future__ import annotations
 
 import contextlib
+import os
 
+from pipeline.errors import UserError
 from pipeline.storage.base import held_token
+
+
+def check_process_group() -> None:
+    """A job launched as several processes (WORLD_SIZE, as accelerate launch and torchrun set it) deals its work
+    among them through their process group: without one, each process would take itself for the whole job (every
+    shard done by each, the main process's checks and writes missing on the others). One line, before any work."""
+    from pipeline.distributed import rank_and_world
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and rank_and_world()[1] != int(world):
+        raise UserError(f"launched as {world} processes (WORLD_SIZE) but no process group of {world} joins them: "
+                        f"create it before running the job (accelerate.PartialState(), as the stages do, or "
+                        f"torch.distributed.init_process_group())")
 
 
 def output_lock(folder, name: str = ".lock", what: str = "output folder", ranks: bool = False, check=None):

@@ -48,12 +48,16 @@ def decode_one_latent(export: Path, latents: Path, out: Path) -> str:
 
 
 def encode(weights, data: Path, output: Path, overrides: list[str]) -> None:
-    """The encode job (pipeline.latents.job), its summary printed; a SIGTERM ends it as it ends the stage (75)."""
+    """The encode job (pipeline.latents.job), its summary printed; a SIGTERM ends it as it ends the stage (75, also
+    when a read hangs: encode.sigterm_grace seconds later)."""
     from pipeline.latents.job import EncodeJob, EncodeOptions
+    from stages.encode import _exit_preempted
 
     stop = threading.Event()
-    with sigterm_sets(stop):
-        report = EncodeJob(weights, str(data), output, options=EncodeOptions(overrides)).run(stop)
+    job = EncodeJob(weights, str(data), output, options=EncodeOptions(overrides))
+    grace = lambda: job.cfg.encode.sigterm_grace if job.cfg is not None else 0.0  # noqa: E731 (loaded: its config's)
+    with sigterm_sets(stop, grace, lambda seconds: _exit_preempted(seconds, [])):  # a dead run's lock is taken over
+        report = job.run(stop)
     print(report.summary())
     if report.stopped:
         raise SystemExit(EXIT_PREEMPTED)

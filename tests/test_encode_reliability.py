@@ -288,10 +288,12 @@ def test_sigterm_during_encode_start_up_exits_75(vae, tmp_path):
     assert "stopped by SIGTERM" in out and not list((tmp_path / "lat").glob("*.tar"))
 
 
-def _group_has(pgid: int, word: bytes) -> bool:
+def _group_has(pgid: int, word: bytes, but: int | None = None) -> bool:
+    """Whether a process of the group `pgid` (other than `but`) has `word` in its command line."""
     for p in Path("/proc").iterdir():
         try:
-            if p.name.isdigit() and os.getpgid(int(p.name)) == pgid and word in (p / "cmdline").read_bytes():
+            if p.name.isdigit() and int(p.name) != but and os.getpgid(int(p.name)) == pgid and \
+                    word in (p / "cmdline").read_bytes():
                 return True
         except OSError:
             continue
@@ -369,3 +371,31 @@ def test_a_full_disk_while_writing_a_small_file_names_that_file(vae, tmp_path, m
     assert r.returncode == 74 and one_line(r), r.stderr[-2000:]
     assert f"no space left on the device of {out} (" in r.stderr
     assert f"while writing {out}/.lock;" in r.stderr  # its first write
+
+
+def test_sigterm_stops_the_demos_encode_within_its_grace_while_a_read_hangs(vae, tmp_path):
+    """The demo runs the encode job itself (stages.demo.encode): a SIGTERM while a read hangs ends it with 75 after
+    encode.sigterm_grace, as it ends the stage, instead of waiting for the read."""
+    code = ("import sys; from pathlib import Path; from stages.demo import encode; "
+            "from pipeline.weights import resolve_weights; "
+            "encode(resolve_weights(sys.argv[1]), 'pipe:sleep 1000', Path(sys.argv[2]), sys.argv[3:])")
+    with open(tmp_path / "err", "w") as err:  # a file, not a pipe: the sleep holds what it inherits
+        proc = subprocess.Popen([sys.executable, "-c", code, str(vae), str(tmp_path / "lat"), *SMALL,
+                                 "data.allow_pipe=true", "encode.sigterm_grace=2"], cwd=ROOT, env=ENV,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 120
+        while not _group_has(proc.pid, b"sleep", but=proc.pid):  # the reader waits on the pipe
+            assert proc.poll() is None, (tmp_path / "err").read_text()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)  # the pipe never delivers: without the grace, no end
+        assert proc.returncode == 75, (tmp_path / "err").read_text()[-2000:]
+        assert "did not stop within 2s (encode.sigterm_grace)" in (tmp_path / "err").read_text()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the sleep
+        except ProcessLookupError:
+            pass

@@ -439,3 +439,22 @@ def test_a_pin_is_checked_against_the_record_and_copies_where_no_link_can_be_mad
     assert w.describe() == "ema.safetensors (step-00000041)" and w.load()[0] is not None
     firststage.release_pins()
     assert not Path(w.pinned).exists() and not list((tmp_path / "cache" / "pins").glob("*"))
+
+
+def test_release_pins_leaves_the_pins_of_a_host_whose_name_starts_with_ours(tmp_path, monkeypatch):
+    """A pin's folder is HOST-PID-XXXXXXXX in a cache that nodes may share: the pins of host `h-1` (pid 7) begin
+    like those of host `h` with pid 1, and one process releasing its pins must not take the other's away."""
+    import socket
+
+    import pipeline.weights.firststage as firststage
+
+    monkeypatch.setenv("FIRSTSTAGE_CACHE", str(tmp_path / "cache"))
+    host, pid = socket.gethostname(), os.getpid()
+    pins = tmp_path / "cache" / firststage.PINS
+    mine, theirs = pins / f"{host}-{pid}-ab12cd34", pins / f"{host}-{pid}-7-ef56gh78"  # host "{host}-{pid}", pid 7
+    for pin in (mine, theirs):
+        (pin / "step-00000040").mkdir(parents=True)
+        (pin / "step-00000040" / "ema.safetensors").write_bytes(b"weights")
+    firststage.release_pins()
+    assert not mine.exists()
+    assert (theirs / "step-00000040" / "ema.safetensors").read_bytes() == b"weights"

@@ -82,6 +82,25 @@ def test_an_encode_job_on_data_that_holds_nothing_names_the_data(tiny):
                   options=EncodeOptions(SMALL)).run()
 
 
+def test_a_job_launched_as_several_processes_without_their_process_group_is_refused_in_one_line(tiny, monkeypatch):
+    """Launched as two processes (WORLD_SIZE=2) with no process group joining them, each process took itself for
+    the whole job: the second encoded every shard without the main process's settings.json ("not a firststage
+    latent folder") while the first encoded them all too; evaluate computed everything twice and wrote nothing on
+    the second. Now both jobs say in one line what is missing, before any work."""
+    from pipeline.latents.job import EncodeJob, EncodeOptions
+    from pipeline.metrics.job import EvaluateJob, EvaluateOptions
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match=r"2 processes \(WORLD_SIZE\) but no process group"):
+        EncodeJob(resolve_weights(tiny / "vae"), str(tiny / "shards"), tiny / "no-group",
+                  options=EncodeOptions(SMALL)).run()
+    assert not (tiny / "no-group").exists()
+    opts = EvaluateOptions(["evaluate.lpips_backbone=random", "evaluate.likelihood_samples=0", *SMALL])
+    with pytest.raises(UserError, match=r"2 processes \(WORLD_SIZE\) but no process group"):
+        EvaluateJob(resolve_weights(tiny / "vae"), str(tiny / "shards"), tiny / "eval-no-group", opts).run()
+
+
 def test_the_evaluate_job_writes_its_results_beside_the_model_or_where_asked(tiny):
     from pipeline.metrics.job import EvaluateJob, EvaluateOptions
 

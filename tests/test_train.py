@@ -248,6 +248,27 @@ def test_frozen_vq_codebook_does_not_drift_through_grids_and_validation(shards, 
     assert int(q.steps) == 0  # no statistics were updated
 
 
+def test_a_diffusers_vq_folder_fine_tuned_with_its_own_codebook_keys_trains_our_quantizer(shards, tmp_path):
+    """A diffusers VQModel folder (a VQ run exported) loads with diffusers' own quantizer, which neither updates its
+    codebook by EMA nor restarts dead codes. Fine-tuned with codebook keys that describe it (the vq-f8 preset's are
+    the defaults), the run trains firststage's quantizer initialised from the folder's codebook, as with other keys."""
+    from pipeline.config import load_config
+    from pipeline.models import build_autoencoder
+    from pipeline.models.quantizer import VectorQuantizer
+    from pipeline.weights.diffusers import save as save_diffusers
+
+    vq = ["model.kind=vq", "model.codebook.update=ema", "model.codebook.dead_after=100",
+          "model.codebook.usage_window=100"]  # the codebook keys' defaults, as vq-f8 has them
+    torch.manual_seed(0)
+    start = build_autoencoder(load_config("tiny", vq).model, 32)
+    save_diffusers(start, tmp_path / "vq")
+    tr = train_inprocess(f"data.train={shards}", f"output_dir={tmp_path / 'run'}", *vq,
+                         f"train.init_from={tmp_path / 'vq'}", "train.max_steps=1")
+    q = tr.unwrapped.vae.quantize
+    assert isinstance(q, VectorQuantizer) and q.update == "ema"
+    assert not torch.equal(q.embedding.weight.cpu(), start.quantize.codebook().detach())  # EMA moved the codes
+
+
 def test_validation_logs_the_ema_weights_too_and_puts_the_raw_weights_back(shards, tmp_path):
     """val_ema/psnr is the PSNR of the EMA weights (what evaluate reports by default), val/psnr that of the raw
     weights, which are back in the model after the pass; the loss plot labels both curves."""

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.errors import EmptyData, StorageUnavailable
-from pipeline.jobs import output_lock, under_lock
+from pipeline.jobs import check_process_group, output_lock, under_lock
 from pipeline.latents import format as lf
 from pipeline.latents.encoder import check_output_folder
 from pipeline.manifest import MANIFEST, part_name, share, summarize_skips
@@ -152,6 +152,7 @@ class EncodeJob:
 
     def run(self, stop: threading.Event | None = None, progress: bool = True) -> EncodeReport:
         start = time.time()
+        check_process_group()
         take = lambda: output_lock(self.output, self.lock_name, ranks=True)  # noqa: E731 (every rank's writes prove it)
         with under_lock(self.output / lf.SETTINGS, take):
             if not self.prepared:

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from pipeline.errors import EmptyData, UserError
+from pipeline.jobs import check_process_group
 from pipeline.storage import ObjectPath, as_path
 
 
@@ -80,6 +81,7 @@ class EvaluateJob:
         from pipeline.storage import atomic_write_json, atomic_write_text
 
         start = time.time()
+        check_process_group()
         self.check_output()
         cfg = self.load()
         rank, world = rank_and_world()

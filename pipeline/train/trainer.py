@@ -128,6 +128,21 @@ def shape_from_init(cfg: Config, explicit: list[str] = (), initial: Initial | No
     return config_from_dict(merge_dicts(config_to_dict(cfg), {"model": shaped}))
 
 
+def _same_modules(model, cfg: Config) -> bool:
+    """Whether `model` is made of the modules the run's model section builds (their classes, and the diffusers config,
+    sample size included), compared with that model built on the meta device: a diffusers VQModel folder loads with
+    diffusers' own quantizer, where the run trains firststage's (EMA codebook, restarts)."""
+    from pipeline.models.families import plain_config
+
+    try:
+        with torch.device("meta"):
+            built = build_autoencoder(cfg.model, cfg.data.resolution)
+    except Exception:  # a class that cannot be built on the meta device (a .item() in its __init__): built for real
+        return False
+    classes = [type(m) for m in model.modules()], [type(m) for m in built.modules()]
+    return classes[0] == classes[1] and plain_config(model.config) == plain_config(built.config)
+
+
 def make_optimizer(params, lr: float, cfg: Config):
     params = [p for p in params if p.requires_grad]
     fused = torch.cuda.is_available()  # one kernel per step instead of one per tensor
@@ -255,7 +270,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.init_from and init is None and not resuming:
             init = load_init(cfg)
-        if init is not None and init.config.model.same_model(cfg.model):
+        if init is not None and init.config.model.same_model(cfg.model) and _same_modules(init.model, cfg):
             vae = init.model.float()  # as a model built from the config is, whatever the weights' dtype
         else:
             vae = build_autoencoder(cfg.model, cfg.data.resolution)

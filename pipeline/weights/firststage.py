@@ -11,7 +11,6 @@ process of this host goes when the next one pins beside it."""
 from __future__ import annotations
 
 import atexit
-import glob
 import hashlib
 import os
 import shutil
@@ -120,8 +119,8 @@ def _sweep(root: Path) -> None:
     """Pins that killed processes of this host left behind."""
     host = socket.gethostname()
     for p in root.iterdir():
-        h, _, rest = p.name.rpartition("-")[0].rpartition("-")
-        if h == host and rest.isdigit() and not _alive(int(rest)):
+        h, pid = _owner(p.name)
+        if h == host and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -140,6 +139,13 @@ def _mine() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-"
 
 
+def _owner(name: str) -> tuple[str, str]:
+    """(host, pid) of a pin's folder HOST-PID-XXXXXXXX: split from the right, as mkdtemp's suffix has no '-' and a
+    host name may (host `h-1`'s pins begin like those of host `h` with pid 1)."""
+    host, _, pid = name.rpartition("-")[0].rpartition("-")
+    return host, pid
+
+
 def drop(private: Path) -> None:
     """Remove one of this process's pins, and the pins' folder when it was the last one there."""
     shutil.rmtree(private, ignore_errors=True)
@@ -154,8 +160,8 @@ def release_pins() -> None:
     """Remove this process's pins (the stage is done with its weights): those of the cache's pins folder named for it."""
     from pipeline.storage.cache import cache_root
 
-    root = cache_root() / PINS
-    for private in sorted(root.glob(f"{glob.escape(_mine())}*")) if root.is_dir() else ():
+    root, me = cache_root() / PINS, (socket.gethostname(), str(os.getpid()))
+    for private in sorted(p for p in root.iterdir() if _owner(p.name) == me) if root.is_dir() else ():
         drop(private)
 
 
