@@ -22,7 +22,7 @@ line (a URL is never taken for a local folder name). Object-storage settings can
 start), so one process reads s3:// from one endpoint and writes to another.
 """
 
-from pipeline.storage.base import (BACKENDS, Storage, is_url, load_storage_options, reset_storage,  # noqa: F401
+from pipeline.storage.base import (BACKENDS, Storage, load_storage_options, reset_storage,  # noqa: F401
                                    set_storage_options, storage_for)
 from pipeline.storage.commit import Unit  # noqa: F401
 from pipeline.storage.local import (  # noqa: F401
@@ -40,5 +40,5 @@ from pipeline.storage.local import (  # noqa: F401
 )
 from pipeline.storage.lock import FolderLock  # noqa: F401
 from pipeline.storage.lease import LeasedLock, folder_lock  # noqa: F401
-from pipeline.storage.paths import ObjectPath, as_path, check_access, is_remote, remove_tree  # noqa: F401
+from pipeline.storage.paths import ObjectPath, as_path, check_access, remove_tree  # noqa: F401
 from pipeline.storage.cache import LogMirror, local_copy  # noqa: F401
