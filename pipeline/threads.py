@@ -19,9 +19,6 @@ import sys
 import threading
 import time
 
-TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
 def choose_threads(cores: float, free: float, local_processes: int) -> tuple[int, bool]:
     """(intra-op threads per process, whether they may spin): of `cores` granted, `free` are idle; they are shared
     among this node's processes. Spinning only when the threads fill the granted cores exactly: none is busy with

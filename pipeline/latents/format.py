@@ -482,11 +482,6 @@ def plan_shards(folder, urls: list[str], settings: dict) -> Plan:
                 {u: r for u, (st, r) in found.items() if st == "complete"}, had)
 
 
-def shard_states(folder, urls: list[str], settings: dict) -> dict[str, str]:
-    """{input URL: shard_state} (plan_shards' states)."""
-    return plan_shards(folder, urls, settings).states
-
-
 def _names(folder) -> list[str]:
     """The names of the files directly in `folder` (a writer's temporaries never among them): one listing."""
     return [path.rsplit("/", 1)[-1] for path in storage_for(str(folder)).entries(str(folder))[0]]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    **dict.fromkeys(["FAMILIES", "AutoencoderOutput", "Latent", "build_autoencoder", "check_input", "decode_latents",
+    "FAMILIES": "pipeline.models.families",
+    **dict.fromkeys(["AutoencoderOutput", "Latent", "build_autoencoder", "check_input", "decode_latents",
                      "downsampling_factor", "encode_latent", "family", "family_of", "is_vq", "key_generator",
                      "key_noise", "key_seed", "last_decoder_layer", "reparameterize", "run_autoencoder"],
                     "pipeline.models.autoencoder"),

@@ -9,7 +9,6 @@ from torch import nn
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.models.families import (  # noqa: F401 (re-exported: the names callers use)
-    FAMILIES,
     AutoencoderOutput,
     Latent,
     family,

@@ -6,8 +6,8 @@ loaded (a stage's checks come before its heavy imports)."""
 from __future__ import annotations
 
 from pipeline.errors import UserError
-from pipeline.models.families import FAMILIES, family
-from pipeline.models.families.generic import DETERMINISTIC, GENERIC  # noqa: F401 (the generic families' classes)
+from pipeline.models.families import FAMILIES
+from pipeline.models.families.generic import GENERIC  # noqa: F401 (the generic families' classes)
 
 # the rest of diffusers.models.autoencoders: refused as what they are, in one line
 AUDIO = ("AutoencoderOobleck", "AutoencoderSAME", "AutoencoderKLKVAEAudio", "AutoencoderKLLTX2Audio",
