@@ -226,6 +226,11 @@ def is_url(path) -> bool:
     return bool(_SCHEME.match(str(path)))
 
 
+def is_remote(path) -> bool:
+    """A URL of an object store (not a local path, not file://)."""
+    return is_url(path) and not str(path).lower().startswith("file://")
+
+
 def _scheme(path) -> str:
     m = _SCHEME.match(str(path))
     return m.group(1).lower() if m else "file"

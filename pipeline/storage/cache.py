@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.storage.base import storage_for
+from pipeline.storage.base import is_remote, storage_for
 from pipeline.storage.local import pid_alive
-from pipeline.storage.paths import ObjectPath, is_remote
+from pipeline.storage.paths import ObjectPath
 
 INDEX = ".firststage-copy.json"  # in a copied folder: {relative name: [size, ETag]} of what was copied
 

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.storage.base import is_remote
 from pipeline.storage.lock import FolderLock
-from pipeline.storage.paths import is_remote
 
 log = logging.getLogger("firststage.storage")
 

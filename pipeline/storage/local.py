@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.errors import UserError
-from pipeline.storage.base import BACKENDS, Storage, check_writable, is_url, storage_for
+from pipeline.storage.base import BACKENDS, Storage, check_writable, is_remote, storage_for
 
 
 def _local(path) -> Path:
@@ -378,7 +378,7 @@ def remove_dead_temporaries(folder: str | Path, names) -> int:
     would otherwise leave beside the finished files. One listing of the folder for all the names, whatever else it
     holds (a run calls it once, not once per file); a temporary whose pid is alive here is kept, and so is every
     temporary of a name not in `names` (another host's run may be writing it). Returns how many went."""
-    if is_url(folder) and not str(folder).startswith("file://"):
+    if is_remote(folder):
         return 0
     names, n = set(names), 0
     try:

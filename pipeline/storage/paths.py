@@ -22,11 +22,6 @@ import braceexpand
 from pipeline.storage.base import is_url, storage_for
 
 
-def is_remote(path) -> bool:
-    """A URL of an object store (not a local path, not file://)."""
-    return is_url(path) and not str(path).lower().startswith("file://")
-
-
 def as_path(path):
     """pathlib.Path for a local path (file:// stripped), ObjectPath for an object-store URL; an unknown scheme or a
     backend whose extra is missing is one line (storage_for)."""
