@@ -1,6 +1,6 @@
 """What the machine gives now: the throughput of a large matrix product (bf16 on a GPU, fp32 on a CPU), measured in a
 second. A stated time means little without it: the same demo took 152 s on a host whose fp32 peak measured 0.35
-TFLOP/s and 336 s on one measuring 0.10."""
+TFLOP/s and 336 s on one measuring 0.10. And the mixed precision `auto` means on it (`resolve_mixed_precision`)."""
 
 from __future__ import annotations
 

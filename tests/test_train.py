@@ -203,7 +203,7 @@ def test_init_from_brings_its_shape_and_an_explicit_other_shape_is_a_clear_error
 
 @pytest.mark.parametrize("extra", [[], ["model.scaling_factor=0.5"]], ids=["its-own-model", "another-section"])
 def test_init_from_reads_its_weights_once(shards, tmp_path, monkeypatch, extra):
-    """train.init_from's weights file is read once per process: the shape comes from that read, and the model it was
+    """train.init_from's weights file is read once (load_init): the shape comes from that read, and the model it was
     read into is the one trained (its own model section) or hands its tensors to the run's model (another one)."""
     from pipeline.config import config_to_dict, load_config
     from pipeline.models import build_autoencoder

@@ -1,8 +1,10 @@
-"""The latent shard format: names, per-sample members, per-shard records, settings and the manifest.
+"""The latent shard format: names, per-sample members, what each kind of latent stores (`StoredKind`, the table
+`KINDS`), per-shard records (`ShardRecord`), the rerun's plan of which shards are done (`plan_shards`), settings, and
+the manifest with its part manifests.
 
   latents/
     shards-000000.tar          one per input shard, same base name; members per sample (key = the input's __key__):
-                                 KEY.latents.safetensors   mean + logvar | mean | sample (+ *_flip) | codes (VQ)
+                                 KEY.latents.safetensors   mean + logvar | mean | sample | codes | latent (+ *_flip)
                                  KEY.json                  original size, crop box, bucket, source shard
                                  KEY.txt, KEY.source.json, ...  the input's other members, byte for byte
     records/shards-000000.json per-shard record: samples, keys checksum, statistics sums, skipped samples

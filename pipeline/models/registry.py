@@ -1,7 +1,7 @@
 """Every class of diffusers.models.autoencoders, classified without importing torch or diffusers: the classes a model
 family holds (each family declares its own, pipeline.models.families), and the audio, video and other autoencoders
-refused as what they are; what a weights folder's config names, and what a family stores, known before any model is
-loaded (a stage's checks come before its heavy imports)."""
+refused as what they are; which family a weights folder's config names, known before any model is loaded (a stage's
+checks come before its heavy imports)."""
 
 from __future__ import annotations
 
