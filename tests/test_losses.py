@@ -140,7 +140,7 @@ def test_objective_gan_starts_at_start_step_and_vq_terms():
     _, after = obj.autoencoder_terms(x, out, step=5, last_layer=last_decoder_layer(model))
     assert "g" in after and after["gan_weight"] > 0
     assert torch.allclose(after["loss"], after["nll"] + after["vq"] + after["gan_weight"] * after["g"], rtol=1e-5)
-    d, dt = obj.discriminator_terms(x, out.reconstruction, step=5)
+    d, dt = obj.discriminator_terms(x, out.reconstruction)
     d.backward()
     assert torch.isfinite(d) and {"r1", "lecam", "logits_real"} <= set(dt)
     assert all(p.grad is not None for p in obj.discriminator.parameters() if p.requires_grad)

@@ -536,7 +536,7 @@ def channel_statistics(n: list[float], s: list[float], ss: list[float]) -> dict:
     }
 
 
-def build_manifest(folder: Path, settings: dict, records: list[ShardRecord], expected: list[str] | None = None,
+def build_manifest(settings: dict, records: list[ShardRecord], expected: list[str] | None = None,
                    processes: int | None = None) -> dict:
     """Sum the per-shard records up. `expected`: the output shard names the current command asked for (the ones
     without a record are listed as missing)."""
@@ -600,7 +600,7 @@ def write_manifest(folder: Path, expected: list[str] | None = None, processes: i
     """manifest.json from settings.json and every record in the folder, each read once (`--rebuild-manifest`)."""
     folder = as_path(folder)
     settings = _folder_settings(folder)
-    manifest = build_manifest(folder, settings, read_records(folder, settings), expected, processes)
+    manifest = build_manifest(settings, read_records(folder, settings), expected, processes)
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 
@@ -638,13 +638,13 @@ def finish_manifest(folder, records: list[ShardRecord], expected: list[str], par
                            "records": [known[n].summary() for n in sorted(known)]})
         others = _other_parts(folder, part, num_parts, identity)
         if others is None:
-            return build_manifest(folder, settings, [known[n] for n in sorted(known)], expected, processes), False
+            return build_manifest(settings, [known[n] for n in sorted(known)], expected, processes), False
         known = {**{r.name: r for r in others}, **known}
     complete, stale = _complete_names(folder, num_parts)
     unknown = sorted(complete - known.keys())
     for r in _read_named(folder, unknown, settings):
         known[r.name] = r
-    manifest = build_manifest(folder, settings, [known[n] for n in sorted(known) if n in complete], expected,
+    manifest = build_manifest(settings, [known[n] for n in sorted(known) if n in complete], expected,
                               processes)
     atomic_write_json(folder / MANIFEST, manifest)
     for p in stale:  # part manifests of another split (N) of the job, which no live run can be writing: superseded

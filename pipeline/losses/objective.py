@@ -177,9 +177,7 @@ class FirstStageObjective(nn.Module):
         terms["loss"] = total.detach()
         return to_backward, terms
 
-    def discriminator_terms(
-        self, x: torch.Tensor, x_rec: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def discriminator_terms(self, x: torch.Tensor, x_rec: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         a = self.cfg.adversarial
         real = x.detach().requires_grad_(a.r1_weight > 0)
         logits_real = self.discriminator(real)

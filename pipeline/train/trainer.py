@@ -371,7 +371,7 @@ class Trainer:
         if gan:
             real = plan.target(plan.input(x)) if plan is not None else x  # what the reconstruction was compared with
             with acc.autocast():
-                d_loss, d_terms = self.objective.discriminator_terms(real, out.reconstruction, step)
+                d_loss, d_terms = self.objective.discriminator_terms(real, out.reconstruction)
             acc.backward(d_loss)
             if acc.sync_gradients:
                 d = self.discriminator
