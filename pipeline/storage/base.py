@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
@@ -173,15 +172,6 @@ class Storage(ABC):
 
     def abort_upload(self, path: str, upload_id: str) -> None:
         """Abort one unfinished upload listed by `uploads` (its parts are deleted; nothing appears)."""
-
-    def abort_uploads(self, folder: str, older_than_s: float = 24 * 3600) -> int:
-        """Abort the unfinished uploads under `folder` (at any depth) started more than `older_than_s` seconds ago;
-        returns how many. A bucket lifecycle rule (AbortIncompleteMultipartUpload) does the same server-side."""
-        cutoff = time.time() - older_than_s
-        found = [(path, upload_id) for path, upload_id, started in self.uploads(folder) if started <= cutoff]
-        for path, upload_id in found:
-            self.abort_upload(path, upload_id)
-        return len(found)
 
 
 # ------------------------------------------------------------------------------------------------ the write guard
