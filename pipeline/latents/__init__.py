@@ -1,6 +1,6 @@
-"""Latent shards: the encode stage's writer side (pipeline.latents.encoder), the format and manifest
-(pipeline.latents.format) and the reader for diffusion trainers (LatentDataset, imported on first use so that the
-package's light modules load without torch)."""
+"""Latent shards: the encode job (pipeline.latents.job: EncodeJob, what the encode stage runs) and its encoder loop and
+shard writer (pipeline.latents.encoder), the format and manifest (pipeline.latents.format) and the reader for
+diffusion trainers (LatentDataset, imported on first use so that the package's light modules load without torch)."""
 
 from __future__ import annotations
 

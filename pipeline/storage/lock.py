@@ -4,7 +4,8 @@ The lock is a small object created create-only, holding host, pid, start time an
 refused with one line naming the holder. A lock left by a dead process on the same host is taken over by a
 compare-and-swap of exactly the stale content, so two processes that find the same stale lock cannot both take it.
 From another host a holder's liveness cannot be checked: the message names the file to remove once that run is
-known to be gone. Only stages take locks; the library's writers assume the stage holds one.
+known to be gone. A stage takes its output's lock first; a job called without one takes it for its run
+(pipeline.jobs.under_lock); the library's other writers (prepare, the Trainer) assume their caller holds one.
 
 While a lock is held, every backend asks it before a final name under its folder is written or removed
 (pipeline.storage.base.check_writable -> `prove`): the lock object must still hold this run's token, read from the
