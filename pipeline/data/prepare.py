@@ -82,6 +82,7 @@ class PrepareOptions(PrepareConfig):
 # An item is a picklable tuple:
 #   ("file", key, image_path, {caption_ext: path})
 #   ("tar",  key, tar_path,   {ext: (offset, size)})
+#   ("parquet", key, parquet_path, {"row": i, ...})   -- pipeline.data.parquet
 #   ("bad",  key, where,      reason)                 -- found broken while listing; recorded as skipped
 
 
