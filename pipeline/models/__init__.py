@@ -10,7 +10,7 @@ import importlib
 _WHERE = {
     "FAMILIES": "pipeline.models.families",
     **dict.fromkeys(["AutoencoderOutput", "Latent", "build_autoencoder", "check_input", "decode_latents",
-                     "downsampling_factor", "encode_latent", "family", "family_of", "is_vq", "key_generator",
+                     "downsampling_factor", "encode_latent", "family", "family_of", "key_generator",
                      "key_noise", "key_seed", "last_decoder_layer", "reparameterize", "run_autoencoder"],
                     "pipeline.models.autoencoder"),
     "PatchDiscriminator": "pipeline.models.discriminator",

@@ -21,10 +21,6 @@ def build_autoencoder(cfg: ModelConfig, sample_size: int = 256) -> nn.Module:
     return family(cfg.kind).build(cfg, sample_size)
 
 
-def is_vq(model) -> bool:
-    return family_of(model).name == "vq"
-
-
 def downsampling_factor(model) -> int:
     return family_of(model).downsampling_factor(model)
 

@@ -36,7 +36,6 @@ from pipeline.storage.local import (  # noqa: F401
     remove_dead_temporaries,
     regular_file,
     respect_umask,
-    temporary_name,
 )
 from pipeline.storage.lock import FolderLock  # noqa: F401
 from pipeline.storage.lease import LeasedLock, folder_lock  # noqa: F401
