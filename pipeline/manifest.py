@@ -1,4 +1,6 @@
-"""Manifests, partitions and skip summaries: what image shards (prepare) and latent shards (encode) share.
+"""Manifests, partitions and skip summaries: what image shards (prepare) and latent shards (encode) share; and the
+runs that share an output folder (the live locks of other splits, `exclude_other_splits`; the unfinished uploads no
+live run owns, `abort_orphan_uploads`).
 
 A manifest is `manifest.json` beside the shards: the shards with their sample counts, the total, and every input
 that was skipped with its reason. Image manifests (`firststage-image-shards/1`) are written by prepare, one per part
