@@ -412,17 +412,14 @@ def input_identity(url: str) -> dict | None:
         return None
 
 
-def shard_state(folder: Path, name: str, settings: dict, url: str | None = None, listed: dict | None = None) -> str:
-    """'complete' when the shard's unit is done (tar and record), with these settings, from the input shard `url` as
-    it is now, and its tar is the one its record describes (Unit.intact: its SHA-256, or its ETag on object storage,
-    from `listed`); 'changed' when it is done with these settings but from another input (other data under the same
-    shard name, or the input was rewritten): a rerun encodes it again; else 'todo'. A shard whose tar was replaced
-    after its record was created (two runs writing it at once) is undone here, so that it is written again."""
-    return _look(folder, name, settings, url, listed)[0]
-
-
-def _look(folder, name: str, settings: dict, url: str | None, listed: dict | None) -> tuple[str, ShardRecord | None]:
-    """(shard_state, the record read for it: one read, which the run's manifest uses too)."""
+def shard_state(folder, name: str, settings: dict, url: str | None,
+                listed: dict | None) -> tuple[str, ShardRecord | None]:
+    """(state, the record read for it: one read, which the run's manifest uses too). The state: 'complete' when the
+    shard's unit is done (tar and record), with these settings, from the input shard `url` as it is now, and its tar
+    is the one its record describes (Unit.intact: its SHA-256, or its ETag on object storage, from `listed`);
+    'changed' when it is done with these settings but from another input (other data under the same shard name, or
+    the input was rewritten): a rerun encodes it again; 'undone' when its tar was replaced after its record was
+    created (two runs writing it at once): undone here, so that it is written again; else 'todo'."""
     unit = shard_unit(folder, name)
     record = read_record(unit, listed=listed is not None)
     state = record_state(record, settings, url)
@@ -477,7 +474,7 @@ def plan_shards(folder, urls: list[str], settings: dict) -> Plan:
     have = [u for u in urls if Path(shard_name(u)).stem in recorded]
     look = [u for u in have if str(folder / shard_name(u)) in listed]
     with ThreadPoolExecutor(16) as pool:
-        found = dict(zip(look, pool.map(lambda u: _look(folder, shard_name(u), settings, u, listed), look)))
+        found = dict(zip(look, pool.map(lambda u: shard_state(folder, shard_name(u), settings, u, listed), look)))
     states = {u: found.get(u, ("todo", None))[0] for u in urls}
     had = {shard_name(u) for u in have if states[u] != "undone"}
     return Plan({u: "todo" if st == "undone" else st for u, st in states.items()},
