@@ -7,7 +7,8 @@
   on_every_rank(fn, what)      fn() run on every rank; it returns on every rank or fails on every rank
   held_by_main(take, follow)   a lock taken by the main process and followed by every other rank
   gather_objects(obj)          [obj of every rank] on every rank
-  rank_and_world()             (this process's global rank, the number of processes): (0, 1) without a group
+  rank_and_world()             (this process's global rank, the number of processes): (0, 1) without a group, or
+                               with `environment` the RANK / WORLD_SIZE variables
   wait_for_everyone()          a barrier (nothing in one process)
 """
 
@@ -141,10 +142,13 @@ def gather_objects(obj) -> list:
     return out
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(global rank, world size) of the process group the stage started (accelerate), or (0, 1) without one."""
+def rank_and_world(environment: bool = False) -> tuple[int, int]:
+    """(global rank, world size) of the process group the stage started (accelerate); without one (0, 1), or with
+    `environment` the RANK / WORLD_SIZE variables (LatentDataset's default in a trainer that has no group yet)."""
     dist = _group()
-    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+    if dist is not None:
+        return dist.get_rank(), dist.get_world_size()
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))) if environment else (0, 1)
 
 
 def wait_for_everyone() -> None:

@@ -219,6 +219,21 @@ def test_measured_normalisation_gives_unit_variance_through_the_reader(data, tmp
     assert not torch.allclose(means, z)
 
 
+def test_reader_takes_rank_and_world_from_the_environment_without_a_process_group(data, monkeypatch):
+    """Without a process group, LatentDataset's rank and world size default to RANK / WORLD_SIZE (a trainer launched
+    by torchrun that builds its dataset before init_process_group): each rank reads its own half, as given."""
+    def keys(**kw):
+        return sorted(s["__key__"] for s in LatentDataset(data / "ref", mode="eval", sample=False, **kw))
+
+    every = keys()
+    halves = [keys(rank=r, world_size=2) for r in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == every and halves[0] and halves[1]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for r in (0, 1):
+        monkeypatch.setenv("RANK", str(r))
+        assert keys() == halves[r]
+
+
 def test_flip_and_sample_store_and_train_mode_reader(data, tmp_path):
     out = tmp_path / "lat"
     encode("--model", data / "vae", "--data", data / "shards", "--output", out, "data.resolution=32",

@@ -29,7 +29,6 @@ constructor.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from webdataset.utils import make_seed
 
 from pipeline.config import MAX_MEMBER_BYTES
 from pipeline.data.loader import MemberTooLarge, ShardStream, collate, read_samples, worker_slot
+from pipeline.distributed import rank_and_world
 from pipeline.errors import DataError, UserError
 from pipeline.latents.format import LATENT_EXT, META_EXT, BadLatent, kind_named, read_latent, shard_intact
 from pipeline.manifest import LATENT_FORMAT, MANIFEST, read_manifest
@@ -51,12 +51,6 @@ from pipeline.storage.paths import missing_objects
 def _convention(manifest: dict) -> tuple:
     """What must agree between the manifests of the folders one LatentDataset reads."""
     return tuple(repr(manifest.get(k)) for k in ("tensors", "dtype", "normalisation"))
-
-
-def _default_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class LatentDataset(ShardStream):
@@ -109,7 +103,7 @@ class LatentDataset(ShardStream):
                 raise DataError(f"{as_path(bad[0]).parent}: {len(bad)} shard(s) are not the tars their records "
                                 f"describe (first: {as_path(bad[0]).name}); run the encode command again, which "
                                 f"writes them again")
-        r, w = _default_rank_world()
+        r, w = rank_and_world(environment=True)
         super().__init__(list(self.expected), mode, shuffle_buffer, seed, r if rank is None else rank,
                          w if world_size is None else world_size, epoch, max_bad_samples=max_bad_samples,
                          max_member_bytes=max_member_bytes)
