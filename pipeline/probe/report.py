@@ -105,7 +105,6 @@ def write_report(tr, vae, weights, final: dict) -> dict:
     from pipeline.storage import atomic_write_json, atomic_write_text
 
     cfg, p, acc, st, out = tr.cfg, tr.cfg.probe, tr.accelerator, tr.state, tr.logs.local
-    net = tr.generator()
     if vae is not None:
         vae = vae.to(acc.device).eval()
     fid, why = None, "not computed: no first stage decodes the samples (the manifest names none; give --model)"
@@ -113,8 +112,9 @@ def write_report(tr, vae, weights, final: dict) -> dict:
         fid, why = load_fid(acc.device) if p.images else (None, "not computed: no held-out images (--images)")
     n = max(p.num_samples, p.fid_samples) if fid is not None else p.num_samples
     norm = tr.loader.dataset.normalisation
-    _, images = decoded_samples(net, vae, norm, n, tr.shape, p.sample_steps, tr.shift, cfg.seed, acc.device,
-                                p.num_classes, cfg.evaluate.batch_size)
+    with tr.generator() as net:
+        _, images = decoded_samples(net, vae, norm, n, tr.shape, p.sample_steps, tr.shift, cfg.seed, acc.device,
+                                    p.num_classes, cfg.evaluate.batch_size)
     if images is not None:
         grid = images[:p.num_samples]
         if len(grid) % 2:  # two rows of equal length

@@ -14,7 +14,7 @@ steps and at the last one, from the EMA weights when there are some; its rows go
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import threading
 import time
 
@@ -177,12 +177,18 @@ class ProbeTrainer:
         self.state.step, self.state.skipped_steps, self.state.samples = meta["step"], meta["skipped_steps"], meta["samples"]
         self.state.last_checkpoint = source
 
-    def generator(self) -> torch.nn.Module:
-        """The transformer to validate and sample with: the EMA weights in a copy (the raw ones without EMA)."""
-        net = copy.deepcopy(self.unwrapped).eval()
-        if self.ema is not None:
-            net.load_state_dict(self.ema.state_dict())
-        return net
+    @contextlib.contextmanager
+    def generator(self):
+        """The transformer to validate and sample with, in eval mode for the block: the EMA weights (the raw ones
+        without EMA); then its own weights and mode again."""
+        net = self.unwrapped
+        was_training = net.training
+        net.eval()
+        try:
+            with self.ema.applied(net) if self.ema is not None else contextlib.nullcontext(net):
+                yield net
+        finally:
+            net.train(was_training)
 
     # -------------------------------------------------------------------------------------------- a step
     def train_step(self, batch: dict) -> tuple[dict, torch.Tensor]:
@@ -274,20 +280,20 @@ class ProbeTrainer:
         acc, p = self.accelerator, self.cfg.probe
         z, keys, cls = self.val
         mine = list(range(acc.process_index, len(keys), acc.num_processes))
-        net = self.generator()
         sums = torch.zeros(len(VAL_GRID), dtype=torch.float64, device=acc.device)
         bs = self.cfg.evaluate.batch_size
-        for i in range(0, len(mine), bs):
-            idx = mine[i:i + bs]
-            x0 = z[idx].to(acc.device)
-            labels = class_labels({"cls": [cls[j] for j in idx]}, p.num_classes, acc.device)
-            for k, tv in enumerate(VAL_GRID):
-                eps = key_noise([f"{keys[j]}#t={tv}" for j in idx], x0.shape[1:]).to(acc.device)
-                t = torch.full((len(idx),), tv, device=acc.device)
-                xt, target = noised(x0, eps, t)
-                with acc.autocast():
-                    v = velocity(net, xt, t, labels)
-                sums[k] += ((v.float() - target) ** 2).mean(dim=(1, 2, 3)).double().sum()
+        with self.generator() as net:
+            for i in range(0, len(mine), bs):
+                idx = mine[i:i + bs]
+                x0 = z[idx].to(acc.device)
+                labels = class_labels({"cls": [cls[j] for j in idx]}, p.num_classes, acc.device)
+                for k, tv in enumerate(VAL_GRID):
+                    eps = key_noise([f"{keys[j]}#t={tv}" for j in idx], x0.shape[1:]).to(acc.device)
+                    t = torch.full((len(idx),), tv, device=acc.device)
+                    xt, target = noised(x0, eps, t)
+                    with acc.autocast():
+                        v = velocity(net, xt, t, labels)
+                    sums[k] += ((v.float() - target) ** 2).mean(dim=(1, 2, 3)).double().sum()
         total = all_reduce([sums], "sum", acc.device)[0] / len(keys)
         row = {str(tv): float(v) for tv, v in zip(VAL_GRID, total.tolist())}
         row["mean"] = sum(row.values()) / len(VAL_GRID)

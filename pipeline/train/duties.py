@@ -216,12 +216,8 @@ class Validator:
         module.eval()
         res = self._evaluate(module.vae)
         if ema is not None:
-            raw = {k: v.detach().clone() for k, v in module.vae.state_dict().items()}
-            module.vae.load_state_dict(ema.state_dict())
-            try:
-                res_ema = self._evaluate(module.vae)
-            finally:
-                module.vae.load_state_dict(raw)
+            with ema.applied(module.vae) as vae:
+                res_ema = self._evaluate(vae)
         module.train(was_training)  # through the wrapper: a frozen encoder side stays in eval mode
         metrics = {"val/psnr": res["psnr"], "val/ssim": res["ssim"]}
         metrics.update({f"val/lpips_{k}": res[f"lpips_{k}"] for k in self.perceptual})

@@ -10,6 +10,8 @@ steps 37% of it still is). `step` counts the updates; the trainer saves it in tr
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -48,3 +50,14 @@ class EMA:
     def to(self, device) -> "EMA":
         self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
         return self
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """`model` with the EMA weights in it for the block, then its own again, bit for bit (validation and sampling
+        mid-run, without a second model in memory)."""
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(raw)
