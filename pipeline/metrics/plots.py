@@ -63,7 +63,8 @@ def training_curves(metrics: Path, out: Path, title: str = "", second: str = "va
         h2 = ax2.get_legend_handles_labels()
         handles = (handles[0] + h2[0], handles[1] + h2[1])
     if handles[0]:
-        ax.legend(*handles, loc="upper center", fontsize=8)
+        ax.legend(*handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(handles[0]), fontsize=8,
+                  frameon=False)  # below the axes: never over a curve
     if not train and not curves:
         ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title or "training", fontsize=10)
