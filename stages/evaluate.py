@@ -55,6 +55,8 @@ def main(argv=None) -> None:
         job.check_output()  # before evaluating: a result is never computed and then lost
     with alias_errors(ALIASES):
         job.load()
+    with flag_named("--data"):
+        job.plan()
     with flag_named("--data", only=EmptyData):
         r = job.run()
     print0(r.table)

@@ -120,6 +120,9 @@ def test_bad_inputs(tiny_run, tmp_path):
     (tmp_path / "notamodel").mkdir()
     r = evaluate("--model", tmp_path / "notamodel", "--data", tiny_run / "val", check=False)
     assert r.returncode == 2 and "not an autoencoder" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = evaluate("--model", tiny_run / "run", "--data", tmp_path / "empty", "--output", tmp_path / "o", check=False)
+    assert r.returncode == 2 and f"error: --data {tmp_path / 'empty'}: folder holds no .tar shards" in r.stderr
     write_tar(tmp_path / "noimg.tar", [{"__key__": "a", "txt": b"caption only"}])
     r = evaluate("--model", tiny_run / "run", "--data", tmp_path / "noimg.tar", "--output", tmp_path / "o", check=False)
     assert r.returncode == 2 and "no decodable images" in r.stderr

@@ -53,7 +53,7 @@ class EvaluateJob:
     def __init__(self, weights, data: str, output=None, options: EvaluateOptions | None = None, device=None):
         self.weights, self.data, self.options, self.device = weights, str(data), options or EvaluateOptions(), device
         self.output = as_path(output) if output else weights.beside  # beside the model: on object storage too
-        self.model = self.cfg = None
+        self.model = self.cfg = self._plan = None
 
     def check_output(self) -> None:
         """Before evaluating: a result is never computed and then lost to an output that cannot be a folder."""
@@ -68,10 +68,22 @@ class EvaluateJob:
             self.model, self.cfg = self.weights.load(self.options.overrides)
         return self.cfg
 
+    def plan(self) -> tuple:
+        """(shards, samples to read of each, samples planned) of the data for evaluate.num_samples: the data's
+        one-line refusals (no such folder, no shards, nothing in them) come from here, before the model runs."""
+        if self._plan is None:
+            from pipeline.data.loader import plan_subset
+
+            cfg = self.load()
+            self._plan = plan_subset(self.data, cfg.evaluate.num_samples, cfg.data.allow_pipe)
+            if self._plan[2] == 0:
+                raise EmptyData(f"{self.data}: the shards hold no samples")
+        return self._plan
+
     def run(self) -> EvaluateReport:
         import torch
 
-        from pipeline.data.loader import batches, make_loader, plan_subset
+        from pipeline.data.loader import batches, make_loader
         from pipeline.distributed import all_reduce, is_main_process, print0, rank_and_world, wait_for_everyone
         from pipeline.metrics.evaluator import Evaluator
         from pipeline.metrics.plots import reconstruction_grid
@@ -86,9 +98,7 @@ class EvaluateJob:
         cfg = self.load()
         rank, world = rank_and_world()
         n = cfg.evaluate.num_samples
-        urls, limits, planned = plan_subset(self.data, n, cfg.data.allow_pipe)
-        if planned == 0:
-            raise EmptyData(f"{self.data}: the shards hold no samples")
+        urls, limits, planned = self.plan()
         if planned < n and self.options.asked:
             print0(f"evaluate: warning: asked for {n} samples, the data holds {planned}; evaluating {planned}",
                    file=sys.stderr)
