@@ -187,3 +187,18 @@ def test_prepare_from_a_prepared_folder_on_s3_asks_nothing_per_shard(tmp_path, s
     # the same identities as a pattern's listing gives (a rerun of an earlier version's run resumes)
     kind, by_pattern = list_sources([f"{s3}/*.tar"])
     assert fingerprint(items, PrepareOptions(shard_size=1), by_pattern.listed) == fp
+
+
+def test_a_no_op_prepare_rerun_on_s3_asks_nothing_per_shard(tmp_path, s3_env):
+    """A rerun of a finished prepare into object storage: its two listings (the records, the shards) say which
+    shards are done; each record is read (a GET), and neither it nor its tar is asked about again (a HEAD each)."""
+    from helpers import make_shards
+    from pipeline.data.prepare import PrepareOptions, prepare
+
+    make_shards(tmp_path / "raw", 6, 1, size=(40, 40))
+    out = f"s3://{s3_env.bucket}/{uuid.uuid4().hex[:10]}/shards"
+    first = prepare([str(tmp_path / "raw")], out, PrepareOptions(shard_size=1, size=32))
+    with count_requests(storage_for(out)) as counts:
+        again = prepare([str(tmp_path / "raw")], out, PrepareOptions(shard_size=1, size=32))
+    assert again["shards"] == first["shards"] and len(first["shards"]) == 6
+    assert counts["GetObject"] >= 6 and counts["HeadObject"] < 6, counts  # not one HEAD (or two) per done shard

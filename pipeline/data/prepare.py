@@ -604,7 +604,7 @@ def prepare(inputs: list[str], output: str | Path, opts: PrepareOptions, progres
         for j, chunk in chunks(items, opts.shard_size):
             name = output_shard_name(opts, j)
             unit = shard_unit(out, name)
-            record = unit.read_record() if str(out / name) in listed else None
+            record = unit.read_record(listed=True) if str(out / name) in listed else None
             if record is not None and not unit.intact(record, listed):
                 unit.undo()  # its tar is not the one its record describes (another run replaced it): written again
                 record = None
