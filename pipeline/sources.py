@@ -68,7 +68,10 @@ def resolve_sources(spec, allow_pipe: bool = False, suffixes: tuple[str, ...] = 
     """The sources `spec` names (see the module's docstring). `suffixes`: the kinds of file the caller reads (a file
     named so is a source, not a list file; a folder without a manifest gives those in it); `deep`: a folder's files
     at any depth, every kind (the caller sorts them: prepare); `empty`: also the shards a manifest says are empty;
-    `what`: the sources in words, for messages; `format`: the manifests' (pipeline.manifest.read_manifest)."""
+    `what`: the sources in words, for messages; `format`: the manifests' (pipeline.manifest.read_manifest). A
+    Sources is already resolved: it is returned as it is (a caller hands on what it resolved, nothing is asked twice)."""
+    if isinstance(spec, Sources):
+        return spec
     if isinstance(spec, (list, tuple)):
         out = Sources()
         for s in spec:

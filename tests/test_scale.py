@@ -202,3 +202,21 @@ def test_a_no_op_prepare_rerun_on_s3_asks_nothing_per_shard(tmp_path, s3_env):
         again = prepare([str(tmp_path / "raw")], out, PrepareOptions(shard_size=1, size=32))
     assert again["shards"] == first["shards"] and len(first["shards"]) == 6
     assert counts["GetObject"] >= 6 and counts["HeadObject"] < 6, counts  # not one HEAD (or two) per done shard
+
+
+def test_what_was_resolved_is_not_resolved_again(tmp_path, s3_env):
+    """The trainer resolves data.val once and plans its subset from that (Sources): planning asks the store nothing,
+    where it resolved the spec again (a listing and the manifest, per rank and per start)."""
+    from helpers import make_shards
+    from pipeline.data.loader import plan_subset
+    from pipeline.data.prepare import PrepareOptions, prepare
+    from pipeline.sources import resolve_sources
+
+    make_shards(tmp_path / "raw", 3, 2, size=(40, 40))
+    out = f"s3://{s3_env.bucket}/{uuid.uuid4().hex[:10]}/shards"
+    prepare([str(tmp_path / "raw")], out, PrepareOptions(shard_size=2, size=32))
+    sources = resolve_sources(out)
+    assert resolve_sources(sources) is sources
+    with count_requests(storage_for(out)) as counts:
+        urls, limits, planned = plan_subset(sources, 5)
+    assert planned == 5 and urls == list(sources) and sum(counts.values()) == 0, counts

@@ -24,6 +24,7 @@ from pipeline.jobs import check_process_group, output_lock, under_lock
 from pipeline.latents import format as lf
 from pipeline.latents.encoder import check_output_folder
 from pipeline.manifest import MANIFEST, part_name, share, summarize_skips
+from pipeline.sources import Sources
 from pipeline.storage import as_path
 
 
@@ -173,7 +174,8 @@ class EncodeJob:
         rank, world = rank_and_world()
         cuda = device.type == "cuda"
         manifest = as_path(self.data) / MANIFEST if as_path(self.data).is_dir() else as_path(self.data)
-        counts = shard_sample_counts(self.data) if manifest.suffix == ".json" and manifest.is_file() else None
+        counts = shard_sample_counts(urls if isinstance(urls, Sources) else self.data) \
+            if manifest.suffix == ".json" and manifest.is_file() else None  # the manifest's, as resolved
         _, mine = share(urls, counts, self.part, self.num_parts, rank, world)
         states = (plan := lf.plan_shards(self.output, mine, settings)).states  # "changed": done from another input
         todo = [u for u in mine if states[u] != "complete"]

@@ -170,8 +170,7 @@ class Trainer:
             self.logs.pull("metrics.jsonl")
         pipes = cfg.data.allow_pipe
         train_urls = resolve_sources(cfg.data.train, pipes)  # cheap checks first: a user mistake before any model is built
-        if cfg.data.val:
-            resolve_sources(cfg.data.val, pipes)
+        val_sources = resolve_sources(cfg.data.val, pipes) if cfg.data.val else None
         if cfg.loss.alignment.enabled and cfg.loss.alignment.backbone == "pretrained":
             foundation_source(cfg.loss.alignment.model)  # missing DINOv2 weights: one line, before anything is built
         if not cfg.train.init_from:
@@ -250,7 +249,7 @@ class Trainer:
         self.grid = GridWriter(self.logs.local, acc, cfg.train.image_every)
         self.validator = None
         if cfg.data.val:
-            val_urls, val_limits, _ = plan_subset(cfg.data.val, cfg.train.val_samples, pipes)
+            val_urls, val_limits, _ = plan_subset(val_sources, cfg.train.val_samples, pipes)
             val_loader = lambda: make_loader(  # noqa: E731 (rebuilt for each validation: eval streams end)
                 val_urls, "eval", cfg.evaluate.batch_size, cfg.data.num_workers, resolution=cfg.data.resolution,
                 rank=acc.process_index, world_size=acc.num_processes, limits=val_limits,
