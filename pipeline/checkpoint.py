@@ -194,6 +194,15 @@ def load_object(path: Path):
                         f"it was not executed") from None
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed every RNG a training step draws from (torch's, on every device; Python's; NumPy's)."""
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def rng_state() -> dict:
     """This process's RNG states as tensors and plain numbers (loadable with weights_only=True)."""
     import torch

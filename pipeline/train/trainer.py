@@ -13,14 +13,12 @@ pipeline.train.duties.
 from __future__ import annotations
 
 import contextlib
-import random
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline import checkpoint as ckpt
@@ -182,9 +180,7 @@ class Trainer:
         if cfg.train.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        ckpt.seed_rngs(cfg.seed)  # identical initial weights on every rank
 
         vae, init = self._initial_model(resume_path is not None, init)
         family_of(vae).check_trainable(vae)
@@ -230,10 +226,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.to(acc.device)
         if acc.process_index > 0:  # the weights are the same everywhere; each rank draws its own noise (posterior
-            seed = cfg.seed + acc.process_index  # samples, latent noise, augmentations), saved and resumed per rank
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
+            ckpt.seed_rngs(cfg.seed + acc.process_index)  # samples, latent noise, augmentations), resumed per rank
 
         self.state = State()
         if resume_path is not None:
