@@ -17,7 +17,6 @@ import threading
 
 import stages
 from pipeline.errors import ConfigError, Diverged, TryAgain, UserError
-from pipeline.machine import resolve_mixed_precision  # noqa: F401 (train's, and the stages' one place to find it)
 from pipeline.storage import load_storage_options, no_space_message
 
 EXIT_USER = 2

@@ -21,9 +21,10 @@ import threading
 from pipeline.config import config_to_dict, load_config, save_config
 from pipeline.distributed import is_main_process, print0
 from pipeline.errors import UserError
+from pipeline.machine import resolve_mixed_precision
 from pipeline.storage import LogMirror
-from stages.common import (EXIT_PREEMPTED, add_config_args, check_paths, flag_named, resolve_mixed_precision,
-                           sigterm_sets, stage_main, start_up, take_output_lock)
+from stages.common import (EXIT_PREEMPTED, add_config_args, check_paths, flag_named, sigterm_sets, stage_main, start_up,
+                           take_output_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,7 +58,7 @@ from pipeline.manifest import IMAGE_FORMAT, MANIFEST, part_name, shard_list
 from pipeline.sources import Sources, resolve_sources
 from pipeline.storage import Unit, as_path, atomic_write_json, remove_dead_temporaries, storage_for
 from pipeline.storage.local import NotRegularFile
-from pipeline.storage.paths import listing_of, open_range, same_place, without_scheme
+from pipeline.storage.paths import listing_of, same_place, without_scheme
 
 PROGRESS_DIR = ".progress"
 
@@ -371,7 +371,7 @@ def fetch_spans(items: list) -> dict:
         for src, (lo, hi) in spans.items():
             f = tempfile.TemporaryFile()
             out[src] = (lo, f)
-            with open_range(src, lo, hi - lo) as r:
+            with storage_for(src).open_range(src, lo, hi - lo) as r:
                 shutil.copyfileobj(r, f, 2**20)
     except BaseException as e:
         for _, f in out.values():

@@ -272,8 +272,3 @@ def missing_objects(paths: list[str], listed: dict | None = None) -> list[str]:
     listing_of) does not show, each asked about once more (a local FIFO is no listed file, but it exists)."""
     listed = listing_of(paths) if listed is None else listed
     return [p for p in paths if p not in listed and not storage_for(p).exists(p)]
-
-
-def open_range(path, start: int, length: int) -> BinaryIO:
-    """A stream of `length` bytes of a file or object from byte `start` (one ranged GET on an object store)."""
-    return storage_for(str(path)).open_range(str(path), start, length)

@@ -7,6 +7,7 @@ stage's heavy imports."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,9 +63,9 @@ class Family:
     latent = "posterior"  # what its encoder gives: a Gaussian posterior, "codes" (indices), or a deterministic "latent"
     keys: type | None = None  # a dataclass of its own model.* keys (None: it is built from model.diffusers only)
 
-    @property
+    @functools.cached_property
     def classes(self) -> tuple[type, ...]:
-        """Its model classes (diffusers imported here, never when the family table is read)."""
+        """Its model classes (diffusers imported here, on first use, never when the family table is read)."""
         return diffusers_classes(self.class_names)
 
     @property
