@@ -81,22 +81,12 @@ def load(folder: Path, ema: bool, overrides: list[str] | None):
     return model, model_config(model, overrides)
 
 
-def default_resolution(config, kind: str) -> int:
-    """data.resolution of a diffusers model of the family `kind`: its sample_size when that fits its downsampling
-    factor, else 256 (or the nearest multiple of the factor below it)."""
-    f = family(kind).factor_of_config(config)
-    if "encoder_input_size" in config:  # AutoencoderRAE decodes one size: its patch times the encoder's grid
-        return f * (config["encoder_input_size"] // config.get("encoder_patch_size", 14))
-    size = config.get("sample_size")
-    return size if isinstance(size, int) and size > 0 and size % f == 0 else max(f, 256 - 256 % f)
-
-
 def model_config(model, overrides: list[str] | None = None):
     """A Config whose model section describes a loaded model (for evaluate / encode / export / init_from)."""
     from pipeline.models.families import family_of
 
     fam = family_of(model)
-    data = {"resolution": default_resolution(model.config, fam.name)}
+    data = {"resolution": fam.default_resolution(model.config)}
     return config_from_dict(merge_dicts({"model": fam.model_section(model), "data": data},
                                         parse_overrides(overrides or [])))
 
@@ -105,9 +95,9 @@ def light_config(folder: Path, overrides: list[str] | None = None):
     """The Config from config.json alone (no model, no torch): the family and its diffusers config, the resolution;
     what encode compares with an output folder's settings before loading anything."""
     config = read_config(folder)
-    kind = family_of_class_name(config.get("_class_name"))
-    section = family(kind).light_section(config)
-    return config_from_dict(merge_dicts({"model": section, "data": {"resolution": default_resolution(config, kind)}},
+    fam = family(family_of_class_name(config.get("_class_name")))
+    data = {"resolution": fam.default_resolution(config)}
+    return config_from_dict(merge_dicts({"model": fam.light_section(config), "data": data},
                                         parse_overrides(overrides or [])))
 
 

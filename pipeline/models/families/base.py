@@ -94,6 +94,13 @@ class Family:
         (AutoencoderKL, VQModel, Flux2, DC-AE, Tiny)."""
         return 2 ** (len(config.get("encoder_block_out_channels") or config["block_out_channels"]) - 1)
 
+    def default_resolution(self, config) -> int:
+        """data.resolution for a diffusers model of this family with this config: its sample_size when that fits
+        its downsampling factor, else 256 (or the nearest multiple of the factor below it)."""
+        f = self.factor_of_config(config)
+        size = config.get("sample_size")
+        return size if isinstance(size, int) and size > 0 and size % f == 0 else max(f, 256 - 256 % f)
+
     shift = True  # its pipelines subtract a shift (measured normalisation then removes the mean)
     exports = ("diffusers", "firststage")  # pipeline.weights export formats that can hold this family
     any_size = True  # its decoder decodes a latent of any size (False: a ViT decoder's fixed grid, an RAE's)

@@ -102,6 +102,11 @@ class RAEFamily(Family):
     def factor_of_config(self, config) -> int:
         return int(config.get("patch_size") or 16)  # the decoder's patch per latent position
 
+    def default_resolution(self, config) -> int:
+        """The one size it decodes: its patch times the encoder's grid."""
+        return self.factor_of_config(config) * (config.get("encoder_input_size", 224) //
+                                                config.get("encoder_patch_size", 14))
+
     def build_from_fields(self, cfg, sample_size: int) -> nn.Module:
         r, e = cfg.rae, cfg.rae.encoder
         mean, std = NORM.get(e.type, IMAGENET)
