@@ -136,8 +136,8 @@ class Storage(ABC):
         return None
 
     def canonical(self, path: str) -> str:
-        """Where `path` leads, spelled one way, to compare two paths of this backend: locally the real path (links
-        resolved, file:// dropped), the URL without a trailing slash by default. No request."""
+        """Where `path` leads, spelled one way, to compare two paths of this backend: locally the real path (`~`
+        expanded, links resolved, file:// dropped), the URL without a trailing slash by default. No request."""
         return str(path).rstrip("/")
 
     opens_in_place: bool = True

@@ -160,7 +160,7 @@ class LocalStorage(Storage):
         return None if stat.S_ISREG(mode) else kind_of(mode)
 
     def canonical(self, path) -> str:
-        return os.path.realpath(_local(path))
+        return os.path.realpath(os.path.expanduser(_local(path)))
 
     def read_bytes(self, path) -> bytes:
         return _local(path).read_bytes()

@@ -166,15 +166,14 @@ class ObjectPath:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def same_place(path, links: bool = False) -> str:
-    """A path spelled one way, to compare where two paths lead: absolute for a local path (file:// dropped; `~`
-    expanded, and with `links` its symbolic links resolved), the URL for an object."""
+def same_place(path) -> str:
+    """A path spelled one way, to compare where two paths lead: absolute for a local path (file:// dropped, `~`
+    expanded; its links as they are: the storage's `canonical` resolves them), the URL for an object."""
     path = str(path)
     path = path[len("file://"):] if path.startswith("file://") else path
     if is_url(path):
         return path.rstrip("/")
-    path = os.path.expanduser(path)
-    return os.path.realpath(path) if links else os.path.abspath(path)
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def without_scheme(path) -> str:

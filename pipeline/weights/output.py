@@ -24,30 +24,34 @@ EXPORT_FILES = {"README.md", "config.json", "diffusion_pytorch_model.safetensors
 
 
 def model_places(weights) -> list[str]:
-    """The model's files and folders, each spelled as storage.paths.same_place spells it (links resolved): the path
+    """The model's files and folders, each spelled as its storage's `canonical` spells it (links resolved): the path
     given, the path it means (on object storage: its URL and its local copy), and a checkpoint's run folder."""
-    from pipeline.storage.paths import same_place
-
     paths = [weights.given, weights.path, weights.where]
     if weights.checkpoint is not None and weights.checkpoint.parent.name == CHECKPOINTS:
         paths.append(weights.checkpoint.parent.parent)
-    return list(dict.fromkeys(same_place(p, links=True) for p in paths))
+    return list(dict.fromkeys(_canonical(p) for p in paths))
+
+
+def _canonical(path) -> str:
+    from pipeline.storage import storage_for
+
+    return storage_for(str(path)).canonical(str(path))
 
 
 def check_output_path(out, weights) -> None:
     """`out` is neither the model nor around or inside its folders, nor the working folder (or one containing it),
     wherever either lies (a place on object storage is compared with the model's URL)."""
     from pipeline.storage import storage_for
-    from pipeline.storage.paths import place_relation, same_place
+    from pipeline.storage.paths import place_relation
 
-    target = same_place(out, links=True)
+    target = _canonical(out)
     for p in model_places(weights):
         how = place_relation(target, p)
         if how:
             kind = "folder" if storage_for(p).folder_exists(p) else "file"
             raise UserError(f"{out} {how} the model's {kind} {p}; an export never writes over or into its own model: "
                             f"choose a path outside it")
-    how = place_relation(target, same_place(Path.cwd(), links=True))
+    how = place_relation(target, _canonical(Path.cwd()))
     if how in ("is", "contains"):
         raise UserError(f"{out} is the working folder{'' if how == 'is' else ' or contains it'}; name a new folder "
                         f"or file for the export")
