@@ -24,8 +24,8 @@ from pipeline.errors import UserError
 from pipeline.latents.factors import eval_beside
 from pipeline.storage import as_path
 from pipeline.weights import EXPORT_FORMATS
-from pipeline.weights.job import ExportJob, ExportOptions, FormatRefused, NoDiscriminator, card_path
-from pipeline.weights.output import check_output_path, check_replaceable, statistics_from
+from pipeline.weights.job import ExportJob, ExportOptions, FormatRefused, NoDiscriminator
+from pipeline.weights.output import statistics_from
 from stages.common import check_paths, flag_named, pinned_weights, stage_main
 
 
@@ -67,23 +67,21 @@ def main(argv=None) -> None:
     if args.format != "encoder-only":
         with flag_named("--model"):
             weights.require_decoder(f"a {args.format} export would carry a random one: export the full model")
-    with flag_named("--output"):
-        check_output_path(out, weights)  # never over or into the model's own folders, nor the working folder
-    out.parent.mkdir(parents=True, exist_ok=True)
-    evaluated = None  # the eval.json beside the model, looked for once, before any model is loaded or torch imported
-    if not (args.stats or args.data):
-        with statistics_from(lambda: eval_beside(args.model, weights)[1]):
-            evaluated = eval_beside(args.model, weights)
-        if evaluated[0] is None and not args.keep_scaling_factor:
-            raise UserError(f"no measured latent statistics for {args.model} ({evaluated[1]}): give --stats "
-                            f"latents/manifest.json, or --data SHARDS, or run firststage evaluate first; "
-                            f"--keep-scaling-factor keeps the model's own normalisation")
     job = ExportJob(weights, out, args.format, ExportOptions(
         args.overrides, args.stats, args.data, args.num_samples, args.keep_scaling_factor, not args.no_shift,
-        args.prefix, args.with_discriminator, args.overwrite), evaluated)
+        args.prefix, args.with_discriminator, args.overwrite))
+    with flag_named("--output"):
+        job.check_output()  # never over or into the model's own folders, nor the working folder
+    if not (args.stats or args.data):  # the eval.json beside the model, looked for once, before any model is loaded
+        with statistics_from(lambda: eval_beside(args.model, weights)[1]):
+            job.evaluated = eval_beside(args.model, weights)
+        if job.evaluated[0] is None and not args.keep_scaling_factor:
+            raise UserError(f"no measured latent statistics for {args.model} ({job.evaluated[1]}): give --stats "
+                            f"latents/manifest.json, or --data SHARDS, or run firststage evaluate first; "
+                            f"--keep-scaling-factor keeps the model's own normalisation")
     with job.lock("--output"):
         with flag_named("--output"):
-            check_replaceable(out, card_path(out), args.overwrite)  # under the lock: one export of `out` at a time
+            job.check_replaceable()  # under the lock: one export of `out` at a time
         job.load()
         with flag_named("--model", args.model), flag_named("--format", only=FormatRefused), \
                 flag_named("--with-discriminator:", only=NoDiscriminator):

@@ -54,13 +54,17 @@ class EvaluateJob:
         self.weights, self.data, self.options, self.device = weights, str(data), options or EvaluateOptions(), device
         self.output = as_path(output) if output else weights.beside  # beside the model: on object storage too
         self.model = self.cfg = self._plan = None
+        self.placed = False  # check_output done (a stage runs it first, with its flag)
 
     def check_output(self) -> None:
         """Before evaluating: a result is never computed and then lost to an output that cannot be a folder."""
+        if self.placed:
+            return
         out = self.output
         there = out if isinstance(out, ObjectPath) else next(p for p in (out, *out.parents) if p.exists())
         if there.is_file():
             raise UserError(f"{out}: {there} is a file, not a folder")
+        self.placed = True
 
     def load(self):
         """The model and its Config (the options' overrides applied); returns the Config."""

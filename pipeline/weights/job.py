@@ -83,11 +83,25 @@ class ExportJob:
         self.weights, self.output, self.format = weights, as_path(output), format
         self.options, self.evaluated = options or ExportOptions(), evaluated
         self.model = self.cfg = self.discriminator = self.spec = None
-        self.checked = False
+        self.checked = self.placed = self.replaceable = False  # the steps done (a stage runs them with its flags)
 
     def lock(self, what: str = "output"):
         """The lock of this output (not yet taken): `.NAME.lock` beside it, so two exports to it cannot interleave."""
         return folder_lock(self.output.parent, f".{self.output.resolve().name}.lock", what=what, label=str(self.output))
+
+    def check_output(self) -> None:
+        """The output is neither the model nor around or inside its folders, nor the working folder; its folder is
+        made."""
+        if not self.placed:
+            check_output_path(self.output, self.weights)
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self.placed = True
+
+    def check_replaceable(self) -> None:
+        """Under the output's lock (one export of it at a time): what is there may be replaced (overwrite)."""
+        if not self.replaceable:
+            check_replaceable(self.output, card_path(self.output), self.options.overwrite)
+            self.replaceable = True
 
     def load(self):
         """The model and its Config (the options' overrides applied); returns the Config."""
@@ -131,11 +145,10 @@ class ExportJob:
         return self.spec
 
     def run(self) -> ExportReport:
-        start, out = time.time(), self.output
-        check_output_path(out, self.weights)  # never over or into the model's own folders, nor the working folder
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with under_lock(out, lambda: self.lock().acquire()):
-            check_replaceable(out, card_path(out), self.options.overwrite)  # under the lock: one export at a time
+        start = time.time()
+        self.check_output()
+        with under_lock(self.output, lambda: self.lock().acquire()):
+            self.check_replaceable()
             report = self._write()
         report.seconds = time.time() - start
         return report
