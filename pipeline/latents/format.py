@@ -413,15 +413,16 @@ def input_identity(url: str) -> dict | None:
 
 
 def shard_state(folder, name: str, settings: dict, url: str | None,
-                listed: dict | None) -> tuple[str, ShardRecord | None]:
+                listed: dict[str, tuple]) -> tuple[str, ShardRecord | None]:
     """(state, the record read for it: one read, which the run's manifest uses too). The state: 'complete' when the
     shard's unit is done (tar and record), with these settings, from the input shard `url` as it is now, and its tar
     is the one its record describes (Unit.intact: its SHA-256, or its ETag on object storage, from `listed`);
     'changed' when it is done with these settings but from another input (other data under the same shard name, or
     the input was rewritten): a rerun encodes it again; 'undone' when its tar was replaced after its record was
-    created (two runs writing it at once): undone here, so that it is written again; else 'todo'."""
+    created (two runs writing it at once): undone here, so that it is written again; else 'todo'. `listed`: the
+    folder's listing of complete units (the plan's), so the record is read without asking about it again."""
     unit = shard_unit(folder, name)
-    record = read_record(unit, listed=listed is not None)
+    record = read_record(unit, listed=True)
     state = record_state(record, settings, url)
     if state == "complete" and not unit.intact(record.to_json(), listed):
         unit.undo()
